@@ -1,0 +1,3 @@
+"""fastmta: a high-throughput email delivery engine."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from fastmta.cli import main
+
+sys.exit(main())

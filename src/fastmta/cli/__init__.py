@@ -1,0 +1,49 @@
+"""The ``fastmta`` command: one sub-module per sub-command.
+
+Each sub-module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Imports flow one way: nothing in fastmta imports the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line help). Modules are imported lazily so that
+# `fastmta sink` does not pay for loading the engine, and vice versa.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sink": ("fastmta.cli.sink", "run a fast discarding SMTP server with fault injection"),
+    "load": ("fastmta.cli.load", "load-test an SMTP server with generated messages"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmta", description="fastmta: high-throughput email delivery")
+    from fastmta import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastmta {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    code: int = args._run(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

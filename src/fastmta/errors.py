@@ -1,0 +1,77 @@
+"""The exception tree.
+
+Every delivery error says how far it reaches (``scope``) and whether trying
+again later can help (``transient``), so the code that handles it (retry,
+next MX, throttle, bounce) never has to guess from the exception type alone.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Scope(str, Enum):
+    """How much of the work an error concerns."""
+
+    RECIPIENT = "recipient"  # this recipient only (e.g. 550 5.1.1 on RCPT)
+    MESSAGE = "message"  # every recipient of this transaction (e.g. 552 at end of data)
+    SESSION = "session"  # this connection (e.g. 421, protocol garbage, timeout)
+    SITE = "site"  # every connection to this site/source (throttle signals)
+
+
+class FastMTAError(Exception):
+    """Base class of every error fastmta raises on purpose."""
+
+
+class ConfigError(FastMTAError):
+    """A configuration value is missing, malformed or inconsistent.
+
+    The message names the file and the field.
+    """
+
+
+class InputError(FastMTAError):
+    """Bad input (a message, address, template or recipient row).
+
+    Carries where it came from so reports can name file and line.
+    """
+
+    def __init__(self, reason: str, *, source: str | None = None, line: int | None = None) -> None:
+        where = source or ""
+        if line is not None:
+            where = f"{where}:{line}" if where else f"line {line}"
+        super().__init__(f"{where}: {reason}" if where else reason)
+        self.reason = reason
+        self.source = source
+        self.line = line
+
+
+class DeliveryError(FastMTAError):
+    """A delivery attempt failed; ``scope`` and ``transient`` say what it means."""
+
+    scope: Scope = Scope.SESSION
+    transient: bool = True
+
+    def __init__(self, message: str, *, scope: Scope | None = None, transient: bool | None = None) -> None:
+        super().__init__(message)
+        if scope is not None:
+            self.scope = scope
+        if transient is not None:
+            self.transient = transient
+
+
+class ProtocolError(DeliveryError):
+    """The peer broke the SMTP protocol (garbage, oversized reply, bad sequence)."""
+
+
+class SMTPTimeout(DeliveryError):
+    """A protocol phase exceeded its timeout; the connection is unusable."""
+
+    def __init__(self, phase: str, seconds: float) -> None:
+        super().__init__(f"timeout after {seconds:g}s waiting for {phase} reply")
+        self.phase = phase
+        self.seconds = seconds
+
+
+class ConnectError(DeliveryError):
+    """The TCP (or TLS) connection could not be established or was lost."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: one integration suite, two event loops (asyncio and uvloop)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+import uvloop
+
+T = TypeVar("T")
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+@pytest.fixture(params=sorted(LOOP_FACTORIES))
+def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, T]], T]:
+    """Run a coroutine to completion on the parametrized event loop kind."""
+    factory = LOOP_FACTORIES[request.param]
+
+    def _run(coro: Coroutine[Any, Any, T]) -> T:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro)
+
+    return _run
+
+
+@pytest.fixture
+def run_uvloop() -> Callable[[Coroutine[Any, Any, T]], T]:
+    """Run on uvloop only (for tests where the loop kind is not the point)."""
+
+    def _run(coro: Coroutine[Any, Any, T]) -> T:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+
+    return _run
