@@ -1,0 +1,348 @@
+"""The sans-IO client protocol, driven by scripted server bytes (no sockets)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastmta.errors import InputError, ProtocolError
+from fastmta.protocol import (
+    Body,
+    ClientProtocol,
+    Closed,
+    Event,
+    Phase,
+    Ready,
+    SessionFailed,
+    StartTLS,
+    TLSPolicy,
+    Transaction,
+    TransactionDone,
+)
+from fastmta.reply import MAX_LINE, Reply, ReplyParser
+
+CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+
+EHLO_PIPE = b"250-mx.test hello\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+EHLO_PLAIN = b"250-mx.test hello\r\n250 8BITMIME\r\n"
+BODY = Body(b"Subject: t\r\n\r\nhello\r\n.dot\r\n")
+
+
+def ready(ehlo: bytes = EHLO_PIPE, **kw: object) -> ClientProtocol:
+    p = ClientProtocol("client.test", **kw)  # type: ignore[arg-type]
+    assert p.receive_data(b"220 mx.test ESMTP\r\n") == []
+    assert p.data_to_send() == b"EHLO client.test\r\n"
+    events = p.receive_data(ehlo)
+    assert [type(e) for e in events] == [Ready]
+    return p
+
+
+def txn(*rcpts: str, sender: str = "s@a.test", body: Body = BODY) -> Transaction:
+    return Transaction(sender, list(rcpts), body)
+
+
+def results(events: list[Event]) -> list[TransactionDone]:
+    return [e for e in events if isinstance(e, TransactionDone)]
+
+
+def test_pipelined_envelope_is_one_write_and_content_carries_next_envelope() -> None:
+    p = ready()
+    p.start_transaction(txn("a@x.test", "b@x.test"))
+    p.start_transaction(txn("c@y.test"))
+    size = len(BODY.data_wire)
+    assert p.data_to_send() == (
+        b"MAIL FROM:<s@a.test> SIZE=%d\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n" % size
+    )
+    # The second envelope must wait: the server is between MAIL and DATA.
+    assert p.receive_data(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n") == []
+    assert p.data_to_send() == b""
+    assert p.receive_data(b"354 go ahead\r\n") == []
+    # Content, terminating dot and the next envelope in one write.
+    assert p.data_to_send() == (
+        BODY.data_wire + b"MAIL FROM:<s@a.test> SIZE=%d\r\nRCPT TO:<c@y.test>\r\nDATA\r\n" % size
+    )
+    done = results(p.receive_data(b"250 2.0.0 queued as 1\r\n250 ok\r\n250 ok\r\n354 go\r\n"))
+    assert len(done) == 1
+    first = done[0].result
+    assert first.delivered == ["a@x.test"]
+    assert [r.code for r in first.recipient_replies()] == [250, 550]
+    assert first.recipient_replies()[1].enhanced == "5.1.1"
+    assert p.data_to_send() == BODY.data_wire
+    p.quit()
+    assert p.data_to_send() == b"QUIT\r\n"
+    events = p.receive_data(b"250 2.0.0 queued as 2\r\n221 bye\r\n")
+    assert results(events)[0].result.delivered == ["c@y.test"]
+    assert isinstance(events[-1], Closed)
+
+
+def test_lock_step_without_pipelining() -> None:
+    p = ready(EHLO_PLAIN)
+    p.start_transaction(txn("a@x.test", "b@x.test"))
+    assert p.data_to_send() == b"MAIL FROM:<s@a.test>\r\n"
+    p.receive_data(b"250 ok\r\n")
+    assert p.data_to_send() == b"RCPT TO:<a@x.test>\r\n"
+    p.receive_data(b"250 ok\r\n")
+    assert p.data_to_send() == b"RCPT TO:<b@x.test>\r\n"
+    p.receive_data(b"250 ok\r\n")
+    assert p.data_to_send() == b"DATA\r\n"
+    p.receive_data(b"354 go\r\n")
+    assert p.data_to_send() == BODY.data_wire
+    done = results(p.receive_data(b"250 ok\r\n"))
+    assert done[0].result.delivered == ["a@x.test", "b@x.test"]
+
+
+def test_pipelining_can_be_disabled_by_the_client() -> None:
+    p = ready(EHLO_PIPE, pipelining=False)
+    p.start_transaction(txn("a@x.test", "b@x.test"))
+    assert p.data_to_send().startswith(b"MAIL FROM:<s@a.test>") and b"RCPT" not in p.data_to_send()
+
+
+def test_all_recipients_refused_then_rset_before_next_mail() -> None:
+    p = ready()
+    p.start_transaction(txn("a@x.test"))
+    p.start_transaction(txn("b@x.test"))
+    p.data_to_send()
+    done = results(p.receive_data(b"250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n"))
+    assert done[0].result.delivered == []
+    assert done[0].result.recipient_replies()[0].code == 550
+    # The server still holds the MAIL: reset it, pipelined with the next envelope.
+    assert p.data_to_send().startswith(b"RSET\r\nMAIL FROM:<s@a.test>")
+
+
+def test_mail_refused_fails_every_recipient_with_the_mail_reply() -> None:
+    p = ready()
+    p.start_transaction(txn("a@x.test", "b@x.test"))
+    p.data_to_send()
+    done = results(p.receive_data(b"550 5.7.1 sender blocked\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n"))
+    replies = done[0].result.recipient_replies()
+    assert [str(r) for r in replies] == ["550 5.7.1 sender blocked"] * 2
+
+
+def test_421_mid_session_fails_everything_pending() -> None:
+    p = ready()
+    p.start_transaction(txn("a@x.test"))
+    p.start_transaction(txn("b@x.test"))
+    p.data_to_send()
+    events = p.receive_data(b"421 4.7.0 too many errors, closing\r\n")
+    done = results(events)
+    assert len(done) == 2
+    assert all(d.result.recipient_replies()[0].code == 421 for d in done)
+    assert isinstance(events[-1], SessionFailed) and events[-1].phase is Phase.MAIL
+    assert p.is_closed
+
+
+def test_greeting_refusal_is_a_session_failure() -> None:
+    p = ClientProtocol("client.test")
+    events = p.receive_data(b"554 5.7.1 no service for you\r\n")
+    assert isinstance(events[0], SessionFailed) and events[0].reply.code == 554
+    assert p.data_to_send() == b""
+
+
+def test_helo_fallback() -> None:
+    p = ClientProtocol("client.test")
+    p.receive_data(b"220 old server\r\n")
+    p.data_to_send()
+    assert p.receive_data(b"502 command not implemented\r\n") == []
+    assert p.data_to_send() == b"HELO client.test\r\n"
+    events = p.receive_data(b"250 old server\r\n")
+    assert isinstance(events[0], Ready) and not events[0].extensions.pipelining
+
+
+def test_size_limit_refused_locally_without_sending() -> None:
+    p = ready()
+    big = Body(b"Subject: big\r\n\r\n" + b"x" * 100_001)
+    done = results(p.start_transaction(txn("a@x.test", body=big)))
+    assert done[0].result.recipient_replies()[0].enhanced == "5.3.4"
+    assert p.data_to_send() == b""
+
+
+def test_smtputf8_needed_but_not_offered() -> None:
+    p = ready()
+    done = results(p.start_transaction(txn("jos\u00e9@x.test")))
+    assert done[0].result.recipient_replies()[0].enhanced == "5.6.7"
+    q = ready(b"250-mx\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n")
+    q.start_transaction(txn("jos\u00e9@x.test"))
+    assert q.data_to_send().startswith("MAIL FROM:<s@a.test> SMTPUTF8\r\nRCPT TO:<jos\u00e9@x.test>".encode())
+
+
+def test_eight_bit_body_declared() -> None:
+    p = ready()
+    p.start_transaction(txn("a@x.test", body=Body(b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n")))
+    assert b" BODY=8BITMIME\r\n" in p.data_to_send()
+
+
+@pytest.mark.parametrize("bad", ["a\r\nRCPT TO:<evil@x>", "a\nb@x", "a\x00b@x", "a>b@x", "<a@x"])
+def test_addresses_cannot_inject_commands(bad: str) -> None:
+    with pytest.raises(InputError):
+        txn(bad)
+    with pytest.raises(InputError):
+        txn("ok@x.test", sender=bad)
+
+
+def test_bdat_rides_with_the_envelope() -> None:
+    p = ready(b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+    p.start_transaction(txn("a@x.test"))
+    p.start_transaction(txn("b@x.test"))
+    payload = BODY.bdat_wire
+    assert p.data_to_send() == (
+        b"MAIL FROM:<s@a.test>\r\nRCPT TO:<a@x.test>\r\nBDAT %d LAST\r\n" % len(payload) + payload
+    )
+    done = results(p.receive_data(b"250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n"))
+    assert done[0].result.delivered == ["a@x.test"]
+    assert p.data_to_send().startswith(b"MAIL FROM:<s@a.test>\r\nRCPT TO:<b@x.test>\r\nBDAT")
+
+
+def test_starttls_flow() -> None:
+    p = ClientProtocol("client.test", tls=TLSPolicy.OPPORTUNISTIC)
+    p.receive_data(b"220 mx\r\n")
+    p.data_to_send()
+    assert p.receive_data(b"250-mx\r\n250 STARTTLS\r\n") == []
+    assert p.data_to_send() == b"STARTTLS\r\n"
+    assert [type(e) for e in p.receive_data(b"220 go ahead\r\n")] == [StartTLS]
+    p.tls_established()
+    assert p.data_to_send() == b"EHLO client.test\r\n"
+    events = p.receive_data(b"250-mx\r\n250 PIPELINING\r\n")
+    assert isinstance(events[0], Ready) and p.tls_active and events[0].extensions.pipelining
+
+
+def test_starttls_required_but_not_offered_fails() -> None:
+    p = ClientProtocol("client.test", tls=TLSPolicy.REQUIRED)
+    p.receive_data(b"220 mx\r\n")
+    events = p.receive_data(EHLO_PIPE)
+    assert isinstance(events[0], SessionFailed) and events[0].reply.enhanced == "5.7.10"
+
+
+def test_unsolicited_reply_is_a_protocol_error() -> None:
+    p = ready()
+    with pytest.raises(ProtocolError):
+        p.receive_data(b"250 nobody asked\r\n")
+
+
+# --- whole versus byte by byte ------------------------------------------------
+
+SCRIPT = [
+    b"220-mx.test ESMTP\r\n220 second greeting line\r\n",
+    EHLO_PIPE,
+    b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n452 4.5.3 too many recipients\r\n354 go\r\n",
+    b"250-2.0.0 queued\r\n250 2.0.0 as ABC\r\n250 ok\r\n250 ok\r\n354 go\r\n",
+    b"550 5.7.1 content rejected\n",  # LF-only line ending, seen in the wild
+    b"221 2.0.0 bye\r\n",
+]
+
+
+def drive(chunks: list[bytes]) -> tuple[list[str], bytes]:
+    p = ClientProtocol("client.test")
+    p.start_transaction(txn("a@x.test", "b@x.test"))
+    p.start_transaction(txn("c@x.test"))
+    log: list[str] = []
+    out = bytearray()
+    for chunk in chunks:
+        for ev in p.receive_data(chunk):
+            if isinstance(ev, TransactionDone):
+                log.append("done " + repr([str(r) for r in ev.result.recipient_replies()]))
+            else:
+                log.append(type(ev).__name__)
+                if isinstance(ev, Ready):
+                    continue
+        out += p.data_to_send()
+        if p.in_flight == 0 and not p.is_closed:
+            p.quit()
+            out += p.data_to_send()
+    return log, bytes(out)
+
+
+def test_whole_and_byte_by_byte_give_identical_results() -> None:
+    whole = drive(SCRIPT)
+    bytewise = drive([bytes([b]) for chunk in SCRIPT for b in chunk])
+    assert whole == bytewise
+    log, _ = whole
+    assert log == [
+        "Ready",
+        "done ['250 2.0.0 queued / 2.0.0 as ABC', '452 4.5.3 too many recipients']",
+        "done ['550 5.7.1 content rejected']",
+        "Closed",
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4000))
+def test_garbage_ends_in_protocol_error_or_events_never_unbounded(garbage: bytes) -> None:
+    p = ready()
+    p.start_transaction(txn("a@x.test"))
+    p.data_to_send()
+    try:
+        # Feed in a few pieces; a hang would show as a timeout of the test run.
+        for i in range(0, len(garbage), 97):
+            p.receive_data(garbage[i : i + 97])
+    except ProtocolError:
+        return
+    assert len(p._parser._buf) <= MAX_LINE  # nothing grows without bound
+
+
+def test_endless_line_is_refused_quickly() -> None:
+    p = ready()
+    p.start_transaction(txn("a@x.test"))
+    with pytest.raises(ProtocolError):
+        for _ in range(100):
+            p.receive_data(b"250-" + b"x" * 1000)
+
+
+# --- real replies from the corpus ----------------------------------------------
+
+
+def load_jsonl(name: str) -> list[dict[str, object]]:
+    path = CORPORA / "smtp" / name
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_corpus_transcripts_parse_to_their_expected_replies() -> None:
+    checked = 0
+    for entry in load_jsonl("transcripts_from_bounces.jsonl"):
+        server_lines = [t["text"] for t in entry["transcript"] if t["dir"] == "S"]  # type: ignore[attr-defined, index]
+        for expected in entry["expected_replies"]:  # type: ignore[attr-defined]
+            if not expected.get("complete"):
+                continue
+            n = len(expected["lines"])
+            raw = "".join(line + "\r\n" for line in server_lines[:n]).encode()
+            server_lines = server_lines[n:]
+            parser = ReplyParser()
+            replies = parser.feed(raw)
+            assert len(replies) == 1, entry["source_file"]
+            r = replies[0]
+            assert (r.code, list(r.lines), r.enhanced) == (expected["code"], expected["lines"], expected["enhanced"])
+            checked += 1
+    assert checked >= 60
+
+
+def test_corpus_line_without_code_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        ReplyParser().feed(b"No such domain.\r\n")
+
+
+def test_corpus_odd_multiline_replies() -> None:
+    for entry in load_jsonl("multiline_replies.jsonl"):
+        lines: list[str] = entry["lines"]  # type: ignore[assignment]
+        expected: dict[str, object] = entry["expected"]  # type: ignore[assignment]
+        parser = ReplyParser()
+        replies = parser.feed("".join(line + "\r\n" for line in lines).encode())
+        extra = 0
+        if "continuation_marker_without_final_line (fragment as published)" in entry["oddities"]:  # type: ignore[operator]
+            # A fragment: the parser waits for the final line instead of guessing.
+            assert replies == [] and parser.pending
+            replies = parser.feed(b"%d end\r\n" % expected["code"])
+            extra = 1
+        assert len(replies) == 1
+        assert replies[0].code == expected["code"]
+        assert replies[0].enhanced == expected["enhanced"]
+        assert len(replies[0].lines) == len(lines) + extra
+        assert not parser.pending
+
+
+def test_reply_text_strips_enhanced_codes() -> None:
+    [r] = ReplyParser().feed(b"550-5.1.1 The account does not exist.\r\n550 5.1.1 Try again.\r\n")
+    assert r.text == "The account does not exist. Try again."
+    assert Reply.local(451, "4.4.2", "timeout").text == "timeout"
