@@ -7,7 +7,9 @@ the same name and signature. The twin is the test oracle and the fallback
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 
 def to_wire(bytes data not None):
@@ -106,3 +108,7 @@ def normalize_crlf(bytes data not None):
         return PyBytes_FromStringAndSize(<char*>out, o)
     finally:
         free(out)
+
+
+include "_core_dkim.pxi"
+include "_core_render.pxi"

@@ -33,5 +33,37 @@ else:
 
 to_wire = _impl.to_wire
 normalize_crlf = _impl.normalize_crlf
+canonicalize_body = _impl.canonicalize_body
+BodyCanonicalizer = _impl.BodyCanonicalizer
+canonicalize_header = _impl.canonicalize_header
+split_header_fields = _impl.split_header_fields
+escape = _impl.escape
+render = _impl.render
+is_7bit_safe = _impl.is_7bit_safe
+quoted_printable = _impl.quoted_printable
 
-__all__ = ["COMPILED", "normalize_crlf", "to_wire"]
+# Escaping modes of a template slot; identical in both implementations.
+MODE_TEXT: int = _core_ref.MODE_TEXT
+MODE_HTML: int = _core_ref.MODE_HTML
+MODE_URL_COMPONENT: int = _core_ref.MODE_URL_COMPONENT
+MODE_URL: int = _core_ref.MODE_URL
+MODE_HEADER: int = _core_ref.MODE_HEADER
+
+__all__ = [
+    "COMPILED",
+    "MODE_HEADER",
+    "MODE_HTML",
+    "MODE_TEXT",
+    "MODE_URL",
+    "MODE_URL_COMPONENT",
+    "BodyCanonicalizer",
+    "canonicalize_body",
+    "canonicalize_header",
+    "escape",
+    "is_7bit_safe",
+    "normalize_crlf",
+    "quoted_printable",
+    "render",
+    "split_header_fields",
+    "to_wire",
+]
