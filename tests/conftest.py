@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import shutil
+import tempfile
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -38,3 +41,17 @@ def run_uvloop() -> Callable[[Coroutine[Any, Any, T]], T]:
             return runner.run(coro)
 
     return _run
+
+
+@pytest.fixture
+def world_writable_dir() -> Iterator[Path]:
+    """A directory Postfix's tools can write to when they drop privileges to nobody.
+
+    pytest's tmp_path lives under a 0700 directory, which `nobody` cannot enter.
+    """
+    path = Path(tempfile.mkdtemp(prefix="fastmta-test-"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

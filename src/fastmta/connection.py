@@ -95,6 +95,7 @@ class SMTPConnection(asyncio.Protocol):
         self._deadline = 0.0
         self._write_paused = False
         self._write_paused_since = 0.0
+        self._tls_handshake = False
         self.failure: Reply | None = None
         self.transactions = 0  # finished on this connection, for reuse limits
         self.peer: tuple[str, int] | None = None
@@ -219,7 +220,12 @@ class SMTPConnection(asyncio.Protocol):
             self._timer = None
         if not self.protocol.is_closed:
             why = f": {exc}" if exc else ""
-            self._abort(Reply.local(451, "4.4.2", f"connection lost{why}"))
+            if self._tls_handshake:
+                # The TLS layer tears the connection down when the handshake fails
+                # (bad certificate, no common cipher); say so, not "connection lost".
+                self._abort(Reply.local(451, "4.7.5", f"TLS handshake failed{why}"))
+            else:
+                self._abort(Reply.local(451, "4.4.2", f"connection lost{why}"))
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -269,6 +275,7 @@ class SMTPConnection(asyncio.Protocol):
 
     async def _start_tls(self) -> None:
         assert self._transport is not None and self._tls_context is not None
+        self._tls_handshake = True
         try:
             new_transport = await asyncio.wait_for(
                 self._loop.start_tls(self._transport, self, self._tls_context, server_hostname=self._server_hostname),
@@ -277,6 +284,8 @@ class SMTPConnection(asyncio.Protocol):
         except (OSError, ssl.SSLError, TimeoutError, asyncio.TimeoutError, ConnectionError) as exc:
             self._fail(Reply.local(451, "4.7.5", f"TLS handshake failed: {exc}"))
             return
+        finally:
+            self._tls_handshake = False
         if new_transport is None:
             self._fail(Reply.local(451, "4.7.5", "TLS handshake failed: transport closed"))
             return
