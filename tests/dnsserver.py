@@ -100,6 +100,12 @@ class DNSServer:
         self._probe_token = secrets.token_hex(8)
         self.port = 0
         self.errors: list[BaseException] = []
+        #: Seconds to hold every UDP answer (0: answer at once).
+        self.delay = 0.0
+        #: Most UDP queries received and not yet answered at one time.
+        self.peak_outstanding = 0
+        self._outstanding = 0
+        self._timers: list[threading.Timer] = []
         for origin, text in (zones or {}).items():
             self.add_zone(origin, text)
 
@@ -143,8 +149,8 @@ class DNSServer:
             if not values:
                 zone.delete_rdataset(qname, rdtype)
                 return
-            rds = dns.rdataset.from_text(
-                _IN, rdtype, self.default_ttl if ttl is None else ttl, *values,
+            rds = dns.rdataset.from_text_list(
+                _IN, rdtype, self.default_ttl if ttl is None else ttl, list(values),
                 origin=zone.origin,
                 relativize=False,
             )
@@ -331,8 +337,32 @@ class DNSServer:
         if resp is None:
             return
         max_size = query.payload if query.edns >= 0 else 512
+        wire = self._wire(query, resp, max(512, max_size))
+        with self._lock:
+            delay = self.delay
+            if delay > 0:
+                self._outstanding += 1
+                self.peak_outstanding = max(self.peak_outstanding, self._outstanding)
+        if delay <= 0:
+            self._send(sock, wire, peer)
+            return
+        # Answer later from a timer so queries overlap at the server, the
+        # way a slow nameserver makes them overlap: lets a test count how
+        # many a client keeps in flight at once.
+        timer = threading.Timer(delay, self._send_delayed, args=(sock, wire, peer))
+        timer.daemon = True
+        self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+        timer.start()
+
+    def _send_delayed(self, sock: socket.socket, wire: bytes, peer: object) -> None:
+        with self._lock:
+            self._outstanding -= 1
+        self._send(sock, wire, peer)
+
+    @staticmethod
+    def _send(sock: socket.socket, wire: bytes, peer: object) -> None:
         try:
-            sock.sendto(self._wire(query, resp, max(512, max_size)), peer)
+            sock.sendto(wire, peer)
         except OSError:
             pass
 
@@ -455,6 +485,10 @@ class DNSServer:
         for w in self._workers:
             w.join(timeout=5)
         self._workers = []
+        for t in self._timers:
+            t.cancel()
+            t.join(timeout=5)
+        self._timers = []
         for s in (self._udp, self._tcp):
             if s is not None:
                 s.close()
