@@ -15,6 +15,7 @@ how one connection gets one round trip per message.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from dataclasses import dataclass
 from typing import cast
@@ -139,7 +140,9 @@ class SMTPConnection(asyncio.Protocol):
         except (TimeoutError, asyncio.TimeoutError) as exc:
             raise ConnectError(f"connect to {host}:{port} timed out after {timeouts.connect:g}s") from exc
         except OSError as exc:
-            raise ConnectError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from exc
+            # asyncio's message ("Connect call failed ...") hides the reason; errno has it.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConnectError(f"connect to {host}:{port} failed: {reason}") from exc
         try:
             await conn._ready
         except BaseException:
