@@ -1,0 +1,60 @@
+"""Writing captured messages in the pickup format.
+
+Each message becomes one file: ``X-Sender:`` and one ``X-Receiver:`` per
+recipient, then the message exactly as received (after dot-unstuffing), so
+the capture directory can be fed back to a pickup injector and sent again.
+Files appear atomically (written under a dot-name, then renamed) so a
+pickup process watching the directory never reads half a message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def unstuff(raw: bytes) -> bytes:
+    """Undo SMTP dot-stuffing (RFC 5321 4.5.2) of DATA content without its terminator.
+
+    Only a dot at the start of a line is removed; ``bytes.replace`` does not
+    rescan what it produced, so ``....`` becomes ``...``, as it must.
+    """
+    if b"\r\n." not in raw and not raw.startswith(b"."):
+        return raw
+    return (b"\r\n" + raw).replace(b"\r\n..", b"\r\n.")[2:]
+
+
+def envelope_headers(sender: bytes, recipients: Sequence[bytes]) -> bytes:
+    """``X-Sender``/``X-Receiver`` lines; the null sender is written ``<>``.
+
+    Addresses were validated by the server and never contain CR, LF or NUL,
+    so they cannot add header lines of their own.
+    """
+    lines = [b"X-Sender: " + (sender or b"<>") + b"\r\n"]
+    lines += [b"X-Receiver: " + r + b"\r\n" for r in recipients]
+    return b"".join(lines)
+
+
+class CaptureWriter:
+    """Names files ``<sequence>-<queue id>.eml`` in one directory."""
+
+    __slots__ = ("directory", "_count", "_prefix")
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._count = 0
+        # Several sinks may share a directory: the pid keeps their names apart.
+        self._prefix = f"{os.getpid()}"
+
+    def write(self, queue_id: str, sender: bytes, recipients: Sequence[bytes], content: bytes) -> Path:
+        self._count += 1
+        name = f"{self._prefix}-{self._count:08d}-{queue_id}.eml"
+        final = self.directory / name
+        tmp = self.directory / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(envelope_headers(sender, recipients))
+            f.write(content)
+        os.replace(tmp, final)
+        return final
