@@ -1,0 +1,428 @@
+"""Unit tests of the reply classifier: providers, B2B caution, phases, local
+failures, user rules and their errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fastmta.classify import (
+    BounceType,
+    Category,
+    Classification,
+    Classifier,
+    LocalFailure,
+    Outcome,
+    Phase,
+    classify,
+    classify_local,
+    default_classifier,
+    normalize_text,
+    parse_diagnostic,
+)
+from fastmta.errors import ConfigError, Scope
+from fastmta.reply import Reply, ReplyParser
+
+
+def reply(raw: str) -> Reply:
+    """Parse a wire-format reply ("550-...\\r\\n550 ...") with the real parser."""
+    data = raw.replace("\n", "\r\n")
+    if not data.endswith("\r\n"):
+        data += "\r\n"
+    out = ReplyParser().feed(data.encode())
+    assert len(out) == 1
+    return out[0]
+
+
+def c(raw: str, phase: str | None = "rcpt") -> Classification:
+    return classify(reply(raw), phase)
+
+
+# ------------------------------------------------------------------ basics
+
+
+def test_delivered() -> None:
+    r = c("250 2.0.0 OK queued as 12345", "eod")
+    assert (r.outcome, r.category, r.bounce) == (Outcome.DELIVERED, Category.DELIVERED, BounceType.NONE)
+
+
+def test_plain_user_unknown_is_a_hard_bounce() -> None:
+    r = c("550 5.1.1 <bob@example.com>: Recipient address rejected: User unknown in local recipient table")
+    assert r.category is Category.INVALID_RECIPIENT
+    assert r.outcome is Outcome.PERMANENT
+    assert r.bounce is BounceType.HARD and r.is_hard_bounce
+    assert r.scope is Scope.RECIPIENT
+    assert r.retry_after is None  # permanent: no retry hint
+
+
+def test_enhanced_code_alone_decides_when_text_says_nothing() -> None:
+    assert c("550 5.1.1 nope").category is Category.INVALID_RECIPIENT
+    assert c("552 5.2.2 nope").category is Category.MAILBOX_FULL
+    assert c("550 5.1.2 nope").category is Category.INVALID_DOMAIN
+    assert c("554 5.3.4 nope", "eod").category is Category.MESSAGE_TOO_LARGE
+    assert c("550 5.6.0 nope", "eod").category is Category.MESSAGE_FORMAT
+    assert c("550 5.4.7 nope").category is Category.EXPIRED
+
+
+def test_unknown_reply_is_never_a_hard_bounce() -> None:
+    r = c("550 computer says no")
+    assert r.category is Category.UNKNOWN
+    assert r.bounce is BounceType.SOFT
+
+
+def test_reply_code_beats_enhanced_class_for_the_outcome() -> None:
+    assert c("554 4.4.7 Message expired").outcome is Outcome.PERMANENT
+    assert c("451 4.3.0 Temporary local problem").outcome is Outcome.TRANSIENT
+
+
+# ---------------------------------------------------------------- providers
+
+
+def test_gmail_mail_flood_is_a_site_throttle_signal() -> None:
+    r = c(
+        "421-4.7.28 Our system has detected an unusual rate of unsolicited mail originating\n"
+        "421-4.7.28 from your IP address. To protect our users from spam, mail sent from your IP\n"
+        "421 4.7.28 address has been temporarily rate limited. - gsmtp",
+        "mail",
+    )
+    assert r.category is Category.RATE_LIMITED
+    assert r.outcome is Outcome.TRANSIENT and r.scope is Scope.SITE
+    assert r.is_throttle_signal and r.site_paced
+    assert r.bounce is BounceType.SOFT
+
+
+def test_gmail_unusual_rate_without_the_4_7_28_code() -> None:
+    r = c("421 4.7.0 Our system has detected an unusual rate of unsolicited mail originating from your IP address.")
+    assert r.category is Category.RATE_LIMITED and r.is_throttle_signal
+
+
+def test_gmail_dmarc_is_auth_failure_not_hard() -> None:
+    r = c(
+        "550-5.7.26 Unauthenticated email from example.com is not accepted due to domain's\n"
+        "550 5.7.26 DMARC policy. Please contact the administrator of example.com domain.",
+        "eod",
+    )
+    assert r.category is Category.AUTH_FAILURE
+    assert r.outcome is Outcome.PERMANENT and r.bounce is BounceType.SOFT
+    assert r.scope is Scope.MESSAGE
+
+
+def test_gmail_recipient_receiving_too_fast_is_recipient_scoped() -> None:
+    r = c("450 4.2.1 The user you are trying to contact is receiving mail too quickly. Please resend later.")
+    assert r.category is Category.RATE_LIMITED
+    assert r.scope is Scope.RECIPIENT and not r.is_throttle_signal
+
+
+def test_gmail_account_does_not_exist_and_disabled() -> None:
+    r = c("550-5.1.1 The email account that you tried to reach does not exist. Please try\n550 5.1.1 double-checking.")
+    assert r.category is Category.INVALID_RECIPIENT and r.is_hard_bounce
+    r = c("550 5.2.1 The email account that you tried to reach is disabled. - gsmtp")
+    assert r.category is Category.INACTIVE_MAILBOX and not r.is_hard_bounce
+
+
+def test_mailbox_full_transient_has_a_long_retry_and_does_not_throttle() -> None:
+    r = c("452 4.2.2 The email account that you tried to reach is over quota.")
+    assert r.category is Category.MAILBOX_FULL and r.outcome is Outcome.TRANSIENT
+    assert r.scope is Scope.RECIPIENT and not r.is_throttle_signal
+    assert r.retry_after is not None and r.retry_after >= 3600
+
+
+def test_yahoo_tss04_suspends_the_site() -> None:
+    r = c(
+        "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume "
+        "or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes",
+        "mail",
+    )
+    assert r.category is Category.REPUTATION_BLOCK
+    assert r.is_throttle_signal
+    assert r.suspend_for is not None and r.suspend_for >= 600
+
+
+def test_yahoo_tss09_suspends_longer_than_tss04_and_ts01_suspends() -> None:
+    tss04 = c("421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred", "mail")
+    tss09 = c("421 4.7.0 [TSS09] All messages from 192.0.2.1 will be permanently deferred; Retrying will NOT succeed.", "mail")
+    ts01 = c("421 4.7.0 [TS01] Messages from 192.0.2.1 temporarily deferred due to user complaints", "connect")
+    assert tss09.suspend_for is not None and tss04.suspend_for is not None
+    assert tss09.suspend_for > tss04.suspend_for
+    assert ts01.category is Category.REPUTATION_BLOCK and ts01.suspend_for
+
+
+def test_yahoo_policy_and_unknown_user() -> None:
+    assert c("554 5.7.9 Message not accepted for policy reasons.", "eod").category is Category.POLICY
+    r = c("554 delivery error: dd This user doesn't have a yahoo.com account (bob@yahoo.com) [0] - mta1.mail.gq1")
+    assert r.category is Category.INVALID_RECIPIENT and r.is_hard_bounce
+
+
+def test_microsoft_codes() -> None:
+    r = c("550 5.7.606 Access denied, banned sending IP [192.0.2.1]. To request removal visit https://sender.office.com")
+    assert r.category is Category.REPUTATION_BLOCK and r.scope is Scope.SITE and not r.is_hard_bounce
+    r = c(
+        "550 5.7.1 Unfortunately, messages from [192.0.2.1] weren't sent. Please contact your Internet service "
+        "provider since part of their network is on our block list (S3150)."
+    )
+    assert r.category is Category.REPUTATION_BLOCK
+    r = c("451 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.", "mail")
+    assert r.category is Category.RATE_LIMITED and r.is_throttle_signal
+    r = c("550 SC-001 (BAY004-MC1F2) Unfortunately, messages from 192.0.2.1 weren't sent.", "mail")
+    assert r.category is Category.REPUTATION_BLOCK
+    r = c("550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup")
+    assert r.category is Category.INVALID_RECIPIENT and r.is_hard_bounce
+    r = c("550 5.7.509 Access denied, sending domain EXAMPLE.COM does not pass DMARC verification", "eod")
+    assert r.category is Category.AUTH_FAILURE
+
+
+def test_security_gateways() -> None:
+    assert c("554 5.7.0 Blocked - see https://ipcheck.proofpoint.com/?ip=192.0.2.1").category is Category.REPUTATION_BLOCK
+    r = c("554 Email rejected due to security policies - https://community.mimecast.com/docs/DOC-1369#554", "eod")
+    assert r.category is Category.SPAM_OR_VIRUS and not r.is_hard_bounce
+    r = c("550 Invalid Recipient - https://community.mimecast.com/docs/DOC-1369#550 [aBcD]")
+    assert r.category is Category.INVALID_RECIPIENT and r.is_hard_bounce
+    r = c(
+        "554 Service unavailable; Client host [192.0.2.1] blocked using Barracuda Reputation; "
+        "http://www.barracudanetworks.com/reputation/?pr=1&ip=192.0.2.1",
+        "connect",
+    )
+    assert r.category is Category.REPUTATION_BLOCK and r.scope is Scope.SITE
+    r = c("554 5.7.1 Your access to this mail system has been rejected due to the sending MTA's poor reputation.")
+    assert r.category is Category.REPUTATION_BLOCK
+    r = c("550 5.7.1 Email rejected because 192.0.2.1 is listed by ERS-RBL. Please see https://ers.trendmicro.com/")
+    assert r.category is Category.REPUTATION_BLOCK
+    r = c("452 Too many recipients received this hour", "rcpt")
+    assert r.category is Category.RATE_LIMITED
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "450 4.2.0 <bob@example.com>: Recipient address rejected: Greylisted, see "
+        "http://postgrey.schweikert.ch/help/example.com.html",
+        "451 4.7.1 Greylisting in action, please come back later",
+        "450 4.7.1 Graylisted: deferred for 300 seconds",
+    ],
+)
+def test_greylisting(raw: str) -> None:
+    r = c(raw)
+    assert r.category is Category.GREYLISTED and r.outcome is Outcome.TRANSIENT
+    assert r.scope is Scope.RECIPIENT and not r.is_throttle_signal
+    assert r.retry_after is not None and 240 <= r.retry_after <= 900
+
+
+# ------------------------------------------------------------- B2B caution
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "550 5.1.1 User unknown - message rejected as spam",
+        "550 5.1.1 <bob@corp.example>: user unknown (rejected by content policy)",
+        "550 5.7.1 <bob@corp.example>: Recipient address rejected: User unknown",
+        "550 5.7.1 Unknown user",
+    ],
+)
+def test_b2b_user_unknown_that_is_really_a_block_is_not_hard(raw: str) -> None:
+    r = c(raw)
+    assert r.category not in (Category.INVALID_RECIPIENT, Category.INVALID_DOMAIN)
+    assert r.category in (Category.SPAM_OR_VIRUS, Category.POLICY, Category.CONTENT_FILTERED)
+    assert r.bounce is BounceType.SOFT
+
+
+def test_user_unknown_after_accepted_rcpt_is_a_filter() -> None:
+    r = c("550 Unknown user", "eod")
+    assert r.category is Category.CONTENT_FILTERED and r.bounce is BounceType.SOFT
+    # ...but a real addressing status keeps its meaning.
+    assert c("550 5.1.1 Unknown user", "eod").category is Category.INVALID_RECIPIENT
+
+
+def test_addresses_and_urls_do_not_leak_into_the_verdict() -> None:
+    r = c("550 5.1.1 <spam-filtered@example.com>... User Unknown")
+    assert r.category is Category.INVALID_RECIPIENT
+    r = c("550 5.2.2 Mailbox full, see https://help.example.com/reason/#spam")
+    assert r.category is Category.MAILBOX_FULL
+    assert normalize_text("a <x@y.example> b https://h.example/p/q?r") == "a <~> b h.example"
+
+
+# ------------------------------------------------------------------ phases
+
+
+def test_connect_phase_refusals_concern_the_site() -> None:
+    r = c("554 mx.example.com ESMTP not accepting messages", "connect")
+    assert r.category is Category.REPUTATION_BLOCK and r.scope is Scope.SITE
+    r = c("421 Service not available, closing transmission channel", "connect")
+    assert r.is_throttle_signal
+    r = c("550 5.7.1 Access denied", "ehlo")
+    assert r.scope is Scope.SITE  # the same words at RCPT concern one message
+    assert c("550 5.7.1 Access denied", "rcpt").scope is Scope.MESSAGE
+
+
+def test_mail_phase_address_trouble_is_the_sender() -> None:
+    r = c("553 5.1.8 <bounce@example.org>... Domain of sender address bounce@example.org does not exist", "mail")
+    assert r.category is Category.SENDER_REJECTED and not r.is_hard_bounce
+    assert c("550 5.1.1 User unknown", "mail").category is Category.SENDER_REJECTED
+
+
+def test_phase_names_from_bounces() -> None:
+    assert Phase.parse("RCPT TO") is Phase.RCPT
+    assert Phase.parse("end of DATA") is Phase.EOD
+    assert Phase.parse("HELO") is Phase.HELO
+    assert Phase.parse("nonsense") is None
+
+
+def test_parse_diagnostic() -> None:
+    text = "host mx.example.com[192.0.2.1] said: 550 5.1.1 <a@b.example>: User unknown (in reply to RCPT TO command)"
+    assert parse_diagnostic(text) == (550, "5.1.1", Phase.RCPT)
+    assert parse_diagnostic("SMTP error from remote mail server after end of data: 552 Message too big")[2] is Phase.EOD
+    assert parse_diagnostic("host x refused to talk to me: 554 Blocked")[:1] == (554,)
+
+
+def test_classify_text_uses_prose_verdict_without_codes() -> None:
+    cl = default_classifier()
+    r = cl.classify_text("Delivery failed permanently: the recipient server did not accept our requests to connect.")
+    assert r.outcome is Outcome.PERMANENT and r.category is Category.EXPIRED
+    r = cl.classify_text("Name service error for name=x.example type=MX: Host not found, try again")
+    assert r.category is Category.NETWORK
+
+
+# ------------------------------------------------------------ local failures
+
+
+def test_local_failures() -> None:
+    r = classify_local(LocalFailure.DNS_NXDOMAIN)
+    assert (r.outcome, r.category, r.bounce) == (Outcome.PERMANENT, Category.INVALID_DOMAIN, BounceType.HARD)
+    r = classify_local("dns_servfail")
+    assert r.outcome is Outcome.TRANSIENT and r.category is Category.NETWORK
+    assert r.retry_after is not None and r.retry_after <= 300
+    r = classify_local(LocalFailure.CONNECT_REFUSED)
+    assert r.is_throttle_signal and r.category is Category.NETWORK
+    r = classify_local(LocalFailure.TIMEOUT)
+    assert r.outcome is Outcome.TRANSIENT and r.scope is Scope.SESSION
+    r = classify_local(LocalFailure.TLS_FAILED)
+    assert r.outcome is Outcome.TRANSIENT and r.bounce is BounceType.SOFT
+    r = classify_local(LocalFailure.EXPIRED)
+    assert r.outcome is Outcome.PERMANENT and r.category is Category.EXPIRED and r.bounce is BounceType.SOFT
+    assert r.rule == "local:expired"
+    for kind in LocalFailure:  # every kind has an entry
+        assert classify_local(kind).rule == f"local:{kind.value}"
+    with pytest.raises(ValueError, match="unknown local failure"):
+        classify_local("dns_sunspots")
+
+
+# --------------------------------------------------------------- user rules
+
+
+def test_user_rule_goes_first() -> None:
+    cl = Classifier.from_rules(
+        """
+        [[rule]]
+        name = "acme-parked-mailbox"
+        codes = ["550"]
+        text = ['mailbox parked']
+        category = "inactive_mailbox"
+        """
+    )
+    assert cl.rule_names[0] == "acme-parked-mailbox"
+    r = cl.classify(reply("550 mailbox parked by owner bob, user unknown"), "rcpt")
+    assert r.category is Category.INACTIVE_MAILBOX and r.rule == "acme-parked-mailbox"
+    # the built-in classifier says otherwise on the same line
+    assert classify(reply("550 mailbox parked by owner bob, user unknown"), "rcpt").category is (
+        Category.INVALID_RECIPIENT
+    )
+
+
+def test_user_rule_replaces_builtin_by_name_in_place_and_can_disable() -> None:
+    base = default_classifier()
+    cl = Classifier.from_rules(
+        {
+            "rule": [
+                {"name": "greylisting", "when": "transient", "text": ["greylist"], "category": "greylisted", "retry_after": 900},
+                {"name": "yahoo-tss-suspend", "disable": True},
+            ]
+        }
+    )
+    kept = [n for n in base.rule_names if n != "yahoo-tss-suspend"]
+    assert cl.rule_names.index("greylisting") == kept.index("greylisting")
+    assert len(cl.rule_names) == len(base.rule_names) - 1
+    assert "yahoo-tss-suspend" not in cl.rule_names
+    assert cl.classify(reply("451 4.7.1 greylisted"), "rcpt").retry_after == 900
+    r = cl.classify(reply("421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred"), "mail")
+    assert r.suspend_for is None or r.rule != "yahoo-tss-suspend"
+
+
+def test_user_overrides_category_defaults_and_hard_categories() -> None:
+    cl = Classifier.from_rules(
+        """
+        hard_categories = ["invalid_recipient", "invalid_domain", "inactive_mailbox"]
+        [categories.greylisted]
+        retry_after = 600
+        [local.connect_refused]
+        retry_after = 30
+        """
+    )
+    assert cl.classify(reply("550 5.2.1 Account disabled"), "rcpt").bounce is BounceType.HARD
+    assert cl.classify(reply("451 greylisted, come back later"), "rcpt").retry_after == 600
+    assert cl.classify_local("connect_refused").retry_after == 30
+    # the shared default is untouched
+    assert default_classifier().classify(reply("550 5.2.1 Account disabled"), "rcpt").bounce is BounceType.SOFT
+
+
+def test_replace_builtin_drops_the_builtin_rules() -> None:
+    cl = Classifier.from_rules(
+        """
+        replace_builtin = true
+        [[rule]]
+        name = "only"
+        codes = ["5xx"]
+        category = "policy"
+        """
+    )
+    assert cl.rule_names == ("only",)
+    assert cl.classify(reply("550 5.1.1 user unknown")).category is Category.POLICY
+    assert cl.classify(reply("451 try later")).category is Category.UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("rules", "needle"),
+    [
+        ('[[rule]]\nname = "bad-key"\ncodes = ["550"]\ncategory = "policy"\ncodez = 1\n', "rule #1 'bad-key': unknown key(s) codez"),
+        ('[[rule]]\nname = "bad-cat"\ncodes = ["550"]\ncategory = "nope"\n', "rule #1 'bad-cat': category 'nope'"),
+        ('[[rule]]\nname = "bad-re"\ntext = ["(unclosed"]\ncategory = "policy"\n', "rule #1 'bad-re': bad regex"),
+        ('[[rule]]\nname = "greedy"\ncategory = "policy"\n', "rule #1 'greedy': has no matcher"),
+        ('[[rule]]\ncodes = ["550"]\ncategory = "policy"\n', "rule #1: missing 'name'"),
+        ('[[rule]]\nname = "bad-code"\ncodes = ["6xx"]\ncategory = "policy"\n', "rule #1 'bad-code': bad reply code"),
+        ('[[rule]]\nname = "bad-enh"\nenhanced = ["5.7"]\ncategory = "policy"\n', "rule #1 'bad-enh': bad enhanced"),
+        ('[[rule]]\nname = "bad-scope"\ncodes = ["550"]\ncategory = "policy"\nscope = "planet"\n', "'bad-scope': scope 'planet'"),
+        ('[[rule]]\nname = "bad-phase"\nphase = ["lunch"]\ncategory = "policy"\n', "'bad-phase': phase 'lunch'"),
+        ('[[rule]]\nname = "bad-retry"\ncodes = ["4xx"]\ncategory = "policy"\nretry_after = -1\n', "'bad-retry': 'retry_after'"),
+        ('[[rule]]\nname = "nocat"\ncodes = ["4xx"]\n', "'nocat': missing 'category'"),
+        ('[[rule]]\nname = "twice"\ncodes = ["4xx"]\ncategory = "policy"\n[[rule]]\nname = "twice"\ncodes = ["5xx"]\ncategory = "policy"\n', "'twice' defined twice"),
+        ('[[rule]]\nname = "no-such-builtin"\ndisable = true\n', "cannot disable unknown rule 'no-such-builtin'"),
+        ('[categories.greylisted]\nretry = 5\n', "[categories.greylisted]"),
+        ('[local.dns_magic]\noutcome = "transient"\n', "[local.dns_magic]"),
+        ('rules = []\n', "unknown top-level key(s) rules"),
+        ('[[rule]\nname = "x"\n', "not valid TOML"),
+    ],
+)
+def test_malformed_rules_raise_config_error_naming_the_rule(rules: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Classifier.from_rules(rules, origin="site.toml")
+    assert needle in str(info.value)
+
+
+# ------------------------------------------------------------------- speed
+
+
+def test_cache_returns_the_same_record_and_shares_across_recipients() -> None:
+    cl = Classifier.from_rules()
+    a = cl.classify(reply("550 5.1.1 <alice@example.com>: User unknown"), "rcpt")
+    b = cl.classify(reply("550 5.1.1 <bob@example.com>: User unknown"), "rcpt")
+    assert a is b
+
+
+def test_classification_is_fast_without_cache_hits() -> None:
+    cl = Classifier.from_rules()
+    replies = [reply(f"550 5.7.1 Message {i} rejected for policy reasons id={i * 7919}") for i in range(2000)]
+    start = time.perf_counter()
+    for r in replies:
+        cl.classify(r, "eod")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"{elapsed / len(replies) * 1e6:.0f} us per uncached classification"
