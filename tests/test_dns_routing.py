@@ -62,6 +62,15 @@ shared-b        MX 50 mx1.provider
 shared-c        MX 10 mx1.provider
 mx1.provider    A  127.0.0.61
 mx2.provider    A  127.0.0.62
+; odd but seen: a host listed twice, a null MX beside a real one
+twice           MX 10 mx.twice
+twice           MX 20 mx.twice
+twice           MX 30 other.twice
+mx.twice        A  127.0.0.91
+other.twice     A  127.0.0.92
+halfnull        MX 0 .
+halfnull        MX 10 mx.halfnull
+mx.halfnull     A  127.0.0.93
 ; a smarthost with a name
 relay           A  127.0.0.71
 """
@@ -224,7 +233,7 @@ def test_mx_hosts_without_addresses(run: Run, ns: DNSServer) -> None:
 def test_invalid_domain_is_553_5_1_3_without_a_query(run: Run, ns: DNSServer) -> None:
     async def main() -> None:
         router = make_router(ns)
-        for bad in ["", "a..b", "x" * 64 + ".test", "bad\u2028domain.test"]:
+        for bad in ["", "a..b", "x" * 64 + ".test", "bad\u2028domain.test", "sp ace.test", "at@sign.test"]:
             f = await failure(router, bad)
             assert (f.reply.code, f.reply.enhanced, f.transient) == (553, "5.1.3", False), bad
         assert ns.total() == 0
@@ -527,3 +536,39 @@ def test_static_route_to_unresolvable_host(run_uvloop: Run, ns: DNSServer) -> No
         assert (f2.reply.code, f2.reply.enhanced, f2.transient) == (451, "4.4.3", True)
 
     run_uvloop(main())
+
+
+def test_odd_mx_sets(run_uvloop: Run, ns: DNSServer) -> None:
+    async def main() -> None:
+        router = make_router(ns)
+        twice = await route(router, "twice.example.test")
+        assert [(h.name, h.preference) for h in twice.hosts] == [
+            ("mx.twice.example.test", 10),
+            ("other.twice.example.test", 30),
+        ]
+        # A "." beside real MX hosts is a broken null MX: the real hosts win.
+        half = await route(router, "halfnull.example.test")
+        assert [h.name for h in half.hosts] == ["mx.halfnull.example.test"]
+
+    run_uvloop(main())
+
+
+def test_silent_first_nameserver_falls_over_to_the_next(run: Run, ns: DNSServer) -> None:
+    import socket
+
+    # Bound but never read: queries to it vanish without an ICMP refusal,
+    # like a nameserver that is down behind a firewall.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{silent.getsockname()[1]}"
+
+        async def main() -> None:
+            cfg = Config(dns=DnsConfig(nameservers=[dead, ns.nameserver], timeout=1.0))
+            router = Router(cfg, rng=random.Random(1))  # owns its resolver
+            try:
+                r = await route(router, "pref.example.test")
+                assert [h.name for h in r.hosts] == ["mx1.pref.example.test", "mx2.pref.example.test"]
+            finally:
+                await router.aclose()
+
+        run(main())

@@ -88,10 +88,9 @@ def normalize_domain(name: str) -> str:
         raise ValueError("empty domain name")
     if name.isascii():
         name = name.lower()
-        labels = name.split(".")
-        # ASCII names pass as they are (underscores and all, which idna would
-        # refuse but DNS allows), checked only for DNS's own limits.
-        if any(not label or len(label) > 63 for label in labels) or len(name) > 253:
+        # ASCII names pass as host names (letters, digits, hyphens) plus
+        # underscores, which idna would refuse but real MX targets carry.
+        if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
             raise ValueError(f"not a valid domain name: {name!r}")
         return name
     try:
@@ -100,6 +99,7 @@ def normalize_domain(name: str) -> str:
         raise ValueError(f"not a valid internationalized domain name: {name!r} ({exc})") from None
 
 
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _BRACKETED = re.compile(r"^\[([^\]]+)\](?::(\d+))?$")
 
 

@@ -151,9 +151,9 @@ class DnsResolver:
         else:
             res = dns.asyncresolver.Resolver(configure=True)  # the system's resolv.conf
         res.lifetime = config.timeout
-        # One try per server is at most 2 s, so a silent first server
-        # leaves time for the next one within the lifetime.
-        res.timeout = min(config.timeout, 2.0)
+        # A try at one server gets a share of the lifetime (at most 2 s), so
+        # a silent first server leaves time to ask the next one.
+        res.timeout = min(2.0, config.timeout / max(1, len(res.nameservers)))
         res.retry_servfail = False  # SERVFAIL is an answer: transient, reported at once
         res.cache = None  # ours is bounded, single-flight and clamps TTLs
         self._res = res

@@ -263,7 +263,13 @@ class Router:
             source: RouteSource = "implicit"
         else:
             # A "." target beside real ones is a broken null MX: ignore it.
-            targets = [(r.preference, r.host) for r in mx.records if r.host]
+            # A host listed twice keeps its best (first, records are sorted) preference.
+            seen: set[str] = set()
+            targets = []
+            for r in mx.records:
+                if r.host and r.host not in seen:
+                    seen.add(r.host)
+                    targets.append((r.preference, r.host))
             source = "mx"
         site = site_name(((h, self._mx_port) for _, h in targets), self._mx_port)
         lookups = await asyncio.gather(*(self._lookup_host(h) for _, h in targets))
