@@ -249,7 +249,7 @@ class Router:
         try:
             mx = await self._resolver.mx(domain)
         except DnsTemporaryError as exc:
-            return self._ttl(self._fail(domain, 451, "4.4.3", f"MX lookup for {domain} failed: {exc.reason}", 0.0))
+            return self._ttl(self._fail(domain, 451, "4.4.3", f"MX lookup for {domain} failed: {exc.reason}", self._clock()))
         return self._ttl(await self._from_mx(domain, mx))
 
     async def _from_mx(self, domain: str, mx: MxAnswer) -> Route | RouteFailure:
@@ -285,7 +285,7 @@ class Router:
             return Route(domain, site, tuple(hosts), source, expires)
         transient = [look.transient for look in lookups if look.transient]
         if transient:
-            return self._fail(domain, 451, "4.4.3", f"address lookup failed: {transient[0]}", 0.0)
+            return self._fail(domain, 451, "4.4.3", f"address lookup failed: {transient[0]}", self._clock())
         if source == "implicit":
             text = f"domain {domain} has no MX and no A/AAAA records"
         else:
@@ -307,7 +307,7 @@ class Router:
             return Route(domain, site, tuple(hosts), "static", expires)
         transient = [look.transient for look in lookups if look.transient]
         if transient:
-            return self._fail(domain, 451, "4.4.3", f"static route host lookup failed: {transient[0]}", 0.0)
+            return self._fail(domain, 451, "4.4.3", f"static route host lookup failed: {transient[0]}", self._clock())
         names = ", ".join(str(hp) for hp in static)
         return self._fail(domain, 550, "5.4.4", f"no static route host for {domain} has an address ({names})", expires)
 
