@@ -138,7 +138,7 @@ class _Listener:
         "quit",
         "ehlo",
         "ehlo_tls",
-        "ehlo_dynamic",
+        "helo",
     )
 
     def __init__(
@@ -174,7 +174,7 @@ class _Listener:
         secured = ReplyTemplate(250, (profile.ehlo_first_line, *keywords))
         self.ehlo = _Compiled(plain, hostname)
         self.ehlo_tls = _Compiled(secured, hostname)
-        self.ehlo_dynamic = self.ehlo.static is None
+        self.helo = f"250 {hostname}\r\n".encode("ascii")
 
 
 def _reply(code: int, enhanced: str, text: str) -> bytes:
@@ -369,10 +369,10 @@ class SinkProtocol(asyncio.Protocol):
             trace.commands.append([])
             trace.recorded += len(data)
         if self._held or self._closing:
-            if self._tls_pending or self._closing:
-                # RFC 3207 section 6: anything sent after STARTTLS before the
-                # handshake is an injection attempt and must be discarded.
+            if self._closing or self._tls_pending == 1:
                 return
+            # Held by a tarpit delay, or (TLS handshake under way) decrypted
+            # data the client sent right after its Finished: keep it in order.
             self._buf += data
             return
         if self._buf:
@@ -428,6 +428,10 @@ class SinkProtocol(asyncio.Protocol):
         if self._closing and not self._held and self._transport is not None:
             self._transport.close()
         elif self._tls_pending == 1 and self._transport is not None:
+            # Stop reading now: plaintext the client pipelined after STARTTLS
+            # (RFC 3207 section 6: an injection attempt) must never reach us;
+            # start_tls resumes reading under TLS.
+            self._transport.pause_reading()
             self._tls_pending = 2
             asyncio.get_running_loop().create_task(self._start_tls())
 
@@ -518,7 +522,7 @@ class SinkProtocol(asyncio.Protocol):
             reply = listener.ehlo_tls if self._tls else listener.ehlo
             wire = reply.static or reply.make(self._qid, self._ip)
         else:
-            wire = f"250 {listener.hostname}\r\n".encode("ascii")
+            wire = listener.helo
         faults = self._faults
         if faults is not None:
             refusal = faults.ehlo(self._ip, self._qid)
@@ -857,7 +861,9 @@ class SinkProtocol(asyncio.Protocol):
         self._greeted = False
         self._esmtp = False
         self._reset_transaction()
-        self._buf = b""
+        data, self._buf = self._buf, b""
+        if data:
+            self._process(data)
 
 
 _HANDLERS: dict[bytes, Any] = {
