@@ -40,7 +40,9 @@ def test_load_against_postfix_smtp_sink(run: Run) -> None:
 def test_messages_per_connection_limit_opens_new_connections(run: Run) -> None:
     with postfix_smtp_sink() as sink:
         r = run(run_load(LoadSpec(sink.host, sink.port, messages=100, connections=2, messages_per_connection=10, timeout=60)))
-    assert r.complete and r.connections_opened == 10
+    # 10 connections carry 10 messages each; a worker that connects just as the
+    # last messages are claimed by the other may open one more and send nothing.
+    assert r.complete and 10 <= r.connections_opened <= 11
 
 
 def test_server_down_gives_a_report_not_a_hang(run: Run) -> None:

@@ -38,6 +38,11 @@ from fastmta.errors import ConfigError
 __all__ = [
     "Config",
     "DnsConfig",
+    "QueueConfig",
+    "SiteConfig",
+    "SmtpConfig",
+    "SourceConfig",
+    "TimeoutsConfig",
     "RoutingConfig",
     "HostPort",
     "load_config",
@@ -223,11 +228,102 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
         }
 
 
+class SourceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[[sources]]``: an egress source (local address + EHLO name)."""
+
+    name: str
+    #: Local IP address to bind; omitted: the OS chooses.
+    address: str | None = None
+    ehlo_name: str = "localhost"
+    #: Share of messages given to this source (weighted random per message).
+    weight: PositiveInt = 1
+
+    def __post_init__(self) -> None:
+        if self.address is not None:
+            try:
+                ipaddress.ip_address(self.address)
+            except ValueError:
+                raise ValueError(f"source {self.name!r}: address {self.address!r} is not an IP address") from None
+        if not self.ehlo_name or any(c <= " " or c == "\x7f" for c in self.ehlo_name):
+            raise ValueError(f"source {self.name!r}: invalid ehlo_name {self.ehlo_name!r}")
+
+
+class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[sites."PATTERN"]``: limits for sites whose name or any MX host matches PATTERN (glob).
+
+    The first matching pattern (file order) wins; unmatched sites use the defaults.
+    """
+
+    #: Simultaneous connections per (egress source, site). KumoMTA's default is 10 too.
+    max_connections: PositiveInt = 10
+    max_messages_per_connection: PositiveInt = 100
+    max_recipients_per_transaction: PositiveInt = 50
+    #: Close a connection after this many seconds without work.
+    idle_timeout: Seconds = 30.0
+    #: Transactions in flight per connection (2 lets the next envelope ride with the content).
+    pipeline_depth: PositiveInt = 2
+
+
+class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[queue]``: retries, lifetime and memory bounds."""
+
+    retry_initial: Seconds = 60.0
+    retry_factor: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
+    retry_max: Seconds = 3600.0
+    retry_jitter: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.2
+    #: A recipient still not delivered after this long is expired (5 days, like Postfix).
+    max_lifetime: Seconds = 5 * 86400.0
+    #: submit() waits while this many recipients are unfinished (backpressure).
+    max_queued_recipients: PositiveInt = 100_000
+    #: A host that refused a connection is tried last for this long.
+    host_down_time: Seconds = 60.0
+
+
+class TimeoutsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[smtp.timeouts]``: seconds per phase; defaults from RFC 5321 4.5.3.2."""
+
+    connect: Seconds = 60.0
+    greeting: Seconds = 300.0
+    ehlo: Seconds = 300.0
+    starttls: Seconds = 120.0
+    mail: Seconds = 300.0
+    rcpt: Seconds = 300.0
+    data: Seconds = 120.0
+    data_block: Seconds = 180.0
+    end_of_data: Seconds = 600.0
+    rset: Seconds = 120.0
+    quit: Seconds = 60.0
+
+
+class SmtpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[smtp]``: how the client talks to MX hosts."""
+
+    #: "opportunistic" (STARTTLS when offered), "required" or "never".
+    tls: str = "opportunistic"
+    #: Verify certificates (off by default between MTAs, like Postfix's "may").
+    tls_verify: bool = False
+    timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
+
+    def __post_init__(self) -> None:
+        if self.tls not in ("opportunistic", "required", "never"):
+            raise ValueError(f"tls must be 'opportunistic', 'required' or 'never', not {self.tls!r}")
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """The whole configuration; every section has working defaults."""
 
     dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    sources: list[SourceConfig] = []
+    sites: dict[str, SiteConfig] = {}
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate source name(s): {', '.join(dupes)}")
 
 
 _AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)

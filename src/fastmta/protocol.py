@@ -133,7 +133,7 @@ class Body:
         return len(self.raw)
 
 
-def _check_address(address: str, what: str) -> None:
+def check_address(address: str, what: str) -> None:
     # An address goes inside <...> on a command line: a CR, LF or NUL would end
     # the command and let the rest be read as a new one (SMTP injection), and
     # angle brackets would end the path early. Reject them; never "clean" them.
@@ -156,11 +156,11 @@ class Transaction:
     def __post_init__(self) -> None:
         if not self.recipients:
             raise InputError("a transaction needs at least one recipient")
-        _check_address(self.sender, "sender")
+        check_address(self.sender, "sender")
         for rcpt in self.recipients:
             if not rcpt:
                 raise InputError("empty recipient address")
-            _check_address(rcpt, "recipient")
+            check_address(rcpt, "recipient")
 
     @property
     def needs_smtputf8(self) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # name -> (module, one-line help). Modules are imported lazily so that
 # `fastmta sink` does not pay for loading the engine, and vice versa.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "send": ("fastmta.cli.send", "deliver a spool directory (pickup files, campaign jobs)"),
     "sink": ("fastmta.cli.sink", "run a fast discarding SMTP server with fault injection"),
     "load": ("fastmta.cli.load", "load-test an SMTP server with generated messages"),
 }

@@ -1,0 +1,438 @@
+"""The public delivery engine: ``async with Engine(config) as engine: await engine.submit(...)``.
+
+Data flow (see DESIGN.md): ``submit`` validates and accepts a message; its
+recipients are routed by domain (cached DNS, static routes), grouped by site
+and cut into batches of at most ``max_recipients_per_transaction``; each
+batch goes to the ready queue of its (egress source, site), whose connections
+pipeline it to an MX host. Every reply becomes an :class:`Outcome`:
+delivered and bounced are final, a transient failure is deferred to the due
+queue with exponential backoff and jitter, and a recipient whose next try
+would fall after the message's queue lifetime is expired.
+
+Backpressure: ``submit`` waits while ``max_queued_recipients`` recipients
+are unfinished, so a producer faster than the receivers cannot grow memory
+without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import fnmatch
+import itertools
+import logging
+import random
+import ssl
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastmta.accounting import AccountingLog
+from fastmta.config import Config, SiteConfig
+from fastmta.connection import Timeouts
+from fastmta.errors import FastMTAError, InputError
+from fastmta.message import Message, Outcome, Recipient, Status, new_message_id, split_address
+from fastmta.pool import Batch, Delivery, HostHealth, SiteLimits, SiteQueue, Source
+from fastmta.protocol import Body, TLSPolicy, TransactionResult
+from fastmta.reply import Reply
+from fastmta.routing import Route, RouteFailure, Router
+from fastmta.scheduler import DueQueue, RetryPolicy
+
+log = logging.getLogger("fastmta.engine")
+
+__all__ = ["Engine", "EngineClosed", "Outcome", "Status"]
+
+
+class EngineClosed(FastMTAError):
+    """The engine was closed before a message reached a final state for every recipient."""
+
+
+class _Tracker:
+    __slots__ = ("message", "remaining", "outcomes", "future")
+
+    def __init__(self, message: Message, future: asyncio.Future[list[Outcome]]) -> None:
+        self.message = message
+        self.remaining = len(message.recipients)
+        self.outcomes: list[Outcome] = []
+        self.future = future
+
+
+class Engine:
+    """Delivers messages over SMTP. Use as an async context manager."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        router: Router | None = None,
+        accounting: AccountingLog | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self._router_given = router
+        self._router: Router | None = router
+        self.accounting = accounting
+        self._rng = rng or random.Random()
+        q = self.config.queue
+        self.retry = RetryPolicy(q.retry_initial, q.retry_factor, q.retry_max, q.retry_jitter, q.max_lifetime)
+        self._sources = [Source(s.name, s.address, s.ehlo_name, s.weight) for s in self.config.sources] or [
+            Source("default", None, "localhost")
+        ]
+        self._source_cum = list(itertools.accumulate(s.weight for s in self._sources))
+        smtp = self.config.smtp
+        self._timeouts = Timeouts(**{f: getattr(smtp.timeouts, f) for f in Timeouts.__dataclass_fields__})
+        self._tls = TLSPolicy(smtp.tls)
+        self._tls_context = _tls_context(smtp.tls_verify)
+        self._queues: dict[tuple[str, str], SiteQueue] = {}
+        self._limits_cache: dict[str, SiteLimits] = {}
+        self._trackers: dict[str, _Tracker] = {}
+        self._subscribers: list[asyncio.Queue[Outcome | None]] = []
+        self._capacity_waiters: deque[asyncio.Future[None]] = deque()
+        self._unfinished = 0  # recipients accepted and not final
+        self._idle: asyncio.Event | None = None
+        self._due: DueQueue[tuple[Message, list[Recipient]]] | None = None
+        self._health: HostHealth | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
+        self._started = False
+        self.counts: Counter[str] = Counter()  # by status
+        self.site_counts: dict[str, Counter[str]] = {}
+        self.started_at = 0.0
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        loop = asyncio.get_running_loop()
+        if self._router is None:
+            self._router = Router(self.config, rng=self._rng)
+        self._due = DueQueue(self._on_due, loop)
+        self._health = HostHealth(self.config.queue.host_down_time, loop.time)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        if self.accounting is not None:
+            self._flusher = asyncio.ensure_future(self._flush_loop())
+        self._started = True
+        self.started_at = time.time()
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Stop accepting; finish transactions in flight (bounded by *timeout*); close.
+
+        Recipients not final by then (waiting for a retry, or not yet sent)
+        are counted in :attr:`unfinished`, and their messages' result
+        awaitables raise :class:`EngineClosed`.
+        """
+        if not self._started or self._closing:
+            return
+        self._closing = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        await asyncio.gather(*(q.close(timeout) for q in self._queues.values()))
+        if self._due is not None:
+            self._due.pop_all()
+        for tracker in self._trackers.values():
+            if not tracker.future.done():
+                tracker.future.set_exception(
+                    EngineClosed(f"message {tracker.message.id}: {tracker.remaining} recipient(s) not final at shutdown")
+                )
+                tracker.future.exception()  # retrieved: nobody may be waiting
+        for sub in self._subscribers:
+            sub.put_nowait(None)
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self.accounting is not None:
+            self.accounting.flush()
+        if self._router is not None and self._router_given is None:
+            await self._router.aclose()
+
+    @property
+    def unfinished(self) -> int:
+        """Recipients accepted but not yet delivered, bounced or expired."""
+        return self._unfinished
+
+    # --- submitting -------------------------------------------------------------
+
+    async def submit(
+        self,
+        message: bytes | Body,
+        sender: str,
+        recipients: Sequence[str],
+        *,
+        meta: dict[str, Any] | None = None,
+        message_id: str | None = None,
+    ) -> str:
+        """Accept *message* for *recipients*; return its id. Waits while the queue is full.
+
+        Raises InputError (naming the address) for a malformed sender or
+        recipient; nothing is accepted then.
+        """
+        if not self._started:
+            raise RuntimeError("Engine not started: use `async with Engine(...)`")
+        if self._closing:
+            raise EngineClosed("engine is closing; no new messages")
+        if not recipients:
+            raise InputError("a message needs at least one recipient")
+        if sender:
+            split_address(sender, "sender")
+        rcpts = [Recipient(*split_address(r)) for r in recipients]
+        await self._reserve(len(rcpts))
+        loop = asyncio.get_running_loop()
+        body = message if isinstance(message, Body) else Body(message)
+        msg = Message(message_id or new_message_id(), sender, body, rcpts, meta=meta or {})
+        msg.deadline = loop.time() + self.retry.max_lifetime
+        self._trackers[msg.id] = _Tracker(msg, loop.create_future())
+        self._spawn(self._dispatch(msg, rcpts))
+        return msg.id
+
+    def result(self, message_id: str) -> asyncio.Future[list[Outcome]]:
+        """An awaitable of the final outcome of every recipient of *message_id*."""
+        tracker = self._trackers.get(message_id)
+        if tracker is None:
+            raise KeyError(f"unknown or already finished message {message_id}")
+        return tracker.future
+
+    async def outcomes(self) -> AsyncIterator[Outcome]:
+        """Every outcome from now on (deferrals too), until the engine closes."""
+        queue: asyncio.Queue[Outcome | None] = asyncio.Queue()
+        self._subscribers.append(queue)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                yield item
+        finally:
+            self._subscribers.remove(queue)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every accepted recipient is final; False on timeout."""
+        assert self._idle is not None
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            return False
+        return True
+
+    # --- routing and queueing ---------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _pick_source(self) -> Source:
+        if len(self._sources) == 1:
+            return self._sources[0]
+        x = self._rng.random() * self._source_cum[-1]
+        return self._sources[bisect.bisect_right(self._source_cum, x)]
+
+    async def _dispatch(self, msg: Message, rcpts: list[Recipient]) -> None:
+        assert self._router is not None
+        by_domain: dict[str, list[Recipient]] = {}
+        for r in rcpts:
+            by_domain.setdefault(r.domain, []).append(r)
+        try:
+            if len(by_domain) == 1:
+                routes = [await self._router.route(next(iter(by_domain)))]
+            else:
+                routes = list(await asyncio.gather(*(self._router.route(d) for d in by_domain)))
+        except Exception as exc:  # a resolver bug must not lose the recipients
+            log.exception("routing failed for message %s", msg.id)
+            reply = Reply.local(451, "4.4.3", f"routing error: {exc}")
+            self._record_group(msg, rcpts, reply, None)
+            return
+        source = self._pick_source()
+        by_site: dict[str, tuple[Route, list[Recipient]]] = {}
+        for group, route in zip(by_domain.values(), routes):
+            if isinstance(route, RouteFailure):
+                self._record_group(msg, group, route.reply, Delivery(f"domain:{route.domain}", None, None, None))
+                continue
+            entry = by_site.get(route.site)
+            if entry is None:
+                by_site[route.site] = (route, list(group))
+            else:
+                entry[1].extend(group)
+        if self._closing:
+            return
+        for site, (route, group) in by_site.items():
+            queue = self._queue_for(source, site)
+            step = queue.limits.max_recipients_per_transaction
+            for i in range(0, len(group), step):
+                queue.put(Batch(msg, group[i : i + step], route))
+
+    def _queue_for(self, source: Source, site: str) -> SiteQueue:
+        key = (source.name, site)
+        queue = self._queues.get(key)
+        if queue is None:
+            assert self._health is not None
+            queue = SiteQueue(
+                source, site, self._limits_for(site), timeouts=self._timeouts, health=self._health,
+                on_result=self._on_result, tls=self._tls, tls_context=self._tls_context,
+            )
+            self._queues[key] = queue
+        return queue
+
+    def _limits_for(self, site: str) -> SiteLimits:
+        limits = self._limits_cache.get(site)
+        if limits is None:
+            chosen = SiteConfig()
+            hosts = site.split(",")
+            for pattern, cfg in self.config.sites.items():
+                if fnmatch.fnmatch(site, pattern) or any(fnmatch.fnmatch(h, pattern) for h in hosts):
+                    chosen = cfg
+                    break
+            limits = SiteLimits(
+                chosen.max_connections, chosen.max_messages_per_connection,
+                chosen.max_recipients_per_transaction, chosen.idle_timeout, chosen.pipeline_depth,
+            )
+            self._limits_cache[site] = limits
+        return limits
+
+    def _on_due(self, item: tuple[Message, list[Recipient]]) -> None:
+        if not self._closing:
+            self._spawn(self._dispatch(*item))
+
+    # --- outcomes ---------------------------------------------------------------
+
+    def _on_result(self, batch: Batch, result: TransactionResult, delivery: Delivery) -> None:
+        replies = result.recipient_replies()
+        msg = batch.message
+        deferred: list[Recipient] = []
+        for rcpt, reply in zip(batch.recipients, replies):
+            if self._record(msg, rcpt, reply, delivery, defer_later=True):
+                deferred.append(rcpt)
+        if deferred:
+            self._defer(msg, deferred, delivery)
+
+    def _record_group(self, msg: Message, rcpts: list[Recipient], reply: Reply, delivery: Delivery | None) -> None:
+        deferred = [r for r in rcpts if self._record(msg, r, reply, delivery, defer_later=True)]
+        if deferred:
+            self._defer(msg, deferred, delivery)
+
+    def _record(self, msg: Message, rcpt: Recipient, reply: Reply, delivery: Delivery | None, *, defer_later: bool) -> bool:
+        """Record one attempt; True when the recipient must be deferred (the caller schedules it)."""
+        rcpt.attempts += 1
+        rcpt.last_reply = reply
+        if reply.code // 100 == 2:
+            self._emit(msg, rcpt, Status.DELIVERED, reply, delivery)
+            return False
+        if reply.code >= 500:
+            self._emit(msg, rcpt, Status.BOUNCED, reply, delivery)
+            return False
+        return True
+
+    def _defer(self, msg: Message, rcpts: list[Recipient], delivery: Delivery | None) -> None:
+        """Schedule the next attempt of *rcpts* together (they stay one transaction)."""
+        assert self._due is not None
+        now = asyncio.get_running_loop().time()
+        delay = self.retry.delay(max(r.attempts for r in rcpts), self._rng)
+        if now + delay > msg.deadline or self._closing:
+            for r in rcpts:
+                if self._closing:
+                    # Not final: counted as unfinished, reported as deferred.
+                    self._emit(msg, r, Status.DEFERRED, r.last_reply or _NO_REPLY, delivery)
+                else:
+                    self._emit(msg, r, Status.EXPIRED, r.last_reply or _NO_REPLY, delivery)
+            return
+        for r in rcpts:
+            self._emit(msg, r, Status.DEFERRED, r.last_reply or _NO_REPLY, delivery, next_attempt=time.time() + delay)
+        self._due.push(now + delay, (msg, rcpts))
+
+    def _emit(
+        self, msg: Message, rcpt: Recipient, status: Status, reply: Reply, delivery: Delivery | None,
+        next_attempt: float | None = None,
+    ) -> None:
+        rcpt.status = status
+        outcome = Outcome(
+            msg.id, rcpt.address, status, reply, rcpt.attempts, msg.queued_at, time.time(),
+            delivery.site if delivery else None, delivery.mx_host if delivery else None,
+            delivery.mx_ip if delivery else None, delivery.source_ip if delivery else None,
+            next_attempt, msg.meta or None,
+        )
+        self.counts[status.value] += 1
+        if delivery is not None:
+            site_counter = self.site_counts.get(delivery.site)
+            if site_counter is None:
+                site_counter = self.site_counts[delivery.site] = Counter()
+            site_counter[status.value] += 1
+        if self.accounting is not None:
+            self.accounting.write(outcome)
+        for sub in self._subscribers:
+            sub.put_nowait(outcome)
+        if status.is_final:
+            tracker = self._trackers.get(msg.id)
+            if tracker is not None:
+                tracker.outcomes.append(outcome)
+                tracker.remaining -= 1
+                if tracker.remaining == 0:
+                    del self._trackers[msg.id]
+                    if not tracker.future.done():
+                        tracker.future.set_result(tracker.outcomes)
+            self._release(1)
+
+    # --- backpressure -----------------------------------------------------------
+
+    async def _reserve(self, n: int) -> None:
+        limit = self.config.queue.max_queued_recipients
+        loop = asyncio.get_running_loop()
+        # A message larger than the limit is still accepted when the queue is empty.
+        while self._unfinished and self._unfinished + n > limit:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._capacity_waiters.append(waiter)
+            await waiter
+        self._unfinished += n
+        assert self._idle is not None
+        self._idle.clear()
+
+    def _release(self, n: int) -> None:
+        self._unfinished -= n
+        if self._unfinished == 0 and self._idle is not None:
+            self._idle.set()
+        while self._capacity_waiters:
+            waiter = self._capacity_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def _flush_loop(self) -> None:
+        assert self.accounting is not None
+        while True:
+            await asyncio.sleep(0.25)
+            self.accounting.flush()
+
+    # --- introspection ------------------------------------------------------------
+
+    def queue_stats(self) -> list[dict[str, Any]]:
+        """Per (source, site): ready batches, open connections, most seen, transactions."""
+        return [
+            {
+                "source": src, "site": site, "ready": len(q.ready), "connections": q.connections,
+                "max_connections_seen": q.max_seen_connections, "connections_opened": q.connections_opened,
+                "transactions": q.transactions,
+            }
+            for (src, site), q in self._queues.items()
+        ]
+
+
+_NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")
+
+
+def _tls_context(verify: bool) -> ssl.SSLContext:
+    """Opportunistic TLS between MTAs does not verify certificates by default
+    (Postfix's ``may`` level): an unverified encrypted channel beats plain text,
+    and most MX certificates would not match anyway."""
+    ctx = ssl.create_default_context()
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
