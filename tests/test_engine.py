@@ -1,0 +1,368 @@
+"""The engine end to end: Engine -> DNS on loopback -> fastmta sinks on loopback.
+
+Everything counted here is counted where it happens: connections and
+messages at the sink, lookups at the DNS server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+
+from dnsserver import DNSServer
+from fastmta.config import Config, config_from_dict
+from fastmta.engine import Engine, EngineClosed
+from fastmta.errors import InputError
+from fastmta.message import Outcome, Status
+from fastmta.sink import SinkServer
+from fastmta.sink_config import FaultConfig, ListenerConfig, PhaseFault, SinkConfig
+
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+
+BODY = b"From: a@sender.test\r\nTo: x@y.test\r\nSubject: engine test\r\n\r\nhello\r\n.dot line\r\n"
+
+ZONE = """
+pref        MX 10 mx1.pref
+pref        MX 20 mx2.pref
+mx1.pref    A  127.0.0.12
+mx2.pref    A  127.0.0.13
+down        MX 10 mx1.down
+down        MX 20 mx2.down
+mx1.down    A  127.0.0.14
+mx2.down    A  127.0.0.13
+nullmx      MX 0 .
+shared-a    MX 10 mx.shared
+shared-b    MX 10 mx.shared
+mx.shared   A  127.0.0.12
+flaky       MX 10 mx.flaky
+mx.flaky    A  127.0.0.12
+slow        MX 10 mx.slow
+mx.slow     A  127.0.0.15
+"""
+
+
+@pytest.fixture
+def ns() -> Iterator[DNSServer]:
+    with DNSServer({"example.test": ZONE}, default_ttl=300) as server:
+        yield server
+        assert server.errors == []
+
+
+async def start_sink(host: str, port: int = 0, faults: FaultConfig | None = None, **kw: Any) -> SinkServer:
+    sink = SinkServer(SinkConfig(listeners=(ListenerConfig(host=host, port=port, faults=faults),), **kw))
+    await sink.start()
+    return sink
+
+
+def engine_config(ns: DNSServer | None, port: int, **sections: Any) -> Config:
+    data: dict[str, Any] = {
+        "routing": {"smtp_port": port},
+        "queue": {"retry_initial": 0.2, "retry_jitter": 0.0, "retry_max": 1.0, "host_down_time": 30},
+        "smtp": {"tls": "never", "timeouts": {"connect": 5, "greeting": 5, "ehlo": 5, "mail": 5, "rcpt": 5,
+                                              "data": 5, "end_of_data": 5, "rset": 5, "quit": 2}},
+    }
+    if ns is not None:
+        data["dns"] = {"nameservers": [ns.nameserver], "timeout": 2.0}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return config_from_dict(data)
+
+
+async def deliver_all(engine: Engine, rcpts: list[str], per_message: int = 1) -> list[Outcome]:
+    ids = []
+    for i in range(0, len(rcpts), per_message):
+        ids.append(await engine.submit(BODY, "sender@sender.test", rcpts[i : i + per_message]))
+    results = await asyncio.wait_for(asyncio.gather(*(engine.result(i) for i in ids)), 30)
+    return [o for r in results for o in r]
+
+
+# ----------------------------------------------------------------- DNS routing
+
+
+def test_mx_preference_then_fall_over_when_first_refuses(run: Run, ns: DNSServer) -> None:
+    async def main() -> None:
+        primary = await start_sink("127.0.0.12")
+        port = primary.addresses[0][1]
+        secondary = await start_sink("127.0.0.13", port)
+        try:
+            async with Engine(engine_config(ns, port), rng=random.Random(1)) as engine:
+                # Both up: everything goes to the preferred MX.
+                out = await deliver_all(engine, [f"u{i}@pref.example.test" for i in range(20)])
+                assert {o.status for o in out} == {Status.DELIVERED}
+                assert {o.mx_host for o in out} == {"mx1.pref.example.test"}
+                assert primary.stats.messages == 20 and secondary.stats.messages == 0
+                # mx1.down (127.0.0.14) has nothing listening: refused, so mx2 takes it.
+                out = await deliver_all(engine, [f"u{i}@down.example.test" for i in range(5)])
+                assert {o.status for o in out} == {Status.DELIVERED}
+                assert {(o.mx_host, o.mx_ip) for o in out} == {("mx2.down.example.test", "127.0.0.13")}
+                assert secondary.stats.messages == 5
+        finally:
+            await primary.close()
+            await secondary.close()
+
+    run(main())
+
+
+def test_null_mx_and_nxdomain_bounce_without_a_connection(run: Run, ns: DNSServer) -> None:
+    async def main() -> None:
+        sink = await start_sink("127.0.0.12")
+        try:
+            async with Engine(engine_config(ns, sink.addresses[0][1])) as engine:
+                out = await deliver_all(engine, ["a@nullmx.example.test", "b@nosuch.example.test"])
+        finally:
+            await sink.close()
+        by = {o.recipient: o for o in out}
+        assert by["a@nullmx.example.test"].status is Status.BOUNCED
+        assert (by["a@nullmx.example.test"].reply.code, by["a@nullmx.example.test"].reply.enhanced) == (556, "5.1.10")
+        assert by["b@nosuch.example.test"].status is Status.BOUNCED
+        assert by["b@nosuch.example.test"].reply.code == 550
+        assert all(o.attempts == 1 for o in out)
+        assert sink.stats.connections == 0
+
+    run(main())
+
+
+def test_servfail_defers_then_delivers_when_the_zone_heals(run: Run, ns: DNSServer) -> None:
+    async def main() -> list[Outcome]:
+        sink = await start_sink("127.0.0.12")
+        ns.servfail("flaky.example.test", "MX")
+        seen: list[Outcome] = []
+        try:
+            async with Engine(engine_config(ns, sink.addresses[0][1])) as engine:
+
+                async def watch() -> None:
+                    async for o in engine.outcomes():
+                        seen.append(o)
+                        if o.status is Status.DEFERRED:
+                            ns.heal()
+
+                watcher = asyncio.ensure_future(watch())
+                await asyncio.sleep(0)
+                out = await deliver_all(engine, ["x@flaky.example.test"])
+                watcher.cancel()
+        finally:
+            await sink.close()
+        assert out[0].status is Status.DELIVERED and out[0].attempts == 2
+        return seen
+
+    seen = run(main())
+    assert [o.status for o in seen] == [Status.DEFERRED, Status.DELIVERED]
+    assert seen[0].reply.code == 451 and seen[0].reply.enhanced == "4.4.3"
+
+
+def test_one_lookup_per_domain_per_ttl_and_shared_sites(run: Run, ns: DNSServer) -> None:
+    async def main() -> tuple[list[Outcome], list[dict[str, Any]]]:
+        sink = await start_sink("127.0.0.12")
+        try:
+            async with Engine(engine_config(ns, sink.addresses[0][1])) as engine:
+                rcpts = [f"u{i}@shared-{'ab'[i % 2]}.example.test" for i in range(200)]
+                out = await deliver_all(engine, rcpts)
+                return out, engine.queue_stats()
+        finally:
+            await sink.close()
+
+    out, queues = run(main())
+    assert Counter(o.status for o in out) == {Status.DELIVERED: 200}
+    assert ns.count("shared-a.example.test", "MX") == 1
+    assert ns.count("shared-b.example.test", "MX") == 1
+    assert ns.count("mx.shared.example.test", "A") == 1
+    # Both domains are hosted by mx.shared: one site, one ready queue.
+    assert {o.site for o in out} == {"mx.shared.example.test"}
+    assert len(queues) == 1
+
+
+# ----------------------------------------------------------------- pools
+
+
+def test_connection_limit_and_reuse_counted_at_the_sink(run: Run) -> None:
+    async def main() -> tuple[SinkServer, list[Outcome]]:
+        sink = await start_sink("127.0.0.12")
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+                            sites={"*": {"max_connections": 3, "max_messages_per_connection": 40}})
+        try:
+            async with Engine(cfg) as engine:
+                out = await deliver_all(engine, [f"u{i}@d{i % 7}.test" for i in range(300)])
+        finally:
+            await sink.close()
+        return sink, out
+
+    sink, out = run(main())
+    assert Counter(o.status for o in out) == {Status.DELIVERED: 300}
+    assert sink.stats.max_concurrent_connections <= 3
+    assert sink.stats.messages == 300
+    assert sink.stats.messages / sink.stats.connections >= 20  # reused, up to 40 each
+    assert sink.stats.connections >= 300 // 40
+
+
+def test_recipients_of_one_message_at_one_site_share_a_transaction(run: Run) -> None:
+    async def main() -> SinkServer:
+        sink = await start_sink("127.0.0.12")
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+                            sites={"*": {"max_recipients_per_transaction": 50}})
+        try:
+            async with Engine(cfg) as engine:
+                # 120 recipients over 4 domains of one site: 3 transactions (50 + 50 + 20).
+                out = await deliver_all(engine, [f"u{i}@d{i % 4}.test" for i in range(120)], per_message=120)
+                assert Counter(o.status for o in out) == {Status.DELIVERED: 120}
+        finally:
+            await sink.close()
+        return sink
+
+    sink = run(main())
+    assert sink.stats.messages == 3 and sink.stats.recipients == 120
+
+
+def test_a_tarpitting_site_does_not_stall_the_others(run: Run, ns: DNSServer) -> None:
+    async def main() -> None:
+        fast = await start_sink("127.0.0.12")
+        port = fast.addresses[0][1]
+        # The slow site answers MAIL after 20 s: far longer than this test.
+        slow = await start_sink("127.0.0.15", port, FaultConfig(delays=(("mail", 20.0),)))
+        try:
+            async with Engine(engine_config(ns, port, sites={"*": {"max_connections": 2}})) as engine:
+                slow_ids = [await engine.submit(BODY, "s@sender.test", [f"s{i}@slow.example.test"]) for i in range(50)]
+                t0 = time.monotonic()
+                out = await deliver_all(engine, [f"u{i}@pref.example.test" for i in range(400)])
+                elapsed = time.monotonic() - t0
+                assert Counter(o.status for o in out) == {Status.DELIVERED: 400}
+                assert elapsed < 10, elapsed
+                assert not any(engine.result(i).done() for i in slow_ids)  # still stuck at the tarpit
+                assert slow.stats.max_concurrent_connections <= 2
+                await engine.close(timeout=0.5)
+        finally:
+            await fast.close()
+            await slow.close()
+
+    run(main())
+
+
+# ----------------------------------------------------------------- sources
+
+
+def test_egress_sources_bind_their_addresses(run: Run) -> None:
+    async def main() -> SinkServer:
+        sink = await start_sink("127.0.0.12")
+        cfg = engine_config(
+            None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+            sources=[{"name": "a", "address": "127.0.0.21", "ehlo_name": "a.sender.test", "weight": 1},
+                     {"name": "b", "address": "127.0.0.22", "ehlo_name": "b.sender.test", "weight": 3}],
+            sites={"*": {"max_connections": 2}},
+        )
+        try:
+            async with Engine(cfg, rng=random.Random(5)) as engine:
+                out = await deliver_all(engine, [f"u{i}@d.test" for i in range(400)])
+                assert Counter(o.status for o in out) == {Status.DELIVERED: 400}
+                assert {o.source_ip for o in out} == {"127.0.0.21", "127.0.0.22"}
+        finally:
+            await sink.close()
+        return sink
+
+    sink = run(main())
+    per_ip = sink.stats.per_ip
+    assert set(per_ip) == {"127.0.0.21", "127.0.0.22"}
+    a, b = per_ip["127.0.0.21"].messages, per_ip["127.0.0.22"].messages
+    assert a + b == 400 and 2 < b / a < 4.5  # weights 1:3
+    # Limits are per source: each source had its own 2 connections.
+    assert sink.stats.max_concurrent_connections <= 4
+
+
+# ----------------------------------------------------------------- retries
+
+
+def test_transient_then_permanent_replies(run: Run) -> None:
+    async def main() -> list[Outcome]:
+        faults = FaultConfig(replies=(PhaseFault("rcpt", 0.5, 451),), unknown_recipients=("gone*",))
+        sink = await start_sink("127.0.0.12", faults=faults, seed=3)
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}})
+        try:
+            async with Engine(cfg) as engine:
+                return await deliver_all(engine, [f"u{i}@d.test" for i in range(40)] + ["gone1@d.test"])
+        finally:
+            await sink.close()
+
+    out = run(main())
+    by = {o.recipient: o for o in out}
+    assert by["gone1@d.test"].status is Status.BOUNCED and by["gone1@d.test"].reply.enhanced == "5.1.1"
+    delivered = [o for o in out if o.recipient != "gone1@d.test"]
+    assert all(o.status is Status.DELIVERED for o in delivered)
+    assert max(o.attempts for o in delivered) > 1  # some needed retries
+
+
+def test_max_lifetime_expires(run: Run) -> None:
+    async def main() -> list[Outcome]:
+        sink = await start_sink("127.0.0.12", faults=FaultConfig(replies=(PhaseFault("rcpt", 1.0, 450),)))
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+                            queue={"max_lifetime": 1.0})
+        try:
+            async with Engine(cfg) as engine:
+                return await deliver_all(engine, ["x@d.test"])
+        finally:
+            await sink.close()
+
+    out = run(main())
+    assert out[0].status is Status.EXPIRED and out[0].reply.code == 450
+    assert out[0].attempts >= 2
+
+
+# ----------------------------------------------------------------- API
+
+
+def test_submit_rejects_injection_and_applies_backpressure(run: Run) -> None:
+    async def main() -> None:
+        sink = await start_sink("127.0.0.12", faults=FaultConfig(delays=(("mail", 0.3),)))
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+                            queue={"max_queued_recipients": 10})
+        try:
+            async with Engine(cfg) as engine:
+                with pytest.raises(InputError):
+                    await engine.submit(BODY, "s@sender.test", ["evil@d.test>\r\nRCPT TO:<x@y"])
+                with pytest.raises(InputError):
+                    await engine.submit(BODY, "s\n@sender.test", ["ok@d.test"])
+                submitted = 0
+
+                async def producer() -> None:
+                    nonlocal submitted
+                    for i in range(40):
+                        await engine.submit(BODY, "s@sender.test", [f"u{i}@d.test"])
+                        submitted += 1
+
+                task = asyncio.ensure_future(producer())
+                await asyncio.sleep(0.15)
+                assert submitted <= 10  # waiting for room, not growing the queue
+                assert engine.unfinished <= 10
+                await asyncio.wait_for(task, 30)
+                assert await engine.drain(30)
+                assert engine.counts["delivered"] == 40
+        finally:
+            await sink.close()
+
+    run(main())
+
+
+def test_close_reports_unfinished_work(run: Run) -> None:
+    async def main() -> None:
+        sink = await start_sink("127.0.0.12", faults=FaultConfig(replies=(PhaseFault("rcpt", 1.0, 450),)))
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+                            queue={"retry_initial": 60})
+        try:
+            engine = Engine(cfg)
+            async with engine:
+                mid = await engine.submit(BODY, "s@sender.test", ["x@d.test"])
+                fut = engine.result(mid)
+                assert not await engine.drain(1.0)
+            assert engine.unfinished == 1
+            with pytest.raises(EngineClosed):
+                await fut
+        finally:
+            await sink.close()
+
+    run(main())
