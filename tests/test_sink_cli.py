@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_sink_support import TIMEOUT, captures, read_capture, start_sink_process
 
 from fastmta.cli import build_parser
 from fastmta.sink_profiles import PROFILES
-from test_sink_support import TIMEOUT, captures, read_capture, start_sink_process
 
 
 def _sink_parser():  # type: ignore[no-untyped-def]
@@ -25,7 +25,7 @@ def _sink_parser():  # type: ignore[no-untyped-def]
 
 def test_help_documents_every_option_and_profile() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "fastmta", "sink", "--help"], capture_output=True, text=True, timeout=TIMEOUT
+        [sys.executable, "-m", "fastmta", "sink", "--help"], capture_output=True, text=True, timeout=TIMEOUT, check=False
     )
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -93,7 +93,7 @@ def test_capture_starttls_and_faults_from_the_command_line(tmp_path: Path) -> No
             assert s.has_extn("size") and s.esmtp_features["size"] == "10000"
             s.starttls(context=ctx)
             s.ehlo()
-            code, text = s.mail("a@example.com")
+            code, _ = s.mail("a@example.com")
             assert code == 250
             assert s.rcpt("nobody@example.org") == (550, b"5.1.1 <nobody@example.org>: Recipient address rejected: User unknown in local recipient table")
             assert s.rcpt("b@example.org") == (452, b"4.2.2 Mailbox full")
@@ -136,7 +136,7 @@ def test_capture_files_are_pickup_format(tmp_path: Path) -> None:
 )
 def test_bad_arguments_are_named(args: list[str], message: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "fastmta", "sink", *args], capture_output=True, text=True, timeout=TIMEOUT
+        [sys.executable, "-m", "fastmta", "sink", *args], capture_output=True, text=True, timeout=TIMEOUT, check=False
     )
     assert out.returncode == 2
     assert message in out.stderr, out.stderr

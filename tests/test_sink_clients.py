@@ -12,7 +12,6 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 from servers import find_postfix_tool
-
 from test_sink_support import captures, read_capture, sink, wait_for
 
 
@@ -74,7 +73,7 @@ def test_aiosmtplib_send_message_several_messages_one_connection(run, tmp_path: 
 
 def test_aiosmtplib_starttls_trusting_the_generated_certificate(run, tmp_path: Path) -> None:
     async def main() -> None:
-        async with sink(capture_dir=tmp_path) as (server, [(host, port)]):
+        async with sink(capture_dir=tmp_path) as (server, [(_, port)]):
             assert server.certificate_pem is not None
             # Trust exactly this certificate; verification stays on.
             ctx = ssl.create_default_context(cadata=server.certificate_pem.decode())
@@ -96,7 +95,7 @@ def test_aiosmtplib_rejects_the_certificate_when_not_trusted(run) -> None:
     """The generated certificate is self-signed: a verifying client must refuse it."""
 
     async def main() -> None:
-        async with sink() as (_, [(host, port)]):
+        async with sink() as (_, [(_, port)]):
             smtp = aiosmtplib.SMTP(hostname="localhost", port=port, start_tls=True, timeout=10)
             with pytest.raises((ssl.SSLError, aiosmtplib.SMTPConnectError)) as info:
                 await smtp.connect()
@@ -143,7 +142,7 @@ def test_smtp_source_drives_the_sink(run) -> None:
                 smtp_source, "-s", "5", "-m", "300", "-l", "2048", "-r", "2", "-d", f"{host}:{port}",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, err.decode()
             await wait_for(lambda: server.stats.active_connections == 0)
             # Without -d: one connection per message.
@@ -151,7 +150,7 @@ def test_smtp_source_drives_the_sink(run) -> None:
                 smtp_source, "-s", "4", "-m", "40", "-l", "100", f"{host}:{port}",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, err.decode()
             await wait_for(lambda: server.stats.active_connections == 0)
         stats = server.stats_dict()

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from test_sink_support import stuff
 
 from fastmta.reply import ReplyParser
 from fastmta.sink_capture import envelope_headers, unstuff
-from fastmta.sink_config import ListenerConfig, RateLimit, parse_delay, parse_fault, parse_listen, parse_rate
+from fastmta.sink_config import (
+    ListenerConfig,
+    RateLimit,
+    parse_delay,
+    parse_fault,
+    parse_listen,
+    parse_rate,
+)
 from fastmta.sink_profiles import PROFILES, ReplyTemplate
 from fastmta.sink_syntax import PathError, is_valid_mailbox, split_path
-from test_sink_support import stuff
 
 
 def test_parse_listen() -> None:

@@ -39,7 +39,7 @@ def envelope_headers(sender: bytes, recipients: Sequence[bytes]) -> bytes:
 class CaptureWriter:
     """Names files ``<sequence>-<queue id>.eml`` in one directory."""
 
-    __slots__ = ("directory", "_count", "_prefix")
+    __slots__ = ("_count", "_prefix", "directory")
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory

@@ -35,18 +35,18 @@ class Refusal:
 
 class FaultEngine:
     __slots__ = (
-        "config",
-        "profile",
-        "hostname",
+        "_buckets",
+        "_clock",
+        "_connections",
+        "_delays",
+        "_faults",
+        "_greylist",
         "_rng",
         "_stats",
-        "_clock",
-        "_faults",
-        "_delays",
-        "_connections",
-        "_buckets",
-        "_greylist",
         "_unknown",
+        "config",
+        "hostname",
+        "profile",
     )
 
     def __init__(

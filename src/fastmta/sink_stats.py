@@ -15,7 +15,7 @@ from typing import Any
 class IPStats:
     """What one client address did."""
 
-    __slots__ = ("connections", "transactions", "messages", "recipients", "bytes", "rejections")
+    __slots__ = ("bytes", "connections", "messages", "recipients", "rejections", "transactions")
 
     def __init__(self) -> None:
         self.connections = 0
@@ -34,18 +34,18 @@ class SinkStats:
     """Live counters of a running sink (read them any time)."""
 
     __slots__ = (
-        "connections",
         "active_connections",
-        "max_concurrent_connections",
-        "transactions",
-        "messages",
-        "recipients",
         "bytes",
-        "rejected_messages",
-        "tls_sessions",
-        "replies",
+        "connections",
         "faults",
+        "max_concurrent_connections",
+        "messages",
         "per_ip",
+        "recipients",
+        "rejected_messages",
+        "replies",
+        "tls_sessions",
+        "transactions",
     )
 
     def __init__(self) -> None:

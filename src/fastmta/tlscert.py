@@ -32,7 +32,7 @@ def make_self_signed(hostname: str, days: int = 30) -> SelfSigned:
     """A certificate for *hostname*, ``localhost``, 127.0.0.1 and ::1."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     alt_names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
     alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
     cert = (
