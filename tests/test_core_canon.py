@@ -120,11 +120,23 @@ def test_split_compiled_equals_reference(message: bytes) -> None:
     assert b"".join(fields) + message[len(b"".join(fields)) : offset] + message[offset:] == message
 
 
+@settings(max_examples=200)
+@given(messages | st.binary(max_size=100))
+def test_index_compiled_equals_reference(message: bytes) -> None:
+    fields, _ = core.split_header_fields(message)
+    fields += [b"X-" + b"Long" * 40 + b": v\r\n"]
+    assert core.index_header_fields(fields) == _core_ref.index_header_fields(fields)
+
+
 def test_split_duplicate_and_folded_headers() -> None:
     msg = b"Received: a\r\n  b\r\nReceived: c\r\nSubject: s\r\n\r\nbody\r\n"
     fields, offset = core.split_header_fields(msg)
     assert fields == [b"Received: a\r\n  b\r\n", b"Received: c\r\n", b"Subject: s\r\n"]
     assert msg[offset:] == b"body\r\n"
+    assert core.index_header_fields(fields) == {
+        b"received": [b"Received: a\r\n  b\r\n", b"Received: c\r\n"],
+        b"subject": [b"Subject: s\r\n"],
+    }
 
 
 # ---------------------------------------------------------------- escaping
@@ -184,3 +196,22 @@ def test_qp_compiled_equals_reference_and_decodes(body: bytes) -> None:
 @given(bodies, st.integers(1, 1000))
 def test_7bit_compiled_equals_reference(body: bytes, limit: int) -> None:
     assert core.is_7bit_safe(body, limit) == _core_ref.is_7bit_safe(body, limit)
+
+
+@settings(max_examples=200)
+@given(messages, st.lists(st.sampled_from([b"from", b"to", b"subject", b"x", b"received"]), max_size=5, unique=True), st.booleans())
+def test_select_headers_compiled_equals_reference(message: bytes, names: list[bytes], relaxed: bool) -> None:
+    fields, _ = core.split_header_fields(b"From: a\r\nX: 1\r\nx: 2\r\n" + message)
+    index = core.index_header_fields(fields)
+    oversign = frozenset({b"from", b"x"})
+    got = core.select_headers(index, tuple(names), oversign, relaxed)
+    assert got == _core_ref.select_headers(index, tuple(names), oversign, relaxed)
+    # Every instance signed bottom-up, oversigned names listed once more.
+    assert got[1] == [n for n in names for _ in range(len(index.get(n, [])) + (n in oversign))]
+
+
+def test_select_headers_bottom_up() -> None:
+    fields, _ = core.split_header_fields(b"To: a\r\nFrom: f\r\nTo: b\r\n\r\n")
+    data, h = core.select_headers(core.index_header_fields(fields), (b"from", b"to"), frozenset({b"from"}), True)
+    assert h == [b"from", b"from", b"to", b"to"]
+    assert data == b"from:f\r\nto:b\r\nto:a\r\n"

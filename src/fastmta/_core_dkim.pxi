@@ -16,32 +16,40 @@ cdef inline Py_ssize_t _body_cap(BodyState* st, Py_ssize_t n):
     return 2 * n + 2 * st.pending_crlf + 4
 
 
+# Byte classes for the body scan: 0 content, 1 WSP (SP, HTAB), 2 CR, 3 LF.
+cdef unsigned char _BODYCLASS[256]
+
+
+cdef void _init_body_table() noexcept:
+    cdef int c
+    for c in range(256):
+        _BODYCLASS[c] = 0
+    _BODYCLASS[32] = 1
+    _BODYCLASS[9] = 1
+    _BODYCLASS[13] = 2
+    _BODYCLASS[10] = 3
+
+
+_init_body_table()
+
+
 cdef Py_ssize_t _body_feed(BodyState* st, const unsigned char* src, Py_ssize_t n,
                            unsigned char* out) noexcept nogil:
     """Canonicalize src[0:n] into out; return bytes written. out has _body_cap room."""
-    cdef Py_ssize_t i = 0, o = 0, k
-    cdef unsigned char c
-    cdef bint relaxed = st.relaxed
+    cdef Py_ssize_t i = 0, o = 0, k, j
+    cdef unsigned char c, cls
+    # In simple mode WSP is plain content: the run scan below treats class 1
+    # as content when `wsp_is_content`.
+    cdef unsigned char limit = 0 if st.relaxed else 1
     if st.prev_cr and n > 0:
         st.prev_cr = False
         if src[0] == 10:
             i = 1
     while i < n:
         c = src[i]
-        i += 1
-        if c == 13 or c == 10:
-            # A line end (CRLF, lone CR or lone LF): held back until content follows.
-            st.pending_crlf += 1
-            st.pending_wsp = False  # trailing WSP of a line is dropped (relaxed)
-            if c == 13:
-                if i < n:
-                    if src[i] == 10:
-                        i += 1
-                else:
-                    st.prev_cr = True
-        elif relaxed and (c == 32 or c == 9):
-            st.pending_wsp = True
-        else:
+        cls = _BODYCLASS[c]
+        if cls <= limit:
+            # A run of content: flush what was held back, then copy the run whole.
             if st.pending_crlf:
                 for k in range(st.pending_crlf):
                     out[o] = 13
@@ -52,9 +60,27 @@ cdef Py_ssize_t _body_feed(BodyState* st, const unsigned char* src, Py_ssize_t n
                 out[o] = 32
                 o += 1
                 st.pending_wsp = False
-            out[o] = c
-            o += 1
+            j = i + 1
+            while j < n and _BODYCLASS[src[j]] <= limit:
+                j += 1
+            memcpy(out + o, src + i, j - i)
+            o += j - i
+            i = j
             st.any_content = True
+        elif cls == 1:
+            st.pending_wsp = True
+            i += 1
+        else:
+            # A line end (CRLF, lone CR or lone LF): held back until content follows.
+            i += 1
+            st.pending_crlf += 1
+            st.pending_wsp = False  # trailing WSP of a line is dropped (relaxed)
+            if c == 13:
+                if i < n:
+                    if src[i] == 10:
+                        i += 1
+                else:
+                    st.prev_cr = True
     return o
 
 
@@ -141,6 +167,10 @@ def canonicalize_header(bytes field not None, bint relaxed):
     3.4.2): lower-case name, unfolded, WSP runs become one SP, no WSP around
     the colon or at the end, ending in CRLF.
     """
+    return _canon_header(field, relaxed)
+
+
+cdef bytes _canon_header(bytes field, bint relaxed):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(field)
     cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(field)
     # Drop one line ending: CRLF, LF or CR.
@@ -225,3 +255,56 @@ def split_header_fields(bytes message not None):
     if start >= 0:
         fields.append(message[start:n])
     return fields, n
+
+
+def index_header_fields(list fields not None):
+    """Map each lower-case field name (WSP before the colon dropped) to its fields, in order."""
+    cdef dict index = {}
+    cdef bytes f, name
+    cdef Py_ssize_t n, i, end
+    cdef const unsigned char* s
+    cdef list bucket
+    cdef char buf[64]
+    for f in fields:
+        n = PyBytes_GET_SIZE(f)
+        s = <const unsigned char*>PyBytes_AS_STRING(f)
+        end = 0
+        while end < n and s[end] != 58:
+            end += 1
+        while end > 0 and (s[end - 1] == 32 or s[end - 1] == 9):
+            end -= 1
+        if end <= 64:
+            for i in range(end):
+                buf[i] = <char>(s[i] + 32 if 65 <= s[i] <= 90 else s[i])
+            name = PyBytes_FromStringAndSize(buf, end)
+        else:
+            name = f[:end].lower()
+        bucket = index.get(name)
+        if bucket is None:
+            index[name] = [f]
+        else:
+            bucket.append(f)
+    return index
+
+
+def select_headers(dict by_name not None, tuple names not None, oversign not None, bint relaxed):
+    """The h= names and the canonical header data for signed-header list *names*.
+
+    Every instance of a listed field is signed, bottom-up (RFC 6376 5.4.2),
+    one h= entry each; a name in *oversign* gets one entry more, which signs
+    the null string and so forbids adding another such field later.
+    """
+    cdef list h = []
+    cdef list data = []
+    cdef bytes name
+    cdef list instances
+    cdef Py_ssize_t i
+    for name in names:
+        instances = by_name.get(name)
+        if instances:
+            for i in range(len(instances) - 1, -1, -1):
+                data.append(_canon_header(instances[i], relaxed))
+                h.append(name)
+        if name in oversign:
+            h.append(name)
+    return b"".join(data), h

@@ -8,7 +8,7 @@ the extension is not built or ``FASTMTA_NO_EXTENSIONS=1`` is set.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 # Escaping modes of a template slot (``render``); the numbers are part of the
 # interface between template.py and both core implementations.
@@ -139,6 +139,34 @@ def split_header_fields(message: bytes) -> tuple[list[bytes], int]:
             fields.append(line)
         pos = end
     return fields, n
+
+
+def index_header_fields(fields: list[bytes]) -> dict[bytes, list[bytes]]:
+    """Map each lower-case field name (WSP before the colon dropped) to its fields, in order."""
+    index: dict[bytes, list[bytes]] = {}
+    for f in fields:
+        index.setdefault(f.split(b":", 1)[0].rstrip(b" \t").lower(), []).append(f)
+    return index
+
+
+def select_headers(
+    by_name: dict[bytes, list[bytes]], names: tuple[bytes, ...], oversign: Collection[bytes], relaxed: bool
+) -> tuple[bytes, list[bytes]]:
+    """The h= names and the canonical header data for signed-header list *names*.
+
+    Every instance of a listed field is signed, bottom-up (RFC 6376 5.4.2),
+    one h= entry each; a name in *oversign* gets one entry more, which signs
+    the null string and so forbids adding another such field later.
+    """
+    h: list[bytes] = []
+    data: list[bytes] = []
+    for name in names:
+        for field in reversed(by_name.get(name, [])):
+            data.append(canonicalize_header(field, relaxed))
+            h.append(name)
+        if name in oversign:
+            h.append(name)
+    return b"".join(data), h
 
 
 # --------------------------------------------------------------------------

@@ -37,6 +37,8 @@ canonicalize_body = _impl.canonicalize_body
 BodyCanonicalizer = _impl.BodyCanonicalizer
 canonicalize_header = _impl.canonicalize_header
 split_header_fields = _impl.split_header_fields
+index_header_fields = _impl.index_header_fields
+select_headers = _impl.select_headers
 escape = _impl.escape
 render = _impl.render
 is_7bit_safe = _impl.is_7bit_safe
@@ -60,10 +62,12 @@ __all__ = [
     "canonicalize_body",
     "canonicalize_header",
     "escape",
+    "index_header_fields",
     "is_7bit_safe",
     "normalize_crlf",
     "quoted_printable",
     "render",
+    "select_headers",
     "split_header_fields",
     "to_wire",
 ]

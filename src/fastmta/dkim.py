@@ -35,6 +35,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import msgspec
@@ -90,6 +91,14 @@ class SigningKey:
     headers: tuple[bytes, ...]  # lower-case names, in h= order
     oversign: frozenset[bytes]
     private_key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey = field(repr=False)
+
+    @cached_property
+    def tag_prefix(self) -> str:
+        """The constant start of this key's DKIM-Signature field."""
+        return (
+            f"DKIM-Signature: v=1; a={self.algorithm}; c={self.canonicalization};\r\n"
+            f" d={self.domain}; s={self.selector};"
+        )
 
     @property
     def canonicalization(self) -> str:
@@ -203,10 +212,6 @@ class KeyCache:
 # ----------------------------------------------------------------- signing
 
 
-def _field_name(field_bytes: bytes) -> bytes:
-    return field_bytes.split(b":", 1)[0].rstrip(b" \t").lower()
-
-
 def _fold_b64(sig: str) -> str:
     # b= may be folded anywhere: verifiers delete its value with all
     # surrounding whitespace (RFC 6376 3.5), so keep lines short.
@@ -235,10 +240,7 @@ class _Parsed:
 
     def __init__(self, message: bytes) -> None:
         fields, offset = core.split_header_fields(message)
-        by_name: dict[bytes, list[bytes]] = {}
-        for f in fields:
-            by_name.setdefault(_field_name(f), []).append(f)
-        self.by_name = by_name
+        self.by_name = core.index_header_fields(fields)
         self.body = message[offset:]
         self.body_hashes: dict[bool, str] = {}
 
@@ -263,18 +265,35 @@ class _Parsed:
         return b"".join(out)
 
 
+def _finish(key: SigningKey, header_data: bytes, unsigned: str) -> bytes:
+    """Sign header data + the canonical unsigned DKIM-Signature field; return the full field."""
+    # The signature field itself, b= empty, canonicalized, without its CRLF.
+    data = header_data + core.canonicalize_header(unsigned.encode("ascii"), key.header_relaxed)[:-2]
+    sig = base64.b64encode(key.sign_raw(data)).decode("ascii")
+    return (unsigned + _fold_b64(sig) + "\r\n").encode("ascii")
+
+
 def _signature_field(parsed: _Parsed, key: SigningKey, tags: Sequence[tuple[str, str]]) -> bytes:
     """Compute bh= and b= for *tags* (h= taken verbatim) and return the header field."""
     values = dict(tags)
     names = [n.strip().lower().encode("ascii") for n in values["h"].split(":")]
     filled = [(k, parsed.body_hash(key.body_relaxed) if k == "bh" else v) for k, v in tags if k != "b"]
     filled.append(("b", ""))
-    unsigned = _format_tags(filled)
-    data = parsed.header_data(names, key.header_relaxed)
-    # The signature field itself, b= empty, canonicalized, without its CRLF.
-    data += core.canonicalize_header(unsigned.encode("ascii"), key.header_relaxed)[:-2]
-    sig = base64.b64encode(key.sign_raw(data)).decode("ascii")
-    return (unsigned + _fold_b64(sig) + "\r\n").encode("ascii")
+    return _finish(key, parsed.header_data(names, key.header_relaxed), _format_tags(filled))
+
+
+def _fold_h(names: list[bytes]) -> str:
+    """The h= value, folded after a colon when a line would pass ~76 columns."""
+    out = ""
+    line = 4  # " h="
+    for i, n in enumerate(names):
+        piece = n.decode("ascii") + (":" if i < len(names) - 1 else "")
+        if line + len(piece) > 76:
+            out += "\r\n "
+            line = 1
+        out += piece
+        line += len(piece)
+    return out
 
 
 def sign_tags(message: bytes, key: SigningKey, tags: Sequence[tuple[str, str]]) -> bytes:
@@ -299,6 +318,8 @@ class DkimSigner:
         if not keys:
             raise ConfigError("DkimSigner needs at least one key")
         self.keys = tuple(keys)
+        self._simple_headers = any(not k.header_relaxed for k in self.keys)
+        self._h_cache: dict[tuple[bytes, ...], str] = {}
 
     def signature_fields(self, message: bytes, *, timestamp: int | None = None) -> bytes:
         """The DKIM-Signature fields (CRLF-terminated) to put on top of *message*.
@@ -306,27 +327,28 @@ class DkimSigner:
         *message* is the CRLF message as it will be sent (before dot-stuffing).
         Lone CR or LF are signed as the CRLF ``to_wire`` turns them into.
         """
-        if _needs_crlf_fix(message):
-            message = core.normalize_crlf(message)
         parsed = _Parsed(message)
+        if self._simple_headers and _needs_crlf_fix(message[: len(message) - len(parsed.body)]):
+            # Only simple header canonicalization sees line ends inside
+            # fields; the body canonicalizer already treats lone CR/LF as CRLF.
+            parsed = _Parsed(core.normalize_crlf(message))
         t = str(int(time.time()) if timestamp is None else timestamp)
+        by_name = parsed.by_name
         out = []
         for key in self.keys:
-            h: list[str] = []
-            for name in key.headers:
-                count = len(parsed.by_name.get(name, ())) + (1 if name in key.oversign else 0)
-                h.extend([name.decode("ascii")] * count)
-            tags = [
-                ("v", "1"),
-                ("a", key.algorithm),
-                ("c", key.canonicalization),
-                ("d", key.domain),
-                ("s", key.selector),
-                ("t", t),
-                ("h", ":".join(h)),
-                ("bh", ""),
-            ]
-            out.append(_signature_field(parsed, key, tags))
+            data, h = core.select_headers(by_name, key.headers, key.oversign, key.header_relaxed)
+            # A campaign's messages share one header set: fold h= once.
+            hkey = tuple(h)
+            folded = self._h_cache.get(hkey)
+            if folded is None:
+                if len(self._h_cache) > 1024:
+                    self._h_cache.clear()
+                folded = self._h_cache[hkey] = _fold_h(h)
+            unsigned = (
+                f"{key.tag_prefix} t={t};\r\n h={folded};\r\n"
+                f" bh={parsed.body_hash(key.body_relaxed)};\r\n b="
+            )
+            out.append(_finish(key, data, unsigned))
         # The last key's field goes on top; order is irrelevant to verifiers.
         return b"".join(reversed(out))
 
