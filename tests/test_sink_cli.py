@@ -132,6 +132,8 @@ def test_capture_files_are_pickup_format(tmp_path: Path) -> None:
         (["--rate-limit", "20/fortnight"], "expected N/s, N/m or N/h"),
         (["--profile", "aol"], "unknown profile 'aol'"),
         (["--max-line-length", "100"], "max_line_length below RFC 5321's 512"),
+        (["--hostname", "mx.example\r\n250 injected"], "bad host name"),
+        (["--hostname", "two words"], "bad host name"),
     ],
 )
 def test_bad_arguments_are_named(args: list[str], message: str) -> None:

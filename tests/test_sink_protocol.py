@@ -394,3 +394,32 @@ def test_plaintext_after_starttls_fails_the_handshake_and_is_never_run(run) -> N
         assert server.stats.tls_sessions == 0
 
     run(main())
+
+
+def test_data_line_limit_when_asked(run, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with sink(max_data_line=1000, capture_dir=tmp_path) as (server, [addr]):
+            c = await RawClient.connect(addr)
+            await _ehlo(c)
+            ok_line = b"a" * 998 + b"\r\n"  # exactly 1000 with CRLF
+            long_line = b"b" * 999 + b"\r\n"
+            for content, code in ((ok_line, 250), (b"x\r\n" + long_line + b"y\r\n", 554), (ok_line * 3, 250)):
+                await c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+                assert [r.code for r in await c.replies(3)] == [250, 250, 354]
+                # Split mid-line, so the length is carried across reads.
+                await c.send(content[:500])
+                await asyncio.sleep(0.002)
+                await c.send(content[500:] + b".\r\n")
+                r = (await c.replies(1))[0]
+                assert r.code == code, (len(content), r)
+            # BDAT chunks are held to the same limit.
+            await c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+            await c.send(b"BDAT %d\r\n" % 600 + long_line[:600] + b"BDAT %d LAST\r\n" % 401 + long_line[600:])
+            replies = await c.replies(4)
+            assert [r.code for r in replies] == [250, 250, 250, 554]
+            assert replies[3].enhanced == "5.6.0"
+            await c.close()
+        assert server.stats.messages == 2 and server.stats.rejected_messages == 2
+        assert len(captures(tmp_path)) == 2
+
+    run(main())

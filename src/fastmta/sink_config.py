@@ -35,9 +35,13 @@ class PhaseFault:
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
-            raise ValueError(f"unknown phase {self.phase!r}; choose one of: {', '.join(PHASES)}")
+            raise ValueError(
+                f"unknown phase {self.phase!r}; choose one of: {', '.join(PHASES)}"
+            )
         if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"probability must be between 0 and 1, not {self.probability}")
+            raise ValueError(
+                f"probability must be between 0 and 1, not {self.probability}"
+            )
         if not 400 <= self.code <= 599:
             raise ValueError(f"a fault reply must be 4xx or 5xx, not {self.code}")
         if self.text is not None and any(c in self.text for c in "\r\n\0"):
@@ -56,7 +60,9 @@ class RateLimit:
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.burst < 1:
-            raise ValueError("rate limit needs a positive rate and a burst of at least 1")
+            raise ValueError(
+                "rate limit needs a positive rate and a burst of at least 1"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +107,18 @@ class ListenerConfig:
         get_profile(self.profile)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
+        # The host name goes into the greeting and EHLO reply verbatim: it
+        # must be one printable ASCII word, so it can never break a reply line.
+        if self.hostname is not None and not (
+            self.hostname.isascii()
+            and self.hostname.isprintable()
+            and self.hostname
+            and " " not in self.hostname
+            and len(self.hostname) <= 255
+        ):
+            raise ValueError(
+                f"bad host name {self.hostname!r}: one printable ASCII word expected"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +133,10 @@ class SinkConfig:
     max_recipients: int = 1000
     #: Longest command line including CRLF (RFC 5321 says 512; Postfix allows 2048).
     max_line_length: int = 2048
+    #: Longest DATA/BDAT text line with its CRLF; longer fails the message with
+    #: 554 5.6.0. 0: no check (Postfix's smtpd accepts any length, so do we
+    #: by default); 1000 is RFC 5321's limit, for testing a sender's wrapping.
+    max_data_line: int = 0
     #: Protocol errors per connection before 421 and disconnect.
     max_errors: int = 20
     #: Close connections silent for this long (checked between 1x and 2x of it).
@@ -135,11 +157,20 @@ class SinkConfig:
             raise ValueError("at least one listener is needed")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give both a TLS certificate and its key, or neither")
-        for name in ("max_message_size", "max_recipients", "max_line_length", "max_errors"):
+        for name in (
+            "max_message_size",
+            "max_recipients",
+            "max_line_length",
+            "max_errors",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_data_line < 0:
+            raise ValueError("max_data_line must be 0 (no check) or positive")
         if self.max_line_length < 512:
-            raise ValueError("max_line_length below RFC 5321's 512 octets would refuse valid commands")
+            raise ValueError(
+                "max_line_length below RFC 5321's 512 octets would refuse valid commands"
+            )
 
 
 # ----------------------------------------------------------------- parsers
@@ -150,7 +181,9 @@ def parse_listen(spec: str) -> ListenerConfig:
     addr, _, profile = spec.partition("=")
     profile = profile or "default"
     if profile.lower() not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r} in {spec!r}; choose one of: {', '.join(PROFILES)}")
+        raise ValueError(
+            f"unknown profile {profile!r} in {spec!r}; choose one of: {', '.join(PROFILES)}"
+        )
     if addr.startswith("["):
         host, sep, port_s = addr[1:].partition("]:")
         if not sep:
@@ -158,13 +191,17 @@ def parse_listen(spec: str) -> ListenerConfig:
     else:
         host, sep, port_s = addr.rpartition(":")
         if not sep:
-            raise ValueError(f"bad listen address {spec!r}: expected ADDR:PORT[=PROFILE]")
+            raise ValueError(
+                f"bad listen address {spec!r}: expected ADDR:PORT[=PROFILE]"
+            )
     host = host or "127.0.0.1"
     try:
         ipaddress.ip_address(host)
     except ValueError:
         if host != "localhost":
-            raise ValueError(f"bad listen address {spec!r}: {host!r} is not an IP address") from None
+            raise ValueError(
+                f"bad listen address {spec!r}: {host!r} is not an IP address"
+            ) from None
     if not port_s.isdigit():
         raise ValueError(f"bad port in {spec!r}: {port_s!r}")
     return ListenerConfig(host=host, port=int(port_s), profile=profile.lower())
@@ -184,7 +221,9 @@ def parse_fault(spec: str) -> PhaseFault:
     if not (len(code_s) == 3 and code_s.isdigit()):
         raise ValueError(f"bad reply code {code_s!r} in fault {spec!r}")
     if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r} in fault {spec!r}; choose one of: {', '.join(PHASES)}")
+        raise ValueError(
+            f"unknown phase {phase!r} in fault {spec!r}; choose one of: {', '.join(PHASES)}"
+        )
     return PhaseFault(phase, prob, int(code_s), text.strip() or None)
 
 
@@ -192,7 +231,9 @@ def parse_delay(spec: str) -> tuple[Phase, float]:
     """``PHASE:SECONDS``, e.g. ``connect:2`` or ``rcpt:0.25``."""
     phase, sep, secs = spec.partition(":")
     if not sep or phase not in PHASES:
-        raise ValueError(f"bad delay {spec!r}: expected PHASE:SECONDS with PHASE one of {', '.join(PHASES)}")
+        raise ValueError(
+            f"bad delay {spec!r}: expected PHASE:SECONDS with PHASE one of {', '.join(PHASES)}"
+        )
     try:
         seconds = float(secs)
     except ValueError:
@@ -210,7 +251,9 @@ def parse_rate(spec: str) -> RateLimit:
     rate_s, _, burst_s = spec.partition(":")
     count_s, sep, unit = rate_s.partition("/")
     if not sep or unit not in _UNITS:
-        raise ValueError(f"bad rate {spec!r}: expected N/s, N/m or N/h (optionally :BURST)")
+        raise ValueError(
+            f"bad rate {spec!r}: expected N/s, N/m or N/h (optionally :BURST)"
+        )
     try:
         count = float(count_s)
         burst = float(burst_s) if burst_s else max(1.0, count)

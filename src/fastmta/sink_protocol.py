@@ -198,6 +198,9 @@ class SinkProtocol(asyncio.Protocol):
         "_ipstats",
         "_l",
         "_max_line",
+        "_max_data_line",
+        "_line_len",
+        "_long_line",
         "_messages",
         "_mode",
         "_out",
@@ -257,6 +260,9 @@ class SinkProtocol(asyncio.Protocol):
         self.active = True
         self._trace: ConnectionTrace | None = None
         self._max_line = server.config.max_line_length
+        self._max_data_line = server.config.max_data_line
+        self._line_len = 0
+        self._long_line = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -633,6 +639,8 @@ class SinkProtocol(asyncio.Protocol):
         # terminator, so an empty message (".\r\n" at once) is recognized.
         self._tail = b"\r\n"
         self._chunks = [] if self._server._capture is not None else None
+        self._line_len = 0
+        self._long_line = False
 
     def _data(self, data: bytes, pos: int) -> int:
         """Consume message content from data[pos:]; return where it stopped."""
@@ -655,7 +663,11 @@ class SinkProtocol(asyncio.Protocol):
                 if self._size > self._server.config.max_message_size + 3:
                     self._chunks = None  # too big: stop keeping it, keep counting
             self._tail = data[-4:] if n - pos >= 4 else (tail + data[pos:])[-4:]
+            if self._max_data_line and not self._long_line:
+                self._scan_lines(data, pos, n)
             return n
+        if self._max_data_line and not self._long_line:
+            self._scan_lines(data, pos, end)
         self._size += end - pos
         chunks = self._chunks
         if chunks is not None:
@@ -666,6 +678,29 @@ class SinkProtocol(asyncio.Protocol):
         content = unstuff(b"".join(chunks)[:size]) if chunks is not None else None
         self._finish_message(size, content)
         return end
+
+    def _scan_lines(self, data: bytes, start: int, end: int) -> None:
+        """Note whether data[start:end] holds a text line over the limit.
+
+        Only runs when ``max_data_line`` is set: it visits every line, which
+        the discard path otherwise never does.
+        """
+        limit = self._max_data_line
+        run = self._line_len
+        pos = start
+        while True:
+            nl = data.find(b"\n", pos, end)
+            if nl < 0:
+                run += end - pos
+                if run > limit:
+                    self._long_line = True
+                break
+            if run + nl - pos + 1 > limit:
+                self._long_line = True
+                break
+            run = 0
+            pos = nl + 1
+        self._line_len = run
 
     def _bdat_cmd(self, line: bytes) -> None:
         parts = line.split()
@@ -688,6 +723,8 @@ class SinkProtocol(asyncio.Protocol):
             self._bdat_used = True
             self._size = 0
             self._chunks = [] if self._server._capture is not None else None
+            self._line_len = 0
+            self._long_line = False
         self._bdat_left = size
         self._bdat_last = len(parts) == 3
         self._bdat_refusal = refusal
@@ -701,6 +738,8 @@ class SinkProtocol(asyncio.Protocol):
         end = pos + take
         if self._bdat_refusal is None:
             self._size += take
+            if self._max_data_line and not self._long_line:
+                self._scan_lines(data, pos, end)
             chunks = self._chunks
             if chunks is not None:
                 chunks.append(data[pos:end])
@@ -734,6 +773,12 @@ class SinkProtocol(asyncio.Protocol):
         if size > self._server.config.max_message_size:
             self._stats.rejected_messages += 1
             self._send(R_TOO_BIG, 552)
+            return
+        if self._long_line:
+            self._stats.rejected_messages += 1
+            self._send(
+                _reply(554, "5.6.0", f"Error: message has a line longer than {self._max_data_line} octets"), 554
+            )
             return
         faults = self._faults
         if faults is not None:

@@ -58,7 +58,9 @@ class SinkStats:
         self.messages = 0
         #: RCPT TO commands accepted.
         self.recipients = 0
-        #: Message octets accepted (after unstuffing, excluding the final dot).
+        #: Message octets accepted, as received: DATA content still dot-stuffed
+        #: (unstuffing costs a copy the discard path avoids) without the final
+        #: ".CRLF"; BDAT chunks as sent.
         self.bytes = 0
         #: Messages whose content arrived but were refused at end of data.
         self.rejected_messages = 0

@@ -116,6 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest command line with its CRLF, at least 512 (default: 2048)",
     )  # fmt: skip
     g.add_argument(
+        "--max-data-line", type=int, default=0, metavar="BYTES",
+        help="refuse messages (554 5.6.0) with a text line longer than this, CRLF included; "
+        "1000 is RFC 5321's limit (default: 0, no check)",
+    )  # fmt: skip
+    g.add_argument(
         "--max-errors", type=int, default=20, metavar="N",
         help="protocol errors before 421 and disconnect (default: 20)",
     )  # fmt: skip
@@ -209,6 +214,7 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         max_message_size=args.max_size,
         max_recipients=args.max_recipients,
         max_line_length=args.max_line_length,
+        max_data_line=args.max_data_line,
         max_errors=args.max_errors,
         idle_timeout=args.idle_timeout,
         capture_dir=args.capture,
