@@ -172,24 +172,43 @@ async def run_load(
                 continue
             failures = 0
             counters.result.connections_opened += 1
-            inflight: deque[asyncio.Future[TransactionResult]] = deque()
-            sent_here = 0
-            limit = spec.messages_per_connection or 1 << 62
-            try:
-                while True:
-                    while len(inflight) < spec.depth and sent_here < limit and conn.is_usable:
-                        index = counters.claim()
-                        if index is None:
-                            break
-                        inflight.append(conn.send(next_transaction(index)))
-                        sent_here += 1
-                    if not inflight:
-                        break
-                    counters.record(await inflight.popleft())
-            finally:
-                while inflight:
-                    counters.record(await inflight.popleft())
-                await conn.quit()
+            await _drive(conn)
+
+    async def _drive(conn: SMTPConnection) -> None:
+        """Keep ``depth`` transactions in flight on *conn* until the work or the connection ends.
+
+        Driven by future callbacks rather than one await per message: the next
+        transaction is queued from the completion callback, in the same loop
+        iteration that read the reply, so it rides in the same write.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        inflight = 0
+        sent = 0
+        limit = spec.messages_per_connection or 1 << 62
+
+        def top_up() -> None:
+            nonlocal inflight, sent
+            while inflight < spec.depth and sent < limit and conn.is_usable:
+                index = counters.claim()
+                if index is None:
+                    break
+                conn.send(next_transaction(index)).add_done_callback(finished)
+                inflight += 1
+                sent += 1
+            if inflight == 0 and not done.done():
+                done.set_result(None)
+
+        def finished(fut: asyncio.Future[TransactionResult]) -> None:
+            nonlocal inflight
+            inflight -= 1
+            counters.record(fut.result())
+            top_up()
+
+        top_up()
+        try:
+            await done
+        finally:
+            await conn.quit()
 
     async def reporter() -> None:
         while True:

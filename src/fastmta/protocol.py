@@ -25,6 +25,7 @@ that arrives when nothing was asked, or bytes that are not a reply, raise
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -133,13 +134,16 @@ class Body:
         return len(self.raw)
 
 
+_FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+
+
 def check_address(address: str, what: str) -> None:
     # An address goes inside <...> on a command line: a CR, LF or NUL would end
     # the command and let the rest be read as a new one (SMTP injection), and
     # angle brackets would end the path early. Reject them; never "clean" them.
-    for ch in address:
-        if ch < " " or ch == "\x7f" or ch in "<>":
-            raise InputError(f"{what} address {address!r} contains a forbidden character {ch!r}")
+    bad = _FORBIDDEN_IN_ADDRESS.search(address)
+    if bad is not None:
+        raise InputError(f"{what} address {address!r} contains a forbidden character {bad.group()!r}")
     if len(address) > 512:
         raise InputError(f"{what} address longer than 512 characters")
 
@@ -300,6 +304,7 @@ class ClientProtocol:
         # exists nothing else may be written (the server is between MAIL and DATA).
         self._open: _Txn | None = None
         self._rset_needed = False
+        self._bdat_active = 0  # BDAT transactions in self._active
 
     # --- queries ------------------------------------------------------------
 
@@ -462,7 +467,7 @@ class ClientProtocol:
         while self._queue and self._state is _State.READY and self._open is None:
             if not self.pipelining and self._active:
                 return  # lock-step: one transaction at a time
-            if any(t.use_bdat for t in self._active):
+            if self._bdat_active:
                 return  # a BDAT transaction's outcome decides whether RSET is needed
             txn = self._queue.popleft()
             if not self._begin(txn):
@@ -473,7 +478,8 @@ class ClientProtocol:
         """Write the envelope of *txn* (all of it if pipelining). False if refused locally."""
         t = txn.result.transaction
         ext = self.extensions
-        if t.needs_smtputf8 and not ext.smtputf8:
+        utf8 = t.needs_smtputf8
+        if utf8 and not ext.smtputf8:
             self._finish_local(txn, Reply.local(553, "5.6.7", "non-ASCII address and the server does not offer SMTPUTF8"))
             return False
         use_bdat = self.allow_bdat and ext.chunking
@@ -482,6 +488,7 @@ class ClientProtocol:
             self._finish_local(txn, Reply.local(552, "5.3.4", f"message size {size} exceeds the server's SIZE limit {ext.size}"))
             return False
         txn.use_bdat = use_bdat
+        self._bdat_active += use_bdat
         if self._rset_needed:
             self._send(b"RSET\r\n", Phase.RSET)
             self._rset_needed = False
@@ -490,7 +497,7 @@ class ClientProtocol:
             params.append(b" SIZE=%d" % size)
         if t.body.eight_bit and ext.eightbitmime:
             params.append(b" BODY=8BITMIME")
-        if t.needs_smtputf8:
+        if utf8:
             params.append(b" SMTPUTF8")
         self._active.append(txn)
         self._send(b"MAIL FROM:<" + t.sender.encode() + b">" + b"".join(params) + b"\r\n", Phase.MAIL, txn)
@@ -557,6 +564,7 @@ class ClientProtocol:
     def _finish(self, txn: _Txn) -> None:
         if txn in self._active:
             self._active.remove(txn)
+            self._bdat_active -= txn.use_bdat
         self._events.append(TransactionDone(txn.result))
 
     def _finish_local(self, txn: _Txn, reply: Reply) -> None:
@@ -576,6 +584,7 @@ class ClientProtocol:
         self._open = None
         pending = list(self._active) + list(self._queue)
         self._active.clear()
+        self._bdat_active = 0
         self._queue.clear()
         for txn in pending:
             txn.result.error = reply

@@ -1,0 +1,150 @@
+"""`fastmta send` end to end: spool directory -> engine -> a real sink process on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+
+from fastmta.cli.sinkproc import embedded_sink
+from fastmta.pickup import read_pickup
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "spool"
+
+
+def fastmta(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastmta", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def example_recipient_count() -> int:
+    with open(EXAMPLE / "recipients.csv") as f:
+        rows = sum(1 for _ in f) - 1
+    pickups = sum(len(read_pickup(p).recipients) for p in EXAMPLE.glob("*.eml"))
+    return rows + pickups
+
+
+def test_readme_command_delivers_the_example_to_the_embedded_sink(tmp_path: Path) -> None:
+    acct = tmp_path / "acct.jsonl"
+    summary = tmp_path / "summary.json"
+    out = fastmta("send", str(EXAMPLE), "--sink", "--accounting", str(acct), "--summary-json", str(summary))
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = example_recipient_count()
+    assert expected >= 10_000
+    lines = [json.loads(line) for line in acct.read_text().splitlines()]
+    assert len(lines) == expected  # one accounting line per recipient
+    assert {rec["status"] for rec in lines} == {"delivered"}
+    assert len({rec["recipient"] for rec in lines}) == expected
+    assert all(rec["code"] == 250 and rec["mx_ip"] == "127.0.0.1" for rec in lines)
+    s = json.loads(summary.read_text())
+    assert s["delivered"] == expected and s["unfinished"] == 0 and s["rejected"] == []
+    assert "summary" in out.stdout and f"{expected:,}" in out.stdout
+    domains = {rec["recipient"].rsplit("@", 1)[1] for rec in lines}
+    assert len(domains) >= 100
+
+
+def _public_key_record(pem_path: Path) -> bytes:
+    text = pem_path.read_bytes()
+    key = serialization.load_pem_private_key(text[text.index(b"-----BEGIN"):], None)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    import base64
+
+    return b"v=DKIM1; k=ed25519; p=" + base64.b64encode(raw)
+
+
+def small_campaign(spool: Path, rows: list[str], extra_toml: str = "") -> None:
+    spool.mkdir()
+    for name in ("welcome.txt", "welcome.html", "dkim-test-ed25519.key.pem"):
+        shutil.copy(EXAMPLE / name, spool / name)
+    toml = (EXAMPLE / "welcome.toml").read_text().replace('recipients = "recipients.csv"', 'recipients = "r.csv"')
+    (spool / "welcome.toml").write_text(toml + extra_toml)
+    (spool / "r.csv").write_text("email,first_name,last_name,id,signup\n" + "".join(r + "\n" for r in rows))
+
+
+def test_campaign_messages_arrive_signed_and_personalized(world_writable_dir: Path, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    small_campaign(spool, [
+        "ada@one.example,Ada,Lovelace,u1,2026-01-05",
+        "nobody@two.example,,Smith,u2,2026-02-06",
+        "grace@three.example,Grace,Hopper,u3,2026-03-07",
+    ])
+    capture = world_writable_dir
+    with embedded_sink(["--capture", str(capture)]) as (host, port):
+        out = fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet")
+    assert out.returncode == 0, out.stderr
+    files = sorted(capture.glob("*.eml"))
+    assert len(files) == 3
+    record = _public_key_record(EXAMPLE / "dkim-test-ed25519.key.pem")
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"test2026._domainkey.news.fastmta.example."
+        return record
+
+    seen = {}
+    for f in files:
+        msg = read_pickup(f)
+        assert msg.sender == "bounces@news.fastmta.example"
+        assert dkim.verify(msg.content, dnsfunc=dnsfunc), f.name
+        seen[msg.recipients[0]] = msg.content
+    assert b"Subject: Welcome aboard, Ada!" in seen["ada@one.example"]
+    assert b"Subject: Welcome aboard, friend!" in seen["nobody@two.example"]
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in seen["grace@three.example"]
+
+
+def test_bad_input_is_reported_and_the_rest_delivered(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    small_campaign(spool, [
+        "ok1@one.example,Ada,Lovelace,u1,2026-01-05",
+        "broken-address,Bob,Broken,u2,2026-01-05",
+        '"evil@two.example","Eve\r\nBcc: victim@x.example",Evil,u3,2026-01-05',
+        "ok2@two.example,Grace,Hopper,u4,2026-01-05",
+    ])
+    # A template field the rows lack: only in a second job, which must fail per row.
+    (spool / "second.toml").write_text(
+        (spool / "welcome.toml").read_text().replace("Welcome aboard", "Hi {{ missing_field }}").replace(
+            'id = "welcome-2026-11"', 'id = "second"'))
+    (spool / "third.toml").write_text((spool / "welcome.toml").read_text() + "\n[extra]\nunknown_key = 1\n")
+    (spool / "good.eml").write_bytes(b"X-Sender: a@b.example\r\nX-Receiver: c@d.example\r\nFrom: a@b.example\r\n\r\nhi\r\n")
+    (spool / "bad.eml").write_bytes(b"this is not a message\r\n")
+    with embedded_sink() as (host, port):
+        out = fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet",
+                      "--rejects", str(tmp_path / "rejects.jsonl"), "--accounting", str(tmp_path / "acct.jsonl"))
+    assert out.returncode == 3, out.stderr
+    rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    reasons = {(Path(r["file"]).name, r["line"]): r["reason"] for r in rejects}
+    assert "not an RFC 5322 message" in reasons[("bad.eml", 1)]
+    assert "no local part or no domain" in reasons[("r.csv", 3)]
+    assert "CR, LF or NUL" in reasons[("r.csv", 5)]
+    assert any(name == "third.toml" and "unknown key" in why for (name, _), why in reasons.items())
+    missing = [why for (name, line), why in reasons.items() if "missing_field" in why]
+    assert len(missing) == 2 and all("ok" in why for why in missing)  # names field and recipient
+    delivered = [json.loads(line)["recipient"] for line in (tmp_path / "acct.jsonl").read_text().splitlines()]
+    assert sorted(delivered) == ["c@d.example", "ok1@one.example", "ok2@two.example"]
+    assert "rejected" in out.stdout
+
+
+def test_a_capture_can_be_sent_again(world_writable_dir: Path, tmp_path: Path) -> None:
+    first = world_writable_dir / "first"
+    second = world_writable_dir / "second"
+    with embedded_sink(["--capture", str(first)]) as (host, port):
+        assert fastmta("send", str(EXAMPLE.parent / "spool"), "--relay", f"{host}:{port}", "--quiet",
+                       "--max-lifetime", "60").returncode == 0
+    # Re-send only the pickup-shaped captures of the three pickup files.
+    spool = tmp_path / "again"
+    spool.mkdir()
+    originals = {}
+    for f in first.glob("*.eml"):
+        msg = read_pickup(f)
+        if msg.sender == "ops@fastmta.example":
+            shutil.copy(f, spool / f.name)
+            originals[tuple(msg.recipients)] = msg.content
+    assert len(originals) == 3
+    with embedded_sink(["--capture", str(second)]) as (host, port):
+        assert fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet").returncode == 0
+    again = {tuple(read_pickup(f).recipients): read_pickup(f).content for f in second.glob("*.eml")}
+    assert again == originals  # byte for byte, leading dots and 8-bit included
