@@ -56,7 +56,7 @@ def make_html_template() -> str:
         "adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua.</td></tr>\n"
     )
     parts = ["<html><head><title>Newsletter</title></head><body><table>\n"]
-    per = 200 // len(FIELDS)
+    per = 20 * 1024 // len(block) // len(FIELDS)  # ~20 KB in all
     for i, f in enumerate(FIELDS):
         parts.append(block * (per // 2))
         parts.append(f"<tr><td>Dear {{{{ {f} }}}}, item {i}</td></tr>\n")

@@ -238,3 +238,23 @@ def test_ed25519_seed_file_is_accepted(tmp_path: Path) -> None:
     expected = ed25519.Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
     assert isinstance(key.private_key, ed25519.Ed25519PrivateKey)
     assert key.private_key.public_key().public_bytes_raw() == expected
+
+
+@settings(max_examples=100)
+@given(st.lists(body_pieces, max_size=40).map(b"".join), st.booleans(), st.integers(1, 64))
+def test_body_hash_of_chunks_equals_whole(body: bytes, relaxed: bool, size: int) -> None:
+    import hashlib
+
+    from fastmta.dkim import body_hash
+
+    whole = base64.b64encode(hashlib.sha256(core.canonicalize_body(body, relaxed)).digest()).decode()
+    assert body_hash((body[i : i + size] for i in range(0, len(body), size)), relaxed) == whole
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_large_message_streams_and_verifies(keys: Keys, alg: str) -> None:
+    body = b"".join(b"line %d  with\t spaces \r\n" % i for i in range(20000)) + b"\r\n\r\n"
+    msg = b"From: a@example.com\r\nSubject: big\r\n\r\n" + body
+    assert len(body) > 4 * 16384
+    signed = DkimSigner([load_signing_key(keys.config(alg, "relaxed/relaxed"))]).sign(msg)
+    assert verify_all(signed, keys.dnsfunc) == [True]

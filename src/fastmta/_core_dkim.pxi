@@ -36,7 +36,7 @@ _init_body_table()
 cdef Py_ssize_t _body_feed(BodyState* st, const unsigned char* src, Py_ssize_t n,
                            unsigned char* out) noexcept nogil:
     """Canonicalize src[0:n] into out; return bytes written. out has _body_cap room."""
-    cdef Py_ssize_t i = 0, o = 0, k, j
+    cdef Py_ssize_t i = 0, o = 0, k
     cdef unsigned char c, cls
     # In simple mode WSP is plain content: the run scan below treats class 1
     # as content when `wsp_is_content`.
@@ -60,12 +60,18 @@ cdef Py_ssize_t _body_feed(BodyState* st, const unsigned char* src, Py_ssize_t n
                 out[o] = 32
                 o += 1
                 st.pending_wsp = False
-            j = i + 1
-            while j < n and _BODYCLASS[src[j]] <= limit:
-                j += 1
-            memcpy(out + o, src + i, j - i)
-            o += j - i
-            i = j
+            # Copy byte by byte: runs between spaces are short, a memcpy
+            # call per word costs more than it saves.
+            out[o] = c
+            o += 1
+            i += 1
+            while i < n:
+                c = src[i]
+                if _BODYCLASS[c] > limit:
+                    break
+                out[o] = c
+                o += 1
+                i += 1
             st.any_content = True
         elif cls == 1:
             st.pending_wsp = True

@@ -233,6 +233,24 @@ def _format_tags(tags: Sequence[tuple[str, str]]) -> str:
     return out
 
 
+_CHUNK = 16384
+
+
+def body_hash(chunks: Iterable[bytes], relaxed: bool) -> str:
+    """The base64 bh= value of a body given in chunks (e.g. read from a spool file).
+
+    ``core.BodyCanonicalizer`` carries state across chunk boundaries (a CRLF
+    split in two, a WSP run, held-back empty lines), so any split gives the
+    same hash as the whole body.
+    """
+    canon = core.BodyCanonicalizer(relaxed)
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(canon.feed(chunk))
+    h.update(canon.finish())
+    return base64.b64encode(h.digest()).decode("ascii")
+
+
 class _Parsed:
     """A message split once for any number of signatures."""
 
@@ -247,8 +265,15 @@ class _Parsed:
     def body_hash(self, relaxed: bool) -> str:
         bh = self.body_hashes.get(relaxed)
         if bh is None:
-            digest = hashlib.sha256(core.canonicalize_body(self.body, relaxed)).digest()
-            bh = self.body_hashes[relaxed] = base64.b64encode(digest).decode("ascii")
+            body = self.body
+            if len(body) <= _CHUNK * 4:
+                digest = hashlib.sha256(core.canonicalize_body(body, relaxed)).digest()
+                bh = base64.b64encode(digest).decode("ascii")
+            else:
+                # Large bodies stream through the canonicalizer: no second
+                # full-size copy, and each chunk is hashed while still in cache.
+                bh = body_hash((body[i : i + _CHUNK] for i in range(0, len(body), _CHUNK)), relaxed)
+            self.body_hashes[relaxed] = bh
         return bh
 
     def header_data(self, names: Iterable[bytes], relaxed: bool) -> bytes:
