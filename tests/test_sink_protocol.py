@@ -7,6 +7,7 @@ test says; every test runs under asyncio's loop and uvloop.
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 from test_sink_support import RawClient, captures, read_capture, sink, stuff, wait_for
@@ -421,5 +422,58 @@ def test_data_line_limit_when_asked(run, tmp_path: Path) -> None:
             await c.close()
         assert server.stats.messages == 2 and server.stats.rejected_messages == 2
         assert len(captures(tmp_path)) == 2
+
+    run(main())
+
+
+def _noise(rng: random.Random) -> bytes:
+    """A random mix of valid commands, message content and garbage."""
+    parts: list[bytes] = []
+    for _ in range(150):
+        k = rng.randrange(12)
+        if k == 0:
+            parts.append(b"EHLO fuzz.example\r\n")
+        elif k == 1:
+            parts.append(b"MAIL FROM:<f%d@example.com>\r\n" % rng.randrange(5))
+        elif k == 2:
+            parts.append(b"RCPT TO:<r%d@example.org>\r\n" % rng.randrange(5))
+        elif k == 3:
+            body = bytes(rng.choice(b"ab.\r\n\x00\xff") for _ in range(rng.randrange(60)))
+            parts.append(b"DATA\r\n" + body + b"\r\n.\r\n")
+        elif k == 4:
+            chunk = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+            parts.append(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if rng.random() < 0.5 else b"") + chunk)
+        elif k == 5:
+            parts.append(rng.choice([b"RSET\r\n", b"NOOP\r\n", b"VRFY x\r\n", b"HELP\r\n"]))
+        elif k == 6:
+            parts.append(b"X" * rng.randrange(100, 5000) + b"\r\n")
+        else:
+            parts.append(bytes(rng.choice(b"MAILRCPTDATA<>:@ \r\n\x00\x7f\xc3") for _ in range(rng.randrange(30))))
+    return b"".join(parts)
+
+
+def test_random_input_never_breaks_the_server(run) -> None:
+    async def main() -> None:
+        loop_errors: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+        async with sink(max_errors=10_000, max_line_length=1024) as (server, [addr]):
+            for seed in range(4):
+                rng = random.Random(seed)
+                stream = _noise(rng) + b"\r\n.\r\nQUIT\r\n"
+                c = await RawClient.connect(addr)
+                pos = 0
+                while pos < len(stream):  # bounded: every step advances
+                    step = rng.randrange(1, 700)
+                    await c.send(stream[pos : pos + step])
+                    pos += step
+                assert await c.closed_by_server(timeout=10)
+                # Whatever happened before, the session ended on our QUIT.
+                assert c.pending and c.pending[-1].code == 221, (seed, c.pending[-5:])
+            await wait_for(lambda: server.stats.active_connections == 0)
+            # And the server still serves a normal client afterwards.
+            c = await RawClient.connect(addr)
+            assert (await c.cmd(b"EHLO after.example")).code == 250
+            await c.close()
+        assert loop_errors == []
 
     run(main())
