@@ -1,0 +1,30 @@
+"""The README's promises: its library example runs and prints one line per recipient."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    text = README.read_text()
+    first_block = re.search(r"```sh\n(.*?)```", text, re.S)
+    assert first_block is not None
+    commands = [line for line in first_block.group(1).splitlines() if line.strip()]
+    assert commands == ["python3 -m pip install -e . && fastmta send examples/spool --sink", "bash .ci/run"]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci
+
+
+def test_readme_library_example_runs() -> None:
+    block = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert block is not None
+    out = subprocess.run([sys.executable, "-c", block.group(1)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["b@example.org", "c@example.net"]
+    assert all(line.split()[1] == "delivered" and " 250 " in f" {line} " for line in lines)
