@@ -134,6 +134,7 @@ def test_capture_files_are_pickup_format(tmp_path: Path) -> None:
         (["--max-line-length", "100"], "max_line_length below RFC 5321's 512"),
         (["--hostname", "mx.example\r\n250 injected"], "bad host name"),
         (["--hostname", "two words"], "bad host name"),
+        (["--stats-json", "/nonexistent-dir/stats.json"], "directory /nonexistent-dir does not exist"),
     ],
 )
 def test_bad_arguments_are_named(args: list[str], message: str) -> None:

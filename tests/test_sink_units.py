@@ -118,3 +118,12 @@ def test_reply_template_refuses_line_breaks() -> None:
         ReplyTemplate(250, ("ok\r\n250 injected",))
     with pytest.raises(ValueError):
         ReplyTemplate(700, ("x",))
+
+
+def test_reply_template_with_stray_braces_is_sent_as_written() -> None:
+    assert ReplyTemplate(550, ("5.7.1 bad {", "{0} {ip.x} {ip}")).render({"ip": "192.0.2.1"}) == (
+        b"550-5.7.1 bad {\r\n550 {0} {ip.x} {ip}\r\n"
+    )
+    assert ReplyTemplate(550, ("5.7.1 from {ip} {unknown}",)).render({"ip": "192.0.2.1"}) == (
+        b"550 5.7.1 from 192.0.2.1 {unknown}\r\n"
+    )

@@ -71,6 +71,7 @@ __all__ = [
     "parse_rate",
 ]
 
+
 class SinkServer:
     """The sink: one or more listeners sharing counters, randomness and capture."""
 
@@ -88,7 +89,8 @@ class SinkServer:
         self._capture = CaptureWriter(self.config.capture_dir) if self.config.capture_dir is not None else None
         self._sessions = 0
         self._sweeper: asyncio.TimerHandle | None = None
-        self._listeners: list[ListenerRuntime] = []
+        #: (bound address, its listener): one listener may bind several sockets.
+        self._bound: list[tuple[tuple[str, int], ListenerRuntime]] = []
 
     def _next_session_id(self) -> str:
         self._sessions += 1
@@ -110,7 +112,6 @@ class SinkServer:
         try:
             for lc in cfg.listeners:
                 listener = ListenerRuntime(lc, cfg, self._ssl is not None, rng, self.stats, loop.time)
-                self._listeners.append(listener)
                 server = await loop.create_server(
                     lambda listener=listener: SinkProtocol(self, listener),  # type: ignore[misc]
                     lc.host,
@@ -120,7 +121,9 @@ class SinkServer:
                 self._servers.append(server)
                 for sock in server.sockets:
                     name = sock.getsockname()
-                    self.addresses.append((str(name[0]), int(name[1])))
+                    address = (str(name[0]), int(name[1]))
+                    self.addresses.append(address)
+                    self._bound.append((address, listener))
         except BaseException:
             await self.close()
             raise
@@ -132,18 +135,15 @@ class SinkServer:
             if conn.active:
                 conn.active = False
             else:
-                conn._send(R_IDLE, 421)
-                conn._closing = True
-                conn._held = False
-                conn._flush()
+                conn.shut(R_IDLE)
         self._sweeper = asyncio.get_running_loop().call_later(self.config.idle_timeout, self._sweep)
 
     def stats_dict(self) -> dict[str, Any]:
         """The counters as ``--stats-json`` writes them."""
         data = self.stats.as_dict()
         data["listeners"] = [
-            {"address": f"{h}:{p}", "profile": lst.profile.name}
-            for (h, p), lst in zip(self.addresses, self._listeners)
+            {"address": f"[{h}]:{p}" if ":" in h else f"{h}:{p}", "profile": lst.profile.name}
+            for (h, p), lst in self._bound
         ]
         return data
 
@@ -155,12 +155,7 @@ class SinkServer:
         for server in self._servers:
             server.close()
         for conn in list(self._connections):
-            if conn._transport is not None and not conn._closing:
-                conn._send(R_SHUTDOWN, 421)
-                conn._closing = True
-                conn._held = False
-                conn._tls_pending = 0
-                conn._flush()
+            conn.shut(R_SHUTDOWN)
         for server in self._servers:
             await server.wait_closed()
         # Let connection_lost callbacks run so the counters are final.

@@ -45,13 +45,21 @@ class ReplyTemplate:
         """The reply on the wire: ``code-text`` lines, the last ``code text``."""
         lines = self.lines or ("",)
         if fields is not None and self.dynamic:
-            lines = tuple(line.format_map(_Fields(fields)) for line in lines)
+            lines = tuple(_fill(line, fields) for line in lines)
         out = []
         last = len(lines) - 1
         for i, line in enumerate(lines):
             sep = " " if i == last else "-"
             out.append(f"{self.code}{sep}{line}".rstrip(" ") + "\r\n")
         return "".join(out).encode("utf-8")
+
+
+def _fill(line: str, fields: Mapping[str, str]) -> str:
+    try:
+        return line.format_map(_Fields(fields))
+    except (ValueError, IndexError, KeyError, AttributeError):
+        # A user's fault text with a stray brace is sent as written.
+        return line
 
 
 class _Fields(dict[str, str]):

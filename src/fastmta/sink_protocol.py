@@ -197,10 +197,10 @@ class SinkProtocol(asyncio.Protocol):
         "_ip",
         "_ipstats",
         "_l",
-        "_max_line",
-        "_max_data_line",
         "_line_len",
         "_long_line",
+        "_max_data_line",
+        "_max_line",
         "_messages",
         "_mode",
         "_out",
@@ -321,6 +321,16 @@ class SinkProtocol(asyncio.Protocol):
         if self._transport is not None and not self._held:
             self._transport.resume_reading()
 
+    def shut(self, reply: bytes) -> None:
+        """Say *reply* (a 421) and close, whatever state the session is in."""
+        if self._transport is None or self._closing:
+            return
+        self._send(reply, int(reply[:3]))
+        self._closing = True
+        self._held = False
+        self._tls_pending = 0
+        self._flush()
+
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
@@ -435,8 +445,9 @@ class SinkProtocol(asyncio.Protocol):
 
     def _release(self, wire: bytes, code: int, close: bool) -> None:
         self._held = False
-        if self._transport is None:
-            return
+        self.active = True  # a tarpit is not idleness
+        if self._transport is None or self._closing:
+            return  # closed meanwhile (idle sweep, shutdown, client gone)
         self._send(wire, code)
         if close:
             self._closing = True

@@ -263,5 +263,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fastmta sink: {e}", file=sys.stderr)
         return 2
+    # Fail now, not after hours of serving, if the stats cannot be written.
+    for option, path in (("--stats-json", args.stats_json), ("--tls-cert-out", args.tls_cert_out)):
+        if path is not None and not path.parent.is_dir():
+            print(f"fastmta sink: {option} {path}: directory {path.parent} does not exist", file=sys.stderr)
+            return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(config, args.stats_json, args.tls_cert_out))
