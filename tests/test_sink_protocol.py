@@ -477,3 +477,28 @@ def test_random_input_never_breaks_the_server(run) -> None:
         assert loop_errors == []
 
     run(main())
+
+
+def test_message_end_and_next_envelope_in_one_read(run, tmp_path: Path) -> None:
+    """A reused connection: content, its dot and the next envelope in one write."""
+
+    async def main() -> None:
+        async with sink(trace=True, capture_dir=tmp_path) as (server, [addr]):
+            c = await RawClient.connect(addr)
+            await _ehlo(c)
+            envelope = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+            await c.send(envelope)
+            assert [r.code for r in await c.replies(3)] == [250, 250, 354]
+            joined = b"first\r\n.\r\n" + envelope
+            await c.send(joined)
+            assert [r.code for r in await c.replies(4)] == [250, 250, 250, 354]
+            await c.send(b"second\r\n.\r\nQUIT\r\n")
+            assert [r.code for r in await c.replies(2)] == [250, 221]
+            assert await c.closed_by_server()
+        trace = server.traces[0]
+        i = trace.reads.index(joined)
+        assert trace.commands[i] == ["MAIL", "RCPT", "DATA"]
+        contents = [p.read_bytes().split(b"\r\n", 2)[2] for p in captures(tmp_path)]
+        assert contents == [b"first\r\n", b"second\r\n"]
+
+    run(main())
