@@ -206,6 +206,21 @@ def test_message_headers_and_parts() -> None:
     assert parse(c.render(r))["Subject"] == "Hello friend, your offer"
 
 
+@pytest.mark.parametrize("name", ["Lee, Ann", 'x <evil@example.org>, y', 'Q "uoted" \\ name', "Jörg; Müller"])
+def test_display_names_cannot_add_addresses(name: str) -> None:
+    msg = parse(compile_campaign(SPEC).render(rcpt(name=name)))
+    [addr] = msg["To"].addresses
+    assert addr.addr_spec == "ann@example.net"
+    assert name in addr.display_name  # readers may keep the quotes of an encoded quoted-string
+
+
+@pytest.mark.parametrize("email_value", ["a@example.net, evil@example.org", "a@example.net>", "not-an-address", "a b@x.y"])
+def test_address_fields_must_be_one_address(email_value: str) -> None:
+    with pytest.raises(InputError, match="field 'email'.*not a single email address") as err:
+        compile_campaign(SPEC, source="c.toml").render(rcpt(email=email_value), recipient_id="row 3")
+    assert "row 3" in str(err.value) and "c.toml:template.headers.To" in str(err.value)
+
+
 def test_message_ids_are_unique() -> None:
     c = compile_campaign(SPEC)
     ids = {parse(c.render(rcpt()))["Message-ID"] for _ in range(200)}

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.core
 SPEC = {
     "headers": {
         "From": "News <news@example.com>",
-        "To": "{{ email }}",
+        "To": "{{ v }} <{{ email }}>",
         "Subject": "Offer for {{ v }}",
         "X-Campaign": "{{ v }}|{{ v }}",
     },
@@ -65,6 +65,8 @@ def test_no_header_injection_and_values_survive(value: str) -> None:
     # A reader gets the value back, CR/LF/NUL turned into spaces (runs of
     # spaces in headers are the reader's business: compare words).
     assert str(msg["Subject"]).split() == f"Offer for {sanitized(value)}".split()
+    # Whatever the display name, the To header holds exactly the one address.
+    assert [a.addr_spec for a in msg["To"].addresses] == ["r@example.net"]
     text = msg.get_body(("plain",))
     body = msg.get_body(("html",))
     assert text is not None and body is not None

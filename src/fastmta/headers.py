@@ -40,19 +40,24 @@ def _encoded_words(text: str) -> list[str]:
     return words
 
 
-def _needs_encoding(word: str) -> bool:
+def encode_phrase(text: str) -> str:
+    """*text* entirely as encoded-words: safe as an address display name whatever it holds."""
+    return " ".join(_encoded_words(text))
+
+
+def _needs_encoding(word: str, keep_encoded_words: bool = False) -> bool:
     # Non-ASCII, control characters (TAB included: only spaces separate
     # words here), something a reader would take for an encoded-word, or too
     # long for a line.
     return (
         not word.isascii()
         or not word.isprintable()
-        or (word.startswith("=?") and word.endswith("?="))
+        or (not keep_encoded_words and word.startswith("=?") and word.endswith("?="))
         or len(word) > LONG_WORD
     )
 
 
-def _pieces(value: str) -> list[str]:
+def _pieces(value: str, keep_encoded_words: bool = False) -> list[str]:
     """*value* as unbreakable pieces: words, encoded-words and space runs.
 
     Concatenating the pieces (after decoding) gives the value back: runs of
@@ -62,7 +67,7 @@ def _pieces(value: str) -> list[str]:
     neighbouring words, so every encoded-word stays whitespace-delimited.
     """
     tokens = re.findall(r" +|[^ ]+", value)
-    enc = [(t[0] == " " and len(t) > LONG_SPACES) or (t[0] != " " and _needs_encoding(t)) for t in tokens]
+    enc = [(t[0] == " " and len(t) > LONG_SPACES) or (t[0] != " " and _needs_encoding(t, keep_encoded_words)) for t in tokens]
     for i, t in enumerate(tokens):
         if t[0] == " " and enc[i]:
             if i > 0:
@@ -89,14 +94,24 @@ def _pieces(value: str) -> list[str]:
     return pieces
 
 
-def format_header(name: str, value: str) -> bytes:
-    """``Name: value`` + CRLF, encoded and folded for the wire."""
+def format_header(name: str, value: str, *, keep_encoded_words: bool = False) -> bytes:
+    """``Name: value`` + CRLF, encoded and folded for the wire.
+
+    *keep_encoded_words*: words shaped like encoded-words are ours (address
+    headers, whose display names ``template`` already encoded) and stay as
+    they are instead of being encoded again.
+    """
     value = value.translate(_UNSAFE)
-    if value.isascii() and len(name) + 2 + len(value) <= SOFT_LIMIT and value.isprintable() and "=?" not in value:
+    if (
+        value.isascii()
+        and len(name) + 2 + len(value) <= SOFT_LIMIT
+        and value.isprintable()
+        and (keep_encoded_words or "=?" not in value)
+    ):
         return f"{name}: {value}\r\n".encode("ascii")
     lines = [f"{name}: "]
     length = len(lines[0])
-    for piece in _pieces(value):
+    for piece in _pieces(value, keep_encoded_words):
         # Fold only before a space run (the fold goes in front of its first
         # space), and only when the line has more than its indentation.
         if piece[0] == " " and length + len(piece) > SOFT_LIMIT and lines[-1].strip():

@@ -50,7 +50,7 @@ import msgspec
 from fastmta import core
 from fastmta.errors import ConfigError
 from fastmta.headers import SOFT_LIMIT, format_header
-from fastmta.template import CompiledText, Context
+from fastmta.template import ADDRESS_HEADERS, CompiledText, Context
 
 GENERATED_HEADERS = frozenset({"date", "message-id", "mime-version", "content-type", "content-transfer-encoding"})
 _HEADER_NAME_RE = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ':'
@@ -122,11 +122,18 @@ class CompiledCampaign:
                 raise ConfigError(f"{source}: template.headers: {required.title()} is required")
         if len(names) != len(spec.headers):
             raise ConfigError(f"{source}: template.headers: a header is given twice (names are case-insensitive)")
-        self.headers: list[tuple[str, CompiledText]] = []
+        # (name, template, is an address header)
+        self.headers: list[tuple[str, CompiledText, bool]] = []
         for name, value in spec.headers.items():
             if any(c in value for c in "\r\n\0"):
                 raise ConfigError(f"{source}: template.headers.{name}: CR, LF or NUL in a header template")
-            self.headers.append((name, CompiledText(value, Context.HEADER, source=f"{source}:template.headers.{name}")))
+            tpl = CompiledText(
+                value,
+                Context.HEADER,
+                source=f"{source}:template.headers.{name}",
+                address_header=name.lower() in ADDRESS_HEADERS,
+            )
+            self.headers.append((name, tpl, name.lower() in ADDRESS_HEADERS))
 
         text, text_src = _read_text(spec.text, spec.text_file, "text", base, source)
         html, html_src = _read_text(spec.html, spec.html_file, "html", base, source)
@@ -152,7 +159,7 @@ class CompiledCampaign:
         self._counter = itertools.count()
         self._date = _Date()
         self.fields = frozenset().union(
-            *(t.fields for _, t in self.headers), *(t.fields for t in (self.text, self.html) if t is not None)
+            *(t.fields for _, t, _ in self.headers), *(t.fields for t in (self.text, self.html) if t is not None)
         )
 
     @staticmethod
@@ -199,12 +206,14 @@ class CompiledCampaign:
         template file and line.
         """
         out = []
-        for name, tpl in self.headers:
+        for name, tpl, is_address in self.headers:
             value = tpl.render(recipient, recipient_id=recipient_id)
-            if value.isascii() and len(name) + 2 + len(value) <= SOFT_LIMIT and b"=?" not in value:
+            if value.isascii() and len(name) + 2 + len(value) <= SOFT_LIMIT and (is_address or b"=?" not in value):
                 out.append(b"%s: %s\r\n" % (name.encode(), value))
             else:
-                out.append(format_header(name, value.decode("utf-8")))
+                # Address headers: display names from fields arrive already
+                # encoded (template._safe_phrase) and must not be re-encoded.
+                out.append(format_header(name, value.decode("utf-8"), keep_encoded_words=is_address))
         out.append(b"Date: %s\r\nMessage-ID: %s\r\nMIME-Version: 1.0\r\n" % (
             self._date(now).encode(), (message_id or self.message_id()).encode()))
         parts = []

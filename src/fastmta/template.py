@@ -39,6 +39,7 @@ from typing import Any
 
 from fastmta import core
 from fastmta.errors import InputError
+from fastmta.headers import encode_phrase
 
 Recipient = Mapping[str, Any]
 
@@ -69,10 +70,39 @@ class Slot:
     filters: tuple[tuple[str, str | None], ...]
     mode: int
     line: int
+    # In an address header (From, To, ...): "address" for an addr-spec
+    # position (inside <...> or the whole value), "phrase" for a display name.
+    address_part: str = ""
 
     @property
     def plain(self) -> bool:
-        return not self.filters
+        return not self.filters and not self.address_part
+
+
+ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender"})
+# ASCII addr-spec without specials or spaces (IDN/SMTPUTF8 addresses are the caller's to convert).
+_ADDR_SPEC_RE = re.compile(r"[!#-'*+\-./0-9=?A-Z^-~]+@[!#-'*+\-./0-9=?A-Z^-~]+", re.ASCII)
+_PHRASE_MAX_QUOTED = 200
+_PHRASE_SPECIALS = frozenset('()<>[]:;@\\,."')
+
+
+def _safe_phrase(value: str) -> str:
+    """A display name as ASCII that cannot split or forge an address list.
+
+    Plain ASCII goes as is, or as a quoted-string when it holds specials
+    (RFC 5322 3.2.4); anything else (non-ASCII, controls, long, or shaped
+    like an encoded-word) becomes encoded-words, inside which specials are
+    inert. Runs of whitespace mean one space in a phrase (RFC 5322 3.2.2).
+    """
+    value = " ".join(value.translate(_HEADER_UNSAFE).split())
+    if value.isascii() and value.isprintable() and "=?" not in value and len(value) <= _PHRASE_MAX_QUOTED:
+        if not any(c in _PHRASE_SPECIALS for c in value):
+            return value
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return encode_phrase(value)
+
+
+_HEADER_UNSAFE = str.maketrans({"\r": " ", "\n": " ", "\0": " "})
 
 
 def _unescape_arg(s: str) -> str:
@@ -144,7 +174,7 @@ def _html_mode(prefix: str) -> tuple[int, bool]:
 class CompiledText:
     """A template string split into pre-encoded literal segments and field slots."""
 
-    def __init__(self, text: str, context: str, *, source: str) -> None:
+    def __init__(self, text: str, context: str, *, source: str, address_header: bool = False) -> None:
         self.source = source
         self.context = context
         literals: list[bytes] = []
@@ -168,7 +198,12 @@ class CompiledText:
                 mode, _ = _html_mode("".join(html_prefix))
                 if mode in (core.MODE_URL, core.MODE_URL_COMPONENT) and "urlencode" in names:
                     mode = core.MODE_HTML  # already %-encoded; only HTML escaping left (a no-op)
-            slots.append(Slot(field, filters, mode, line))
+            part = ""
+            if context == Context.HEADER and address_header:
+                before = "".join(html_prefix)
+                whole = not literal.strip() and not text[m.end() :].strip() and not slots
+                part = "address" if whole or before.rfind("<") > before.rfind(">") else "phrase"
+            slots.append(Slot(field, filters, mode, line, part))
             html_prefix.append("x")  # a field's value is opaque text for context purposes
             pos = m.end()
         rest = text[pos:]
@@ -238,6 +273,11 @@ class CompiledText:
                 value = when.strftime(arg or "%Y-%m-%d")
         if value is None:
             raise self._fail(slot, recipient, recipient_id, "missing (and no default)")
+        if slot.address_part == "address":
+            if not _ADDR_SPEC_RE.fullmatch(value):
+                raise self._fail(slot, recipient, recipient_id, f"{value[:60]!r} is not a single email address")
+        elif slot.address_part == "phrase":
+            value = _safe_phrase(value)
         if slot.mode == core.MODE_URL:
             scheme = value.lstrip()[:7].lower()
             if ":" in value.split("/", 1)[0] and not scheme.startswith(_URL_SCHEMES):
