@@ -20,7 +20,11 @@ Input format (a ``[template]`` table of a campaign TOML, decoded into
     filename = "terms.pdf"             # optional, default: the file's name
 
 From and To are required. Date, Message-ID, MIME-Version, Content-Type and
-Content-Transfer-Encoding are generated and may not be given.
+Content-Transfer-Encoding are generated and may not be given. In address
+headers (From, To, Cc, Bcc, Reply-To, Sender) a field inside ``<...>`` (or
+making up the whole value) must hold exactly one ASCII address, and a field
+elsewhere is a display name, quoted or encoded so that it can never add an
+address.
 
 Output (``CompiledCampaign.render``): the message with CRLF line ends, every
 line at most 998 octets (headers folded, RFC 2047 for non-ASCII; a body part
@@ -226,8 +230,9 @@ class CompiledCampaign:
             out += [head, b"\r\n", body]
             return b"".join(out)
         b = self.boundary.encode()
-        inner = parts[0][0] + b"\r\n" + parts[0][1] if len(parts) == 1 else None
-        if len(parts) == 2:
+        if len(parts) == 1:
+            inner = parts[0][0] + b"\r\n" + parts[0][1]
+        else:
             alt_b = b + b"a"
             alt = [b'Content-Type: multipart/alternative; boundary="%s"\r\n\r\n' % alt_b]
             # The CRLF before a delimiter belongs to the delimiter (RFC 2046
@@ -236,7 +241,6 @@ class CompiledCampaign:
                 alt += [b"--%s\r\n" % alt_b, head, b"\r\n", body, b"\r\n"]
             alt.append(b"--%s--\r\n" % alt_b)
             inner = b"".join(alt)
-        assert inner is not None
         if not self._attachments:
             # inner starts with its own Content-Type: it is the whole message body.
             out.append(inner)

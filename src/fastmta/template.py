@@ -17,7 +17,10 @@ literally.
 Escaping follows where the field sits, decided once at compile time:
 
 - header: CR, LF and NUL become spaces, so no value can start a header;
-  non-ASCII becomes RFC 2047 encoded-words (``headers.py``).
+  non-ASCII becomes RFC 2047 encoded-words (``headers.py``). In address
+  headers (``address_header=True``) a field inside ``<...>`` or forming the
+  whole value must be one plain address; any other field is a display name,
+  made a quoted-string or encoded-words so it cannot add an address.
 - HTML text and attribute values: HTML-escaped (``& < > " '``, the entities
   Jinja2/markupsafe use) unless ``| raw``.
 - a URL attribute (``href``, ``src``, ...): a field that starts the value is
