@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -206,11 +205,27 @@ def test_mismatched_key_is_config_error(keys: Keys) -> None:
         load_signing_key(_cfg(keys.paths["ed25519-sha256"], "rsa-sha256"))
 
 
+# A throwaway 768-bit key (cryptography refuses to generate keys this short).
+SHORT_RSA_PEM = b"""-----BEGIN PRIVATE KEY-----
+MIIB5AIBADANBgkqhkiG9w0BAQEFAASCAc4wggHKAgEAAmEAvWwX6K43eU/AEAzN
+G303+xg63usCpB4FSp+xegGJMm3/7qsTfmfGn2CGgbn6epQvjCadYWFkD2ikcmiQ
+FeXEJWz7hPL4MZ3+I5qoi+6nsiyG10hc5LzCuW7cjo4pi1QbAgMBAAECYGqsM+6y
+JcVodwXS37MKWntKUuT0vgEEcwBqXD0UHlpK/iU/LHQ0JvPcHQNzY66iQgg6sQO9
+953+HsT5wJ0rCRh6ugpigIggk76x/6OixhdwRYACSJ6Y60MnopjC5mr5IQIxAOd+
+hWSeFas26Yzw/pjc5byVkAGUn4UG8g5UdNjQv4IJ5BJusnaXBZNcbBV+N7/z8QIx
+ANF5bJnWNlRW7m7L2tO4ftR3mPrtPGBdnXXSt146E9DzvxodCMBqb/7B6ry8oXck
+ywIxAJ/A/XdJbTTB6Xz9VwXQ864oHMAqe8eG2oavHBAARxkLkFx0Di6u3Acs8d4H
+Q5vxUQIwKanYAuULW00LEXh0ZsX8W/AJumbzKkuUZPnrRM+SX24LpXr+4Z6J9gbF
+1JJEHzlvAjBE5UMxart2pscYtD3g9r0XeQpUHQkAWpcr3nz5A5IzZaZHLavcZyYh
+8J1g8fePbnc=
+-----END PRIVATE KEY-----
+"""
+
+
 def test_short_rsa_key_is_config_error(tmp_path: Path) -> None:
     path = tmp_path / "short.pem"
-    pem = subprocess.run(["openssl", "genrsa", "512"], capture_output=True, check=True).stdout
-    path.write_bytes(pem)
-    with pytest.raises(ConfigError, match="512-bit") as err:
+    path.write_bytes(SHORT_RSA_PEM)
+    with pytest.raises(ConfigError, match="768-bit") as err:
         load_signing_key(_cfg(str(path)))
     assert str(path) in str(err.value)
 
