@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -78,8 +79,12 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=65536)
 def normalize_domain(name: str) -> str:
     """Lower-case A-label form without the trailing dot.
+
+    Cached: every recipient's domain passes through here on the hot path,
+    and a campaign has few distinct domains compared with recipients.
 
     Unicode (IDN) names become A-labels with UTS #46 mapping, as a browser
     or a mail client would do, so ``Bücher.example`` and

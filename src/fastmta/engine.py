@@ -94,6 +94,10 @@ class Engine:
         self._due: DueQueue[tuple[Message, list[Recipient]]] | None = None
         self._health: HostHealth | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # domain -> work waiting for its route (one lookup task per domain)
+        self._lookups: dict[
+            str, list[tuple[Message, dict[str, list[Recipient]], dict[str, Route | RouteFailure] | None]]
+        ] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._started = False
@@ -191,7 +195,7 @@ class Engine:
         msg = Message(message_id or new_message_id(), sender, body, rcpts, meta=meta or {})
         msg.deadline = loop.time() + self.retry.max_lifetime
         self._trackers[msg.id] = _Tracker(msg, loop.create_future())
-        self._spawn(self._dispatch(msg, rcpts))
+        self._route(msg, rcpts)
         return msg.id
 
     def result(self, message_id: str) -> asyncio.Future[list[Outcome]]:
@@ -236,21 +240,50 @@ class Engine:
         x = self._rng.random() * self._source_cum[-1]
         return self._sources[bisect.bisect_right(self._source_cum, x)]
 
-    async def _dispatch(self, msg: Message, rcpts: list[Recipient]) -> None:
-        assert self._router is not None
+    def _route(self, msg: Message, rcpts: list[Recipient]) -> None:
         by_domain: dict[str, list[Recipient]] = {}
         for r in rcpts:
             by_domain.setdefault(r.domain, []).append(r)
+        self._route_groups(msg, by_domain, None)
+
+    def _route_groups(
+        self, msg: Message, by_domain: dict[str, list[Recipient]], known: dict[str, Route | RouteFailure] | None
+    ) -> None:
+        """Queue the recipients now when every domain's route is known or cached.
+
+        Otherwise wait for that domain's lookup. One lookup task per domain,
+        however many messages wait for it: a burst of submits to a new domain
+        costs one coroutine, not one per message (the router is single-flight
+        too, but a task per message would still cost more than the delivery).
+        """
+        assert self._router is not None
+        routes: list[Route | RouteFailure] = []
+        for domain in by_domain:
+            route = known.get(domain) if known else None
+            if route is None:
+                route = self._router.route_cached(domain)
+            if route is None:
+                waiting = self._lookups.get(domain)
+                if waiting is None:
+                    self._lookups[domain] = [(msg, by_domain, known)]
+                    self._spawn(self._lookup(domain))
+                else:
+                    waiting.append((msg, by_domain, known))
+                return
+            routes.append(route)
+        self._enqueue(msg, by_domain, routes)
+
+    async def _lookup(self, domain: str) -> None:
+        assert self._router is not None
         try:
-            if len(by_domain) == 1:
-                routes = [await self._router.route(next(iter(by_domain)))]
-            else:
-                routes = list(await asyncio.gather(*(self._router.route(d) for d in by_domain)))
+            result = await self._router.route(domain)
         except Exception as exc:  # a resolver bug must not lose the recipients
-            log.exception("routing failed for message %s", msg.id)
-            reply = Reply.local(451, "4.4.3", f"routing error: {exc}")
-            self._record_group(msg, rcpts, reply, None)
-            return
+            log.exception("routing %s failed", domain)
+            result = RouteFailure(domain, Reply.local(451, "4.4.3", f"routing error: {exc}"), True, 0.0)
+        for msg, by_domain, known in self._lookups.pop(domain, []):
+            self._route_groups(msg, by_domain, {**(known or {}), domain: result})
+
+    def _enqueue(self, msg: Message, by_domain: dict[str, list[Recipient]], routes: Sequence[Route | RouteFailure]) -> None:
         source = self._pick_source()
         by_site: dict[str, tuple[Route, list[Recipient]]] = {}
         for group, route in zip(by_domain.values(), routes):
@@ -300,7 +333,7 @@ class Engine:
 
     def _on_due(self, item: tuple[Message, list[Recipient]]) -> None:
         if not self._closing:
-            self._spawn(self._dispatch(*item))
+            self._route(*item)
 
     # --- outcomes ---------------------------------------------------------------
 

@@ -78,9 +78,13 @@ class Message:
     meta: dict[str, Any] = field(default_factory=dict)  # the caller's, copied to accounting (e.g. job id)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
-    """The result of one attempt for one recipient (final or deferred)."""
+    """The result of one attempt for one recipient (final or deferred).
+
+    Not frozen: one is made per recipient per attempt, and a frozen
+    dataclass pays an ``object.__setattr__`` per field. Treat it as read-only.
+    """
 
     message_id: str
     recipient: str

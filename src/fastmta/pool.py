@@ -238,6 +238,7 @@ class SiteQueue:
             while True:
                 while (
                     self.ready
+                    and not self._closing  # shutting down: finish what is in flight, start nothing new
                     and len(inflight) < limits.pipeline_depth
                     and sent < limits.max_messages_per_connection
                     and conn.is_usable

@@ -218,6 +218,26 @@ class Router:
                 return hosts
         return self._default
 
+    def route_cached(self, domain: str) -> Route | RouteFailure | None:
+        """The memoized answer of :meth:`route` without awaiting, or None when a lookup is needed.
+
+        The engine's hot path: a campaign sends most recipients to domains it
+        has already routed, and skipping the coroutine and task saves more
+        than the lookup itself costs.
+        """
+        try:
+            name = normalize_domain(domain)
+        except ValueError:
+            return None  # route() produces the proper failure
+        entry = self._memo.get(name)
+        if entry is None:
+            return None
+        self._memo.stats.hits += 1
+        result = entry[0]
+        if isinstance(result, Route) and result.source != "static" and _has_ties(result.hosts):
+            return Route(result.domain, result.site, _shuffle_ties(result.hosts, self._rng), result.source, result.expires)
+        return result
+
     async def route(self, domain: str) -> Route | RouteFailure:
         """Where to deliver mail for *domain* (any case, Unicode or A-label)."""
         try:
