@@ -220,6 +220,13 @@ def quoted_printable(bytes data not None):
                 if c == 13 and i < n and s[i] == 10:
                     i += 1
                 continue
+            if 33 <= c <= 126 and c != 61 and cur < 75 and not (c == 46 and cur == 0):
+                # Fast path: a plain printable byte that fits on the line.
+                out[o] = c
+                o += 1
+                cur += 1
+                i += 1
+                continue
             i += 1
             last = i == n or s[i] == 13 or s[i] == 10
             if c == 32 or c == 9:

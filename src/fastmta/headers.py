@@ -27,17 +27,17 @@ _UNSAFE = str.maketrans({"\r": " ", "\n": " ", "\0": " "})
 
 def _encoded_words(text: str) -> list[str]:
     """*text* as RFC 2047 B encoded-words, never splitting a character."""
+    data = text.encode("utf-8")
+    n = len(data)
     words: list[str] = []
-    chunk = bytearray()
-    for ch in text:
-        b = ch.encode("utf-8")
-        if len(chunk) + len(b) > _EW_MAX_BYTES:
-            words.append(_EW_PREFIX + base64.b64encode(chunk).decode("ascii") + "?=")
-            chunk = bytearray()
-        chunk += b
-    if chunk or not words:
-        words.append(_EW_PREFIX + base64.b64encode(chunk).decode("ascii") + "?=")
-    return words
+    i = 0
+    while i < n:
+        j = min(i + _EW_MAX_BYTES, n)
+        while j < n and (data[j] & 0xC0) == 0x80:  # back off a UTF-8 continuation byte
+            j -= 1
+        words.append(_EW_PREFIX + base64.b64encode(data[i:j]).decode("ascii") + "?=")
+        i = j
+    return words or [_EW_PREFIX + "?="]
 
 
 def encode_phrase(text: str) -> str:
