@@ -228,3 +228,13 @@ def run_child(cmd: Sequence[str], timeout: float) -> ChildRun:
             returncode=proc.returncode, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime,
             stdout=out.read(), stderr=err.read(), timed_out=killed.is_set(),
         )
+
+
+def text_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others (figures) right-aligned."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
