@@ -135,7 +135,7 @@ class Progress:
         return Group(head, table)
 
     def print_summary(self, s: dict[str, Any]) -> None:
-        table = Table(title="fastmta send: summary", title_justify="left")
+        table = Table(title="fastmta send: summary", title_justify="left", show_header=False)
         table.add_column("", style="bold")
         table.add_column("", justify="right")
         rows = [
