@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -83,21 +84,32 @@ def timeit(fn: Callable[[], object], number: int) -> float:
     return (time.perf_counter() - t0) / number
 
 
-def measure(cases: dict[str, tuple[Callable[[], object], int]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each case; cases interleaved inside every round."""
-    samples: dict[str, list[float]] = {k: [] for k in cases}
-    for fn, _ in cases.values():
+SAMPLE_SECONDS = 0.02  # one sample of one case; set by --quick
+
+
+def measure(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each case.
+
+    Each case is calibrated to samples of about SAMPLE_SECONDS, and the
+    cases are interleaved inside every round, so a burst of load from
+    elsewhere on the machine hits all of them alike instead of one.
+    """
+    numbers: dict[str, int] = {}
+    for name, fn in cases.items():
         fn()  # warm up
+        one = timeit(fn, 3)
+        numbers[name] = max(1, int(SAMPLE_SECONDS / max(one, 1e-9)))
+    samples: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(rounds):
-        for name, (fn, number) in cases.items():
-            samples[name].append(timeit(fn, number))
+        for name, fn in cases.items():
+            samples[name].append(timeit(fn, numbers[name]))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
 # ------------------------------------------------------------------ render
 
 
-def bench_render(rounds: int, scale: float) -> tuple[dict[str, float], dict[str, Any]]:
+def bench_render(rounds: int) -> tuple[dict[str, float], dict[str, Any]]:
     src = make_html_template()
     rcpts = recipients(256)
     compiled = CompiledText(src, Context.HTML, source="bench.html")
@@ -118,18 +130,11 @@ def bench_render(rounds: int, scale: float) -> tuple[dict[str, float], dict[str,
         it[0] = (it[0] + 1) & 255
         return rcpts[it[0]]
 
-    n = max(50, int(2000 * scale))
-    cases = {
-        "fastmta (_core)": (lambda: compiled.render(nxt()), n),
-        "reference (pure Python)": (
-            lambda: _core_ref.render(compiled.literals, compiled.modes, getter(nxt())),
-            max(10, n // 20),
-        ),
-        "string.Template + markupsafe": (
-            lambda: tmpl.substitute({k: markupsafe.escape(v) for k, v in nxt().items()}).encode(),
-            n,
-        ),
-        "Jinja2 (autoescape)": (lambda: jinja.render(**nxt()).encode(), n),
+    cases: dict[str, Callable[[], object]] = {
+        "fastmta (_core)": lambda: compiled.render(nxt()),
+        "reference (pure Python)": lambda: _core_ref.render(compiled.literals, compiled.modes, getter(nxt())),
+        "string.Template + markupsafe": lambda: tmpl.substitute({k: markupsafe.escape(v) for k, v in nxt().items()}).encode(),
+        "Jinja2 (autoescape)": lambda: jinja.render(**nxt()).encode(),
     }
     campaign = compile_campaign(
         {
@@ -137,7 +142,7 @@ def bench_render(rounds: int, scale: float) -> tuple[dict[str, float], dict[str,
             "html": src,
         }
     )
-    cases["fastmta whole message (info)"] = (lambda: campaign.render(nxt()), max(20, n // 4))
+    cases["fastmta whole message (info)"] = lambda: campaign.render(nxt())
     info = {"template_bytes": len(src.encode()), "fields": len(compiled.slots), "same_bytes": True}
     return measure(cases, rounds), info
 
@@ -156,7 +161,7 @@ def make_message(size: int) -> bytes:
     return head + body[: size - len(head) - 2] + b"\r\n"
 
 
-def bench_dkim(rounds: int, scale: float, tmp: str) -> dict[str, float]:
+def bench_dkim(rounds: int, tmp: str) -> dict[str, float]:
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ed_key = ed25519.Ed25519PrivateKey.generate()
     rsa_pem = rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -192,12 +197,10 @@ def bench_dkim(rounds: int, scale: float, tmp: str) -> dict[str, float]:
         msg = make_message(size)
         for alg in ("RSA-2048", "Ed25519"):
             signer = signers[alg]
-            fast_n = max(20, int((400 if alg == "Ed25519" else 200) * scale * (0.25 if size > 10000 else 1)))
-            slow_n = max(3, int((40 if alg == "Ed25519" else 10) * scale * (0.25 if size > 10000 else 1)))
-            cases = {
-                f"{alg} {size_name} fastmta": (lambda s=signer, m=msg: s.sign(m), fast_n),
-                f"{alg} {size_name} dkimpy": (lambda f=dkimpy_sign[alg], m=msg: f(m), slow_n),
-                f"{alg} {size_name} raw OpenSSL": (raw[alg], fast_n),
+            cases: dict[str, Callable[[], object]] = {
+                f"{alg} {size_name} fastmta": functools.partial(signer.sign, msg),
+                f"{alg} {size_name} dkimpy": functools.partial(dkimpy_sign[alg], msg),
+                f"{alg} {size_name} raw OpenSSL": raw[alg],
             }
             results.update(measure(cases, rounds))
     return results
@@ -206,16 +209,15 @@ def bench_dkim(rounds: int, scale: float, tmp: str) -> dict[str, float]:
 # ------------------------------------------------------------------ canonicalization
 
 
-def bench_canon(rounds: int, scale: float) -> dict[str, float]:
+def bench_canon(rounds: int) -> dict[str, float]:
     msg = make_message(100 * 1024)
     body = msg[msg.index(b"\r\n\r\n") + 4 :]
-    n = max(20, int(300 * scale))
-    cases = {
-        "relaxed fastmta (_core)": (lambda: hashlib.sha256(core.canonicalize_body(body, True)).digest(), n),
-        "simple fastmta (_core)": (lambda: hashlib.sha256(core.canonicalize_body(body, False)).digest(), n),
-        "relaxed reference": (lambda: hashlib.sha256(_core_ref.canonicalize_body(body, True)).digest(), max(5, n // 10)),
-        "relaxed dkimpy": (lambda: hashlib.sha256(dkimcanon.Relaxed.canonicalize_body(body)).digest(), max(5, n // 10)),
-        "SHA-256 alone": (lambda: hashlib.sha256(body).digest(), n),
+    cases: dict[str, Callable[[], object]] = {
+        "relaxed fastmta (_core)": lambda: hashlib.sha256(core.canonicalize_body(body, True)).digest(),
+        "simple fastmta (_core)": lambda: hashlib.sha256(core.canonicalize_body(body, False)).digest(),
+        "relaxed reference": lambda: hashlib.sha256(_core_ref.canonicalize_body(body, True)).digest(),
+        "relaxed dkimpy": lambda: hashlib.sha256(dkimcanon.Relaxed.canonicalize_body(body)).digest(),
+        "SHA-256 alone": lambda: hashlib.sha256(body).digest(),
     }
     per_call = measure(cases, rounds)
     return {k: len(body) / v / 1e6 for k, v in per_call.items()}  # MB/s
@@ -227,18 +229,19 @@ def bench_canon(rounds: int, scale: float) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few iterations: a sanity check, not figures")
-    ap.add_argument("--rounds", type=int, default=None, help="rounds per case (median taken); default 7, quick 3")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per case (median taken); default 15, quick 3")
     ap.add_argument("--json", metavar="PATH", help="also write the JSON document here")
     args = ap.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 7)
-    scale = 0.1 if args.quick else 1.0
+    rounds = args.rounds or (3 if args.quick else 15)
+    global SAMPLE_SECONDS
+    SAMPLE_SECONDS = 0.005 if args.quick else 0.02
 
     if not core.COMPILED:
         print("warning: fastmta._core is not in use (FASTMTA_NO_EXTENSIONS or not built)", file=sys.stderr)
-    render, render_info = bench_render(rounds, scale)
+    render, render_info = bench_render(rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        sign = bench_dkim(rounds, scale, tmp)
-    canon = bench_canon(rounds, scale)
+        sign = bench_dkim(rounds, tmp)
+    canon = bench_canon(rounds)
 
     print(f"\nRender one recipient ({render_info['template_bytes']} B HTML, {render_info['fields']} fields, "
           "escaping on; identical bytes verified)")

@@ -38,8 +38,13 @@ cdef Py_ssize_t _body_feed(BodyState* st, const unsigned char* src, Py_ssize_t n
     """Canonicalize src[0:n] into out; return bytes written. out has _body_cap room."""
     cdef Py_ssize_t i = 0, o = 0, k
     cdef unsigned char c, cls
-    # In simple mode WSP is plain content: the run scan below treats class 1
-    # as content when `wsp_is_content`.
+    # The state lives in locals for the loop: writes through `out` (a char
+    # pointer, which may alias anything) would otherwise force the compiler
+    # to reload it from memory after every byte.
+    cdef Py_ssize_t pending_crlf = st.pending_crlf
+    cdef bint pending_wsp = st.pending_wsp
+    cdef bint any_content = st.any_content
+    # In simple mode WSP is plain content: class 1 counts as content.
     cdef unsigned char limit = 0 if st.relaxed else 1
     if st.prev_cr and n > 0:
         st.prev_cr = False
@@ -49,19 +54,19 @@ cdef Py_ssize_t _body_feed(BodyState* st, const unsigned char* src, Py_ssize_t n
         c = src[i]
         cls = _BODYCLASS[c]
         if cls <= limit:
-            # A run of content: flush what was held back, then copy the run whole.
-            if st.pending_crlf:
-                for k in range(st.pending_crlf):
+            # A run of content: flush what was held back, then copy the run.
+            if pending_crlf:
+                for k in range(pending_crlf):
                     out[o] = 13
                     out[o + 1] = 10
                     o += 2
-                st.pending_crlf = 0
-            if st.pending_wsp:
+                pending_crlf = 0
+            if pending_wsp:
                 out[o] = 32
                 o += 1
-                st.pending_wsp = False
-            # Copy byte by byte: runs between spaces are short, a memcpy
-            # call per word costs more than it saves.
+                pending_wsp = False
+            # Byte by byte: runs between spaces are short, a memcpy call
+            # per word costs more than it saves.
             out[o] = c
             o += 1
             i += 1
@@ -72,21 +77,26 @@ cdef Py_ssize_t _body_feed(BodyState* st, const unsigned char* src, Py_ssize_t n
                 out[o] = c
                 o += 1
                 i += 1
-            st.any_content = True
+            any_content = True
         elif cls == 1:
-            st.pending_wsp = True
+            pending_wsp = True
             i += 1
+            while i < n and _BODYCLASS[src[i]] == 1:
+                i += 1
         else:
             # A line end (CRLF, lone CR or lone LF): held back until content follows.
             i += 1
-            st.pending_crlf += 1
-            st.pending_wsp = False  # trailing WSP of a line is dropped (relaxed)
+            pending_crlf += 1
+            pending_wsp = False  # trailing WSP of a line is dropped (relaxed)
             if c == 13:
                 if i < n:
                     if src[i] == 10:
                         i += 1
                 else:
                     st.prev_cr = True
+    st.pending_crlf = pending_crlf
+    st.pending_wsp = pending_wsp
+    st.any_content = any_content
     return o
 
 
