@@ -90,6 +90,7 @@ class Engine:
         self._subscribers: list[asyncio.Queue[Outcome | None]] = []
         self._capacity_waiters: deque[asyncio.Future[None]] = deque()
         self._unfinished = 0  # recipients accepted and not final
+        self._submits = 0
         self._idle: asyncio.Event | None = None
         self._due: DueQueue[tuple[Message, list[Recipient]]] | None = None
         self._health: HostHealth | None = None
@@ -196,6 +197,12 @@ class Engine:
         msg.deadline = loop.time() + self.retry.max_lifetime
         self._trackers[msg.id] = _Tracker(msg, loop.create_future())
         self._route(msg, rcpts)
+        self._submits += 1
+        if self._submits % 64 == 0:
+            # submit() does not otherwise yield while the queue has room; let
+            # delivery run between submits so a producer in a tight loop does
+            # not queue everything before the first message goes out.
+            await asyncio.sleep(0)
         return msg.id
 
     def result(self, message_id: str) -> asyncio.Future[list[Outcome]]:

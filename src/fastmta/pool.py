@@ -229,47 +229,64 @@ class SiteQueue:
         return None, None
 
     async def _carry(self, conn: SMTPConnection, mx_host: str | None) -> None:
-        limits = self.limits
         peer_ip = conn.peer[0] if conn.peer else None
         delivery = Delivery(self.site, mx_host, peer_ip, conn.local[0] if conn.local else None)
         inflight: deque[tuple[Batch, asyncio.Future[TransactionResult]]] = deque()
-        sent = 0
         try:
-            while True:
-                while (
-                    self.ready
-                    and not self._closing  # shutting down: finish what is in flight, start nothing new
-                    and len(inflight) < limits.pipeline_depth
-                    and sent < limits.max_messages_per_connection
-                    and conn.is_usable
-                ):
-                    batch = self.ready.popleft()
-                    rcpts = [r.address for r in batch.recipients]
-                    fut = conn.send(Transaction(batch.message.sender, rcpts, batch.message.body, batch))
-                    inflight.append((batch, fut))
-                    sent += 1
-                if inflight:
-                    batch, fut = inflight.popleft()
-                    result = await fut
-                    self.transactions += 1
-                    self.on_result(batch, result, delivery)
-                    continue
-                if sent >= limits.max_messages_per_connection or not conn.is_usable or self._closing:
-                    return
-                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._idle.append(waiter)
-                try:
-                    await asyncio.wait_for(waiter, limits.idle_timeout)
-                except (TimeoutError, asyncio.TimeoutError):
-                    return
-                finally:
-                    if waiter in self._idle:
-                        self._idle.remove(waiter)
-        finally:
+            await self._send_batches(conn, delivery, inflight)
+        except asyncio.CancelledError:
+            # Shutdown ran out of time (a tarpit): drop the connection, which
+            # fails what is in flight at once (transient, so not final: counted
+            # as unfinished) instead of waiting for replies that may never come.
+            conn.close()
             for batch, fut in inflight:
+                if fut.done():
+                    self.on_result(batch, fut.result(), delivery)
+            raise
+        for batch, fut in inflight:
+            self.on_result(batch, await fut, delivery)
+        await conn.quit()
+
+    async def _send_batches(
+        self,
+        conn: SMTPConnection,
+        delivery: Delivery,
+        inflight: deque[tuple[Batch, asyncio.Future[TransactionResult]]],
+    ) -> None:
+        """Pipeline ready batches over *conn* until its message limit, idle timeout or shutdown."""
+        limits = self.limits
+        sent = 0
+        while True:
+            while (
+                self.ready
+                and not self._closing  # shutting down: finish what is in flight, start nothing new
+                and len(inflight) < limits.pipeline_depth
+                and sent < limits.max_messages_per_connection
+                and conn.is_usable
+            ):
+                batch = self.ready.popleft()
+                rcpts = [r.address for r in batch.recipients]
+                fut = conn.send(Transaction(batch.message.sender, rcpts, batch.message.body, batch))
+                inflight.append((batch, fut))
+                sent += 1
+            if inflight:
+                batch, fut = inflight[0]
                 result = await fut
+                inflight.popleft()
+                self.transactions += 1
                 self.on_result(batch, result, delivery)
-            await conn.quit()
+                continue
+            if sent >= limits.max_messages_per_connection or not conn.is_usable or self._closing:
+                return
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, limits.idle_timeout)
+            except (TimeoutError, asyncio.TimeoutError):
+                return
+            finally:
+                if waiter in self._idle:
+                    self._idle.remove(waiter)
 
     def _fail_ready(self, reply: Reply, host: tuple[str, str] | None) -> None:
         delivery = Delivery(self.site, host[0] if host else None, host[1] if host else None, self.source.address)
