@@ -25,8 +25,8 @@ by the receiver's replies rather than by packet loss):
   ``max(value * decrease, hold * good)`` instead of halving far below a
   value just proven; plain halving (and forgetting ``good``) is kept for a
   reply at or below ``good``: the receiver's capacity dropped. Above
-  ``good`` the dial probes with small steps that double while rounds stay
-  clean, so a raised capacity is found in a few rounds.
+  ``good`` the dial probes with steps that grow by one base step per clean
+  round, so a raised capacity is found in a few rounds.
 * **Suspension** on a reply carrying ``suspend_for`` (Yahoo TSS04, ...):
   nothing goes until the time is up, then a single probe message on a
   single connection; only its clean reply resumes sending, from the
@@ -111,6 +111,12 @@ class AdaptiveConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     probe_step: Fraction = 0.02
     #: Smallest additive step of the rate, messages/s.
     min_rate_step: PosFloat = 0.5
+    #: Clean rounds spent at the last good value before probing above it;
+    #: doubled after each failed probe up to max_hold_rounds, reset by a
+    #: successful one. Longer: fewer throttle replies, slower discovery of
+    #: a raised capacity.
+    hold_rounds: Annotated[int, msgspec.Meta(ge=0)] = 4
+    max_hold_rounds: Annotated[int, msgspec.Meta(ge=0)] = 16
     #: A round lasts at least this long (seconds); see the module notes.
     round_min: PosFloat = 1.0
     #: Suspension length when a probe is throttled without a rule-given time.
@@ -261,7 +267,15 @@ class ThrottleStatus:
 class _Dial:
     """One AIMD quantity with slow start, hold and probing (see module notes)."""
 
-    def __init__(self, initial: float, floor: float, ceiling: float, step: Callable[[float], float], integer: bool) -> None:
+    def __init__(
+        self, initial: float, floor: float, ceiling: float, step: Callable[[float], float], integer: bool,
+        hold_rounds: int, max_hold_rounds: int,
+    ) -> None:  # fmt: skip
+        self.min_hold = hold_rounds
+        self.max_hold = max(hold_rounds, max_hold_rounds)
+        self.hold_len = hold_rounds  # clean rounds to sit at good before probing above it
+        self.hold_left = 0
+        self.reset_above = 1.1
         self.initial = min(max(initial, floor), ceiling)
         self.value = self.initial
         self.floor = floor
@@ -295,15 +309,28 @@ class _Dial:
         if not self.limited or self.signalled:
             return None
         v = self.value
+        if self.probe and v > self.good * self.reset_above:
+            # A probe well above good came back clean: the capacity grew, so
+            # probe often again. (Just above good proves little: a
+            # receiver's burst allowance hides a small excess for a while.)
+            self.hold_len = self.min_hold
         self.good = max(self.good, v)
         if v < self.ssthresh:
             new, why = min(v * 2, self.ssthresh), "slow start: clean round"
             self.probe = 0.0
         elif v < self.good:
-            new, why = v + self._base_step(v), "additive increase: clean round"
+            new, why = min(v + self._base_step(v), self.good), "additive increase: clean round"
+        elif self.hold_left > 0:
+            # Sit at the last good value for a while: every probe above it
+            # costs throttle replies, and a failed probe doubles the wait.
+            self.hold_left -= 1
+            return None
         else:
-            # Above every value proven clean: small steps, doubling while clean.
-            self.probe = self.probe * 2 if self.probe else self._base_step(v)
+            # Above every value proven clean: steps growing by one base step
+            # per clean round (0.5, 1, 1.5, ...): gentle at first, where a
+            # receiver's burst allowance can make a round look clean, yet a
+            # doubled capacity is found in about ten rounds.
+            self.probe += self._base_step(v)
             new, why = v + self.probe, "probing above the last good value: clean round"
         new = self._q(new)
         if self.integer and new == v and v < self.ceiling:
@@ -319,14 +346,21 @@ class _Dial:
             # Throttled while above the best clean value: capacity lies in
             # between, so stay near the proven value instead of halving.
             new = max(v * decrease, hold * self.good)
-            self.ssthresh = new
+            if self.ssthresh != math.inf:  # a failed probe (not the end of slow start)
+                self.hold_len = min(2 * self.hold_len, self.max_hold)
+        elif self.good and v >= hold * self.good:
+            # Throttled near the value we believed good: it was a little
+            # optimistic (a receiver's burst allowance makes it look clean).
+            self.good = hold * v
+            new = hold * self.good
         else:
-            # At or below a value that used to be clean, or no history: the
-            # receiver's capacity is lower than we thought; halve and relearn.
+            # Well below a value that used to be clean, or no history: the
+            # receiver's capacity dropped; halve and relearn.
             new = v * decrease
             self.good = 0.0
-            self.ssthresh = new
+        self.ssthresh = new
         self.probe = 0.0
+        self.hold_left = self.hold_len
         self.value = self._q(new)
 
     def restart(self, hold: float) -> None:
@@ -372,11 +406,11 @@ class SiteThrottle:
         self.events: deque[ThrottleEvent] = deque(maxlen=history)
         self._window = _Dial(
             a.initial_connections if a.enabled else config.max_connections,
-            1, config.max_connections, lambda v: 1.0, integer=True,
+            1, config.max_connections, lambda v: 1.0, True, a.hold_rounds, a.max_hold_rounds,
         )  # fmt: skip
         self._rate = _Dial(
             a.initial_rate, a.min_rate, a.max_rate if a.max_rate is not None else math.inf,
-            lambda v: max(a.min_rate_step, a.probe_step * v), integer=False,
+            lambda v: max(a.min_rate_step, a.probe_step * v), False, a.hold_rounds, a.max_hold_rounds,
         )  # fmt: skip
         self._pacer = Gcra(1.0 / self._rate.value)
         # The first round starts now, with the first ticket.
@@ -432,6 +466,7 @@ class SiteThrottle:
         return 0.0
 
     def connection_started(self, now: float) -> int:
+        self._tick(now)
         if self._conn_rate is not None:
             self._conn_rate.take(now)
         return self._ticket()
@@ -469,6 +504,7 @@ class SiteThrottle:
         return self.warmup.check(now, n) if self.warmup is not None else None
 
     def message_started(self, now: float, n: int = 1) -> int:
+        self._tick(now)
         for lim in (*self._static, *self._shared):
             lim.take(now, n)
         if self.adaptive.enabled:

@@ -24,18 +24,22 @@ from typing import Annotated
 
 import msgspec
 
-__all__ = ["Warmup", "WarmupConfig", "WarmupDecision", "WarmupState"]
+__all__ = ["DEFAULT_SCHEDULE", "Warmup", "WarmupConfig", "WarmupDecision", "WarmupState"]
 
 Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+#: Messages per day per (source, site) at each step: roughly doubling, as
+#: the providers' sender guidelines and warm-up services suggest.
+DEFAULT_SCHEDULE = (50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 
 
 class WarmupConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """``warmup``: the schedule for new sources (set on a source or a site pattern)."""
 
     #: Messages per day at each step; after the last step the source is warm (no quota).
-    schedule: list[Annotated[int, msgspec.Meta(ge=1)]] = [
-        50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
-    ]  # fmt: skip
+    schedule: list[Annotated[int, msgspec.Meta(ge=1)]] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_SCHEDULE)
+    )
     #: A day with more deferrals (transient failures / outcomes) than this holds the step.
     max_deferral_rate: Rate = 0.10
     #: A day with more bounces (permanent failures / outcomes) than this holds the step.
