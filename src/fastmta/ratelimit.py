@@ -107,7 +107,7 @@ class Gcra:
     no more than ``burst * interval`` ahead of ``now``.
     """
 
-    __slots__ = ("interval", "burst", "_tat")
+    __slots__ = ("_tat", "burst", "interval")
 
     def __init__(self, interval: float, burst: int = 1) -> None:
         if not interval > 0:

@@ -68,9 +68,9 @@ from fastmta.ratelimit import Gcra, parse_rate
 from fastmta.warmup import Warmup, WarmupConfig, WarmupDecision
 
 __all__ = [
+    "PROVIDERS",
     "AdaptiveConfig",
     "EventKind",
-    "PROVIDERS",
     "Provider",
     "SiteThrottle",
     "SourceLimits",
