@@ -274,7 +274,9 @@ class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
 
     retry_initial: Seconds = 60.0
     retry_factor: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
-    retry_max: Seconds = 3600.0
+    #: Longest wait between two attempts (also caps the classifier's hints,
+    #: e.g. 4 h for a full mailbox).
+    retry_max: Seconds = 14400.0
     retry_jitter: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.2
     #: A recipient still not delivered after this long is expired (5 days, like Postfix).
     max_lifetime: Seconds = 5 * 86400.0

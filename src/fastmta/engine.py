@@ -29,12 +29,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastmta.accounting import AccountingLog
+from fastmta.classify import Classification, Classifier, Outcome as ReplyOutcome, default_classifier
 from fastmta.config import Config, SiteConfig
 from fastmta.connection import Timeouts
 from fastmta.errors import FastMTAError, InputError
 from fastmta.message import Message, Outcome, Recipient, Status, new_message_id, split_address
 from fastmta.pool import Batch, Delivery, HostHealth, SiteLimits, SiteQueue, Source
-from fastmta.protocol import Body, TLSPolicy, TransactionResult
+from fastmta.protocol import Body, Phase, TLSPolicy, TransactionResult
 from fastmta.reply import Reply
 from fastmta.routing import Route, RouteFailure, Router
 from fastmta.scheduler import DueQueue, RetryPolicy
@@ -68,12 +69,14 @@ class Engine:
         router: Router | None = None,
         accounting: AccountingLog | None = None,
         rng: random.Random | None = None,
+        classifier: Classifier | None = None,
     ) -> None:
         self.config = config or Config()
         self._router_given = router
         self._router: Router | None = router
         self.accounting = accounting
         self._rng = rng or random.Random()
+        self.classifier = classifier or default_classifier()
         q = self.config.queue
         self.retry = RetryPolicy(q.retry_initial, q.retry_factor, q.retry_max, q.retry_jitter, q.max_lifetime)
         self._sources = [Source(s.name, s.address, s.ehlo_name, s.weight) for s in self.config.sources] or [
@@ -345,52 +348,69 @@ class Engine:
     # --- outcomes ---------------------------------------------------------------
 
     def _on_result(self, batch: Batch, result: TransactionResult, delivery: Delivery) -> None:
-        replies = result.recipient_replies()
         msg = batch.message
-        deferred: list[Recipient] = []
-        for rcpt, reply in zip(batch.recipients, replies):
-            if self._record(msg, rcpt, reply, delivery, defer_later=True):
-                deferred.append(rcpt)
+        deferred: list[tuple[Recipient, Classification]] = []
+        for rcpt, (reply, phase) in zip(batch.recipients, result.recipient_results()):
+            c = self._record(msg, rcpt, reply, _CLASSIFY_PHASE[phase], delivery)
+            if c is not None:
+                deferred.append((rcpt, c))
         if deferred:
             self._defer(msg, deferred, delivery)
 
     def _record_group(self, msg: Message, rcpts: list[Recipient], reply: Reply, delivery: Delivery | None) -> None:
-        deferred = [r for r in rcpts if self._record(msg, r, reply, delivery, defer_later=True)]
+        deferred: list[tuple[Recipient, Classification]] = []
+        for r in rcpts:
+            c = self._record(msg, r, reply, "connect", delivery)
+            if c is not None:
+                deferred.append((r, c))
         if deferred:
             self._defer(msg, deferred, delivery)
 
-    def _record(self, msg: Message, rcpt: Recipient, reply: Reply, delivery: Delivery | None, *, defer_later: bool) -> bool:
-        """Record one attempt; True when the recipient must be deferred (the caller schedules it)."""
+    def _record(
+        self, msg: Message, rcpt: Recipient, reply: Reply, phase: str, delivery: Delivery | None
+    ) -> Classification | None:
+        """Record one attempt; returns the classification when the recipient must be deferred."""
         rcpt.attempts += 1
         rcpt.last_reply = reply
         if reply.code // 100 == 2:
             self._emit(msg, rcpt, Status.DELIVERED, reply, delivery)
-            return False
-        if reply.code >= 500:
-            self._emit(msg, rcpt, Status.BOUNCED, reply, delivery)
-            return False
-        return True
+            return None
+        c = self.classifier.classify(reply, phase)
+        if c.outcome is ReplyOutcome.TRANSIENT:
+            return c
+        # Permanent by the classifier (which may also read a 4xx as final, e.g.
+        # a policy block worded as temporary): bounced, hard or soft.
+        self._emit(msg, rcpt, Status.BOUNCED, reply, delivery, classification=c)
+        return None
 
-    def _defer(self, msg: Message, rcpts: list[Recipient], delivery: Delivery | None) -> None:
-        """Schedule the next attempt of *rcpts* together (they stay one transaction)."""
+    def _defer(self, msg: Message, rcpts: list[tuple[Recipient, Classification]], delivery: Delivery | None) -> None:
+        """Schedule the next attempt of *rcpts* together (they stay one transaction).
+
+        The delay is reason-aware: a rule's hint (greylisting: retry after
+        several minutes; mailbox full: hours) is a floor under the exponential
+        schedule, and ``queue.retry_max`` caps both.
+        """
         assert self._due is not None
         now = asyncio.get_running_loop().time()
-        delay = self.retry.delay(max(r.attempts for r in rcpts), self._rng)
+        delay = self.retry.delay(max(r.attempts for r, _ in rcpts), self._rng)
+        hinted = [c.retry_after for _, c in rcpts if c.retry_after is not None]
+        if hinted:
+            floor = max(hinted) * (1.0 + self._rng.uniform(0, self.retry.jitter))
+            delay = min(max(delay, floor), self.retry.maximum)
         if now + delay > msg.deadline or self._closing:
-            for r in rcpts:
-                if self._closing:
-                    # Not final: counted as unfinished, reported as deferred.
-                    self._emit(msg, r, Status.DEFERRED, r.last_reply or _NO_REPLY, delivery)
-                else:
-                    self._emit(msg, r, Status.EXPIRED, r.last_reply or _NO_REPLY, delivery)
+            for r, c in rcpts:
+                # Closing: not final, counted as unfinished, reported as deferred.
+                status = Status.DEFERRED if self._closing else Status.EXPIRED
+                self._emit(msg, r, status, r.last_reply or _NO_REPLY, delivery, classification=c)
             return
-        for r in rcpts:
-            self._emit(msg, r, Status.DEFERRED, r.last_reply or _NO_REPLY, delivery, next_attempt=time.time() + delay)
-        self._due.push(now + delay, (msg, rcpts))
+        for r, c in rcpts:
+            self._emit(msg, r, Status.DEFERRED, r.last_reply or _NO_REPLY, delivery,
+                       next_attempt=time.time() + delay, classification=c)
+        self._due.push(now + delay, (msg, [r for r, _ in rcpts]))
 
     def _emit(
         self, msg: Message, rcpt: Recipient, status: Status, reply: Reply, delivery: Delivery | None,
-        next_attempt: float | None = None,
+        next_attempt: float | None = None, classification: Classification | None = None,
     ) -> None:
         rcpt.status = status
         outcome = Outcome(
@@ -398,6 +418,8 @@ class Engine:
             delivery.site if delivery else None, delivery.mx_host if delivery else None,
             delivery.mx_ip if delivery else None, delivery.source_ip if delivery else None,
             next_attempt, msg.meta or None,
+            classification.category.value if classification else None,
+            classification.bounce.value if classification else None,
         )
         self.counts[status.value] += 1
         if delivery is not None:
@@ -465,6 +487,13 @@ class Engine:
 
 
 _NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")
+
+#: protocol phase -> the classifier's name for it
+_CLASSIFY_PHASE: dict[Phase, str] = {
+    Phase.GREETING: "connect", Phase.EHLO: "ehlo", Phase.HELO: "helo", Phase.STARTTLS: "starttls",
+    Phase.MAIL: "mail", Phase.RCPT: "rcpt", Phase.DATA: "data", Phase.END_OF_DATA: "eod",
+    Phase.BDAT: "eod", Phase.RSET: "mail", Phase.QUIT: "quit",
+}
 
 
 def _tls_context(verify: bool) -> ssl.SSLContext:

@@ -99,6 +99,8 @@ class Outcome:
     source_ip: str | None = None
     next_attempt: float | None = None  # wall clock, for deferred outcomes
     meta: dict[str, Any] | None = None
+    category: str | None = None  # classify.Category of the reply (None when delivered)
+    bounce: str | None = None  # "hard" / "soft" for failures
 
     def as_record(self) -> dict[str, Any]:
         """The accounting record (one JSON line)."""
@@ -113,6 +115,8 @@ class Outcome:
             "attempts": self.attempts,
             "queued_at": round(self.queued_at, 6),
             "time_in_queue": round(self.time - self.queued_at, 6),
+            "category": self.category,
+            "bounce_type": self.bounce,
             "site": self.site,
             "mx_host": self.mx_host,
             "mx_ip": self.mx_ip,

@@ -186,25 +186,35 @@ class TransactionResult:
     data_reply: Reply | None = None  # the 354 (or refusal) to DATA; None with BDAT
     final_reply: Reply | None = None  # the reply to the end of data or BDAT LAST
     error: Reply | None = None
+    error_phase: Phase | None = None  # what the session was waiting for when ``error`` happened
 
     def recipient_replies(self) -> list[Reply]:
         """The reply that decides each recipient's fate, in recipient order."""
+        return [reply for reply, _ in self.recipient_results()]
+
+    def recipient_results(self) -> list[tuple[Reply, Phase]]:
+        """(deciding reply, the phase it answered) per recipient, in order.
+
+        The phase matters to classification: "550 user unknown" after the
+        content (end of data) is a content filter, not a missing mailbox.
+        """
         fallback = self.error or Reply.local(451, "4.4.0", "no reply received")
+        fallback_phase = self.error_phase or Phase.MAIL
         mail = self.mail_reply
-        out: list[Reply] = []
+        out: list[tuple[Reply, Phase]] = []
         for rcpt_reply in self.rcpt_replies:
             if mail is not None and not mail.is_positive:
-                out.append(mail)
+                out.append((mail, Phase.MAIL))
             elif rcpt_reply is None:
-                out.append(fallback)
+                out.append((fallback, fallback_phase))
             elif not rcpt_reply.is_positive:
-                out.append(rcpt_reply)
+                out.append((rcpt_reply, Phase.RCPT))
             elif self.final_reply is not None:
-                out.append(self.final_reply)
+                out.append((self.final_reply, Phase.END_OF_DATA))
             elif self.data_reply is not None and self.data_reply.code != 354:
-                out.append(self.data_reply)
+                out.append((self.data_reply, Phase.DATA))
             else:
-                out.append(fallback)
+                out.append((fallback, fallback_phase))
         return out
 
     @property
@@ -569,6 +579,7 @@ class ClientProtocol:
 
     def _finish_local(self, txn: _Txn, reply: Reply) -> None:
         txn.result.error = reply
+        txn.result.error_phase = Phase.MAIL
         self._events.append(TransactionDone(txn.result))
 
     def _maybe_quit(self) -> None:
@@ -588,5 +599,6 @@ class ClientProtocol:
         self._queue.clear()
         for txn in pending:
             txn.result.error = reply
+            txn.result.error_phase = phase
             self._events.append(TransactionDone(txn.result))
         self._events.append(SessionFailed(reply, phase))

@@ -30,7 +30,7 @@ class RetryPolicy:
 
     initial: float = 60.0
     factor: float = 2.0
-    maximum: float = 3600.0
+    maximum: float = 14400.0
     jitter: float = 0.2
     max_lifetime: float = 5 * 86400.0
 
