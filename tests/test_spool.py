@@ -57,7 +57,9 @@ def test_round_trip(tmp_path: Path, run: Run[None]) -> None:
     async def main() -> None:
         spool = Spool(tmp_path, fsync=_nofsync)
         assert spool.report.records == 0 and spool.take_recovered() == []
-        ref = await spool.add_message("m1", "s@a.example", ["a@x.example", "b@y.example"], b"Subject: 1\r\n\r\nhi\r\n", meta={"job": "j"})
+        ref = await spool.add_message(
+            "m1", "s@a.example", ["a@x.example", "b@y.example"], b"Subject: 1\r\n\r\nhi\r\n", meta={"job": "j"}
+        )
         assert isinstance(ref, BodyRef)
         assert spool.read_body(ref) == b"Subject: 1\r\n\r\nhi\r\n"
         await spool.add_message("m2", "", ["c@z.example"], b"two", queued_at=1000.5)
@@ -177,6 +179,12 @@ class FsyncCounter:
         os.fdatasync(fd)
 
 
+def _journal_ids(path: Path) -> set[str]:
+    report = ScanReport()
+    with open(path, "rb") as f:
+        return {_decoder.decode(p).id for _, p in scan(f, report)}  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("interval", [0.0, 0.005])
 def test_group_commit_shares_fsyncs(tmp_path: Path, run: Run[None], interval: float) -> None:
     counter = FsyncCounter()
@@ -222,10 +230,7 @@ def test_add_returns_after_its_fsync_and_loop_keeps_running(tmp_path: Path, run:
             await spool.add_message(f"m{i}", "s@a.example", ["r@b.example"], b"x")
             done_at[f"m{i}"] = counter.calls
             # Durable now: the record is in the journal file (read independently).
-            report = ScanReport()
-            with open(tmp_path / "journal", "rb") as f:
-                ids = {_decoder.decode(p).id for _, p in scan(f, report)}  # type: ignore[union-attr]
-            assert f"m{i}" in ids
+            assert f"m{i}" in _journal_ids(tmp_path / "journal")
 
         await asyncio.gather(*(add(i) for i in range(200)))
         stop = True
@@ -266,7 +271,9 @@ def test_records_are_batched(tmp_path: Path, run: Run[None]) -> None:
 def _build(path: Path) -> None:
     spool = _reopen(path)
     for i in range(30):
-        spool.add_message_sync(f"m{i}", "s@a.example", [f"a{i}@x.example", f"b{i}@y.example"], b"body %d" % i, flush=False)
+        spool.add_message_sync(
+            f"m{i}", "s@a.example", [f"a{i}@x.example", f"b{i}@y.example"], b"body %d" % i, flush=False
+        )
     spool.flush_sync()
     for i in range(30):
         if i % 3 == 0:
@@ -292,7 +299,6 @@ def _frames(journal: bytes) -> list[tuple[int, int, Any]]:
 def _model(records: list[Any]) -> dict[str, dict[int, tuple[Status | None, int, float]]]:
     """A straightforward reference replay: what recovery must return for these records."""
     msgs: dict[str, dict[int, tuple[Status | None, int, float]]] = {}
-    codes = {1: Status.DELIVERED, 2: Status.BOUNCED, 3: Status.EXPIRED, 4: Status.DEFERRED}
     for rec in records:
         if isinstance(rec, _Add):
             msgs.setdefault(rec.id, {i: (None, 0, 0.0) for i in range(len(rec.rcpts))})
@@ -444,7 +450,10 @@ def test_compaction_preserves_live_state_and_shrinks(tmp_path: Path, run: Run[No
     async def main() -> None:
         spool = Spool(tmp_path, fsync=_nofsync, segment_size=4096, auto_compact=False)
         await asyncio.gather(
-            *(spool.add_message(f"m{i}", "s@a.example", ["a@b.example", "c@d.example"], b"B" * 200) for i in range(2000))
+            *(
+                spool.add_message(f"m{i}", "s@a.example", ["a@b.example", "c@d.example"], b"B" * 200)
+                for i in range(2000)
+            )
         )
         disk_before = spool.disk_usage()
         for i in range(2000):
@@ -514,11 +523,13 @@ def test_input_progress_and_campaign_references(tmp_path: Path, run: Run[None]) 
         job = spool.open_input("jobs/a.toml", "mtime=1;size=2")
         assert (job.row, job.done) == (0, False)
         for row in range(10):
-            await spool.add_message(f"c{row}", "s@a.example", [f"r{row}@b.example"], source=SourceRef(job.id, row, row * 40))
+            await spool.add_message(
+                f"c{row}", "s@a.example", [f"r{row}@b.example"], source=SourceRef(job.id, row, row * 40)
+            )
         for row in range(8):
             spool.record(f"c{row}", 0, Status.DELIVERED)
         spool.input_progress("jobs/a.toml", 12)  # rows 10 and 11 were rejects
-        pick = spool.open_input("pickup/1.eml", "m1")
+        spool.open_input("pickup/1.eml", "m1")
         spool.input_done("pickup/1.eml")
         spool.open_input("pickup/2.eml", "m2")
         spool.forget_input("pickup/2.eml")

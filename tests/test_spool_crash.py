@@ -122,7 +122,21 @@ def _write_journal(path: Path, n_messages: int) -> int:
         chunk: list[bytes] = []
         for i in range(n_messages):
             mid = f"18c2f4a1b2c3{i:010x}"
-            chunk.append(frame(enc(_Add(mid, "bounces@news.example.com", [f"user{i}@example.org"], 1.7e9, None, SourceRef(1, i, i * 60), {"job": "welcome"}))))
+            chunk.append(
+                frame(
+                    enc(
+                        _Add(
+                            mid,
+                            "bounces@news.example.com",
+                            [f"user{i}@example.org"],
+                            1.7e9,
+                            None,
+                            SourceRef(1, i, i * 60),
+                            {"job": "welcome"},
+                        )
+                    )
+                )
+            )
             if i % 50 == 0:
                 chunk.append(frame(enc(_State(mid, 0, 4, 1, 1.7e9 + 600))))  # deferred: stays live
             else:

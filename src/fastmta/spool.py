@@ -253,7 +253,7 @@ class SpoolStats:
 
 
 class _Msg:
-    __slots__ = ("add", "states", "remaining")
+    __slots__ = ("add", "remaining", "states")
 
     def __init__(self, add: _Add) -> None:
         self.add = add
@@ -264,7 +264,7 @@ class _Msg:
 class _Loaded:
     """The live state of a journal prefix: unfinished messages and inputs."""
 
-    __slots__ = ("msgs", "inputs", "scan", "undecodable", "orphans")
+    __slots__ = ("inputs", "msgs", "orphans", "scan", "undecodable")
 
     def __init__(self) -> None:
         self.msgs: dict[str, _Msg] = {}
@@ -359,7 +359,7 @@ def _live_frames(st: _Loaded) -> Iterable[bytes]:
 class _Live:
     """The spool's in-memory view of one unfinished message: just enough to count it down."""
 
-    __slots__ = ("seg", "done", "remaining", "src")
+    __slots__ = ("done", "remaining", "seg", "src")
 
     def __init__(self, seg: int, n: int, src: SourceRef | None) -> None:
         self.seg = seg  # body segment, -1 if none
@@ -521,7 +521,9 @@ class Spool:
             if seg >= 0:
                 self._seg_live[seg] = self._seg_live.get(seg, 0) + 1
             recovered.append(
-                RecoveredMessage(mid, add.sender, add.queued_at, rcpts, len(add.rcpts), add.body, add.src, add.meta or {})
+                RecoveredMessage(
+                    mid, add.sender, add.queued_at, rcpts, len(add.rcpts), add.body, add.src, add.meta or {}
+                )
             )
             report.recipients += len(rcpts)
         report.messages = len(recovered)
@@ -1065,7 +1067,7 @@ class Spool:
             except BaseException:
                 os.close(fd)
                 raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the old journal is intact: keep serving
             log.error("spool %s: compaction failed (the old journal stays): %s", self.directory, exc)
         finally:
             self._compacting = None
@@ -1109,8 +1111,8 @@ class Spool:
         if self._compacting is not None:
             try:
                 await asyncio.shield(self._compacting)
-            except Exception:
-                pass
+            except Exception as exc:  # noqa: BLE001 - _compact_task logs its own failures; closing goes on
+                log.debug("spool %s: compaction ended with %s", self.directory, exc)
         self._closing = True
         if self._task is not None:
             assert self._wake is not None
