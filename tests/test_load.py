@@ -35,6 +35,9 @@ def test_load_against_postfix_smtp_sink(run: Run) -> None:
     assert r.replies == {"250": 1800}
     assert r.connections_opened == 4  # connections are reused, not reopened per message
     assert r.messages_per_s > 0 and r.cpu_us_per_message > 0
+    # Closed loop: every message timed end to end and per phase, every session once.
+    assert r.histograms["message"].count == r.histograms["envelope"].count == r.histograms["end_of_data"].count == 600
+    assert r.histograms["connect"].count == 4 and r.histograms["queue"].count == 0
 
 
 def test_messages_per_connection_limit_opens_new_connections(run: Run) -> None:
