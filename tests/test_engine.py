@@ -69,6 +69,10 @@ def engine_config(ns: DNSServer | None, port: int, **sections: Any) -> Config:
     }
     if ns is not None:
         data["dns"] = {"nameservers": [ns.nameserver], "timeout": 2.0}
+    # These tests are about routing, pools and retries: the adaptive throttle
+    # (tested on its own and in the throttling tests) would only slow them.
+    sites = sections.pop("sites", {"*": {}})
+    data["sites"] = {pattern: {"adaptive": {"enabled": False}, **cfg} for pattern, cfg in sites.items()}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}

@@ -35,6 +35,8 @@ from typing import Annotated, Any
 import msgspec
 
 from fastmta.errors import ConfigError
+from fastmta.throttle import ThrottleConfig
+from fastmta.warmup import WarmupConfig
 
 __all__ = [
     "Config",
@@ -242,6 +244,10 @@ class SourceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     ehlo_name: str = "localhost"
     #: Share of messages given to this source (weighted random per message).
     weight: PositiveInt = 1
+    #: Static message rates for this source across all sites, e.g. ["100/s"].
+    rate: list[str] = []
+    #: Warm-up schedule for a new address (per site); omitted: already warm.
+    warmup: WarmupConfig | None = None
 
     def __post_init__(self) -> None:
         if self.address is not None:
@@ -253,15 +259,16 @@ class SourceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
             raise ValueError(f"source {self.name!r}: invalid ehlo_name {self.ehlo_name!r}")
 
 
-class SiteConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+class SiteConfig(ThrottleConfig, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """``[sites."PATTERN"]``: limits for sites whose name or any MX host matches PATTERN (glob).
 
-    The first matching pattern (file order) wins; unmatched sites use the defaults.
+    The first matching pattern (file order) wins, then the built-in provider
+    table (Gmail, Yahoo, Outlook, ...: ``fastmta.throttle.PROVIDERS``), then
+    the defaults. Besides the throttle's fields (``max_connections``,
+    ``max_messages_per_connection``, ``rate``, ``connection_rate``,
+    ``[sites."PATTERN".adaptive]``; see ``fastmta.throttle.ThrottleConfig``):
     """
 
-    #: Simultaneous connections per (egress source, site). KumoMTA's default is 10 too.
-    max_connections: PositiveInt = 10
-    max_messages_per_connection: PositiveInt = 100
     max_recipients_per_transaction: PositiveInt = 50
     #: Close a connection after this many seconds without work.
     idle_timeout: Seconds = 30.0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import fnmatch
 import itertools
 import logging
 import random
@@ -35,10 +34,11 @@ from fastmta.connection import Timeouts
 from fastmta.errors import FastMTAError, InputError
 from fastmta.message import Message, Outcome, Recipient, Status, new_message_id, split_address
 from fastmta.pool import Batch, Delivery, HostHealth, SiteLimits, SiteQueue, Source
-from fastmta.protocol import Body, Phase, TLSPolicy, TransactionResult
+from fastmta.protocol import Body, TLSPolicy
 from fastmta.reply import Reply
 from fastmta.routing import Route, RouteFailure, Router
 from fastmta.scheduler import DueQueue, RetryPolicy
+from fastmta.throttle import SourceLimits, ThrottleEvent, Throttles, limits_for
 
 log = logging.getLogger("fastmta.engine")
 
@@ -87,6 +87,13 @@ class Engine:
         self._timeouts = Timeouts(**{f: getattr(smtp.timeouts, f) for f in Timeouts.__dataclass_fields__})
         self._tls = TLSPolicy(smtp.tls)
         self._tls_context = _tls_context(smtp.tls_verify)
+        self.throttle_events: deque[ThrottleEvent] = deque(maxlen=200)
+        self.throttles = Throttles(
+            sites=self.config.sites,
+            sources={s.name: SourceLimits(rate=s.rate, warmup=s.warmup) for s in self.config.sources},
+            default=SiteConfig(),
+            on_event=self._on_throttle_event,
+        )
         self._queues: dict[tuple[str, str], SiteQueue] = {}
         self._limits_cache: dict[str, SiteLimits] = {}
         self._trackers: dict[str, _Tracker] = {}
@@ -311,16 +318,18 @@ class Engine:
             queue = self._queue_for(source, site)
             step = queue.limits.max_recipients_per_transaction
             for i in range(0, len(group), step):
-                queue.put(Batch(msg, group[i : i + step], route))
+                queue.put(Batch(msg, group[i : i + step], route, source.name))
 
     def _queue_for(self, source: Source, site: str) -> SiteQueue:
         key = (source.name, site)
         queue = self._queues.get(key)
         if queue is None:
             assert self._health is not None
+            now = asyncio.get_running_loop().time()
             queue = SiteQueue(
-                source, site, self._limits_for(site), timeouts=self._timeouts, health=self._health,
-                on_result=self._on_result, tls=self._tls, tls_context=self._tls_context,
+                source, site, self._limits_for(site), throttle=self.throttles.get(source.name, site, now),
+                classifier=self.classifier, timeouts=self._timeouts, health=self._health,
+                on_result=self._on_result, on_expired=self._on_expired, tls=self._tls, tls_context=self._tls_context,
             )
             self._queues[key] = queue
         return queue
@@ -328,18 +337,19 @@ class Engine:
     def _limits_for(self, site: str) -> SiteLimits:
         limits = self._limits_cache.get(site)
         if limits is None:
-            chosen = SiteConfig()
-            hosts = site.split(",")
-            for pattern, cfg in self.config.sites.items():
-                if fnmatch.fnmatch(site, pattern) or any(fnmatch.fnmatch(h, pattern) for h in hosts):
-                    chosen = cfg
-                    break
+            _, cfg = limits_for(site, self.config.sites, default=SiteConfig())
+            # Provider defaults are throttle limits only; the rest comes from SiteConfig's defaults.
+            extra = cfg if isinstance(cfg, SiteConfig) else SiteConfig()
             limits = SiteLimits(
-                chosen.max_connections, chosen.max_messages_per_connection,
-                chosen.max_recipients_per_transaction, chosen.idle_timeout, chosen.pipeline_depth,
+                cfg.max_connections, cfg.max_messages_per_connection,
+                extra.max_recipients_per_transaction, extra.idle_timeout, extra.pipeline_depth,
             )
             self._limits_cache[site] = limits
         return limits
+
+    def _on_throttle_event(self, event: ThrottleEvent) -> None:
+        self.throttle_events.append(event)
+        log.info("throttle %s", event)
 
     def _on_due(self, item: tuple[Message, list[Recipient]]) -> None:
         if not self._closing:
@@ -347,27 +357,51 @@ class Engine:
 
     # --- outcomes ---------------------------------------------------------------
 
-    def _on_result(self, batch: Batch, result: TransactionResult, delivery: Delivery) -> None:
+    def _on_result(
+        self, batch: Batch, classified: list[tuple[Reply, str, Classification | None]], delivery: Delivery
+    ) -> None:
         msg = batch.message
         deferred: list[tuple[Recipient, Classification]] = []
-        for rcpt, (reply, phase) in zip(batch.recipients, result.recipient_results()):
-            c = self._record(msg, rcpt, reply, _CLASSIFY_PHASE[phase], delivery)
-            if c is not None:
+        paced: list[Recipient] = []
+        for rcpt, (reply, phase, c) in zip(batch.recipients, classified):
+            c = self._record(msg, rcpt, reply, phase, delivery, c)
+            if c is None:
+                continue
+            if c.site_paced and not self._closing and asyncio.get_running_loop().time() < msg.deadline:
+                # "Slow down" from the site: the throttle has cut its rate; the
+                # recipient waits for the site's pace in the ready queue rather
+                # than taking an exponential backoff of its own.
+                self._emit(msg, rcpt, Status.DEFERRED, reply, delivery, classification=c)
+                paced.append(rcpt)
+            else:
                 deferred.append((rcpt, c))
+        if paced:
+            queue = self._queues.get((batch.source, delivery.site))
+            if queue is not None:
+                queue.put(Batch(msg, paced, batch.route, batch.source), front=True)
+            else:  # pragma: no cover - the queue that sent it always exists
+                self._route(msg, paced)
         if deferred:
             self._defer(msg, deferred, delivery)
 
+    def _on_expired(self, batch: Batch) -> None:
+        for rcpt in batch.recipients:
+            reply = rcpt.last_reply or Reply.local(451, "4.4.7", "message expired in queue before an attempt")
+            self._emit(batch.message, rcpt, Status.EXPIRED, reply, None)
+
     def _record_group(self, msg: Message, rcpts: list[Recipient], reply: Reply, delivery: Delivery | None) -> None:
         deferred: list[tuple[Recipient, Classification]] = []
+        c0 = self.classifier.classify(reply, "connect")
         for r in rcpts:
-            c = self._record(msg, r, reply, "connect", delivery)
+            c = self._record(msg, r, reply, "connect", delivery, c0)
             if c is not None:
                 deferred.append((r, c))
         if deferred:
             self._defer(msg, deferred, delivery)
 
     def _record(
-        self, msg: Message, rcpt: Recipient, reply: Reply, phase: str, delivery: Delivery | None
+        self, msg: Message, rcpt: Recipient, reply: Reply, phase: str, delivery: Delivery | None,
+        c: Classification | None,
     ) -> Classification | None:
         """Record one attempt; returns the classification when the recipient must be deferred."""
         rcpt.attempts += 1
@@ -375,7 +409,8 @@ class Engine:
         if reply.code // 100 == 2:
             self._emit(msg, rcpt, Status.DELIVERED, reply, delivery)
             return None
-        c = self.classifier.classify(reply, phase)
+        if c is None:
+            c = self.classifier.classify(reply, phase)
         if c.outcome is ReplyOutcome.TRANSIENT:
             return c
         # Permanent by the classifier (which may also read a 4xx as final, e.g.
@@ -488,12 +523,6 @@ class Engine:
 
 _NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")
 
-#: protocol phase -> the classifier's name for it
-_CLASSIFY_PHASE: dict[Phase, str] = {
-    Phase.GREETING: "connect", Phase.EHLO: "ehlo", Phase.HELO: "helo", Phase.STARTTLS: "starttls",
-    Phase.MAIL: "mail", Phase.RCPT: "rcpt", Phase.DATA: "data", Phase.END_OF_DATA: "eod",
-    Phase.BDAT: "eod", Phase.RSET: "mail", Phase.QUIT: "quit",
-}
 
 
 def _tls_context(verify: bool) -> ssl.SSLContext:

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastmta.classify import Classification, Classifier
 from fastmta.connection import SessionRefused, SMTPConnection, Timeouts
 from fastmta.errors import ConnectError
 from fastmta.message import Message, Recipient
-from fastmta.protocol import TLSPolicy, Transaction, TransactionResult
+from fastmta.protocol import Phase, TLSPolicy, Transaction, TransactionResult
 from fastmta.reply import Reply
 from fastmta.routing import Route
+from fastmta.throttle import SiteThrottle
 
 log = logging.getLogger("fastmta.pool")
 
@@ -61,6 +64,7 @@ class Batch:
     message: Message
     recipients: list[Recipient]
     route: Route
+    source: str = ""  # name of the egress source whose queue holds it
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +77,8 @@ class Delivery:
     source_ip: str | None
 
 
-ResultCallback = Callable[[Batch, TransactionResult, Delivery], None]
+#: (batch, per recipient: (reply, classifier phase, classification or None when delivered), delivery)
+ResultCallback = Callable[[Batch, "list[tuple[Reply, str, Classification | None]]", Delivery], None]
 
 
 class HostHealth:
@@ -101,7 +106,15 @@ class HostHealth:
 
 
 class SiteQueue:
-    """The ready queue and connections for one (egress source, site)."""
+    """The ready queue and connections for one (egress source, site), steered by its throttle.
+
+    The throttle (:class:`fastmta.throttle.SiteThrottle`) decides how many
+    connections may be open (``connection_wait``) and when the next
+    transaction may start (``message_wait``); every connection result and
+    every recipient's reply is fed back to it. A wait that ends with a
+    time is honoured by a timer; an open-ended one (``inf``) is re-asked
+    when a result arrives or a connection closes.
+    """
 
     def __init__(
         self,
@@ -109,23 +122,31 @@ class SiteQueue:
         site: str,
         limits: SiteLimits,
         *,
+        throttle: SiteThrottle,
+        classifier: Classifier,
         timeouts: Timeouts,
         health: HostHealth,
         on_result: ResultCallback,
+        on_expired: Callable[[Batch], None],
         tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.source = source
         self.site = site
         self.limits = limits
+        self.throttle = throttle
+        self.classifier = classifier
         self.timeouts = timeouts
         self.health = health
         self.on_result = on_result
+        self.on_expired = on_expired
         self.tls = tls
         self.tls_context = tls_context
         self.ready: deque[Batch] = deque()
+        self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._idle: deque[asyncio.Future[None]] = deque()  # connections waiting for work
+        self._idle: deque[asyncio.Future[None]] = deque()  # connections waiting for work or for the throttle
+        self._open_timer: asyncio.TimerHandle | None = None
         self.connections = 0  # currently open
         self.max_seen_connections = 0
         self.connections_opened = 0
@@ -134,19 +155,40 @@ class SiteQueue:
 
     # --- feeding --------------------------------------------------------------
 
-    def put(self, batch: Batch) -> None:
-        self.ready.append(batch)
+    def put(self, batch: Batch, *, front: bool = False) -> None:
+        if front:
+            self.ready.appendleft(batch)
+        else:
+            self.ready.append(batch)
+        self._kick()
+
+    def _kick(self) -> None:
+        """Something changed (work arrived, a result, a closed connection): wake a
+        waiting connection, or open another if the throttle allows."""
+        if self._closing or not self.ready:
+            return
         while self._idle:
             waiter = self._idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
-        # Open another connection only when none is idle and the limit allows.
-        if len(self._tasks) < self.limits.max_connections and not self._closing:
-            if len(self._tasks) < len(self.ready):
-                task = asyncio.ensure_future(self._connection_task())
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+        if len(self._tasks) >= len(self.ready):
+            return  # enough connections for the work at hand
+        wait = self.throttle.connection_wait(len(self._tasks), self._loop.time())
+        if wait <= 0:
+            task = asyncio.ensure_future(self._connection_task())
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+        elif wait != math.inf and self._open_timer is None:
+            self._open_timer = self._loop.call_later(wait, self._timer_kick)
+
+    def _timer_kick(self) -> None:
+        self._open_timer = None
+        self._kick()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._kick()
 
     @property
     def busy(self) -> bool:
@@ -155,6 +197,9 @@ class SiteQueue:
     async def close(self, timeout: float) -> None:
         """Stop opening connections; let open ones finish their transactions, then QUIT."""
         self._closing = True
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
         for waiter in self._idle:
             if not waiter.done():
                 waiter.set_result(None)
@@ -177,9 +222,11 @@ class SiteQueue:
                 self.connections_opened += 1
                 self.max_seen_connections = max(self.max_seen_connections, self.connections)
                 try:
-                    await self._carry(conn, host)
+                    keep_going = await self._carry(conn, host)
                 finally:
                     self.connections -= 1
+                if not keep_going:
+                    return
         except Exception:  # pragma: no cover - a bug; never lose the batches
             log.exception("connection task for %s failed", self.site)
             self._fail_ready(Reply.local(451, "4.3.0", "internal error in connection task"), None)
@@ -194,6 +241,7 @@ class SiteQueue:
             # Every host is marked down: try them anyway rather than wait idle,
             # in preference order (a host may be back before its mark expires).
             candidates = route.targets()
+        ticket = self.throttle.connection_started(self._loop.time())
         for host, address in candidates:
             try:
                 conn = await SMTPConnection.open(
@@ -215,7 +263,12 @@ class SiteQueue:
                 self.health.mark_down(src, address, host.port)
                 continue
             self.health.mark_up(src, address, host.port)
+            self.throttle.connection_result(ticket, None, self._loop.time())
             return conn, host.name
+        if last is not None:
+            self.throttle.connection_result(
+                ticket, self.classifier.classify(last, "connect"), self._loop.time(), reason=str(last)
+            )
         # No host would talk to us. If another connection of this queue is up,
         # it will carry the work; otherwise the ready batches are deferred.
         if self.connections == 0 and last is not None:
@@ -228,32 +281,40 @@ class SiteQueue:
             self._fail_ready(reply, last_host)
         return None, None
 
-    async def _carry(self, conn: SMTPConnection, mx_host: str | None) -> None:
+    async def _carry(self, conn: SMTPConnection, mx_host: str | None) -> bool:
+        """Use *conn* until it is done; True when the task should open another connection."""
         peer_ip = conn.peer[0] if conn.peer else None
         delivery = Delivery(self.site, mx_host, peer_ip, conn.local[0] if conn.local else None)
-        inflight: deque[tuple[Batch, asyncio.Future[TransactionResult]]] = deque()
+        inflight: deque[tuple[Batch, int, asyncio.Future[TransactionResult]]] = deque()
         try:
-            await self._send_batches(conn, delivery, inflight)
+            keep_going = await self._send_batches(conn, delivery, inflight)
         except asyncio.CancelledError:
             # Shutdown ran out of time (a tarpit): drop the connection, which
             # fails what is in flight at once (transient, so not final: counted
             # as unfinished) instead of waiting for replies that may never come.
             conn.close()
-            for batch, fut in inflight:
+            for batch, ticket, fut in inflight:
                 if fut.done():
-                    self.on_result(batch, fut.result(), delivery)
+                    self._result(batch, ticket, fut.result(), delivery)
             raise
-        for batch, fut in inflight:
-            self.on_result(batch, await fut, delivery)
+        for batch, ticket, fut in inflight:
+            self._result(batch, ticket, await fut, delivery)
         await conn.quit()
+        return keep_going
 
     async def _send_batches(
         self,
         conn: SMTPConnection,
         delivery: Delivery,
-        inflight: deque[tuple[Batch, asyncio.Future[TransactionResult]]],
-    ) -> None:
-        """Pipeline ready batches over *conn* until its message limit, idle timeout or shutdown."""
+        inflight: deque[tuple[Batch, int, asyncio.Future[TransactionResult]]],
+    ) -> bool:
+        """Pipeline ready batches over *conn* as the throttle allows.
+
+        Returns when the connection has carried its share, sat idle, or the
+        throttle holds back for longer than an idle connection should stay
+        open (a suspension, a warm-up quota); True means "more work, open a
+        new connection".
+        """
         limits = self.limits
         sent = 0
         while True:
@@ -264,34 +325,83 @@ class SiteQueue:
                 and sent < limits.max_messages_per_connection
                 and conn.is_usable
             ):
-                batch = self.ready.popleft()
+                batch = self.ready[0]
+                now = self._loop.time()
+                if now > batch.message.deadline:
+                    # Past its queue lifetime while waiting here (a suspension, a
+                    # slow site): expire it now, not after one more attempt.
+                    self.ready.popleft()
+                    self.on_expired(batch)
+                    continue
+                n = len(batch.recipients)
+                wait = self.throttle.message_wait(now, n)
+                if wait > 0:
+                    if inflight:
+                        break  # results will come and may change the answer
+                    if wait > limits.idle_timeout:
+                        return False  # do not hold a connection through a suspension
+                    await self._sleep_or_kick(wait)
+                    continue
+                self.ready.popleft()
+                ticket = self.throttle.message_started(now, n)
                 rcpts = [r.address for r in batch.recipients]
                 fut = conn.send(Transaction(batch.message.sender, rcpts, batch.message.body, batch))
-                inflight.append((batch, fut))
+                inflight.append((batch, ticket, fut))
                 sent += 1
             if inflight:
-                batch, fut = inflight[0]
+                batch, ticket, fut = inflight[0]
                 result = await fut
                 inflight.popleft()
                 self.transactions += 1
-                self.on_result(batch, result, delivery)
+                self._result(batch, ticket, result, delivery)
                 continue
-            if sent >= limits.max_messages_per_connection or not conn.is_usable or self._closing:
-                return
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._idle.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, limits.idle_timeout)
-            except (TimeoutError, asyncio.TimeoutError):
-                return
-            finally:
-                if waiter in self._idle:
-                    self._idle.remove(waiter)
+            if sent >= limits.max_messages_per_connection:
+                return bool(self.ready)
+            if not conn.is_usable or self._closing:
+                return False
+            if not await self._sleep_or_kick(limits.idle_timeout):
+                return False  # idle: close
+
+    async def _sleep_or_kick(self, seconds: float) -> bool:
+        """Wait until kicked (work, a result elsewhere) or *seconds* pass; True if kicked."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._idle.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, seconds if seconds != math.inf else None)
+            return True
+        except (TimeoutError, asyncio.TimeoutError):
+            return False
+        finally:
+            if waiter in self._idle:
+                self._idle.remove(waiter)
+
+    def _result(self, batch: Batch, ticket: int, result: TransactionResult, delivery: Delivery) -> None:
+        """Classify each recipient's reply once, feed the throttle, hand everything to the engine."""
+        now = self._loop.time()
+        classified: list[tuple[Reply, str, Classification | None]] = []
+        for reply, phase in result.recipient_results():
+            ph = CLASSIFY_PHASE[phase]
+            if reply.code // 100 == 2:
+                classified.append((reply, ph, None))
+                self.throttle.message_result(ticket, None, now)
+            else:
+                c = self.classifier.classify(reply, ph)
+                classified.append((reply, ph, c))
+                self.throttle.message_result(ticket, c, now, reason=str(reply))
+        self.on_result(batch, classified, delivery)
+        self._kick()
 
     def _fail_ready(self, reply: Reply, host: tuple[str, str] | None) -> None:
         delivery = Delivery(self.site, host[0] if host else None, host[1] if host else None, self.source.address)
+        c = self.classifier.classify(reply, "connect")
         while self.ready:
             batch = self.ready.popleft()
-            rcpts = [r.address for r in batch.recipients]
-            tx = Transaction(batch.message.sender, rcpts, batch.message.body, batch)
-            self.on_result(batch, TransactionResult(tx, rcpt_replies=[None] * len(rcpts), error=reply), delivery)
+            self.on_result(batch, [(reply, "connect", c)] * len(batch.recipients), delivery)
+
+
+#: protocol phase -> the classifier's name for it
+CLASSIFY_PHASE: dict[Phase, str] = {
+    Phase.GREETING: "connect", Phase.EHLO: "ehlo", Phase.HELO: "helo", Phase.STARTTLS: "starttls",
+    Phase.MAIL: "mail", Phase.RCPT: "rcpt", Phase.DATA: "data", Phase.END_OF_DATA: "eod",
+    Phase.BDAT: "eod", Phase.RSET: "mail", Phase.QUIT: "quit",
+}

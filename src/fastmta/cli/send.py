@@ -72,6 +72,8 @@ def _effective_config(args: argparse.Namespace, sink: tuple[str, int] | None) ->
         # The local sink speaks STARTTLS with a self-signed certificate; TLS
         # adds nothing on loopback, so do not spend the CPU on it.
         data["smtp"]["tls"] = "never"
+        # A local sink is not a receiver to be polite to: no adaptive slow start.
+        data["sites"] = {"*": {"adaptive": {"enabled": False}}}
     return msgspec.convert(data, Config)
 
 
