@@ -31,6 +31,7 @@ from fastmta.load_schema import SCHEMA, validate
 from fastmta.loadgen import (
     DkimOptions,
     LoadSpec,
+    Progress,
     SizeDistribution,
     Workload,
     _Source,
@@ -230,6 +231,26 @@ def test_closed_loop_for_a_duration(run: Run) -> None:
     assert 1.0 <= r.elapsed_s < 3.0
     assert r.rate_achieved is None and r.histograms["queue"].count == 0
     assert r.histograms["message"].count == r.messages_attempted
+
+
+def test_live_progress_reports_rate_classes_and_percentiles(run_uvloop: Run) -> None:
+    seen: list[Progress] = []
+
+    async def main() -> Any:
+        server = await asyncio.get_running_loop().create_server(scripted(), "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            spec = LoadSpec("127.0.0.1", port, messages=None, duration=1.2, rate=200.0, connections=2, interval=0.25)
+            return await run_load(spec, seen.append, progress_interval=0.2)
+
+    r = run_uvloop(main())
+    assert r.complete and len(seen) >= 4
+    last = seen[-1]
+    assert last.sent > 150 and last.reply_classes == {"2xx": last.accepted} and last.failed == 0
+    assert last.sent_per_s == pytest.approx(200.0, rel=0.25)  # 50 per 0.25 s interval
+    assert 0 < last.p50_ms <= last.p99_ms
+    merged = Progress.merge([last, last])
+    assert merged.sent == 2 * last.sent and merged.p99_ms == pytest.approx(last.p99_ms)
 
 
 def test_one_message_per_connection_measures_every_session(run: Run) -> None:

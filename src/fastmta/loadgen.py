@@ -328,7 +328,7 @@ class LoadSpec:
     size: int | SizeDistribution = 2048
     recipients: int = 1
     domains: int = 1
-    timeout: float | None = None  # None: 300 s for a count, duration + reply timeout + 5 s for a duration
+    timeout: float | None = None  # None: see effective_timeout()
     depth: int = 2  # transactions in flight per connection
     messages_per_connection: int = 0  # 0: reuse the connection without limit
     pipelining: bool = True
@@ -355,8 +355,12 @@ class LoadSpec:
     def effective_timeout(self) -> float:
         if self.timeout is not None:
             return self.timeout
+        grace = self.reply_timeout + 5.0  # the last message's reply may take a full reply timeout
         if self.duration is not None:
-            return self.duration + self.reply_timeout + 5.0
+            return self.duration + grace
+        if self.rate is not None and self.messages is not None:
+            # Open loop for a count: the schedule itself lasts messages / rate (+ half the ramp).
+            return self.messages / self.rate + self.ramp / 2 + grace
         return 300.0
 
     def check(self) -> None:
@@ -836,8 +840,10 @@ class _Source:
                 break
             now = perf_counter()
             if due > now:
-                # At least 0.5 ms: below that, timers cost more than the batching delay.
-                await asyncio.sleep(max(due - now, 0.0005))
+                # At least 1 ms: uvloop's timers count whole milliseconds, so a
+                # shorter sleep returns at once and the scheduler would spin.
+                # Messages due within that millisecond go out together.
+                await asyncio.sleep(max(due - now, 0.001))
                 now = perf_counter()
             while i < self.limit:
                 due = self.t0 + self.offset(i)
@@ -927,6 +933,9 @@ async def run_load(
         "bdat": spec.use_bdat, "starttls": spec.tls.value, "body": workload.describe(),
     }
     connections: set[_TimedConnection] = set()
+    # Built once: loading the CA store takes tens of milliseconds, which would
+    # otherwise be charged to every connection's "connect" phase.
+    tls_context = _insecure_tls() if spec.tls is not TLSPolicy.NEVER else None
 
     async def worker() -> None:
         failures = 0
@@ -939,7 +948,7 @@ async def run_load(
                 conn = await _TimedConnection.open(
                     spec.host, spec.port, helo_name=spec.helo_name, source_address=spec.source_address,
                     timeouts=timeouts, pipelining=spec.pipelining, use_bdat=spec.use_bdat, tls=spec.tls,
-                    tls_context=_insecure_tls() if spec.tls is not TLSPolicy.NEVER else None,
+                    tls_context=tls_context,
                 )
             except ConnectError as exc:
                 recorder.connect_failed(str(exc.reply) if isinstance(exc, SessionRefused) else str(exc))

@@ -129,8 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--helo", default="load.fastmta.test", help="EHLO name (default load.fastmta.test)")
     s.add_argument("--from", dest="sender", default="load@fastmta.test", help="envelope sender")
     s.add_argument("--timeout", type=float, default=None,
-                   help="stop after this many seconds whatever happens (default 300, or --duration + "
-                        "--reply-timeout + 5)")
+                   help="stop after this many seconds whatever happens (default: the schedule's length "
+                        "(--duration, or --messages / --rate) + --reply-timeout + 5; 300 for a closed-loop count)")
     s.add_argument("--reply-timeout", type=float, default=30.0, help="seconds to wait for each reply (default 30)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the report as one JSON object (see --schema)")
