@@ -174,9 +174,9 @@ def _summary(r: LoadResult) -> str:
         f"connections         {r.connections_opened} opened, {r.connect_failures} failed",
         "replies             " + (", ".join(f"{k}: {v}" for k, v in sorted(r.replies.items())) or "none"),
         "failed by code      " + (", ".join(f"{k}: {v}" for k, v in sorted(r.errors_by_code.items())) or "none"),
-        "",
-        "latency (ms)        " + "".join(f"{h:>10}" for h in ("count", "p50", "p90", "p99", "p99.9", "max")),
     ]
+    if any(r.histograms[phase].count for phase in PHASES):
+        lines += ["", "latency (ms)        " + "".join(f"{h:>10}" for h in ("count", "p50", "p90", "p99", "p99.9", "max"))]
     for phase in PHASES:
         stats = r.latency_ms(phase)
         if not stats["count"]:
