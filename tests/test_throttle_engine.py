@@ -1,0 +1,191 @@
+"""The adaptive throttle inside the real engine, against real sinks on loopback.
+
+Short time scales throughout: retry hints are capped by a small
+``queue.retry_max``, the sinks' limits are a few dozen messages per second,
+rounds last a fraction of a second and Yahoo's TSS04 suspension is shortened
+by a user classification rule (the way an operator would tune it). Each test
+is bounded by ``drain``/``wait_for`` timeouts, so a regression fails instead
+of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastmta.classify import Classifier
+from fastmta.config import Config, config_from_dict
+from fastmta.engine import Engine, Outcome, Status
+from fastmta.sink import FaultConfig, ListenerConfig, RateLimit, SinkConfig, SinkServer
+from fastmta.throttle import EventKind, ThrottleEvent
+
+T = TypeVar("T")
+Run = Callable[[Coroutine[Any, Any, T]], T]
+
+MESSAGE = b"From: a@sender.test\r\nTo: b@dest.test\r\nSubject: throttle\r\n\r\nhello\r\n"
+SENDER = "bulk@sender.test"
+
+
+@asynccontextmanager
+async def sink(profile: str, faults: FaultConfig) -> AsyncIterator[tuple[str, SinkServer]]:
+    """One in-process sink on 127.0.0.1:0; yields ("127.0.0.1:PORT", server)."""
+    server = SinkServer(
+        SinkConfig(listeners=(ListenerConfig("127.0.0.1", 0, profile=profile, faults=faults),), starttls=False)
+    )
+    host, port = (await server.start())[0]
+    try:
+        yield f"{host}:{port}", server
+    finally:
+        await server.close()
+
+
+def config(routes: dict[str, str], sites: dict[str, dict[str, Any]]) -> Config:
+    """Static routes domain -> one sink; sites keyed by their exact site name (the sink's host:port)."""
+    return config_from_dict(
+        {
+            "routing": {"static": {domain: [address] for domain, address in routes.items()}},
+            "smtp": {"tls": "never", "timeouts": {"connect": 5, "greeting": 5, "mail": 5, "rcpt": 5, "data": 5}},
+            # The classifier's hints (greylisting: 420 s, rate limits: 600 s) are a
+            # floor under the backoff capped by retry_max: 1 s keeps the tests short.
+            "queue": {"retry_initial": 0.3, "retry_max": 1.0, "retry_jitter": 0.1, "max_lifetime": 120},
+            "sites": sites,
+        }
+    )
+
+
+def adaptive(initial_rate: float, *, max_connections: int = 5, round_min: float = 0.25) -> dict[str, Any]:
+    return {
+        "max_connections": max_connections,
+        "idle_timeout": 2.0,
+        "adaptive": {"initial_connections": 2, "initial_rate": initial_rate, "round_min": round_min},
+    }
+
+
+def cuts(events: list[ThrottleEvent], site: str) -> list[ThrottleEvent]:
+    return [e for e in events if e.site == site and e.reason.startswith("throttled:")]
+
+
+def test_greylisted_recipient_delivered_on_first_retry(run_uvloop: Run[None]) -> None:
+    async def scenario() -> None:
+        # The sink accepts a greylisted triple 0.5 s after its first try; the
+        # engine retries after retry_max (1-1.1 s): the first retry must pass.
+        async with sink("default", FaultConfig(greylist=True, greylist_seconds=0.5)) as (address, server):
+            cfg = config({"grey.test": address}, {address: adaptive(20.0)})
+            async with Engine(cfg) as engine:
+                # Take each result future at once: a finished message is forgotten.
+                futures = [engine.result(await engine.submit(MESSAGE, SENDER, [f"user{i}@grey.test"])) for i in range(5)]
+                assert await engine.drain(15), engine.queue_stats()
+                outcomes = [o for fut in futures for o in fut.result()]
+                events = list(engine.throttle_events)
+        assert [o.status for o in outcomes] == [Status.DELIVERED] * 5
+        assert [o.attempts for o in outcomes] == [2] * 5, "each recipient: one greylisted try, one delivered retry"
+        assert server.stats.faults["greylist"] == 5
+        # Greylisting is about the recipient: the site's window and rate must not be cut.
+        assert cuts(events, address) == []
+
+    run_uvloop(scenario())
+
+
+def test_rate_limited_site_cuts_and_still_delivers_everything(run_uvloop: Run[None]) -> None:
+    async def scenario() -> None:
+        # Gmail-like: beyond 40 messages/s from our address, 421 4.7.28. The engine
+        # starts at 20/s and doubles per clean round, so it must overshoot, be told
+        # off, and cut its rate.
+        faults = FaultConfig(rate_limit=RateLimit(rate=40.0, burst=5.0))
+        async with sink("gmail", faults) as (address, server):
+            cfg = config({"gmail.test": address}, {address: adaptive(20.0)})
+            n = 200
+            async with Engine(cfg) as engine:
+                for i in range(n):
+                    await engine.submit(MESSAGE, SENDER, [f"user{i}@gmail.test"])
+                assert await engine.drain(40), engine.queue_stats()
+                events = list(engine.throttle_events)
+                delivered = engine.counts[Status.DELIVERED.value]
+        assert delivered == n
+        assert server.stats.messages == n
+        assert server.stats.faults["rate_limit"] > 0, "the engine never exceeded the sink's rate: nothing tested"
+        rate_cuts = [e for e in cuts(events, address) if e.kind is EventKind.RATE]
+        assert rate_cuts, [str(e) for e in events]
+        assert all(e.new is not None and e.old is not None and e.new < e.old for e in rate_cuts)
+        assert "4.7.28" in rate_cuts[0].reason
+
+    run_uvloop(scenario())
+
+
+def test_suspending_site_suspends_then_resumes_with_a_probe(run_uvloop: Run[None]) -> None:
+    async def scenario() -> None:
+        # Yahoo-like: a burst above 20/s is answered "421 4.7.0 [TSS04] ...".
+        # The built-in rule suspends for 30 minutes; an operator's override of
+        # the same rule makes it 1 s here.
+        classifier = Classifier.from_rules(
+            {
+                "rule": [
+                    {"name": "yahoo-tss-suspend", "text": [r"\bTSS04\b"], "category": "reputation_block", "suspend": 1.0}
+                ]
+            }
+        )
+        faults = FaultConfig(rate_limit=RateLimit(rate=20.0, burst=5.0))
+        async with sink("yahoo", faults) as (address, server):
+            cfg = config({"yahoo.test": address}, {address: adaptive(40.0)})
+            n = 40
+            async with Engine(cfg, classifier=classifier) as engine:
+                for i in range(n):
+                    await engine.submit(MESSAGE, SENDER, [f"user{i}@yahoo.test"])
+                assert await engine.drain(40), engine.queue_stats()
+                events = [e for e in engine.throttle_events if e.site == address]
+                delivered = engine.counts[Status.DELIVERED.value]
+        assert delivered == n
+        assert server.stats.faults["rate_limit"] > 0  # the sink did answer TSS04
+        kinds = [e.kind for e in events]
+        assert EventKind.SUSPEND in kinds, [str(e) for e in events]
+        first = kinds.index(EventKind.SUSPEND)
+        # After the first suspension: a probe, then (its clean reply) a resume, in that order.
+        after = kinds[first:]
+        assert EventKind.PROBE in after and EventKind.RESUME in after, [str(e) for e in events]
+        probe, resume = after.index(EventKind.PROBE), after.index(EventKind.RESUME)
+        assert probe < resume
+        suspend_event, probe_event = events[first], events[first + probe]
+        assert "TSS04" in suspend_event.reason
+        # The probe comes when the suspension is over, not before.
+        assert probe_event.at - suspend_event.at >= 1.0 - 0.05
+
+    run_uvloop(scenario())
+
+
+def test_throttled_site_does_not_starve_another(run_uvloop: Run[None]) -> None:
+    async def scenario() -> None:
+        # A slow site (10 messages/s) with ~15 s of work, and an unlimited one.
+        # The unlimited site's messages must all be delivered within a few
+        # seconds, while the slow one is still pacing.
+        slow_faults = FaultConfig(rate_limit=RateLimit(rate=10.0, burst=5.0))
+        async with sink("gmail", slow_faults) as (slow, _), sink("default", FaultConfig()) as (quick, fast_server):
+            cfg = config(
+                {"slow.test": slow, "fast.test": quick},
+                {slow: adaptive(5.0), quick: adaptive(20.0, max_connections=4)},
+            )
+            engine = Engine(cfg)
+            await engine.start()
+            try:
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                fast: list[asyncio.Future[list[Outcome]]] = []
+                for i in range(150):
+                    await engine.submit(MESSAGE, SENDER, [f"user{i}@slow.test"])
+                    for local in ("user", "other"):
+                        fast.append(engine.result(await engine.submit(MESSAGE, SENDER, [f"{local}{i}@fast.test"])))
+                results = await asyncio.wait_for(asyncio.gather(*fast), 20)
+                fast_done = loop.time() - t0
+                slow_left = engine.unfinished
+            finally:
+                await engine.close(timeout=2)
+        assert all(o.status is Status.DELIVERED for outcomes in results for o in outcomes)
+        assert fast_server.stats.messages == 300
+        # 300 messages to an unlimited local sink take well under a second of
+        # sending once the adaptive rate has climbed; 10 s is a generous bound
+        # that still lies well inside the slow site's ~15 s of pacing.
+        assert fast_done < 10.0, fast_done
+        assert slow_left > 50, "the slow site should still be pacing when the fast one is done"
+
+    run_uvloop(scenario())
