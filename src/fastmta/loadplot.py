@@ -12,7 +12,7 @@ above the median and would flatten a linear axis.
 
 from __future__ import annotations
 
-from typing import Any
+import math
 
 from fastmta.loadgen import LoadResult
 
@@ -76,7 +76,10 @@ def plot(result: LoadResult, path: str, title: str | None = None) -> None:
     plt.close(fig)
 
 
-def _target_curve(result: LoadResult, t: list[float]) -> list[Any]:
+def _target_curve(result: LoadResult, t: list[float]) -> list[float]:
+    """The offered rate at each point: the ramp, then flat, and nothing after the schedule ends."""
     rate = result.rate_target or 0.0
     ramp = result.ramp_s
-    return [rate * min(1.0, x / ramp) if ramp > 0 else rate for x in t]
+    end = result.duration_s if result.duration_s is not None else math.inf
+    # NaN leaves a gap: the stragglers completing after the end are not "below target".
+    return [math.nan if x > end else rate * min(1.0, x / ramp) if ramp > 0 else rate for x in t]
