@@ -140,32 +140,35 @@ class Campaign:
                         continue
                     yield line_no, obj, None
 
-    def items(self) -> Iterator[SpoolItem | Reject]:
+    def items(self, key: str = "", start_line: int = 0) -> Iterator[SpoolItem | Reject]:
+        """One item per recipient row from *start_line* on (rows before it are skipped unrendered)."""
         source = str(self.recipients_path)
         field = self.job.campaign.address_field
         sender = self.job.campaign.sender
         meta = {"job": self.id}
         for line, row, error in self.rows():
+            if line < start_line:
+                continue
             if row is None:
-                yield Reject(source, line, error or "unreadable row")
+                yield Reject(source, line, error or "unreadable row", key, line)
                 continue
             bad = _injection(row)
             if bad is not None:
-                yield Reject(source, line, bad)
+                yield Reject(source, line, bad, key, line)
                 continue
             address = row.get(field)
             if not isinstance(address, str) or not address:
-                yield Reject(source, line, f"no {field!r} field")
+                yield Reject(source, line, f"no {field!r} field", key, line)
                 continue
             try:
                 split_address(address)
                 message = self.compiled.render(row, recipient_id=address)
             except InputError as exc:
-                yield Reject(source, line, exc.reason if exc.source is None else str(exc))
+                yield Reject(source, line, exc.reason if exc.source is None else str(exc), key, line)
                 continue
             if self.signer is not None:
                 message = self.signer.sign(message)
-            yield SpoolItem(message, sender, [address], source, line, meta)
+            yield SpoolItem(message, sender, [address], source, line, meta, key, line)
 
 
 def _injection(row: dict[str, Any]) -> str | None:

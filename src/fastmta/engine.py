@@ -38,6 +38,7 @@ from fastmta.protocol import Body, TLSPolicy
 from fastmta.reply import Reply
 from fastmta.routing import Route, RouteFailure, Router
 from fastmta.scheduler import DueQueue, RetryPolicy
+from fastmta.spool import Spool, SpoolError
 from fastmta.throttle import SourceLimits, ThrottleEvent, Throttles, limits_for
 
 log = logging.getLogger("fastmta.engine")
@@ -70,6 +71,7 @@ class Engine:
         accounting: AccountingLog | None = None,
         rng: random.Random | None = None,
         classifier: Classifier | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.config = config or Config()
         self._router_given = router
@@ -77,6 +79,10 @@ class Engine:
         self.accounting = accounting
         self._rng = rng or random.Random()
         self.classifier = classifier or default_classifier()
+        #: When set, accepted messages and every recipient state change are
+        #: journaled, and unfinished work found in it is resumed at start.
+        self.spool = spool
+        self.recovered = 0  # recipients resumed from the spool at start
         q = self.config.queue
         self.retry = RetryPolicy(q.retry_initial, q.retry_factor, q.retry_max, q.retry_jitter, q.max_lifetime)
         self._sources = [Source(s.name, s.address, s.ehlo_name, s.weight) for s in self.config.sources] or [
@@ -139,6 +145,45 @@ class Engine:
             self._flusher = asyncio.ensure_future(self._flush_loop())
         self._started = True
         self.started_at = time.time()
+        if self.spool is not None:
+            self._resume(self.spool)
+
+    def _resume(self, spool: Spool) -> None:
+        """Queue what the spool says is unfinished: deferred recipients keep their schedule."""
+        loop = asyncio.get_running_loop()
+        now_wall, now_loop = time.time(), loop.time()
+        for rec in spool.take_recovered():
+            if rec.body is None:
+                log.error("message %s has no stored body (campaign reference); it cannot be resumed", rec.id)
+                continue
+            try:
+                body = spool.read_body(rec.body)
+            except SpoolError as exc:
+                log.error("message %s: %s", rec.id, exc)
+                continue
+            rcpts: list[Recipient] = []
+            due_now: list[Recipient] = []
+            later: dict[float, list[Recipient]] = {}
+            for rr in rec.recipients:
+                domain = rr.address.rpartition("@")[2].lower().rstrip(".")
+                r = Recipient(rr.address, domain, rr.attempts, rr.status, None, rr.index)
+                rcpts.append(r)
+                if rr.status is None or rr.next_attempt <= now_wall:
+                    due_now.append(r)  # never tried, in flight at the crash, or due
+                else:
+                    later.setdefault(rr.next_attempt, []).append(r)
+            msg = Message(rec.id, rec.sender, Body(body), rcpts, queued_at=rec.queued_at, meta=rec.meta)
+            msg.deadline = now_loop + self.retry.max_lifetime - max(0.0, now_wall - rec.queued_at)
+            self._trackers[msg.id] = _Tracker(msg, loop.create_future())
+            self._unfinished += len(rcpts)
+            self.recovered += len(rcpts)
+            if due_now:
+                self._route(msg, due_now)
+            assert self._due is not None
+            for when, group in later.items():
+                self._due.push(now_loop + (when - now_wall), (msg, group))
+        if self._unfinished and self._idle is not None:
+            self._idle.clear()
 
     async def close(self, timeout: float = 30.0) -> None:
         """Stop accepting; finish transactions in flight (bounded by *timeout*); close.
@@ -167,6 +212,8 @@ class Engine:
             self._flusher.cancel()
         if self.accounting is not None:
             self.accounting.flush()
+        if self.spool is not None:
+            await self.spool.sync()  # every state change so far is durable
         if self._router is not None and self._router_given is None:
             await self._router.aclose()
 
@@ -199,11 +246,19 @@ class Engine:
             raise InputError("a message needs at least one recipient")
         if sender:
             split_address(sender, "sender")
-        rcpts = [Recipient(*split_address(r)) for r in recipients]
+        rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(recipients)]
         await self._reserve(len(rcpts))
         loop = asyncio.get_running_loop()
         body = message if isinstance(message, Body) else Body(message)
         msg = Message(message_id or new_message_id(), sender, body, rcpts, meta=meta or {})
+        if self.spool is not None:
+            try:
+                # Durable before we say "accepted" (group commit: concurrent
+                # submits share one fsync).
+                await self.spool.add_message(msg.id, sender, list(recipients), body.raw, meta=meta or None)
+            except BaseException:
+                self._release(len(rcpts))
+                raise
         msg.deadline = loop.time() + self.retry.max_lifetime
         self._trackers[msg.id] = _Tracker(msg, loop.create_future())
         self._route(msg, rcpts)
@@ -457,6 +512,12 @@ class Engine:
             classification.bounce.value if classification else None,
         )
         self.counts[status.value] += 1
+        if self.spool is not None:
+            wall_next = next_attempt if next_attempt is not None else time.time()
+            try:
+                self.spool.record(msg.id, rcpt.index, status, attempts=rcpt.attempts, next_attempt=wall_next)
+            except KeyError:
+                pass  # not journaled (finished already, or never added): nothing to remember
         if delivery is not None:
             site_counter = self.site_counts.get(delivery.site)
             if site_counter is None:
@@ -464,6 +525,12 @@ class Engine:
             site_counter[status.value] += 1
         if self.accounting is not None:
             self.accounting.write(outcome)
+            if self.spool is not None:
+                # Hand the line to the OS before the spool can journal this
+                # state: a process killed afterwards then never has a journaled
+                # outcome without its accounting line (the spool's writer thread
+                # may write the record any moment after record() below).
+                self.accounting.flush()
         for sub in self._subscribers:
             sub.put_nowait(outcome)
         if status.is_final:
@@ -522,6 +589,7 @@ class Engine:
 
 
 _NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")
+
 
 
 

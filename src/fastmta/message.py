@@ -63,6 +63,7 @@ class Recipient:
     attempts: int = 0
     status: Status | None = None  # None: never tried
     last_reply: Reply | None = None
+    index: int = 0  # position in the message's recipient list (the spool's key for it)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,12 @@ configuration has static routes. Bad input (a malformed file, address or
 recipient row) is reported with file, line and reason in the summary and in
 --rejects FILE; everything else is delivered.
 
+Everything taken from the spool is first written to a durable queue
+(--queue-dir, default SPOOL/.fastmta): a run that is interrupted (Ctrl-C,
+a crash, SIGKILL) resumes there when started again, without sending
+finished recipients twice. Ctrl-C once: take no new input, finish what is
+in flight, exit; twice: exit at once (still recoverable).
+
 Exit status: 0 every recipient reached a final state (delivered, bounced or
 expired) and no input was rejected; 1 some recipients are not final
 (interrupted); 3 some input was rejected; 2 usage or configuration error.
@@ -24,10 +30,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import sys
+import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +50,8 @@ from fastmta.cli.sinkproc import embedded_sink
 from fastmta.config import Config, load_config
 from fastmta.engine import Engine
 from fastmta.errors import ConfigError, InputError
-from fastmta.spool_input import Reject, SpoolReader
+from fastmta.spool import Spool, SpoolLocked
+from fastmta.spool_input import InputEnd, InputSkipped, InputStart, Reject, Resume, SpoolItem, SpoolReader
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lifetime", type=float, metavar="SECONDS",
                    help="expire recipients not delivered after this long (default: config, 5 days)")
     p.add_argument("--summary-json", type=Path, metavar="FILE", help="also write the final summary as JSON")
+    p.add_argument("--queue-dir", type=Path, metavar="DIR",
+                   help="durable queue (journal + bodies); a rerun resumes from it "
+                        "(default: SPOOL/.fastmta; with --sink a temporary one)")
     p.add_argument("--quiet", "-q", action="store_true", help="no live progress display")
 
 
@@ -77,9 +91,80 @@ def _effective_config(args: argparse.Namespace, sink: tuple[str, int] | None) ->
     return msgspec.convert(data, Config)
 
 
-async def _deliver(args: argparse.Namespace, config: Config, progress: Progress) -> dict[str, Any]:
+class _InputProgress:
+    """Which rows of each input are durably taken, so a rerun starts after them.
+
+    Submits run concurrently (they share group commits), so rows finish out
+    of order; an input's recorded progress is the first row not yet taken.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._pending: dict[str, deque[int]] = {}
+        self._taken: dict[str, set[int]] = {}
+        self._ended: set[str] = set()
+
+    def start(self, key: str, fingerprint: str) -> None:
+        self.spool.open_input(key, fingerprint)
+        self._pending[key] = deque()
+        self._taken[key] = set()
+
+    def issued(self, key: str, row: int) -> None:
+        self._pending[key].append(row)
+
+    def taken(self, key: str, row: int) -> None:
+        """*row* is in the spool (or rejected): it must not be read again."""
+        pending, taken = self._pending[key], self._taken[key]
+        taken.add(row)
+        advanced = False
+        while pending and pending[0] in taken:
+            taken.discard(pending.popleft())
+            advanced = True
+        if advanced and pending:
+            self.spool.input_progress(key, pending[0])
+        self._maybe_done(key)
+
+    def end(self, key: str) -> None:
+        self._ended.add(key)
+        self._maybe_done(key)
+
+    def _maybe_done(self, key: str) -> None:
+        if key in self._ended and not self._pending[key]:
+            self.spool.input_done(key)
+            self._ended.discard(key)
+
+
+def _resume_from(spool: Spool) -> Resume:
+    def resume(key: str, fp: str) -> int | None:
+        state = spool.input(key)
+        if state is None or state.fingerprint != fp:
+            return 0
+        return None if state.done else state.row
+
+    return resume
+
+
+def _queue_dir(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
+    if args.queue_dir is not None:
+        return Path(str(args.queue_dir))
+    if args.sink:
+        # The local sink keeps nothing: resuming into a new one would be
+        # meaningless, so a --sink run keeps its queue only while it runs.
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastmta-queue-")))
+    spool_dir: Path = args.spool
+    return spool_dir / ".fastmta"
+
+
+async def _deliver(args: argparse.Namespace, config: Config, progress: Progress, queue_dir: Path) -> dict[str, Any]:
     accounting = AccountingLog(args.accounting) if args.accounting else None
-    reader = SpoolReader(args.spool)
+    try:
+        spool = await asyncio.to_thread(Spool, queue_dir)
+    except SpoolLocked:
+        raise SystemExit(f"fastmta send: {queue_dir} is in use by another fastmta process") from None
+    if spool.report.damaged:
+        progress.note(f"queue recovery: {spool.report}")
+    tracker = _InputProgress(spool)
+    reader = SpoolReader(args.spool, _resume_from(spool))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     interrupts = 0
@@ -89,33 +174,66 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress)
         interrupts += 1
         stop.set()
         if interrupts >= 2:
-            progress.note("second interrupt: exiting now")
-            raise SystemExit(130)
+            progress.note("second interrupt: exiting now (the queue stays recoverable)")
+            os._exit(130)
         progress.note("interrupt: no new work taken; finishing transactions in flight (Ctrl-C again to quit now)")
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     submitted_messages = 0
     submitted_recipients = 0
+    skipped_inputs = 0
     started = time.perf_counter()
-    engine = Engine(config, accounting=accounting)
+    engine = Engine(config, accounting=accounting, spool=spool)
+    # Submits in flight at once: each waits for its group commit, so many
+    # share one fsync instead of paying one each.
+    window = asyncio.Semaphore(256)
+    inflight: set[asyncio.Task[None]] = set()
+
+    async def submit(item: SpoolItem) -> None:
+        nonlocal submitted_messages, submitted_recipients
+        try:
+            await engine.submit(item.content, item.sender, item.recipients, meta=item.meta)
+        except InputError as exc:
+            progress.reject(Reject(item.source, item.line, exc.reason))
+        else:
+            submitted_messages += 1
+            submitted_recipients += len(item.recipients)
+            progress.submitted(submitted_messages, submitted_recipients)
+        finally:
+            tracker.taken(item.key, item.row)
+            window.release()
+
     try:
         async with engine:
+            if engine.recovered:
+                progress.note(f"resuming {engine.recovered:,} unfinished recipient(s) from {queue_dir}")
             progress.start(engine)
-            for item in reader:
+            for event in reader:
                 if stop.is_set():
                     break
-                if isinstance(item, Reject):
-                    progress.reject(item)
-                    continue
-                try:
-                    await engine.submit(item.content, item.sender, item.recipients, meta=item.meta)
-                except InputError as exc:
-                    progress.reject(Reject(item.source, item.line, exc.reason))
-                    continue
-                submitted_messages += 1
-                submitted_recipients += len(item.recipients)
-                progress.submitted(submitted_messages, submitted_recipients)
+                if isinstance(event, InputSkipped):
+                    skipped_inputs += 1
+                elif isinstance(event, InputStart):
+                    tracker.start(event.key, event.fingerprint)
+                elif isinstance(event, InputEnd):
+                    tracker.end(event.key)
+                elif isinstance(event, Reject):
+                    progress.reject(event)
+                    if event.key:
+                        tracker.issued(event.key, event.row)
+                        tracker.taken(event.key, event.row)
+                else:
+                    await window.acquire()
+                    if stop.is_set():
+                        window.release()
+                        break
+                    tracker.issued(event.key, event.row)
+                    task = asyncio.ensure_future(submit(event))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
+            if inflight:
+                await asyncio.wait(set(inflight))
             while not stop.is_set() and engine.unfinished:
                 waiter = asyncio.ensure_future(stop.wait())
                 drained = asyncio.ensure_future(engine.drain())
@@ -129,13 +247,17 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress)
         progress.stop()
         if accounting is not None:
             accounting.close()
+        await spool.close()
     elapsed = time.perf_counter() - started
     counts = dict(engine.counts)
     final = counts.get("delivered", 0) + counts.get("bounced", 0) + counts.get("expired", 0)
     return {
         "spool": str(args.spool),
+        "queue": str(queue_dir),
         "messages": submitted_messages,
         "recipients": submitted_recipients,
+        "resumed_recipients": engine.recovered,
+        "inputs_already_done": skipped_inputs,
         "delivered": counts.get("delivered", 0),
         "bounced": counts.get("bounced", 0),
         "expired": counts.get("expired", 0),
@@ -165,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
         except (ConfigError, msgspec.ValidationError) as exc:
             raise SystemExit(f"fastmta send: configuration error: {exc}") from None
         progress = Progress(enabled=not args.quiet)
-        summary = uvloop.run(_deliver(args, config, progress))
+        with contextlib.ExitStack() as stack:
+            summary = uvloop.run(_deliver(args, config, progress, _queue_dir(args, stack)))
         progress.print_summary(summary)
         return summary
 

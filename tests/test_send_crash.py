@@ -1,0 +1,119 @@
+"""Nothing accepted is lost: `fastmta send` SIGKILLed again and again, then resumed to the end.
+
+Counted where it happens: every copy that reached the sink is a file in its
+capture directory; the accounting file is what an operator reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from fastmta.cli.sinkproc import embedded_sink
+from fastmta.pickup import read_pickup
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "spool"
+
+RECIPIENTS = int(os.environ.get("FASTMTA_CRASH_RECIPIENTS", "20000"))
+KILLS = int(os.environ.get("FASTMTA_CRASH_KILLS", "20"))
+# What a kill may send twice: transactions in flight (10 connections x 2 in
+# the pipeline) plus the states delivered but not yet journaled (the spool
+# writes state records in batches, every 50 ms).
+IN_FLIGHT_WINDOW = 10 * 2 + 400
+
+
+def make_campaign(spool: Path, n: int) -> list[str]:
+    spool.mkdir()
+    for name in ("welcome.txt", "welcome.html", "dkim-test-ed25519.key.pem"):
+        shutil.copy(EXAMPLE / name, spool / name)
+    toml = (EXAMPLE / "welcome.toml").read_text().replace('recipients = "recipients.csv"', 'recipients = "r.csv"')
+    (spool / "welcome.toml").write_text(toml)
+    rcpts = [f"user{i}@d{i % 97}.example" for i in range(n)]
+    with open(spool / "r.csv", "w") as f:
+        f.write("email,first_name,last_name,id,signup\n")
+        for i, r in enumerate(rcpts):
+            f.write(f"{r},First{i},Last,u{i},2026-01-{1 + i % 28:02d}\n")
+    # A pickup file too: pickup inputs are resumed as well.
+    (spool / "note.eml").write_bytes(
+        b"X-Sender: ops@fastmta.example\r\nX-Receiver: pickup@p.example\r\nFrom: ops@fastmta.example\r\n\r\nhi\r\n"
+    )
+    return rcpts + ["pickup@p.example"]
+
+
+def send_cmd(spool: Path, queue: Path, acct: Path, host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "fastmta", "send", str(spool), "--relay", f"{host}:{port}", "--quiet",
+            "--queue-dir", str(queue), "--accounting", str(acct)]
+
+
+def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, world_writable_dir: Path) -> None:
+    spool, queue, acct = tmp_path / "spool", tmp_path / "queue", tmp_path / "acct.jsonl"
+    expected = make_campaign(spool, RECIPIENTS)
+    capture = world_writable_dir
+    rng = random.Random(20261122)
+    kills = 0
+    with embedded_sink(["--capture", str(capture)]) as (host, port):
+        cmd = send_cmd(spool, queue, acct, host, port)
+        deadline = time.monotonic() + 600
+        while kills < KILLS and time.monotonic() < deadline:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(rng.uniform(0.4, 1.6))
+            if proc.poll() is not None:
+                _, err = proc.communicate()
+                assert proc.returncode == 0, err.decode()[-2000:]
+                break  # finished before we could kill it
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            assert proc.stderr is not None
+            proc.stderr.close()
+            kills += 1
+        # The last run goes to the end on its own.
+        final = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert final.returncode == 0, final.stderr[-3000:]
+
+    copies: Counter[str] = Counter()
+    for f in capture.glob("*.eml"):
+        for r in read_pickup(f).recipients:
+            copies[r] += 1
+    missing = set(expected) - set(copies)
+    assert not missing, f"{len(missing)} recipients never arrived, e.g. {sorted(missing)[:5]}"
+    assert set(copies) == set(expected)
+    duplicates = sum(n - 1 for n in copies.values())
+    assert duplicates <= max(kills, 1) * IN_FLIGHT_WINDOW, (duplicates, kills)
+
+    delivered: Counter[str] = Counter()
+    for line in acct.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["status"] == "delivered":
+            delivered[rec["recipient"]] += 1
+        else:
+            assert rec["status"] == "deferred", rec  # nothing bounced or expired here
+    # Every recipient is accounted as delivered, and never more often than the sink got it.
+    assert set(delivered) == set(expected)
+    assert all(delivered[r] <= copies[r] for r in expected)
+    assert kills >= min(KILLS, 5), f"only {kills} kills happened: the runs finished too fast to test anything"
+    print(f"\n{kills} SIGKILLs, {len(expected)} recipients, {duplicates} duplicates at the sink")
+
+
+def test_rerun_after_completion_sends_nothing(tmp_path: Path) -> None:
+    spool, queue, acct = tmp_path / "spool", tmp_path / "queue", tmp_path / "acct.jsonl"
+    make_campaign(spool, 50)
+    with embedded_sink() as (host, port):
+        cmd = send_cmd(spool, queue, acct, host, port)
+        first = subprocess.run(cmd + ["--summary-json", str(tmp_path / "s1.json")], capture_output=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        second = subprocess.run(cmd + ["--summary-json", str(tmp_path / "s2.json")], capture_output=True, timeout=120)
+        assert second.returncode == 0, second.stderr
+    s1 = json.loads((tmp_path / "s1.json").read_text())
+    s2 = json.loads((tmp_path / "s2.json").read_text())
+    assert s1["delivered"] == 51
+    assert s2["delivered"] == 0 and s2["inputs_already_done"] == 2 and s2["resumed_recipients"] == 0
+    assert len(acct.read_text().splitlines()) == 51
