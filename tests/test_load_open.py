@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
+from servers import free_port, postfix_smtp_sink
 
 from fastmta.load_schema import SCHEMA, validate
 from fastmta.loadgen import (
@@ -40,7 +40,6 @@ from fastmta.loadgen import (
     run_load_processes,
     split_spec,
 )
-from servers import free_port, postfix_smtp_sink
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 ROOT = Path(__file__).resolve().parent.parent
