@@ -111,6 +111,7 @@ def test_bad_input_is_reported_and_the_rest_delivered(tmp_path: Path) -> None:
     (spool / "third.toml").write_text((spool / "welcome.toml").read_text() + "\n[extra]\nunknown_key = 1\n")
     (spool / "good.eml").write_bytes(b"X-Sender: a@b.example\r\nX-Receiver: c@d.example\r\nFrom: a@b.example\r\n\r\nhi\r\n")
     (spool / "bad.eml").write_bytes(b"this is not a message\r\n")
+    (spool / "unreadable.eml").symlink_to(spool / "gone-away")  # a dangling link: cannot be read
     with embedded_sink() as (host, port):
         out = fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet",
                       "--rejects", str(tmp_path / "rejects.jsonl"), "--accounting", str(tmp_path / "acct.jsonl"))
@@ -118,6 +119,7 @@ def test_bad_input_is_reported_and_the_rest_delivered(tmp_path: Path) -> None:
     rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
     reasons = {(Path(r["file"]).name, r["line"]): r["reason"] for r in rejects}
     assert "not an RFC 5322 message" in reasons[("bad.eml", 1)]
+    assert "cannot read" in reasons[("unreadable.eml", None)]
     assert "no local part or no domain" in reasons[("r.csv", 3)]
     assert "CR, LF or NUL" in reasons[("r.csv", 5)]
     assert any(name == "third.toml" and "unknown key" in why for (name, _), why in reasons.items())
@@ -133,7 +135,7 @@ def test_a_capture_can_be_sent_again(world_writable_dir: Path, tmp_path: Path) -
     second = world_writable_dir / "second"
     with embedded_sink(["--capture", str(first)]) as (host, port):
         assert fastmta("send", str(EXAMPLE.parent / "spool"), "--relay", f"{host}:{port}", "--quiet",
-                       "--max-lifetime", "60").returncode == 0
+                       "--queue-dir", str(tmp_path / "q1"), "--max-lifetime", "60").returncode == 0
     # Re-send only the pickup-shaped captures of the three pickup files.
     spool = tmp_path / "again"
     spool.mkdir()
@@ -145,6 +147,7 @@ def test_a_capture_can_be_sent_again(world_writable_dir: Path, tmp_path: Path) -
             originals[tuple(msg.recipients)] = msg.content
     assert len(originals) == 3
     with embedded_sink(["--capture", str(second)]) as (host, port):
-        assert fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet").returncode == 0
+        assert fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet",
+                       "--queue-dir", str(tmp_path / "q2")).returncode == 0
     again = {tuple(read_pickup(f).recipients): read_pickup(f).content for f in second.glob("*.eml")}
     assert again == originals  # byte for byte, leading dots and 8-bit included

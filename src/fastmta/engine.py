@@ -578,14 +578,17 @@ class Engine:
 
     def queue_stats(self) -> list[dict[str, Any]]:
         """Per (source, site): ready batches, open connections, most seen, transactions."""
-        return [
-            {
+        now = asyncio.get_running_loop().time()
+        out = []
+        for (src, site), q in self._queues.items():
+            status = q.throttle.status(now)
+            out.append({
                 "source": src, "site": site, "ready": len(q.ready), "connections": q.connections,
                 "max_connections_seen": q.max_seen_connections, "connections_opened": q.connections_opened,
-                "transactions": q.transactions,
-            }
-            for (src, site), q in self._queues.items()
-        ]
+                "transactions": q.transactions, "window": status.window, "rate": status.rate,
+                "suspended_for": max(0.0, status.suspended_until - now) if status.suspended_until else 0.0,
+            })
+        return out
 
 
 _NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")

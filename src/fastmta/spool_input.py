@@ -103,7 +103,9 @@ class SpoolReader:
         # .name.tmp then renames) and the queue directory itself.
         visible = [p for p in entries if not p.name.startswith(".")]
         for path in visible:
-            if path.suffix == ".eml" and path.is_file():
+            if path.suffix == ".eml":
+                # Not only regular files: a dangling link or a directory named
+                # *.eml is reported as unreadable rather than passed over.
                 yield from self._input(path, (path,), self._pickup)
         for path in visible:
             if path.suffix == ".toml" and path.is_file():

@@ -35,6 +35,7 @@ class Progress:
         self._notes: list[str] = []
         self._started = time.perf_counter()
         self._rate_window: list[tuple[float, int]] = []
+        self._last_event: object = None
 
     # --- feeding ------------------------------------------------------------
 
@@ -89,6 +90,12 @@ class Progress:
                 self._live.update(self._render())
             else:
                 assert self._engine is not None
+                events = list(self._engine.throttle_events)
+                fresh = events[events.index(self._last_event) + 1 :] if self._last_event in events else events
+                for event in fresh:
+                    print(f"throttle: {event}", file=sys.stderr, flush=True)
+                if events:
+                    self._last_event = events[-1]
                 c = self._engine.counts
                 print(
                     f"[{time.perf_counter() - self._started:7.1f}s] queued {self.recipients}  delivered {c['delivered']}  "
@@ -100,10 +107,15 @@ class Progress:
     def site_table(self, engine: Engine, limit: int | None = 5) -> list[dict[str, Any]]:
         rows: dict[str, dict[str, Any]] = {}
         for q in engine.queue_stats():
-            row = rows.setdefault(q["site"], {"site": q["site"], "ready": 0, "connections": 0, "transactions": 0})
+            row = rows.setdefault(q["site"], {"site": q["site"], "ready": 0, "connections": 0, "transactions": 0,
+                                              "window": 0, "rate": None, "suspended_for": 0.0})
             row["ready"] += q["ready"]
             row["connections"] += q["connections"]
             row["transactions"] += q["transactions"]
+            row["window"] += q["window"]
+            if q["rate"] is not None:
+                row["rate"] = (row["rate"] or 0.0) + q["rate"]
+            row["suspended_for"] = max(row["suspended_for"], q["suspended_for"])
         for site, counts in engine.site_counts.items():
             row = rows.setdefault(site, {"site": site, "ready": 0, "connections": 0, "transactions": 0})
             row.update({k: counts.get(k, 0) for k in ("delivered", "deferred", "bounced", "expired")})
@@ -125,14 +137,19 @@ class Progress:
             (f"rejected {len(self.rejects)}", "red" if self.rejects else "dim"),
         )
         table = Table(title="busiest sites", title_justify="left", expand=False, box=None, pad_edge=False)
-        for col in ("site", "conns", "ready", "delivered", "deferred", "bounced"):
+        for col in ("site", "conns", "window", "rate/s", "ready", "delivered", "deferred", "bounced"):
             table.add_column(col, justify="left" if col == "site" else "right")
         for row in self.site_table(self._engine):
+            rate = "-" if row.get("rate") is None else f"{row['rate']:,.1f}"
+            if row.get("suspended_for"):
+                rate = f"suspended {row['suspended_for']:.0f}s"
             table.add_row(
-                row["site"][:60], str(row["connections"]), str(row["ready"]), str(row.get("delivered", 0)),
-                str(row.get("deferred", 0)), str(row.get("bounced", 0)),
+                row["site"][:60], str(row["connections"]), str(row.get("window", "")), rate, str(row["ready"]),
+                str(row.get("delivered", 0)), str(row.get("deferred", 0)), str(row.get("bounced", 0)),
             )
-        return Group(head, table)
+        # Every change of window, rate, suspension or warm-up step, with its reason.
+        events = [Text(str(e), style="yellow") for e in list(self._engine.throttle_events)[-4:]]
+        return Group(head, table, *events)
 
     def print_summary(self, s: dict[str, Any]) -> None:
         table = Table(title="fastmta send: summary", title_justify="left", show_header=False)
