@@ -238,3 +238,54 @@ def text_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
+
+
+@dataclass(frozen=True, slots=True)
+class DiskUsage:
+    """Space taken by the files under a directory."""
+
+    allocated: int  # bytes of disk blocks (st_blocks * 512): what the directory costs the disk
+    apparent: int  # sum of file sizes
+    files: int
+
+
+def dir_usage(path: str | os.PathLike[str], max_depth: int = 4) -> DiskUsage:
+    """Walk *path* (at most *max_depth* levels) and add up its files, tolerating concurrent changes.
+
+    Meant for sampling a directory another process is writing: a file or
+    subdirectory that disappears between listing and ``stat`` is skipped,
+    not an error.
+    """
+    allocated = apparent = files = 0
+    stack: list[tuple[str, int]] = [(os.fspath(path), 0)]
+    while stack:
+        current, depth = stack.pop()
+        try:
+            entries = list(os.scandir(current))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if depth < max_depth:
+                        stack.append((entry.path, depth + 1))
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            allocated += st.st_blocks * 512
+            apparent += st.st_size
+            files += 1
+    return DiskUsage(allocated, apparent, files)
+
+
+def proc_rss_bytes(pid: int) -> int | None:
+    """Current resident set size of a live process (VmRSS), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
