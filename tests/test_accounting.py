@@ -17,7 +17,7 @@ from fastmta.reply import Reply
 T0 = 1_700_000_000.25
 
 JSONL_KEYS = ["time", "message_id", "recipient", "status", "code", "enhanced", "text", "attempts",
-              "queued_at", "time_in_queue", "category", "bounce_type", "site", "mx_host", "mx_ip", "source_ip"]
+              "queued_at", "time_in_queue", "sender", "size", "category", "bounce_type", "site", "mx_host", "mx_ip", "source_ip"]
 
 
 class Clock:

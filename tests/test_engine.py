@@ -374,3 +374,32 @@ def test_close_reports_unfinished_work(run: Run) -> None:
             await sink.close()
 
     run(main())
+
+
+def test_backpressure_by_bytes_bounds_the_bodies_in_memory(run: Run) -> None:
+    async def main() -> None:
+        sink = await start_sink("127.0.0.12", faults=FaultConfig(delays=(("mail", 0.3),)))
+        big = BODY + b"x" * 100_000 + b"\r\n"
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+                            queue={"max_queued_recipients": 1000, "max_queued_bytes": 700_000})
+        try:
+            async with Engine(cfg) as engine:
+                submitted = 0
+
+                async def producer() -> None:
+                    nonlocal submitted
+                    for i in range(12):
+                        await engine.submit(big, "s@sender.test", [f"u{i}@d.test"])
+                        submitted += 1
+
+                task = asyncio.ensure_future(producer())
+                await asyncio.sleep(0.15)
+                # Each 100 KB message counts twice (raw + wire form): 3 fit in 700 KB.
+                assert submitted == 3
+                await asyncio.wait_for(task, 30)
+                assert await engine.drain(30)
+                assert engine.counts["delivered"] == 12
+        finally:
+            await sink.close()
+
+    run(main())

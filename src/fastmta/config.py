@@ -289,6 +289,8 @@ class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     max_lifetime: Seconds = 5 * 86400.0
     #: submit() waits while this many recipients are unfinished (backpressure).
     max_queued_recipients: PositiveInt = 100_000
+    #: ... or while the unfinished messages' bodies hold this many bytes of memory.
+    max_queued_bytes: PositiveInt = 128 * 1024 * 1024
     #: A host that refused a connection is tried last for this long.
     host_down_time: Seconds = 60.0
 

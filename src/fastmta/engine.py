@@ -106,6 +106,7 @@ class Engine:
         self._subscribers: list[asyncio.Queue[Outcome | None]] = []
         self._capacity_waiters: deque[asyncio.Future[None]] = deque()
         self._unfinished = 0  # recipients accepted and not final
+        self._queued_bytes = 0  # memory held by the bodies of unfinished messages (estimate)
         self._submits = 0
         self._idle: asyncio.Event | None = None
         self._due: DueQueue[tuple[Message, list[Recipient]]] | None = None
@@ -176,6 +177,7 @@ class Engine:
             msg.deadline = now_loop + self.retry.max_lifetime - max(0.0, now_wall - rec.queued_at)
             self._trackers[msg.id] = _Tracker(msg, loop.create_future())
             self._unfinished += len(rcpts)
+            self._queued_bytes += _memory_cost(msg.body)
             self.recovered += len(rcpts)
             if due_now:
                 self._route(msg, due_now)
@@ -247,9 +249,10 @@ class Engine:
         if sender:
             split_address(sender, "sender")
         rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(recipients)]
-        await self._reserve(len(rcpts))
-        loop = asyncio.get_running_loop()
         body = message if isinstance(message, Body) else Body(message)
+        cost = _memory_cost(body)
+        await self._reserve(len(rcpts), cost)
+        loop = asyncio.get_running_loop()
         msg = Message(message_id or new_message_id(), sender, body, rcpts, meta=meta or {})
         if self.spool is not None:
             try:
@@ -257,7 +260,7 @@ class Engine:
                 # submits share one fsync).
                 await self.spool.add_message(msg.id, sender, list(recipients), body.raw, meta=meta or None)
             except BaseException:
-                self._release(len(rcpts))
+                self._release(len(rcpts), cost)
                 raise
         msg.deadline = loop.time() + self.retry.max_lifetime
         self._trackers[msg.id] = _Tracker(msg, loop.create_future())
@@ -510,6 +513,7 @@ class Engine:
             next_attempt, msg.meta or None,
             classification.category.value if classification else None,
             classification.bounce.value if classification else None,
+            msg.sender, len(msg.body.raw),
         )
         self.counts[status.value] += 1
         if self.spool is not None:
@@ -542,24 +546,36 @@ class Engine:
                     del self._trackers[msg.id]
                     if not tracker.future.done():
                         tracker.future.set_result(tracker.outcomes)
+                    self._release(1, _memory_cost(msg.body))
+                    return
             self._release(1)
 
     # --- backpressure -----------------------------------------------------------
 
-    async def _reserve(self, n: int) -> None:
-        limit = self.config.queue.max_queued_recipients
+    async def _reserve(self, n: int, size: int) -> None:
+        """Wait for room for *n* recipients and *size* bytes of message in memory.
+
+        Both bounds matter: recipients bound the per-recipient records, bytes
+        bound the bodies (a backlog of 20 KB messages is ten times the memory
+        of one of 2 KB messages). A message larger than a limit is still
+        accepted when the queue is empty.
+        """
+        q = self.config.queue
         loop = asyncio.get_running_loop()
-        # A message larger than the limit is still accepted when the queue is empty.
-        while self._unfinished and self._unfinished + n > limit:
+        while self._unfinished and (
+            self._unfinished + n > q.max_queued_recipients or self._queued_bytes + size > q.max_queued_bytes
+        ):
             waiter: asyncio.Future[None] = loop.create_future()
             self._capacity_waiters.append(waiter)
             await waiter
         self._unfinished += n
+        self._queued_bytes += size
         assert self._idle is not None
         self._idle.clear()
 
-    def _release(self, n: int) -> None:
+    def _release(self, n: int, size: int = 0) -> None:
         self._unfinished -= n
+        self._queued_bytes -= size
         if self._unfinished == 0 and self._idle is not None:
             self._idle.set()
         while self._capacity_waiters:
@@ -592,6 +608,11 @@ class Engine:
 
 
 _NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")
+
+
+def _memory_cost(body: Body) -> int:
+    # The raw bytes plus the wire form cached at the first attempt.
+    return 2 * len(body.raw) + 512
 
 
 

@@ -102,6 +102,8 @@ class Outcome:
     meta: dict[str, Any] | None = None
     category: str | None = None  # classify.Category of the reply (None when delivered)
     bounce: str | None = None  # "hard" / "soft" for failures
+    sender: str | None = None  # envelope sender ("" is the null sender)
+    size: int | None = None  # message size in bytes
 
     def as_record(self) -> dict[str, Any]:
         """The accounting record (one JSON line)."""
@@ -116,6 +118,8 @@ class Outcome:
             "attempts": self.attempts,
             "queued_at": round(self.queued_at, 6),
             "time_in_queue": round(self.time - self.queued_at, 6),
+            "sender": self.sender,
+            "size": self.size,
             "category": self.category,
             "bounce_type": self.bounce,
             "site": self.site,

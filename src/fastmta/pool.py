@@ -147,6 +147,8 @@ class SiteQueue:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: deque[asyncio.Future[None]] = deque()  # connections waiting for work or for the throttle
         self._open_timer: asyncio.TimerHandle | None = None
+        self._connect_failures = 0  # consecutive connections refused for our pace
+        self._hold_until = 0.0  # no new connection before this (loop time)
         self.connections = 0  # currently open
         self.max_seen_connections = 0
         self.connections_opened = 0
@@ -174,7 +176,10 @@ class SiteQueue:
                 return
         if len(self._tasks) >= len(self.ready):
             return  # enough connections for the work at hand
-        wait = self.throttle.connection_wait(len(self._tasks), self._loop.time())
+        now = self._loop.time()
+        if now < self._hold_until:
+            return  # pausing after refused connections; the timer kicks again
+        wait = self.throttle.connection_wait(len(self._tasks), now)
         if wait <= 0:
             task = asyncio.ensure_future(self._connection_task())
             self._tasks.add(task)
@@ -256,7 +261,11 @@ class SiteQueue:
                 )
             except SessionRefused as exc:
                 last, last_host = exc.reply, (host.name, address)
-                self.health.mark_down(src, address, host.port)
+                if exc.reply.code != 421:
+                    # A 421 at the greeting is usually "too many connections
+                    # from you": the host is up, it is the pace that is wrong,
+                    # so traffic must not move to the backup MX because of it.
+                    self.health.mark_down(src, address, host.port)
                 continue
             except ConnectError as exc:
                 last, last_host = Reply.local(451, "4.4.1", str(exc)), (host.name, address)
@@ -264,14 +273,23 @@ class SiteQueue:
                 continue
             self.health.mark_up(src, address, host.port)
             self.throttle.connection_result(ticket, None, self._loop.time())
+            self._connect_failures = 0
             return conn, host.name
-        if last is not None:
-            self.throttle.connection_result(
-                ticket, self.classifier.classify(last, "connect"), self._loop.time(), reason=str(last)
-            )
+        if last is None:
+            return None, None
+        c = self.classifier.classify(last, "connect")
+        self.throttle.connection_result(ticket, c, self._loop.time(), reason=str(last))
+        if last.code == 421 or c.site_paced:
+            # Refused for our pace ("too many connections", rate limits): the
+            # throttle has cut its window; the batches stay ready and the
+            # connection is retried after a growing pause, not every message
+            # pushed into a long retry schedule.
+            self._connect_failures += 1
+            self._schedule_reconnect(min(2.0 ** (self._connect_failures - 1), 60.0))
+            return None, None
         # No host would talk to us. If another connection of this queue is up,
         # it will carry the work; otherwise the ready batches are deferred.
-        if self.connections == 0 and last is not None:
+        if self.connections == 0:
             reply = last
             if reply.is_permanent:
                 # A 5xx greeting from every MX is still a session-level refusal;
@@ -280,6 +298,12 @@ class SiteQueue:
                 reply = Reply(451, reply.lines, reply.enhanced and "4" + reply.enhanced[1:])
             self._fail_ready(reply, last_host)
         return None, None
+
+    def _schedule_reconnect(self, delay: float) -> None:
+        self._hold_until = self._loop.time() + delay
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+        self._open_timer = self._loop.call_later(delay, self._timer_kick)
 
     async def _carry(self, conn: SMTPConnection, mx_host: str | None) -> bool:
         """Use *conn* until it is done; True when the task should open another connection."""
@@ -394,8 +418,10 @@ class SiteQueue:
     def _fail_ready(self, reply: Reply, host: tuple[str, str] | None) -> None:
         delivery = Delivery(self.site, host[0] if host else None, host[1] if host else None, self.source.address)
         c = self.classifier.classify(reply, "connect")
-        while self.ready:
-            batch = self.ready.popleft()
+        # A snapshot: the engine may put batches back into this very queue.
+        batches = list(self.ready)
+        self.ready.clear()
+        for batch in batches:
             self.on_result(batch, [(reply, "connect", c)] * len(batch.recipients), delivery)
 
 

@@ -295,7 +295,9 @@ class _Dial:
 
     def _q(self, v: float) -> float:
         v = min(max(v, self.floor), self.ceiling)
-        return float(math.floor(v)) if self.integer else v
+        # Round a connection count up: after a failed probe from 5 to 6 the
+        # hold value 0.9 x 5 must mean "stay at the proven 5", not "drop to 4".
+        return float(math.ceil(v - 1e-9)) if self.integer else v
 
     def new_round(self, seq: int, now: float) -> None:
         self.round_seq, self.round_t0 = seq, now
@@ -361,7 +363,10 @@ class _Dial:
         self.ssthresh = new
         self.probe = 0.0
         self.hold_left = self.hold_len
-        self.value = self._q(new)
+        q = self._q(new)
+        if self.integer and q >= v:
+            q = self._q(v - 1)  # a cut always cuts (rounding up must not cancel it)
+        self.value = q
 
     def restart(self, hold: float) -> None:
         """After a suspension: from the initial value, fast back to near the last good one."""
@@ -554,7 +559,7 @@ class SiteThrottle:
             elif kind is EventKind.RATE:
                 self._resume(now)
             return
-        if suspend and ticket > self._suspend_seq and self.suspended_until is None and not self.probing:
+        if suspend and a.enabled and ticket > self._suspend_seq and self.suspended_until is None and not self.probing:
             assert result is not None and result.suspend_for is not None
             self._cut(self._rate, EventKind.RATE, now, why)
             self._suspend(result.suspend_for, now, why)
