@@ -151,3 +151,22 @@ def test_a_capture_can_be_sent_again(world_writable_dir: Path, tmp_path: Path) -
                        "--queue-dir", str(tmp_path / "q2")).returncode == 0
     again = {tuple(read_pickup(f).recipients): read_pickup(f).content for f in second.glob("*.eml")}
     assert again == originals  # byte for byte, leading dots and 8-bit included
+
+
+def test_csv_accounting_with_rotation(tmp_path: Path) -> None:
+    import csv
+
+    spool = tmp_path / "spool"
+    small_campaign(spool, [f"user{i}@d{i % 3}.example,Ada,Lovelace,u{i},2026-01-05" for i in range(300)])
+    acct_dir = tmp_path / "acct"
+    with embedded_sink() as (host, port):
+        out = fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet",
+                      "--accounting", str(acct_dir / "log.csv"), "--accounting-rotate-size", "20K")
+    assert out.returncode == 0, out.stderr
+    files = sorted(acct_dir.glob("*.csv"))
+    assert len(files) > 1  # rotated
+    rows = [row for f in files for row in csv.DictReader(f.open(newline=""))]
+    assert len(rows) == 300 and {r["type"] for r in rows} == {"d"}
+    assert {r["rcpt"] for r in rows} == {f"user{i}@d{i % 3}.example" for i in range(300)}
+    assert {r["orig"] for r in rows} == {"bounces@news.fastmta.example"}
+    assert all(r["dsnStatus"] == "2.0.0" and int(r["dlvSize"]) > 500 for r in rows)

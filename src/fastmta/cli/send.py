@@ -63,6 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start the built-in sink on loopback and route everything to it (nothing leaves the machine)")
     p.add_argument("--accounting", type=Path, metavar="FILE",
                    help="append one JSON line per recipient outcome to FILE")
+    p.add_argument("--accounting-format", choices=["jsonl", "csv"],
+                   help="accounting format (default: csv for a .csv file name, else JSON lines); "
+                        "csv has PowerMTA-like columns (type, timeLogged, orig, rcpt, dsnStatus, bounceCat, ...)")
+    p.add_argument("--accounting-rotate-size", type=_size, metavar="BYTES",
+                   help="start a new accounting file past this size (e.g. 100M); the old one gets a time suffix")
+    p.add_argument("--accounting-rotate-interval", type=_duration, metavar="SECONDS",
+                   help="start a new accounting file this often (e.g. 1h, 1d)")
     p.add_argument("--rejects", type=Path, metavar="FILE", help="write rejected input (file, line, reason) as JSON lines")
     p.add_argument("--max-lifetime", type=float, metavar="SECONDS",
                    help="expire recipients not delivered after this long (default: config, 5 days)")
@@ -71,6 +78,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="durable queue (journal + bodies); a rerun resumes from it "
                         "(default: SPOOL/.fastmta; with --sink a temporary one)")
     p.add_argument("--quiet", "-q", action="store_true", help="no live progress display")
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+    t = text.strip().upper().removesuffix("B")
+    unit = t[-1:] if t[-1:] in "KMG" else ""
+    try:
+        value = int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 100M") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    unit = t[-1:] if t[-1:] in units else "s"
+    try:
+        value = float(t[:-1] if t[-1:] in units else t) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 3600, 1h or 1d") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return value
 
 
 def _effective_config(args: argparse.Namespace, sink: tuple[str, int] | None) -> Config:
@@ -156,7 +189,14 @@ def _queue_dir(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
 
 
 async def _deliver(args: argparse.Namespace, config: Config, progress: Progress, queue_dir: Path) -> dict[str, Any]:
-    accounting = AccountingLog(args.accounting) if args.accounting else None
+    accounting = (
+        AccountingLog(
+            args.accounting, format=args.accounting_format, max_bytes=args.accounting_rotate_size,
+            max_age=args.accounting_rotate_interval,
+        )
+        if args.accounting
+        else None
+    )
     try:
         spool = await asyncio.to_thread(Spool, queue_dir)
     except SpoolLocked:
