@@ -8,11 +8,12 @@ hits every configuration alike:
     fastmta load      → smtp-sink        fastmta load      → fastmta sink
     smtp-source       → smtp-sink        smtp-source       → fastmta sink
     aiosmtplib        → smtp-sink        (smtp-source stock → smtp-sink, with --source-stock)
+    fastmta load --workers 2 → smtp-sink (--workers N; only where connections >= N)
   × message sizes (2 KB, 20 KB) × connections (1, 10) × --runs rounds.
 
 Reported per configuration (median over the rounds): messages/s, client CPU
 µs per message, server CPU µs per message. Then the acceptance checks of
-issue 2, item 3, computed from those medians.
+issue 2, item 3, and of issue 7, item 1, computed from those medians.
 
 How things are measured (the same way for every client):
 * Each client is a child process. Its CPU is the exact rusage of that child
@@ -134,10 +135,12 @@ class Config:
     server: str
     size: int
     connections: int
+    workers: int = 1  # fastmta load only: processes sharing the connections (--workers)
 
     @property
     def label(self) -> str:
-        return f"{self.client} → {self.server}"
+        client = self.client if self.workers == 1 else f"{self.client} --workers {self.workers}"
+        return f"{client} → {self.server}"
 
 
 @dataclass(slots=True)
@@ -165,7 +168,7 @@ class Bench:
             return [
                 sys.executable, "-m", "fastmta", "load", server.target, "--messages", str(messages),
                 "--connections", str(cfg.connections), "--size", str(cfg.size), "--json", "--quiet",
-                "--timeout", str(self.run_timeout),
+                "--timeout", str(self.run_timeout), *(["--workers", str(cfg.workers)] if cfg.workers > 1 else []),
             ]
         if cfg.client in (SMTP_SOURCE, SMTP_SOURCE_STOCK):
             # -F sends exactly the message fastmta load generates (smtp-source
@@ -209,7 +212,13 @@ class Bench:
         return run, server_cpu, problem, report
 
 
-def build_configs(sizes: list[int], connections: list[int], source_stock: bool) -> list[Config]:
+def build_configs(sizes: list[int], connections: list[int], source_stock: bool, workers: int = 1) -> list[Config]:
+    """Every (client, server) pair at every size and connection count.
+
+    With *workers* > 1, also ``fastmta load --workers N → smtp-sink`` wherever
+    there are at least as many connections as workers (each worker process
+    needs a connection of its own).
+    """
     pairs = [
         (FASTMTA_LOAD, SMTP_SINK), (FASTMTA_LOAD, FASTMTA_SINK),
         (SMTP_SOURCE, SMTP_SINK), (SMTP_SOURCE, FASTMTA_SINK),
@@ -217,7 +226,11 @@ def build_configs(sizes: list[int], connections: list[int], source_stock: bool) 
     ]
     if source_stock:
         pairs.append((SMTP_SOURCE_STOCK, SMTP_SINK))
-    return [Config(c, s, size, conns) for c, s in pairs for size in sizes for conns in connections]
+    configs = [Config(c, s, size, conns) for c, s in pairs for size in sizes for conns in connections]
+    if workers > 1:
+        configs += [Config(FASTMTA_LOAD, SMTP_SINK, size, conns, workers)
+                    for size in sizes for conns in connections if conns >= workers]
+    return configs
 
 
 # --------------------------------------------------------------------------
@@ -252,12 +265,12 @@ def _median(xs: list[float]) -> float | None:
 def run_bench(bench: Bench, configs: list[Config], log: Any) -> list[Result]:
     # Baselines (one message per connection) depend on the client, the server
     # and the connection count, not on the size: keyed without it.
-    def base_key(cfg: Config) -> tuple[str, str, int]:
-        return (cfg.client, cfg.server, cfg.connections)
+    def base_key(cfg: Config) -> tuple[str, str, int, int]:
+        return (cfg.client, cfg.server, cfg.connections, cfg.workers)
 
-    base_wall: dict[tuple[str, str, int], list[float]] = {}
-    base_cpu: dict[tuple[str, str, int], list[float]] = {}
-    base_tries: Counter[tuple[str, str, int]] = Counter()
+    base_wall: dict[tuple[str, str, int, int], list[float]] = {}
+    base_cpu: dict[tuple[str, str, int, int], list[float]] = {}
+    base_tries: Counter[tuple[str, str, int, int]] = Counter()
     samples = {cfg: Samples() for cfg in configs}
     total = len(configs) * bench.runs
     interactive = sys.stderr.isatty()
@@ -267,7 +280,7 @@ def run_bench(bench: Bench, configs: list[Config], log: Any) -> list[Result]:
             key = base_key(cfg)
             if base_tries[key] < round_no:  # one baseline per key and round, whatever its outcome
                 base_tries[key] += 1
-                base_cfg = Config(cfg.client, cfg.server, min(c.size for c in configs), cfg.connections)
+                base_cfg = Config(cfg.client, cfg.server, min(c.size for c in configs), cfg.connections, cfg.workers)
                 run, _, problem, _ = bench.run_once(base_cfg, cfg.connections)
                 if problem is None:
                     base_wall.setdefault(key, []).append(run.wall_s)
@@ -355,21 +368,31 @@ class Check:
         return f"{verdict}  {self.name}: {self.detail}"
 
 
-def acceptance(results: list[Result], size: int = 2048, connections: int = 10) -> list[Check]:
-    """Issue 2, acceptance item 3, from the medians at 2 KB and 10 connections."""
-    by = {(r.config.client, r.config.server): r for r in results
-          if r.config.size == size and r.config.connections == connections}
+def _ratio_check(name: str, a: float | None, b: float | None, op: str, factor: float, unit: str) -> Check:
+    """Compare two medians: a OP factor * b, with op one of ">=", ">" and "<="."""
+    if a is None or b is None or b <= 0:
+        return Check(name, None, "not measured")
+    ok = {">=": a >= factor * b, ">": a > factor * b, "<=": a <= factor * b}[op]
+    return Check(name, ok, f"{a:,.1f} vs {b:,.1f} {unit} = {a / b:.2f}x (need {op} {factor:g}x)")
 
-    def get(client: str, server: str, attr: str) -> float | None:
-        r = by.get((client, server))
+
+class _Medians:
+    """The medians of one (size, connections) cell, looked up by client, server and workers."""
+
+    def __init__(self, results: list[Result], size: int, connections: int) -> None:
+        self._by = {(r.config.client, r.config.server, r.config.workers): r for r in results
+                    if r.config.size == size and r.config.connections == connections}
+
+    def get(self, client: str, server: str, attr: str, workers: int = 1) -> float | None:
+        r = self._by.get((client, server, workers))
         value: float | None = getattr(r, attr) if r is not None else None
         return value
 
-    def ratio_check(name: str, a: float | None, b: float | None, op: str, factor: float, unit: str) -> Check:
-        if a is None or b is None or b <= 0:
-            return Check(name, None, "not measured")
-        ok = a >= factor * b if op == ">=" else a <= factor * b
-        return Check(name, ok, f"{a:,.1f} vs {b:,.1f} {unit} = {a / b:.2f}x (need {op} {factor:g}x)")
+
+def acceptance(results: list[Result], size: int = 2048, connections: int = 10) -> list[Check]:
+    """Issue 2, acceptance item 3, from the medians at 2 KB and 10 connections."""
+    get = _Medians(results, size, connections).get
+    ratio_check = _ratio_check
 
     load_rate = get(FASTMTA_LOAD, SMTP_SINK, "messages_per_s")
     load_cpu = get(FASTMTA_LOAD, SMTP_SINK, "client_cpu_us_per_message")
@@ -384,6 +407,32 @@ def acceptance(results: list[Result], size: int = 2048, connections: int = 10) -
                     get(SMTP_SOURCE, FASTMTA_SINK, "server_cpu_us_per_message"),
                     get(SMTP_SOURCE, SMTP_SINK, "server_cpu_us_per_message"), "<=", 1.3, "µs/msg"),
     ]
+
+
+def acceptance_issue7(results: list[Result], workers: int, size: int = 2048, connections: int = 10) -> list[Check]:
+    """Issue 7, acceptance item 1, at 2 KB and 10 connections, from the same run's medians.
+
+    ``fastmta load`` → smtp-sink against ``smtp-source`` → smtp-sink at the
+    same size and connections: at least its messages/s at <= 0.6x its client
+    CPU per message; and ``fastmta load --workers N`` reaches more messages/s
+    than one ``fastmta load`` process.
+    """
+    get = _Medians(results, size, connections).get
+    load_rate = get(FASTMTA_LOAD, SMTP_SINK, "messages_per_s")
+    checks = [
+        _ratio_check("fastmta load msgs/s >= 1x smtp-source (→ smtp-sink)", load_rate,
+                     get(SMTP_SOURCE, SMTP_SINK, "messages_per_s"), ">=", 1.0, "msgs/s"),
+        _ratio_check("fastmta load client CPU/msg <= 0.6x smtp-source (→ smtp-sink)",
+                     get(FASTMTA_LOAD, SMTP_SINK, "client_cpu_us_per_message"),
+                     get(SMTP_SOURCE, SMTP_SINK, "client_cpu_us_per_message"), "<=", 0.6, "µs/msg"),
+    ]
+    name = f"fastmta load --workers {workers} msgs/s > 1 process (→ smtp-sink)"
+    if workers > 1:
+        checks.append(_ratio_check(name, get(FASTMTA_LOAD, SMTP_SINK, "messages_per_s", workers), load_rate,
+                                   ">", 1.0, "msgs/s"))
+    else:
+        checks.append(Check(name.replace(f"--workers {workers}", "--workers N"), None, "not run (--workers 1)"))
+    return checks
 
 
 # --------------------------------------------------------------------------
@@ -410,6 +459,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer messages and 3 rounds: checks the benchmark works (< 1 min)")
     p.add_argument("--source-stock", action="store_true",
                    help="also run smtp-source without -d (one message per session), for reference")
+    p.add_argument("--workers", type=int, default=2,
+                   help="also run fastmta load --workers N → smtp-sink wherever connections >= N (issue 7; "
+                        "default 2, 1 leaves the row out)")
     p.add_argument("--run-timeout", type=float, default=120.0, help="seconds before a client run is killed (default 120)")
     p.add_argument("--json", metavar="FILE", help="write all results (medians and raw samples) here")
     args = p.parse_args(argv)
@@ -419,6 +471,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.messages = 2000 if args.quick else 20_000
     if args.runs < 1:
         p.error("--runs must be >= 1")
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
     if args.messages <= max(args.connections):
         p.error("--messages must exceed the largest connection count (per-message figures are marginal)")
     return args
@@ -437,7 +491,7 @@ def main(argv: list[str]) -> int:
         sys.stderr.flush()
 
     started = time.monotonic()
-    configs = build_configs(args.sizes, args.connections, args.source_stock)
+    configs = build_configs(args.sizes, args.connections, args.source_stock, args.workers)
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-smtp-") as tmp:
         # smtp-source -F appends CRLF to each line itself: the file holds bare LFs.
         message_files = {}
@@ -456,6 +510,7 @@ def main(argv: list[str]) -> int:
     elapsed = time.monotonic() - started
 
     checks = acceptance(results)
+    checks7 = acceptance_issue7(results, args.workers)
     print(table(results, args.runs))
     print()
     print(f"median of {args.runs} rounds, {args.messages} messages per run, marginal per-message figures "
@@ -468,12 +523,16 @@ def main(argv: list[str]) -> int:
         # mean the outside measurement is off.
         own = r.samples.self_reported
         if r.config.client == FASTMTA_LOAD and own:
-            print(f"cross-check, fastmta load's own figures → {r.config.server}, {r.config.size} B, "
+            print(f"cross-check, {r.config.label.split(' → ')[0]}'s own figures → {r.config.server}, {r.config.size} B, "
                   f"{r.config.connections} conn: {statistics.median(x['messages_per_s'] for x in own):,.0f} msgs/s, "
                   f"{statistics.median(x['cpu_us_per_message'] for x in own):.1f} µs/msg")
     print()
     print("Acceptance (issue 2, item 3; 2 KB, 10 connections):")
     for check in checks:
+        print("  " + check.line())
+    print()
+    print("Acceptance (issue 7, item 1; 2 KB, 10 connections):")
+    for check in checks7:
         print("  " + check.line())
     failures = [(r.config.label, r.config.size, r.config.connections, f) for r in results for f in r.failures]
     if failures:
@@ -495,12 +554,14 @@ def main(argv: list[str]) -> int:
             "method": "marginal per-message: (cpu(N) - median cpu(C)) / (N - C) and (N - C) / (wall(N) - median "
                       "wall(C)), C = connections; server CPU = /proc/PID/stat delta / N; medians over rounds",
             "results": [r.as_dict() for r in results],
+            "workers": args.workers,
             "acceptance": [asdict(c) for c in checks],
+            "acceptance_issue7": [asdict(c) for c in checks7],
         }
         Path(args.json).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     if failures:
         return 1
-    return 2 if any(c.ok is False for c in checks) else 0
+    return 2 if any(c.ok is False for c in (*checks, *checks7)) else 0
 
 
 if __name__ == "__main__":
