@@ -240,7 +240,9 @@ async def _deliver_campaign(job: Path, target: str, connections: int, max_queued
     config = config_from_dict({
         "routing": {"static": {"*": [target]}},
         "smtp": {"tls": "never"},
-        "sites": {"*": {"max_connections": connections}},
+        # A local smtp-sink is not a receiver to be polite to: no adaptive slow
+        # start (it measures the engine's cost, not the throttle's caution).
+        "sites": {"*": {"max_connections": connections, "adaptive": {"enabled": False}}},
         "queue": queue,
     })
     rss_before = _maxrss_kib()
@@ -301,7 +303,7 @@ async def _fairness(fast: str, tarpit: str, messages: int, tarpit_every: int, si
     config = config_from_dict({
         "routing": {"static": {FAST_DOMAIN: [fast], TARPIT_DOMAIN: [tarpit]}},
         "smtp": {"tls": "never"},
-        "sites": {"*": {"max_connections": connections}},
+        "sites": {"*": {"max_connections": connections, "adaptive": {"enabled": False}}},
     })
     message = make_message(size, SENDER, f"rcpt@{FAST_DOMAIN}")
     engine = Engine(config)
