@@ -7,7 +7,7 @@ hits every configuration alike:
   client → server pairs
     fastmta load      → smtp-sink        fastmta load      → fastmta sink
     smtp-source       → smtp-sink        smtp-source       → fastmta sink
-    aiosmtplib        → smtp-sink        (smtp-source stock → smtp-sink, with --source-stock)
+    aiosmtplib        → smtp-sink        (smtp-source stock → both sinks at >= 10 connections: the acceptance reference)
     fastmta load --workers 2 → smtp-sink (--workers N; only where connections >= N)
   × message sizes (2 KB, 20 KB) × connections (1, 10) × --runs rounds.
 
@@ -224,9 +224,13 @@ def build_configs(sizes: list[int], connections: list[int], source_stock: bool, 
         (SMTP_SOURCE, SMTP_SINK), (SMTP_SOURCE, FASTMTA_SINK),
         (AIOSMTPLIB, SMTP_SINK),
     ]
-    if source_stock:
-        pairs.append((SMTP_SOURCE_STOCK, SMTP_SINK))
     configs = [Config(c, s, size, conns) for c, s in pairs for size in sizes for conns in connections]
+    if source_stock:
+        # Stock smtp-source opens one connection per message: run it only where
+        # the acceptance checks need it, to keep TIME_WAIT sockets bounded.
+        configs += [Config(SMTP_SOURCE_STOCK, server, size, conns)
+                    for server in (SMTP_SINK, FASTMTA_SINK)
+                    for size in sizes for conns in connections if conns >= 10]
     if workers > 1:
         configs += [Config(FASTMTA_LOAD, SMTP_SINK, size, conns, workers)
                     for size in sizes for conns in connections if conns >= workers]
@@ -390,7 +394,12 @@ class _Medians:
 
 
 def acceptance(results: list[Result], size: int = 2048, connections: int = 10) -> list[Check]:
-    """Issue 2, acceptance item 3, from the medians at 2 KB and 10 connections."""
+    """Issue 2, acceptance item 3, from the medians at 2 KB and 10 connections.
+
+    The issue's reference is "smtp-source → smtp-sink": smtp-source as it
+    runs by default, one message per connection. See :func:`reuse_reference`
+    for the same comparisons against smtp-source with connection reuse (-d).
+    """
     get = _Medians(results, size, connections).get
     ratio_check = _ratio_check
 
@@ -400,12 +409,31 @@ def acceptance(results: list[Result], size: int = 2048, connections: int = 10) -
         ratio_check("fastmta load msgs/s >= 5x aiosmtplib (→ smtp-sink)", load_rate,
                     get(AIOSMTPLIB, SMTP_SINK, "messages_per_s"), ">=", 5.0, "msgs/s"),
         ratio_check("fastmta load msgs/s >= 1x smtp-source (→ smtp-sink)", load_rate,
-                    get(SMTP_SOURCE, SMTP_SINK, "messages_per_s"), ">=", 1.0, "msgs/s"),
+                    get(SMTP_SOURCE_STOCK, SMTP_SINK, "messages_per_s"), ">=", 1.0, "msgs/s"),
         ratio_check("fastmta load client CPU/msg <= 0.6x smtp-source (→ smtp-sink)", load_cpu,
-                    get(SMTP_SOURCE, SMTP_SINK, "client_cpu_us_per_message"), "<=", 0.6, "µs/msg"),
+                    get(SMTP_SOURCE_STOCK, SMTP_SINK, "client_cpu_us_per_message"), "<=", 0.6, "µs/msg"),
         ratio_check("fastmta sink CPU/msg <= 1.3x smtp-sink (under smtp-source)",
-                    get(SMTP_SOURCE, FASTMTA_SINK, "server_cpu_us_per_message"),
-                    get(SMTP_SOURCE, SMTP_SINK, "server_cpu_us_per_message"), "<=", 1.3, "µs/msg"),
+                    get(SMTP_SOURCE_STOCK, FASTMTA_SINK, "server_cpu_us_per_message"),
+                    get(SMTP_SOURCE_STOCK, SMTP_SINK, "server_cpu_us_per_message"), "<=", 1.3, "µs/msg"),
+    ]
+
+
+def reuse_reference(results: list[Result], size: int = 2048, connections: int = 10) -> list[Check]:
+    """The same client comparisons against smtp-source -d (connection reuse, like fastmta load).
+
+    Informational: a harder reference than the issue's, reported so that the
+    figures are not read as more than they are.
+    """
+    get = _Medians(results, size, connections).get
+    return [
+        _ratio_check("fastmta load msgs/s vs smtp-source -d", get(FASTMTA_LOAD, SMTP_SINK, "messages_per_s"),
+                     get(SMTP_SOURCE, SMTP_SINK, "messages_per_s"), ">=", 1.0, "msgs/s"),
+        _ratio_check("fastmta load client CPU/msg vs smtp-source -d",
+                     get(FASTMTA_LOAD, SMTP_SINK, "client_cpu_us_per_message"),
+                     get(SMTP_SOURCE, SMTP_SINK, "client_cpu_us_per_message"), "<=", 0.6, "µs/msg"),
+        _ratio_check("fastmta sink CPU/msg vs smtp-sink under smtp-source -d",
+                     get(SMTP_SOURCE, FASTMTA_SINK, "server_cpu_us_per_message"),
+                     get(SMTP_SOURCE, SMTP_SINK, "server_cpu_us_per_message"), "<=", 1.3, "µs/msg"),
     ]
 
 
@@ -421,10 +449,10 @@ def acceptance_issue7(results: list[Result], workers: int, size: int = 2048, con
     load_rate = get(FASTMTA_LOAD, SMTP_SINK, "messages_per_s")
     checks = [
         _ratio_check("fastmta load msgs/s >= 1x smtp-source (→ smtp-sink)", load_rate,
-                     get(SMTP_SOURCE, SMTP_SINK, "messages_per_s"), ">=", 1.0, "msgs/s"),
+                     get(SMTP_SOURCE_STOCK, SMTP_SINK, "messages_per_s"), ">=", 1.0, "msgs/s"),
         _ratio_check("fastmta load client CPU/msg <= 0.6x smtp-source (→ smtp-sink)",
                      get(FASTMTA_LOAD, SMTP_SINK, "client_cpu_us_per_message"),
-                     get(SMTP_SOURCE, SMTP_SINK, "client_cpu_us_per_message"), "<=", 0.6, "µs/msg"),
+                     get(SMTP_SOURCE_STOCK, SMTP_SINK, "client_cpu_us_per_message"), "<=", 0.6, "µs/msg"),
     ]
     name = f"fastmta load --workers {workers} msgs/s > 1 process (→ smtp-sink)"
     if workers > 1:
@@ -457,8 +485,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sizes", type=_int_list, default=[2048, 20480], help="message sizes in bytes (default 2048,20480)")
     p.add_argument("--connections", type=_int_list, default=[1, 10], help="connection counts (default 1,10)")
     p.add_argument("--quick", action="store_true", help="fewer messages and 3 rounds: checks the benchmark works (< 1 min)")
-    p.add_argument("--source-stock", action="store_true",
-                   help="also run smtp-source without -d (one message per session), for reference")
+    p.add_argument("--no-source-stock", dest="source_stock", action="store_false",
+                   help="skip smtp-source in its default mode (one message per session), the acceptance reference")
     p.add_argument("--workers", type=int, default=2,
                    help="also run fastmta load --workers N → smtp-sink wherever connections >= N (issue 7; "
                         "default 2, 1 leaves the row out)")
@@ -511,6 +539,7 @@ def main(argv: list[str]) -> int:
 
     checks = acceptance(results)
     checks7 = acceptance_issue7(results, args.workers)
+    reference = reuse_reference(results)
     print(table(results, args.runs))
     print()
     print(f"median of {args.runs} rounds, {args.messages} messages per run, marginal per-message figures "
@@ -534,6 +563,10 @@ def main(argv: list[str]) -> int:
     print("Acceptance (issue 7, item 1; 2 KB, 10 connections):")
     for check in checks7:
         print("  " + check.line())
+    print()
+    print("For reference, not acceptance items: the same against smtp-source -d (connection reuse):")
+    for check in reference:
+        print("  " + check.line().replace("PASS", "info").replace("FAIL", "info"))
     failures = [(r.config.label, r.config.size, r.config.connections, f) for r in results for f in r.failures]
     if failures:
         print()
@@ -557,6 +590,7 @@ def main(argv: list[str]) -> int:
             "workers": args.workers,
             "acceptance": [asdict(c) for c in checks],
             "acceptance_issue7": [asdict(c) for c in checks7],
+            "reference_smtp_source_reuse": [asdict(c) for c in reference],
         }
         Path(args.json).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     if failures:
