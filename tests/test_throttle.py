@@ -214,10 +214,11 @@ def test_hold_near_last_good_and_additive_recovery() -> None:
         return out
 
     # After the first signal: no more doubling. Hold 2 rounds at good, then
-    # probe above it with steps growing by the base step max(0.5, 2%).
-    assert rounds(5) == pytest.approx([20.0, 20.0, 20.5, 21.5, 23.0])
-    # Throttled while probing above the last good value (23 > good 21.5): hold at
-    # 0.9 * 21.5 = 19.35, not half of 23 (11.5).
+    # probe above it with steps growing by the base step max(0.5, 2%), each
+    # step at most 5% of the rate (0.05 * 21.5 = 1.075, not 1.5).
+    assert rounds(5) == pytest.approx([20.0, 20.0, 20.5, 21.5, 22.575])
+    # Throttled while probing above the last good value (22.575 > good 21.5):
+    # hold at 0.9 * 21.5 = 19.35, not half of 22.575.
     now = throttled_round(th, now)
     assert th.rate == pytest.approx(19.35)
     assert th.good_rate == pytest.approx(21.5)

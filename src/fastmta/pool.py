@@ -179,6 +179,11 @@ class SiteQueue:
         now = self._loop.time()
         if now < self._hold_until:
             return  # pausing after refused connections; the timer kicks again
+        if self.connections and self.throttle.message_wait(now) > 0:
+            # The message rate is what holds us back: another connection would
+            # only idle, and growing the window would probe the receiver's
+            # connection limit for nothing.
+            return
         wait = self.throttle.connection_wait(len(self._tasks), now)
         if wait <= 0:
             task = asyncio.ensure_future(self._connection_task())

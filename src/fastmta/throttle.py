@@ -115,8 +115,8 @@ class AdaptiveConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     #: doubled after each failed probe up to max_hold_rounds, reset by a
     #: successful one. Longer: fewer throttle replies, slower discovery of
     #: a raised capacity.
-    hold_rounds: Annotated[int, msgspec.Meta(ge=0)] = 4
-    max_hold_rounds: Annotated[int, msgspec.Meta(ge=0)] = 16
+    hold_rounds: Annotated[int, msgspec.Meta(ge=0)] = 8
+    max_hold_rounds: Annotated[int, msgspec.Meta(ge=0)] = 32
     #: A round lasts at least this long (seconds); see the module notes.
     round_min: PosFloat = 1.0
     #: Suspension length when a probe is throttled without a rule-given time.
@@ -332,7 +332,10 @@ class _Dial:
             # per clean round (0.5, 1, 1.5, ...): gentle at first, where a
             # receiver's burst allowance can make a round look clean, yet a
             # doubled capacity is found in about ten rounds.
-            self.probe += self._base_step(v)
+            # Capped at 5% of the value: a receiver's burst allowance
+            # hides an excess for several rounds, and uncapped growing steps
+            # overshoot far past the capacity before the first refusal.
+            self.probe = min(self.probe + self._base_step(v), max(self._base_step(v), 0.05 * v))
             new, why = v + self.probe, "probing above the last good value: clean round"
         new = self._q(new)
         if self.integer and new == v and v < self.ceiling:
