@@ -16,7 +16,10 @@ MODE_TEXT = 0  # inserted as is (text parts, ``raw``)
 MODE_HTML = 1  # HTML-escaped, same entities as markupsafe/Jinja2
 MODE_URL_COMPONENT = 2  # everything but RFC 3986 unreserved is %-encoded
 MODE_URL = 3  # a whole URL: unsafe bytes %-encoded, then HTML-escaped for the attribute
-MODE_HEADER = 4  # CR, LF and NUL become a space: a value can never start a new header
+MODE_HEADER = 4  # control characters but TAB become a space: a value can never start a new header
+
+# C0 controls except TAB, and DEL: not allowed in a header field body (RFC 5322).
+_HEADER_CONTROLS = {c: " " for c in [*range(0, 9), *range(10, 32), 127]}
 
 _HTML_ENTITIES = {
     "&": "&amp;",
@@ -181,7 +184,7 @@ def escape(value: str, mode: int) -> bytes:
     if mode == MODE_HTML:
         return "".join(_HTML_ENTITIES.get(c, c) for c in value).encode("utf-8", "surrogatepass")
     if mode == MODE_HEADER:
-        return value.replace("\r", " ").replace("\n", " ").replace("\0", " ").encode("utf-8", "surrogatepass")
+        return value.translate(_HEADER_CONTROLS).encode("utf-8", "surrogatepass")
     keep = _UNRESERVED if mode == MODE_URL_COMPONENT else _URL_KEEP
     out = bytearray()
     for b in value.encode("utf-8", "surrogatepass"):

@@ -80,7 +80,11 @@ cdef inline Py_ssize_t _escape_into(const unsigned char* s, Py_ssize_t n, int mo
                 out[o] = c
                 o += 1
         elif mode == 4:
-            out[o] = 32 if (c == 13 or c == 10 or c == 0) else c
+            # Every control character but TAB becomes a space: CR, LF and NUL
+            # could start a header, and the others (VT, FF, ...) are not allowed
+            # in a field body (RFC 5322) and are read as whitespace by some DKIM
+            # verifiers and not by others.
+            out[o] = 32 if ((c < 32 and c != 9) or c == 127) else c
             o += 1
         elif mode == 3 and c == 38:
             memcpy(out + o, b"&amp;", 5)

@@ -22,7 +22,10 @@ LONG_WORD = 900
 LONG_SPACES = 40  # a longer run of spaces is encoded: folding cannot split it
 _EW_PREFIX = "=?utf-8?b?"
 _EW_MAX_BYTES = 45  # 45 bytes -> 60 base64 chars -> a 72-char encoded-word (limit 75)
-_UNSAFE = str.maketrans({"\r": " ", "\n": " ", "\0": " "})
+# Control characters but TAB become spaces: CR/LF/NUL could start a header,
+# and the rest are not allowed in a field body (RFC 5322); kept the same as
+# the template's header escaping (``_core`` MODE_HEADER).
+_UNSAFE = str.maketrans({c: " " for c in [*range(0, 9), *range(10, 32), 127]})
 
 
 def _encoded_words(text: str) -> list[str]:

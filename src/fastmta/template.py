@@ -16,7 +16,8 @@ literally.
 
 Escaping follows where the field sits, decided once at compile time:
 
-- header: CR, LF and NUL become spaces, so no value can start a header;
+- header: control characters (CR, LF, NUL, VT, ... but TAB) become spaces,
+  so no value can start a header;
   non-ASCII becomes RFC 2047 encoded-words (``headers.py``). In address
   headers (``address_header=True``) a field inside ``<...>`` or forming the
   whole value must be one plain address; any other field is a display name,
