@@ -403,3 +403,36 @@ def test_backpressure_by_bytes_bounds_the_bodies_in_memory(run: Run) -> None:
             await sink.close()
 
     run(main())
+
+
+def test_warmup_quota_overflows_to_a_warm_source_and_persists(run: Run, tmp_path: Any) -> None:
+    from fastmta.spool import Spool
+
+    async def main() -> SinkServer:
+        sink = await start_sink("127.0.0.12")
+        cfg = engine_config(
+            None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+            sources=[{"name": "new", "address": "127.0.0.31", "weight": 1000,
+                      "warmup": {"schedule": [5, 10], "overflow": True}},
+                     {"name": "warm", "address": "127.0.0.32", "weight": 1}],
+        )
+        try:
+            for run_no in range(2):  # a second run the same day: the quota is already used
+                spool = Spool(tmp_path / "queue")
+                try:
+                    async with Engine(cfg, rng=random.Random(run_no), spool=spool) as engine:
+                        out = await deliver_all(engine, [f"r{run_no}-{i}@d.test" for i in range(20)])
+                        assert Counter(o.status for o in out) == {Status.DELIVERED: 20}
+                finally:
+                    await spool.close()
+        finally:
+            await sink.close()
+        return sink
+
+    sink = run(main())
+    per_ip = sink.stats.per_ip
+    # The new source sent its 5 of the day (over both runs: the state was
+    # persisted), everything else overflowed to the warm one.
+    assert per_ip["127.0.0.31"].messages == 5
+    assert per_ip["127.0.0.32"].messages == 35
+    assert (tmp_path / "queue" / "warmup.json").exists()

@@ -20,12 +20,16 @@ import asyncio
 import bisect
 import itertools
 import logging
+import os
 import random
 import ssl
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from fastmta.accounting import AccountingLog
 from fastmta.classify import Classification, Classifier, Outcome as ReplyOutcome, default_classifier
@@ -40,6 +44,7 @@ from fastmta.routing import Route, RouteFailure, Router
 from fastmta.scheduler import DueQueue, RetryPolicy
 from fastmta.spool import Spool, SpoolError
 from fastmta.throttle import SourceLimits, ThrottleEvent, Throttles, limits_for
+from fastmta.warmup import WarmupState
 
 log = logging.getLogger("fastmta.engine")
 
@@ -103,6 +108,7 @@ class Engine:
         self._queues: dict[tuple[str, str], SiteQueue] = {}
         self._limits_cache: dict[str, SiteLimits] = {}
         self._trackers: dict[str, _Tracker] = {}
+        self._finished: OrderedDict[str, list[Outcome]] = OrderedDict()
         self._subscribers: list[asyncio.Queue[Outcome | None]] = []
         self._capacity_waiters: deque[asyncio.Future[None]] = deque()
         self._unfinished = 0  # recipients accepted and not final
@@ -146,7 +152,9 @@ class Engine:
             self._flusher = asyncio.ensure_future(self._flush_loop())
         self._started = True
         self.started_at = time.time()
+        self.throttles.wall_offset = time.time() - loop.time()
         if self.spool is not None:
+            self.throttles.saved_warmups = _load_warmups(self.spool.directory / WARMUP_FILE)
             self._resume(self.spool)
 
     def _resume(self, spool: Spool) -> None:
@@ -216,6 +224,7 @@ class Engine:
             self.accounting.flush()
         if self.spool is not None:
             await self.spool.sync()  # every state change so far is durable
+            _save_warmups(self.spool.directory / WARMUP_FILE, self.throttles.warmup_states())
         if self._router is not None and self._router_given is None:
             await self._router.aclose()
 
@@ -276,9 +285,14 @@ class Engine:
     def result(self, message_id: str) -> asyncio.Future[list[Outcome]]:
         """An awaitable of the final outcome of every recipient of *message_id*."""
         tracker = self._trackers.get(message_id)
-        if tracker is None:
-            raise KeyError(f"unknown or already finished message {message_id}")
-        return tracker.future
+        if tracker is not None:
+            return tracker.future
+        outcomes = self._finished.get(message_id)
+        if outcomes is None:
+            raise KeyError(f"unknown message {message_id} (or finished too long ago to be remembered)")
+        fut: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        fut.set_result(outcomes)
+        return fut
 
     async def outcomes(self) -> AsyncIterator[Outcome]:
         """Every outcome from now on (deferrals too), until the engine closes."""
@@ -373,10 +387,30 @@ class Engine:
         if self._closing:
             return
         for site, (route, group) in by_site.items():
-            queue = self._queue_for(source, site)
+            queue = self._queue_for(self._warm_source(source, site, len(group)), site)
             step = queue.limits.max_recipients_per_transaction
             for i in range(0, len(group), step):
-                queue.put(Batch(msg, group[i : i + step], route, source.name))
+                queue.put(Batch(msg, group[i : i + step], route, queue.source.name))
+
+    def _warm_source(self, source: Source, site: str, n: int) -> Source:
+        """*source*, unless it is warming up at *site*, over today's quota, and may overflow.
+
+        Then the first other source that may send now (warm, or within its own
+        quota) takes the mail; with none, it waits for *source*'s next quota.
+        """
+        if len(self._sources) == 1:
+            return source
+        now = asyncio.get_running_loop().time()
+        decision = self.throttles.get(source.name, site, now).warmup_check(now, n)
+        if decision is None or decision.allowed or not decision.overflow:
+            return source
+        for other in self._sources:
+            if other is source:
+                continue
+            d = self.throttles.get(other.name, site, now).warmup_check(now, n)
+            if d is None or d.allowed:
+                return other
+        return source
 
     def _queue_for(self, source: Source, site: str) -> SiteQueue:
         key = (source.name, site)
@@ -544,6 +578,11 @@ class Engine:
                 tracker.remaining -= 1
                 if tracker.remaining == 0:
                     del self._trackers[msg.id]
+                    # Remembered for a while: a caller may ask for the result of
+                    # a message that finished before it got round to asking.
+                    self._finished[msg.id] = tracker.outcomes
+                    if len(self._finished) > _FINISHED_KEPT:
+                        self._finished.popitem(last=False)
                     if not tracker.future.done():
                         tracker.future.set_result(tracker.outcomes)
                     self._release(1, _memory_cost(msg.body))
@@ -608,6 +647,40 @@ class Engine:
 
 
 _NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")
+
+#: Finished messages whose outcomes ``result()`` still returns.
+_FINISHED_KEPT = 10_000
+
+#: Warm-up progress, kept beside the spool's journal: a warm-up spans weeks of runs.
+WARMUP_FILE = "warmup.json"
+
+
+class _SavedWarmup(msgspec.Struct, frozen=True):
+    source: str
+    site: str
+    state: WarmupState
+
+
+def _load_warmups(path: Path) -> dict[tuple[str, str], WarmupState]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        saved = msgspec.json.decode(data, type=list[_SavedWarmup])
+    except msgspec.DecodeError as exc:
+        # Losing warm-up progress only makes sending slower, never unsafe: warn and start over.
+        log.warning("%s: unreadable warm-up state (%s); warm-up starts again", path, exc)
+        return {}
+    return {(w.source, w.site): w.state for w in saved}
+
+
+def _save_warmups(path: Path, states: dict[tuple[str, str], WarmupState]) -> None:
+    if not states:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.encode([_SavedWarmup(src, site, st) for (src, site), st in sorted(states.items())]))
+    os.replace(tmp, path)
 
 
 def _memory_cost(body: Body) -> int:

@@ -65,7 +65,7 @@ import msgspec
 
 from fastmta.classify import Classification, Outcome
 from fastmta.ratelimit import Gcra, parse_rate
-from fastmta.warmup import Warmup, WarmupConfig, WarmupDecision
+from fastmta.warmup import Warmup, WarmupConfig, WarmupDecision, WarmupState
 
 __all__ = [
     "PROVIDERS",
@@ -403,6 +403,8 @@ class SiteThrottle:
         *,
         source_limiters: Sequence[Gcra] = (),
         warmup: WarmupConfig | None = None,
+        warmup_state: WarmupState | None = None,
+        wall_offset: float = 0.0,
         on_event: Callable[[ThrottleEvent], None] | None = None,
         history: int = 100,
     ) -> None:
@@ -427,7 +429,15 @@ class SiteThrottle:
         self._static = [Gcra.from_spec(parse_rate(s)) for s in config.rate]
         self._shared = list(source_limiters)
         self._conn_rate = Gcra.from_spec(parse_rate(config.connection_rate)) if config.connection_rate else None
-        self.warmup = Warmup(warmup, now, on_change=self._warmup_changed) if warmup is not None else None
+        # Warm-up counts calendar days, so it runs on the wall clock: ``now`` +
+        # ``wall_offset`` (the caller's monotonic clock minus wall time). Its
+        # state outlives the process (a warm-up spans weeks): see ``Throttles``.
+        self._wall = wall_offset
+        self.warmup = (
+            Warmup(warmup, now + wall_offset, state=warmup_state, on_change=self._warmup_changed)
+            if warmup is not None
+            else None
+        )
         self._seq = 0
         self.suspended_until: float | None = None
         self._suspend_seq = 0
@@ -496,10 +506,10 @@ class SiteThrottle:
         for lim in (*self._static, *self._shared):
             wait = max(wait, lim.wait(now, n))
         if self.warmup is not None:
-            decision = self.warmup.check(now, n)
+            decision = self.warmup.check(now + self._wall, n)
             if not decision.allowed:
                 assert decision.opens_at is not None
-                wait = max(wait, decision.opens_at - now)
+                wait = max(wait, decision.opens_at - (now + self._wall))
         if self.adaptive.enabled:
             paced = self._pacer.wait(now, n)
             if paced > 0 and paced >= wait:
@@ -509,7 +519,7 @@ class SiteThrottle:
 
     def warmup_check(self, now: float, n: int = 1) -> WarmupDecision | None:
         """For the scheduler choosing a source: the warm-up verdict (None: no warm-up)."""
-        return self.warmup.check(now, n) if self.warmup is not None else None
+        return self.warmup.check(now + self._wall, n) if self.warmup is not None else None
 
     def message_started(self, now: float, n: int = 1) -> int:
         self._tick(now)
@@ -518,7 +528,7 @@ class SiteThrottle:
         if self.adaptive.enabled:
             self._pacer.take(now, n)
         if self.warmup is not None:
-            self.warmup.take(now, n)
+            self.warmup.take(now + self._wall, n)
         ticket = self._ticket()
         if self.probing:
             self._probe_ticket = ticket
@@ -528,11 +538,11 @@ class SiteThrottle:
         """One reply to the transaction *ticket* (call once per recipient or once per transaction)."""
         if self.warmup is not None:
             if result is None or result.outcome is Outcome.DELIVERED:
-                self.warmup.record(now, delivered=1)
+                self.warmup.record(now + self._wall, delivered=1)
             elif result.outcome is Outcome.TRANSIENT:
-                self.warmup.record(now, deferred=1)
+                self.warmup.record(now + self._wall, deferred=1)
             else:
-                self.warmup.record(now, bounced=1)
+                self.warmup.record(now + self._wall, bounced=1)
         self._feed(self._rate, EventKind.RATE, ticket, result, now, reason)
 
     # --- the loop --------------------------------------------------------------
@@ -644,6 +654,10 @@ class Throttles:
         self.on_event = on_event
         self._throttles: dict[tuple[str, str], SiteThrottle] = {}
         self._source_limiters: dict[str, list[Gcra]] = {}
+        #: Wall time minus the ``now`` clock's time (warm-up counts calendar days).
+        self.wall_offset = 0.0
+        #: Warm-up states saved by an earlier run, by (source, site); used as throttles are made.
+        self.saved_warmups: dict[tuple[str, str], WarmupState] = {}
 
     def get(self, source: str, site: str, now: float) -> SiteThrottle:
         key = (source, site)
@@ -655,10 +669,19 @@ class Throttles:
             if shared is None:
                 shared = self._source_limiters[source] = [Gcra.from_spec(parse_rate(s)) for s in src.rate]
             throttle = SiteThrottle(
-                source, site, cfg, now, source_limiters=shared, warmup=src.warmup, on_event=self.on_event
+                source, site, cfg, now, source_limiters=shared, warmup=src.warmup,
+                warmup_state=self.saved_warmups.get(key), wall_offset=self.wall_offset, on_event=self.on_event,
             )
             self._throttles[key] = throttle
         return throttle
 
     def __iter__(self) -> Iterator[SiteThrottle]:
         return iter(self._throttles.values())
+
+    def warmup_states(self) -> dict[tuple[str, str], WarmupState]:
+        """Every warm-up's state to persist: the saved ones, updated by this run's."""
+        states = dict(self.saved_warmups)
+        for (source, site), t in self._throttles.items():
+            if t.warmup is not None:
+                states[(source, site)] = t.warmup.state()
+        return states
