@@ -436,3 +436,61 @@ def test_warmup_quota_overflows_to_a_warm_source_and_persists(run: Run, tmp_path
     assert per_ip["127.0.0.31"].messages == 5
     assert per_ip["127.0.0.32"].messages == 35
     assert (tmp_path / "queue" / "warmup.json").exists()
+
+
+# ----------------------------------------------------------------- review regressions
+
+
+def test_a_site_refusing_every_connection_still_ends_its_recipients(run: Run) -> None:
+    async def main() -> list[Outcome]:
+        sink = await start_sink("127.0.0.12", faults=FaultConfig(replies=(PhaseFault("connect", 1.0, 421),)))
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+                            queue={"max_lifetime": 2.0})
+        try:
+            async with Engine(cfg) as engine:
+                return await deliver_all(engine, [f"u{i}@d.test" for i in range(5)])
+        finally:
+            await sink.close()
+
+    out = run(main())  # deliver_all itself fails the test after 30 s
+    assert [o.status for o in out] == [Status.EXPIRED] * 5
+    assert all(o.reply.code == 421 for o in out)
+
+
+def test_a_slow_static_rate_does_not_reconnect_in_a_loop(run: Run) -> None:
+    async def main() -> SinkServer:
+        sink = await start_sink("127.0.0.12")
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+                            sites={"*": {"rate": ["2/s"], "idle_timeout": 0.2}})
+        try:
+            async with Engine(cfg) as engine:
+                for i in range(6):
+                    await engine.submit(BODY, "s@sender.test", [f"u{i}@d.test"])
+                assert await engine.drain(15)
+        finally:
+            await sink.close()
+        return sink
+
+    sink = run(main())
+    assert sink.stats.messages == 6
+    # The pace (2/s) is longer than the idle timeout: connections close between
+    # messages, but one per message at most, never a storm.
+    assert sink.stats.connections <= 15  # the window's first fan-out, then about one per message
+
+
+def test_slow_down_replies_without_an_adaptive_throttle_take_the_retry_schedule(run: Run) -> None:
+    async def main() -> tuple[SinkServer, list[Outcome]]:
+        faults = FaultConfig(replies=(PhaseFault("rcpt", 1.0, 450, "4.7.28 unusual rate of mail, slow down"),))
+        sink = await start_sink("127.0.0.12", faults=faults)
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+                            queue={"max_lifetime": 2.0, "retry_initial": 0.5})
+        try:
+            async with Engine(cfg) as engine:
+                out = await deliver_all(engine, ["x@d.test"])
+        finally:
+            await sink.close()
+        return sink, out
+
+    sink, out = run(main())
+    assert out[0].status is Status.EXPIRED
+    assert sink.stats.transactions <= 6  # backed off, not re-sent in a loop

@@ -62,6 +62,10 @@ class CampaignJob(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
 
 _FORBIDDEN = ("\r", "\n", "\x00")
 
+# The csv module refuses fields over 128 KiB by default; merge fields (an HTML
+# snippet, say) can be larger, and a refusal would end the whole file's reading.
+csv.field_size_limit(16 * 1024 * 1024)
+
 
 class Campaign:
     """A loaded, validated campaign job, ready to stream its messages."""
@@ -124,7 +128,11 @@ class Campaign:
                             continue
                         yield reader.line_num, row, None
                 except (csv.Error, UnicodeDecodeError) as exc:
-                    yield reader.line_num, None, f"unreadable CSV: {exc}"
+                    # The reader cannot go on past this point: the rest of the
+                    # file is not read. Reported as a failure of the whole input
+                    # (row 0), so the job is not marked done and a rerun, after
+                    # the file is fixed, takes the rows from where this one stopped.
+                    yield 0, None, f"unreadable CSV after line {reader.line_num}: {exc}; the rest of the file was not read"
         else:
             with open(path, "rb") as f:
                 for line_no, raw in enumerate(f, 1):
@@ -147,7 +155,7 @@ class Campaign:
         sender = self.job.campaign.sender
         meta = {"job": self.id}
         for line, row, error in self.rows():
-            if line < start_line:
+            if line < start_line and line != 0:
                 continue
             if row is None:
                 yield Reject(source, line, error or "unreadable row", key, line)

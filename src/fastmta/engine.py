@@ -124,6 +124,10 @@ class Engine:
         ] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        self._accepting = True
+        #: The error that made the engine stop keeping its record (journal or
+        #: accounting failed, e.g. a full disk); None while all is well.
+        self.fatal: BaseException | None = None
         self._started = False
         self.counts: Counter[str] = Counter()  # by status
         self.site_counts: dict[str, Counter[str]] = {}
@@ -205,8 +209,11 @@ class Engine:
         if not self._started or self._closing:
             return
         self._closing = True
+        self.stop_accepting()
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()  # e.g. a DNS lookup still running: its recipients stay unfinished
         await asyncio.gather(*(q.close(timeout) for q in self._queues.values()))
         if self._due is not None:
             self._due.pop_all()
@@ -227,6 +234,17 @@ class Engine:
             _save_warmups(self.spool.directory / WARMUP_FILE, self.throttles.warmup_states())
         if self._router is not None and self._router_given is None:
             await self._router.aclose()
+
+    def stop_accepting(self) -> None:
+        """Take no new messages; submits waiting for room fail with EngineClosed.
+
+        Delivery of what was accepted goes on (``close()`` ends it). For a
+        Ctrl-C: stop the input at once, even when the queue is full.
+        """
+        self._accepting = False
+        for waiter in self._capacity_waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # they re-check _accepting and raise
 
     @property
     def unfinished(self) -> int:
@@ -251,8 +269,10 @@ class Engine:
         """
         if not self._started:
             raise RuntimeError("Engine not started: use `async with Engine(...)`")
-        if self._closing:
-            raise EngineClosed("engine is closing; no new messages")
+        if self._closing or not self._accepting:
+            raise EngineClosed(
+                f"engine stopped: {self.fatal}" if self.fatal else "engine is closing; no new messages"
+            )
         if not recipients:
             raise InputError("a message needs at least one recipient")
         if sender:
@@ -263,6 +283,9 @@ class Engine:
         await self._reserve(len(rcpts), cost)
         loop = asyncio.get_running_loop()
         msg = Message(message_id or new_message_id(), sender, body, rcpts, meta=meta or {})
+        if msg.id in self._trackers:
+            self._release(len(rcpts), cost)
+            raise InputError(f"message id {msg.id!r} is already in the queue")
         if self.spool is not None:
             try:
                 # Durable before we say "accepted" (group commit: concurrent
@@ -314,7 +337,7 @@ class Engine:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except (TimeoutError, asyncio.TimeoutError):
             return False
-        return True
+        return self.fatal is None
 
     # --- routing and queueing ---------------------------------------------------
 
@@ -459,7 +482,13 @@ class Engine:
             c = self._record(msg, rcpt, reply, phase, delivery, c)
             if c is None:
                 continue
-            if c.site_paced and not self._closing and asyncio.get_running_loop().time() < msg.deadline:
+            if (
+                c.site_paced
+                and rcpt.attempts <= _PACED_TRIES
+                and not self._closing
+                and asyncio.get_running_loop().time() < msg.deadline
+                and self._queue_paces(batch.source, delivery.site)
+            ):
                 # "Slow down" from the site: the throttle has cut its rate; the
                 # recipient waits for the site's pace in the ready queue rather
                 # than taking an exponential backoff of its own.
@@ -476,9 +505,16 @@ class Engine:
         if deferred:
             self._defer(msg, deferred, delivery)
 
-    def _on_expired(self, batch: Batch) -> None:
+    def _queue_paces(self, source: str, site: str) -> bool:
+        """Does that queue's throttle slow down on its own (adaptive)? Only then may a
+        "slow down" reply wait in the ready queue; a static one would resend at once."""
+        queue = self._queues.get((source, site))
+        return queue is not None and queue.throttle.adaptive.enabled
+
+    def _on_expired(self, batch: Batch, why: Reply | None) -> None:
+        """*batch* outlived its queue lifetime in a ready queue; *why*: the site's last refusal."""
         for rcpt in batch.recipients:
-            reply = rcpt.last_reply or Reply.local(451, "4.4.7", "message expired in queue before an attempt")
+            reply = why or rcpt.last_reply or Reply.local(451, "4.4.7", "message expired in queue before an attempt")
             self._emit(batch.message, rcpt, Status.EXPIRED, reply, None)
 
     def _record_group(self, msg: Message, rcpts: list[Recipient], reply: Reply, delivery: Delivery | None) -> None:
@@ -550,25 +586,16 @@ class Engine:
             msg.sender, len(msg.body.raw),
         )
         self.counts[status.value] += 1
-        if self.spool is not None:
-            wall_next = next_attempt if next_attempt is not None else time.time()
-            try:
-                self.spool.record(msg.id, rcpt.index, status, attempts=rcpt.attempts, next_attempt=wall_next)
-            except KeyError:
-                pass  # not journaled (finished already, or never added): nothing to remember
         if delivery is not None:
             site_counter = self.site_counts.get(delivery.site)
             if site_counter is None:
                 site_counter = self.site_counts[delivery.site] = Counter()
             site_counter[status.value] += 1
-        if self.accounting is not None:
-            self.accounting.write(outcome)
-            if self.spool is not None:
-                # Hand the line to the OS before the spool can journal this
-                # state: a process killed afterwards then never has a journaled
-                # outcome without its accounting line (the spool's writer thread
-                # may write the record any moment after record() below).
-                self.accounting.flush()
+        if self.fatal is None:
+            try:
+                self._keep_record(outcome, msg, rcpt, status, next_attempt)
+            except (OSError, SpoolError) as exc:
+                self._fail_fatal(exc)
         for sub in self._subscribers:
             sub.put_nowait(outcome)
         if status.is_final:
@@ -589,6 +616,44 @@ class Engine:
                     return
             self._release(1)
 
+    def _keep_record(
+        self, outcome: Outcome, msg: Message, rcpt: Recipient, status: Status, next_attempt: float | None
+    ) -> None:
+        """The accounting line, then the journal record: in that order."""
+        if self.accounting is not None:
+            self.accounting.write(outcome)
+            if self.spool is not None:
+                # Hand the line to the OS before the spool can journal this
+                # state: a process killed afterwards then never has a journaled
+                # outcome without its accounting line (the spool's writer thread
+                # may write the record any moment after record() below).
+                self.accounting.flush()
+        if self.spool is not None:
+            wall_next = next_attempt if next_attempt is not None else time.time()
+            try:
+                self.spool.record(msg.id, rcpt.index, status, attempts=rcpt.attempts, next_attempt=wall_next)
+            except KeyError:
+                pass  # not journaled (finished already, or never added): nothing to remember
+
+    def _fail_fatal(self, exc: BaseException) -> None:
+        """The durable record (journal or accounting) failed: nothing more can be promised.
+
+        Delivering on without recording would lose track of what was sent, so
+        the engine stops taking work and wakes everyone waiting on it; the
+        spool keeps what it had committed, and a restart resumes from there.
+        """
+        if self.fatal is None:
+            self.fatal = exc
+            log.critical("cannot keep the delivery record any more: %s", exc)
+            self._accepting = False
+            for waiter in self._capacity_waiters:
+                if not waiter.done():
+                    waiter.set_exception(EngineClosed(f"delivery record failed: {exc}"))
+            if self._idle is not None:
+                self._idle.set()
+            for queue in self._queues.values():
+                queue.halt()
+
     # --- backpressure -----------------------------------------------------------
 
     async def _reserve(self, n: int, size: int) -> None:
@@ -607,6 +672,8 @@ class Engine:
             waiter: asyncio.Future[None] = loop.create_future()
             self._capacity_waiters.append(waiter)
             await waiter
+            if not self._accepting:
+                raise EngineClosed("engine stopped taking messages")
         self._unfinished += n
         self._queued_bytes += size
         assert self._idle is not None
@@ -617,11 +684,12 @@ class Engine:
         self._queued_bytes -= size
         if self._unfinished == 0 and self._idle is not None:
             self._idle.set()
+        # Wake every waiter: each re-checks the room in its loop, and a waiter
+        # cancelled before it ran cannot swallow the only wake-up.
         while self._capacity_waiters:
             waiter = self._capacity_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                break
 
     async def _flush_loop(self) -> None:
         assert self.accounting is not None
@@ -647,6 +715,10 @@ class Engine:
 
 
 _NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")
+
+#: Times a recipient may wait for a site's pace after "slow down" replies before
+#: it takes the normal retry schedule (a site that keeps refusing is not paced, it is down).
+_PACED_TRIES = 10
 
 #: Finished messages whose outcomes ``result()`` still returns.
 _FINISHED_KEPT = 10_000

@@ -32,7 +32,7 @@ from fastmta.errors import ConnectError
 from fastmta.message import Message, Recipient
 from fastmta.protocol import Phase, TLSPolicy, Transaction, TransactionResult
 from fastmta.reply import Reply
-from fastmta.routing import Route
+from fastmta.routing import Route, RouteHost
 from fastmta.throttle import SiteThrottle
 
 log = logging.getLogger("fastmta.pool")
@@ -127,7 +127,7 @@ class SiteQueue:
         timeouts: Timeouts,
         health: HostHealth,
         on_result: ResultCallback,
-        on_expired: Callable[[Batch], None],
+        on_expired: Callable[[Batch, Reply | None], None],
         tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -147,7 +147,8 @@ class SiteQueue:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: deque[asyncio.Future[None]] = deque()  # connections waiting for work or for the throttle
         self._open_timer: asyncio.TimerHandle | None = None
-        self._connect_failures = 0  # consecutive connections refused for our pace
+        self._connect_failures = 0  # consecutive failed connection attempts
+        self._connecting = 0  # connection attempts in progress
         self._hold_until = 0.0  # no new connection before this (loop time)
         self.connections = 0  # currently open
         self.max_seen_connections = 0
@@ -179,10 +180,15 @@ class SiteQueue:
         now = self._loop.time()
         if now < self._hold_until:
             return  # pausing after refused connections; the timer kicks again
-        if self.connections and self.throttle.message_wait(now) > 0:
-            # The message rate is what holds us back: another connection would
-            # only idle, and growing the window would probe the receiver's
-            # connection limit for nothing.
+        pace = self.throttle.message_wait(now)
+        if pace > 0 and (self.connections or pace > self.limits.idle_timeout):
+            # The message rate (or a suspension, a warm-up quota) is what holds
+            # us back: another connection would only idle, growing the window
+            # would probe the receiver's connection limit for nothing, and a
+            # connection opened now would be closed again unused. Come back
+            # when the pace allows (an open-ended wait ends with a result).
+            if pace != math.inf and self._open_timer is None and not self.connections:
+                self._open_timer = self._loop.call_later(pace, self._timer_kick)
             return
         wait = self.throttle.connection_wait(len(self._tasks), now)
         if wait <= 0:
@@ -204,6 +210,13 @@ class SiteQueue:
     def busy(self) -> bool:
         return bool(self.ready) or bool(self._tasks)
 
+    def halt(self) -> None:
+        """Start nothing new (the engine can no longer keep its record)."""
+        self._closing = True
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def close(self, timeout: float) -> None:
         """Stop opening connections; let open ones finish their transactions, then QUIT."""
         self._closing = True
@@ -223,28 +236,31 @@ class SiteQueue:
     # --- connections ----------------------------------------------------------
 
     async def _connection_task(self) -> None:
+        """One connection's life. The next connection is opened by ``_kick`` (from
+        ``_task_done``), so every connection passes the throttle's window, its
+        connection rate and any pause, reconnects included."""
         try:
-            while self.ready and not self._closing:
-                conn, host = await self._connect(self.ready[0].route)
-                if conn is None:
-                    return
-                self.connections += 1
-                self.connections_opened += 1
-                self.max_seen_connections = max(self.max_seen_connections, self.connections)
-                try:
-                    keep_going = await self._carry(conn, host)
-                finally:
-                    self.connections -= 1
-                if not keep_going:
-                    return
-        except Exception:  # pragma: no cover - a bug; never lose the batches
+            if not self.ready or self._closing:
+                return
+            conn, host = await self._connect(self.ready[0].route)
+            if conn is None:
+                return
+            self.connections += 1
+            self.connections_opened += 1
+            self.max_seen_connections = max(self.max_seen_connections, self.connections)
+            try:
+                await self._carry(conn, host)
+            finally:
+                self.connections -= 1
+        except Exception:  # a bug; never lose the batches
             log.exception("connection task for %s failed", self.site)
-            self._fail_ready(Reply.local(451, "4.3.0", "internal error in connection task"), None)
+            try:
+                self._fail_ready(Reply.local(451, "4.3.0", "internal error in connection task"), None)
+            except Exception:
+                log.exception("could not defer the ready queue of %s", self.site)
 
     async def _connect(self, route: Route) -> tuple[SMTPConnection | None, str | None]:
         """Open a connection to the first usable host of *route*; on failure defer the queue."""
-        last: Reply | None = None
-        last_host: tuple[str, str] | None = None
         src = self.source.address
         candidates = [(h, a) for h, a in route.targets() if not self.health.is_down(src, a, h.port)]
         if not candidates:
@@ -252,6 +268,18 @@ class SiteQueue:
             # in preference order (a host may be back before its mark expires).
             candidates = route.targets()
         ticket = self.throttle.connection_started(self._loop.time())
+        self._connecting += 1
+        try:
+            return await self._try_hosts(candidates, ticket)
+        finally:
+            self._connecting -= 1
+
+    async def _try_hosts(
+        self, candidates: list[tuple[RouteHost, str]], ticket: int
+    ) -> tuple[SMTPConnection | None, str | None]:
+        last: Reply | None = None
+        last_host: tuple[str, str] | None = None
+        src = self.source.address
         for host, address in candidates:
             try:
                 conn = await SMTPConnection.open(
@@ -279,30 +307,49 @@ class SiteQueue:
             self.health.mark_up(src, address, host.port)
             self.throttle.connection_result(ticket, None, self._loop.time())
             self._connect_failures = 0
+            self._hold_until = 0.0
             return conn, host.name
         if last is None:
             return None, None
         c = self.classifier.classify(last, "connect")
         self.throttle.connection_result(ticket, c, self._loop.time(), reason=str(last))
-        if last.code == 421 or c.site_paced:
-            # Refused for our pace ("too many connections", rate limits): the
-            # throttle has cut its window; the batches stay ready and the
-            # connection is retried after a growing pause, not every message
-            # pushed into a long retry schedule.
+        if self._loop.time() >= self._hold_until:
+            # Whatever happens next, the next connection waits a growing pause:
+            # never a reconnect loop against a host that keeps refusing.
+            # Attempts that were in parallel with this one count once.
             self._connect_failures += 1
             self._schedule_reconnect(min(2.0 ** (self._connect_failures - 1), 60.0))
+        if self.connections or self._connecting > 1:
+            return None, None  # another connection of this queue is up (or coming): it carries the work
+        self._expire_overdue(last)
+        paced = last.code == 421 or c.site_paced
+        if paced and self._connect_failures < _PATIENCE:
+            # Refused for our pace ("too many connections", rate limits): the
+            # throttle has cut its window; the batches stay ready a while
+            # rather than every message going into a long retry schedule.
             return None, None
-        # No host would talk to us. If another connection of this queue is up,
-        # it will carry the work; otherwise the ready batches are deferred.
-        if self.connections == 0:
-            reply = last
-            if reply.is_permanent:
-                # A 5xx greeting from every MX is still a session-level refusal;
-                # the recipients may be fine tomorrow (RFC 5321 4.5.4.1 lets a
-                # client treat connection-level 5xx as transient).
-                reply = Reply(451, reply.lines, reply.enhanced and "4" + reply.enhanced[1:])
-            self._fail_ready(reply, last_host)
+        # No host would talk to us (or kept refusing us): defer what is ready,
+        # which records the attempt and enforces each message's lifetime.
+        reply = last
+        if reply.is_permanent:
+            # A 5xx greeting from every MX is still a session-level refusal;
+            # the recipients may be fine tomorrow (RFC 5321 4.5.4.1 lets a
+            # client treat connection-level 5xx as transient).
+            reply = Reply(451, reply.lines, reply.enhanced and "4" + reply.enhanced[1:])
+        self._fail_ready(reply, last_host)
         return None, None
+
+    def _expire_overdue(self, why: Reply) -> None:
+        """Expire ready batches past their lifetime without a connection to try them on."""
+        now = self._loop.time()
+        if any(b.message.deadline < now for b in self.ready):
+            keep: deque[Batch] = deque()
+            for batch in self.ready:
+                if batch.message.deadline < now:
+                    self.on_expired(batch, why)
+                else:
+                    keep.append(batch)
+            self.ready = keep
 
     def _schedule_reconnect(self, delay: float) -> None:
         self._hold_until = self._loop.time() + delay
@@ -360,7 +407,7 @@ class SiteQueue:
                     # Past its queue lifetime while waiting here (a suspension, a
                     # slow site): expire it now, not after one more attempt.
                     self.ready.popleft()
-                    self.on_expired(batch)
+                    self.on_expired(batch, None)
                     continue
                 n = len(batch.recipients)
                 wait = self.throttle.message_wait(now, n)
@@ -429,6 +476,10 @@ class SiteQueue:
         for batch in batches:
             self.on_result(batch, [(reply, "connect", c)] * len(batch.recipients), delivery)
 
+
+#: Connection refusals for our pace (421) tolerated before the ready batches
+#: are deferred (the pauses between them grow: 1 + 2 + 4 + 8 s).
+_PATIENCE = 5
 
 #: protocol phase -> the classifier's name for it
 CLASSIFY_PHASE: dict[Phase, str] = {

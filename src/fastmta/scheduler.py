@@ -35,7 +35,9 @@ class RetryPolicy:
     max_lifetime: float = 5 * 86400.0
 
     def delay(self, failures: int, rng: random.Random) -> float:
-        base = min(self.initial * self.factor ** max(failures - 1, 0), self.maximum)
+        # The exponent is capped: past ~60 doublings any factor has long hit
+        # the maximum, and an unbounded one would overflow a float.
+        base = min(self.initial * self.factor ** min(max(failures - 1, 0), 64), self.maximum)
         return base * (1.0 + rng.uniform(-self.jitter, self.jitter))
 
 

@@ -48,7 +48,7 @@ from fastmta.cli.display import Progress
 from fastmta.cli.load import parse_hostport
 from fastmta.cli.sinkproc import embedded_sink
 from fastmta.config import Config, load_config
-from fastmta.engine import Engine
+from fastmta.engine import Engine, EngineClosed
 from fastmta.errors import ConfigError, InputError
 from fastmta.spool import Spool, SpoolLocked
 from fastmta.spool_input import InputEnd, InputSkipped, InputStart, Reject, Resume, SpoolItem, SpoolReader
@@ -136,11 +136,16 @@ class _InputProgress:
         self._pending: dict[str, deque[int]] = {}
         self._taken: dict[str, set[int]] = {}
         self._ended: set[str] = set()
+        self._failed: set[str] = set()  # inputs rejected as a whole: never "done"
 
     def start(self, key: str, fingerprint: str) -> None:
         self.spool.open_input(key, fingerprint)
         self._pending[key] = deque()
         self._taken[key] = set()
+
+    def failed(self, key: str) -> None:
+        """The input could not be used at all (or not to its end): a rerun tries it again."""
+        self._failed.add(key)
 
     def issued(self, key: str, row: int) -> None:
         self._pending[key].append(row)
@@ -149,12 +154,14 @@ class _InputProgress:
         """*row* is in the spool (or rejected): it must not be read again."""
         pending, taken = self._pending[key], self._taken[key]
         taken.add(row)
-        advanced = False
+        last: int | None = None
         while pending and pending[0] in taken:
-            taken.discard(pending.popleft())
-            advanced = True
-        if advanced and pending:
-            self.spool.input_progress(key, pending[0])
+            last = pending.popleft()
+            taken.discard(last)
+        if last is not None:
+            # The next row to read: the first one still in flight, or the one
+            # after the last taken when nothing is in flight any more.
+            self.spool.input_progress(key, pending[0] if pending else last + 1)
         self._maybe_done(key)
 
     def end(self, key: str) -> None:
@@ -163,7 +170,8 @@ class _InputProgress:
 
     def _maybe_done(self, key: str) -> None:
         if key in self._ended and not self._pending[key]:
-            self.spool.input_done(key)
+            if key not in self._failed:
+                self.spool.input_done(key)
             self._ended.discard(key)
 
 
@@ -213,18 +221,19 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         nonlocal interrupts
         interrupts += 1
         stop.set()
+        engine.stop_accepting()  # submits waiting for room give up at once
         if interrupts >= 2:
             progress.note("second interrupt: exiting now (the queue stays recoverable)")
             os._exit(130)
         progress.note("interrupt: no new work taken; finishing transactions in flight (Ctrl-C again to quit now)")
 
+    engine = Engine(config, accounting=accounting, spool=spool)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     submitted_messages = 0
     submitted_recipients = 0
     skipped_inputs = 0
     started = time.perf_counter()
-    engine = Engine(config, accounting=accounting, spool=spool)
     # Submits in flight at once: each waits for its group commit, so many
     # share one fsync instead of paying one each.
     window = asyncio.Semaphore(256)
@@ -232,17 +241,26 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
 
     async def submit(item: SpoolItem) -> None:
         nonlocal submitted_messages, submitted_recipients
+        window_held = True
         try:
             await engine.submit(item.content, item.sender, item.recipients, meta=item.meta)
         except InputError as exc:
+            window.release()
+            window_held = False
             progress.reject(Reject(item.source, item.line, exc.reason))
+            tracker.taken(item.key, item.row)  # reported: not to be read again
+        except EngineClosed:
+            pass  # interrupted before it was accepted: a rerun reads it again
         else:
+            window.release()
+            window_held = False
             submitted_messages += 1
             submitted_recipients += len(item.recipients)
             progress.submitted(submitted_messages, submitted_recipients)
+            tracker.taken(item.key, item.row)  # durable in the queue
         finally:
-            tracker.taken(item.key, item.row)
-            window.release()
+            if window_held:
+                window.release()
 
     try:
         async with engine:
@@ -250,7 +268,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
                 progress.note(f"resuming {engine.recovered:,} unfinished recipient(s) from {queue_dir}")
             progress.start(engine)
             for event in reader:
-                if stop.is_set():
+                if stop.is_set() or engine.fatal is not None:
                     break
                 if isinstance(event, InputSkipped):
                     skipped_inputs += 1
@@ -261,6 +279,10 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
                 elif isinstance(event, Reject):
                     progress.reject(event)
                     if event.key:
+                        if event.row == 0:
+                            # The file or job itself (not one of its rows): keep
+                            # trying it on later runs, and keep reporting it.
+                            tracker.failed(event.key)
                         tracker.issued(event.key, event.row)
                         tracker.taken(event.key, event.row)
                 else:
@@ -274,13 +296,14 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
                     task.add_done_callback(inflight.discard)
             if inflight:
                 await asyncio.wait(set(inflight))
-            while not stop.is_set() and engine.unfinished:
+            while not stop.is_set() and engine.unfinished and engine.fatal is None:
                 waiter = asyncio.ensure_future(stop.wait())
                 drained = asyncio.ensure_future(engine.drain())
                 await asyncio.wait({waiter, drained}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 drained.cancel()
-            unfinished = engine.unfinished
+        # Read after close(): it finished the transactions that were in flight.
+        unfinished = engine.unfinished
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -308,6 +331,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         "recipients_per_s": round(final / elapsed, 1) if elapsed > 0 else 0.0,
         "sites": progress.site_table(engine, limit=None),
         "interrupted": stop.is_set(),
+        "fatal": str(engine.fatal) if engine.fatal is not None else None,
         "accounting": str(args.accounting) if args.accounting else None,
     }
 
@@ -341,6 +365,10 @@ def run(args: argparse.Namespace) -> int:
         args.rejects.write_text("".join(json.dumps(r) + "\n" for r in summary["rejected"]))
     if args.summary_json:
         args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if summary.get("fatal"):
+        print(f"fastmta send: stopped: the delivery record could not be kept: {summary['fatal']} "
+              f"(fix the cause and run again: the queue resumes)", file=sys.stderr)
+        return 1
     if summary["unfinished"]:
         print(f"fastmta send: {summary['unfinished']} recipient(s) did not reach a final state", file=sys.stderr)
         return 1
