@@ -170,3 +170,50 @@ def test_csv_accounting_with_rotation(tmp_path: Path) -> None:
     assert {r["rcpt"] for r in rows} == {f"user{i}@d{i % 3}.example" for i in range(300)}
     assert {r["orig"] for r in rows} == {"bounces@news.fastmta.example"}
     assert all(r["dsnStatus"] == "2.0.0" and int(r["dlvSize"]) > 500 for r in rows)
+
+
+def test_one_ctrl_c_stops_a_run_stuck_behind_a_full_queue(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from servers import free_port
+
+    spool = tmp_path / "spool"
+    small_campaign(spool, [f"user{i}@d.example,Ada,Lovelace,u{i},2026-01-05" for i in range(100)])
+    config = tmp_path / "c.toml"
+    config.write_text("[queue]\nmax_queued_recipients = 10\n[smtp]\ntls = \"never\"\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastmta", "send", str(spool), "--relay", f"127.0.0.1:{free_port()}",
+         "--config", str(config), "--queue-dir", str(tmp_path / "q"), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(3)  # the server is down: recipients wait, the queue fills, submits block
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 20, "one Ctrl-C must stop the run"
+    assert proc.returncode == 1 and "did not reach a final state" in err
+
+
+def test_bad_bytes_spoil_only_their_own_row(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    small_campaign(spool, ["ok1@one.example,Ada,Lovelace,u1,2026-01-05", "ok2@one.example,Bob,B,u2,2026-01-05"])
+    with open(spool / "r.csv", "ab") as f:
+        f.write(b"bad\xff@one.example,Eve,E,u3,2026-01-05\nok3@one.example,C,C,u4,2026-01-05\n")
+        # A quoted field that never ends swallows the rest of the file into one
+        # field: that row is refused for its line break, nothing else is lost.
+        f.write(b'ok4@one.example,"unterminated,E,u5,2026-01-05\n' + b"x" * 100 + b"\n")
+    with embedded_sink() as (host, port):
+        cmd = ["send", str(spool), "--relay", f"{host}:{port}", "--quiet", "--queue-dir", str(tmp_path / "q"),
+               "--summary-json", str(tmp_path / "s.json")]
+        first = fastmta(*cmd)
+        assert first.returncode == 3, first.stderr
+        s1 = json.loads((tmp_path / "s.json").read_text())
+        reasons = {r["line"]: r["reason"] for r in s1["rejected"]}
+        assert s1["delivered"] == 3  # ok1, ok2 and ok3
+        assert reasons[4] == "not valid UTF-8" and "CR, LF or NUL" in reasons[7]
+        # Every row was delivered or reported: a rerun has nothing left to do.
+        second = fastmta(*cmd)
+        s2 = json.loads((tmp_path / "s.json").read_text())
+        assert second.returncode == 0 and s2["inputs_already_done"] == 1 and s2["delivered"] == 0

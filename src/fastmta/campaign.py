@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ class CampaignJob(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
 
 
 _FORBIDDEN = ("\r", "\n", "\x00")
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by surrogateescape
 
 # The csv module refuses fields over 128 KiB by default; merge fields (an HTML
 # snippet, say) can be larger, and a refusal would end the whole file's reading.
@@ -119,15 +122,20 @@ class Campaign:
         """(line, row, error) for every recipient row, streamed."""
         path = self.recipients_path
         if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8", errors="strict") as f:
+            # surrogateescape: a byte that is not UTF-8 spoils only its own row
+            # (rejected below), not the decoding of everything around it.
+            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 reader = csv.DictReader(f)
                 try:
                     for row in reader:
                         if None in row:
                             yield reader.line_num, None, "more fields than the header row"
                             continue
+                        if any(isinstance(v, str) and _NOT_UTF8.search(v) for v in row.values()):
+                            yield reader.line_num, None, "not valid UTF-8"
+                            continue
                         yield reader.line_num, row, None
-                except (csv.Error, UnicodeDecodeError) as exc:
+                except csv.Error as exc:
                     # The reader cannot go on past this point: the rest of the
                     # file is not read. Reported as a failure of the whole input
                     # (row 0), so the job is not marked done and a rerun, after
