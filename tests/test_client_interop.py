@@ -19,6 +19,7 @@ from fastmta import core
 from fastmta.connection import SessionRefused, SMTPConnection, Timeouts
 from fastmta.errors import ConnectError
 from fastmta.protocol import Body, TLSPolicy, Transaction
+from scripted import ScriptedSMTP
 from servers import free_port, postfix_smtp_sink
 from tlsutil import client_context_trusting, make_cert, server_context
 
@@ -141,40 +142,19 @@ def test_delivers_to_postfix_smtp_sink_byte_for_byte(run: Run, world_writable_di
         assert message == expected + b"\n", f.name
 
 
-class RecordingServer(asyncio.Protocol):
+class RecordingServer(ScriptedSMTP):
     """A scripted server that records each read: the server's view of pipelining."""
 
-    reads: list[bytes]
+    greeting = b"220 rec.test ESMTP\r\n"
+    queued = b"250 2.0.0 queued\r\n"
 
     def __init__(self, reads: list[bytes], pipelining: bool = True) -> None:
         self.reads = reads
-        self.pipelining = pipelining
-        self.in_data = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t: asyncio.Transport = transport  # type: ignore[assignment]
-        self.t.write(b"220 rec.test ESMTP\r\n")
+        self.ehlo = b"250-rec.test\r\n250 PIPELINING\r\n" if pipelining else b"250 rec.test\r\n"
 
     def data_received(self, data: bytes) -> None:
         self.reads.append(data)
-        out = bytearray()
-        for line in data.split(b"\r\n")[:-1]:
-            if self.in_data:
-                if line == b".":
-                    self.in_data = False
-                    out += b"250 2.0.0 queued\r\n"
-                continue
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                out += b"250-rec.test\r\n250 PIPELINING\r\n" if self.pipelining else b"250 rec.test\r\n"
-            elif verb == b"DATA":
-                out += b"354 go\r\n"
-                self.in_data = True
-            elif verb == b"QUIT":
-                out += b"221 bye\r\n"
-            else:
-                out += b"250 ok\r\n"
-        self.t.write(bytes(out))
+        super().data_received(data)
 
 
 def test_server_sees_envelope_and_data_in_one_read(run: Run) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from fastmta.loadgen import LoadSpec, make_message, run_load
+from scripted import ScriptedSMTP
 from servers import free_port, postfix_smtp_sink
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -100,40 +101,20 @@ def test_garbage_replies_are_reported_as_protocol_errors(run: Run) -> None:
     assert any("protocol error" in reason for reason in r.errors), r.errors
 
 
-class FourTwentyOne(asyncio.Protocol):
+class FourTwentyOne(ScriptedSMTP):
     """Accepts two messages per connection, then says 421 and hangs up."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t: Any = transport
-        self.n = 0
-        self.in_data = False
-        self.t.write(b"220 ok\r\n")
+    n = 0
 
-    def data_received(self, data: bytes) -> None:
-        out = bytearray()
-        for line in data.split(b"\r\n")[:-1]:
-            if self.in_data:
-                if line == b".":
-                    self.in_data = False
-                    self.n += 1
-                    out += b"250 ok\r\n"
-                continue
-            verb = line[:4].upper()
-            if self.n >= 2 and verb == b"MAIL":
-                out += b"421 4.7.0 too many messages, closing\r\n"
-                self.t.write(bytes(out))
-                self.t.close()
-                return
-            if verb == b"EHLO":
-                out += b"250-x\r\n250 PIPELINING\r\n"
-            elif verb == b"DATA":
-                out += b"354 go\r\n"
-                self.in_data = True
-            elif verb == b"QUIT":
-                out += b"221 bye\r\n"
-            else:
-                out += b"250 ok\r\n"
-        self.t.write(bytes(out))
+    def message_done(self) -> bytes:
+        self.n += 1
+        return b"250 ok\r\n"
+
+    def command(self, verb: bytes) -> bytes | None:
+        if self.n >= 2 and verb == b"MAIL":
+            self.t.write(b"421 4.7.0 too many messages, closing\r\n")
+            return None
+        return super().command(verb)
 
 
 def test_421_mid_run_reconnects_and_reports(run: Run) -> None:

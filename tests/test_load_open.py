@@ -25,6 +25,7 @@ from typing import Any
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
+from scripted import ScriptedSMTP
 from servers import free_port, postfix_smtp_sink
 
 from fastmta.load_schema import SCHEMA, validate
@@ -49,48 +50,26 @@ TEST_KEY = ROOT / "examples" / "spool" / "dkim-test-ed25519.key.pem"
 # --- a scriptable loopback server: answers like a sink, with an optional stall ---------
 
 
-class Scripted(asyncio.Protocol):
-    """A tiny pipelining SMTP server; ``stall_after`` delays one end-of-data reply by ``stall`` seconds."""
+class Scripted(ScriptedSMTP):
+    """A pipelining sink; ``stall_after`` delays one end-of-data reply by ``stall`` seconds."""
 
     stall_after = -1
     stall = 0.0
     messages = 0  # over all connections (class attribute on purpose: one server per test)
+    _delay = 0.0
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t: Any = transport
-        self.in_data = False
-        self.buf = b""
-        self.pending: list[bytes] = []
-        self.t.write(b"220 scripted ESMTP\r\n")
+    def message_done(self) -> bytes:
+        type(self).messages += 1
+        if type(self).messages == self.stall_after:
+            self._delay = self.stall
+        return self.queued
 
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        *lines, self.buf = self.buf.split(b"\r\n")
-        out = bytearray()
-        delay = 0.0
-        for line in lines:
-            if self.in_data:
-                if line == b".":
-                    self.in_data = False
-                    type(self).messages += 1
-                    if type(self).messages == self.stall_after:
-                        delay = self.stall
-                    out += b"250 2.0.0 ok\r\n"
-                continue
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                out += b"250-scripted\r\n250 PIPELINING\r\n"
-            elif verb == b"DATA":
-                out += b"354 go\r\n"
-                self.in_data = True
-            elif verb == b"QUIT":
-                out += b"221 bye\r\n"
-            else:
-                out += b"250 ok\r\n"
+    def send(self, out: bytes) -> None:
+        delay, self._delay = self._delay, 0.0
         if delay:
-            asyncio.get_running_loop().call_later(delay, self.t.write, bytes(out))
-        elif out:
-            self.t.write(bytes(out))
+            asyncio.get_running_loop().call_later(delay, self.t.write, out)
+        else:
+            self.t.write(out)
 
 
 def scripted(**attrs: Any) -> type[Scripted]:

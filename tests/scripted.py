@@ -1,0 +1,59 @@
+"""A tiny scripted SMTP server for tests that need a server to misbehave on cue.
+
+It answers like a pipelining sink (one write per read); subclasses change a
+reply (``command``), what happens at the end of a message (``message_done``)
+or how the answer is sent (``send``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class ScriptedSMTP(asyncio.Protocol):
+    greeting = b"220 scripted ESMTP\r\n"
+    ehlo = b"250-scripted\r\n250 PIPELINING\r\n"
+    queued = b"250 2.0.0 ok\r\n"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: Any = transport
+        self.in_data = False
+        self.buf = b""
+        self.t.write(self.greeting)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\r\n")
+        out = bytearray()
+        for line in lines:
+            if self.in_data:
+                if line == b".":
+                    self.in_data = False
+                    out += self.message_done()
+                continue
+            reply = self.command(line[:4].upper())
+            if reply is None:  # hang up after what was answered so far
+                self.t.write(bytes(out))
+                self.t.close()
+                return
+            out += reply
+        if out:
+            self.send(bytes(out))
+
+    def command(self, verb: bytes) -> bytes | None:
+        """The reply to a command; None closes the connection."""
+        if verb == b"EHLO":
+            return self.ehlo
+        if verb == b"DATA":
+            self.in_data = True
+            return b"354 go\r\n"
+        if verb == b"QUIT":
+            return b"221 bye\r\n"
+        return b"250 ok\r\n"
+
+    def message_done(self) -> bytes:
+        return self.queued
+
+    def send(self, out: bytes) -> None:
+        self.t.write(out)
