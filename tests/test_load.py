@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import pytest
 
 from fastmta.loadgen import LoadSpec, make_message, run_load
 from scripted import ScriptedSMTP
