@@ -1,4 +1,4 @@
-"""Build the compiled hot path (src/fastmta/_core.pyx).
+"""Build the compiled hot paths (src/fastmta/_core.pyx, src/fastmta/_client.pyx).
 
 Everything else lives in pyproject.toml. The extension is not optional: a
 build that cannot compile it fails loudly rather than silently shipping the
@@ -14,7 +14,12 @@ extensions = [
         "fastmta._core",
         ["src/fastmta/_core.pyx"],
         extra_compile_args=["-O3"],
-    )
+    ),
+    Extension(
+        "fastmta._client",
+        ["src/fastmta/_client.pyx"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fastmta.errors import InputError, ProtocolError
 from fastmta.protocol import (
+    COMPILED,
     Body,
     ClientProtocol,
     Closed,
@@ -22,8 +23,13 @@ from fastmta.protocol import (
     TLSPolicy,
     Transaction,
     TransactionDone,
+    ReplyParser,
 )
-from fastmta.reply import MAX_LINE, Reply, ReplyParser
+from fastmta.reply import MAX_LINE, Reply
+
+# Run again with FASTMTA_NO_EXTENSIONS=1: every test here then drives the
+# pure-Python twin of the compiled transaction core and reply parser.
+pytestmark = pytest.mark.core
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
@@ -280,7 +286,7 @@ def test_garbage_ends_in_protocol_error_or_events_never_unbounded(garbage: bytes
             p.receive_data(garbage[i : i + 97])
     except ProtocolError:
         return
-    assert len(p._parser._buf) <= MAX_LINE  # nothing grows without bound
+    assert p._parser.buffered <= MAX_LINE  # nothing grows without bound
 
 
 def test_endless_line_is_refused_quickly() -> None:
@@ -346,3 +352,19 @@ def test_reply_text_strips_enhanced_codes() -> None:
     [r] = ReplyParser().feed(b"550-5.1.1 The account does not exist.\r\n550 5.1.1 Try again.\r\n")
     assert r.text == "The account does not exist. Try again."
     assert Reply.local(451, "4.4.2", "timeout").text == "timeout"
+
+
+def test_the_implementation_under_test_is_the_one_selected() -> None:
+    # Guards the FASTMTA_NO_EXTENSIONS=1 rerun: it must really drive the twin.
+    import os
+
+    from fastmta import _client_ref
+
+    if os.environ.get("FASTMTA_NO_EXTENSIONS"):
+        assert not COMPILED and ClientProtocol.__mro__[1] is _client_ref.ProtocolCore
+        assert ReplyParser is _client_ref.ReplyParser
+    else:
+        from fastmta import _client
+
+        assert COMPILED and ClientProtocol.__mro__[1] is _client.ProtocolCore
+        assert ReplyParser is _client.ReplyParser

@@ -99,6 +99,11 @@ class ReplyParser:
         """True when part of a reply (a partial line or continuation) is buffered."""
         return bool(self._buf) or self._code is not None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete line held back."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[Reply]:
         """Add *data*; return the replies it completed, in order.
 
