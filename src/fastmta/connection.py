@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Union, cast
 
 from fastmta.errors import ConnectError, ProtocolError
 from fastmta.protocol import (
@@ -36,6 +37,10 @@ from fastmta.protocol import (
     TransactionResult,
 )
 from fastmta.reply import Reply
+
+#: Called with a transaction's result, from inside the read that completed it.
+ResultCallback = Callable[[TransactionResult], None]
+_Waiter = Union["asyncio.Future[TransactionResult]", ResultCallback]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +99,13 @@ class SMTPConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._ready: asyncio.Future[Extensions] = loop.create_future()
         self._closed: asyncio.Future[None] = loop.create_future()
-        # id(transaction) -> (transaction, future); the protocol reports results by transaction.
-        self._waiters: dict[int, tuple[Transaction, asyncio.Future[TransactionResult]]] = {}
+        # id(transaction) -> (transaction, future or callback); the protocol reports results by transaction.
+        self._waiters: dict[int, tuple[Transaction, _Waiter]] = {}
+        self._woke_futures = False
+        # Inside send_with_callback: a transaction refused on the spot (SIZE,
+        # SMTPUTF8) is reported soon, not from within the call, or a caller
+        # that queues the next one from its callback would recurse without end.
+        self._in_send = False
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._write_paused = False
@@ -174,16 +184,39 @@ class SMTPConnection(asyncio.Protocol):
         """Queue *transaction*; the future resolves to its result (never raises for SMTP failures)."""
         fut: asyncio.Future[TransactionResult] = self._loop.create_future()
         if self.failure is not None or self._transport is None:
-            fut.set_result(TransactionResult(
-                transaction,
-                rcpt_replies=[None] * len(transaction.recipients),
-                error=self.failure or Reply.local(451, "4.4.2", "connection is closed"),
-            ))
+            fut.set_result(self._refused(transaction))
             return fut
         self._waiters[id(transaction)] = (transaction, fut)
         self._handle(self.protocol.start_transaction(transaction))
         self._flush_soon()
         return fut
+
+    def send_with_callback(self, transaction: Transaction, on_done: ResultCallback) -> None:
+        """Queue *transaction*; call ``on_done(result)`` when it is finished.
+
+        The callback runs inside the read that completed the transaction (no
+        future, no extra loop iteration), and whatever it queues on this
+        connection goes out in the same write: what a load generator wants.
+        If the connection is already gone, ``on_done`` is called soon, never
+        from inside this call.
+        """
+        if self.failure is not None or self._transport is None:
+            self._loop.call_soon(on_done, self._refused(transaction))
+            return
+        self._waiters[id(transaction)] = (transaction, on_done)
+        self._in_send = True
+        try:
+            self._handle(self.protocol.start_transaction(transaction))
+        finally:
+            self._in_send = False
+        self._flush_soon()
+
+    def _refused(self, transaction: Transaction) -> TransactionResult:
+        return TransactionResult(
+            transaction,
+            rcpt_replies=[None] * len(transaction.recipients),
+            error=self.failure or Reply.local(451, "4.4.2", "connection is closed"),
+        )
 
     async def quit(self) -> None:
         """Say QUIT after what is queued, wait for the reply (bounded), close."""
@@ -216,11 +249,15 @@ class SMTPConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self._fail(Reply.local(451, "4.5.0", f"protocol error: {exc}"))
             return
+        self._woke_futures = False
         self._handle(events)
-        # Not written yet: the callers woken by these events usually queue the
-        # next transaction in this same loop iteration, and it then rides in
-        # the same segment (one write per message instead of two).
-        self._flush_soon()
+        if self._woke_futures:
+            # Not written yet: the callers woken by these futures usually queue
+            # the next transaction in this same loop iteration, and it then
+            # rides in the same segment (one write per message instead of two).
+            self._flush_soon()
+        else:
+            self._flush()  # callbacks have already queued theirs
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -269,8 +306,8 @@ class SMTPConnection(asyncio.Protocol):
             if isinstance(event, TransactionDone):
                 self.transactions += 1
                 waiter = self._waiters.pop(id(event.result.transaction), None)
-                if waiter is not None and not waiter[1].done():
-                    waiter[1].set_result(event.result)
+                if waiter is not None:
+                    self._resolve(waiter[1], event.result)
             elif isinstance(event, Ready):
                 if not self._ready.done():
                     self._ready.set_result(event.extensions)
@@ -290,6 +327,22 @@ class SMTPConnection(asyncio.Protocol):
                     self._transport.close()
                 if not self._closed.done():
                     self._closed.set_result(None)
+
+    def _resolve(self, waiter: _Waiter, result: TransactionResult) -> None:
+        if isinstance(waiter, asyncio.Future):
+            if not waiter.done():
+                waiter.set_result(result)
+                self._woke_futures = True
+            return
+        if self._in_send:
+            self._loop.call_soon(waiter, result)
+            return
+        try:
+            waiter(result)
+        except Exception as exc:  # the caller's bug must not leave this session half-updated
+            self._loop.call_exception_handler({
+                "message": "exception in a transaction callback", "exception": exc, "protocol": self,
+            })
 
     async def _start_tls(self) -> None:
         assert self._transport is not None and self._tls_context is not None
@@ -356,10 +409,10 @@ class SMTPConnection(asyncio.Protocol):
         self._handle(self.protocol.abort(reply))
         # The protocol failed everything it knew of; anything left is resolved here
         # so that no caller ever waits forever.
-        for transaction, fut in self._waiters.values():
-            if not fut.done():
-                fut.set_result(TransactionResult(transaction, rcpt_replies=[None] * len(transaction.recipients), error=reply))
+        waiters = list(self._waiters.values())
         self._waiters.clear()
+        for transaction, waiter in waiters:
+            self._resolve(waiter, TransactionResult(transaction, rcpt_replies=[None] * len(transaction.recipients), error=reply))
         if not self._ready.done():
             self._ready.set_exception(SessionRefused(reply, self.protocol.waiting_for or Phase.GREETING))
             self._ready.exception()  # mark retrieved: open() may already be gone

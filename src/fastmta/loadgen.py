@@ -581,13 +581,14 @@ class Progress:
 class _Msg:
     """Per-message timestamps (perf_counter seconds), carried as the transaction's tag."""
 
-    __slots__ = ("index", "intended", "t_send", "t_env")
+    __slots__ = ("index", "intended", "t_send", "t_env", "done")
 
     def __init__(self, index: int, intended: float, t_send: float) -> None:
         self.index = index
         self.intended = intended
         self.t_send = t_send
         self.t_env = 0.0
+        self.done = False
 
 
 class _TimedConnection(SMTPConnection):
@@ -608,7 +609,7 @@ class _TimedConnection(SMTPConnection):
         super().__init__(protocol, timeouts, loop, tls_context, server_hostname)
         self.t_connected = 0.0
         self.t_greeting = 0.0
-        self.timed: deque[tuple[_Msg, asyncio.Future[TransactionResult]]] = deque()
+        self.timed: deque[_Msg] = deque()  # sent on this connection, oldest first
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t_connected = perf_counter()
@@ -620,16 +621,14 @@ class _TimedConnection(SMTPConnection):
         if not self.t_greeting and waiting is not Phase.GREETING:
             self.t_greeting = perf_counter()
         timed = self.timed
-        while timed and timed[0][1].done():
+        while timed and timed[0].done:
             timed.popleft()
-        if timed and waiting is Phase.END_OF_DATA and not timed[0][0].t_env:
-            timed[0][0].t_env = perf_counter()
+        if timed and waiting is Phase.END_OF_DATA and not timed[0].t_env:
+            timed[0].t_env = perf_counter()
 
-    def send_timed(self, transaction: Transaction, msg: _Msg) -> asyncio.Future[TransactionResult]:
-        fut = self.send(transaction)
-        if not fut.done():
-            self.timed.append((msg, fut))
-        return fut
+    def send_timed(self, transaction: Transaction, msg: _Msg, on_done: Callable[[TransactionResult], None]) -> None:
+        self.timed.append(msg)
+        self.send_with_callback(transaction, on_done)
 
 
 def _decisive_code(res: TransactionResult) -> int:
@@ -886,7 +885,7 @@ class _Driver:
                 break
             msg = _Msg(i, source.intended(i, now), now)
             self.recorder.sent(msg)
-            conn.send_timed(self.workload.transaction(i, msg), msg).add_done_callback(self.finished)
+            conn.send_timed(self.workload.transaction(i, msg), msg, self.finished)
             self.inflight += 1
             self.sent += 1
             taken += 1
@@ -898,9 +897,11 @@ class _Driver:
             self.waiting = True
             source.hungry.append(self)
 
-    def finished(self, fut: asyncio.Future[TransactionResult]) -> None:
+    def finished(self, result: TransactionResult) -> None:
         self.inflight -= 1
-        self.recorder.record(fut.result(), perf_counter())
+        msg: _Msg = result.transaction.tag  # type: ignore[assignment]
+        msg.done = True
+        self.recorder.record(result, perf_counter())
         self.top_up()
 
 

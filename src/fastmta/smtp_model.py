@@ -180,15 +180,13 @@ class TransactionResult:
         The phase matters to classification: "550 user unknown" after the
         content (end of data) is a content filter, not a missing mailbox.
         """
-        fallback = self.error or Reply.local(451, "4.4.0", "no reply received")
-        fallback_phase = self.error_phase or Phase.MAIL
         mail = self.mail_reply
         out: list[tuple[Reply, Phase]] = []
         for rcpt_reply in self.rcpt_replies:
             if mail is not None and not mail.is_positive:
                 out.append((mail, Phase.MAIL))
             elif rcpt_reply is None:
-                out.append((fallback, fallback_phase))
+                out.append(self._fallback())
             elif not rcpt_reply.is_positive:
                 out.append((rcpt_reply, Phase.RCPT))
             elif self.final_reply is not None:
@@ -196,8 +194,12 @@ class TransactionResult:
             elif self.data_reply is not None and self.data_reply.code != 354:
                 out.append((self.data_reply, Phase.DATA))
             else:
-                out.append((fallback, fallback_phase))
+                out.append(self._fallback())
         return out
+
+    def _fallback(self) -> tuple[Reply, Phase]:
+        # Made only when needed: recipient_results runs once per message.
+        return self.error or Reply.local(451, "4.4.0", "no reply received"), self.error_phase or Phase.MAIL
 
     @property
     def delivered(self) -> list[str]:
