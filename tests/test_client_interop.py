@@ -18,7 +18,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from fastmta import core
 from fastmta.connection import SessionRefused, SMTPConnection, Timeouts
 from fastmta.errors import ConnectError
-from fastmta.protocol import Body, TLSPolicy, Transaction
+from fastmta.protocol import Body, TLSPolicy, Transaction, TransactionResult
 from scripted import ScriptedSMTP
 from servers import free_port, postfix_smtp_sink
 from tlsutil import client_context_trusting, make_cert, server_context
@@ -179,6 +179,119 @@ def test_server_sees_envelope_and_data_in_one_read(run: Run) -> None:
     assert reads[2] == b"Subject: x\r\n\r\nhi\r\n.\r\n" + envelope
     assert reads[3] == b"Subject: x\r\n\r\nhi\r\n.\r\n" + envelope
     assert reads[4] == b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n"
+
+
+class _WriteLog:
+    """A transport stand-in that logs each write() and passes everything on."""
+
+    def __init__(self, transport: asyncio.BaseTransport, writes: list[bytes]) -> None:
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(bytes(data))
+        self._transport.write(data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def test_callback_queues_the_next_message_into_the_same_write(run: Run) -> None:
+    # send_with_callback: the result arrives inside the read that completed it,
+    # and a transaction queued from the callback goes out in the same write as
+    # the content that read released (two in flight, as fastmta load runs).
+    writes: list[bytes] = []
+
+    class Logged(SMTPConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._transport = _WriteLog(transport, writes)  # type: ignore[assignment]
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(ScriptedSMTP, "127.0.0.1", 0)
+        async with server:
+            conn = await Logged.open("127.0.0.1", server.sockets[0].getsockname()[1], helo_name="c.test", timeouts=QUICK)
+            body = Body(b"Subject: x\r\n\r\nhi\r\n")
+            delivered: list[int] = []
+            all_done = loop.create_future()
+            queued = 2
+
+            def on_done(result: TransactionResult) -> None:
+                nonlocal queued
+                delivered.append(len(result.delivered))
+                if queued < 5:
+                    queued += 1
+                    conn.send_with_callback(Transaction("s@a.test", ["a@x.test"], body), on_done)
+                elif len(delivered) == 5:
+                    all_done.set_result(None)
+
+            writes.clear()
+            for _ in range(2):
+                conn.send_with_callback(Transaction("s@a.test", ["a@x.test"], body), on_done)
+            await asyncio.wait_for(all_done, 10)
+            await conn.quit()
+        return delivered
+
+    delivered = run(main())
+    assert delivered == [1] * 5
+    envelope = b"MAIL FROM:<s@a.test>\r\nRCPT TO:<a@x.test>\r\nDATA\r\n"
+    content = b"Subject: x\r\n\r\nhi\r\n.\r\n"
+    # Every write after the first: the content a 354 released, then the
+    # envelope of the message queued by the callback of the one completed in
+    # the same read. One write per message.
+    assert writes == [envelope] + [content + envelope] * 4 + [content, b"QUIT\r\n"]
+
+
+def test_callback_refusals_on_the_spot_do_not_recurse(run: Run) -> None:
+    # A server whose SIZE limit refuses every message locally: each refusal's
+    # callback queues the next message. Reported soon rather than from inside
+    # send_with_callback, 5,000 of them finish without a RecursionError.
+    class Small(ScriptedSMTP):
+        ehlo = b"250-small\r\n250-PIPELINING\r\n250 SIZE 10\r\n"
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Small, "127.0.0.1", 0)
+        async with server:
+            conn = await SMTPConnection.open("127.0.0.1", server.sockets[0].getsockname()[1], helo_name="c.test", timeouts=QUICK)
+            codes: list[int] = []
+            finished = loop.create_future()
+            big = Body(b"x" * 100)
+
+            def on_done(result: TransactionResult) -> None:
+                assert result.error is not None
+                codes.append(result.error.code)
+                if len(codes) < 5000:
+                    conn.send_with_callback(Transaction("s@a.test", ["a@x.test"], big), on_done)
+                else:
+                    finished.set_result(None)
+
+            conn.send_with_callback(Transaction("s@a.test", ["a@x.test"], big), on_done)
+            await asyncio.wait_for(finished, 30)
+            await conn.quit()
+        return codes
+
+    codes = run(main())
+    assert codes == [552] * 5000
+
+
+def test_callback_on_a_closed_connection_is_called_later_with_the_failure(run: Run) -> None:
+    async def main() -> tuple[bool, int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(ScriptedSMTP, "127.0.0.1", 0)
+        async with server:
+            conn = await SMTPConnection.open("127.0.0.1", server.sockets[0].getsockname()[1], helo_name="c.test", timeouts=QUICK)
+            conn.close()
+            got: list[TransactionResult] = []
+            conn.send_with_callback(Transaction("s@a.test", ["a@x.test"], Body(b"x\r\n")), got.append)
+            called_inside = bool(got)
+            await asyncio.sleep(0)
+            assert got and got[0].error is not None
+            return called_inside, got[0].error.code
+
+    called_inside, code = run(main())
+    assert not called_inside and code == 451
 
 
 def test_lock_step_against_a_server_without_pipelining(run: Run) -> None:
