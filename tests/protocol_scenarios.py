@@ -57,7 +57,7 @@ def _ehlo(rng: random.Random) -> bytes:
     if rng.random() < 0.1:
         return b"502 5.5.1 EHLO not understood\r\n"
     lines = ["mx.test hello"] + [k for k in KEYWORDS if rng.random() < 0.6]
-    size = rng.choice([None, "", " 0", " 200", " 100000"])
+    size = rng.choice([None, "", " 0", " 200", " 100000", " 99999999999999999999", " -5", " x"])
     if size is not None:
         lines.append("SIZE" + size)
     return b"".join(b"250%s%s\r\n" % (b" " if i == len(lines) - 1 else b"-", line.encode()) for i, line in enumerate(lines))
@@ -107,7 +107,8 @@ def _event(e: Event) -> Any:
 
 def _state(p: ClientProtocol) -> Any:
     waiting = p.waiting_for
-    return [waiting.value if isinstance(waiting, Phase) else None, p.in_flight, p.is_ready, p.is_closed, p.pipelining]
+    return [waiting.value if isinstance(waiting, Phase) else None, p.in_flight, p.is_ready, p.is_closed, p.pipelining,
+            p.accepts_transactions]
 
 
 def run_session(seed: int) -> list[Any]:

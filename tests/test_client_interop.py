@@ -294,6 +294,107 @@ def test_callback_on_a_closed_connection_is_called_later_with_the_failure(run: R
     assert not called_inside and code == 451
 
 
+async def _batching_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers message 1's end of data together with message 2's envelope (550 RCPT, 554 DATA)."""
+    writer.write(b"220 mx ESMTP\r\n")
+    await reader.readline()
+    writer.write(b"250-mx\r\n250 PIPELINING\r\n")
+    for _ in range(3):
+        await reader.readline()
+    writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    while await reader.readline() not in (b".\r\n", b""):
+        pass
+    for _ in range(3):
+        await reader.readline()
+    writer.write(b"250 2.0.0 first queued\r\n250 ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n")
+    await reader.read()
+    writer.close()
+
+
+def test_callback_that_closes_the_connection_keeps_the_real_results_of_the_same_read(run: Run) -> None:
+    # Both results arrive in one read; the first one's callback closes the
+    # connection. The second must still get the server's 550, not a made-up
+    # "connection closed" (451: it would be retried instead of bounced).
+    async def main() -> dict[object, list[str]]:
+        server = await asyncio.start_server(_batching_server, "127.0.0.1", 0)
+        async with server:
+            conn = await SMTPConnection.open("127.0.0.1", server.sockets[0].getsockname()[1], helo_name="c.test", timeouts=QUICK)
+            body = Body(b"Subject: x\r\n\r\nhi\r\n")
+            got: dict[object, list[str]] = {}
+            both = asyncio.get_running_loop().create_future()
+
+            def on_done(result: TransactionResult) -> None:
+                got[result.transaction.tag] = [str(r) for r in result.recipient_replies()]
+                if result.transaction.tag == 1:
+                    conn.close()
+                if len(got) == 2:
+                    both.set_result(None)
+
+            conn.send_with_callback(Transaction("s@a.test", ["ok@b.test"], body, 1), on_done)
+            conn.send_with_callback(Transaction("s@a.test", ["nouser@b.test"], body, 2), on_done)
+            await asyncio.wait_for(both, 10)
+        return got
+
+    got = run(main())
+    assert got == {1: ["250 2.0.0 first queued"], 2: ["550 5.1.1 no such user"]}
+
+
+def test_sending_from_a_callback_after_421_or_quit_reports_the_failure_later(run: Run) -> None:
+    # The read carrying the 421 completes message 1; its callback queues
+    # message 2 on the same (now dead) connection. Message 2 must be reported,
+    # soon and with the failure, not raise or be forgotten. Likewise after QUIT.
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-mx\r\n250 PIPELINING\r\n")
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"421 4.3.2 shutting down\r\n")
+        await reader.read()
+        writer.close()
+
+    async def main() -> tuple[list[tuple[object, int]], list[object], int, int]:
+        loop = asyncio.get_running_loop()
+        errors: list[object] = []
+        # Only our connection's reports count (the stream server's own tasks may log their cancellation).
+        loop.set_exception_handler(
+            lambda _loop, ctx: errors.append(ctx.get("exception")) if isinstance(ctx.get("protocol"), SMTPConnection) else None
+        )
+        server = await asyncio.start_server(closing, "127.0.0.1", 0)
+        async with server:
+            conn = await SMTPConnection.open("127.0.0.1", server.sockets[0].getsockname()[1], helo_name="c.test", timeouts=QUICK)
+            body = Body(b"Subject: x\r\n\r\nhi\r\n")
+            got: list[tuple[object, int]] = []
+            second = loop.create_future()
+
+            def on_done(result: TransactionResult) -> None:
+                assert result.error is not None
+                got.append((result.transaction.tag, result.error.code))
+                if result.transaction.tag == 1:
+                    conn.send_with_callback(Transaction("s@a.test", ["r@b.test"], body, 2), on_done)
+                else:
+                    second.set_result(None)
+
+            conn.send_with_callback(Transaction("s@a.test", ["r@b.test"], body, 1), on_done)
+            await asyncio.wait_for(second, 10)
+            leftover = len(conn._waiters)
+            # After QUIT: both entry points report instead of raising.
+            conn2 = await SMTPConnection.open("127.0.0.1", server.sockets[0].getsockname()[1], helo_name="c.test", timeouts=QUICK)
+            conn2.protocol.quit()
+            fut = conn2.send(Transaction("s@a.test", ["r@b.test"], body, 3))
+            late: list[TransactionResult] = []
+            conn2.send_with_callback(Transaction("s@a.test", ["r@b.test"], body, 4), late.append)
+            result3 = await asyncio.wait_for(fut, 10)
+            await asyncio.sleep(0)
+            assert result3.error is not None and late and late[0].error is not None
+            conn2.close()
+        return got, errors, leftover, result3.error.code
+
+    got, errors, leftover, code3 = run(main())
+    assert got == [(1, 421), (2, 421)]
+    assert errors == [] and leftover == 0 and code3 == 451
+
+
 def test_lock_step_against_a_server_without_pipelining(run: Run) -> None:
     async def main() -> list[bytes]:
         reads: list[bytes] = []

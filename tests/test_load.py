@@ -159,3 +159,53 @@ def test_load_help_documents_every_option() -> None:
     for option in ("--messages", "--connections", "--size", "--recipients", "--domains", "--json", "--timeout",
                    "--sink", "--depth", "--per-connection", "--no-pipelining", "--bdat", "--starttls", "--source"):
         assert option in out.stdout
+
+
+def test_envelope_phase_ends_at_the_354_read_not_after_the_content_write(run: Run) -> None:
+    # The 354 releases the content, which is written inside the same read
+    # callback (with the callbacks of finished messages). The envelope phase
+    # must end when the 354 was read; the write belongs to end_of_data.
+    from time import perf_counter
+
+    from fastmta.connection import Timeouts
+    from fastmta.loadgen import _Msg, _TimedConnection
+    from fastmta.protocol import Body, ClientProtocol, Transaction
+
+    class SlowTransport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:  # type: ignore[override]
+            self.writes.append(bytes(data))
+            time.sleep(0.05)  # a big body going out
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+        def close(self) -> None:
+            pass
+
+        def abort(self) -> None:
+            pass
+
+    async def main() -> tuple[float, float, list[bytes]]:
+        loop = asyncio.get_running_loop()
+        conn = _TimedConnection(ClientProtocol("c.test"), Timeouts.uniform(10), loop, None, None)
+        transport = SlowTransport()
+        conn.connection_made(transport)
+        conn.data_received(b"220 mx\r\n")
+        conn.data_received(b"250-mx\r\n250 PIPELINING\r\n")
+        msg = _Msg(0, perf_counter(), perf_counter())
+        done: list[object] = []
+        conn.send_timed(Transaction("s@a.test", ["r@b.test"], Body(b"Subject: x\r\n\r\nhi\r\n"), msg), msg, done.append)
+        await asyncio.sleep(0)  # the envelope goes out
+        t_read = perf_counter()
+        conn.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        conn.close()
+        return msg.t_env - t_read, perf_counter() - t_read, transport.writes
+
+    envelope_end, total, writes = run(main())
+    assert writes[-1].endswith(b"hi\r\n.\r\n")  # the content was written inside that read
+    assert total >= 0.05
+    assert 0 <= envelope_end < 0.02

@@ -222,45 +222,55 @@ cdef class ProtocolCore:
     cdef public bint tls_active
     cdef public int _state
     cdef public bint _quit_requested
-    cdef public bint _rset_needed
-    cdef public Py_ssize_t _bdat_active
-    cdef public list _events
-    cdef public object _expect
-    cdef public object _queue
-    cdef public object _active
-    cdef public object _open
-    cdef public bytearray _out
-    cdef public ReplyParser _parser
+    # What the session half may read but not replace: the hot path trusts their types.
+    cdef readonly list _events
+    cdef readonly object _expect  # deque of (phase, _Txn or None, recipient index)
+    cdef readonly object _queue  # deque of _Txn
+    cdef readonly object _active  # deque of _Txn
+    cdef readonly bytearray _out
+    cdef readonly ReplyParser _parser
+    cdef object _open
+    cdef bint _rset_needed
+    cdef Py_ssize_t _bdat_active
     cdef object _extensions
     # The extension flags the hot path reads, copied out of the Extensions record.
-    cdef bint _pipelining  # offered and allowed
+    cdef bint _ext_pipelining
     cdef bint _ext_8bit
     cdef bint _ext_utf8
     cdef bint _ext_chunking
-    cdef Py_ssize_t _ext_size  # -1: no SIZE; 0: SIZE without a limit
+    cdef bint _has_size  # SIZE offered (then " SIZE=n" goes on MAIL)
+    cdef object _size_limit  # its value: a Python int, any size (0: no limit)
 
-    def __init__(self, pipelining, use_bdat):
-        self.allow_pipelining = pipelining
-        self.allow_bdat = use_bdat
-        self.tls_active = False
+    def __cinit__(self, *args, **kwargs):
+        # In __cinit__, not __init__: these exist even if a subclass forgets
+        # to call __init__, so the hot path never meets a None.
         self._parser = ReplyParser()
-        self._state = ST_GREETING
         self._out = bytearray()
         self._events = []
         self._expect = deque([(P_GREETING, None, 0)])
         self._queue = deque()
         self._active = deque()
+        self._state = ST_GREETING
+        self._set_extensions(Extensions())
+
+    def __init__(self, pipelining, use_bdat):
+        self.allow_pipelining = pipelining
+        self.allow_bdat = use_bdat
+        self.tls_active = False
         self._open = None
         self._rset_needed = False
         self._bdat_active = 0
         self._quit_requested = False
-        self._set_extensions(Extensions())
 
     # --- queries ------------------------------------------------------------
 
     @property
     def extensions(self):
         return self._extensions
+
+    @extensions.setter
+    def extensions(self, value):
+        self._set_extensions(value)
 
     @property
     def waiting_for(self):
@@ -276,13 +286,21 @@ cdef class ProtocolCore:
         return self._state == ST_CLOSED
 
     @property
+    def accepts_transactions(self):
+        """False once QUIT is queued or the session ended: start_transaction would refuse."""
+        return self._state < ST_CLOSING
+
+    @property
     def in_flight(self):
         """Transactions accepted and not yet finished."""
         return len(self._queue) + len(self._active)
 
     @property
     def pipelining(self):
-        return self._pipelining
+        return self._pipelining()
+
+    cdef inline bint _pipelining(self):
+        return self.allow_pipelining and self._ext_pipelining
 
     # --- input and output ---------------------------------------------------
 
@@ -304,7 +322,7 @@ cdef class ProtocolCore:
             if txn is None:
                 self._on_session_reply(reply, phase)
             else:
-                self._on_txn_reply(reply, phase, <_Txn>txn, expected[2])
+                self._on_txn_reply(reply, phase, <_Txn?>txn, expected[2])
         events = self._events
         self._events = []
         return events
@@ -345,11 +363,12 @@ cdef class ProtocolCore:
 
     def _set_extensions(self, extensions):
         self._extensions = extensions
-        self._pipelining = self.allow_pipelining and extensions.pipelining
+        self._ext_pipelining = extensions.pipelining
         self._ext_8bit = extensions.eightbitmime
         self._ext_utf8 = extensions.smtputf8
         self._ext_chunking = extensions.chunking
-        self._ext_size = -1 if extensions.size is None else extensions.size
+        self._has_size = extensions.size is not None
+        self._size_limit = extensions.size  # may exceed any C integer ("SIZE 99999999999999999999")
 
     def _fail_session(self, reply, phase):
         self._state = ST_CLOSED
@@ -360,9 +379,9 @@ cdef class ProtocolCore:
         self._bdat_active = 0
         self._queue.clear()
         for txn in pending:
-            (<_Txn>txn).result.error = reply
-            (<_Txn>txn).result.error_phase = phase
-            self._events.append(TransactionDone((<_Txn>txn).result))
+            (<_Txn?>txn).result.error = reply
+            (<_Txn?>txn).result.error_phase = phase
+            self._events.append(TransactionDone((<_Txn?>txn).result))
         self._events.append(SessionFailed(reply, phase))
 
     def _pump(self):
@@ -374,16 +393,16 @@ cdef class ProtocolCore:
 
     cdef void _pump_c(self) except *:
         while self._queue and self._state == ST_READY and self._open is None:
-            if not self._pipelining and self._active:
+            if not self._pipelining() and self._active:
                 return  # lock-step: one transaction at a time
             if self._bdat_active:
                 return  # a BDAT transaction's outcome decides whether RSET is needed
-            self._begin(<_Txn>self._queue.popleft())
+            self._begin(<_Txn?>self._queue.popleft())
         self._maybe_quit_c()
 
     cdef void _maybe_quit_c(self) except *:
         if self._quit_requested and self._state == ST_READY and not self._queue and self._open is None:
-            if not self._pipelining and self._active:
+            if not self._pipelining() and self._active:
                 return
             self._state = ST_CLOSING
             self._send(b"QUIT\r\n", P_QUIT)
@@ -403,8 +422,9 @@ cdef class ProtocolCore:
             return
         cdef bint use_bdat = self.allow_bdat and self._ext_chunking
         cdef Py_ssize_t size = len(body.bdat_wire if use_bdat else body.data_wire)
-        if self._ext_size > 0 and size > self._ext_size:
-            self._finish_local(txn, Reply.local(552, "5.3.4", f"message size {size} exceeds the server's SIZE limit {self._ext_size}"))
+        limit = self._size_limit
+        if self._has_size and limit and size > limit:
+            self._finish_local(txn, Reply.local(552, "5.3.4", f"message size {size} exceeds the server's SIZE limit {limit}"))
             return
         txn.use_bdat = use_bdat
         self._bdat_active += use_bdat
@@ -412,7 +432,7 @@ cdef class ProtocolCore:
             self._send(b"RSET\r\n", P_RSET)
             self._rset_needed = False
         cdef bytes params = b""
-        if self._ext_size >= 0:
+        if self._has_size:
             params = b" SIZE=%d" % size
         if self._ext_8bit and body.eight_bit:
             params += b" BODY=8BITMIME"
@@ -421,7 +441,7 @@ cdef class ProtocolCore:
         self._active.append(txn)
         self._expect_txn(b"MAIL FROM:<" + (<str>t.sender).encode() + b">" + params + b"\r\n", P_MAIL, txn, 0)
         cdef Py_ssize_t i
-        if self._pipelining:
+        if self._pipelining():
             for i in range(len(t.recipients)):
                 self._send_rcpt(txn, i)
             self._send_data_command(txn)
@@ -445,7 +465,7 @@ cdef class ProtocolCore:
         cdef bint positive = _positive(reply)
         if phase is P_MAIL:
             result.mail_reply = reply
-            if not self._pipelining:
+            if not self._pipelining():
                 if positive:
                     self._send_rcpt(txn, 0)
                 else:
@@ -454,7 +474,7 @@ cdef class ProtocolCore:
             rcpt_replies = result.rcpt_replies
             rcpt_replies[index] = reply
             mail = result.mail_reply
-            if not self._pipelining and mail is not None and _positive(mail):
+            if not self._pipelining() and mail is not None and _positive(mail):
                 if txn.rcpt_sent < len(rcpt_replies):
                     self._send_rcpt(txn, txn.rcpt_sent)
                 elif txn.any_rcpt_accepted():

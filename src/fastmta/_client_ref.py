@@ -84,6 +84,11 @@ class ProtocolCore:
         return self._state == SessionState.CLOSED
 
     @property
+    def accepts_transactions(self) -> bool:
+        """False once QUIT is queued or the session ended: start_transaction would refuse."""
+        return self._state < SessionState.CLOSING
+
+    @property
     def in_flight(self) -> int:
         """Transactions accepted and not yet finished."""
         return len(self._queue) + len(self._active)

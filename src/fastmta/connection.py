@@ -183,7 +183,7 @@ class SMTPConnection(asyncio.Protocol):
     def send(self, transaction: Transaction) -> asyncio.Future[TransactionResult]:
         """Queue *transaction*; the future resolves to its result (never raises for SMTP failures)."""
         fut: asyncio.Future[TransactionResult] = self._loop.create_future()
-        if self.failure is not None or self._transport is None:
+        if not self._accepting():
             fut.set_result(self._refused(transaction))
             return fut
         self._waiters[id(transaction)] = (transaction, fut)
@@ -200,7 +200,7 @@ class SMTPConnection(asyncio.Protocol):
         If the connection is already gone, ``on_done`` is called soon, never
         from inside this call.
         """
-        if self.failure is not None or self._transport is None:
+        if not self._accepting():
             self._loop.call_soon(on_done, self._refused(transaction))
             return
         self._waiters[id(transaction)] = (transaction, on_done)
@@ -210,6 +210,10 @@ class SMTPConnection(asyncio.Protocol):
         finally:
             self._in_send = False
         self._flush_soon()
+
+    def _accepting(self) -> bool:
+        # Not after a failure, a lost transport or QUIT (the protocol would refuse it).
+        return self.failure is None and self._transport is not None and self.protocol.accepts_transactions
 
     def _refused(self, transaction: Transaction) -> TransactionResult:
         return TransactionResult(
@@ -297,17 +301,22 @@ class SMTPConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         data = self.protocol.data_to_send()
-        if data and self._transport is not None:
+        if data and self._transport is not None and self.failure is None:
             self._transport.write(data)
         self._arm()
 
     def _handle(self, events: list[Event]) -> None:
+        # Results are handed out after every event of the batch is taken in:
+        # a callback may close the connection or queue more, and must find
+        # the others' real results already claimed (not failed by the close)
+        # and a session failure later in the batch already known.
+        done: list[tuple[_Waiter, TransactionResult]] = []
         for event in events:
             if isinstance(event, TransactionDone):
                 self.transactions += 1
                 waiter = self._waiters.pop(id(event.result.transaction), None)
                 if waiter is not None:
-                    self._resolve(waiter[1], event.result)
+                    done.append((waiter[1], event.result))
             elif isinstance(event, Ready):
                 if not self._ready.done():
                     self._ready.set_result(event.extensions)
@@ -327,6 +336,8 @@ class SMTPConnection(asyncio.Protocol):
                     self._transport.close()
                 if not self._closed.done():
                     self._closed.set_result(None)
+        for claimed, result in done:
+            self._resolve(claimed, result)
 
     def _resolve(self, waiter: _Waiter, result: TransactionResult) -> None:
         if isinstance(waiter, asyncio.Future):
@@ -339,7 +350,9 @@ class SMTPConnection(asyncio.Protocol):
             return
         try:
             waiter(result)
-        except Exception as exc:  # the caller's bug must not leave this session half-updated
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # the caller's bug must not leave this session half-updated
             self._loop.call_exception_handler({
                 "message": "exception in a transaction callback", "exception": exc, "protocol": self,
             })

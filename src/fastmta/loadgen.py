@@ -616,15 +616,19 @@ class _TimedConnection(SMTPConnection):
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        # The time of the read, taken first: the completion callbacks and the
+        # write of the content run inside super().data_received(), and are
+        # not part of the wait for the 354.
+        now = perf_counter()
         super().data_received(data)
         waiting = self.protocol.waiting_for
         if not self.t_greeting and waiting is not Phase.GREETING:
-            self.t_greeting = perf_counter()
+            self.t_greeting = now
         timed = self.timed
         while timed and timed[0].done:
             timed.popleft()
         if timed and waiting is Phase.END_OF_DATA and not timed[0].t_env:
-            timed[0].t_env = perf_counter()
+            timed[0].t_env = now
 
     def send_timed(self, transaction: Transaction, msg: _Msg, on_done: Callable[[TransactionResult], None]) -> None:
         self.timed.append(msg)
