@@ -255,6 +255,26 @@ def test_ed25519_seed_file_is_accepted(tmp_path: Path) -> None:
     assert key.private_key.public_key().public_bytes_raw() == expected
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=32, max_size=32), st.binary(max_size=2000))
+def test_ed25519_signature_through_libsodium_equals_openssls(seed: bytes, data: bytes) -> None:
+    # sign_raw goes through libsodium for speed; Ed25519 is deterministic, so
+    # it must give exactly the signature OpenSSL (cryptography) gives, and it
+    # must verify under the key's public key.
+    import hashlib
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ed.seed"
+        path.write_bytes(base64.b64encode(seed))
+        key = load_signing_key(_cfg(str(path), "ed25519-sha256"))
+    openssl_key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    digest = hashlib.sha256(data).digest()
+    signature = key.sign_raw(data)
+    assert signature == openssl_key.sign(digest)
+    openssl_key.public_key().verify(signature, digest)  # raises if it does not verify
+
+
 @settings(max_examples=100)
 @given(st.lists(body_pieces, max_size=40).map(b"".join), st.booleans(), st.integers(1, 64))
 def test_body_hash_of_chunks_equals_whole(body: bytes, relaxed: bool, size: int) -> None:
