@@ -106,6 +106,7 @@ class SMTPConnection(asyncio.Protocol):
         # SMTPUTF8) is reported soon, not from within the call, or a caller
         # that queues the next one from its callback would recurse without end.
         self._in_send = False
+        self._reading = False  # inside data_received's handling of a read
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._write_paused = False
@@ -209,7 +210,8 @@ class SMTPConnection(asyncio.Protocol):
             self._handle(self.protocol.start_transaction(transaction))
         finally:
             self._in_send = False
-        self._flush_soon()
+        if not self._reading:  # from a result callback: data_received flushes right after
+            self._flush_soon()
 
     def _accepting(self) -> bool:
         # Not after a failure, a lost transport or QUIT (the protocol would refuse it).
@@ -254,7 +256,11 @@ class SMTPConnection(asyncio.Protocol):
             self._fail(Reply.local(451, "4.5.0", f"protocol error: {exc}"))
             return
         self._woke_futures = False
-        self._handle(events)
+        self._reading = True
+        try:
+            self._handle(events)
+        finally:
+            self._reading = False
         if self._woke_futures:
             # Not written yet: the callers woken by these futures usually queue
             # the next transaction in this same loop iteration, and it then
