@@ -8,7 +8,9 @@ callback per read and one ``write`` per pipelined group, with no intermediate
 buffering or per-line awaits.
 
 Several transactions may be in flight at once (``send()`` returns an awaitable
-per transaction); the protocol decides when each part is written, which is
+per transaction; ``send_with_callback()`` calls back from inside the read that
+finished it, for callers that queue the next message right there, like
+``fastmta load``); the protocol decides when each part is written, which is
 how one connection gets one round trip per message.
 """
 
