@@ -294,13 +294,18 @@ def test_callback_on_a_closed_connection_is_called_later_with_the_failure(run: R
     assert not called_inside and code == 451
 
 
-async def _batching_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers message 1's end of data together with message 2's envelope (550 RCPT, 554 DATA)."""
+async def _greet_and_read_first_envelope(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Greeting, EHLO with PIPELINING, then read one pipelined MAIL/RCPT/DATA group."""
     writer.write(b"220 mx ESMTP\r\n")
     await reader.readline()
     writer.write(b"250-mx\r\n250 PIPELINING\r\n")
     for _ in range(3):
         await reader.readline()
+
+
+async def _batching_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers message 1's end of data together with message 2's envelope (550 RCPT, 554 DATA)."""
+    await _greet_and_read_first_envelope(reader, writer)
     writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
     while await reader.readline() not in (b".\r\n", b""):
         pass
@@ -344,11 +349,7 @@ def test_sending_from_a_callback_after_421_or_quit_reports_the_failure_later(run
     # message 2 on the same (now dead) connection. Message 2 must be reported,
     # soon and with the failure, not raise or be forgotten. Likewise after QUIT.
     async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 mx ESMTP\r\n")
-        await reader.readline()
-        writer.write(b"250-mx\r\n250 PIPELINING\r\n")
-        for _ in range(3):
-            await reader.readline()
+        await _greet_and_read_first_envelope(reader, writer)
         writer.write(b"421 4.3.2 shutting down\r\n")
         await reader.read()
         writer.close()

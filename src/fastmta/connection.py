@@ -220,11 +220,7 @@ class SMTPConnection(asyncio.Protocol):
         return self.failure is None and self._transport is not None and self.protocol.accepts_transactions
 
     def _refused(self, transaction: Transaction) -> TransactionResult:
-        return TransactionResult(
-            transaction,
-            rcpt_replies=[None] * len(transaction.recipients),
-            error=self.failure or Reply.local(451, "4.4.2", "connection is closed"),
-        )
+        return _failed(transaction, self.failure or Reply.local(451, "4.4.2", "connection is closed"))
 
     async def quit(self) -> None:
         """Say QUIT after what is queued, wait for the reply (bounded), close."""
@@ -433,10 +429,15 @@ class SMTPConnection(asyncio.Protocol):
         waiters = list(self._waiters.values())
         self._waiters.clear()
         for transaction, waiter in waiters:
-            self._resolve(waiter, TransactionResult(transaction, rcpt_replies=[None] * len(transaction.recipients), error=reply))
+            self._resolve(waiter, _failed(transaction, reply))
         if not self._ready.done():
             self._ready.set_exception(SessionRefused(reply, self.protocol.waiting_for or Phase.GREETING))
             self._ready.exception()  # mark retrieved: open() may already be gone
+
+
+def _failed(transaction: Transaction, error: Reply) -> TransactionResult:
+    """The result of a transaction that never got its own replies."""
+    return TransactionResult(transaction, rcpt_replies=[None] * len(transaction.recipients), error=error)
 
 
 class SessionRefused(ConnectError):

@@ -7,29 +7,38 @@ still run, but warn: a silently slow install is worse than a noisy one.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from fastmta import _core_ref
 
-COMPILED: bool
-if os.environ.get("FASTMTA_NO_EXTENSIONS"):
-    _impl = _core_ref
-    COMPILED = False
-else:
-    try:
-        from fastmta import _core as _impl  # type: ignore[no-redef]
+def select_implementation(compiled: str, reference: ModuleType) -> tuple[ModuleType, bool]:
+    """The compiled module ``fastmta.<compiled>``, or *reference*; and whether it is the compiled one.
 
-        COMPILED = True
+    Shared by every module with a compiled twin (this one and ``protocol``).
+    """
+    if os.environ.get("FASTMTA_NO_EXTENSIONS"):
+        return reference, False
+    try:
+        return importlib.import_module(f"fastmta.{compiled}"), True
     except ImportError:  # pragma: no cover - depends on the build
         warnings.warn(
-            "fastmta._core is not built; using the slow pure-Python reference "
+            f"fastmta.{compiled} is not built; using the slow pure-Python reference "
             "(run `pip install -e .` to compile it)",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        _impl = _core_ref
-        COMPILED = False
+        return reference, False
+
+
+COMPILED: bool
+if TYPE_CHECKING:
+    _impl = _core_ref  # both have the same names and signatures; check against the reference
+else:
+    _impl, COMPILED = select_implementation("_core", _core_ref)
 
 to_wire = _impl.to_wire
 normalize_crlf = _impl.normalize_crlf

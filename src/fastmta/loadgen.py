@@ -68,7 +68,7 @@ from dataclasses import dataclass, field, replace
 from time import perf_counter
 from typing import Any
 
-from fastmta.connection import SessionRefused, SMTPConnection, Timeouts
+from fastmta.connection import ResultCallback, SessionRefused, SMTPConnection, Timeouts
 from fastmta.errors import ConfigError, ConnectError
 from fastmta.histogram import Histogram
 from fastmta.protocol import Body, ClientProtocol, Phase, TLSPolicy, Transaction, TransactionResult
@@ -630,7 +630,7 @@ class _TimedConnection(SMTPConnection):
         if timed and waiting is Phase.END_OF_DATA and not timed[0].t_env:
             timed[0].t_env = now
 
-    def send_timed(self, transaction: Transaction, msg: _Msg, on_done: Callable[[TransactionResult], None]) -> None:
+    def send_timed(self, transaction: Transaction, msg: _Msg, on_done: ResultCallback) -> None:
         self.timed.append(msg)
         self.send_with_callback(transaction, on_done)
 

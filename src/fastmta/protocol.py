@@ -25,11 +25,9 @@ that arrives when nothing was asked, or bytes that are not a reply, raise
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import TYPE_CHECKING
 
-from fastmta import _client_ref
+from fastmta import _client_ref, core
 from fastmta.errors import InputError, ProtocolError
 from fastmta.reply import Reply
 from fastmta.smtp_model import (
@@ -55,21 +53,9 @@ from fastmta.smtp_model import (
 COMPILED: bool
 if TYPE_CHECKING:
     from fastmta._client_ref import ProtocolCore, ReplyParser
-elif os.environ.get("FASTMTA_NO_EXTENSIONS"):
-    ProtocolCore, ReplyParser, COMPILED = _client_ref.ProtocolCore, _client_ref.ReplyParser, False
 else:
-    try:
-        from fastmta._client import ProtocolCore, ReplyParser
-
-        COMPILED = True
-    except ImportError:  # pragma: no cover - depends on the build
-        warnings.warn(
-            "fastmta._client is not built; using the slow pure-Python reference "
-            "(run `pip install -e .` to compile it)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        ProtocolCore, ReplyParser, COMPILED = _client_ref.ProtocolCore, _client_ref.ReplyParser, False
+    _impl, COMPILED = core.select_implementation("_client", _client_ref)
+    ProtocolCore, ReplyParser = _impl.ProtocolCore, _impl.ReplyParser
 
 __all__ = [
     "COMPILED",
