@@ -1,4 +1,4 @@
-"""Build the compiled hot paths (src/fastmta/_core.pyx, src/fastmta/_client.pyx).
+"""Build the compiled hot paths (src/fastmta/message/_core.pyx, src/fastmta/smtp/_client.pyx).
 
 Everything else lives in pyproject.toml. The extension is not optional: a
 build that cannot compile it fails loudly rather than silently shipping the
@@ -11,13 +11,13 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension(
-        "fastmta._core",
-        ["src/fastmta/_core.pyx"],
+        "fastmta.message._core",
+        ["src/fastmta/message/_core.pyx"],
         extra_compile_args=["-O3"],
     ),
     Extension(
-        "fastmta._client",
-        ["src/fastmta/_client.pyx"],
+        "fastmta.smtp._client",
+        ["src/fastmta/smtp/_client.pyx"],
         extra_compile_args=["-O3"],
     ),
 ]

@@ -116,7 +116,7 @@ def postfix_smtp_sink(host: str = "127.0.0.1", backlog: int = 1024, extra: Seque
         port = free_port(host)
         # stderr goes to a file: smtp-sink may warn at any time, and a pipe
         # nobody reads during the benchmark could fill up and stall it.
-        errfile = tempfile.TemporaryFile()
+        errfile = tempfile.TemporaryFile()  # noqa: SIM115 - closed when the process is stopped
         proc = subprocess.Popen(
             [exe, *user, "-h", token, *extra, f"{host}:{port}", str(backlog)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errfile,

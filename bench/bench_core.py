@@ -46,10 +46,10 @@ import nacl.bindings
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from fastmta import _core_ref, core
-from fastmta.dkim import DkimKeyConfig, DkimSigner, load_signing_key
-from fastmta.mime import compile_campaign
-from fastmta.template import CompiledText, Context
+from fastmta.message import _core_ref, core
+from fastmta.message.dkim import DkimKeyConfig, DkimSigner, load_signing_key
+from fastmta.message.mime import compile_campaign
+from fastmta.message.template import CompiledText, Context
 
 FIELDS = ["first_name", "last_name", "company", "city", "country", "plan", "offer", "code", "manager", "day"]
 
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     SAMPLE_SECONDS = 0.005 if args.quick else 0.02
 
     if not core.COMPILED:
-        print("warning: fastmta._core is not in use (FASTMTA_NO_EXTENSIONS or not built)", file=sys.stderr)
+        print("warning: fastmta.message._core is not in use (FASTMTA_NO_EXTENSIONS or not built)", file=sys.stderr)
     render, render_info = bench_render(rounds)
     with tempfile.TemporaryDirectory() as tmp:
         sign = bench_dkim(rounds, tmp)

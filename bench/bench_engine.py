@@ -7,8 +7,8 @@ everything on loopback:
 1. Throughput. A campaign job (TOML + template + recipients CSV + Ed25519
    DKIM key, written to a temporary directory) of N recipients (default
    100,000) over 100 domains, each message ~2 KB after rendering and
-   signing, is loaded with ``fastmta.campaign.Campaign`` and every
-   recipient's message is submitted to ``fastmta.engine.Engine``, which
+   signing, is loaded with ``fastmta.intake.campaign.Campaign`` and every
+   recipient's message is submitted to ``fastmta.delivery.engine.Engine``, which
    delivers it through a static route (``"*" -> smtp-sink``) with TLS off.
    Beside it, in the same rounds, Postfix's ``smtp-source`` sends the same
    message (the campaign's first rendered and signed one) to the same
@@ -186,8 +186,8 @@ def _write_recipients(path: Path, count: int) -> None:
 
 def _first_message(job: Path) -> bytes:
     """The first recipient's rendered and signed message, exactly as the engine would get it."""
-    from fastmta.campaign import Campaign
-    from fastmta.spool_input import SpoolItem
+    from fastmta.intake.campaign import Campaign
+    from fastmta.intake.reader import SpoolItem
 
     for item in Campaign.load(job).items():
         if isinstance(item, SpoolItem):
@@ -230,10 +230,10 @@ def build_campaign(directory: Path, recipients: int, size: int) -> CampaignFiles
 
 async def _deliver_campaign(job: Path, target: str, connections: int, max_queued: int | None,
                             timeout: float) -> dict[str, Any]:
-    from fastmta.campaign import Campaign
-    from fastmta.config import config_from_dict
-    from fastmta.engine import Engine
-    from fastmta.spool_input import Reject
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine
+    from fastmta.intake.campaign import Campaign
+    from fastmta.intake.reader import Reject
 
     campaign = Campaign.load(job)
     queue: dict[str, Any] = {} if max_queued is None else {"max_queued_recipients": max_queued}
@@ -295,10 +295,10 @@ async def _deliver_campaign(job: Path, target: str, connections: int, max_queued
 
 async def _fairness(fast: str, tarpit: str, messages: int, tarpit_every: int, size: int, connections: int,
                     timeout: float) -> dict[str, Any]:
-    from fastmta.config import config_from_dict
-    from fastmta.engine import Engine, Status
-    from fastmta.loadgen import make_message
-    from fastmta.message import Outcome
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, Status
+    from fastmta.load.generator import make_message
+    from fastmta.queue.records import Outcome
 
     config = config_from_dict({
         "routing": {"static": {FAST_DOMAIN: [fast], TARPIT_DOMAIN: [tarpit]}},

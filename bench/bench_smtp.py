@@ -55,14 +55,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import ChildRun, Server, fastmta_sink, find_tool, postfix_smtp_sink, run_child  # noqa: E402
+from _util import ChildRun, Server, fastmta_sink, find_tool, postfix_smtp_sink, run_child
 
 SENDER = "load@fastmta.test"
 RECIPIENT = "rcpt@load.test"
@@ -94,7 +93,7 @@ def aiosmtplib_client(host: str, port: int, messages: int, connections: int, siz
     import aiosmtplib
     import uvloop
 
-    from fastmta.loadgen import make_message
+    from fastmta.load.generator import make_message
 
     message = make_message(size, SENDER, RECIPIENT)
     claims = itertools.count()
@@ -512,7 +511,7 @@ def main(argv: list[str]) -> int:
         return aiosmtplib_client(host, int(port), int(messages), int(connections), int(size), float(timeout))
 
     args = parse_args(argv)
-    from fastmta.loadgen import make_message
+    from fastmta.load.generator import make_message
 
     def log(text: str) -> None:
         sys.stderr.write(text)

@@ -139,8 +139,8 @@ def _write_job(directory: Path) -> Path:
 
 def _first_message(job: Path) -> bytes:
     """The first row's rendered and signed message, as the engine receives it."""
-    from fastmta.campaign import Campaign
-    from fastmta.spool_input import SpoolItem
+    from fastmta.intake.campaign import Campaign
+    from fastmta.intake.reader import SpoolItem
 
     for item in Campaign.load(job).items():
         if isinstance(item, SpoolItem):
@@ -362,9 +362,9 @@ def _percentiles(values_ns: list[int]) -> dict[str, float]:
 
 async def _latency(mode: LatencyMode, target: str, spool_dir: Path, body: bytes, time_cap: float,
                    drain_timeout: float) -> LatencyRun:
-    from fastmta.config import config_from_dict
-    from fastmta.engine import Engine
-    from fastmta.spool import Spool
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine
+    from fastmta.queue.spool import Spool
 
     config = config_from_dict({
         "routing": {"static": {"*": [target]}},
@@ -398,7 +398,7 @@ async def _latency(mode: LatencyMode, target: str, spool_dir: Path, body: bytes,
             result.fsyncs = spool.stats.fsyncs - fsyncs0
             result.drained = await engine.drain(drain_timeout)
             result.delivered = engine.counts.get("delivered", 0)
-    except Exception as exc:  # noqa: BLE001 - reported as a failed run, with its reason
+    except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         await spool.close()

@@ -39,9 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from fastmta.classify import Classifier
-from fastmta.config import Config, config_from_dict
-from fastmta.engine import Engine, Status
+from fastmta.delivery.config import Config, config_from_dict
+from fastmta.delivery.engine import Engine, Status
+from fastmta.delivery.throttle import EventKind, ThrottleEvent
+from fastmta.feedback.classify import Classifier
 from fastmta.sink import (
     FaultConfig,
     ListenerConfig,
@@ -50,7 +51,6 @@ from fastmta.sink import (
     SinkServer,
     SinkStats,
 )
-from fastmta.throttle import EventKind, ThrottleEvent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import text_table
@@ -69,7 +69,7 @@ SAMPLE_EVERY = 0.25
 
 
 class LiveRateLimit:
-    """Stands in for :class:`fastmta.sink_config.RateLimit`, with attributes that change at run time.
+    """Stands in for :class:`fastmta.sink.config.RateLimit`, with attributes that change at run time.
 
     The sink's fault engine reads ``rate_limit.rate`` and ``rate_limit.burst``
     on every MAIL, so assigning ``rate``/``burst`` raises or lowers the limit
@@ -502,7 +502,7 @@ def plot(worlds: list[World], p: Params, path: Path) -> str | None:
         for row, site in enumerate(SITES):
             ax = axes[row][col]
             times = delivered_times(w, site)
-            bins = [k for k in range(int(end) + 1)]
+            bins = list(range(int(end) + 1))
             ax.step(bins, [count_in(times, k - 1, k) for k in bins], where="pre", color="tab:green", lw=1, label="delivered/s")
             samples = [s for s in w.samples if s["site"] == site]
             ts = [s["t"] for s in samples]

@@ -304,7 +304,7 @@ class DNSServer:
         # the test to see (``errors``) and answer SERVFAIL.
         try:
             return self.answer(query, tcp=tcp)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.errors.append(exc)
             resp = dns.message.make_response(query)
             resp.set_rcode(dns.rcode.SERVFAIL)

@@ -1,12 +1,12 @@
 """Random client-protocol sessions, recorded as traces, for the twin comparison.
 
 ``python tests/protocol_scenarios.py FIRST COUNT`` runs the sessions seeded
-FIRST .. FIRST+COUNT-1 against ``fastmta.protocol.ClientProtocol`` and prints
+FIRST .. FIRST+COUNT-1 against ``fastmta.smtp.protocol.ClientProtocol`` and prints
 their traces as JSON: after every step, the bytes to send, the events, any
 error and the session's public state. tests/test_client_twins.py runs it
 twice, once with the compiled core and once with FASTMTA_NO_EXTENSIONS=1, and
 the traces must be identical. A separate process per run, because the core is
-chosen when fastmta.protocol is imported.
+chosen when fastmta.smtp.protocol is imported.
 
 Server replies are drawn at random rather than made to fit the commands: the
 state machine must handle any reply to anything (including replies nobody
@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from fastmta.errors import FastMTAError
-from fastmta.protocol import (
+from fastmta.smtp.protocol import (
     Body,
     ClientProtocol,
     Closed,
@@ -36,7 +36,7 @@ from fastmta.protocol import (
     Transaction,
     TransactionDone,
 )
-from fastmta.reply import Reply
+from fastmta.smtp.reply import Reply
 
 BODIES = [
     Body(b"Subject: a\r\n\r\nhello\r\n"),

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from fastmta.accounting import CSV_COLUMNS, AccountingLog, detect_format
-from fastmta.message import Outcome, Status
-from fastmta.reply import Reply
+from fastmta.delivery.accounting import CSV_COLUMNS, AccountingLog, detect_format
+from fastmta.queue.records import Outcome, Status
+from fastmta.smtp.reply import Reply
 
 T0 = 1_700_000_000.25
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from fastmta.classify import (
+from fastmta.errors import ConfigError, Scope
+from fastmta.feedback.classify import (
     BounceType,
     Category,
     Classification,
@@ -21,8 +22,7 @@ from fastmta.classify import (
     normalize_text,
     parse_diagnostic,
 )
-from fastmta.errors import ConfigError, Scope
-from fastmta.reply import Reply, ReplyParser
+from fastmta.smtp.reply import Reply, ReplyParser
 
 
 def reply(raw: str) -> Reply:

@@ -1,4 +1,4 @@
-"""Classifier accuracy on real-world reply lines (shared/corpora/bounces/responses).
+"""Classifier accuracy on real-world reply lines (tests/data/corpora/bounces/responses).
 
 Prints a per-category and hard-vs-soft table (also written to a file under
 the pytest tmp dir) and asserts the floors of issue 5: hard-vs-soft >= 90 %,
@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from fastmta.classify import BounceType, Classification, Classifier
+from fastmta.feedback.classify import BounceType, Classification, Classifier
 
-CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+CORPORA = Path(__file__).resolve().parent / "data" / "corpora"
 RESPONSES = CORPORA / "bounces" / "responses" / "sisimai_diagnostic_codes.jsonl"
 
 HARD_SOFT_FLOOR = 0.90
@@ -93,7 +93,7 @@ def _table(rows: list[dict[str, Any]], results: list[Classification]) -> tuple[s
 @pytest.fixture(scope="module")
 def corpus() -> tuple[list[dict[str, Any]], list[Classification]]:
     if not RESPONSES.exists():
-        pytest.fail(f"corpus missing: {RESPONSES} (clone shared/ beside the repository)")
+        pytest.fail(f"corpus missing: {RESPONSES}")
     rows = _rows()
     cl = Classifier.from_rules()
     return rows, [_classify(cl, r) for r in rows]

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from fastmta import core
-from fastmta.connection import SessionRefused, SMTPConnection, Timeouts
 from fastmta.errors import ConnectError
-from fastmta.protocol import Body, TLSPolicy, Transaction, TransactionResult
+from fastmta.message import core
+from fastmta.smtp.connection import SessionRefused, SMTPConnection, Timeouts
+from fastmta.smtp.protocol import Body, TLSPolicy, Transaction, TransactionResult
 from scripted import ScriptedSMTP
 from servers import free_port, postfix_smtp_sink
 from tlsutil import client_context_trusting, make_cert, server_context
@@ -42,7 +42,7 @@ class Collect:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         if address.startswith("bad"):
-            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 

@@ -9,12 +9,14 @@ replies or the same refusal.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastmta import _client, _client_ref
 from fastmta.errors import ProtocolError
+from fastmta.smtp import _client, _client_ref
 
 REPLYISH = st.lists(
     st.one_of(
@@ -35,7 +37,7 @@ def _run(parser_cls: type, data: bytes, cuts: list[int]) -> tuple[list[tuple[obj
     replies: list[tuple[object, ...]] = []
     bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     try:
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             replies += [(r.code, r.lines, r.enhanced) for r in parser.feed(data[a:b])]
     except ProtocolError as exc:
         return replies, str(exc), True

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmta.config import (
+from fastmta.delivery.config import (
     Config,
     DnsConfig,
     HostPort,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastmta import _core_ref, core
+from fastmta.message import _core_ref, core
 
 pytestmark = pytest.mark.core
 

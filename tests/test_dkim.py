@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastmta import core
-from fastmta.dkim import DkimKeyConfig, DkimSigner, KeyCache, SigningKey, load_signing_key
 from fastmta.errors import ConfigError
+from fastmta.message import core
+from fastmta.message.dkim import DkimKeyConfig, DkimSigner, KeyCache, SigningKey, load_signing_key
 
 pytestmark = pytest.mark.core
 
@@ -280,7 +280,7 @@ def test_ed25519_signature_through_libsodium_equals_openssls(seed: bytes, data: 
 def test_body_hash_of_chunks_equals_whole(body: bytes, relaxed: bool, size: int) -> None:
     import hashlib
 
-    from fastmta.dkim import body_hash
+    from fastmta.message.dkim import body_hash
 
     whole = base64.b64encode(hashlib.sha256(core.canonicalize_body(body, relaxed)).digest()).decode()
     assert body_hash((body[i : i + size] for i in range(0, len(body), size)), relaxed) == whole

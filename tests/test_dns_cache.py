@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from fastmta.dns_cache import TTLCache
+from fastmta.delivery.dns_cache import TTLCache
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from dnsserver import DNSServer
-from fastmta.config import Config, DnsConfig, RoutingConfig
-from fastmta.dns import DnsResolver
-from fastmta.routing import Route, RouteError, RouteFailure, Router
+from fastmta.delivery.config import Config, DnsConfig, RoutingConfig
+from fastmta.delivery.dns import DnsResolver
+from fastmta.delivery.routing import Route, RouteError, RouteFailure, Router
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 

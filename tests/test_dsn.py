@@ -1,5 +1,5 @@
 """DSN parsing: RFC 3464 delivery-status fields and prose bounces, on the
-Sisimai and flufl.bounce corpora (shared/corpora/bounces)."""
+Sisimai and flufl.bounce corpora (tests/data/corpora/bounces)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fastmta.classify import BounceType, Category, Outcome
-from fastmta.dsn import classify_dsn, parse_dsn
+from fastmta.feedback.classify import BounceType, Category, Outcome
+from fastmta.feedback.dsn import classify_dsn, parse_dsn
 
-BOUNCES = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "bounces"
+BOUNCES = Path(__file__).resolve().parent / "data" / "corpora" / "bounces"
 
 STANDARD_DSN = b"""From: MAILER-DAEMON@mx.example.org
 To: sender@example.com

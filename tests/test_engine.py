@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from dnsserver import DNSServer
-from fastmta.config import Config, config_from_dict
-from fastmta.engine import Engine, EngineClosed
+from fastmta.delivery.config import Config, config_from_dict
+from fastmta.delivery.engine import Engine, EngineClosed
 from fastmta.errors import InputError
-from fastmta.message import Outcome, Status
+from fastmta.queue.records import Outcome, Status
 from fastmta.sink import SinkServer
-from fastmta.sink_config import FaultConfig, ListenerConfig, PhaseFault, SinkConfig
+from fastmta.sink.config import FaultConfig, ListenerConfig, PhaseFault, SinkConfig
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -406,7 +406,7 @@ def test_backpressure_by_bytes_bounds_the_bodies_in_memory(run: Run) -> None:
 
 
 def test_warmup_quota_overflows_to_a_warm_source_and_persists(run: Run, tmp_path: Any) -> None:
-    from fastmta.spool import Spool
+    from fastmta.queue.spool import Spool
 
     async def main() -> SinkServer:
         sink = await start_sink("127.0.0.12")

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from fastmta.histogram import Histogram, index_of, value_range
+from fastmta.load.histogram import Histogram, index_of, value_range
 
 
 def exact_percentile(values: list[int], q: float) -> int:
@@ -68,7 +68,7 @@ def test_random_inputs_match_the_exact_percentiles() -> None:
 
 def test_index_layout_is_contiguous_and_monotonic() -> None:
     previous_high = -1
-    for index in range(0, index_of(1 << 40) + 1):
+    for index in range(index_of(1 << 40) + 1):
         low, high = value_range(index)
         assert low == previous_high + 1, index  # no gaps, no overlaps
         assert index_of(low) == index and index_of(high) == index

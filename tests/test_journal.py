@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastmta.journal import HEADER_SIZE, MAGIC, ScanReport, check_frame, frame, scan
+from fastmta.queue.journal import HEADER_SIZE, MAGIC, ScanReport, check_frame, frame, scan
 
 
 def _log(payloads: list[bytes]) -> tuple[bytes, list[int]]:

@@ -10,8 +10,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-
-from fastmta.loadgen import LoadSpec, make_message, run_load
+from fastmta.load.generator import LoadSpec, make_message, run_load
 from scripted import ScriptedSMTP
 from servers import free_port, postfix_smtp_sink
 
@@ -167,9 +166,9 @@ def test_envelope_phase_ends_at_the_354_read_not_after_the_content_write(run: Ru
     # must end when the 354 was read; the write belongs to end_of_data.
     from time import perf_counter
 
-    from fastmta.connection import Timeouts
-    from fastmta.loadgen import _Msg, _TimedConnection
-    from fastmta.protocol import Body, ClientProtocol, Transaction
+    from fastmta.load.generator import _Msg, _TimedConnection
+    from fastmta.smtp.connection import Timeouts
+    from fastmta.smtp.protocol import Body, ClientProtocol, Transaction
 
     class SlowTransport(asyncio.Transport):
         def __init__(self) -> None:

@@ -25,11 +25,8 @@ from typing import Any
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
-from scripted import ScriptedSMTP
-from servers import free_port, postfix_smtp_sink
 
-from fastmta.load_schema import SCHEMA, validate
-from fastmta.loadgen import (
+from fastmta.load.generator import (
     DkimOptions,
     LoadSpec,
     Progress,
@@ -41,6 +38,9 @@ from fastmta.loadgen import (
     run_load_processes,
     split_spec,
 )
+from fastmta.load.schema import SCHEMA, validate
+from scripted import ScriptedSMTP
+from servers import free_port, postfix_smtp_sink
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastmta.errors import InputError, ProtocolError
-from fastmta.protocol import (
+from fastmta.smtp.protocol import (
     COMPILED,
     Body,
     ClientProtocol,
@@ -18,20 +18,20 @@ from fastmta.protocol import (
     Event,
     Phase,
     Ready,
+    ReplyParser,
     SessionFailed,
     StartTLS,
     TLSPolicy,
     Transaction,
     TransactionDone,
-    ReplyParser,
 )
-from fastmta.reply import MAX_LINE, Reply
+from fastmta.smtp.reply import MAX_LINE, Reply
 
 # Run again with FASTMTA_NO_EXTENSIONS=1: every test here then drives the
 # pure-Python twin of the compiled transaction core and reply parser.
 pytestmark = pytest.mark.core
 
-CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+CORPORA = Path(__file__).resolve().parent / "data" / "corpora"
 
 EHLO_PIPE = b"250-mx.test hello\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
 EHLO_PLAIN = b"250-mx.test hello\r\n250 8BITMIME\r\n"
@@ -358,13 +358,13 @@ def test_the_implementation_under_test_is_the_one_selected() -> None:
     # Guards the FASTMTA_NO_EXTENSIONS=1 rerun: it must really drive the twin.
     import os
 
-    from fastmta import _client_ref
+    from fastmta.smtp import _client_ref
 
     if os.environ.get("FASTMTA_NO_EXTENSIONS"):
         assert not COMPILED and ClientProtocol.__mro__[1] is _client_ref.ProtocolCore
         assert ReplyParser is _client_ref.ReplyParser
     else:
-        from fastmta import _client
+        from fastmta.smtp import _client
 
         assert COMPILED and ClientProtocol.__mro__[1] is _client.ProtocolCore
         assert ReplyParser is _client.ReplyParser

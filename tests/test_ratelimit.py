@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastmta.ratelimit import Gcra, RateSpec, RateSpecError, parse_rate
+from fastmta.delivery.ratelimit import Gcra, RateSpec, RateSpecError, parse_rate
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 
 from fastmta.cli.sinkproc import embedded_sink
-from fastmta.pickup import read_pickup
+from fastmta.intake.pickup import read_pickup
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "spool"
@@ -191,7 +191,7 @@ def test_one_ctrl_c_stops_a_run_stuck_behind_a_full_queue(tmp_path: Path) -> Non
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     t0 = time.monotonic()
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert time.monotonic() - t0 < 20, "one Ctrl-C must stop the run"
     assert proc.returncode == 1 and "did not reach a final state" in err
 

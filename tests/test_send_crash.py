@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from fastmta.cli.sinkproc import embedded_sink
-from fastmta.pickup import read_pickup
+from fastmta.intake.pickup import read_pickup
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "spool"

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_sink_support import TIMEOUT, captures, read_capture, start_sink_process
 
 from fastmta.cli import build_parser
-from fastmta.sink_profiles import PROFILES
+from fastmta.sink.profiles import PROFILES
+from test_sink_support import TIMEOUT, captures, read_capture, start_sink_process
 
 
 def _sink_parser():  # type: ignore[no-untyped-def]

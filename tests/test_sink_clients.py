@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
+
 from servers import find_postfix_tool
 from test_sink_support import captures, read_capture, sink, wait_for
 

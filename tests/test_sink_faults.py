@@ -12,9 +12,9 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from test_sink_support import RawClient, captures, sink, wait_for
 
-from fastmta.sink_config import FaultConfig, ListenerConfig, PhaseFault, RateLimit
+from fastmta.sink.config import FaultConfig, ListenerConfig, PhaseFault, RateLimit
+from test_sink_support import RawClient, captures, sink, wait_for
 
 MSG = b"Subject: t\r\n\r\nhello\r\n"
 

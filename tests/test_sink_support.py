@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastmta.reply import Reply, ReplyParser
 from fastmta.sink import SinkServer
-from fastmta.sink_config import FaultConfig, ListenerConfig, SinkConfig
+from fastmta.sink.config import FaultConfig, ListenerConfig, SinkConfig
+from fastmta.smtp.reply import Reply, ReplyParser
 
 TIMEOUT = 10.0
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from test_sink_support import stuff
 
-from fastmta.reply import ReplyParser
-from fastmta.sink_capture import envelope_headers, unstuff
-from fastmta.sink_config import (
+from fastmta.sink.capture import envelope_headers, unstuff
+from fastmta.sink.config import (
     ListenerConfig,
     RateLimit,
     parse_delay,
@@ -15,8 +13,10 @@ from fastmta.sink_config import (
     parse_listen,
     parse_rate,
 )
-from fastmta.sink_profiles import PROFILES, ReplyTemplate
-from fastmta.sink_syntax import PathError, is_valid_mailbox, split_path
+from fastmta.sink.profiles import PROFILES, ReplyTemplate
+from fastmta.sink.syntax import PathError, is_valid_mailbox, split_path
+from fastmta.smtp.reply import ReplyParser
+from test_sink_support import stuff
 
 
 def test_parse_listen() -> None:

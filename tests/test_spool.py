@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from fastmta.journal import ScanReport, scan
-from fastmta.message import Status
-from fastmta.spool import (
+from fastmta.queue.journal import ScanReport, scan
+from fastmta.queue.records import Status
+from fastmta.queue.spool import (
     BodyRef,
     RecoveredMessage,
     SourceRef,

@@ -11,17 +11,17 @@ import time
 import warnings
 from pathlib import Path
 
-from fastmta.journal import frame
-from fastmta.message import Status
-from fastmta.spool import SourceRef, Spool, _Add, _encoder, _Input, _State
+from fastmta.queue.journal import frame
+from fastmta.queue.records import Status
+from fastmta.queue.spool import SourceRef, Spool, _Add, _encoder, _Input, _State
 
 # The child adds messages as fast as it can (50 concurrent adds, real fsync,
 # frequent auto-compaction) and prints a line only *after* the awaited call
 # returned: "A id" = add durable, "S id" = its recipient states are durable.
 CHILD = r"""
 import asyncio, sys
-from fastmta.message import Status
-from fastmta.spool import Spool
+from fastmta.queue.records import Status
+from fastmta.queue.spool import Spool
 
 async def main() -> None:
     spool = Spool(sys.argv[1], commit_interval=0.001, flush_interval=0.003, compact_min_bytes=30_000, compact_ratio=1.5)
@@ -106,7 +106,7 @@ def test_sigkill_while_writing_recovers_consistently(tmp_path: Path) -> None:
                 assert 0 not in rcpts
                 assert (rcpts[1].status, rcpts[1].next_attempt) == (Status.DEFERRED, 1000.0 + i)
                 assert (2 in rcpts) == (i % 2 == 0)
-        for mid, m in msgs.items():
+        for mid in msgs:
             # Nothing invented: the rest are adds that completed just as the kill came.
             assert mid in added or any(mid.startswith(f"r{k}-") for k in range(run + 1)), mid
         assert len(added) > 0 and len(synced) > 0

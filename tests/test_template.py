@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastmta import core
 from fastmta.errors import ConfigError, InputError
-from fastmta.mime import CampaignTemplate, compile_campaign
-from fastmta.template import CompiledText, Context
+from fastmta.message import core
+from fastmta.message.mime import CampaignTemplate, compile_campaign
+from fastmta.message.template import CompiledText, Context
 
 pytestmark = pytest.mark.core
 

@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastmta import core
-from fastmta.dkim import DkimKeyConfig, DkimSigner, load_signing_key
-from fastmta.headers import format_header
-from fastmta.mime import compile_campaign
+from fastmta.message import core
+from fastmta.message.dkim import DkimKeyConfig, DkimSigner, load_signing_key
+from fastmta.message.headers import format_header
+from fastmta.message.mime import compile_campaign
 
 pytestmark = pytest.mark.core
 
@@ -109,5 +109,5 @@ def test_rendered_and_signed_messages_verify(signer_and_dns: tuple[DkimSigner, d
     signed = signer.sign(CAMPAIGN.render({"email": "r@example.net", "v": value}))
     wire = core.to_wire(signed)
     # Undo dot-stuffing as the receiving server does, then verify.
-    received = core.normalize_crlf(b"\r\n".join(l[1:] if l.startswith(b".") else l for l in wire[:-3].split(b"\r\n")))
+    received = core.normalize_crlf(b"\r\n".join(line[1:] if line.startswith(b".") else line for line in wire[:-3].split(b"\r\n")))
     assert dkimpy.verify(received, dnsfunc=lambda name, timeout=5: dns.get(name))

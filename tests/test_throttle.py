@@ -8,9 +8,8 @@ import math
 import msgspec
 import pytest
 
-from fastmta.classify import Classification, default_classifier
-from fastmta.ratelimit import Gcra
-from fastmta.throttle import (
+from fastmta.delivery.ratelimit import Gcra
+from fastmta.delivery.throttle import (
     AdaptiveConfig,
     EventKind,
     SiteThrottle,
@@ -20,7 +19,8 @@ from fastmta.throttle import (
     Throttles,
     limits_for,
 )
-from fastmta.warmup import WarmupConfig
+from fastmta.delivery.warmup import WarmupConfig
+from fastmta.feedback.classify import Classification, default_classifier
 
 CLS = default_classifier()
 RATE_421 = CLS.classify_text(

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from fastmta.classify import Classifier
-from fastmta.config import Config, config_from_dict
-from fastmta.engine import Engine, Outcome, Status
+from fastmta.delivery.config import Config, config_from_dict
+from fastmta.delivery.engine import Engine, Outcome, Status
+from fastmta.delivery.throttle import EventKind, ThrottleEvent
+from fastmta.feedback.classify import Classifier
 from fastmta.sink import FaultConfig, ListenerConfig, RateLimit, SinkConfig, SinkServer
-from fastmta.throttle import EventKind, ThrottleEvent
 
 T = TypeVar("T")
 Run = Callable[[Coroutine[Any, Any, T]], T]

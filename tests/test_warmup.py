@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from fastmta.warmup import Warmup, WarmupConfig, WarmupState
+from fastmta.delivery.warmup import Warmup, WarmupConfig, WarmupState
 
 DAY = 86400.0
 

@@ -1,12 +1,12 @@
-"""A throwaway self-signed certificate on disk for STARTTLS tests (via fastmta.tlscert)."""
+"""A throwaway self-signed certificate on disk for STARTTLS tests (via fastmta.smtp.tlscert)."""
 
 from __future__ import annotations
 
 import ssl
 from pathlib import Path
 
-from fastmta.tlscert import make_self_signed
-from fastmta.tlscert import server_context as _server_context
+from fastmta.smtp.tlscert import make_self_signed
+from fastmta.smtp.tlscert import server_context as _server_context
 
 
 def make_cert(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:

@@ -17,8 +17,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from fastmta.engine import Engine
-from fastmta.spool_input import Reject
+from fastmta.delivery.engine import Engine
+from fastmta.intake.reader import Reject
 
 
 class Progress:

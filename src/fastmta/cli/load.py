@@ -36,7 +36,7 @@ import sys
 from typing import Any
 
 from fastmta.cli.sinkproc import embedded_sink
-from fastmta.loadgen import (
+from fastmta.load.generator import (
     PERCENTILES,
     PHASES,
     DkimOptions,
@@ -47,7 +47,7 @@ from fastmta.loadgen import (
     run_load,
     run_load_processes,
 )
-from fastmta.protocol import TLSPolicy
+from fastmta.smtp.protocol import TLSPolicy
 
 
 def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
@@ -210,7 +210,7 @@ def _spec(args: argparse.Namespace, host: str, port: int) -> LoadSpec:
 
 def run(args: argparse.Namespace) -> int:
     if args.schema:
-        from fastmta.load_schema import SCHEMA
+        from fastmta.load.schema import SCHEMA
 
         print(json.dumps(SCHEMA, indent=2))
         return 0
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastmta load: {exc}", file=sys.stderr)
         return 2
     if args.plot:
-        from fastmta.loadplot import plot_available
+        from fastmta.load.plot import plot_available
 
         problem = plot_available()
         if problem:
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     if show:
         sys.stderr.write("\n")
     if args.plot:
-        from fastmta.loadplot import plot
+        from fastmta.load.plot import plot
 
         plot(result, args.plot)
     if args.json:

@@ -43,15 +43,15 @@ from typing import Any
 
 import msgspec
 
-from fastmta.accounting import AccountingLog
 from fastmta.cli.display import Progress
 from fastmta.cli.load import parse_hostport
 from fastmta.cli.sinkproc import embedded_sink
-from fastmta.config import Config, load_config
-from fastmta.engine import Engine, EngineClosed
+from fastmta.delivery.accounting import AccountingLog
+from fastmta.delivery.config import Config, load_config
+from fastmta.delivery.engine import Engine, EngineClosed
 from fastmta.errors import ConfigError, InputError
-from fastmta.spool import Spool, SpoolLocked
-from fastmta.spool_input import InputEnd, InputSkipped, InputStart, Reject, Resume, SpoolItem, SpoolReader
+from fastmta.intake.reader import InputEnd, InputSkipped, InputStart, Reject, Resume, SpoolItem, SpoolReader
+from fastmta.queue.spool import Spool, SpoolLocked
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

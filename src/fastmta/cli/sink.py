@@ -21,7 +21,7 @@ from typing import TypeVar
 import uvloop
 
 from fastmta.sink import SinkServer
-from fastmta.sink_config import (
+from fastmta.sink.config import (
     PHASES,
     FaultConfig,
     ListenerConfig,
@@ -31,8 +31,8 @@ from fastmta.sink_config import (
     parse_listen,
     parse_rate,
 )
-from fastmta.sink_profiles import PROFILES
-from fastmta.sink_stats import write_json_atomically
+from fastmta.sink.profiles import PROFILES
+from fastmta.sink.stats import write_json_atomically
 
 T = TypeVar("T")
 

@@ -1,0 +1,392 @@
+"""Configuration: msgspec Structs loaded from TOML, unknown keys rejected.
+
+One top-level :class:`Config` holds one Struct per section (``[dns]``,
+``[routing]`` for now; sources, sites, dkim and throttle join later as more
+fields). Every Struct forbids unknown fields, so a typo such as
+``min_tll`` fails loudly instead of silently keeping the default, and
+:func:`load_config` turns msgspec's validation errors into a
+:class:`~fastmta.errors.ConfigError` that names the file and the key.
+
+Example::
+
+    [dns]
+    nameservers = ["127.0.0.1:5353"]   # host or host:port, [v6]:port
+    timeout = 5.0
+    prefer_ipv6 = false
+
+    [routing]
+    smtp_port = 25
+
+    [routing.static]                   # like Postfix's transport map
+    "example.com" = ["127.0.0.1:2525"]            # exactly this domain
+    ".corp.example" = ["relay.corp.example"]      # its subdomains
+    "*" = ["smarthost.example:587"]              # every other domain
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from fastmta.delivery.throttle import ThrottleConfig
+from fastmta.delivery.warmup import WarmupConfig
+from fastmta.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DnsConfig",
+    "HostPort",
+    "QueueConfig",
+    "RoutingConfig",
+    "SiteConfig",
+    "SmtpConfig",
+    "SourceConfig",
+    "TimeoutsConfig",
+    "config_from_dict",
+    "load_config",
+    "normalize_domain",
+    "normalize_route_pattern",
+    "parse_config",
+    "parse_hostport",
+]
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+TtlSeconds = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A parsed ``host[:port]``; ``host`` is an IP literal or an A-label name."""
+
+    host: str
+    port: int
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@functools.lru_cache(maxsize=65536)
+def normalize_domain(name: str) -> str:
+    """Lower-case A-label form without the trailing dot.
+
+    Cached: every recipient's domain passes through here on the hot path,
+    and a campaign has few distinct domains compared with recipients.
+
+    Unicode (IDN) names become A-labels with UTS #46 mapping, as a browser
+    or a mail client would do, so ``Bücher.example`` and
+    ``xn--bcher-kva.example`` are one domain. Raises ``ValueError`` when the
+    name cannot be a DNS name.
+    """
+    import idna  # local: only this function needs it
+
+    name = name.strip().rstrip(".")
+    if not name:
+        raise ValueError("empty domain name")
+    if name.isascii():
+        name = name.lower()
+        # ASCII names pass as host names (letters, digits, hyphens) plus
+        # underscores, which idna would refuse but real MX targets carry.
+        if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+            raise ValueError(f"not a valid domain name: {name!r}")
+        return name
+    try:
+        return idna.encode(name, uts46=True).decode("ascii").lower()
+    except idna.IDNAError as exc:
+        raise ValueError(f"not a valid internationalized domain name: {name!r} ({exc})") from None
+
+
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_BRACKETED = re.compile(r"^\[([^\]]+)\](?::(\d+))?$")
+
+
+def parse_hostport(text: str, default_port: int) -> HostPort:
+    """Parse ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (a bare v6 literal too)."""
+    text = text.strip()
+    m = _BRACKETED.match(text)
+    if m:
+        host, port_text = m.group(1), m.group(2)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, None  # a name, or an unbracketed IPv6 literal
+    port = default_port
+    if port_text is not None:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"bad port in {text!r}")
+        port = int(port_text)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        if ":" in host:
+            raise ValueError(f"not an IP address or host name: {text!r}") from None
+        host = normalize_domain(host)
+    return HostPort(host, port)
+
+
+def normalize_route_pattern(pattern: str) -> str:
+    """Canonical static-route pattern: ``*``, ``.parent.example`` or ``domain``.
+
+    ``*.example.com`` is accepted as a spelling of ``.example.com`` (both
+    mean "any subdomain of example.com", not example.com itself, as in
+    Postfix's transport map with parent_domain_matches_subdomains off).
+    """
+    p = pattern.strip()
+    if p == "*":
+        return p
+    if p.startswith("*."):
+        p = p[1:]
+    if p.startswith("."):
+        return "." + normalize_domain(p[1:])
+    if "*" in p:
+        raise ValueError(f"bad route pattern {pattern!r}: use '*', '.domain' or '*.domain'")
+    return normalize_domain(p)
+
+
+class DnsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[dns]``: how MX and address lookups are made and cached."""
+
+    #: ``host`` or ``host:port`` (``[v6]:port``). Empty: the system's
+    #: resolv.conf. Tests always set this to their loopback server.
+    nameservers: list[str] = []
+    #: Seconds one lookup may take in all (every server and retry).
+    timeout: Seconds = 5.0
+    #: Record TTLs are clamped to [min_ttl, max_ttl] seconds.
+    min_ttl: TtlSeconds = 30
+    max_ttl: TtlSeconds = 3600
+    #: Negative answers (NXDOMAIN, no data; RFC 2308: the SOA minimum)
+    #: are cached for their TTL clamped to these bounds.
+    negative_min_ttl: TtlSeconds = 30
+    negative_max_ttl: TtlSeconds = 900
+    #: Entries (one per name and record type) kept; least recently used go first.
+    cache_size: PositiveInt = 10_000
+    #: Queries in flight at once; more wait their turn.
+    max_concurrent: PositiveInt = 64
+    #: Order each MX host's IPv6 addresses before its IPv4 ones.
+    prefer_ipv6: bool = False
+
+    def __post_init__(self) -> None:
+        if self.min_ttl > self.max_ttl:
+            raise ValueError(f"min_ttl ({self.min_ttl}) is greater than max_ttl ({self.max_ttl})")
+        if self.negative_min_ttl > self.negative_max_ttl:
+            raise ValueError(
+                f"negative_min_ttl ({self.negative_min_ttl}) is greater than "
+                f"negative_max_ttl ({self.negative_max_ttl})"
+            )
+        for ns in self.nameservers:
+            hp = parse_hostport(ns, 53)
+            if not hp.is_ip:
+                # A name would need a resolver to find the resolver.
+                raise ValueError(f"nameserver {ns!r} must be an IP address (optionally with :port)")
+
+    def nameserver_addresses(self) -> list[HostPort]:
+        return [parse_hostport(ns, 53) for ns in self.nameservers]
+
+
+class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[routing]``: where mail for a domain goes."""
+
+    #: Port used for hosts found through MX (or implicit MX) lookups.
+    smtp_port: Port = 25
+    #: Domain pattern -> ``host[:port]`` list, tried in order. Patterns:
+    #: ``example.com`` exactly, ``.example.com`` / ``*.example.com`` its
+    #: subdomains, ``*`` everything else. A host may be a name (looked up
+    #: as A/AAAA, never MX) or an IP literal. Port defaults to smtp_port.
+    static: dict[str, list[str]] = {}
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for pattern, hosts in self.static.items():
+            try:
+                canon = normalize_route_pattern(pattern)
+            except ValueError as exc:
+                raise ValueError(f"static route {pattern!r}: {exc}") from None
+            if canon in seen:
+                raise ValueError(f"static routes {seen[canon]!r} and {pattern!r} are the same pattern")
+            seen[canon] = pattern
+            if not hosts:
+                raise ValueError(f"static route {pattern!r} has no hosts")
+            for host in hosts:
+                try:
+                    parse_hostport(host, self.smtp_port)
+                except ValueError as exc:
+                    raise ValueError(f"static route {pattern!r}: {exc}") from None
+
+    def static_routes(self) -> dict[str, list[HostPort]]:
+        """Static routes keyed by canonical pattern (see :func:`normalize_route_pattern`)."""
+        return {
+            normalize_route_pattern(pattern): [parse_hostport(h, self.smtp_port) for h in hosts]
+            for pattern, hosts in self.static.items()
+        }
+
+
+class SourceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[[sources]]``: an egress source (local address + EHLO name)."""
+
+    name: str
+    #: Local IP address to bind; omitted: the OS chooses.
+    address: str | None = None
+    ehlo_name: str = "localhost"
+    #: Share of messages given to this source (weighted random per message).
+    weight: PositiveInt = 1
+    #: Static message rates for this source across all sites, e.g. ["100/s"].
+    rate: list[str] = []
+    #: Warm-up schedule for a new address (per site); omitted: already warm.
+    warmup: WarmupConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.address is not None:
+            try:
+                ipaddress.ip_address(self.address)
+            except ValueError:
+                raise ValueError(f"source {self.name!r}: address {self.address!r} is not an IP address") from None
+        if not self.ehlo_name or any(c <= " " or c == "\x7f" for c in self.ehlo_name):
+            raise ValueError(f"source {self.name!r}: invalid ehlo_name {self.ehlo_name!r}")
+
+
+class SiteConfig(ThrottleConfig, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[sites."PATTERN"]``: limits for sites whose name or any MX host matches PATTERN (glob).
+
+    The first matching pattern (file order) wins, then the built-in provider
+    table (Gmail, Yahoo, Outlook, ...: ``fastmta.delivery.throttle.PROVIDERS``), then
+    the defaults. Besides the throttle's fields (``max_connections``,
+    ``max_messages_per_connection``, ``rate``, ``connection_rate``,
+    ``[sites."PATTERN".adaptive]``; see ``fastmta.delivery.throttle.ThrottleConfig``):
+    """
+
+    max_recipients_per_transaction: PositiveInt = 50
+    #: Close a connection after this many seconds without work.
+    idle_timeout: Seconds = 30.0
+    #: Transactions in flight per connection (2 lets the next envelope ride with the content).
+    pipeline_depth: PositiveInt = 2
+
+
+class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[queue]``: retries, lifetime and memory bounds."""
+
+    retry_initial: Seconds = 60.0
+    retry_factor: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
+    #: Longest wait between two attempts (also caps the classifier's hints,
+    #: e.g. 4 h for a full mailbox).
+    retry_max: Seconds = 14400.0
+    retry_jitter: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.2
+    #: A recipient still not delivered after this long is expired (5 days, like Postfix).
+    max_lifetime: Seconds = 5 * 86400.0
+    #: submit() waits while this many recipients are unfinished (backpressure).
+    max_queued_recipients: PositiveInt = 100_000
+    #: ... or while the unfinished messages' bodies hold this many bytes of memory.
+    max_queued_bytes: PositiveInt = 128 * 1024 * 1024
+    #: A host that refused a connection is tried last for this long.
+    host_down_time: Seconds = 60.0
+
+
+class TimeoutsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[smtp.timeouts]``: seconds per phase; defaults from RFC 5321 4.5.3.2."""
+
+    connect: Seconds = 60.0
+    greeting: Seconds = 300.0
+    ehlo: Seconds = 300.0
+    starttls: Seconds = 120.0
+    mail: Seconds = 300.0
+    rcpt: Seconds = 300.0
+    data: Seconds = 120.0
+    data_block: Seconds = 180.0
+    end_of_data: Seconds = 600.0
+    rset: Seconds = 120.0
+    quit: Seconds = 60.0
+
+
+class SmtpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[smtp]``: how the client talks to MX hosts."""
+
+    #: "opportunistic" (STARTTLS when offered), "required" or "never".
+    tls: str = "opportunistic"
+    #: Verify certificates (off by default between MTAs, like Postfix's "may").
+    tls_verify: bool = False
+    timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
+
+    def __post_init__(self) -> None:
+        if self.tls not in ("opportunistic", "required", "never"):
+            raise ValueError(f"tls must be 'opportunistic', 'required' or 'never', not {self.tls!r}")
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """The whole configuration; every section has working defaults."""
+
+    dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    sources: list[SourceConfig] = []
+    sites: dict[str, SiteConfig] = {}
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate source name(s): {', '.join(dupes)}")
+
+
+_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>[^`]+)`$")
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    """``field.path: reason`` from msgspec's ``reason - at `$.field.path` ``."""
+    text = str(exc)
+    m = _AT.match(text)
+    msg, path = (m.group("msg"), m.group("path")) if m else (text, "")
+    unknown = _UNKNOWN.match(msg)
+    if unknown:
+        path = f"{path}.{unknown.group('key')}"
+        msg = "unknown key"
+    path = path.lstrip(".")
+    return f"{path}: {msg}" if path else msg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate an already-parsed mapping (TOML, JSON, a test's dict)."""
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def parse_config(text: str | bytes, source: str = "<config>") -> Config:
+    """Parse and validate TOML text; errors name *source* and the key."""
+    import tomllib
+
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: not UTF-8: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return config_from_dict(data, source)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate the TOML file at *path*."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return parse_config(text, str(path))

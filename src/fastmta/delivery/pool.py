@@ -1,0 +1,489 @@
+"""Per-(egress source, site) ready queues and the connections that drain them.
+
+A :class:`SiteQueue` holds the batches ready to go to one site from one
+egress source, and runs up to ``max_connections`` connection tasks for it.
+Each task connects to the site's first usable MX host (falling over to the
+next host or address when one refuses or times out, and marking a failing
+host down for a while, shared by all sites through :class:`HostHealth`),
+then keeps pulling batches and pipelining them over that connection until it
+has carried ``max_messages_per_connection`` messages or sat idle for
+``idle_timeout`` seconds.
+
+Why tasks own connections (rather than a free-list of idle connections per
+host that any sender borrows): the connection count per site is then simply
+the number of tasks, which is what receivers limit and what the throttle
+will steer; and a site that tarpits only ever blocks its own tasks, so no
+other site can be starved by it (fairness by construction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastmta.delivery.routing import Route, RouteHost
+from fastmta.delivery.throttle import SiteThrottle
+from fastmta.errors import ConnectError
+from fastmta.feedback.classify import Classification, Classifier
+from fastmta.queue.records import Message, Recipient
+from fastmta.smtp.connection import SessionRefused, SMTPConnection, Timeouts
+from fastmta.smtp.protocol import Phase, TLSPolicy, Transaction, TransactionResult
+from fastmta.smtp.reply import Reply
+
+log = logging.getLogger("fastmta.delivery.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """An egress source: the local address to bind and the name to say in EHLO."""
+
+    name: str
+    address: str | None  # None: let the OS choose
+    ehlo_name: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SiteLimits:
+    max_connections: int = 10
+    max_messages_per_connection: int = 100
+    max_recipients_per_transaction: int = 50
+    idle_timeout: float = 30.0
+    pipeline_depth: int = 2  # transactions in flight per connection
+
+
+@dataclass(slots=True)
+class Batch:
+    """Recipients of one message going to one site: one SMTP transaction."""
+
+    message: Message
+    recipients: list[Recipient]
+    route: Route
+    source: str = ""  # name of the egress source whose queue holds it
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where a transaction went (for accounting)."""
+
+    site: str
+    mx_host: str | None
+    mx_ip: str | None
+    source_ip: str | None
+
+
+#: (batch, per recipient: (reply, classifier phase, classification or None when delivered), delivery)
+ResultCallback = Callable[[Batch, "list[tuple[Reply, str, Classification | None]]", Delivery], None]
+
+
+class HostHealth:
+    """Remembers hosts that failed to connect, so that others are tried first."""
+
+    def __init__(self, down_time: float, clock: Callable[[], float]) -> None:
+        self.down_time = down_time
+        self._clock = clock
+        self._down_until: dict[tuple[str | None, str, int], float] = {}
+
+    def is_down(self, source: str | None, address: str, port: int) -> bool:
+        until = self._down_until.get((source, address, port))
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._down_until[(source, address, port)]
+            return False
+        return True
+
+    def mark_down(self, source: str | None, address: str, port: int) -> None:
+        self._down_until[(source, address, port)] = self._clock() + self.down_time
+
+    def mark_up(self, source: str | None, address: str, port: int) -> None:
+        self._down_until.pop((source, address, port), None)
+
+
+class SiteQueue:
+    """The ready queue and connections for one (egress source, site), steered by its throttle.
+
+    The throttle (:class:`fastmta.delivery.throttle.SiteThrottle`) decides how many
+    connections may be open (``connection_wait``) and when the next
+    transaction may start (``message_wait``); every connection result and
+    every recipient's reply is fed back to it. A wait that ends with a
+    time is honoured by a timer; an open-ended one (``inf``) is re-asked
+    when a result arrives or a connection closes.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        site: str,
+        limits: SiteLimits,
+        *,
+        throttle: SiteThrottle,
+        classifier: Classifier,
+        timeouts: Timeouts,
+        health: HostHealth,
+        on_result: ResultCallback,
+        on_expired: Callable[[Batch, Reply | None], None],
+        tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.source = source
+        self.site = site
+        self.limits = limits
+        self.throttle = throttle
+        self.classifier = classifier
+        self.timeouts = timeouts
+        self.health = health
+        self.on_result = on_result
+        self.on_expired = on_expired
+        self.tls = tls
+        self.tls_context = tls_context
+        self.ready: deque[Batch] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: deque[asyncio.Future[None]] = deque()  # connections waiting for work or for the throttle
+        self._open_timer: asyncio.TimerHandle | None = None
+        self._connect_failures = 0  # consecutive failed connection attempts
+        self._connecting = 0  # connection attempts in progress
+        self._hold_until = 0.0  # no new connection before this (loop time)
+        self.connections = 0  # currently open
+        self.max_seen_connections = 0
+        self.connections_opened = 0
+        self.transactions = 0
+        self._closing = False
+
+    # --- feeding --------------------------------------------------------------
+
+    def put(self, batch: Batch, *, front: bool = False) -> None:
+        if front:
+            self.ready.appendleft(batch)
+        else:
+            self.ready.append(batch)
+        self._kick()
+
+    def _kick(self) -> None:
+        """Something changed (work arrived, a result, a closed connection): wake a
+        waiting connection, or open another if the throttle allows."""
+        if self._closing or not self.ready:
+            return
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        if len(self._tasks) >= len(self.ready):
+            return  # enough connections for the work at hand
+        now = self._loop.time()
+        if now < self._hold_until:
+            return  # pausing after refused connections; the timer kicks again
+        pace = self.throttle.message_wait(now)
+        if pace > 0 and (self.connections or pace > self.limits.idle_timeout):
+            # The message rate (or a suspension, a warm-up quota) is what holds
+            # us back: another connection would only idle, growing the window
+            # would probe the receiver's connection limit for nothing, and a
+            # connection opened now would be closed again unused. Come back
+            # when the pace allows (an open-ended wait ends with a result).
+            if pace != math.inf and self._open_timer is None and not self.connections:
+                self._open_timer = self._loop.call_later(pace, self._timer_kick)
+            return
+        wait = self.throttle.connection_wait(len(self._tasks), now)
+        if wait <= 0:
+            task = asyncio.ensure_future(self._connection_task())
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+        elif wait != math.inf and self._open_timer is None:
+            self._open_timer = self._loop.call_later(wait, self._timer_kick)
+
+    def _timer_kick(self) -> None:
+        self._open_timer = None
+        self._kick()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._kick()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.ready) or bool(self._tasks)
+
+    def halt(self) -> None:
+        """Start nothing new (the engine can no longer keep its record)."""
+        self._closing = True
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def close(self, timeout: float) -> None:
+        """Stop opening connections; let open ones finish their transactions, then QUIT."""
+        self._closing = True
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+    # --- connections ----------------------------------------------------------
+
+    async def _connection_task(self) -> None:
+        """One connection's life. The next connection is opened by ``_kick`` (from
+        ``_task_done``), so every connection passes the throttle's window, its
+        connection rate and any pause, reconnects included."""
+        try:
+            if not self.ready or self._closing:
+                return
+            conn, host = await self._connect(self.ready[0].route)
+            if conn is None:
+                return
+            self.connections += 1
+            self.connections_opened += 1
+            self.max_seen_connections = max(self.max_seen_connections, self.connections)
+            try:
+                await self._carry(conn, host)
+            finally:
+                self.connections -= 1
+        except Exception:  # a bug; never lose the batches
+            log.exception("connection task for %s failed", self.site)
+            try:
+                self._fail_ready(Reply.local(451, "4.3.0", "internal error in connection task"), None)
+            except Exception:
+                log.exception("could not defer the ready queue of %s", self.site)
+
+    async def _connect(self, route: Route) -> tuple[SMTPConnection | None, str | None]:
+        """Open a connection to the first usable host of *route*; on failure defer the queue."""
+        src = self.source.address
+        candidates = [(h, a) for h, a in route.targets() if not self.health.is_down(src, a, h.port)]
+        if not candidates:
+            # Every host is marked down: try them anyway rather than wait idle,
+            # in preference order (a host may be back before its mark expires).
+            candidates = route.targets()
+        ticket = self.throttle.connection_started(self._loop.time())
+        self._connecting += 1
+        try:
+            return await self._try_hosts(candidates, ticket)
+        finally:
+            self._connecting -= 1
+
+    async def _try_hosts(
+        self, candidates: list[tuple[RouteHost, str]], ticket: int
+    ) -> tuple[SMTPConnection | None, str | None]:
+        last: Reply | None = None
+        last_host: tuple[str, str] | None = None
+        src = self.source.address
+        for host, address in candidates:
+            try:
+                conn = await SMTPConnection.open(
+                    address,
+                    host.port,
+                    helo_name=self.source.ehlo_name,
+                    source_address=src,
+                    timeouts=self.timeouts,
+                    tls=self.tls,
+                    tls_context=self.tls_context,
+                    server_hostname=host.name,
+                )
+            except SessionRefused as exc:
+                last, last_host = exc.reply, (host.name, address)
+                if exc.reply.code != 421:
+                    # A 421 at the greeting is usually "too many connections
+                    # from you": the host is up, it is the pace that is wrong,
+                    # so traffic must not move to the backup MX because of it.
+                    self.health.mark_down(src, address, host.port)
+                continue
+            except ConnectError as exc:
+                last, last_host = Reply.local(451, "4.4.1", str(exc)), (host.name, address)
+                self.health.mark_down(src, address, host.port)
+                continue
+            self.health.mark_up(src, address, host.port)
+            self.throttle.connection_result(ticket, None, self._loop.time())
+            self._connect_failures = 0
+            self._hold_until = 0.0
+            return conn, host.name
+        if last is None:
+            return None, None
+        c = self.classifier.classify(last, "connect")
+        self.throttle.connection_result(ticket, c, self._loop.time(), reason=str(last))
+        if self._loop.time() >= self._hold_until:
+            # Whatever happens next, the next connection waits a growing pause:
+            # never a reconnect loop against a host that keeps refusing.
+            # Attempts that were in parallel with this one count once.
+            self._connect_failures += 1
+            self._schedule_reconnect(min(2.0 ** (self._connect_failures - 1), 60.0))
+        if self.connections or self._connecting > 1:
+            return None, None  # another connection of this queue is up (or coming): it carries the work
+        self._expire_overdue(last)
+        paced = last.code == 421 or c.site_paced
+        if paced and self._connect_failures < _PATIENCE:
+            # Refused for our pace ("too many connections", rate limits): the
+            # throttle has cut its window; the batches stay ready a while
+            # rather than every message going into a long retry schedule.
+            return None, None
+        # No host would talk to us (or kept refusing us): defer what is ready,
+        # which records the attempt and enforces each message's lifetime.
+        reply = last
+        if reply.is_permanent:
+            # A 5xx greeting from every MX is still a session-level refusal;
+            # the recipients may be fine tomorrow (RFC 5321 4.5.4.1 lets a
+            # client treat connection-level 5xx as transient).
+            reply = Reply(451, reply.lines, reply.enhanced and "4" + reply.enhanced[1:])
+        self._fail_ready(reply, last_host)
+        return None, None
+
+    def _expire_overdue(self, why: Reply) -> None:
+        """Expire ready batches past their lifetime without a connection to try them on."""
+        now = self._loop.time()
+        if any(b.message.deadline < now for b in self.ready):
+            keep: deque[Batch] = deque()
+            for batch in self.ready:
+                if batch.message.deadline < now:
+                    self.on_expired(batch, why)
+                else:
+                    keep.append(batch)
+            self.ready = keep
+
+    def _schedule_reconnect(self, delay: float) -> None:
+        self._hold_until = self._loop.time() + delay
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+        self._open_timer = self._loop.call_later(delay, self._timer_kick)
+
+    async def _carry(self, conn: SMTPConnection, mx_host: str | None) -> bool:
+        """Use *conn* until it is done; True when the task should open another connection."""
+        peer_ip = conn.peer[0] if conn.peer else None
+        delivery = Delivery(self.site, mx_host, peer_ip, conn.local[0] if conn.local else None)
+        inflight: deque[tuple[Batch, int, asyncio.Future[TransactionResult]]] = deque()
+        try:
+            keep_going = await self._send_batches(conn, delivery, inflight)
+        except asyncio.CancelledError:
+            # Shutdown ran out of time (a tarpit): drop the connection, which
+            # fails what is in flight at once (transient, so not final: counted
+            # as unfinished) instead of waiting for replies that may never come.
+            conn.close()
+            for batch, ticket, fut in inflight:
+                if fut.done():
+                    self._result(batch, ticket, fut.result(), delivery)
+            raise
+        for batch, ticket, fut in inflight:
+            self._result(batch, ticket, await fut, delivery)
+        await conn.quit()
+        return keep_going
+
+    async def _send_batches(
+        self,
+        conn: SMTPConnection,
+        delivery: Delivery,
+        inflight: deque[tuple[Batch, int, asyncio.Future[TransactionResult]]],
+    ) -> bool:
+        """Pipeline ready batches over *conn* as the throttle allows.
+
+        Returns when the connection has carried its share, sat idle, or the
+        throttle holds back for longer than an idle connection should stay
+        open (a suspension, a warm-up quota); True means "more work, open a
+        new connection".
+        """
+        limits = self.limits
+        sent = 0
+        while True:
+            while (
+                self.ready
+                and not self._closing  # shutting down: finish what is in flight, start nothing new
+                and len(inflight) < limits.pipeline_depth
+                and sent < limits.max_messages_per_connection
+                and conn.is_usable
+            ):
+                batch = self.ready[0]
+                now = self._loop.time()
+                if now > batch.message.deadline:
+                    # Past its queue lifetime while waiting here (a suspension, a
+                    # slow site): expire it now, not after one more attempt.
+                    self.ready.popleft()
+                    self.on_expired(batch, None)
+                    continue
+                n = len(batch.recipients)
+                wait = self.throttle.message_wait(now, n)
+                if wait > 0:
+                    if inflight:
+                        break  # results will come and may change the answer
+                    if wait > limits.idle_timeout:
+                        return False  # do not hold a connection through a suspension
+                    await self._sleep_or_kick(wait)
+                    continue
+                self.ready.popleft()
+                ticket = self.throttle.message_started(now, n)
+                rcpts = [r.address for r in batch.recipients]
+                fut = conn.send(Transaction(batch.message.sender, rcpts, batch.message.body, batch))
+                inflight.append((batch, ticket, fut))
+                sent += 1
+            if inflight:
+                batch, ticket, fut = inflight[0]
+                result = await fut
+                inflight.popleft()
+                self.transactions += 1
+                self._result(batch, ticket, result, delivery)
+                continue
+            if sent >= limits.max_messages_per_connection:
+                return bool(self.ready)
+            if not conn.is_usable or self._closing:
+                return False
+            if not await self._sleep_or_kick(limits.idle_timeout):
+                return False  # idle: close
+
+    async def _sleep_or_kick(self, seconds: float) -> bool:
+        """Wait until kicked (work, a result elsewhere) or *seconds* pass; True if kicked."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._idle.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, seconds if seconds != math.inf else None)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in self._idle:
+                self._idle.remove(waiter)
+
+    def _result(self, batch: Batch, ticket: int, result: TransactionResult, delivery: Delivery) -> None:
+        """Classify each recipient's reply once, feed the throttle, hand everything to the engine."""
+        now = self._loop.time()
+        classified: list[tuple[Reply, str, Classification | None]] = []
+        for reply, phase in result.recipient_results():
+            ph = CLASSIFY_PHASE[phase]
+            if reply.code // 100 == 2:
+                classified.append((reply, ph, None))
+                self.throttle.message_result(ticket, None, now)
+            else:
+                c = self.classifier.classify(reply, ph)
+                classified.append((reply, ph, c))
+                self.throttle.message_result(ticket, c, now, reason=str(reply))
+        self.on_result(batch, classified, delivery)
+        self._kick()
+
+    def _fail_ready(self, reply: Reply, host: tuple[str, str] | None) -> None:
+        delivery = Delivery(self.site, host[0] if host else None, host[1] if host else None, self.source.address)
+        c = self.classifier.classify(reply, "connect")
+        # A snapshot: the engine may put batches back into this very queue.
+        batches = list(self.ready)
+        self.ready.clear()
+        for batch in batches:
+            self.on_result(batch, [(reply, "connect", c)] * len(batch.recipients), delivery)
+
+
+#: Connection refusals for our pace (421) tolerated before the ready batches
+#: are deferred (the pauses between them grow: 1 + 2 + 4 + 8 s).
+_PATIENCE = 5
+
+#: protocol phase -> the classifier's name for it
+CLASSIFY_PHASE: dict[Phase, str] = {
+    Phase.GREETING: "connect", Phase.EHLO: "ehlo", Phase.HELO: "helo", Phase.STARTTLS: "starttls",
+    Phase.MAIL: "mail", Phase.RCPT: "rcpt", Phase.DATA: "data", Phase.END_OF_DATA: "eod",
+    Phase.BDAT: "eod", Phase.RSET: "mail", Phase.QUIT: "quit",
+}

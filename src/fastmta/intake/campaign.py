@@ -1,0 +1,206 @@
+"""Campaign jobs: a TOML file naming a template, a sender, DKIM keys and a recipients file.
+
+Example (paths are relative to the job file)::
+
+    [campaign]
+    id = "welcome-2026-11"                  # job id, copied to accounting
+    sender = "bounces@news.example.com"     # envelope sender (MAIL FROM)
+    recipients = "recipients.csv"           # .csv (header row) or .jsonl (one object per line)
+    address_field = "email"                 # the column holding the address (default "email")
+
+    [[dkim]]                                # zero, one or several signatures
+    domain = "news.example.com"
+    selector = "ed2026"
+    key_path = "dkim-ed25519.pem"
+    algorithm = "ed25519-sha256"
+
+    [template]                              # see fastmta.message.mime for the template table
+    text_file = "welcome.txt"
+    [template.headers]
+    From = "News <news@example.com>"
+    To = "{{ email }}"
+    Subject = "Hello {{ first_name | default(\\"friend\\") }}"
+
+Everything about the job itself (unknown keys, unreadable files, bad keys)
+is checked when it is loaded, before any mail goes out, and reported as one
+:class:`~fastmta.errors.InputError` naming the file. Problems of single
+recipient rows (a broken address, CR/LF/NUL in any field, a field the
+template needs and the row lacks) reject that row only, with its line.
+
+The recipients file is streamed: a million rows never sit in memory at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from fastmta.errors import ConfigError, InputError
+from fastmta.intake.items import Reject, SpoolItem
+from fastmta.message.dkim import DkimKeyConfig, DkimSigner, load_signing_key
+from fastmta.message.mime import CompiledCampaign, compile_campaign
+from fastmta.queue.records import split_address
+
+
+class CampaignSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    sender: str
+    recipients: str
+    id: str | None = None
+    address_field: str = "email"
+
+
+class CampaignJob(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    campaign: CampaignSection
+    template: dict[str, Any]
+    dkim: list[DkimKeyConfig] = []
+
+
+_FORBIDDEN = ("\r", "\n", "\x00")
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by surrogateescape
+
+# The csv module refuses fields over 128 KiB by default; merge fields (an HTML
+# snippet, say) can be larger, and a refusal would end the whole file's reading.
+csv.field_size_limit(16 * 1024 * 1024)
+
+
+class Campaign:
+    """A loaded, validated campaign job, ready to stream its messages."""
+
+    def __init__(self, path: Path, job: CampaignJob, compiled: CompiledCampaign, signer: DkimSigner | None) -> None:
+        self.path = path
+        self.job = job
+        self.compiled = compiled
+        self.signer = signer
+        self.id = job.campaign.id or path.stem
+        self.recipients_path = (path.parent / job.campaign.recipients).resolve()
+
+    @classmethod
+    def load(cls, path: Path) -> Campaign:
+        source = str(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read: {exc.strerror or exc}", source=source) from None
+        try:
+            job = msgspec.toml.decode(data, type=CampaignJob)
+        except msgspec.ValidationError as exc:
+            raise InputError(f"invalid campaign job: {_describe(exc)}", source=source) from None
+        except msgspec.DecodeError as exc:
+            raise InputError(f"invalid TOML: {exc}", source=source) from None
+        try:
+            if job.campaign.sender:
+                split_address(job.campaign.sender, "campaign.sender")
+        except InputError as exc:
+            raise InputError(exc.reason, source=source) from None
+        try:
+            compiled = compile_campaign(job.template, base_dir=path.parent, source=source)
+            keys = []
+            for i, key in enumerate(job.dkim):
+                key_path = Path(key.key_path)
+                if not key_path.is_absolute():
+                    key = msgspec.structs.replace(key, key_path=str(path.parent / key_path))
+                keys.append(load_signing_key(key, source=f"{source}: dkim[{i}]"))
+        except ConfigError as exc:
+            raise InputError(str(exc).removeprefix(f"{source}: "), source=source) from None
+        except InputError as exc:  # a template syntax error: it names file and line
+            raise InputError(exc.reason, source=exc.source or source, line=exc.line) from None
+        campaign = cls(path, job, compiled, DkimSigner(keys) if keys else None)
+        if not campaign.recipients_path.is_file():
+            raise InputError(f"recipients file {job.campaign.recipients!r} not found", source=source)
+        if campaign.recipients_path.suffix.lower() not in (".csv", ".jsonl"):
+            raise InputError("recipients file must be .csv or .jsonl", source=source)
+        return campaign
+
+    def rows(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+        """(line, row, error) for every recipient row, streamed."""
+        path = self.recipients_path
+        if path.suffix.lower() == ".csv":
+            # surrogateescape: a byte that is not UTF-8 spoils only its own row
+            # (rejected below), not the decoding of everything around it.
+            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+                reader = csv.DictReader(f)
+                try:
+                    for row in reader:
+                        if None in row:
+                            yield reader.line_num, None, "more fields than the header row"
+                            continue
+                        if any(isinstance(v, str) and _NOT_UTF8.search(v) for v in row.values()):
+                            yield reader.line_num, None, "not valid UTF-8"
+                            continue
+                        yield reader.line_num, row, None
+                except csv.Error as exc:
+                    # The reader cannot go on past this point: the rest of the
+                    # file is not read. Reported as a failure of the whole input
+                    # (row 0), so the job is not marked done and a rerun, after
+                    # the file is fixed, takes the rows from where this one stopped.
+                    yield 0, None, f"unreadable CSV after line {reader.line_num}: {exc}; the rest of the file was not read"
+        else:
+            with open(path, "rb") as f:
+                for line_no, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        obj = json.loads(raw)
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        yield line_no, None, f"invalid JSON: {exc}"
+                        continue
+                    if not isinstance(obj, dict):
+                        yield line_no, None, "a recipient row must be a JSON object"
+                        continue
+                    yield line_no, obj, None
+
+    def items(self, key: str = "", start_line: int = 0) -> Iterator[SpoolItem | Reject]:
+        """One item per recipient row from *start_line* on (rows before it are skipped unrendered)."""
+        source = str(self.recipients_path)
+        field = self.job.campaign.address_field
+        sender = self.job.campaign.sender
+        meta = {"job": self.id}
+        for line, row, error in self.rows():
+            if line < start_line and line != 0:
+                continue
+            if row is None:
+                yield Reject(source, line, error or "unreadable row", key, line)
+                continue
+            bad = _injection(row)
+            if bad is not None:
+                yield Reject(source, line, bad, key, line)
+                continue
+            address = row.get(field)
+            if not isinstance(address, str) or not address:
+                yield Reject(source, line, f"no {field!r} field", key, line)
+                continue
+            try:
+                split_address(address)
+                message = self.compiled.render(row, recipient_id=address)
+            except InputError as exc:
+                yield Reject(source, line, exc.reason if exc.source is None else str(exc), key, line)
+                continue
+            if self.signer is not None:
+                message = self.signer.sign(message)
+            yield SpoolItem(message, sender, [address], source, line, meta, key, line)
+
+
+def _injection(row: dict[str, Any]) -> str | None:
+    # Merge values must never carry line breaks or NUL into a message: even
+    # where the template would neutralize them, a row that has them is
+    # broken input and is reported rather than silently altered.
+    for key, value in row.items():
+        if isinstance(value, str) and any(c in value for c in _FORBIDDEN):
+            return f"field {key!r} contains CR, LF or NUL"
+    return None
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    if text.startswith("Object contains unknown field"):
+        key = text.split("`")[1] if "`" in text else "?"
+        path = text.rsplit("$", 1)[-1].rstrip("`") if "$" in text else ""
+        return f"unknown key {path.lstrip('.') + '.' if path.strip('.') else ''}{key}"
+    return text

@@ -1,0 +1,63 @@
+"""What the spool reader yields: work items, rejects, and the input boundaries.
+
+A leaf module, so that the readers of each input kind (``pickup``, ``campaign``)
+and the directory reader that combines them (``reader``) import it, not each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolItem:
+    content: bytes
+    sender: str
+    recipients: list[str]
+    source: str
+    line: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    key: str = ""  # the input it belongs to
+    row: int = 0  # its row in that input
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    source: str
+    line: int | None
+    reason: str
+    key: str = ""
+    row: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.source, "line": self.line, "reason": self.reason}
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line is not None else self.source
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class InputStart:
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class InputEnd:
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class InputSkipped:
+    """An input already finished by an earlier run."""
+
+    key: str
+
+
+Event = SpoolItem | Reject | InputStart | InputEnd | InputSkipped
+Resume = Callable[[str, str], "int | None"]
+
+

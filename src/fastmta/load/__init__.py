@@ -1,0 +1,1 @@
+"""``fastmta load``: the load generator, its latency histograms, report schema and plot."""

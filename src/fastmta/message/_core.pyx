@@ -1,0 +1,82 @@
+# cython: language_level=3
+"""The compiled hot path. bytes in, bytes out; imports nothing from fastmta.
+
+Every public function here has a pure-Python twin in ``_core_ref.py`` with
+the same name and signature. The twin is the test oracle and the fallback
+(``FASTMTA_NO_EXTENSIONS=1``); ``fastmta.message.core`` picks one of the two.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+
+
+cdef bytes _crlf(bytes data, bint stuff, bint terminate):
+    """CRLF-normalize *data* (lone CR and lone LF become CRLF, a final CRLF is
+    added to non-empty data), optionally dot-stuffing and appending ``.\\r\\n``.
+
+    One pass into one preallocated buffer: the worst case is every byte a
+    lone CR/LF growing to CRLF or a stuffed dot, so < 2n plus the tail.
+    """
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef unsigned char* out = <unsigned char*>malloc(2 * n + 8)
+    if out == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t i = 0, o = 0
+    cdef unsigned char c
+    cdef bint at_line_start = True
+    try:
+        while i < n:
+            c = src[i]
+            if stuff and at_line_start and c == 46:  # '.'
+                out[o] = 46
+                o += 1
+            if c == 13 or c == 10:  # CRLF, lone CR or lone LF: all become CRLF
+                out[o] = 13
+                out[o + 1] = 10
+                o += 2
+                if c == 13 and i + 1 < n and src[i + 1] == 10:
+                    i += 1
+                at_line_start = True
+            else:
+                out[o] = c
+                o += 1
+                at_line_start = False
+            i += 1
+        if not at_line_start:
+            out[o] = 13
+            out[o + 1] = 10
+            o += 2
+        if terminate:
+            out[o] = 46
+            out[o + 1] = 13
+            out[o + 2] = 10
+            o += 3
+        return PyBytes_FromStringAndSize(<char*>out, o)
+    finally:
+        free(out)
+
+
+def to_wire(bytes data not None):
+    """Return *data* as an SMTP DATA payload, terminator included.
+
+    Line endings are normalized to CRLF (a lone CR or a lone LF becomes CRLF),
+    lines starting with '.' are dot-stuffed (RFC 5321 4.5.2), a final CRLF is
+    added when missing and the ``.\\r\\n`` terminator is appended.
+    """
+    return _crlf(data, True, True)
+
+
+def normalize_crlf(bytes data not None):
+    """Return *data* with every line ending as CRLF and a final CRLF.
+
+    This is the BDAT (CHUNKING) form of a message: no dot-stuffing, no
+    terminator. An empty message stays empty.
+    """
+    return _crlf(data, False, False)
+
+
+include "_core_dkim.pxi"
+include "_core_render.pxi"

@@ -1,0 +1,126 @@
+"""One header field as wire bytes: RFC 2047 encoded-words for non-ASCII, folded lines.
+
+The value arrives already free of CR, LF and NUL (``core.escape`` with
+``MODE_HEADER`` replaces them); this module replaces them again anyway,
+because a header line is the one place where one stray LF starts a new
+header, and the check costs nothing next to the guarantee.
+
+Folding keeps every space of the value: a fold replaces one separating space
+with CRLF + space, which unfolding (RFC 5322 2.2.3) turns back into that
+space. Lines aim at 78 octets and never exceed 998 (RFC 5322 2.1.1).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+SOFT_LIMIT = 78
+# An ASCII word longer than this is cut into encoded-words so no line can
+# pass 998 octets, whatever the header name.
+LONG_WORD = 900
+LONG_SPACES = 40  # a longer run of spaces is encoded: folding cannot split it
+_EW_PREFIX = "=?utf-8?b?"
+_EW_MAX_BYTES = 45  # 45 bytes -> 60 base64 chars -> a 72-char encoded-word (limit 75)
+# Control characters but TAB become spaces: CR/LF/NUL could start a header,
+# and the rest are not allowed in a field body (RFC 5322); kept the same as
+# the template's header escaping (``_core`` MODE_HEADER).
+_UNSAFE = str.maketrans({c: " " for c in [*range(9), *range(10, 32), 127]})
+
+
+def _encoded_words(text: str) -> list[str]:
+    """*text* as RFC 2047 B encoded-words, never splitting a character."""
+    data = text.encode("utf-8")
+    n = len(data)
+    words: list[str] = []
+    i = 0
+    while i < n:
+        j = min(i + _EW_MAX_BYTES, n)
+        while j < n and (data[j] & 0xC0) == 0x80:  # back off a UTF-8 continuation byte
+            j -= 1
+        words.append(_EW_PREFIX + base64.b64encode(data[i:j]).decode("ascii") + "?=")
+        i = j
+    return words or [_EW_PREFIX + "?="]
+
+
+def encode_phrase(text: str) -> str:
+    """*text* entirely as encoded-words: safe as an address display name whatever it holds."""
+    return " ".join(_encoded_words(text))
+
+
+def _needs_encoding(word: str, keep_encoded_words: bool = False) -> bool:
+    # Non-ASCII, control characters (TAB included: only spaces separate
+    # words here), something a reader would take for an encoded-word, or too
+    # long for a line.
+    return (
+        not word.isascii()
+        or not word.isprintable()
+        or (not keep_encoded_words and word.startswith("=?") and word.endswith("?="))
+        or len(word) > LONG_WORD
+    )
+
+
+def _pieces(value: str, keep_encoded_words: bool = False) -> list[str]:
+    """*value* as unbreakable pieces: words, encoded-words and space runs.
+
+    Concatenating the pieces (after decoding) gives the value back: runs of
+    words that need encoding become one encoded text including the spaces
+    between them, because decoders drop whitespace between encoded-words.
+    A space run too long for a line is encoded together with its
+    neighbouring words, so every encoded-word stays whitespace-delimited.
+    """
+    tokens = re.findall(r" +|[^ ]+", value)
+    enc = [(t[0] == " " and len(t) > LONG_SPACES) or (t[0] != " " and _needs_encoding(t, keep_encoded_words)) for t in tokens]
+    for i, t in enumerate(tokens):
+        if t[0] == " " and enc[i]:
+            if i > 0:
+                enc[i - 1] = True
+            if i + 1 < len(tokens):
+                enc[i + 1] = True
+    pieces: list[str] = []
+    i = 0
+    while i < len(tokens):
+        if not enc[i]:
+            pieces.append(tokens[i])
+            i += 1
+            continue
+        j = i + 1
+        # Extend over space runs that lead to another token needing encoding.
+        while j < len(tokens) and (enc[j] or (j + 1 < len(tokens) and tokens[j][0] == " " and enc[j + 1])):
+            j += 1
+        words = _encoded_words("".join(tokens[i:j]))
+        for k, w in enumerate(words):
+            if k:
+                pieces.append(" ")  # dropped by decoders between encoded-words
+            pieces.append(w)
+        i = j
+    return pieces
+
+
+def format_header(name: str, value: str, *, keep_encoded_words: bool = False) -> bytes:
+    """``Name: value`` + CRLF, encoded and folded for the wire.
+
+    *keep_encoded_words*: words shaped like encoded-words are ours (address
+    headers, whose display names ``template`` already encoded) and stay as
+    they are instead of being encoded again.
+    """
+    value = value.translate(_UNSAFE)
+    if (
+        value.isascii()
+        and len(name) + 2 + len(value) <= SOFT_LIMIT
+        and value.isprintable()
+        and (keep_encoded_words or "=?" not in value)
+    ):
+        return f"{name}: {value}\r\n".encode("ascii")
+    lines = [f"{name}: "]
+    length = len(lines[0])
+    for piece in _pieces(value, keep_encoded_words):
+        # Fold only before a space run (the fold goes in front of its first
+        # space), and only when the line has more than its indentation.
+        if piece[0] == " " and length + len(piece) > SOFT_LIMIT and lines[-1].strip():
+            lines.append(piece)
+            length = len(piece)
+        else:
+            lines[-1] += piece
+            length += len(piece)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")

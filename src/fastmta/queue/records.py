@@ -1,0 +1,134 @@
+"""Message and recipient records, message ids, and per-recipient outcomes.
+
+These are the units the scheduler moves around. They are deliberately small:
+a queued recipient is an address, a domain and a few counters; the message
+content is held once per message (``Body``) however many recipients it has.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from fastmta.errors import InputError
+from fastmta.smtp.protocol import Body, check_address
+from fastmta.smtp.reply import Reply
+
+
+class Status(str, Enum):
+    """What happened to a recipient (the accounting ``status`` field)."""
+
+    DELIVERED = "delivered"  # final: a server took responsibility (2xx)
+    BOUNCED = "bounced"  # final: permanent failure (5xx, null MX, NXDOMAIN)
+    EXPIRED = "expired"  # final: transient failures until the queue lifetime ran out
+    DEFERRED = "deferred"  # not final: a transient failure, another attempt is scheduled
+
+    @property
+    def is_final(self) -> bool:
+        return self is not Status.DEFERRED
+
+
+_counter = 0
+
+
+def new_message_id() -> str:
+    """A sortable, unique spool id: time in microseconds, pid and a counter, in hex."""
+    global _counter
+    _counter = (_counter + 1) & 0xFFFFFF
+    return f"{time.time_ns() // 1000:x}{os.getpid() & 0xFFFF:04x}{_counter:06x}"
+
+
+def split_address(address: str, what: str = "recipient") -> tuple[str, str]:
+    """Validate an envelope address and return (address, lower-cased domain).
+
+    Control characters and angle brackets are refused (they would inject SMTP
+    commands), so are addresses without a domain.
+    """
+    check_address(address, what)
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise InputError(f"{what} address {address!r} has no local part or no domain")
+    return address, domain.lower().rstrip(".")
+
+
+@dataclass(slots=True)
+class Recipient:
+    """One recipient of one message, with its delivery history so far."""
+
+    address: str
+    domain: str
+    attempts: int = 0
+    status: Status | None = None  # None: never tried
+    last_reply: Reply | None = None
+    index: int = 0  # position in the message's recipient list (the spool's key for it)
+
+
+@dataclass(slots=True)
+class Message:
+    """An accepted message: one body, one sender, many recipients."""
+
+    id: str
+    sender: str
+    body: Body
+    recipients: list[Recipient]
+    queued_at: float = field(default_factory=time.time)  # wall clock, for accounting
+    deadline: float = 0.0  # on the engine's loop clock: expire after this
+    meta: dict[str, Any] = field(default_factory=dict)  # the caller's, copied to accounting (e.g. job id)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of one attempt for one recipient (final or deferred).
+
+    Not frozen: one is made per recipient per attempt, and a frozen
+    dataclass pays an ``object.__setattr__`` per field. Treat it as read-only.
+    """
+
+    message_id: str
+    recipient: str
+    status: Status
+    reply: Reply
+    attempts: int
+    queued_at: float
+    time: float
+    site: str | None = None
+    mx_host: str | None = None
+    mx_ip: str | None = None
+    source_ip: str | None = None
+    next_attempt: float | None = None  # wall clock, for deferred outcomes
+    meta: dict[str, Any] | None = None
+    category: str | None = None  # classify.Category of the reply (None when delivered)
+    bounce: str | None = None  # "hard" / "soft" for failures
+    sender: str | None = None  # envelope sender ("" is the null sender)
+    size: int | None = None  # message size in bytes
+
+    def as_record(self) -> dict[str, Any]:
+        """The accounting record (one JSON line)."""
+        record: dict[str, Any] = {
+            "time": round(self.time, 6),
+            "message_id": self.message_id,
+            "recipient": self.recipient,
+            "status": self.status.value,
+            "code": self.reply.code,
+            "enhanced": self.reply.enhanced,
+            "text": self.reply.text,
+            "attempts": self.attempts,
+            "queued_at": round(self.queued_at, 6),
+            "time_in_queue": round(self.time - self.queued_at, 6),
+            "sender": self.sender,
+            "size": self.size,
+            "category": self.category,
+            "bounce_type": self.bounce,
+            "site": self.site,
+            "mx_host": self.mx_host,
+            "mx_ip": self.mx_ip,
+            "source_ip": self.source_ip,
+        }
+        if self.next_attempt is not None:
+            record["next_attempt"] = round(self.next_attempt, 3)
+        if self.meta:
+            record.update({k: v for k, v in self.meta.items() if k not in record})
+        return record

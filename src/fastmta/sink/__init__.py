@@ -1,0 +1,39 @@
+"""``fastmta sink``: a fast discarding SMTP server with fault injection.
+
+The public names are re-exported here, so ``from fastmta.sink import SinkServer``
+is all a test of a sender needs. The server (``server``) drives one
+``protocol.SinkProtocol`` per connection; what it answers is configured in
+``config`` and ``profiles``, injected by ``faults``, counted in ``stats``.
+"""
+
+from fastmta.sink.config import (
+    FaultConfig,
+    ListenerConfig,
+    PhaseFault,
+    RateLimit,
+    SinkConfig,
+    parse_delay,
+    parse_fault,
+    parse_listen,
+    parse_rate,
+)
+from fastmta.sink.profiles import PROFILES
+from fastmta.sink.protocol import ConnectionTrace
+from fastmta.sink.server import SinkServer
+from fastmta.sink.stats import SinkStats
+
+__all__ = [
+    "PROFILES",
+    "ConnectionTrace",
+    "FaultConfig",
+    "ListenerConfig",
+    "PhaseFault",
+    "RateLimit",
+    "SinkConfig",
+    "SinkServer",
+    "SinkStats",
+    "parse_delay",
+    "parse_fault",
+    "parse_listen",
+    "parse_rate",
+]

@@ -1,0 +1,293 @@
+"""Pure-Python twin of ``_client.pyx``: the transaction half of the client state machine.
+
+:class:`ProtocolCore` owns what happens once per message: matching replies to
+the commands that caused them, queueing transactions, writing envelopes (all
+of them at once with PIPELINING), the content after ``354``, RSET between
+transactions and the QUIT behind the last one. Session set-up (greeting,
+EHLO/HELO, STARTTLS) happens a few times per connection and lives once, in
+:class:`fastmta.smtp.protocol.ClientProtocol`, a subclass of whichever core
+``fastmta.smtp.protocol`` picked; the core calls its ``_on_session_reply`` for
+every reply that does not belong to a transaction.
+
+This twin is the test oracle and the fallback (``FASTMTA_NO_EXTENSIONS=1``):
+every test of the client protocol runs against both.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from fastmta.errors import ProtocolError
+from fastmta.smtp.model import (
+    Event,
+    Extensions,
+    Phase,
+    SessionFailed,
+    SessionState,
+    Transaction,
+    TransactionDone,
+    TransactionResult,
+)
+from fastmta.smtp.reply import Reply, ReplyParser
+
+__all__ = ["ProtocolCore", "ReplyParser"]
+
+
+@dataclass(slots=True, eq=False)  # compared by identity: two equal envelopes are still two transactions
+class _Txn:
+    result: TransactionResult
+    use_bdat: bool = False
+    rcpt_sent: int = 0
+
+    @property
+    def any_rcpt_accepted(self) -> bool:
+        return any(r is not None and r.is_positive for r in self.result.rcpt_replies)
+
+
+class ProtocolCore:
+    """Transactions over one SMTP session; subclassed by ``ClientProtocol``."""
+
+    def __init__(self, pipelining: bool, use_bdat: bool) -> None:
+        self.allow_pipelining = pipelining
+        self.allow_bdat = use_bdat
+        self.extensions = Extensions()
+        self.tls_active = False
+        self._parser = ReplyParser()
+        self._state = SessionState.GREETING
+        self._out = bytearray()
+        self._events: list[Event] = []
+        # FIFO of (phase, transaction or None, recipient index): one per reply we await.
+        self._expect: deque[tuple[Phase, _Txn | None, int]] = deque([(Phase.GREETING, None, 0)])
+        self._queue: deque[_Txn] = deque()  # accepted by start_transaction, envelope not yet sent
+        self._active: deque[_Txn] = deque()  # envelope sent, final reply pending
+        # The transaction whose envelope is out but whose content is not; while it
+        # exists nothing else may be written (the server is between MAIL and DATA).
+        self._open: _Txn | None = None
+        self._rset_needed = False
+        self._bdat_active = 0  # BDAT transactions in self._active
+        self._quit_requested = False
+
+    # --- queries ------------------------------------------------------------
+
+    @property
+    def waiting_for(self) -> Phase | None:
+        """The phase of the oldest reply we wait for (selects the timeout)."""
+        return self._expect[0][0] if self._expect else None
+
+    @property
+    def is_ready(self) -> bool:
+        return self._state == SessionState.READY
+
+    @property
+    def is_closed(self) -> bool:
+        return self._state == SessionState.CLOSED
+
+    @property
+    def accepts_transactions(self) -> bool:
+        """False once QUIT is queued or the session ended: start_transaction would refuse."""
+        return self._state < SessionState.CLOSING
+
+    @property
+    def in_flight(self) -> int:
+        """Transactions accepted and not yet finished."""
+        return len(self._queue) + len(self._active)
+
+    @property
+    def pipelining(self) -> bool:
+        return self.allow_pipelining and self.extensions.pipelining
+
+    # --- input and output ---------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the server; return the events they caused.
+
+        Raises ProtocolError on garbage or an unsolicited reply.
+        """
+        for reply in self._parser.feed(data):
+            if not self._expect:
+                raise ProtocolError(f"unsolicited reply: {reply}")
+            phase, txn, index = self._expect.popleft()
+            if reply.code == 421 and phase is not Phase.QUIT:
+                # 421: the server is closing the channel (RFC 5321 3.8). Whatever
+                # command it answers, the session is over.
+                self._fail_session(reply, phase)
+                break
+            if txn is None:
+                self._on_session_reply(reply, phase)
+            else:
+                self._on_txn_reply(reply, phase, txn, index)
+        return self._drain()
+
+    def start_transaction(self, transaction: Transaction) -> list[Event]:
+        """Queue a transaction; its result arrives later as TransactionDone."""
+        if self._state >= SessionState.CLOSING:
+            raise ProtocolError("session is closing; no new transactions")
+        self._queue.append(_Txn(TransactionResult(transaction, rcpt_replies=[None] * len(transaction.recipients))))
+        if self._state == SessionState.READY:
+            self._pump()
+        return self._drain()
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write now; everything produced since the last call, in one write."""
+        if not self._out:
+            return b""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    # --- for the session half (ClientProtocol) --------------------------------
+
+    def _on_session_reply(self, reply: Reply, phase: Phase) -> None:
+        raise NotImplementedError  # ClientProtocol handles greeting, EHLO, STARTTLS, RSET, QUIT
+
+    def _drain(self) -> list[Event]:
+        events = self._events
+        self._events = []
+        return events
+
+    def _send(self, line: bytes, phase: Phase) -> None:
+        """Write a session command (EHLO, STARTTLS, QUIT, ...) and await its reply."""
+        self._out += line
+        self._expect.append((phase, None, 0))
+
+    def _set_extensions(self, extensions: Extensions) -> None:
+        self.extensions = extensions
+
+    def _fail_session(self, reply: Reply, phase: Phase) -> None:
+        self._state = SessionState.CLOSED
+        self._expect.clear()
+        self._open = None
+        pending = list(self._active) + list(self._queue)
+        self._active.clear()
+        self._bdat_active = 0
+        self._queue.clear()
+        for txn in pending:
+            txn.result.error = reply
+            txn.result.error_phase = phase
+            self._events.append(TransactionDone(txn.result))
+        self._events.append(SessionFailed(reply, phase))
+
+    def _pump(self) -> None:
+        """Write the next queued envelopes if the session allows it now."""
+        while self._queue and self._state == SessionState.READY and self._open is None:
+            if not self.pipelining and self._active:
+                return  # lock-step: one transaction at a time
+            if self._bdat_active:
+                return  # a BDAT transaction's outcome decides whether RSET is needed
+            self._begin(self._queue.popleft())
+        self._maybe_quit()
+
+    def _maybe_quit(self) -> None:
+        if self._quit_requested and self._state == SessionState.READY and not self._queue and self._open is None:
+            if not self.pipelining and self._active:
+                return
+            self._state = SessionState.CLOSING
+            self._send(b"QUIT\r\n", Phase.QUIT)
+
+    # --- transactions -------------------------------------------------------
+
+    def _expect_txn(self, line: bytes, phase: Phase, txn: _Txn, index: int = 0) -> None:
+        self._out += line
+        self._expect.append((phase, txn, index))
+
+    def _begin(self, txn: _Txn) -> None:
+        """Write the envelope of *txn* (all of it if pipelining), or refuse it locally."""
+        t = txn.result.transaction
+        ext = self.extensions
+        utf8 = t.needs_smtputf8
+        if utf8 and not ext.smtputf8:
+            self._finish_local(txn, Reply.local(553, "5.6.7", "non-ASCII address and the server does not offer SMTPUTF8"))
+            return
+        use_bdat = self.allow_bdat and ext.chunking
+        size = len(t.body.bdat_wire if use_bdat else t.body.data_wire)
+        if ext.size and size > ext.size:
+            self._finish_local(txn, Reply.local(552, "5.3.4", f"message size {size} exceeds the server's SIZE limit {ext.size}"))
+            return
+        txn.use_bdat = use_bdat
+        self._bdat_active += use_bdat
+        if self._rset_needed:
+            self._send(b"RSET\r\n", Phase.RSET)
+            self._rset_needed = False
+        params = b""
+        if ext.size is not None:
+            params += b" SIZE=%d" % size
+        if t.body.eight_bit and ext.eightbitmime:
+            params += b" BODY=8BITMIME"
+        if utf8:
+            params += b" SMTPUTF8"
+        self._active.append(txn)
+        self._expect_txn(b"MAIL FROM:<" + t.sender.encode() + b">" + params + b"\r\n", Phase.MAIL, txn)
+        if self.pipelining:
+            for i in range(len(t.recipients)):
+                self._send_rcpt(txn, i)
+            self._send_data_command(txn)
+
+    def _send_rcpt(self, txn: _Txn, index: int) -> None:
+        rcpt = txn.result.transaction.recipients[index]
+        self._expect_txn(b"RCPT TO:<" + rcpt.encode() + b">\r\n", Phase.RCPT, txn, index)
+        txn.rcpt_sent = index + 1
+
+    def _send_data_command(self, txn: _Txn) -> None:
+        if txn.use_bdat:
+            payload = txn.result.transaction.body.bdat_wire
+            self._expect_txn(b"BDAT %d LAST\r\n" % len(payload), Phase.BDAT, txn)
+            self._out += payload
+        else:
+            self._expect_txn(b"DATA\r\n", Phase.DATA, txn)
+            self._open = txn
+
+    def _on_txn_reply(self, reply: Reply, phase: Phase, txn: _Txn, index: int) -> None:
+        result = txn.result
+        if phase is Phase.MAIL:
+            result.mail_reply = reply
+            if not self.pipelining:
+                if reply.is_positive:
+                    self._send_rcpt(txn, 0)
+                else:
+                    self._finish(txn)
+        elif phase is Phase.RCPT:
+            result.rcpt_replies[index] = reply
+            if not self.pipelining and result.mail_reply is not None and result.mail_reply.is_positive:
+                if txn.rcpt_sent < len(result.rcpt_replies):
+                    self._send_rcpt(txn, txn.rcpt_sent)
+                elif txn.any_rcpt_accepted:
+                    self._send_data_command(txn)
+                else:
+                    self._rset_needed = True
+                    self._finish(txn)
+        elif phase is Phase.DATA:
+            result.data_reply = reply
+            self._open = None
+            if reply.code == 354:
+                # Content, dot and (via _pump) the next envelope: one write.
+                if txn.any_rcpt_accepted:
+                    self._out += result.transaction.body.data_wire
+                else:
+                    self._out += b".\r\n"  # a broken server said 354 with no recipients: end it empty
+                self._expect.append((Phase.END_OF_DATA, txn, 0))
+            else:
+                if result.mail_reply is not None and result.mail_reply.is_positive:
+                    self._rset_needed = True
+                self._finish(txn)
+        else:  # END_OF_DATA or BDAT
+            result.final_reply = reply
+            if phase is Phase.BDAT and not reply.is_positive and result.mail_reply is not None and result.mail_reply.is_positive:
+                self._rset_needed = True
+            self._finish(txn)
+        self._pump()
+
+    def _finish(self, txn: _Txn) -> None:
+        active = self._active
+        if active and active[0] is txn:  # replies come in order: nearly always the oldest
+            active.popleft()
+            self._bdat_active -= txn.use_bdat
+        elif txn in active:
+            active.remove(txn)
+            self._bdat_active -= txn.use_bdat
+        self._events.append(TransactionDone(txn.result))
+
+    def _finish_local(self, txn: _Txn, reply: Reply) -> None:
+        txn.result.error = reply
+        txn.result.error_phase = Phase.MAIL
+        self._events.append(TransactionDone(txn.result))

@@ -1,0 +1,180 @@
+"""Sans-IO SMTP client protocol (RFC 5321, RFC 2920 PIPELINING, RFC 3030 CHUNKING).
+
+No sockets, no clocks, no event loop. The caller (``connection.py``, or a test)
+feeds the bytes it read to :meth:`ClientProtocol.receive_data`, gets events
+back, and writes whatever :meth:`ClientProtocol.data_to_send` returns. Modelled
+on h11's split between protocol state and I/O.
+
+How commands are paced (the reason this module exists; aiosmtplib cannot
+pipeline):
+
+* With PIPELINING, ``MAIL``, every ``RCPT`` and ``DATA`` go out in one write,
+  and one read usually brings all their replies. When the ``354`` arrives, the
+  message content, its terminating dot *and the next queued transaction's
+  envelope* go out in one write, so a reused connection costs one round trip
+  per message in the steady state (Postfix's smtp client does the same).
+* With CHUNKING (and ``use_bdat``), ``BDAT <n> LAST`` and the content ride in
+  the same write as the envelope: one round trip per message, no ``354``.
+* Without PIPELINING every command waits for the previous reply (lock-step).
+
+Every reply is matched to the command that caused it through a FIFO of
+expectations, so a reply can never be credited to the wrong recipient. A reply
+that arrives when nothing was asked, or bytes that are not a reply, raise
+:class:`~fastmta.errors.ProtocolError`; the caller then calls :meth:`abort`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastmta._native import select_implementation
+from fastmta.errors import InputError, ProtocolError
+from fastmta.smtp import _client_ref
+from fastmta.smtp.model import (
+    Body,
+    Closed,
+    Event,
+    Extensions,
+    Phase,
+    Ready,
+    SessionFailed,
+    SessionState,
+    StartTLS,
+    TLSPolicy,
+    Transaction,
+    TransactionDone,
+    TransactionResult,
+    check_address,
+)
+from fastmta.smtp.reply import Reply
+
+# The transaction half of the state machine runs once per message; it is
+# compiled (``_client.pyx``) with a pure-Python twin (``_client_ref.py``) that
+# FASTMTA_NO_EXTENSIONS=1 selects, the same switch as ``fastmta.message.core``.
+COMPILED: bool
+if TYPE_CHECKING:
+    from fastmta.smtp._client_ref import ProtocolCore, ReplyParser
+else:
+    _impl, COMPILED = select_implementation("fastmta.smtp._client", _client_ref)
+    ProtocolCore, ReplyParser = _impl.ProtocolCore, _impl.ReplyParser
+
+__all__ = [
+    "COMPILED",
+    "Body",
+    "ClientProtocol",
+    "Closed",
+    "Event",
+    "Extensions",
+    "Phase",
+    "ProtocolCore",
+    "Ready",
+    "ReplyParser",
+    "SessionFailed",
+    "StartTLS",
+    "TLSPolicy",
+    "Transaction",
+    "TransactionDone",
+    "TransactionResult",
+    "check_address",
+]
+
+
+class ClientProtocol(ProtocolCore):
+    """The client side of one SMTP session, as a state machine over bytes.
+
+    This class is the session half: greeting, EHLO (HELO fallback), STARTTLS,
+    QUIT and aborts. Transactions are the core's (see ``_client_ref.py``).
+    """
+
+    def __init__(
+        self,
+        helo_name: str,
+        *,
+        pipelining: bool = True,
+        use_bdat: bool = True,
+        tls: TLSPolicy = TLSPolicy.NEVER,
+    ) -> None:
+        if any(ch < " " or ch == "\x7f" for ch in helo_name) or not helo_name:
+            raise InputError(f"invalid EHLO name {helo_name!r}")
+        super().__init__(pipelining, use_bdat)
+        self.helo_name = helo_name
+        self.tls_policy = tls
+
+    def tls_established(self) -> list[Event]:
+        """The caller finished the TLS handshake: say EHLO again (RFC 3207)."""
+        if self._state != SessionState.TLS:
+            raise ProtocolError("tls_established() without a pending STARTTLS")
+        self.tls_active = True
+        self._set_extensions(Extensions())
+        self._state = SessionState.HANDSHAKE
+        self._send(b"EHLO " + self._helo_bytes() + b"\r\n", Phase.EHLO)
+        return self._drain()
+
+    def quit(self) -> list[Event]:
+        """Say QUIT after everything already queued (pipelined behind it if possible)."""
+        if self._state >= SessionState.CLOSING:
+            return self._drain()
+        self._quit_requested = True
+        self._maybe_quit()
+        return self._drain()
+
+    def abort(self, reply: Reply, phase: Phase | None = None) -> list[Event]:
+        """The connection failed (lost, timeout, protocol error): fail what is pending."""
+        if self._state != SessionState.CLOSED:
+            self._fail_session(reply, phase or self.waiting_for or Phase.QUIT)
+        return self._drain()
+
+    # --- session replies (the core hands over every reply without a transaction) ---
+
+    def _on_session_reply(self, reply: Reply, phase: Phase) -> None:
+        if phase is Phase.GREETING:
+            if reply.code == 220:
+                self._state = SessionState.HANDSHAKE
+                self._send(b"EHLO " + self._helo_bytes() + b"\r\n", Phase.EHLO)
+            else:
+                self._fail_session(reply, phase)
+        elif phase is Phase.EHLO:
+            if reply.is_positive:
+                self._set_extensions(Extensions.parse(reply))
+                self._after_hello(reply)
+            elif reply.code in (500, 501, 502, 504, 550) and not self.tls_active:
+                # An old server that does not know EHLO: fall back to HELO (RFC 5321 4.1.4).
+                self._send(b"HELO " + self._helo_bytes() + b"\r\n", Phase.HELO)
+            else:
+                self._fail_session(reply, phase)
+        elif phase is Phase.HELO:
+            if reply.is_positive:
+                self._set_extensions(Extensions())
+                self._after_hello(reply)
+            else:
+                self._fail_session(reply, phase)
+        elif phase is Phase.STARTTLS:
+            if reply.code == 220:
+                self._state = SessionState.TLS
+                self._events.append(StartTLS())
+            elif self.tls_policy is TLSPolicy.REQUIRED:
+                self._fail_session(reply, phase)
+            else:
+                self._become_ready(reply)
+        elif phase is Phase.RSET:
+            pass  # nothing depends on it; a failing RSET shows up on the next MAIL
+        elif phase is Phase.QUIT:
+            self._state = SessionState.CLOSED
+            self._events.append(Closed(reply))
+
+    def _helo_bytes(self) -> bytes:
+        return self.helo_name.encode("idna") if not self.helo_name.isascii() else self.helo_name.encode("ascii")
+
+    def _after_hello(self, reply: Reply) -> None:
+        want_tls = self.tls_policy is not TLSPolicy.NEVER and not self.tls_active
+        if want_tls and self.extensions.starttls:
+            self._send(b"STARTTLS\r\n", Phase.STARTTLS)
+        elif want_tls and self.tls_policy is TLSPolicy.REQUIRED:
+            self._fail_session(Reply.local(530, "5.7.10", "STARTTLS required but not offered by the server"), Phase.EHLO)
+        else:
+            self._become_ready(reply)
+
+    def _become_ready(self, reply: Reply) -> None:
+        self._state = SessionState.READY
+        self._events.append(Ready(self.extensions, reply))
+        self._pump()
