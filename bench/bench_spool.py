@@ -4,7 +4,7 @@
 Issue 6, acceptance item 4, everything on loopback:
 
 1. Campaign. A campaign job (TOML + text template + recipients CSV + the
-   Ed25519 TEST key from ``examples/spool/``) of N recipients (default
+   Ed25519 TEST key from ``src/fastmta/examples/spool/``) of N recipients (default
    1,000,000) over 100 domains, each rendered and signed message ~2 KB, is
    delivered by ``python -m fastmta send SPOOL --relay SINK --queue-dir DIR
    --quiet --summary-json FILE`` to Postfix's ``smtp-sink``. The command
@@ -65,7 +65,7 @@ from _util import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_KEY = REPO / "examples" / "spool" / "dkim-test-ed25519.key.pem"  # a public TEST key
+TEST_KEY = REPO / "src" / "fastmta" / "examples" / "spool" / "dkim-test-ed25519.key.pem"  # a public TEST key
 
 SENDER = "bounces@news.spool.example"
 DKIM_DOMAIN = "news.spool.example"

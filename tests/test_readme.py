@@ -15,9 +15,11 @@ def test_readme_starts_with_the_two_commands() -> None:
     first_block = re.search(r"```sh\n(.*?)```", text, re.S)
     assert first_block is not None
     commands = [line for line in first_block.group(1).splitlines() if line.strip()]
-    assert commands == ["python3 -m pip install -e . && fastmta send examples/spool --sink", "bash .ci/run"]
+    assert commands == ["bash scripts/install.sh && .venv/bin/fastmta demo", "bash .ci/run"]
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "bash scripts/test.sh" in ci
+    # CI installs with the README's installer and ends with the test command.
+    assert "bash scripts/install.sh test" in ci
+    assert ci.rstrip().endswith("bash scripts/test.sh")
 
 
 def test_readme_library_example_runs() -> None:
@@ -28,3 +30,13 @@ def test_readme_library_example_runs() -> None:
     lines = out.stdout.splitlines()
     assert sorted(line.split()[0] for line in lines) == ["b@example.org", "c@example.net"]
     assert all(line.split()[1] == "delivered" and " 250 " in f" {line} " for line in lines)
+
+
+def test_readme_library_example_type_checks_under_mypy_strict() -> None:
+    # What a user's own mypy --strict says of the example (names must be explicitly exported).
+    out = subprocess.run(
+        [sys.executable, str(README.parent / "scripts" / "readme_example.py"), "--mypy"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Success: no issues found" in out.stdout

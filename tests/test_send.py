@@ -15,7 +15,7 @@ from fastmta.cli.sinkproc import embedded_sink
 from fastmta.intake.pickup import read_pickup
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "spool"
+EXAMPLE = ROOT / "src" / "fastmta" / "examples" / "spool"
 
 
 def fastmta(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

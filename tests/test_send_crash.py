@@ -21,7 +21,7 @@ from fastmta.cli.sinkproc import embedded_sink
 from fastmta.intake.pickup import read_pickup
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "spool"
+EXAMPLE = ROOT / "src" / "fastmta" / "examples" / "spool"
 
 RECIPIENTS = int(os.environ.get("FASTMTA_CRASH_RECIPIENTS", "20000"))
 KILLS = int(os.environ.get("FASTMTA_CRASH_KILLS", "20"))

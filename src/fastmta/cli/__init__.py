@@ -11,9 +11,18 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+class UsageError(Exception):
+    """A usage or configuration error: reported on stderr as one line, exit status 2.
+
+    Raised by a sub-command wherever it finds the error (deep inside a run,
+    too), so that every such error ends the same way, as ``--help`` says.
+    """
+
+
 # name -> (module, one-line help). Modules are imported lazily so that
 # `fastmta sink` does not pay for loading the engine, and vice versa.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("fastmta.cli.demo", "deliver the bundled example campaign to a built-in local sink"),
     "send": ("fastmta.cli.send", "deliver a spool directory (pickup files, campaign jobs)"),
     "sink": ("fastmta.cli.sink", "run a fast discarding SMTP server with fault injection"),
     "load": ("fastmta.cli.load", "load-test an SMTP server with generated messages"),
@@ -47,8 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in COMMANDS else None)
-    args = parser.parse_args(argv)
-    code: int = args._run(args)
+    args = parser.parse_args(argv)  # argparse itself exits 2 on a bad option
+    try:
+        code: int = args._run(args)
+    except UsageError as exc:
+        print(f"fastmta {args.command}: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -18,10 +18,12 @@ in flight, exit; twice: exit at once (still recoverable).
 
 Exit status: 0 every recipient reached a final state (delivered, bounced or
 expired) and no input was rejected; 1 some recipients are not final
-(interrupted); 3 some input was rejected; 2 usage or configuration error.
+(interrupted, or the delivery record could not be written); 3 some input was
+rejected; 2 usage or configuration error (a bad option, configuration file or
+key, or a queue already in use by another fastmta process).
 
 Examples:
-  fastmta send examples/spool --sink                    # local sink, nothing leaves the machine
+  fastmta send spool/ --sink                            # local sink, nothing leaves the machine
   fastmta send spool/ --relay 127.0.0.1:2525 --accounting acct.jsonl
   fastmta send spool/ --config fastmta.toml
 """
@@ -43,6 +45,7 @@ from typing import Any
 
 import msgspec
 
+from fastmta.cli import UsageError
 from fastmta.cli.display import Progress
 from fastmta.cli.load import parse_hostport
 from fastmta.cli.sinkproc import embedded_sink
@@ -197,18 +200,21 @@ def _queue_dir(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
 
 
 async def _deliver(args: argparse.Namespace, config: Config, progress: Progress, queue_dir: Path) -> dict[str, Any]:
-    accounting = (
-        AccountingLog(
-            args.accounting, format=args.accounting_format, max_bytes=args.accounting_rotate_size,
-            max_age=args.accounting_rotate_interval,
+    try:
+        accounting = (
+            AccountingLog(
+                args.accounting, format=args.accounting_format, max_bytes=args.accounting_rotate_size,
+                max_age=args.accounting_rotate_interval,
+            )
+            if args.accounting
+            else None
         )
-        if args.accounting
-        else None
-    )
+    except OSError as exc:
+        raise UsageError(f"--accounting {args.accounting}: {exc.strerror or exc}") from None
     try:
         spool = await asyncio.to_thread(Spool, queue_dir)
     except SpoolLocked:
-        raise SystemExit(f"fastmta send: {queue_dir} is in use by another fastmta process") from None
+        raise UsageError(f"{queue_dir} is in use by another fastmta process") from None
     if spool.report.damaged:
         progress.note(f"queue recovery: {spool.report}")
     tracker = _InputProgress(spool)
@@ -349,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             config = _effective_config(args, sink)
         except (ConfigError, msgspec.ValidationError) as exc:
-            raise SystemExit(f"fastmta send: configuration error: {exc}") from None
+            raise UsageError(f"configuration error: {exc}") from None
         progress = Progress(enabled=not args.quiet)
         with contextlib.ExitStack() as stack:
             summary = uvloop.run(_deliver(args, config, progress, _queue_dir(args, stack)))

@@ -1,9 +1,9 @@
 """Regenerate the bundled example spool (deterministic: same output every run).
 
-    python examples/make_example.py
+    python scripts/make_example.py
 
-Writes examples/spool/: a campaign job (welcome.toml) with 10,000 recipients
-over 120 domains under the reserved .example TLD (RFC 2606: these domains
+Writes src/fastmta/examples/spool/ (shipped in the package, for ``fastmta demo``):
+a campaign job (welcome.toml) with 10,000 recipients over 120 domains under the reserved .example TLD (RFC 2606: these domains
 can never receive mail, so nothing can leak if the spool is sent for real),
 its text and HTML template, a DKIM Ed25519 key *for tests only*, and a few
 pickup files. The key is public in this repository: never use it to sign
@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-SPOOL = Path(__file__).resolve().parent / "spool"
+SPOOL = Path(__file__).resolve().parents[1] / "src" / "fastmta" / "examples" / "spool"
 FIRST = ["Ada", "Alan", "Grace", "Linus", "Margaret", "Dennis", "Barbara", "Ken", "Frances", "Edsger", "Radia", "Donald"]
 LAST = ["Lovelace", "Turing", "Hopper", "Torvalds", "Hamilton", "Ritchie", "Liskov", "Thompson", "Allen", "Dijkstra"]
 
