@@ -229,6 +229,9 @@ cdef class ProtocolCore:
     cdef readonly object _active  # deque of _Txn
     cdef readonly bytearray _out
     cdef readonly ReplyParser _parser
+    # Complete replies taken so far: the connection restarts its reply timer
+    # only when this moves, so a peer trickling bytes cannot extend it.
+    cdef readonly Py_ssize_t replies_received
     cdef object _open
     cdef bint _rset_needed
     cdef Py_ssize_t _bdat_active
@@ -309,6 +312,7 @@ cdef class ProtocolCore:
         cdef list replies = self._parser._feed(bytes(data))
         cdef tuple expected
         cdef object phase, txn
+        self.replies_received += len(replies)
         for reply in replies:
             if not self._expect:
                 raise ProtocolError(f"unsolicited reply: {reply}")

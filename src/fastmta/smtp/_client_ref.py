@@ -54,6 +54,9 @@ class ProtocolCore:
         self.extensions = Extensions()
         self.tls_active = False
         self._parser = ReplyParser()
+        # Complete replies taken so far: the connection restarts its reply timer
+        # only when this moves, so a peer trickling bytes cannot extend it.
+        self.replies_received = 0
         self._state = SessionState.GREETING
         self._out = bytearray()
         self._events: list[Event] = []
@@ -104,7 +107,9 @@ class ProtocolCore:
 
         Raises ProtocolError on garbage or an unsolicited reply.
         """
-        for reply in self._parser.feed(data):
+        replies = self._parser.feed(data)
+        self.replies_received += len(replies)
+        for reply in replies:
             if not self._expect:
                 raise ProtocolError(f"unsolicited reply: {reply}")
             phase, txn, index = self._expect.popleft()

@@ -110,7 +110,9 @@ class SMTPConnection(asyncio.Protocol):
         self._in_send = False
         self._reading = False  # inside data_received's handling of a read
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when self._timer fires
         self._deadline = 0.0
+        self._deadline_replies = -1  # protocol.replies_received when the deadline was set
         self._write_paused = False
         self._write_paused_since = 0.0
         self._tls_handshake = False
@@ -384,19 +386,35 @@ class SMTPConnection(asyncio.Protocol):
     def _arm(self) -> None:
         """Keep one timer for the oldest awaited reply.
 
-        The deadline moves on every flush/read, but the timer handle is only
-        re-created when it fires early, so the hot path just stores a float.
+        A reply's deadline runs from the moment it became the oldest one
+        awaited (the previous reply completed, or the command went out to an
+        idle connection) and covers the *whole* reply: bytes that do not
+        complete a reply do not extend it, so a peer trickling one byte a
+        second cannot hold the connection. The deadline is a float stored on
+        the hot path; the timer handle is re-created only when it would fire
+        late (a shorter phase timeout than the one it was armed for) or when
+        it fires early (the deadline moved on).
         """
         phase = self.protocol.waiting_for
         if phase is None and not self._write_paused:
             self._deadline = 0.0
+            self._deadline_replies = -1
             return
-        now = self._loop.time()
         if self._write_paused:
             self._deadline = self._write_paused_since + self.timeouts.data_block
-        else:
-            self._deadline = now + self._phase_timeouts[phase] if phase else 0.0
-        if self._timer is None and self._deadline:
+            self._deadline_replies = -1  # once writable again, the reply deadline starts afresh
+        elif phase is not None:
+            replies = self.protocol.replies_received
+            if replies != self._deadline_replies or not self._deadline:
+                self._deadline = self._loop.time() + self._phase_timeouts[phase]
+                self._deadline_replies = replies
+        if not self._deadline:
+            return
+        if self._timer is not None and self._deadline < self._timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None:
+            self._timer_at = self._deadline
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def _on_timer(self) -> None:
@@ -405,6 +423,7 @@ class SMTPConnection(asyncio.Protocol):
             return
         now = self._loop.time()
         if now < self._deadline:
+            self._timer_at = self._deadline
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
         phase = self.protocol.waiting_for
