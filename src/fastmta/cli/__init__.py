@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+
 class UsageError(Exception):
     """A usage or configuration error: reported on stderr as one line, exit status 2.
 

@@ -2,8 +2,10 @@
 
 The public names are re-exported here, so ``from fastmta.sink import SinkServer``
 is all a test of a sender needs. The server (``server``) drives one
-``protocol.SinkProtocol`` per connection; what it answers is configured in
-``config`` and ``profiles``, injected by ``faults``, counted in ``stats``.
+``protocol.SinkProtocol`` per connection (the SMTP dialogue, on top of
+``connection``'s framing and output); what it answers is configured in
+``config`` and ``profiles``, prepared per listener in ``listener`` and
+``replies``, injected by ``faults``, counted in ``stats``.
 """
 
 from fastmta.sink.config import (
@@ -17,8 +19,8 @@ from fastmta.sink.config import (
     parse_listen,
     parse_rate,
 )
+from fastmta.sink.connection import ConnectionTrace
 from fastmta.sink.profiles import PROFILES
-from fastmta.sink.protocol import ConnectionTrace
 from fastmta.sink.server import SinkServer
 from fastmta.sink.stats import SinkStats
 

@@ -1,480 +1,69 @@
-"""The sink's SMTP server state machine: one ``asyncio.Protocol`` per connection.
+"""The sink's SMTP dialogue: what each command means and what it is answered.
 
-Kept apart from :mod:`fastmta.sink.server` (which binds listeners and owns the
-shared state) because this is the hot path: every byte of every message
-passes through :meth:`SinkProtocol.data_received`, so it is written for
-speed first (plain attributes, precomputed replies, one write per read) and
-calls into fault injection only when faults are configured.
+:class:`SinkProtocol` is the ``asyncio.Protocol`` the server creates per
+connection. Its base, :class:`fastmta.sink.connection.SinkConnection`,
+frames the input and writes the replies; this class interprets: it checks
+each command's syntax and sequence (RFC 5321, 1870, 3030, 3207, 6152,
+6531), keeps the transaction (sender, recipients), switches the input to
+DATA or BDAT content, and accepts or refuses each message at its end.
+
+Handlers run once per command of every message, so they stay on the fast
+path: a handler is found by one dict lookup on the verb, appends a
+precomputed reply, and calls into fault injection only when faults are
+configured.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
-import ssl
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any
 
-from fastmta.sink.capture import CaptureWriter, unstuff
-from fastmta.sink.config import ListenerConfig, SinkConfig
-from fastmta.sink.faults import FaultEngine
-from fastmta.sink.profiles import ProviderProfile, ReplyTemplate, get_profile
-from fastmta.sink.stats import IPStats, SinkStats
+from fastmta.sink.connection import MODE_BDAT, MODE_DATA, SinkConnection
+from fastmta.sink.replies import (
+    R_BAD_BODY,
+    R_BAD_CHARS,
+    R_BAD_PARAM,
+    R_BAD_RCPT,
+    R_BAD_SENDER,
+    R_BAD_SIZE,
+    R_EXPN,
+    R_HELO_FIRST,
+    R_HELP,
+    R_MIXED,
+    R_NEED_MAIL,
+    R_NEED_RCPT,
+    R_NEED_UTF8,
+    R_NESTED,
+    R_NO_TLS,
+    R_OK,
+    R_SESSION_REFUSED,
+    R_STARTTLS,
+    R_SYN_BDAT,
+    R_SYN_DATA,
+    R_SYN_EHLO,
+    R_SYN_MAIL,
+    R_SYN_NOARG,
+    R_SYN_RCPT,
+    R_TLS_AGAIN,
+    R_TOO_BIG,
+    R_TOO_MANY_RCPTS,
+    R_UNKNOWN,
+    R_VRFY,
+    format_reply,
+)
 from fastmta.sink.syntax import PathError, is_valid_mailbox, split_param, split_path
 
-_CMD, _DATA, _BDAT, _SKIP = 0, 1, 2, 3
-_TERMINATOR = b"\r\n.\r\n"
-#: Per connection, traces keep at most this many octets of reads (tests only).
-_TRACE_LIMIT = 1 << 20
 
-
-@dataclass(slots=True)
-class ConnectionTrace:
-    """Every read of one connection, as the server saw it (``SinkConfig.trace``).
-
-    ``reads[i]`` is the data of the i-th ``data_received`` call and
-    ``commands[i]`` the command verbs parsed from it, so a test can show
-    from the server side that a pipelining client put MAIL, RCPT and DATA
-    in one segment.
-    """
-
-    peer: tuple[str, int]
-    reads: list[bytes] = field(default_factory=list)
-    commands: list[list[str]] = field(default_factory=list)
-    recorded: int = 0
-
-
-class _Compiled:
-    """A reply template prepared for the hot path.
-
-    Static replies are plain bytes; a reply whose only variable is the queue
-    id is two bytes objects around it; anything else is rendered in full.
-    """
-
-    __slots__ = ("code", "hostname", "post", "pre", "static", "template")
-
-    def __init__(self, template: ReplyTemplate, hostname: str) -> None:
-        self.template = template
-        self.hostname = hostname
-        self.code = template.code
-        wire = template.render({"host": hostname})
-        self.static: bytes | None = None
-        self.pre = self.post = b""
-        if b"{" not in wire:
-            self.static = wire
-        elif wire.count(b"{") == 1 and wire.count(b"{id}") == 1:
-            self.pre, _, self.post = wire.partition(b"{id}")
-
-    def make(self, qid: str, ip: str = "", sender: bytes = b"", rcpt: bytes = b"") -> bytes:
-        if self.pre:
-            return self.pre + qid.encode("ascii") + self.post
-        fields = {
-            "host": self.hostname,
-            "ip": ip,
-            "id": qid,
-            "sender": sender.decode("utf-8", "replace"),
-            "rcpt": rcpt.decode("utf-8", "replace"),
-        }
-        return self.template.render(fields)
-
-
-class ListenerRuntime:
-    """Per-listener constants: replies of its profile, its fault engine."""
-
-    __slots__ = (
-        "config",
-        "data_go",
-        "ehlo",
-        "ehlo_tls",
-        "faults",
-        "greeting",
-        "helo",
-        "hostname",
-        "mail_ok",
-        "profile",
-        "queued",
-        "quit",
-        "rcpt_ok",
-    )
-
-    def __init__(
-        self,
-        config: ListenerConfig,
-        sink: SinkConfig,
-        tls: bool,
-        rng: random.Random,
-        stats: SinkStats,
-        clock: Callable[[], float],
-    ) -> None:
-        self.config = config
-        profile: ProviderProfile = get_profile(config.profile)
-        self.profile = profile
-        self.hostname = hostname = config.hostname or profile.hostname
-        faults = config.faults if config.faults is not None else sink.faults
-        self.faults = FaultEngine(faults, profile, hostname, rng, stats, clock) if faults.active else None
-        self.greeting = _Compiled(profile.greeting, hostname)
-        self.mail_ok = _Compiled(profile.mail_ok, hostname)
-        self.rcpt_ok = _Compiled(profile.rcpt_ok, hostname)
-        self.data_go = _Compiled(profile.data_go, hostname)
-        self.queued = _Compiled(profile.queued, hostname)
-        self.quit = _Compiled(profile.quit, hostname)
-        keywords = [
-            "PIPELINING",
-            f"SIZE {sink.max_message_size}",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-            "CHUNKING",
-        ]
-        plain = ReplyTemplate(250, (profile.ehlo_first_line, *keywords, *(["STARTTLS"] if tls else [])))
-        secured = ReplyTemplate(250, (profile.ehlo_first_line, *keywords))
-        self.ehlo = _Compiled(plain, hostname)
-        self.ehlo_tls = _Compiled(secured, hostname)
-        self.helo = f"250 {hostname}\r\n".encode("ascii")
-
-
-def _reply(code: int, enhanced: str, text: str) -> bytes:
-    return f"{code} {enhanced} {text}\r\n".encode("ascii")
-
-
-# Fixed protocol replies (not provider-specific: every MTA words these alike).
-R_OK = _reply(250, "2.0.0", "Ok")
-R_VRFY = _reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
-R_HELP = _reply(214, "2.0.0", "See RFC 5321")
-R_STARTTLS = _reply(220, "2.0.0", "Ready to start TLS")
-R_UNKNOWN = _reply(500, "5.5.2", "Error: command not recognized")
-R_BAD_CHARS = _reply(500, "5.5.2", "Error: bare CR or NUL in command line")
-R_TOO_LONG = _reply(500, "5.5.2", "Error: line too long")
-R_EXPN = _reply(502, "5.5.1", "Error: command not implemented")
-R_HELO_FIRST = _reply(503, "5.5.1", "Error: send HELO/EHLO first")
-R_NESTED = _reply(503, "5.5.1", "Error: nested MAIL command")
-R_NEED_MAIL = _reply(503, "5.5.1", "Error: need MAIL command")
-R_NEED_RCPT = _reply(554, "5.5.1", "Error: no valid recipients")
-R_MIXED = _reply(503, "5.5.1", "Error: DATA and BDAT cannot be mixed in one transaction")
-R_TLS_AGAIN = _reply(503, "5.5.1", "Error: TLS already active")
-R_NO_TLS = _reply(502, "5.5.1", "Error: STARTTLS not available")
-R_SESSION_REFUSED = _reply(503, "5.5.1", "Error: session refused, send QUIT")
-R_TOO_MANY_RCPTS = _reply(452, "4.5.3", "Error: too many recipients")
-R_TOO_BIG = _reply(552, "5.3.4", "Error: message size exceeds fixed limit")
-R_TOO_MANY_ERRORS = _reply(421, "4.7.0", "Error: too many errors, closing connection")
-R_SHUTDOWN = _reply(421, "4.3.2", "Service shutting down, closing transmission channel")
-R_IDLE = _reply(421, "4.4.2", "Error: timeout exceeded, closing connection")
-R_SYN_EHLO = _reply(501, "5.5.4", "Syntax: EHLO hostname")
-R_SYN_MAIL = _reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-R_SYN_RCPT = _reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
-R_SYN_DATA = _reply(501, "5.5.4", "Syntax: DATA (no parameters)")
-R_SYN_BDAT = _reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
-R_SYN_NOARG = _reply(501, "5.5.4", "Syntax: no parameters allowed")
-R_BAD_SENDER = _reply(501, "5.1.7", "Bad sender address syntax")
-R_BAD_RCPT = _reply(501, "5.1.3", "Bad recipient address syntax")
-R_NEED_UTF8 = _reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter")
-R_BAD_PARAM = _reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
-R_BAD_BODY = _reply(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
-R_BAD_SIZE = _reply(501, "5.5.4", "Syntax: SIZE=<number>")
-
-
-class SinkHost(Protocol):
-    """What a connection needs of the server that accepted it (``SinkServer``).
-
-    A structural type rather than an import keeps the imports one way:
-    ``server`` builds connections, connections never import ``server``.
-    """
-
-    config: SinkConfig
-    stats: SinkStats
-    traces: list[ConnectionTrace]
-    connections: set[SinkProtocol]
-    capture: CaptureWriter | None
-    ssl_context: ssl.SSLContext | None
-
-    def next_session_id(self) -> str: ...
-
-
-class SinkProtocol(asyncio.Protocol):
+class SinkProtocol(SinkConnection):
     """One SMTP server connection. Not for direct use: see :class:`SinkServer`."""
 
-    __slots__ = (
-        "_bdat_last",
-        "_bdat_left",
-        "_bdat_refusal",
-        "_bdat_used",
-        "_buf",
-        "_chunks",
-        "_closing",
-        "_codes",
-        "_errors",
-        "_esmtp",
-        "_faults",
-        "_greeted",
-        "_held",
-        "_ip",
-        "_ipstats",
-        "_l",
-        "_line_len",
-        "_long_line",
-        "_max_data_line",
-        "_max_line",
-        "_messages",
-        "_mode",
-        "_out",
-        "_qid",
-        "_rcpts",
-        "_refused",
-        "_sender",
-        "_server",
-        "_size",
-        "_stats",
-        "_tail",
-        "_tls",
-        "_tls_pending",
-        "_trace",
-        "_transport",
-        "_utf8",
-        "_write_paused",
-        "active",
-    )
-
-    def __init__(self, server: SinkHost, listener: ListenerRuntime) -> None:
-        self._server = server
-        self._l = listener
-        self._stats = server.stats
-        self._codes = server.stats.replies
-        self._faults = listener.faults
-        self._transport: asyncio.Transport | None = None
-        self._buf = b""
-        self._mode = _CMD
-        self._out: list[bytes] = []
-        self._greeted = False
-        self._esmtp = False
-        self._tls = False
-        self._sender: bytes | None = None
-        self._rcpts: list[bytes] = []
-        self._utf8 = False
-        self._size = 0
-        self._tail = b""
-        self._chunks: list[bytes] | None = None
-        self._bdat_left = 0
-        self._bdat_last = False
-        self._bdat_refusal: bytes | None = None
-        self._bdat_used = False
-        self._errors = 0
-        self._closing = False
-        self._held = False
-        #: 0: plain text; 1: STARTTLS accepted, 220 not yet written; 2: handshaking.
-        self._tls_pending = 0
-        self._write_paused = False
-        self._refused = False
-        self._ip = ""
-        self._ipstats: IPStats = IPStats()
-        self._qid = ""
-        self._messages = 0
-        #: Set on every read; the idle sweeper clears it and closes connections
-        #: that stay silent a whole period (cheaper than a timer per read).
-        self.active = True
-        self._trace: ConnectionTrace | None = None
-        self._max_line = server.config.max_line_length
-        self._max_data_line = server.config.max_data_line
-        self._line_len = 0
-        self._long_line = False
-
-    # ------------------------------------------------------------ lifecycle
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # create_server only makes stream transports; a cast, not an isinstance
-        # check, because this runs once per connection.
-        self._transport = transport = cast(asyncio.Transport, transport)
-        server = self._server
-        stats = self._stats
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self._ip = ip = str(peer[0])
-        self._qid = server.next_session_id()
-        stats.connections += 1
-        stats.active_connections += 1
-        stats.max_concurrent_connections = max(stats.max_concurrent_connections, stats.active_connections)
-        self._ipstats = stats.ip(ip)
-        self._ipstats.connections += 1
-        server.connections.add(self)
-        if server.config.trace:
-            self._trace = ConnectionTrace((ip, int(peer[1])))
-            server.traces.append(self._trace)
-        greeting = self._l.greeting
-        wire = greeting.static or greeting.make(self._qid, ip)
-        faults = self._faults
-        if faults is None:
-            self._codes[220] += 1
-            transport.write(wire)
-            return
-        refusal = faults.connect(ip, self._qid)
-        if refusal is not None:
-            # 421: say why and hang up. 554: RFC 5321 3.1 says refuse every
-            # command but QUIT and let the client end the session.
-            self._refused = refusal.code != 421
-            self._answer("connect", refusal.wire, refusal.code, refusal.close)
-        else:
-            self._answer("connect", wire, 220, False)
-        self._flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stats.active_connections -= 1
-        self._server.connections.discard(self)
-        if self._faults is not None:
-            self._faults.disconnect(self._ip)
-        self._transport = None
-        self._closing = True
-
-    def pause_writing(self) -> None:
-        # A client that pipelines but does not read its replies: stop reading
-        # until it catches up, so our write buffer stays bounded.
-        self._write_paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._transport is not None and not self._held:
-            self._transport.resume_reading()
-
-    def shut(self, reply: bytes) -> None:
-        """Say *reply* (a 421) and close, whatever state the session is in."""
-        if self._transport is None or self._closing:
-            return
-        self._send(reply, int(reply[:3]))
-        self._closing = True
-        self._held = False
-        self._tls_pending = 0
-        self._flush()
-
-    def eof_received(self) -> bool | None:
-        return None  # close our side too
-
-    # --------------------------------------------------------------- input
-
-    def data_received(self, data: bytes) -> None:
-        self.active = True
-        trace = self._trace
-        if trace is not None and trace.recorded < _TRACE_LIMIT:
-            trace.reads.append(data)
-            trace.commands.append([])
-            trace.recorded += len(data)
-        if self._held or self._closing:
-            if self._closing or self._tls_pending == 1:
-                return
-            # Held by a tarpit delay, or (TLS handshake under way) decrypted
-            # data the client sent right after its Finished: keep it in order.
-            self._buf += data
-            return
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
-        self._process(data)
-
-    def _process(self, data: bytes) -> None:
-        pos = 0
-        n = len(data)
-        max_line = self._max_line
-        while pos < n:
-            mode = self._mode
-            if mode == _CMD:
-                nl = data.find(b"\n", pos)
-                if nl < 0:
-                    if n - pos >= max_line:
-                        self._error(R_TOO_LONG, 500)
-                        self._mode = _SKIP
-                        pos = n
-                    else:
-                        self._buf = data[pos:]
-                    break
-                if nl - pos >= max_line:  # the line with its LF is longer than allowed
-                    self._error(R_TOO_LONG, 500)
-                else:
-                    self._command(data[pos:nl])
-                pos = nl + 1
-            elif mode == _DATA:
-                pos = self._data(data, pos)
-            elif mode == _BDAT:
-                pos = self._bdat(data, pos)
-            else:  # _SKIP: the rest of an over-long line
-                nl = data.find(b"\n", pos)
-                if nl < 0:
-                    break
-                pos = nl + 1
-                self._mode = _CMD
-            if self._held or self._closing:
-                if self._tls_pending or self._closing:
-                    break  # pipelined after STARTTLS or QUIT: discarded
-                self._buf = data[pos:]
-                break
-        self._flush()
-
-    def _flush(self) -> None:
-        out = self._out
-        if out:
-            transport = self._transport
-            if transport is not None:
-                transport.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-        if self._closing and not self._held and self._transport is not None:
-            self._transport.close()
-        elif self._tls_pending == 1 and self._transport is not None:
-            # Stop reading now: plaintext the client pipelined after STARTTLS
-            # (RFC 3207 section 6: an injection attempt) must never reach us;
-            # start_tls resumes reading under TLS.
-            self._transport.pause_reading()
-            self._tls_pending = 2
-            asyncio.get_running_loop().create_task(self._start_tls())
-
-    # ------------------------------------------------------------- replies
-
-    def _send(self, wire: bytes, code: int) -> None:
-        self._out.append(wire)
-        self._codes[code] += 1
-        if code >= 400:
-            self._ipstats.rejections += 1
-
-    def _error(self, wire: bytes, code: int) -> None:
-        """A protocol error: too many of them and the client is shown out."""
-        self._send(wire, code)
-        self._errors += 1
-        if self._errors >= self._server.config.max_errors:
-            self._send(R_TOO_MANY_ERRORS, 421)
-            self._closing = True
-
-    def _answer(self, phase: Any, wire: bytes, code: int, close: bool) -> None:
-        """Send a reply of a fault-injected phase, after its delay if one is set."""
-        assert self._faults is not None
-        delay = self._faults.delay(phase)
-        if delay > 0:
-            # Tarpit: hold this reply and everything after it. Replies already
-            # due go out now, so order is kept; reading pauses meanwhile.
-            self._held = True
-            self._flush()
-            if self._transport is not None:
-                self._transport.pause_reading()
-            asyncio.get_running_loop().call_later(delay, self._release, wire, code, close)
-            return
-        self._send(wire, code)
-        if close:
-            self._closing = True
-
-    def _release(self, wire: bytes, code: int, close: bool) -> None:
-        self._held = False
-        self.active = True  # a tarpit is not idleness
-        if self._transport is None or self._closing:
-            return  # closed meanwhile (idle sweep, shutdown, client gone)
-        self._send(wire, code)
-        if close:
-            self._closing = True
-            self._flush()
-            return
-        if not self._write_paused:
-            self._transport.resume_reading()
-        data, self._buf = self._buf, b""
-        self._process(data)
+    # The state is in the base's slots; an empty list keeps instances
+    # without a __dict__ (and attribute access on the slot fast path).
+    __slots__ = ()
 
     # ------------------------------------------------------------ commands
 
     def _command(self, line: bytes) -> None:
+        """Answer one command line (without its LF): check it, find its handler."""
         if line[-1:] == b"\r":
             line = line[:-1]
         if b"\r" in line or b"\0" in line:
@@ -491,14 +80,6 @@ class SinkProtocol(asyncio.Protocol):
             self._error(R_UNKNOWN, 500)
             return
         handler(self, line)
-
-    def _reset_transaction(self) -> None:
-        self._sender = None
-        self._rcpts = []
-        self._utf8 = False
-        self._bdat_used = False
-        self._chunks = None
-        self._size = 0
 
     def _ehlo(self, line: bytes) -> None:
         arg = line[5:].strip()
@@ -541,7 +122,7 @@ class SinkProtocol(asyncio.Protocol):
         try:
             addr, params = split_path(line[10:])
         except PathError as e:
-            self._error(_reply(501, e.enhanced, e.text), 501)
+            self._error(format_reply(501, e.enhanced, e.text), 501)
             return
         utf8 = False
         if params:
@@ -604,7 +185,7 @@ class SinkProtocol(asyncio.Protocol):
         try:
             addr, params = split_path(line[8:])
         except PathError as e:
-            self._error(_reply(501, e.enhanced, e.text), 501)
+            self._error(format_reply(501, e.enhanced, e.text), 501)
             return
         if params:
             # NOTIFY/ORCPT belong to DSN, which is not advertised.
@@ -633,6 +214,10 @@ class SinkProtocol(asyncio.Protocol):
         self._out.append(wire)
         self._codes[250] += 1
 
+    # -------------------------------------------- message content, its end
+    # DATA and BDAT switch the input to content (framed by the base class),
+    # which comes back here through _bdat_done and _finish_message.
+
     def _data_cmd(self, line: bytes) -> None:
         if len(line) > 4 and line[4:].strip():
             self._error(R_SYN_DATA, 501)
@@ -658,7 +243,7 @@ class SinkProtocol(asyncio.Protocol):
         else:
             self._out.append(wire)
             self._codes[354] += 1
-        self._mode = _DATA
+        self._mode = MODE_DATA
         self._size = 0
         # The CRLF that ended the DATA line counts as the start of the
         # terminator, so an empty message (".\r\n" at once) is recognized.
@@ -666,66 +251,6 @@ class SinkProtocol(asyncio.Protocol):
         self._chunks = [] if self._server.capture is not None else None
         self._line_len = 0
         self._long_line = False
-
-    def _data(self, data: bytes, pos: int) -> int:
-        """Consume message content from data[pos:]; return where it stopped."""
-        n = len(data)
-        tail = self._tail
-        end = -1
-        if tail:
-            i = (tail + data[pos : pos + 4]).find(_TERMINATOR)
-            if i >= 0:
-                end = pos + i + 5 - len(tail)
-        if end < 0:
-            i = data.find(_TERMINATOR, pos)
-            if i >= 0:
-                end = i + 5
-        if end < 0:
-            self._size += n - pos
-            chunks = self._chunks
-            if chunks is not None:
-                chunks.append(data[pos:] if pos else data)
-                if self._size > self._server.config.max_message_size + 3:
-                    self._chunks = None  # too big: stop keeping it, keep counting
-            self._tail = data[-4:] if n - pos >= 4 else (tail + data[pos:])[-4:]
-            if self._max_data_line and not self._long_line:
-                self._scan_lines(data, pos, n)
-            return n
-        if self._max_data_line and not self._long_line:
-            self._scan_lines(data, pos, end)
-        self._size += end - pos
-        chunks = self._chunks
-        if chunks is not None:
-            chunks.append(data[pos:end])
-        self._mode = _CMD
-        self._tail = b""
-        size = self._size - 3  # without ".\r\n"
-        content = unstuff(b"".join(chunks)[:size]) if chunks is not None else None
-        self._finish_message(size, content)
-        return end
-
-    def _scan_lines(self, data: bytes, start: int, end: int) -> None:
-        """Note whether data[start:end] holds a text line over the limit.
-
-        Only runs when ``max_data_line`` is set: it visits every line, which
-        the discard path otherwise never does.
-        """
-        limit = self._max_data_line
-        run = self._line_len
-        pos = start
-        while True:
-            nl = data.find(b"\n", pos, end)
-            if nl < 0:
-                run += end - pos
-                if run > limit:
-                    self._long_line = True
-                break
-            if run + nl - pos + 1 > limit:
-                self._long_line = True
-                break
-            run = 0
-            pos = nl + 1
-        self._line_len = run
 
     def _bdat_cmd(self, line: bytes) -> None:
         parts = line.split()
@@ -756,27 +281,10 @@ class SinkProtocol(asyncio.Protocol):
         if size == 0:
             self._bdat_done()
         else:
-            self._mode = _BDAT
-
-    def _bdat(self, data: bytes, pos: int) -> int:
-        take = min(self._bdat_left, len(data) - pos)
-        end = pos + take
-        if self._bdat_refusal is None:
-            self._size += take
-            if self._max_data_line and not self._long_line:
-                self._scan_lines(data, pos, end)
-            chunks = self._chunks
-            if chunks is not None:
-                chunks.append(data[pos:end])
-                if self._size > self._server.config.max_message_size:
-                    self._chunks = None
-        self._bdat_left -= take
-        if self._bdat_left == 0:
-            self._mode = _CMD
-            self._bdat_done()
-        return end
+            self._mode = MODE_BDAT
 
     def _bdat_done(self) -> None:
+        """A BDAT chunk has been read in full: answer it, or end the message."""
         refusal = self._bdat_refusal
         if refusal is not None:
             # RFC 3030: the chunk was read (it had to be) and is refused.
@@ -802,7 +310,7 @@ class SinkProtocol(asyncio.Protocol):
         if self._long_line:
             self._stats.rejected_messages += 1
             self._send(
-                _reply(554, "5.6.0", f"Error: message has a line longer than {self._max_data_line} octets"), 554
+                format_reply(554, "5.6.0", f"Error: message has a line longer than {self._max_data_line} octets"), 554
             )
             return
         faults = self._faults
@@ -828,6 +336,8 @@ class SinkProtocol(asyncio.Protocol):
             return
         self._out.append(wire)
         self._codes[250] += 1
+
+    # ------------------------------------------------------ other commands
 
     def _rset(self, line: bytes) -> None:
         if len(line) > 4 and line[4:].strip():
@@ -864,37 +374,14 @@ class SinkProtocol(asyncio.Protocol):
             self._error(R_NO_TLS, 502)
             return
         self._send(R_STARTTLS, 220)
+        # Hold the rest of the input: the base class's _flush writes the 220,
+        # stops reading and starts the handshake (SinkConnection._start_tls).
         self._held = True
         self._tls_pending = 1
 
-    async def _start_tls(self) -> None:
-        transport = self._transport
-        ctx = self._server.ssl_context
-        if transport is None or ctx is None:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            new = await loop.start_tls(transport, self, ctx, server_side=True, ssl_handshake_timeout=30)
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
-            transport.abort()
-            return
-        if new is None:
-            transport.abort()
-            return
-        self._transport = new
-        self._tls = True
-        self._tls_pending = 0
-        self._held = False
-        self._stats.tls_sessions += 1
-        # RFC 3207 4.2: the session starts over; the client must EHLO again.
-        self._greeted = False
-        self._esmtp = False
-        self._reset_transaction()
-        data, self._buf = self._buf, b""
-        if data:
-            self._process(data)
 
-
+# Keyed on the first four octets of the line (so STARTTLS is b"STAR"): one
+# dict lookup per command, and a plain function called as handler(self, line).
 _HANDLERS: dict[bytes, Any] = {
     b"MAIL": SinkProtocol._mail,
     b"RCPT": SinkProtocol._rcpt,
@@ -910,5 +397,3 @@ _HANDLERS: dict[bytes, Any] = {
     b"EXPN": SinkProtocol._expn,
     b"STAR": SinkProtocol._starttls,
 }
-
-

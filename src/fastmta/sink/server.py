@@ -36,14 +36,11 @@ from fastmta.sink.capture import CaptureWriter
 from fastmta.sink.config import (
     SinkConfig,
 )
+from fastmta.sink.connection import ConnectionTrace, SinkConnection
+from fastmta.sink.listener import ListenerRuntime
 from fastmta.sink.profiles import get_profile
-from fastmta.sink.protocol import (
-    R_IDLE,
-    R_SHUTDOWN,
-    ConnectionTrace,
-    ListenerRuntime,
-    SinkProtocol,
-)
+from fastmta.sink.protocol import SinkProtocol
+from fastmta.sink.replies import R_IDLE, R_SHUTDOWN
 from fastmta.sink.stats import SinkStats
 from fastmta.smtp.tlscert import make_self_signed, server_context
 
@@ -62,7 +59,7 @@ class SinkServer:
         self.certificate_pem: bytes | None = None
         self.addresses: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
-        self.connections: set[SinkProtocol] = set()
+        self.connections: set[SinkConnection] = set()
         self.ssl_context: ssl.SSLContext | None = None
         self.capture = CaptureWriter(self.config.capture_dir) if self.config.capture_dir is not None else None
         self._sessions = 0
