@@ -381,6 +381,65 @@ def test_idle_connections_are_closed(run) -> None:
     run(main())
 
 
+async def _trickle(c: RawClient, data: bytes, gap: float, until: float) -> float:
+    """Send *data* one byte every *gap* seconds until the server closes; return when it did."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    closed = asyncio.ensure_future(c.closed_by_server(timeout=until))
+    for i in range(len(data)):
+        if closed.done() or loop.time() - t0 > until:
+            break
+        try:
+            await c.send(data[i : i + 1])
+        except (ConnectionError, OSError):
+            break
+        await asyncio.sleep(gap)
+    assert await closed, "the server never closed the trickling connection"
+    return loop.time() - t0
+
+
+def test_a_command_trickled_byte_by_byte_cannot_hold_a_connection(run) -> None:
+    # Slowloris: a byte every 0.1 s resets nothing; only complete lines are progress.
+    async def main() -> float:
+        async with sink(idle_timeout=0.4) as (server, [addr]):
+            c = await RawClient.connect(addr)
+            elapsed = await _trickle(c, b"EHLO " + b"x" * 200 + b"\r\n", 0.1, until=5)
+            await wait_for(lambda: server.stats.active_connections == 0)
+            return elapsed
+
+    assert run(main()) < 2.0
+
+
+def test_message_content_trickled_cannot_hold_a_connection(run) -> None:
+    async def main() -> float:
+        async with sink(idle_timeout=0.4, min_data_rate=100) as (server, [addr]):
+            c = await RawClient.connect(addr)
+            await _ehlo(c)
+            for line in (b"MAIL FROM:<a@a.test>", b"RCPT TO:<b@b.test>"):
+                assert (await c.cmd(line)).code == 250
+            assert (await c.cmd(b"DATA")).code == 354
+            elapsed = await _trickle(c, b"Subject: slow\r\n\r\n" + b"y" * 400, 0.1, until=5)
+            assert server.stats.messages == 0  # closed mid-content: nothing accepted
+            return elapsed
+
+    assert run(main()) < 2.0
+
+
+def test_a_slow_but_steady_client_is_not_cut_off(run) -> None:
+    # One complete command every 0.25 s for 2 s: progress in every 0.4 s period.
+    async def main() -> None:
+        async with sink(idle_timeout=0.4) as (server, [addr]):
+            c = await RawClient.connect(addr)
+            await _ehlo(c)
+            for _ in range(8):
+                assert (await c.cmd(b"NOOP")).code == 250
+                await asyncio.sleep(0.25)
+            assert (await c.cmd(b"QUIT")).code == 221
+            assert server.stats.connections == 1
+
+    run(main())
+
+
 def test_plaintext_after_starttls_fails_the_handshake_and_is_never_run(run) -> None:
     async def main() -> None:
         async with sink() as (server, [addr]):

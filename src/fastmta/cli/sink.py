@@ -126,7 +126,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument(
         "--idle-timeout", type=float, default=300.0, metavar="SECONDS",
-        help="close connections idle this long (default: 300)",
+        help="close connections that complete no command and send content slower than "
+             "--min-data-rate for this long (default: 300)",
+    )  # fmt: skip
+    g.add_argument(
+        "--min-data-rate", type=float, default=256.0, metavar="BYTES_PER_S",
+        help="message content slower than this over an idle period counts as idle (default: 256)",
     )  # fmt: skip
 
     g = parser.add_argument_group("TLS")
@@ -217,6 +222,7 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         max_data_line=args.max_data_line,
         max_errors=args.max_errors,
         idle_timeout=args.idle_timeout,
+        min_data_rate=args.min_data_rate,
         capture_dir=args.capture,
         seed=args.seed,
         starttls=not args.no_starttls,

@@ -139,8 +139,12 @@ class SinkConfig:
     max_data_line: int = 0
     #: Protocol errors per connection before 421 and disconnect.
     max_errors: int = 20
-    #: Close connections silent for this long (checked between 1x and 2x of it).
+    #: Close connections that make no progress for this long (checked between
+    #: 1x and 2x of it): no complete command line, and message content slower
+    #: than ``min_data_rate``. Bytes alone do not reset it (slowloris).
     idle_timeout: float = 300.0
+    #: Octets per second that message content must average over an idle period.
+    min_data_rate: float = 256.0
     #: Write each message to its own file here (pickup format) instead of discarding it.
     capture_dir: Path | None = None
     seed: int | None = None

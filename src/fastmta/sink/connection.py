@@ -123,6 +123,7 @@ class SinkConnection(asyncio.Protocol):
         "_utf8",
         "_write_paused",
         "active",
+        "received",
     )
 
     def __init__(self, server: SinkHost, listener: ListenerRuntime) -> None:
@@ -159,9 +160,14 @@ class SinkConnection(asyncio.Protocol):
         self._ipstats: IPStats = IPStats()
         self._qid = ""
         self._messages = 0
-        #: Set on every read; the idle sweeper clears it and closes connections
-        #: that stay silent a whole period (cheaper than a timer per read).
+        #: Progress, judged by the idle sweeper once a period (cheaper than a
+        #: timer per read): ``active`` is set by every *complete* command line
+        #: (and by a tarpit's release), ``received`` counts the octets read.
+        #: Mere bytes do not count as progress, or a client trickling one byte
+        #: every few seconds would hold the connection forever (slowloris); see
+        #: ``SinkServer._sweep``.
         self.active = True
+        self.received = 0
         self._trace: ConnectionTrace | None = None
         self._max_line = server.config.max_line_length
         self._max_data_line = server.config.max_data_line
@@ -241,7 +247,7 @@ class SinkConnection(asyncio.Protocol):
     # --------------------------------------------------------------- input
 
     def data_received(self, data: bytes) -> None:
-        self.active = True
+        self.received += len(data)
         trace = self._trace
         if trace is not None and trace.recorded < _TRACE_LIMIT:
             trace.reads.append(data)
@@ -275,6 +281,7 @@ class SinkConnection(asyncio.Protocol):
                     else:
                         self._buf = data[pos:]
                     break
+                self.active = True  # a complete line: progress
                 if nl - pos >= max_line:  # the line with its LF is longer than allowed
                     self._error(R_TOO_LONG, 500)
                 else:

@@ -106,9 +106,16 @@ class SinkServer:
         return list(self.addresses)
 
     def _sweep(self) -> None:
+        # A connection lives on if, since the last sweep, it completed a command
+        # line or sent message content at no less than min_data_rate: a trickle
+        # of bytes that completes nothing is idleness (Postfix's per-record
+        # deadline has the same intent). Checked every idle_timeout, so an idle
+        # or trickling connection is closed after between one and two periods.
+        min_bytes = self.config.min_data_rate * self.config.idle_timeout
         for conn in list(self.connections):
-            if conn.active:
+            if conn.active or conn.received >= min_bytes:
                 conn.active = False
+                conn.received = 0
             else:
                 conn.shut(R_IDLE)
         self._sweeper = asyncio.get_running_loop().call_later(self.config.idle_timeout, self._sweep)
