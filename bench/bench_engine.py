@@ -71,7 +71,7 @@ from _util import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_KEY = REPO / "examples" / "spool" / "dkim-test-ed25519.key.pem"  # a public TEST key
+TEST_KEY = REPO / "src" / "fastmta" / "examples" / "spool" / "dkim-test-ed25519.key.pem"  # a public TEST key
 
 SENDER = "bounces@news.bench.example"
 DKIM_DOMAIN = "news.bench.example"
@@ -297,7 +297,7 @@ async def _fairness(fast: str, tarpit: str, messages: int, tarpit_every: int, si
                     timeout: float) -> dict[str, Any]:
     from fastmta.delivery.config import config_from_dict
     from fastmta.delivery.engine import Engine, Status
-    from fastmta.load.generator import make_message
+    from fastmta.load.workload import make_message
     from fastmta.queue.records import Outcome
 
     config = config_from_dict({

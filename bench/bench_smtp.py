@@ -93,7 +93,7 @@ def aiosmtplib_client(host: str, port: int, messages: int, connections: int, siz
     import aiosmtplib
     import uvloop
 
-    from fastmta.load.generator import make_message
+    from fastmta.load.workload import make_message
 
     message = make_message(size, SENDER, RECIPIENT)
     claims = itertools.count()
@@ -511,7 +511,7 @@ def main(argv: list[str]) -> int:
         return aiosmtplib_client(host, int(port), int(messages), int(connections), int(size), float(timeout))
 
     args = parse_args(argv)
-    from fastmta.load.generator import make_message
+    from fastmta.load.workload import make_message
 
     def log(text: str) -> None:
         sys.stderr.write(text)

@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastmta.load.generator import LoadSpec, make_message, run_load
+from fastmta.load.driver import run_load
+from fastmta.load.spec import LoadSpec
+from fastmta.load.workload import make_message
 from scripted import ScriptedSMTP
 from servers import free_port, postfix_smtp_sink
 
@@ -166,7 +168,7 @@ def test_envelope_phase_ends_at_the_354_read_not_after_the_content_write(run: Ru
     # must end when the 354 was read; the write belongs to end_of_data.
     from time import perf_counter
 
-    from fastmta.load.generator import _Msg, _TimedConnection
+    from fastmta.load.measure import _Msg, _TimedConnection
     from fastmta.smtp.connection import Timeouts
     from fastmta.smtp.protocol import Body, ClientProtocol, Transaction
 

@@ -26,25 +26,18 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from fastmta.load.generator import (
-    DkimOptions,
-    LoadSpec,
-    Progress,
-    SizeDistribution,
-    Workload,
-    _Source,
-    merge_results,
-    run_load,
-    run_load_processes,
-    split_spec,
-)
+from fastmta.load.driver import _Source, run_load
+from fastmta.load.processes import run_load_processes, split_spec
+from fastmta.load.report import Progress, merge_results
 from fastmta.load.schema import SCHEMA, validate
+from fastmta.load.spec import DkimOptions, LoadSpec, SizeDistribution
+from fastmta.load.workload import Workload
 from scripted import ScriptedSMTP
 from servers import free_port, postfix_smtp_sink
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 ROOT = Path(__file__).resolve().parent.parent
-TEST_KEY = ROOT / "examples" / "spool" / "dkim-test-ed25519.key.pem"
+TEST_KEY = ROOT / "src" / "fastmta" / "examples" / "spool" / "dkim-test-ed25519.key.pem"
 
 
 # --- a scriptable loopback server: answers like a sink, with an optional stall ---------

@@ -36,17 +36,10 @@ import sys
 from typing import Any
 
 from fastmta.cli.sinkproc import embedded_sink
-from fastmta.load.generator import (
-    PERCENTILES,
-    PHASES,
-    DkimOptions,
-    LoadResult,
-    LoadSpec,
-    Progress,
-    SizeDistribution,
-    run_load,
-    run_load_processes,
-)
+from fastmta.load.driver import run_load
+from fastmta.load.processes import run_load_processes
+from fastmta.load.report import PERCENTILES, PHASES, LoadResult, Progress
+from fastmta.load.spec import DkimOptions, LoadSpec, SizeDistribution
 from fastmta.smtp.protocol import TLSPolicy
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from fastmta.load.generator import LoadResult
+from fastmta.load.report import LoadResult
 
 
 def plot_available() -> str | None:
