@@ -14,7 +14,8 @@ from fastmta.sink.config import (
     parse_rate,
 )
 from fastmta.sink.profiles import PROFILES, ReplyTemplate
-from fastmta.sink.syntax import PathError, is_valid_mailbox, split_path
+from fastmta.sink.syntax import PathError, split_path
+from fastmta.smtp.address import is_valid_mailbox
 from fastmta.smtp.reply import ReplyParser
 from test_sink_support import stuff
 

@@ -221,6 +221,21 @@ def test_address_fields_must_be_one_address(email_value: str) -> None:
     assert "row 3" in str(err.value) and "c.toml:template.headers.To" in str(err.value)
 
 
+@pytest.mark.parametrize("email_value", ["renée@example.net", "kunde@bücher.test", "用户@例子.测试"])
+def test_internationalised_addresses_are_taken_as_they_are(email_value: str) -> None:
+    # RFC 6532: a UTF-8 addr-spec stays UTF-8 in the header (the message then needs SMTPUTF8).
+    raw = compile_campaign(SPEC).render(rcpt(email=email_value))
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("utf-8")
+    to = next(line for line in head.split("\r\n") if line.startswith("To:"))
+    assert to.endswith(f"<{email_value}>")
+
+
+@pytest.mark.parametrize("email_value", ["a\u2028b@example.net", "a@exa\u00a0mple.net", "a@example.net\u0085"])
+def test_unicode_separators_and_controls_are_not_an_address(email_value: str) -> None:
+    with pytest.raises(InputError, match="not a single email address"):
+        compile_campaign(SPEC).render(rcpt(email=email_value))
+
+
 def test_message_ids_are_unique() -> None:
     c = compile_campaign(SPEC)
     ids = {parse(c.render(rcpt()))["Message-ID"] for _ in range(200)}

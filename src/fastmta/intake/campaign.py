@@ -124,7 +124,9 @@ class Campaign:
         if path.suffix.lower() == ".csv":
             # surrogateescape: a byte that is not UTF-8 spoils only its own row
             # (rejected below), not the decoding of everything around it.
-            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            # utf-8-sig: a byte order mark (Excel writes one) is not part of the
+            # first column's name, or no row would have an 'email' field.
+            with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
                 reader = csv.DictReader(f)
                 try:
                     for row in reader:

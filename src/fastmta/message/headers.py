@@ -52,6 +52,12 @@ def _needs_encoding(word: str, keep_encoded_words: bool = False) -> bool:
     # Non-ASCII, control characters (TAB included: only spaces separate
     # words here), something a reader would take for an encoded-word, or too
     # long for a line.
+    if keep_encoded_words and "@" in word and word.isprintable() and len(word) <= LONG_WORD:
+        # An address in an address header (display names arrive already
+        # encoded, and '@' is a special there): an encoded-word is not allowed
+        # in an addr-spec (RFC 2047 5), so UTF-8 stays raw (RFC 6532) and the
+        # message is sent with SMTPUTF8.
+        return False
     return (
         not word.isascii()
         or not word.isprintable()
@@ -123,4 +129,5 @@ def format_header(name: str, value: str, *, keep_encoded_words: bool = False) ->
         else:
             lines[-1] += piece
             length += len(piece)
-    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+    # UTF-8 only where an address keeps it raw (RFC 6532); every other piece is ASCII.
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")

@@ -84,8 +84,11 @@ class Slot:
 
 
 ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender"})
-# ASCII addr-spec without specials or spaces (IDN/SMTPUTF8 addresses are the caller's to convert).
-_ADDR_SPEC_RE = re.compile(r"[!#-'*+\-./0-9=?A-Z^-~]+@[!#-'*+\-./0-9=?A-Z^-~]+", re.ASCII)
+# An addr-spec without specials or spaces. UTF-8 (RFC 6532: "renée@", "@bücher.test")
+# is allowed: such a message is sent with SMTPUTF8, or bounced 5.6.7 by a server
+# without it, never mangled. Unicode controls and separators are refused below
+# (str.isprintable), so nothing can break the header line.
+_ADDR_SPEC_RE = re.compile(r"[!#-'*+\-./0-9=?A-Z^-~\u00a1-\U0010ffff]+@[!#-'*+\-./0-9=?A-Z^-~\u00a1-\U0010ffff]+")
 _PHRASE_MAX_QUOTED = 200
 _PHRASE_SPECIALS = frozenset('()<>[]:;@\\,."')
 
@@ -276,7 +279,7 @@ class CompiledText:
         if value is None:
             raise self._fail(slot, recipient, recipient_id, "missing (and no default)")
         if slot.address_part == "address":
-            if not _ADDR_SPEC_RE.fullmatch(value):
+            if not _ADDR_SPEC_RE.fullmatch(value) or not value.isprintable():
                 raise self._fail(slot, recipient, recipient_id, f"{value[:60]!r} is not a single email address")
         elif slot.address_part == "phrase":
             value = _safe_phrase(value)

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from fastmta.errors import InputError
+from fastmta.smtp.address import mailbox_error
 from fastmta.smtp.protocol import Body, check_address
 from fastmta.smtp.reply import Reply
 
@@ -45,13 +46,15 @@ def split_address(address: str, what: str = "recipient") -> tuple[str, str]:
     """Validate an envelope address and return (address, lower-cased domain).
 
     Control characters and angle brackets are refused (they would inject SMTP
-    commands), so are addresses without a domain.
+    commands), so is anything that is not an RFC 5321 mailbox.
     """
     check_address(address, what)
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
-        raise InputError(f"{what} address {address!r} has no local part or no domain")
-    return address, domain.lower().rstrip(".")
+    # The RFC 5321 grammar (UTF-8 allowed): "john doe@b.example" would go out
+    # in RCPT TO as it is and draw a syntax error, or worse, be misparsed.
+    why = mailbox_error(address.removesuffix("."))
+    if why is not None:
+        raise InputError(f"{what} address {address!r} {why}")
+    return address, address.rpartition("@")[2].lower().rstrip(".")
 
 
 @dataclass(slots=True)

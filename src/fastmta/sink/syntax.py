@@ -8,29 +8,12 @@ into a capture file.
 
 from __future__ import annotations
 
-import re
+from fastmta.smtp.address import is_valid_mailbox
+
+__all__ = ["MAX_PATH", "PathError", "is_valid_mailbox", "split_param", "split_path"]
 
 #: RFC 5321 4.5.3.1.3: a path is at most 256 octets including the brackets.
 MAX_PATH = 256
-
-_ATEXT = rb"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
-_QUOTED = rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
-_LABEL = rb"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
-_LITERAL = rb"\[[\x21-\x5a\x5e-\x7e]+\]"
-
-_ASCII_MAILBOX = re.compile(
-    rb"(?:[" + _ATEXT + rb"]+(?:\.[" + _ATEXT + rb"]+)*|" + _QUOTED + rb")"
-    rb"@(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*|" + _LITERAL + rb")"
-)
-# RFC 6531: with SMTPUTF8, UTF-8 is allowed in atoms, quoted strings and labels.
-_U = rb"\x80-\xff"
-_UTF8_LABEL = rb"[A-Za-z0-9" + _U + rb"](?:[A-Za-z0-9\-" + _U + rb"]*[A-Za-z0-9" + _U + rb"])?"
-_UTF8_MAILBOX = re.compile(
-    rb"(?:[" + _ATEXT + _U + rb"]+(?:\.[" + _ATEXT + _U + rb"]+)*|"
-    rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e' + _U + rb"]|\\[\x20-\x7e])*\")"
-    rb"@(?:" + _UTF8_LABEL + rb"(?:\." + _UTF8_LABEL + rb")*|" + _LITERAL + rb")"
-)
-
 
 class PathError(ValueError):
     """Why a path was refused; ``enhanced`` and ``text`` become the 5xx reply."""
@@ -89,19 +72,6 @@ def _end_of_quoted_path(arg: bytes) -> int:
             return i
         i += 1
     return -1
-
-
-def is_valid_mailbox(addr: bytes, utf8: bool) -> bool:
-    """A syntactically valid ``local@domain`` (UTF-8 allowed only with SMTPUTF8)."""
-    if addr.isascii():
-        return _ASCII_MAILBOX.fullmatch(addr) is not None
-    if not utf8 or _UTF8_MAILBOX.fullmatch(addr) is None:
-        return False
-    try:
-        addr.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def split_param(param: bytes) -> tuple[bytes, bytes | None]:

@@ -1,0 +1,87 @@
+"""Intake of campaign rows and pickup files: what is accepted, what is reported (no network)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fastmta.errors import InputError
+from fastmta.examples import SPOOL
+from fastmta.intake.campaign import Campaign
+from fastmta.intake.items import Reject, SpoolItem
+from fastmta.intake.pickup import read_pickup
+from fastmta.queue.records import split_address
+
+
+def campaign(tmp_path: Path, csv_bytes: bytes) -> Campaign:
+    for name in ("welcome.toml", "welcome.txt", "welcome.html", "dkim-test-ed25519.key.pem"):
+        shutil.copy(SPOOL / name, tmp_path / name)
+    (tmp_path / "recipients.csv").write_bytes(csv_bytes)
+    return Campaign.load(tmp_path / "welcome.toml")
+
+
+HEADER = b"email,first_name,last_name,id,signup\r\n"
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" starts with EF BB BF; it is not part of the first column's name.
+    rows = b"ann@one.example,Ann,Lee,u1,2026-01-01\r\nbob@two.example,Bob,Ray,u2,2026-01-02\r\n"
+    items = list(campaign(tmp_path, b"\xef\xbb\xbf" + HEADER + rows).items())
+    assert [i.recipients for i in items if isinstance(i, SpoolItem)] == [["ann@one.example"], ["bob@two.example"]]
+    assert not [i for i in items if isinstance(i, Reject)]
+
+
+def test_malformed_addresses_are_rejected_at_intake_with_their_line(tmp_path: Path) -> None:
+    rows = (
+        b"john doe@b.example,John,Doe,u1,2026-01-01\r\n"
+        b"ok@b.example,Ok,Ok,u2,2026-01-01\r\n"
+        b"two@@b.example,T,T,u3,2026-01-01\r\n"
+        b"a(b)@b.example,A,B,u4,2026-01-01\r\n"
+    )
+    items = list(campaign(tmp_path, HEADER + rows).items())
+    delivered = [i.recipients[0] for i in items if isinstance(i, SpoolItem)]
+    rejected = {i.line: i.reason for i in items if isinstance(i, Reject)}
+    assert delivered == ["ok@b.example"]
+    assert set(rejected) == {2, 4, 5}
+    assert "white space" in rejected[2] and "john doe@b.example" in rejected[2]
+
+
+def test_internationalised_rows_are_accepted(tmp_path: Path) -> None:
+    rows = "renée@example.net,Renée,R,u1,2026-01-01\r\nkunde@bücher.test,K,K,u2,2026-01-01\r\n".encode()
+    items = list(campaign(tmp_path, HEADER + rows).items())
+    assert [i.recipients[0] for i in items if isinstance(i, SpoolItem)] == ["renée@example.net", "kunde@bücher.test"]
+    # The To: header carries the address as it is (RFC 6532), not an encoded-word.
+    first = next(i for i in items if isinstance(i, SpoolItem))
+    assert "<renée@example.net>".encode() in first.content.split(b"\r\n\r\n", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("address", "ok"),
+    [
+        ("a@b.example", True),
+        ('"john doe"@b.example', True),
+        ("a..b@docomo.example", True),  # mobile carriers' old addresses: receivers take them
+        ("user@[192.0.2.1]", True),
+        ("john doe@b.example", False),
+        ("a@b..example", False),
+        ("a@-b.example", False),
+        ("a<b@c.example", False),
+        ("noat.example", False),
+    ],
+)
+def test_the_address_grammar(address: str, ok: bool) -> None:
+    if ok:
+        assert split_address(address)[1] == address.rpartition("@")[2].lower()
+    else:
+        with pytest.raises(InputError):
+            split_address(address)
+
+
+def test_a_pickup_file_with_a_malformed_recipient_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "bad.eml"
+    path.write_bytes(b"X-Sender: a@b.example\r\nX-Receiver: john doe@b.example\r\nSubject: x\r\n\r\nbody\r\n")
+    with pytest.raises(InputError) as err:
+        read_pickup(path)
+    assert "john doe@b.example" in str(err.value)
