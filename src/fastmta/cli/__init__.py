@@ -58,10 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in COMMANDS else None)
     args = parser.parse_args(argv)  # argparse itself exits 2 on a bad option
+    from fastmta.cli.terminal import install_safe_logging, safe_text
+
+    install_safe_logging()
     try:
         code: int = args._run(args)
     except UsageError as exc:
-        print(f"fastmta {args.command}: {exc}", file=sys.stderr)
+        print(f"fastmta {args.command}: {safe_text(exc)}", file=sys.stderr)
         return 2
     return code
 

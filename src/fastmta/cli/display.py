@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from fastmta.cli.terminal import plain, safe_text
 from fastmta.delivery.engine import Engine
 from fastmta.intake.reader import Reject
 
@@ -54,11 +55,11 @@ class Progress:
 
     def reject(self, reject: Reject) -> None:
         self.rejects.append(reject)
-        self.console.print(f"[red]rejected[/red] {reject}", markup=True, highlight=False)
+        self.console.print(Text.assemble(("rejected ", "red"), plain(reject)), highlight=False)
 
     def note(self, text: str) -> None:
         self._notes.append(text)
-        self.console.print(f"[yellow]{text}[/yellow]")
+        self.console.print(plain(text, "yellow"), highlight=False)
 
     def stop(self) -> None:
         if self._task is not None:
@@ -93,7 +94,7 @@ class Progress:
                 events = list(self._engine.throttle_events)
                 fresh = events[events.index(self._last_event) + 1 :] if self._last_event in events else events
                 for event in fresh:
-                    print(f"throttle: {event}", file=sys.stderr, flush=True)
+                    print(f"throttle: {safe_text(event)}", file=sys.stderr, flush=True)
                 if events:
                     self._last_event = events[-1]
                 c = self._engine.counts
@@ -144,11 +145,11 @@ class Progress:
             if row.get("suspended_for"):
                 rate = f"suspended {row['suspended_for']:.0f}s"
             table.add_row(
-                row["site"][:60], str(row["connections"]), str(row.get("window", "")), rate, str(row["ready"]),
+                plain(row["site"][:60]), str(row["connections"]), str(row.get("window", "")), rate, str(row["ready"]),
                 str(row.get("delivered", 0)), str(row.get("deferred", 0)), str(row.get("bounced", 0)),
             )
         # Every change of window, rate, suspension or warm-up step, with its reason.
-        events = [Text(str(e), style="yellow") for e in list(self._engine.throttle_events)[-4:]]
+        events = [plain(e, "yellow") for e in list(self._engine.throttle_events)[-4:]]
         return Group(head, table, *events)
 
     def print_summary(self, s: dict[str, Any]) -> None:
@@ -172,8 +173,8 @@ class Progress:
         if s.get("accounting"):
             rows.append(("accounting", s["accounting"]))
         for k, v in rows:
-            table.add_row(k, v)
+            table.add_row(k, plain(v))
         self.out.print(table)
         for r in s["rejected"]:
             where = f"{r['file']}:{r['line']}" if r["line"] is not None else r["file"]
-            self.out.print(f"[red]rejected[/red] {where}: {r['reason']}", highlight=False)
+            self.out.print(Text.assemble(("rejected ", "red"), plain(f"{where}: {r['reason']}")), highlight=False)
