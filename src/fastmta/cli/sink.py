@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -134,6 +135,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="message content slower than this over an idle period counts as idle (default: 256)",
     )  # fmt: skip
 
+    g.add_argument(
+        "--until-stdin-eof", action="store_true",
+        help="also stop when standard input closes (for a parent process that runs the sink)",
+    )  # fmt: skip
+
     g = parser.add_argument_group("TLS")
     g.add_argument("--no-starttls", action="store_true", help="do not offer STARTTLS")
     g.add_argument("--tls-cert", type=Path, metavar="PEM", help="certificate chain (default: self-signed, made at start)")
@@ -236,13 +242,30 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def serve(config: SinkConfig, stats_json: Path | None = None, cert_out: Path | None = None) -> int:
-    """Run until SIGINT/SIGTERM; write the stats; 0 on a clean exit."""
+async def serve(
+    config: SinkConfig, stats_json: Path | None = None, cert_out: Path | None = None, *, until_stdin_eof: bool = False
+) -> int:
+    """Run until SIGINT/SIGTERM (or, with *until_stdin_eof*, until stdin closes); write the stats; 0 on a clean exit."""
     server = SinkServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if until_stdin_eof:
+        # The parent holds the other end of our stdin: when it exits, even by
+        # SIGKILL, the pipe closes and we follow instead of lingering.
+        fd = sys.stdin.fileno()
+
+        def on_stdin() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(fd)
+                stop.set()
+
+        loop.add_reader(fd, on_stdin)
     try:
         addresses = await server.start()
     except OSError as e:
@@ -275,4 +298,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"fastmta sink: {option} {path}: directory {path.parent} does not exist", file=sys.stderr)
             return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, args.stats_json, args.tls_cert_out))
+        return runner.run(serve(config, args.stats_json, args.tls_cert_out, until_stdin_eof=args.until_stdin_eof))

@@ -20,8 +20,15 @@ _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 @contextmanager
 def embedded_sink(extra_args: Sequence[str] = (), startup_timeout: float = 20.0) -> Iterator[tuple[str, int]]:
     """Yield (host, port) of a fresh ``fastmta sink --listen 127.0.0.1:0``; stop it afterwards."""
-    cmd = [sys.executable, "-m", "fastmta", "sink", "--listen", "127.0.0.1:0", *extra_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    cmd = [sys.executable, "-m", "fastmta", "sink", "--listen", "127.0.0.1:0", "--until-stdin-eof", *extra_args]
+    # Its own session: a Ctrl-C at the terminal goes to the whole foreground
+    # process group, and the sink must outlive the engine's drain (which still
+    # delivers to it), not die first and turn the drain into false deferrals.
+    # It is stopped below, after the caller is done; if this process dies
+    # without getting there, the sink sees its stdin close and exits.
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True
+    )
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + startup_timeout
@@ -45,5 +52,6 @@ def embedded_sink(extra_args: Sequence[str] = (), startup_timeout: float = 20.0)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
