@@ -529,7 +529,12 @@ def test_static_route_to_unresolvable_host(run_uvloop: Run, ns: DNSServer) -> No
     async def main() -> None:
         router = make_router(ns, static={"*": ["nohost.example.test"]})
         f = await failure(router, "any.test")
-        assert (f.reply.code, f.reply.enhanced, f.transient) == (550, "5.4.4", False)
+        # A typo in our own configuration is never a hard bounce of the recipient.
+        assert (f.reply.code, f.reply.enhanced, f.transient) == (451, "4.4.3", True)
+        assert "check the configuration" in f.reply.text
+        [problem] = await router.check_static_routes()
+        assert problem.startswith("nohost.example.test: no such host")
+        assert await make_router(ns, static={"*": ["relay.example.test", "127.0.0.9"]}).check_static_routes() == []
         ns.servfail("relay.example.test")
         router2 = make_router(ns, static={"*": ["relay.example.test"]})
         f2 = await failure(router2, "any.test")

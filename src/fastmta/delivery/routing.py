@@ -328,8 +328,26 @@ class Router:
         transient = [look.transient for look in lookups if look.transient]
         if transient:
             return self._fail(domain, 451, "4.4.3", f"static route host lookup failed: {transient[0]}", self._clock())
+        # Our configuration names a host that does not resolve: a typo in
+        # --relay or a transport map, not a fact about the recipient's domain.
+        # Deferred, never a hard bounce (a suppression list would keep it).
         names = ", ".join(str(hp) for hp in static)
-        return self._fail(domain, 550, "5.4.4", f"no static route host for {domain} has an address ({names})", expires)
+        return self._fail(
+            domain, 451, "4.4.3", f"no static route host has an address ({names}): check the configuration", expires
+        )
+
+    async def check_static_routes(self) -> list[str]:
+        """Every static route host that has no address, with why: to refuse a bad configuration at start."""
+        problems: list[str] = []
+        routes = [*self._exact.values(), *self._parent.values()]
+        if self._default is not None:
+            routes.append(self._default)
+        hosts = sorted({hp.host for hosts in routes for hp in hosts if not _is_ip(hp.host)})
+        lookups = await asyncio.gather(*(self._lookup_host(h) for h in hosts))
+        for host, look in zip(hosts, lookups):
+            if not look.addresses:
+                problems.append(f"{host}: {look.transient or 'no such host (no A or AAAA record)'}")
+        return problems
 
     async def _lookup_host(self, host: str) -> _HostLookup:
         if _is_ip(host):
