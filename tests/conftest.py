@@ -55,3 +55,33 @@ def world_writable_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Mount a real, small filesystem (tmpfs of *size* bytes) for disk-full tests; unmounted afterwards.
+
+    Needs root (CI runs as root); elsewhere the test is skipped and says why.
+    """
+    import os
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("disk-full test needs root to mount a small tmpfs")
+        point = tmp_path / f"smallfs{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    try:
+        yield make
+    finally:
+        for point in reversed(mounted):
+            subprocess.run(["umount", "-l", str(point)], check=False)

@@ -119,6 +119,32 @@ def test_capture_files_are_pickup_format(tmp_path: Path) -> None:
         b"Subject: bounce\r\n\r\n.dot\r\n"
     )
     assert read_capture(path)[1] == ["x@example.org", "y@example.org"]
+    assert path.stat().st_mode & 0o777 == 0o600  # captured mail is nobody else's to read
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"hard limit {hard}: nothing to raise")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastmta", "sink", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=low_soft_limit,
+    )
+    try:
+        assert proc.stdout is not None and "listening on" in proc.stdout.readline()
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        soft_now = line.split()[3]
+        assert soft_now == (str(hard) if hard != resource.RLIM_INFINITY else "unlimited") or int(soft_now) > 256
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
 
 
 @pytest.mark.parametrize(

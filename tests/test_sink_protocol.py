@@ -561,3 +561,58 @@ def test_message_end_and_next_envelope_in_one_read(run, tmp_path: Path) -> None:
         assert contents == [b"first\r\n", b"second\r\n"]
 
     run(main())
+
+
+def test_capture_memory_is_bounded_and_overflow_is_retried_not_lost(run, tmp_path: Path) -> None:
+    # Three clients stream 600 KB each into a 1 MB capture budget, unterminated;
+    # the sink holds at most the budget, and refuses what it could not keep with
+    # a 4xx (the client retries), never a 250 for a message it did not write.
+    async def main() -> None:
+        cap = tmp_path / "cap"
+        async with sink(capture_dir=cap, capture_memory=1_000_000) as (server, [addr]):
+            clients = []
+            for i in range(3):
+                c = await RawClient.connect(addr)
+                await _ehlo(c)
+                for line in (f"MAIL FROM:<a{i}@a.test>".encode(), b"RCPT TO:<b@b.test>"):
+                    assert (await c.cmd(line)).code == 250
+                assert (await c.cmd(b"DATA")).code == 354
+                await c.send(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 600)
+                clients.append(c)
+            await asyncio.sleep(0.3)
+            assert server.capture is not None and server.capture.held <= 1_000_000
+            codes = []
+            for c in clients:
+                await c.send(b".\r\n")
+                codes.append((await c.replies(1))[0].code)
+            assert sorted(codes) == [250, 452, 452] or sorted(codes) == [250, 250, 452], codes
+            assert len(list(cap.glob("*.eml"))) == codes.count(250)
+            for c in clients:
+                await c.close()
+            await wait_for(lambda: server.stats.active_connections == 0)
+            assert server.capture.held == 0  # every reservation given back
+
+    run(main())
+
+
+def test_a_full_capture_disk_is_a_4xx_and_leaves_no_temporary_files(run_uvloop, small_fs) -> None:
+    cap = small_fs(256 * 1024)
+
+    async def main() -> None:
+        async with sink(capture_dir=cap) as (server, [addr]):
+            c = await RawClient.connect(addr)
+            await _ehlo(c)
+            codes = []
+            for _ in range(4):  # 4 x 100 KB into 256 KB
+                for line in (b"MAIL FROM:<a@a.test>", b"RCPT TO:<b@b.test>"):
+                    assert (await c.cmd(line)).code == 250
+                assert (await c.cmd(b"DATA")).code == 354
+                await c.send(b"Subject: s\r\n\r\n" + (b"y" * 998 + b"\r\n") * 100 + b".\r\n")
+                codes.append((await c.replies(1))[0])
+            assert [r.code for r in codes[:2]] == [250, 250]
+            assert codes[-1].code == 451 and codes[-1].enhanced == "4.3.0"
+            assert (await c.cmd(b"NOOP")).code == 250  # the session goes on
+            assert len(list(cap.glob("*.eml"))) == sum(r.code == 250 for r in codes)
+            assert list(cap.glob(".*.tmp")) == []
+
+    run_uvloop(main())

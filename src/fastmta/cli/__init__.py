@@ -53,6 +53,26 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_open_file_limit() -> None:
+    """Soft limit on open files up to the hard limit, as servers do at start.
+
+    Each SMTP connection is a file descriptor: with the common soft limit of
+    1,024, a sink holding 1,500 connections (or an engine with wide pools)
+    would refuse well-behaved clients for want of descriptors.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # some containers refuse; keep the soft limit
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
@@ -61,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastmta.cli.terminal import install_safe_logging, safe_text
 
     install_safe_logging()
+    _raise_open_file_limit()
     try:
         code: int = args._run(args)
     except UsageError as exc:

@@ -100,7 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="write each accepted message to its own file in DIR, envelope first as "
-        "X-Sender:/X-Receiver: headers (pickup format), instead of discarding it",
+        "X-Sender:/X-Receiver: headers (pickup format), instead of discarding it (files 0600)",
+    )
+    g.add_argument(
+        "--capture-memory", type=int, default=256 * 1024 * 1024, metavar="BYTES",
+        help="memory for messages still arriving, all connections together; past it a message is "
+        "refused with 452 4.3.1 and retried by its client (default: 256 MiB)",
     )
 
     g = parser.add_argument_group("limits")
@@ -230,6 +235,7 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         idle_timeout=args.idle_timeout,
         min_data_rate=args.min_data_rate,
         capture_dir=args.capture,
+        capture_memory=args.capture_memory,
         seed=args.seed,
         starttls=not args.no_starttls,
         tls_cert=args.tls_cert,

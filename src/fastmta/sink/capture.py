@@ -37,24 +37,48 @@ def envelope_headers(sender: bytes, recipients: Sequence[bytes]) -> bytes:
 
 
 class CaptureWriter:
-    """Names files ``<sequence>-<queue id>.eml`` in one directory."""
+    """Names files ``<sequence>-<queue id>.eml`` in one directory, and budgets the memory of captures in progress.
 
-    __slots__ = ("_count", "_prefix", "directory")
+    Files are created with *file_mode* (default 0600: captured mail is
+    nobody else's to read); a directory it creates gets 0700.
+    """
 
-    def __init__(self, directory: Path) -> None:
+    __slots__ = ("_count", "_prefix", "directory", "file_mode", "held", "memory_limit")
+
+    def __init__(self, directory: Path, memory_limit: int = 256 * 1024 * 1024, file_mode: int = 0o600) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._count = 0
         # Several sinks may share a directory: the pid keeps their names apart.
         self._prefix = f"{os.getpid()}"
+        self.memory_limit = memory_limit
+        self.file_mode = file_mode
+        #: Octets of unfinished messages held for capture, over all connections.
+        self.held = 0
+
+    def reserve(self, n: int) -> bool:
+        """Take *n* octets of the budget; False (nothing taken) when it would run over."""
+        if self.held + n > self.memory_limit:
+            return False
+        self.held += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.held -= n
 
     def write(self, queue_id: str, sender: bytes, recipients: Sequence[bytes], content: bytes) -> Path:
+        """Write one message; on failure (disk full, read-only) nothing is left behind and OSError is raised."""
         self._count += 1
         name = f"{self._prefix}-{self._count:08d}-{queue_id}.eml"
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(envelope_headers(sender, recipients))
-            f.write(content)
-        os.replace(tmp, final)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
+            with open(fd, "wb") as f:
+                f.write(envelope_headers(sender, recipients))
+                f.write(content)
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         return final

@@ -147,6 +147,9 @@ class SinkConfig:
     min_data_rate: float = 256.0
     #: Write each message to its own file here (pickup format) instead of discarding it.
     capture_dir: Path | None = None
+    #: Octets of unfinished messages held in memory for capture, all connections
+    #: together; a message that would pass it is refused 452 4.3.1 (retried).
+    capture_memory: int = 256 * 1024 * 1024
     seed: int | None = None
     starttls: bool = True
     #: PEM files; both None: a self-signed certificate is generated at start.

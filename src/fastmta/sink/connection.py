@@ -90,6 +90,8 @@ class SinkConnection(asyncio.Protocol):
         "_bdat_refusal",
         "_bdat_used",
         "_buf",
+        "_capture_held",
+        "_capture_overflow",
         "_chunks",
         "_closing",
         "_codes",
@@ -145,6 +147,10 @@ class SinkConnection(asyncio.Protocol):
         self._size = 0
         self._tail = b""
         self._chunks: list[bytes] | None = None
+        # Capture mode: octets of this message held in _chunks, counted
+        # against the server-wide budget; set when the budget ran out.
+        self._capture_held = 0
+        self._capture_overflow = False
         self._bdat_left = 0
         self._bdat_last = False
         self._bdat_refusal: bytes | None = None
@@ -218,6 +224,7 @@ class SinkConnection(asyncio.Protocol):
             self._faults.disconnect(self._ip)
         self._transport = None
         self._closing = True
+        self._release_capture()
 
     def pause_writing(self) -> None:
         # A client that pipelines but does not read its replies: stop reading
@@ -340,11 +347,11 @@ class SinkConnection(asyncio.Protocol):
                 end = i + 5
         if end < 0:
             self._size += n - pos
-            chunks = self._chunks
-            if chunks is not None:
-                chunks.append(data[pos:] if pos else data)
+            if self._chunks is not None:
                 if self._size > self._server.config.max_message_size + 3:
-                    self._chunks = None  # too big: stop keeping it, keep counting
+                    self._release_capture()  # too big: stop keeping it, keep counting
+                else:
+                    self._keep(data[pos:] if pos else data)
             self._tail = data[-4:] if n - pos >= 4 else (tail + data[pos:])[-4:]
             if self._max_data_line and not self._long_line:
                 self._scan_lines(data, pos, n)
@@ -352,9 +359,9 @@ class SinkConnection(asyncio.Protocol):
         if self._max_data_line and not self._long_line:
             self._scan_lines(data, pos, end)
         self._size += end - pos
+        if self._chunks is not None:
+            self._keep(data[pos:end])
         chunks = self._chunks
-        if chunks is not None:
-            chunks.append(data[pos:end])
         self._mode = MODE_CMD
         self._tail = b""
         size = self._size - 3  # without ".\r\n"
@@ -392,11 +399,11 @@ class SinkConnection(asyncio.Protocol):
             self._size += take
             if self._max_data_line and not self._long_line:
                 self._scan_lines(data, pos, end)
-            chunks = self._chunks
-            if chunks is not None:
-                chunks.append(data[pos:end])
+            if self._chunks is not None:
                 if self._size > self._server.config.max_message_size:
-                    self._chunks = None
+                    self._release_capture()
+                else:
+                    self._keep(data[pos:end])
         self._bdat_left -= take
         if self._bdat_left == 0:
             self._mode = MODE_CMD
@@ -457,8 +464,32 @@ class SinkConnection(asyncio.Protocol):
         self._rcpts = []
         self._utf8 = False
         self._bdat_used = False
-        self._chunks = None
+        self._release_capture()
         self._size = 0
+
+    # ------------------------------------------------------------- capture
+    # Only in capture mode. Content held for capture counts against one
+    # budget for the whole server (SinkConfig.capture_memory): 20 clients
+    # streaming 40 MB each must not take 800 MB. Past the budget the message
+    # is not kept and is refused with a 4xx at its end: the client retries,
+    # nothing is lost.
+
+    def _keep(self, piece: bytes) -> None:
+        capture = self._server.capture
+        if capture is not None and capture.reserve(len(piece)) and self._chunks is not None:
+            self._chunks.append(piece)
+            self._capture_held += len(piece)
+        else:
+            self._release_capture()
+            self._capture_overflow = True
+
+    def _release_capture(self) -> None:
+        self._chunks = None
+        if self._capture_held:
+            capture = self._server.capture
+            if capture is not None:
+                capture.release(self._capture_held)
+            self._capture_held = 0
 
     # ------------------------------------------------------------ STARTTLS
 

@@ -25,6 +25,7 @@ from fastmta.sink.replies import (
     R_BAD_RCPT,
     R_BAD_SENDER,
     R_BAD_SIZE,
+    R_CAPTURE_FULL,
     R_EXPN,
     R_HELO_FIRST,
     R_HELP,
@@ -248,9 +249,15 @@ class SinkProtocol(SinkConnection):
         # The CRLF that ended the DATA line counts as the start of the
         # terminator, so an empty message (".\r\n" at once) is recognized.
         self._tail = b"\r\n"
-        self._chunks = [] if self._server.capture is not None else None
+        self._start_capture()
         self._line_len = 0
         self._long_line = False
+
+    def _start_capture(self) -> None:
+        self._release_capture()
+        self._capture_overflow = False
+        if self._server.capture is not None:
+            self._chunks = []
 
     def _bdat_cmd(self, line: bytes) -> None:
         parts = line.split()
@@ -272,7 +279,7 @@ class SinkProtocol(SinkConnection):
         elif not self._bdat_used:
             self._bdat_used = True
             self._size = 0
-            self._chunks = [] if self._server.capture is not None else None
+            self._start_capture()
             self._line_len = 0
             self._long_line = False
         self._bdat_left = size
@@ -320,15 +327,26 @@ class SinkProtocol(SinkConnection):
                 self._stats.rejected_messages += 1
                 self._answer("eod", refusal.wire, refusal.code, refusal.close)
                 return
+        capture = self._server.capture
+        if capture is not None:
+            if content is None or self._capture_overflow:
+                # Over the capture budget: not kept, so not accepted (a 4xx the client retries).
+                self._capture_overflow = False
+                self._stats.rejected_messages += 1
+                self._send(R_CAPTURE_FULL, 452)
+                return
+            try:
+                capture.write(qid, sender, rcpts, content)
+            except OSError as exc:  # disk full, read-only: say so, keep serving
+                self._stats.rejected_messages += 1
+                self._send(format_reply(451, "4.3.0", f"Error: capture failed: {exc.strerror or exc}"), 451)
+                return
         stats = self._stats
         stats.messages += 1
         stats.bytes += size
         ipstats = self._ipstats
         ipstats.messages += 1
         ipstats.bytes += size
-        capture = self._server.capture
-        if capture is not None and content is not None:
-            capture.write(qid, sender, rcpts, content)
         queued = self._l.queued
         wire = queued.static or queued.make(qid, self._ip, sender)
         if faults is not None:

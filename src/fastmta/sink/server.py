@@ -61,7 +61,11 @@ class SinkServer:
         self._servers: list[asyncio.Server] = []
         self.connections: set[SinkConnection] = set()
         self.ssl_context: ssl.SSLContext | None = None
-        self.capture = CaptureWriter(self.config.capture_dir) if self.config.capture_dir is not None else None
+        self.capture = (
+            CaptureWriter(self.config.capture_dir, self.config.capture_memory)
+            if self.config.capture_dir is not None
+            else None
+        )
         self._sessions = 0
         self._sweeper: asyncio.TimerHandle | None = None
         #: (bound address, its listener): one listener may bind several sockets.
