@@ -125,7 +125,7 @@ def test_capture_files_are_pickup_format(tmp_path: Path) -> None:
 def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 256:
         pytest.skip(f"hard limit {hard}: nothing to raise")
 

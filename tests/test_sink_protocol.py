@@ -614,5 +614,6 @@ def test_a_full_capture_disk_is_a_4xx_and_leaves_no_temporary_files(run_uvloop, 
             assert (await c.cmd(b"NOOP")).code == 250  # the session goes on
             assert len(list(cap.glob("*.eml"))) == sum(r.code == 250 for r in codes)
             assert list(cap.glob(".*.tmp")) == []
+            assert server.stats.rejected_messages == sum(r.code != 250 for r in codes)
 
     run_uvloop(main())
