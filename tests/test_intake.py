@@ -85,3 +85,25 @@ def test_a_pickup_file_with_a_malformed_recipient_is_rejected(tmp_path: Path) ->
     with pytest.raises(InputError) as err:
         read_pickup(path)
     assert "john doe@b.example" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"Subject: a\rBcc: victim@x.example\r\n\r\nbody\r\n",
+        b"Subject: a\rBcc: victim@x.example\n\nbody\n",
+        b"From: a@b.example\r\nSubject: ok\r\n folded\rTo: x@y.example\r\n\r\nbody\r\n",
+    ],
+)
+def test_a_bare_cr_in_a_pickup_header_is_rejected(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "cr.eml"
+    path.write_bytes(b"X-Sender: a@b.example\r\nX-Receiver: c@d.example\r\n" + content)
+    with pytest.raises(InputError, match="bare CR") as err:
+        read_pickup(path)
+    assert str(path) in str(err.value)
+
+
+def test_bare_cr_in_the_body_and_unix_line_ends_are_fine(tmp_path: Path) -> None:
+    path = tmp_path / "ok.eml"
+    path.write_bytes(b"X-Sender: a@b.example\nX-Receiver: c@d.example\nSubject: unix\n\nbody with a bare \r CR\n")
+    assert read_pickup(path).recipients == ["c@d.example"]

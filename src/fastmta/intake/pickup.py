@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastmta.errors import InputError
+from fastmta.message.headers import header_section_error
 from fastmta.queue.records import split_address
 
 #: Refuse absurd files before reading them whole.
@@ -46,6 +47,9 @@ def parse_pickup(data: bytes, path: Path) -> PickupMessage:
     """Split *data* into envelope and content; see the module docs."""
     if b"\x00" in data:
         raise InputError("contains NUL bytes", source=str(path))
+    unsafe = header_section_error(data)
+    if unsafe is not None:
+        raise InputError(unsafe, source=str(path))
     sender: str | None = None
     recipients: list[str] = []
     kept: list[bytes] = []

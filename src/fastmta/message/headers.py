@@ -131,3 +131,24 @@ def format_header(name: str, value: str, *, keep_encoded_words: bool = False) ->
             length += len(piece)
     # UTF-8 only where an address keeps it raw (RFC 6532); every other piece is ASCII.
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
+
+
+def header_section_error(message: bytes) -> str | None:
+    """Why *message*'s header section is unsafe to send, or None.
+
+    A bare CR inside a header line (``Subject: a\\rBcc: x@y``) becomes a line
+    break when the wire normalises line ends, and the rest of the line a header
+    of its own: rejected at intake, never "cleaned". (Bare LFs are ordinary
+    Unix line ends, normalised to CRLF; NUL is refused where bytes come in.)
+    """
+    end = _END_OF_HEADERS.search(message)
+    head = message[: end.start()] if end is not None else message
+    bad = _BARE_CR.search(head)
+    if bad is None:
+        return None
+    line = head.count(b"\n", 0, bad.start()) + 1
+    return f"bare CR (without LF) in header line {line}: it would start a new header on the wire"
