@@ -107,3 +107,28 @@ def test_bare_cr_in_the_body_and_unix_line_ends_are_fine(tmp_path: Path) -> None
     path = tmp_path / "ok.eml"
     path.write_bytes(b"X-Sender: a@b.example\nX-Receiver: c@d.example\nSubject: unix\n\nbody with a bare \r CR\n")
     assert read_pickup(path).recipients == ["c@d.example"]
+
+
+def test_unreadable_spool_entries_are_rejected_with_their_reason_and_the_rest_read(tmp_path: Path) -> None:
+    import os
+
+    from fastmta.intake.reader import SpoolReader
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "good.eml").write_bytes(b"X-Sender: a@b.example\r\nX-Receiver: c@d.example\r\nSubject: s\r\n\r\nx\r\n")
+    os.symlink(spool / "loop2.eml", spool / "loop1.eml")  # a symlink loop
+    os.symlink(spool / "loop1.eml", spool / "loop2.eml")
+    os.symlink(spool / "job2.toml", spool / "job1.toml")
+    os.symlink(spool / "job1.toml", spool / "job2.toml")
+    os.symlink(spool / "nowhere.eml", spool / "dangling.eml")
+    (spool / "dir.eml").mkdir()
+    (spool / "dir.toml").mkdir()
+    events = list(SpoolReader(spool))
+    items = [e for e in events if isinstance(e, SpoolItem)]
+    rejects = {Path(e.source).name: e.reason for e in events if isinstance(e, Reject)}
+    assert [i.recipients for i in items] == [["c@d.example"]]
+    assert set(rejects) == {"loop1.eml", "loop2.eml", "job1.toml", "job2.toml", "dangling.eml", "dir.eml", "dir.toml"}
+    assert "symbolic links" in rejects["loop1.eml"] and "symbolic links" in rejects["job1.toml"]
+    assert "No such file" in rejects["dangling.eml"]
+    assert "directory" in rejects["dir.eml"] and "directory" in rejects["dir.toml"]

@@ -15,6 +15,7 @@ changes when the input's files change, so an edited input starts afresh.
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,6 +49,27 @@ def fingerprint(*paths: Path) -> str:
     return "/".join(parts)
 
 
+def _key(path: Path) -> str:
+    """The input's name in the queue's records: its resolved path (a link loop cannot be resolved: then as given)."""
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return str(path.absolute())
+
+
+def _not_a_readable_file(path: Path) -> str | None:
+    """Why *path* cannot be read as a file, or None."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    if stat.S_ISDIR(st.st_mode):
+        return "cannot read: is a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return "cannot read: not a regular file"
+    return None
+
+
 class SpoolReader:
     """Iterates a spool directory: ``*.eml`` first (sorted), then ``*.toml`` jobs."""
 
@@ -70,13 +92,19 @@ class SpoolReader:
                 # *.eml is reported as unreadable rather than passed over.
                 yield from self._input(path, (path,), self._pickup)
         for path in visible:
-            if path.suffix == ".toml" and path.is_file():
-                yield from self._campaign(path)
+            if path.suffix == ".toml":
+                unusable = _not_a_readable_file(path)
+                if unusable is None:
+                    yield from self._campaign(path)
+                else:
+                    # A job that cannot be opened (a link loop, a dangling
+                    # link, a directory) is reported, never passed over.
+                    yield from self._input(path, (path,), self._unreadable)
 
     def _input(
         self, path: Path, files: tuple[Path, ...], body: Callable[[Path, str, int], Iterator[SpoolItem | Reject]]
     ) -> Iterator[Event]:
-        key = str(path.resolve())
+        key = _key(path)
         fp = fingerprint(*files)
         start = self.resume(key, fp)
         if start is None:
@@ -85,6 +113,9 @@ class SpoolReader:
         yield InputStart(key, fp)
         yield from body(path, key, start)
         yield InputEnd(key)
+
+    def _unreadable(self, path: Path, key: str, start: int) -> Iterator[SpoolItem | Reject]:
+        yield Reject(str(path), None, _not_a_readable_file(path) or "cannot read", key, 0)
 
     def _pickup(self, path: Path, key: str, start: int) -> Iterator[SpoolItem | Reject]:
         try:
@@ -98,7 +129,7 @@ class SpoolReader:
         try:
             campaign = Campaign.load(path)
         except InputError as exc:
-            key = str(path.resolve())
+            key = _key(path)
             if self.resume(key, fingerprint(path)) is None:
                 yield InputSkipped(key)
                 return
