@@ -8,20 +8,9 @@ import time
 import pytest
 
 from fastmta.errors import ConfigError, Scope
-from fastmta.feedback.classify import (
-    BounceType,
-    Category,
-    Classification,
-    Classifier,
-    LocalFailure,
-    Outcome,
-    Phase,
-    classify,
-    classify_local,
-    default_classifier,
-    normalize_text,
-    parse_diagnostic,
-)
+from fastmta.feedback.classification import BounceType, Category, Classification, LocalFailure, Outcome, Phase
+from fastmta.feedback.classify import Classifier, classify, classify_local, default_classifier
+from fastmta.feedback.diagnostic import normalize_text, parse_diagnostic
 from fastmta.smtp.reply import Reply, ReplyParser
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from fastmta.feedback.classify import BounceType, Classification, Classifier
+from fastmta.feedback.classification import BounceType, Classification
+from fastmta.feedback.classify import Classifier
 
 CORPORA = Path(__file__).resolve().parent / "data" / "corpora"
 RESPONSES = CORPORA / "bounces" / "responses" / "sisimai_diagnostic_codes.jsonl"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmta.feedback.classify import BounceType, Category, Outcome
+from fastmta.feedback.classification import BounceType, Category, Outcome
 from fastmta.feedback.dsn import classify_dsn, parse_dsn
 
 BOUNCES = Path(__file__).resolve().parent / "data" / "corpora" / "bounces"

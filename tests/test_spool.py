@@ -16,20 +16,15 @@ from typing import Any, TypeVar
 import pytest
 
 from fastmta.queue.journal import ScanReport, scan
+from fastmta.queue.journal_records import AddRecord as _Add
+from fastmta.queue.journal_records import BodyRef, SourceRef
+from fastmta.queue.journal_records import DropRecord as _Drop
+from fastmta.queue.journal_records import StateRecord as _State
+from fastmta.queue.journal_records import record_decoder as _decoder
 from fastmta.queue.records import Status
-from fastmta.queue.spool import (
-    BodyRef,
-    RecoveredMessage,
-    SourceRef,
-    Spool,
-    SpoolError,
-    SpoolLocked,
-    SpoolRecoveryWarning,
-    _Add,
-    _decoder,
-    _Drop,
-    _State,
-)
+from fastmta.queue.recovery import RecoveredMessage
+from fastmta.queue.spool import Spool
+from fastmta.queue.spool_errors import SpoolError, SpoolLocked, SpoolRecoveryWarning
 
 T = TypeVar("T")
 Run = Callable[[Coroutine[Any, Any, T]], T]

@@ -12,8 +12,13 @@ import warnings
 from pathlib import Path
 
 from fastmta.queue.journal import frame
+from fastmta.queue.journal_records import AddRecord as _Add
+from fastmta.queue.journal_records import InputRecord as _Input
+from fastmta.queue.journal_records import SourceRef
+from fastmta.queue.journal_records import StateRecord as _State
+from fastmta.queue.journal_records import record_encoder as _encoder
 from fastmta.queue.records import Status
-from fastmta.queue.spool import SourceRef, Spool, _Add, _encoder, _Input, _State
+from fastmta.queue.spool import Spool
 
 # The child adds messages as fast as it can (50 concurrent adds, real fsync,
 # frequent auto-compaction) and prints a line only *after* the awaited call

@@ -8,19 +8,12 @@ import math
 import msgspec
 import pytest
 
+from fastmta.delivery.limits import AdaptiveConfig, SourceLimits, ThrottleConfig, limits_for
 from fastmta.delivery.ratelimit import Gcra
-from fastmta.delivery.throttle import (
-    AdaptiveConfig,
-    EventKind,
-    SiteThrottle,
-    SourceLimits,
-    ThrottleConfig,
-    ThrottleEvent,
-    Throttles,
-    limits_for,
-)
+from fastmta.delivery.throttle import EventKind, SiteThrottle, ThrottleEvent, Throttles
 from fastmta.delivery.warmup import WarmupConfig
-from fastmta.feedback.classify import Classification, default_classifier
+from fastmta.feedback.classification import Classification
+from fastmta.feedback.classify import default_classifier
 
 CLS = default_classifier()
 RATE_421 = CLS.classify_text(

@@ -34,7 +34,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from fastmta.delivery.throttle import ThrottleConfig
+from fastmta.delivery.limits import ThrottleConfig
 from fastmta.delivery.warmup import WarmupConfig
 from fastmta.errors import ConfigError
 
@@ -263,10 +263,10 @@ class SiteConfig(ThrottleConfig, kw_only=True, forbid_unknown_fields=True, froze
     """``[sites."PATTERN"]``: limits for sites whose name or any MX host matches PATTERN (glob).
 
     The first matching pattern (file order) wins, then the built-in provider
-    table (Gmail, Yahoo, Outlook, ...: ``fastmta.delivery.throttle.PROVIDERS``), then
+    table (Gmail, Yahoo, Outlook, ...: ``fastmta.delivery.limits.PROVIDERS``), then
     the defaults. Besides the throttle's fields (``max_connections``,
     ``max_messages_per_connection``, ``rate``, ``connection_rate``,
-    ``[sites."PATTERN".adaptive]``; see ``fastmta.delivery.throttle.ThrottleConfig``):
+    ``[sites."PATTERN".adaptive]``; see ``fastmta.delivery.limits.ThrottleConfig``):
     """
 
     max_recipients_per_transaction: PositiveInt = 50

@@ -12,19 +12,22 @@ would fall after the message's queue lifetime is expired.
 Backpressure: ``submit`` waits while ``max_queued_recipients`` recipients
 are unfinished, so a producer faster than the receivers cannot grow memory
 without bound.
+
+This module holds the engine's life cycle, accepting messages (with the
+backpressure) and the decision each reply leads to (final, paced, retried
+or expired). It leaves the routing and queueing of recipients to
+:mod:`fastmta.delivery.dispatch` and the bookkeeping of outcomes (counts,
+accounting, journal, result awaitables) to :mod:`fastmta.delivery.ledger`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import itertools
 import logging
 import os
 import random
-import ssl
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,18 +36,22 @@ import msgspec
 
 from fastmta.delivery.accounting import AccountingLog
 from fastmta.delivery.config import Config, SiteConfig
-from fastmta.delivery.pool import Batch, Delivery, HostHealth, SiteLimits, SiteQueue, Source
-from fastmta.delivery.routing import Route, RouteFailure, Router
-from fastmta.delivery.throttle import SourceLimits, ThrottleEvent, Throttles, limits_for
+from fastmta.delivery.dispatch import Dispatcher
+from fastmta.delivery.ledger import Ledger
+from fastmta.delivery.limits import SourceLimits
+from fastmta.delivery.pool import Batch, Delivery
+from fastmta.delivery.routing import Router
+from fastmta.delivery.throttle import ThrottleEvent, Throttles
 from fastmta.delivery.warmup import WarmupState
 from fastmta.errors import FastMTAError, InputError
-from fastmta.feedback.classify import Classification, Classifier, default_classifier
-from fastmta.feedback.classify import Outcome as ReplyOutcome
+from fastmta.feedback.classification import Classification
+from fastmta.feedback.classification import Outcome as ReplyOutcome
+from fastmta.feedback.classify import Classifier, default_classifier
 from fastmta.queue.records import Message, Outcome, Recipient, Status, new_message_id, split_address
 from fastmta.queue.scheduler import DueQueue, RetryPolicy
-from fastmta.queue.spool import Spool, SpoolError
-from fastmta.smtp.connection import Timeouts
-from fastmta.smtp.protocol import Body, TLSPolicy
+from fastmta.queue.spool import Spool
+from fastmta.queue.spool_errors import SpoolError
+from fastmta.smtp.protocol import Body
 from fastmta.smtp.reply import Reply
 
 log = logging.getLogger("fastmta.delivery.engine")
@@ -54,16 +61,6 @@ __all__ = ["Engine", "EngineClosed", "Outcome", "Status"]
 
 class EngineClosed(FastMTAError):
     """The engine was closed before a message reached a final state for every recipient."""
-
-
-class _Tracker:
-    __slots__ = ("future", "message", "outcomes", "remaining")
-
-    def __init__(self, message: Message, future: asyncio.Future[list[Outcome]]) -> None:
-        self.message = message
-        self.remaining = len(message.recipients)
-        self.outcomes: list[Outcome] = []
-        self.future = future
 
 
 class Engine:
@@ -80,8 +77,6 @@ class Engine:
         spool: Spool | None = None,
     ) -> None:
         self.config = config or Config()
-        self._router_given = router
-        self._router: Router | None = router
         self.accounting = accounting
         self._rng = rng or random.Random()
         self.classifier = classifier or default_classifier()
@@ -91,14 +86,6 @@ class Engine:
         self.recovered = 0  # recipients resumed from the spool at start
         q = self.config.queue
         self.retry = RetryPolicy(q.retry_initial, q.retry_factor, q.retry_max, q.retry_jitter, q.max_lifetime)
-        self._sources = [Source(s.name, s.address, s.ehlo_name, s.weight) for s in self.config.sources] or [
-            Source("default", None, "localhost")
-        ]
-        self._source_cum = list(itertools.accumulate(s.weight for s in self._sources))
-        smtp = self.config.smtp
-        self._timeouts = Timeouts(**{f: getattr(smtp.timeouts, f) for f in Timeouts.__dataclass_fields__})
-        self._tls = TLSPolicy(smtp.tls)
-        self._tls_context = _tls_context(smtp.tls_verify)
         self.throttle_events: deque[ThrottleEvent] = deque(maxlen=200)
         self.throttles = Throttles(
             sites=self.config.sites,
@@ -106,32 +93,27 @@ class Engine:
             default=SiteConfig(),
             on_event=self._on_throttle_event,
         )
-        self._queues: dict[tuple[str, str], SiteQueue] = {}
-        self._limits_cache: dict[str, SiteLimits] = {}
-        self._trackers: dict[str, _Tracker] = {}
-        self._finished: OrderedDict[str, list[Outcome]] = OrderedDict()
-        self._subscribers: list[asyncio.Queue[Outcome | None]] = []
+        # Routing and the site queues are the dispatcher's; what a reply means for
+        # the recipient stays here (_on_result, _on_expired, _record_group).
+        # ``closing``: once close() began, newly routed work is left unfinished.
+        self._dispatch = Dispatcher(
+            self.config, router=router, throttles=self.throttles, classifier=self.classifier, rng=self._rng,
+            spawn=self._spawn, closing=lambda: self._closing, on_unroutable=self._record_group,
+            on_result=self._on_result, on_expired=self._on_expired,
+        )
+        # Every state change goes on record through the ledger (accounting line, then journal).
+        self._ledger = Ledger(accounting, spool, on_fatal=self._fail_fatal)
         self._capacity_waiters: deque[asyncio.Future[None]] = deque()
         self._unfinished = 0  # recipients accepted and not final
         self._queued_bytes = 0  # memory held by the bodies of unfinished messages (estimate)
         self._submits = 0
         self._idle: asyncio.Event | None = None
         self._due: DueQueue[tuple[Message, list[Recipient]]] | None = None
-        self._health: HostHealth | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        # domain -> work waiting for its route (one lookup task per domain)
-        self._lookups: dict[
-            str, list[tuple[Message, dict[str, list[Recipient]], dict[str, Route | RouteFailure] | None]]
-        ] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._accepting = True
-        #: The error that made the engine stop keeping its record (journal or
-        #: accounting failed, e.g. a full disk); None while all is well.
-        self.fatal: BaseException | None = None
         self._started = False
-        self.counts: Counter[str] = Counter()  # by status
-        self.site_counts: dict[str, Counter[str]] = {}
         self.started_at = 0.0
 
     # --- lifecycle ------------------------------------------------------------
@@ -147,10 +129,8 @@ class Engine:
         if self._started:
             return
         loop = asyncio.get_running_loop()
-        if self._router is None:
-            self._router = Router(self.config, rng=self._rng)
+        self._dispatch.start()
         self._due = DueQueue(self._on_due, loop)
-        self._health = HostHealth(self.config.queue.host_down_time, loop.time)
         self._idle = asyncio.Event()
         self._idle.set()
         if self.accounting is not None:
@@ -188,12 +168,12 @@ class Engine:
                     later.setdefault(rr.next_attempt, []).append(r)
             msg = Message(rec.id, rec.sender, Body(body), rcpts, queued_at=rec.queued_at, meta=rec.meta)
             msg.deadline = now_loop + self.retry.max_lifetime - max(0.0, now_wall - rec.queued_at)
-            self._trackers[msg.id] = _Tracker(msg, loop.create_future())
+            self._ledger.track(msg)
             self._unfinished += len(rcpts)
             self._queued_bytes += _memory_cost(msg.body)
             self.recovered += len(rcpts)
             if due_now:
-                self._route(msg, due_now)
+                self._dispatch.route(msg, due_now)
             assert self._due is not None
             for when, group in later.items():
                 self._due.push(now_loop + (when - now_wall), (msg, group))
@@ -215,17 +195,10 @@ class Engine:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in pending:
                 task.cancel()  # e.g. a DNS lookup still running: its recipients stay unfinished
-        await asyncio.gather(*(q.close(timeout) for q in self._queues.values()))
+        await asyncio.gather(*(q.close(timeout) for q in self._dispatch.queues.values()))
         if self._due is not None:
             self._due.pop_all()
-        for tracker in self._trackers.values():
-            if not tracker.future.done():
-                tracker.future.set_exception(
-                    EngineClosed(f"message {tracker.message.id}: {tracker.remaining} recipient(s) not final at shutdown")
-                )
-                tracker.future.exception()  # retrieved: nobody may be waiting
-        for sub in self._subscribers:
-            sub.put_nowait(None)
+        self._ledger.close(EngineClosed)
         if self._flusher is not None:
             self._flusher.cancel()
         if self.accounting is not None:
@@ -233,8 +206,7 @@ class Engine:
         if self.spool is not None:
             await self.spool.sync()  # every state change so far is durable
             _save_warmups(self.spool.directory / WARMUP_FILE, self.throttles.warmup_states())
-        if self._router is not None and self._router_given is None:
-            await self._router.aclose()
+        await self._dispatch.aclose()
 
     def stop_accepting(self) -> None:
         """Take no new messages; submits waiting for room fail with EngineClosed.
@@ -251,6 +223,22 @@ class Engine:
     def unfinished(self) -> int:
         """Recipients accepted but not yet delivered, bounced or expired."""
         return self._unfinished
+
+    @property
+    def fatal(self) -> BaseException | None:
+        """The error that made the engine stop keeping its record (journal or
+        accounting failed, e.g. a full disk); None while all is well."""
+        return self._ledger.fatal
+
+    @property
+    def counts(self) -> Counter[str]:
+        """Outcomes so far, by status (deferrals too)."""
+        return self._ledger.counts
+
+    @property
+    def site_counts(self) -> dict[str, Counter[str]]:
+        """Outcomes so far, by site, then by status."""
+        return self._ledger.site_counts
 
     # --- submitting -------------------------------------------------------------
 
@@ -284,7 +272,7 @@ class Engine:
         await self._reserve(len(rcpts), cost)
         loop = asyncio.get_running_loop()
         msg = Message(message_id or new_message_id(), sender, body, rcpts, meta=meta or {})
-        if msg.id in self._trackers:
+        if self._ledger.tracks(msg.id):
             self._release(len(rcpts), cost)
             raise InputError(f"message id {msg.id!r} is already in the queue")
         if self.spool is not None:
@@ -296,8 +284,8 @@ class Engine:
                 self._release(len(rcpts), cost)
                 raise
         msg.deadline = loop.time() + self.retry.max_lifetime
-        self._trackers[msg.id] = _Tracker(msg, loop.create_future())
-        self._route(msg, rcpts)
+        self._ledger.track(msg)
+        self._dispatch.route(msg, rcpts)
         self._submits += 1
         if self._submits % 64 == 0:
             # submit() does not otherwise yield while the queue has room; let
@@ -308,28 +296,11 @@ class Engine:
 
     def result(self, message_id: str) -> asyncio.Future[list[Outcome]]:
         """An awaitable of the final outcome of every recipient of *message_id*."""
-        tracker = self._trackers.get(message_id)
-        if tracker is not None:
-            return tracker.future
-        outcomes = self._finished.get(message_id)
-        if outcomes is None:
-            raise KeyError(f"unknown message {message_id} (or finished too long ago to be remembered)")
-        fut: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
-        fut.set_result(outcomes)
-        return fut
+        return self._ledger.result(message_id)
 
-    async def outcomes(self) -> AsyncIterator[Outcome]:
+    def outcomes(self) -> AsyncIterator[Outcome]:
         """Every outcome from now on (deferrals too), until the engine closes."""
-        queue: asyncio.Queue[Outcome | None] = asyncio.Queue()
-        self._subscribers.append(queue)
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                yield item
-        finally:
-            self._subscribers.remove(queue)
+        return self._ledger.outcomes()
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every accepted recipient is final; False on timeout."""
@@ -340,128 +311,12 @@ class Engine:
             return False
         return self.fatal is None
 
-    # --- routing and queueing ---------------------------------------------------
+    # --- callbacks: lookup tasks, throttle events, retries falling due --------
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _pick_source(self) -> Source:
-        if len(self._sources) == 1:
-            return self._sources[0]
-        x = self._rng.random() * self._source_cum[-1]
-        return self._sources[bisect.bisect_right(self._source_cum, x)]
-
-    def _route(self, msg: Message, rcpts: list[Recipient]) -> None:
-        by_domain: dict[str, list[Recipient]] = {}
-        for r in rcpts:
-            by_domain.setdefault(r.domain, []).append(r)
-        self._route_groups(msg, by_domain, None)
-
-    def _route_groups(
-        self, msg: Message, by_domain: dict[str, list[Recipient]], known: dict[str, Route | RouteFailure] | None
-    ) -> None:
-        """Queue the recipients now when every domain's route is known or cached.
-
-        Otherwise wait for that domain's lookup. One lookup task per domain,
-        however many messages wait for it: a burst of submits to a new domain
-        costs one coroutine, not one per message (the router is single-flight
-        too, but a task per message would still cost more than the delivery).
-        """
-        assert self._router is not None
-        routes: list[Route | RouteFailure] = []
-        for domain in by_domain:
-            route = known.get(domain) if known else None
-            if route is None:
-                route = self._router.route_cached(domain)
-            if route is None:
-                waiting = self._lookups.get(domain)
-                if waiting is None:
-                    self._lookups[domain] = [(msg, by_domain, known)]
-                    self._spawn(self._lookup(domain))
-                else:
-                    waiting.append((msg, by_domain, known))
-                return
-            routes.append(route)
-        self._enqueue(msg, by_domain, routes)
-
-    async def _lookup(self, domain: str) -> None:
-        assert self._router is not None
-        try:
-            result = await self._router.route(domain)
-        except Exception as exc:  # a resolver bug must not lose the recipients
-            log.exception("routing %s failed", domain)
-            result = RouteFailure(domain, Reply.local(451, "4.4.3", f"routing error: {exc}"), True, 0.0)
-        for msg, by_domain, known in self._lookups.pop(domain, []):
-            self._route_groups(msg, by_domain, {**(known or {}), domain: result})
-
-    def _enqueue(self, msg: Message, by_domain: dict[str, list[Recipient]], routes: Sequence[Route | RouteFailure]) -> None:
-        source = self._pick_source()
-        by_site: dict[str, tuple[Route, list[Recipient]]] = {}
-        for group, route in zip(by_domain.values(), routes):
-            if isinstance(route, RouteFailure):
-                self._record_group(msg, group, route.reply, Delivery(f"domain:{route.domain}", None, None, None))
-                continue
-            entry = by_site.get(route.site)
-            if entry is None:
-                by_site[route.site] = (route, list(group))
-            else:
-                entry[1].extend(group)
-        if self._closing:
-            return
-        for site, (route, group) in by_site.items():
-            queue = self._queue_for(self._warm_source(source, site, len(group)), site)
-            step = queue.limits.max_recipients_per_transaction
-            for i in range(0, len(group), step):
-                queue.put(Batch(msg, group[i : i + step], route, queue.source.name))
-
-    def _warm_source(self, source: Source, site: str, n: int) -> Source:
-        """*source*, unless it is warming up at *site*, over today's quota, and may overflow.
-
-        Then the first other source that may send now (warm, or within its own
-        quota) takes the mail; with none, it waits for *source*'s next quota.
-        """
-        if len(self._sources) == 1:
-            return source
-        now = asyncio.get_running_loop().time()
-        decision = self.throttles.get(source.name, site, now).warmup_check(now, n)
-        if decision is None or decision.allowed or not decision.overflow:
-            return source
-        for other in self._sources:
-            if other is source:
-                continue
-            d = self.throttles.get(other.name, site, now).warmup_check(now, n)
-            if d is None or d.allowed:
-                return other
-        return source
-
-    def _queue_for(self, source: Source, site: str) -> SiteQueue:
-        key = (source.name, site)
-        queue = self._queues.get(key)
-        if queue is None:
-            assert self._health is not None
-            now = asyncio.get_running_loop().time()
-            queue = SiteQueue(
-                source, site, self._limits_for(site), throttle=self.throttles.get(source.name, site, now),
-                classifier=self.classifier, timeouts=self._timeouts, health=self._health,
-                on_result=self._on_result, on_expired=self._on_expired, tls=self._tls, tls_context=self._tls_context,
-            )
-            self._queues[key] = queue
-        return queue
-
-    def _limits_for(self, site: str) -> SiteLimits:
-        limits = self._limits_cache.get(site)
-        if limits is None:
-            _, cfg = limits_for(site, self.config.sites, default=SiteConfig())
-            # Provider defaults are throttle limits only; the rest comes from SiteConfig's defaults.
-            extra = cfg if isinstance(cfg, SiteConfig) else SiteConfig()
-            limits = SiteLimits(
-                cfg.max_connections, cfg.max_messages_per_connection,
-                extra.max_recipients_per_transaction, extra.idle_timeout, extra.pipeline_depth,
-            )
-            self._limits_cache[site] = limits
-        return limits
 
     def _on_throttle_event(self, event: ThrottleEvent) -> None:
         self.throttle_events.append(event)
@@ -469,7 +324,7 @@ class Engine:
 
     def _on_due(self, item: tuple[Message, list[Recipient]]) -> None:
         if not self._closing:
-            self._route(*item)
+            self._dispatch.route(*item)
 
     # --- outcomes ---------------------------------------------------------------
 
@@ -498,18 +353,18 @@ class Engine:
             else:
                 deferred.append((rcpt, c))
         if paced:
-            queue = self._queues.get((batch.source, delivery.site))
+            queue = self._dispatch.queues.get((batch.source, delivery.site))
             if queue is not None:
                 queue.put(Batch(msg, paced, batch.route, batch.source), front=True)
             else:  # pragma: no cover - the queue that sent it always exists
-                self._route(msg, paced)
+                self._dispatch.route(msg, paced)
         if deferred:
             self._defer(msg, deferred, delivery)
 
     def _queue_paces(self, source: str, site: str) -> bool:
         """Does that queue's throttle slow down on its own (adaptive)? Only then may a
         "slow down" reply wait in the ready queue; a static one would resend at once."""
-        queue = self._queues.get((source, site))
+        queue = self._dispatch.queues.get((source, site))
         return queue is not None and queue.throttle.adaptive.enabled
 
     def _on_expired(self, batch: Batch, why: Reply | None) -> None:
@@ -576,65 +431,10 @@ class Engine:
         self, msg: Message, rcpt: Recipient, status: Status, reply: Reply, delivery: Delivery | None,
         next_attempt: float | None = None, classification: Classification | None = None,
     ) -> None:
-        rcpt.status = status
-        outcome = Outcome(
-            msg.id, rcpt.address, status, reply, rcpt.attempts, msg.queued_at, time.time(),
-            delivery.site if delivery else None, delivery.mx_host if delivery else None,
-            delivery.mx_ip if delivery else None, delivery.source_ip if delivery else None,
-            next_attempt, msg.meta or None,
-            classification.category.value if classification else None,
-            classification.bounce.value if classification else None,
-            msg.sender, len(msg.body.raw),
-        )
-        self.counts[status.value] += 1
-        if delivery is not None:
-            site_counter = self.site_counts.get(delivery.site)
-            if site_counter is None:
-                site_counter = self.site_counts[delivery.site] = Counter()
-            site_counter[status.value] += 1
-        if self.fatal is None:
-            try:
-                self._keep_record(outcome, msg, rcpt, status, next_attempt)
-            except (OSError, SpoolError) as exc:
-                self._fail_fatal(exc)
-        for sub in self._subscribers:
-            sub.put_nowait(outcome)
+        finished = self._ledger.record(msg, rcpt, status, reply, delivery, next_attempt, classification)
         if status.is_final:
-            tracker = self._trackers.get(msg.id)
-            if tracker is not None:
-                tracker.outcomes.append(outcome)
-                tracker.remaining -= 1
-                if tracker.remaining == 0:
-                    del self._trackers[msg.id]
-                    # Remembered for a while: a caller may ask for the result of
-                    # a message that finished before it got round to asking.
-                    self._finished[msg.id] = tracker.outcomes
-                    if len(self._finished) > _FINISHED_KEPT:
-                        self._finished.popitem(last=False)
-                    if not tracker.future.done():
-                        tracker.future.set_result(tracker.outcomes)
-                    self._release(1, _memory_cost(msg.body))
-                    return
-            self._release(1)
-
-    def _keep_record(
-        self, outcome: Outcome, msg: Message, rcpt: Recipient, status: Status, next_attempt: float | None
-    ) -> None:
-        """The accounting line, then the journal record: in that order."""
-        if self.accounting is not None:
-            self.accounting.write(outcome)
-            if self.spool is not None:
-                # Hand the line to the OS before the spool can journal this
-                # state: a process killed afterwards then never has a journaled
-                # outcome without its accounting line (the spool's writer thread
-                # may write the record any moment after record() below).
-                self.accounting.flush()
-        if self.spool is not None:
-            wall_next = next_attempt if next_attempt is not None else time.time()
-            try:
-                self.spool.record(msg.id, rcpt.index, status, attempts=rcpt.attempts, next_attempt=wall_next)
-            except KeyError:
-                pass  # not journaled (finished already, or never added): nothing to remember
+            # A final recipient frees its place; the last one of a message frees its body too.
+            self._release(1, _memory_cost(msg.body) if finished else 0)
 
     def _fail_fatal(self, exc: BaseException) -> None:
         """The durable record (journal or accounting) failed: nothing more can be promised.
@@ -643,17 +443,15 @@ class Engine:
         the engine stops taking work and wakes everyone waiting on it; the
         spool keeps what it had committed, and a restart resumes from there.
         """
-        if self.fatal is None:
-            self.fatal = exc
-            log.critical("cannot keep the delivery record any more: %s", exc)
-            self._accepting = False
-            for waiter in self._capacity_waiters:
-                if not waiter.done():
-                    waiter.set_exception(EngineClosed(f"delivery record failed: {exc}"))
-            if self._idle is not None:
-                self._idle.set()
-            for queue in self._queues.values():
-                queue.halt()
+        log.critical("cannot keep the delivery record any more: %s", exc)
+        self._accepting = False
+        for waiter in self._capacity_waiters:
+            if not waiter.done():
+                waiter.set_exception(EngineClosed(f"delivery record failed: {exc}"))
+        if self._idle is not None:
+            self._idle.set()
+        for queue in self._dispatch.queues.values():
+            queue.halt()
 
     # --- backpressure -----------------------------------------------------------
 
@@ -704,7 +502,7 @@ class Engine:
         """Per (source, site): ready batches, open connections, most seen, transactions."""
         now = asyncio.get_running_loop().time()
         out = []
-        for (src, site), q in self._queues.items():
+        for (src, site), q in self._dispatch.queues.items():
             status = q.throttle.status(now)
             out.append({
                 "source": src, "site": site, "ready": len(q.ready), "connections": q.connections,
@@ -720,9 +518,6 @@ _NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")
 #: Times a recipient may wait for a site's pace after "slow down" replies before
 #: it takes the normal retry schedule (a site that keeps refusing is not paced, it is down).
 _PACED_TRIES = 10
-
-#: Finished messages whose outcomes ``result()`` still returns.
-_FINISHED_KEPT = 10_000
 
 #: Warm-up progress, kept beside the spool's journal: a warm-up spans weeks of runs.
 WARMUP_FILE = "warmup.json"
@@ -759,16 +554,3 @@ def _save_warmups(path: Path, states: dict[tuple[str, str], WarmupState]) -> Non
 def _memory_cost(body: Body) -> int:
     # The raw bytes plus the wire form cached at the first attempt.
     return 2 * len(body.raw) + 512
-
-
-
-
-def _tls_context(verify: bool) -> ssl.SSLContext:
-    """Opportunistic TLS between MTAs does not verify certificates by default
-    (Postfix's ``may`` level): an unverified encrypted channel beats plain text,
-    and most MX certificates would not match anyway."""
-    ctx = ssl.create_default_context()
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from fastmta.delivery.routing import Route, RouteHost
 from fastmta.delivery.throttle import SiteThrottle
 from fastmta.errors import ConnectError
-from fastmta.feedback.classify import Classification, Classifier
+from fastmta.feedback.classification import Classification
+from fastmta.feedback.classify import Classifier
 from fastmta.queue.records import Message, Recipient
 from fastmta.smtp.connection import SessionRefused, SMTPConnection, Timeouts
 from fastmta.smtp.protocol import Phase, TLSPolicy, Transaction, TransactionResult

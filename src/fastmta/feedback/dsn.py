@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass
 from email.message import Message
 
-from fastmta.feedback.classify import Classification, Classifier, Outcome, default_classifier
+from fastmta.feedback.classification import Classification, Outcome
+from fastmta.feedback.classify import Classifier, default_classifier
 
 __all__ = ["DSNRecipient", "classify_dsn", "parse_dsn"]
 

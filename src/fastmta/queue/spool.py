@@ -1,4 +1,15 @@
-"""The durable spool: what is accepted is on disk before we say so, and survives any crash.
+"""The spool: a directory of durable messages, recipient states and input progress.
+
+What is accepted is on disk before we say so, and survives any crash. This
+module holds :class:`Spool`, which opens, locks and recovers a spool
+directory and is the one object callers use; the work is done by its parts:
+
+* :mod:`~fastmta.queue.journal_records`  what the journal records, and their encoding
+* :mod:`~fastmta.queue.recovery`  replaying the journal into live state, and what recovery returns
+* :mod:`~fastmta.queue.segments`  the body segments (``data/``)
+* :mod:`~fastmta.queue.journal_file`  appending to the journal, and replacing it atomically
+* :mod:`~fastmta.queue.commit`  group commit: batching records and bodies into few fsyncs
+* :mod:`~fastmta.queue.compaction`  rewriting the journal with live state only, beside the commits
 
 Layout of a spool directory::
 
@@ -6,16 +17,6 @@ Layout of a spool directory::
     journal         append-only log of framed msgpack records (see fastmta.queue.journal)
     journal.tmp     a compaction in progress (deleted at open: the old journal is still whole)
     data/NNNNNNNN.dat   body segments: framed message bodies, appended, never rewritten
-
-Records (msgspec Structs encoded as msgpack arrays, one frame each):
-
-* ``Add``    a message: id, sender, recipients, queued_at, and either a body
-  reference (segment, offset, length) or a source reference (input id, row,
-  byte offset) from which the caller re-renders it (campaign rows), plus meta.
-* ``State``  one recipient's new state: delivered / bounced / expired (final)
-  or deferred with attempts and next attempt time (wall clock).
-* ``Input``  an input's progress: key (e.g. path), fingerprint (e.g. mtime and
-  size), rows taken, done. ``Forget`` drops it; ``Drop`` drops a message.
 
 Why this shape (Postfix keeps one file per message and renames it between
 queue directories; KumoMTA keeps a key-value store per message): one journal
@@ -41,7 +42,8 @@ Guarantees:
   time). A torn tail or damaged bytes anywhere are skipped (magic marker +
   length + crc32 per record, resynchronized at the next good record), warned
   about (``SpoolRecoveryWarning`` and the ``fastmta.queue.spool`` logger) and
-  counted in :class:`RecoveryReport`; then the journal is rewritten clean.
+  counted in :class:`~fastmta.queue.recovery.RecoveryReport`; then the
+  journal is rewritten clean.
 * A body segment is deleted once every message in it is final and that is on
   disk; the journal is compacted (rewritten with live state only, atomically:
   write, fsync, rename, fsync directory) when it has grown ``compact_ratio``
@@ -60,300 +62,40 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from fastmta.errors import FastMTAError
-from fastmta.queue.journal import HEADER_SIZE, ScanReport, check_frame, frame, scan
+from fastmta.queue.commit import GroupCommit
+from fastmta.queue.compaction import compact_journal, compaction_due
+from fastmta.queue.disk import Disk, SpoolStats, default_fsync
+from fastmta.queue.journal_file import JournalFile
+from fastmta.queue.journal_records import (
+    DEFERRED_CODE,
+    STATUS_CODE,
+    AddRecord,
+    BodyRef,
+    DropRecord,
+    ForgetRecord,
+    InputState,
+    SourceRef,
+    StateRecord,
+    record_encoder,
+)
 from fastmta.queue.records import Status
+from fastmta.queue.recovery import (
+    RecoveredMessage,
+    RecoveredRecipient,
+    RecoveryReport,
+    live_frames,
+    replay_at_open,
+)
+from fastmta.queue.segments import BodySegments
+from fastmta.queue.spool_errors import SpoolError, SpoolLocked, SpoolRecoveryWarning
 
 log = logging.getLogger("fastmta.queue.spool")
 
-__all__ = [
-    "BodyRef",
-    "InputState",
-    "RecoveredMessage",
-    "RecoveredRecipient",
-    "RecoveryReport",
-    "SourceRef",
-    "Spool",
-    "SpoolError",
-    "SpoolLocked",
-    "SpoolRecoveryWarning",
-    "SpoolStats",
-]
-
-
-class SpoolError(FastMTAError):
-    """The spool cannot do what was asked (I/O failure, unknown message, damaged body)."""
-
-
-class SpoolLocked(SpoolError):
-    """Another process has this spool open."""
-
-
-class SpoolRecoveryWarning(UserWarning):
-    """Recovery skipped damaged journal bytes or found a message whose body is gone."""
-
-
-# --- on-disk records -----------------------------------------------------------
-# array_like: encoded as msgpack arrays without field names (compact; a record
-# is ~40 bytes). gc=False: they hold only strings, numbers and plain
-# containers decoded from msgpack, which cannot form reference cycles, and a
-# million of them must not make the cycle collector walk them.
-
-
-class BodyRef(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """Where a body lives: segment number, frame offset in it, payload length."""
-
-    seg: int
-    off: int
-    size: int
-
-
-class SourceRef(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """A body that the caller re-renders from an input (a campaign row), not stored."""
-
-    input: int  # InputState.id
-    row: int  # row number (as the caller counts them)
-    offset: int = -1  # byte offset of the row in the recipients file, if the caller knows it
-
-
-class _Add(msgspec.Struct, tag=1, array_like=True, gc=False):
-    id: str
-    sender: str
-    rcpts: list[str]
-    queued_at: float
-    body: BodyRef | None = None
-    src: SourceRef | None = None
-    meta: dict[str, Any] | None = None
-
-
-class _State(msgspec.Struct, tag=2, array_like=True, gc=False):
-    id: str
-    idx: int
-    status: int
-    attempts: int = 0
-    next_at: float = 0.0
-
-
-class _Input(msgspec.Struct, tag=3, array_like=True, gc=False):
-    iid: int
-    key: str
-    fp: str
-    row: int
-    done: bool
-
-
-class _Drop(msgspec.Struct, tag=4, array_like=True, gc=False):
-    id: str
-
-
-class _Forget(msgspec.Struct, tag=5, array_like=True, gc=False):
-    iid: int
-
-
-_Record = _Add | _State | _Input | _Drop | _Forget
-
-_STATUS_CODE = {Status.DELIVERED: 1, Status.BOUNCED: 2, Status.EXPIRED: 3, Status.DEFERRED: 4}
-_CODE_STATUS = {v: k for k, v in _STATUS_CODE.items()}
-_DEFERRED = 4
-
-
-# --- public results --------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class InputState:
-    """How far an input (pickup file, campaign job) has been taken into work."""
-
-    id: int
-    key: str
-    fingerprint: str
-    row: int = 0  # rows taken so far (the next row to take)
-    done: bool = False
-
-
-@dataclass(slots=True, frozen=True)
-class RecoveredRecipient:
-    index: int  # position in the message's recipient list (the index for record())
-    address: str
-    status: Status | None  # None: never tried (or in flight at the crash); DEFERRED otherwise
-    attempts: int
-    next_attempt: float  # wall clock; 0.0 = as soon as possible
-
-
-@dataclass(slots=True)
-class RecoveredMessage:
-    id: str
-    sender: str
-    queued_at: float  # wall clock of the original add (queue lifetime counts from it)
-    recipients: list[RecoveredRecipient]  # unfinished ones only
-    total_recipients: int
-    body: BodyRef | None  # read it with Spool.read_body()
-    source: SourceRef | None  # or re-render it from this input row
-    meta: dict[str, Any]
-
-
-@dataclass(slots=True)
-class RecoveryReport:
-    records: int = 0  # good records read
-    messages: int = 0  # unfinished messages returned
-    recipients: int = 0  # unfinished recipients returned
-    deferred: int = 0  # of which with a deferred state (keep their schedule)
-    inputs: int = 0
-    journal_bytes: int = 0
-    skipped_bytes: int = 0  # damaged bytes stepped over
-    damaged_regions: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
-    torn_tail_bytes: int = 0  # part of skipped_bytes: the end of the journal (a crash mid-write)
-    undecodable: int = 0  # frames whose checksum matched but whose content did not decode
-    orphan_records: int = 0  # state records for messages not in the journal (already compacted away)
-    missing_bodies: list[str] = field(default_factory=list)  # message ids whose body segment is gone
-    rewritten: bool = False  # the journal was rewritten (compacted) at open
-    seconds: float = 0.0
-
-    @property
-    def damaged(self) -> bool:
-        return bool(self.skipped_bytes or self.undecodable or self.missing_bodies)
-
-    def __str__(self) -> str:
-        text = (
-            f"{self.records} records, {self.messages} unfinished messages "
-            f"({self.recipients} recipients, {self.deferred} deferred) in {self.seconds:.2f}s"
-        )
-        if self.skipped_bytes:
-            text += (
-                f"; skipped {self.skipped_bytes} damaged bytes in {len(self.damaged_regions)} region(s)"
-                f" (torn tail {self.torn_tail_bytes} bytes)"
-            )
-        if self.undecodable:
-            text += f"; {self.undecodable} undecodable records"
-        if self.missing_bodies:
-            text += f"; {len(self.missing_bodies)} message(s) lost their body"
-        return text
-
-
-@dataclass(slots=True)
-class SpoolStats:
-    fsyncs: int = 0
-    commits: int = 0
-    records: int = 0  # journal records written
-    journal_bytes_written: int = 0
-    data_bytes_written: int = 0
-    compactions: int = 0
-    segments_deleted: int = 0
-
-
-# --- recovery state (shared by open and by compaction) ----------------------------
-
-
-class _Msg:
-    __slots__ = ("add", "remaining", "states")
-
-    def __init__(self, add: _Add) -> None:
-        self.add = add
-        self.states: list[_State | None] | None = None  # allocated on the first state record
-        self.remaining = len(add.rcpts)
-
-
-class _Loaded:
-    """The live state of a journal prefix: unfinished messages and inputs."""
-
-    __slots__ = ("inputs", "msgs", "orphans", "scan", "undecodable")
-
-    def __init__(self) -> None:
-        self.msgs: dict[str, _Msg] = {}
-        self.inputs: dict[int, InputState] = {}
-        self.scan = ScanReport()
-        self.undecodable = 0
-        self.orphans = 0
-
-
-_decoder = msgspec.msgpack.Decoder(_Record)
-_encoder = msgspec.msgpack.Encoder()
-
-
-def _load(path: Path, stop: int | None = None) -> _Loaded:
-    """Replay the journal at *path* (up to *stop*) into live state.
-
-    Memory is bounded by the unfinished work (plus one read chunk): a message
-    is dropped as soon as its last recipient is final.
-    """
-    st = _Loaded()
-    msgs = st.msgs
-    inputs = st.inputs
-    decode = _decoder.decode
-    with open(path, "rb", buffering=0) as f:
-        for _off, payload in scan(f, st.scan, 0, stop):
-            try:
-                rec = decode(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                st.undecodable += 1
-                continue
-            kind = type(rec)
-            if kind is _State:
-                m = msgs.get(rec.id)
-                if m is None or not 0 <= rec.idx < len(m.add.rcpts):
-                    st.orphans += 1
-                    continue
-                states = m.states
-                if states is None:
-                    if rec.status != _DEFERRED and m.remaining == 1 and len(m.add.rcpts) == 1:
-                        del msgs[rec.id]  # the common campaign case: one recipient, now final
-                        continue
-                    states = m.states = [None] * len(m.add.rcpts)
-                prev = states[rec.idx]
-                if prev is not None and prev.status != _DEFERRED:
-                    continue  # already final: a duplicate
-                states[rec.idx] = rec
-                if rec.status != _DEFERRED:
-                    m.remaining -= 1
-                    if m.remaining <= 0:
-                        del msgs[rec.id]
-            elif kind is _Add:
-                if rec.id not in msgs:
-                    msgs[rec.id] = _Msg(rec)
-                    src = rec.src
-                    if src is not None:
-                        inp = inputs.get(src.input)
-                        if inp is not None and inp.row <= src.row:
-                            inp.row = src.row + 1
-            elif kind is _Input:
-                old = inputs.get(rec.iid)
-                row = rec.row
-                if old is not None and old.fingerprint == rec.fp:
-                    row = max(row, old.row)  # progress only moves forward
-                inputs[rec.iid] = InputState(rec.iid, rec.key, rec.fp, row, rec.done)
-            elif kind is _Drop:
-                msgs.pop(rec.id, None)
-            else:
-                inputs.pop(rec.iid, None)
-    return st
-
-
-def _live_frames(st: _Loaded) -> Iterable[bytes]:
-    """The records that reproduce *st*: inputs still needed, then each live message."""
-    referenced = {m.add.src.input for m in st.msgs.values() if m.add.src is not None}
-    latest: dict[str, int] = {}
-    for inp in st.inputs.values():
-        if latest.get(inp.key, -1) < inp.id:
-            latest[inp.key] = inp.id
-    keep = referenced | set(latest.values())
-    enc = _encoder.encode
-    for inp in st.inputs.values():
-        if inp.id in keep:
-            yield frame(enc(_Input(inp.id, inp.key, inp.fingerprint, inp.row, inp.done)))
-    for m in st.msgs.values():
-        yield frame(enc(m.add))
-        if m.states is not None:
-            for s in m.states:
-                if s is not None:
-                    yield frame(enc(s))
+__all__ = ["Spool"]
 
 
 class _Live:
@@ -366,16 +108,6 @@ class _Live:
         self.done = bytearray(n)  # 1 = final
         self.remaining = n
         self.src = src
-
-
-def _writeall(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-_default_fsync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
 class Spool:
@@ -412,53 +144,34 @@ class Spool:
             os.fdatasync); tests inject a counter or a no-op.
         """
         self.directory = Path(directory)
-        self.commit_interval = commit_interval
-        self.flush_interval = flush_interval
-        self.flush_records = flush_records
-        self.segment_size = segment_size
         self.compact_min_bytes = compact_min_bytes
         self.compact_ratio = compact_ratio
         self.auto_compact = auto_compact
-        self._fsync_fn = fsync or _default_fsync
         self.stats = SpoolStats()
-        self._journal_path = self.directory / "journal"
-        self._tmp_path = self.directory / "journal.tmp"
-        self._data_dir = self.directory / "data"
+        disk = Disk(fsync or default_fsync, self.stats)
+        self._journal = JournalFile(self.directory, disk)
+        self._segments = BodySegments(self.directory / "data", segment_size, disk)
+        self._commits = GroupCommit(
+            self.directory,
+            self._journal,
+            self._segments,
+            self.stats,
+            self._after_batch,
+            commit_interval=commit_interval,
+            flush_interval=flush_interval,
+            flush_records=flush_records,
+        )
 
         self._live: dict[str, _Live] = {}
         self._inputs: dict[str, InputState] = {}  # latest state per key
         self._inputs_by_id: dict[int, InputState] = {}
         self._next_input_id = 1
-        self._seg_live: dict[int, int] = {}  # segment -> unfinished messages with a body in it
-        self._active_seg = 1
-        self._data_tail = 0  # logical end of the active segment, including pending data
-
-        # Pending (not yet handed to the writer) work: built on the loop thread.
-        self._p_journal: list[bytes] = []
-        self._p_data: list[tuple[int, bytes]] = []
-        self._p_waiters: list[asyncio.Future[None]] = []
-        self._p_finished: list[int] = []  # segments of messages that became final
-        self._p_first = 0.0  # loop time of the oldest pending record
-        self._p_first_waiter = 0.0
-
-        self._journal_size = 0  # committed bytes
-        self._compacted_size = 0
-        self._failed: BaseException | None = None
-        self._closing = False
         self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._io_lock: asyncio.Lock | None = None
         self._compacting: asyncio.Task[None] | None = None
-        # One writer thread: writes are ordered, and the loop never waits on the disk.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastmta-spool")
-        self._w_data_fds: dict[int, int] = {}  # writer thread only
-        self._r_fds: dict[int, int] = {}  # loop thread: for read_body
         self._recovered: list[RecoveredMessage] = []
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._data_dir.mkdir(exist_ok=True)
+        self._segments.directory.mkdir(exist_ok=True)
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -473,27 +186,31 @@ class Spool:
             self._release()
             raise
 
+    # The settings live with the part that uses them; read-only here.
+
+    @property
+    def commit_interval(self) -> float:
+        return self._commits.commit_interval
+
+    @property
+    def flush_interval(self) -> float:
+        return self._commits.flush_interval
+
+    @property
+    def flush_records(self) -> int:
+        return self._commits.flush_records
+
+    @property
+    def segment_size(self) -> int:
+        return self._segments.segment_size
+
     # --- opening and recovery ---------------------------------------------------
 
     def _open(self) -> RecoveryReport:
         started = time.perf_counter()
-        report = RecoveryReport()
-        if self._tmp_path.exists():
-            self._tmp_path.unlink()  # a compaction died before its rename: the journal is whole
-        st = _load(self._journal_path) if self._journal_path.exists() else _Loaded()
-        report.records = st.scan.frames
-        report.journal_bytes = st.scan.bytes_scanned
-        report.damaged_regions = list(st.scan.damaged_regions)
-        report.skipped_bytes = st.scan.skipped_bytes
-        report.torn_tail_bytes = st.scan.torn_tail
-        report.undecodable = st.undecodable
-        report.orphan_records = st.orphans
-
-        segments = self._segments_on_disk()
-        for mid, m in list(st.msgs.items()):
-            if m.add.body is not None and m.add.body.seg not in segments:
-                report.missing_bodies.append(mid)
-                del st.msgs[mid]
+        self._journal.discard_tmp()  # a compaction died before its rename: the journal is whole
+        segments = self._segments.on_disk()
+        st, report = replay_at_open(self._journal.path, segments)
         # Open state: inputs, per-message counters, segment reference counts.
         for inp in st.inputs.values():
             self._inputs_by_id[inp.id] = inp
@@ -511,7 +228,7 @@ class Spool:
                 s = m.states[i] if m.states is not None else None
                 if s is None:
                     rcpts.append(RecoveredRecipient(i, address, None, 0, 0.0))
-                elif s.status == _DEFERRED:
+                elif s.status == DEFERRED_CODE:
                     rcpts.append(RecoveredRecipient(i, address, Status.DEFERRED, s.attempts, s.next_at))
                     report.deferred += 1
                 else:
@@ -519,7 +236,7 @@ class Spool:
                     live.remaining -= 1
             self._live[mid] = live
             if seg >= 0:
-                self._seg_live[seg] = self._seg_live.get(seg, 0) + 1
+                self._segments.hold(seg)
             recovered.append(
                 RecoveredMessage(
                     mid, add.sender, add.queued_at, rcpts, len(add.rcpts), add.body, add.src, add.meta or {}
@@ -528,25 +245,19 @@ class Spool:
             report.recipients += len(rcpts)
         report.messages = len(recovered)
         report.inputs = len(self._inputs)
-        # Bodies of finished messages whose deletion a crash interrupted.
-        for seg in segments:
-            if seg not in self._seg_live:
-                self._unlink_segment(seg)
-        self._active_seg = max(segments, default=0) + 1  # never append to a segment a crash may have torn
+        self._segments.resume(segments)
 
         size = st.scan.bytes_scanned
         dead_heavy = size > self.compact_min_bytes and report.records > self.compact_ratio * (
             report.messages + report.recipients + report.inputs + 1
         )
-        if report.damaged or dead_heavy or not self._journal_path.exists():
+        if report.damaged or dead_heavy or not self._journal.path.exists():
             # Rewrite from what we recovered: drops damaged bytes (so the next
             # open does not warn again) and finished records.
-            self._rewrite_sync(st)
+            self._journal.rewrite(live_frames(st))
             report.rewritten = True
         else:
-            self._jfd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND)
-            self._journal_size = size
-            self._compacted_size = size
+            self._journal.open_append(size)
         report.seconds = time.perf_counter() - started
         if report.damaged:
             text = f"spool {self.directory}: recovered with damage: {report}"
@@ -555,63 +266,6 @@ class Spool:
         elif report.records:
             log.info("spool %s: recovered %s", self.directory, report)
         return report
-
-    def _segments_on_disk(self) -> set[int]:
-        segs: set[int] = set()
-        for name in os.listdir(self._data_dir):
-            stem, dot, ext = name.partition(".")
-            if dot and ext == "dat" and stem.isdigit():
-                segs.add(int(stem))
-        return segs
-
-    def _seg_path(self, seg: int) -> Path:
-        return self._data_dir / f"{seg:08d}.dat"
-
-    def _fsync(self, fd: int) -> None:
-        self.stats.fsyncs += 1
-        self._fsync_fn(fd)
-
-    def _fsync_dir(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            self._fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _write_tmp(self, frames: Iterable[bytes], tail: tuple[int, int] | None = None) -> tuple[int, int]:
-        """Write a new journal to journal.tmp; return (fd, size). Not yet renamed."""
-        fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        size = 0
-        chunk: list[bytes] = []
-        chunk_len = 0
-        for fr in frames:
-            chunk.append(fr)
-            chunk_len += len(fr)
-            if chunk_len >= 1 << 20:
-                _writeall(fd, b"".join(chunk))
-                size += chunk_len
-                chunk, chunk_len = [], 0
-        if chunk:
-            _writeall(fd, b"".join(chunk))
-            size += chunk_len
-        return fd, size
-
-    def _install_tmp(self, fd: int) -> None:
-        """Make journal.tmp the journal: fsync it, rename over, fsync the directory."""
-        self._fsync(fd)
-        os.replace(self._tmp_path, self._journal_path)
-        self._fsync_dir(self.directory)
-
-    def _rewrite_sync(self, st: _Loaded) -> None:
-        fd, size = self._write_tmp(_live_frames(st))
-        self._install_tmp(fd)
-        old = getattr(self, "_jfd", None)
-        self._jfd = fd
-        if old is not None:
-            os.close(old)
-        self._journal_size = size
-        self._compacted_size = size
-        self.stats.compactions += 1
 
     def take_recovered(self) -> list[RecoveredMessage]:
         """The unfinished messages found at open (once; later calls return [])."""
@@ -639,7 +293,7 @@ class Spool:
         Needs a running event loop (it is the one the commits run on).
         """
         self._enqueue_add(message_id, sender, recipients, body, source, queued_at, meta)
-        return self._waiter()
+        return self._commits.waiter()
 
     async def add_message(
         self,
@@ -657,7 +311,7 @@ class Spool:
         If the awaiting task is cancelled, the message is still committed.
         """
         ref = self._enqueue_add(message_id, sender, recipients, body, source, queued_at, meta)
-        await asyncio.shield(self._waiter())
+        await asyncio.shield(self._commits.waiter())
         return ref
 
     def add_message_sync(
@@ -698,15 +352,9 @@ class Spool:
         ref: BodyRef | None = None
         seg = -1
         if body is not None:
-            fr = frame(body)
-            if self._data_tail and self._data_tail + len(fr) > self.segment_size:
-                self._active_seg += 1  # rotate: the writer closes the old one after its last write
-                self._data_tail = 0
-            seg = self._active_seg
-            ref = BodyRef(seg, self._data_tail, len(body))
-            self._data_tail += len(fr)
-            self._p_data.append((seg, fr))
-            self._seg_live[seg] = self._seg_live.get(seg, 0) + 1
+            ref, framed = self._segments.place(body)
+            seg = ref.seg
+            self._commits.append_body(seg, framed)
         else:
             assert source is not None
             inp = self._inputs_by_id.get(source.input)
@@ -714,7 +362,7 @@ class Spool:
                 raise SpoolError(f"unknown input id {source.input}: use open_input() first")
             if inp.row <= source.row:
                 inp.row = source.row + 1  # recovery derives the same from the Add record
-        add = _Add(
+        add = AddRecord(
             message_id,
             sender,
             list(recipients),
@@ -724,7 +372,7 @@ class Spool:
             meta or None,
         )
         self._live[message_id] = _Live(seg, len(recipients), source)
-        self._append(_encoder.encode(add))
+        self._commits.append(record_encoder.encode(add))
         return ref
 
     # --- recipient states -----------------------------------------------------------
@@ -746,25 +394,25 @@ class Spool:
         """
         self._check_open()
         live = self._live[message_id]
-        code = _STATUS_CODE[status]
+        code = STATUS_CODE[status]
         if live.done[index]:
             return
-        if code != _DEFERRED:
+        if code != DEFERRED_CODE:
             live.done[index] = 1
             live.remaining -= 1
             if live.remaining == 0:
                 del self._live[message_id]
                 if live.seg >= 0:
-                    self._p_finished.append(live.seg)
-        self._append(_encoder.encode(_State(message_id, index, code, attempts, next_attempt)))
+                    self._commits.release_after_commit(live.seg)
+        self._commits.append(record_encoder.encode(StateRecord(message_id, index, code, attempts, next_attempt)))
 
     def remove(self, message_id: str) -> None:
         """Drop a message whatever its recipients' states (e.g. cancelled by an operator)."""
         self._check_open()
         live = self._live.pop(message_id)
         if live.seg >= 0:
-            self._p_finished.append(live.seg)
-        self._append(_encoder.encode(_Drop(message_id)))
+            self._commits.release_after_commit(live.seg)
+        self._commits.append(record_encoder.encode(DropRecord(message_id)))
 
     def is_live(self, message_id: str) -> bool:
         return message_id in self._live
@@ -821,7 +469,7 @@ class Spool:
         if inp is not None:
             self._check_open()
             self._inputs_by_id.pop(inp.id, None)
-            self._append(_encoder.encode(_Forget(inp.id)))
+            self._commits.append(record_encoder.encode(ForgetRecord(inp.id)))
 
     def inputs(self) -> list[InputState]:
         return list(self._inputs.values())
@@ -834,330 +482,105 @@ class Spool:
         return inp
 
     def _write_input(self, inp: InputState) -> None:
-        self._append(_encoder.encode(_Input(inp.id, inp.key, inp.fingerprint, inp.row, inp.done)))
+        self._commits.append(record_encoder.encode(inp.record()))
 
     # --- bodies --------------------------------------------------------------------------
 
     def read_body(self, ref: BodyRef) -> bytes:
         """The body stored at *ref* (after its add committed). Raises SpoolError if damaged."""
-        fd = self._r_fds.get(ref.seg)
-        if fd is None:
-            try:
-                fd = os.open(self._seg_path(ref.seg), os.O_RDONLY)
-            except OSError as exc:
-                raise SpoolError(f"body segment {ref.seg}: {exc.strerror}") from None
-            if len(self._r_fds) >= 64:
-                os.close(self._r_fds.pop(next(iter(self._r_fds))))
-            self._r_fds[ref.seg] = fd
-        data = os.pread(fd, HEADER_SIZE + ref.size, ref.off)
-        payload = check_frame(data, ref.size)
-        if payload is None:
-            raise SpoolError(f"body at segment {ref.seg} offset {ref.off} is damaged or missing")
-        return payload
+        return self._segments.read(ref)
 
     # --- committing ------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._failed is not None:
-            raise SpoolError(f"spool {self.directory} failed: {self._failed}") from self._failed
-        if self._closing or self._closed:
+        failed = self._commits.failed
+        if failed is not None:
+            raise SpoolError(f"spool {self.directory} failed: {failed}") from failed
+        if self._commits.closing or self._closed:
             raise SpoolError(f"spool {self.directory} is closed")
-
-    def _append(self, payload: bytes) -> None:
-        if not self._p_journal:
-            self._p_first = self._now()
-            self._kick()
-        self._p_journal.append(frame(payload))
-        if len(self._p_journal) == self.flush_records:
-            self._kick()
-
-    def _now(self) -> float:
-        return self._loop.time() if self._loop is not None else time.monotonic()
-
-    def _ensure_task(self) -> bool:
-        """Start the committer on the running loop, if there is one."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return False  # used without a loop: flush_sync() writes
-        if self._task is not None and self._loop is loop and not self._task.done():
-            return True
-        if self._task is not None and not self._task.done():
-            raise SpoolError("the spool is already committing on another event loop")
-        self._loop = loop
-        self._wake = asyncio.Event()
-        self._io_lock = asyncio.Lock()
-        self._task = loop.create_task(self._committer())
-        return True
-
-    def _kick(self) -> None:
-        if self._ensure_task():
-            assert self._wake is not None
-            self._wake.set()
-
-    def _waiter(self) -> asyncio.Future[None]:
-        if not self._ensure_task():
-            raise SpoolError("add_message needs a running event loop (or use flush_sync)")
-        assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        if not self._p_waiters:
-            self._p_first_waiter = self._loop.time()
-            self._kick()
-        self._p_waiters.append(fut)
-        return fut
 
     async def sync(self) -> None:
         """Return when everything recorded so far is on disk."""
         self._check_open()
-        if self._p_journal or self._p_data:
-            await asyncio.shield(self._waiter())
-        elif self._io_lock is not None:
-            async with self._io_lock:  # a batch in flight
-                pass
-
-    async def _committer(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._wake is not None and self._io_lock is not None
-        while True:
-            if not (self._p_journal or self._p_data or self._p_waiters):
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            now = loop.time()
-            if self._closing or len(self._p_journal) >= self.flush_records:
-                deadline = now
-            else:
-                deadline = self._p_first + self.flush_interval
-                if self._p_waiters:
-                    deadline = min(deadline, self._p_first_waiter + self.commit_interval)
-            if deadline > now:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), deadline - now)
-                except TimeoutError:
-                    pass
-                continue
-            journal, data, waiters, finished = self._p_journal, self._p_data, self._p_waiters, self._p_finished
-            self._p_journal, self._p_data, self._p_waiters, self._p_finished = [], [], [], []
-            active = self._active_seg
-            try:
-                async with self._io_lock:
-                    await loop.run_in_executor(self._executor, self._write_batch, journal, data, active)
-            except BaseException as exc:
-                # The logical offsets no longer match the files: refuse further work.
-                self._failed = exc
-                err = SpoolError(f"spool {self.directory}: write failed: {exc}")
-                for w in waiters:
-                    if not w.done():
-                        w.set_exception(err)
-                for w in self._p_waiters:
-                    if not w.done():
-                        w.set_exception(err)
-                log.error("spool %s: write failed: %s", self.directory, exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                return
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
-            if finished:
-                self._release_segments(finished)
-            if (
-                self.auto_compact
-                and self._compacting is None
-                and self._journal_size > max(self.compact_min_bytes, self.compact_ratio * self._compacted_size)
-            ):
-                self._compacting = loop.create_task(self._compact_task())
-
-    def _write_batch(self, journal: list[bytes], data: list[tuple[int, bytes]], active: int) -> None:
-        """Writer thread: bodies first (fsync), then the journal records (fsync)."""
-        if data:
-            touched: list[int] = []
-            i = 0
-            while i < len(data):
-                seg = data[i][0]
-                j = i
-                while j < len(data) and data[j][0] == seg:
-                    j += 1
-                fd = self._w_data_fds.get(seg)
-                if fd is None:
-                    fd = os.open(self._seg_path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                    self._w_data_fds[seg] = fd
-                    self._fsync_dir(self._data_dir)  # the new file's name must survive a crash too
-                chunk = b"".join(d for _, d in data[i:j])
-                _writeall(fd, chunk)
-                self.stats.data_bytes_written += len(chunk)
-                if seg not in touched:
-                    touched.append(seg)
-                i = j
-            for seg in touched:
-                self._fsync(self._w_data_fds[seg])
-            for seg in [s for s in self._w_data_fds if s < active]:
-                os.close(self._w_data_fds.pop(seg))
-        if journal:
-            blob = b"".join(journal)
-            _writeall(self._jfd, blob)
-            self._fsync(self._jfd)
-            self._journal_size += len(blob)
-            self.stats.records += len(journal)
-            self.stats.journal_bytes_written += len(blob)
-        self.stats.commits += 1
-
-    def _release_segments(self, segs: list[int]) -> None:
-        for seg in segs:
-            n = self._seg_live.get(seg, 0) - 1
-            if n > 0:
-                self._seg_live[seg] = n
-                continue
-            self._seg_live.pop(seg, None)
-            if seg != self._active_seg:
-                self._unlink_segment(seg)
-
-    def _unlink_segment(self, seg: int) -> None:
-        # No directory fsync: if the unlink is lost in a crash, open() deletes
-        # the unreferenced segment again.
-        fd = self._r_fds.pop(seg, None)
-        if fd is not None:
-            os.close(fd)
-        try:
-            os.unlink(self._seg_path(seg))
-            self.stats.segments_deleted += 1
-        except FileNotFoundError:
-            pass
+        await self._commits.sync()
 
     def flush_sync(self) -> None:
         """Write and fsync pending records now, on this thread (only when no loop is committing)."""
-        if self._task is not None and not self._task.done():
-            raise SpoolError("flush_sync() while the committer runs: use await sync()")
-        if self._failed is not None:
-            raise SpoolError(f"spool {self.directory} failed: {self._failed}")
-        journal, data, finished = self._p_journal, self._p_data, self._p_finished
-        self._p_journal, self._p_data, self._p_finished = [], [], []
-        if journal or data:
-            self._write_batch(journal, data, self._active_seg)
-        if finished:
-            self._release_segments(finished)
+        self._commits.flush_sync()
 
     # --- compaction ----------------------------------------------------------------------------
 
     async def compact(self) -> None:
         """Rewrite the journal with only the live state (runs beside normal commits)."""
         self._check_open()
-        self._ensure_task()
+        self._commits.ensure_task()
         if self._compacting is not None:
             await asyncio.shield(self._compacting)
-        assert self._loop is not None
-        self._compacting = self._loop.create_task(self._compact_task())
-        await asyncio.shield(self._compacting)
+        await asyncio.shield(self._start_compaction())
+
+    def _after_batch(self) -> None:
+        # Called by the committer after each batch: the journal only grows there.
+        if (
+            self.auto_compact
+            and self._compacting is None
+            and compaction_due(self._journal, self.compact_min_bytes, self.compact_ratio)
+        ):
+            self._start_compaction()
+
+    def _start_compaction(self) -> asyncio.Task[None]:
+        loop = self._commits.loop
+        assert loop is not None
+        self._compacting = task = loop.create_task(self._compact_task())
+        return task
 
     async def _compact_task(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._io_lock is not None
         try:
-            # Phase 1, beside commits: replay the committed prefix and write its live state.
-            async with self._io_lock:
-                stop = self._journal_size  # a frame boundary: batches are written whole
-            fd, size = await loop.run_in_executor(None, self._compact_prefix, stop)
-            # Phase 2, between commits: append what was committed meanwhile, swap files.
-            try:
-                async with self._io_lock:
-                    await loop.run_in_executor(self._executor, self._compact_swap, fd, size, stop)
-            except BaseException:
-                os.close(fd)
-                raise
+            await compact_journal(self._journal, self._commits)
         except Exception as exc:
             log.error("spool %s: compaction failed (the old journal stays): %s", self.directory, exc)
         finally:
             self._compacting = None
 
-    def _compact_prefix(self, stop: int) -> tuple[int, int]:
-        st = _load(self._journal_path, stop)
-        if st.scan.damaged:
-            log.warning("spool %s: compaction skipped damaged journal bytes: %s", self.directory, st.scan)
-        return self._write_tmp(_live_frames(st))
-
-    def _compact_swap(self, fd: int, size: int, stop: int) -> None:
-        # Records after `stop` are copied verbatim: replaying them on top of the
-        # compacted prefix gives the same state (states of messages compacted
-        # away as finished cannot occur; recovery ignores them anyway).
-        end = self._journal_size
-        if end > stop:
-            with open(self._journal_path, "rb") as src:
-                src.seek(stop)
-                left = end - stop
-                while left:
-                    chunk = src.read(min(left, 1 << 20))
-                    if not chunk:
-                        raise SpoolError("journal shorter than committed size")
-                    _writeall(fd, chunk)
-                    left -= len(chunk)
-            size += end - stop
-        self._install_tmp(fd)
-        old = self._jfd
-        self._jfd = fd
-        os.close(old)
-        self._journal_size = size
-        self._compacted_size = size
-        self.stats.compactions += 1
-
     # --- closing ------------------------------------------------------------------------------------
 
     async def close(self) -> None:
         """Write what is pending, wait for a running compaction, release the spool."""
-        if self._closed or self._closing:
+        if self._closed or self._commits.closing:
             return
         if self._compacting is not None:
             try:
                 await asyncio.shield(self._compacting)
             except Exception as exc:
                 log.debug("spool %s: compaction ended with %s", self.directory, exc)
-        self._closing = True
-        if self._task is not None:
-            assert self._wake is not None
-            self._wake.set()
-            await self._task
-        else:
-            self.flush_sync()
+        await self._commits.close()
         self._finish_close()
 
     def close_sync(self) -> None:
         """Close without an event loop (pending records are written first)."""
         if self._closed:
             return
-        self.flush_sync()
-        self._closing = True
+        self._commits.flush_sync()
+        self._commits.closing = True
         self._finish_close()
 
     def _finish_close(self) -> None:
         self._closed = True
-        self._executor.shutdown(wait=True)
-        for fd in self._w_data_fds.values():
-            os.close(fd)
-        self._w_data_fds.clear()
-        os.close(self._jfd)
+        self._commits.shutdown()
+        self._segments.close_writers()
+        self._journal.close()
         self._release()
 
     def _release(self) -> None:
-        for fd in self._r_fds.values():
-            os.close(fd)
-        self._r_fds.clear()
+        self._segments.close_readers()
         os.close(self._lock_fd)  # releases the flock
 
     @property
     def journal_size(self) -> int:
-        return self._journal_size
+        return self._journal.size
 
     def disk_usage(self) -> int:
         """Bytes used by the journal and the body segments."""
-        total = self._journal_size
-        for seg in self._segments_on_disk():
-            try:
-                total += self._seg_path(seg).stat().st_size
-            except FileNotFoundError:
-                pass
-        return total
+        return self._journal.size + self._segments.disk_usage()
 
     def __repr__(self) -> str:
-        return f"<Spool {self.directory} live={len(self._live)} journal={self._journal_size}B>"
+        return f"<Spool {self.directory} live={len(self._live)} journal={self._journal.size}B>"

@@ -1,0 +1,229 @@
+"""Dispatch: each recipient onto the ready queue of an (egress source, site), in batches.
+
+The engine hands over recipients to send (newly accepted, due for a retry,
+or resumed from the spool). They are routed by domain (cached DNS, static
+routes), grouped by site, given an egress source (a weighted choice, steered
+away from a source over its warm-up quota), cut into batches of at most
+``max_recipients_per_transaction`` and put on the :class:`SiteQueue` of that
+(source, site), made on first use with the site's limits and throttle. What
+happens to a batch after that (replies, retries, records) is the engine's.
+A domain that cannot be routed is handed back as one failed attempt per
+recipient (``on_unroutable``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import logging
+import random
+import ssl
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from fastmta.delivery.config import Config, SiteConfig
+from fastmta.delivery.limits import limits_for
+from fastmta.delivery.pool import Batch, Delivery, HostHealth, ResultCallback, SiteLimits, SiteQueue, Source
+from fastmta.delivery.routing import Route, RouteFailure, Router
+from fastmta.delivery.throttle import Throttles
+from fastmta.feedback.classify import Classifier
+from fastmta.queue.records import Message, Recipient
+from fastmta.smtp.connection import Timeouts
+from fastmta.smtp.protocol import TLSPolicy
+from fastmta.smtp.reply import Reply
+
+log = logging.getLogger("fastmta.delivery.dispatch")
+
+__all__ = ["Dispatcher"]
+
+
+class Dispatcher:
+    """Routes recipients and queues them per (egress source, site). Owned by the engine.
+
+    Works inside a running loop: :meth:`start` before the first :meth:`route`,
+    :meth:`aclose` at the end (the site queues themselves are closed by their
+    owner, who reaches them through :attr:`queues`).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        router: Router | None,
+        throttles: Throttles,
+        classifier: Classifier,
+        rng: random.Random,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        closing: Callable[[], bool],
+        on_unroutable: Callable[[Message, list[Recipient], Reply, Delivery], None],
+        on_result: ResultCallback,
+        on_expired: Callable[[Batch, Reply | None], None],
+    ) -> None:
+        self.config = config
+        self._router_given = router
+        self._router: Router | None = router
+        self.throttles = throttles
+        self.classifier = classifier
+        self._rng = rng
+        # The owner's: its tasks are the ones it waits for (or cancels) at close.
+        self._spawn = spawn
+        self._closing = closing
+        self._on_unroutable = on_unroutable
+        self._on_result = on_result
+        self._on_expired = on_expired
+        self._sources = [Source(s.name, s.address, s.ehlo_name, s.weight) for s in config.sources] or [
+            Source("default", None, "localhost")
+        ]
+        self._source_cum = list(itertools.accumulate(s.weight for s in self._sources))
+        smtp = config.smtp
+        self._timeouts = Timeouts(**{f: getattr(smtp.timeouts, f) for f in Timeouts.__dataclass_fields__})
+        self._tls = TLSPolicy(smtp.tls)
+        self._tls_context = _tls_context(smtp.tls_verify)
+        self._health: HostHealth | None = None
+        #: The ready queue of every (source name, site) sent to so far.
+        self.queues: dict[tuple[str, str], SiteQueue] = {}
+        self._limits_cache: dict[str, SiteLimits] = {}
+        # domain -> work waiting for its route (one lookup task per domain)
+        self._lookups: dict[
+            str, list[tuple[Message, dict[str, list[Recipient]], dict[str, Route | RouteFailure] | None]]
+        ] = {}
+
+    def start(self) -> None:
+        """Bind to the running loop: make the router (unless one was given) and the host-health record."""
+        if self._router is None:
+            self._router = Router(self.config, rng=self._rng)
+        self._health = HostHealth(self.config.queue.host_down_time, asyncio.get_running_loop().time)
+
+    async def aclose(self) -> None:
+        """Close the router, if it is ours (a router given by the caller is the caller's to close)."""
+        if self._router is not None and self._router_given is None:
+            await self._router.aclose()
+
+    def _pick_source(self) -> Source:
+        if len(self._sources) == 1:
+            return self._sources[0]
+        x = self._rng.random() * self._source_cum[-1]
+        return self._sources[bisect.bisect_right(self._source_cum, x)]
+
+    def route(self, msg: Message, rcpts: list[Recipient]) -> None:
+        """Queue *rcpts* of *msg*: at once where the route is known, else after its lookup."""
+        by_domain: dict[str, list[Recipient]] = {}
+        for r in rcpts:
+            by_domain.setdefault(r.domain, []).append(r)
+        self._route_groups(msg, by_domain, None)
+
+    def _route_groups(
+        self, msg: Message, by_domain: dict[str, list[Recipient]], known: dict[str, Route | RouteFailure] | None
+    ) -> None:
+        """Queue the recipients now when every domain's route is known or cached.
+
+        Otherwise wait for that domain's lookup. One lookup task per domain,
+        however many messages wait for it: a burst of submits to a new domain
+        costs one coroutine, not one per message (the router is single-flight
+        too, but a task per message would still cost more than the delivery).
+        """
+        assert self._router is not None
+        routes: list[Route | RouteFailure] = []
+        for domain in by_domain:
+            route = known.get(domain) if known else None
+            if route is None:
+                route = self._router.route_cached(domain)
+            if route is None:
+                waiting = self._lookups.get(domain)
+                if waiting is None:
+                    self._lookups[domain] = [(msg, by_domain, known)]
+                    self._spawn(self._lookup(domain))
+                else:
+                    waiting.append((msg, by_domain, known))
+                return
+            routes.append(route)
+        self._enqueue(msg, by_domain, routes)
+
+    async def _lookup(self, domain: str) -> None:
+        assert self._router is not None
+        try:
+            result = await self._router.route(domain)
+        except Exception as exc:  # a resolver bug must not lose the recipients
+            log.exception("routing %s failed", domain)
+            result = RouteFailure(domain, Reply.local(451, "4.4.3", f"routing error: {exc}"), True, 0.0)
+        for msg, by_domain, known in self._lookups.pop(domain, []):
+            self._route_groups(msg, by_domain, {**(known or {}), domain: result})
+
+    def _enqueue(self, msg: Message, by_domain: dict[str, list[Recipient]], routes: Sequence[Route | RouteFailure]) -> None:
+        source = self._pick_source()
+        by_site: dict[str, tuple[Route, list[Recipient]]] = {}
+        for group, route in zip(by_domain.values(), routes):
+            if isinstance(route, RouteFailure):
+                self._on_unroutable(msg, group, route.reply, Delivery(f"domain:{route.domain}", None, None, None))
+                continue
+            entry = by_site.get(route.site)
+            if entry is None:
+                by_site[route.site] = (route, list(group))
+            else:
+                entry[1].extend(group)
+        if self._closing():
+            return
+        for site, (route, group) in by_site.items():
+            queue = self._queue_for(self._warm_source(source, site, len(group)), site)
+            step = queue.limits.max_recipients_per_transaction
+            for i in range(0, len(group), step):
+                queue.put(Batch(msg, group[i : i + step], route, queue.source.name))
+
+    def _warm_source(self, source: Source, site: str, n: int) -> Source:
+        """*source*, unless it is warming up at *site*, over today's quota, and may overflow.
+
+        Then the first other source that may send now (warm, or within its own
+        quota) takes the mail; with none, it waits for *source*'s next quota.
+        """
+        if len(self._sources) == 1:
+            return source
+        now = asyncio.get_running_loop().time()
+        decision = self.throttles.get(source.name, site, now).warmup_check(now, n)
+        if decision is None or decision.allowed or not decision.overflow:
+            return source
+        for other in self._sources:
+            if other is source:
+                continue
+            d = self.throttles.get(other.name, site, now).warmup_check(now, n)
+            if d is None or d.allowed:
+                return other
+        return source
+
+    def _queue_for(self, source: Source, site: str) -> SiteQueue:
+        key = (source.name, site)
+        queue = self.queues.get(key)
+        if queue is None:
+            assert self._health is not None
+            now = asyncio.get_running_loop().time()
+            queue = SiteQueue(
+                source, site, self._limits_for(site), throttle=self.throttles.get(source.name, site, now),
+                classifier=self.classifier, timeouts=self._timeouts, health=self._health,
+                on_result=self._on_result, on_expired=self._on_expired, tls=self._tls, tls_context=self._tls_context,
+            )
+            self.queues[key] = queue
+        return queue
+
+    def _limits_for(self, site: str) -> SiteLimits:
+        limits = self._limits_cache.get(site)
+        if limits is None:
+            _, cfg = limits_for(site, self.config.sites, default=SiteConfig())
+            # Provider defaults are throttle limits only; the rest comes from SiteConfig's defaults.
+            extra = cfg if isinstance(cfg, SiteConfig) else SiteConfig()
+            limits = SiteLimits(
+                cfg.max_connections, cfg.max_messages_per_connection,
+                extra.max_recipients_per_transaction, extra.idle_timeout, extra.pipeline_depth,
+            )
+            self._limits_cache[site] = limits
+        return limits
+
+
+def _tls_context(verify: bool) -> ssl.SSLContext:
+    """Opportunistic TLS between MTAs does not verify certificates by default
+    (Postfix's ``may`` level): an unverified encrypted channel beats plain text,
+    and most MX certificates would not match anyway."""
+    ctx = ssl.create_default_context()
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx

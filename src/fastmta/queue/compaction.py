@@ -1,0 +1,63 @@
+"""Compaction: rewriting the journal with only its live state, beside the commits.
+
+The journal only grows: every state record stays, though a finished message
+needs none of its records any more. Compaction replays the journal and
+writes back just what is live (inputs still needed, unfinished messages and
+their recipients' latest states), then swaps the files atomically
+(:mod:`fastmta.queue.journal_file`).
+
+It must not stop the commits for the time a replay takes (about a second per
+million records), so it runs in two phases:
+
+1. beside commits, in a worker thread: replay the prefix committed so far
+   and write its live state to ``journal.tmp``;
+2. between commits, in the writer thread: append what was committed
+   meanwhile, verbatim, and install the new file.
+
+It is due when the journal has grown ``ratio`` times past its size after the
+last compaction (and past a minimum size, so small spools are left alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from functools import partial
+
+from fastmta.queue.commit import GroupCommit
+from fastmta.queue.journal_file import JournalFile
+from fastmta.queue.recovery import live_frames, replay
+
+__all__ = ["compact_journal", "compaction_due"]
+
+# Every part of the spool logs as the spool (the logger its documentation names).
+log = logging.getLogger("fastmta.queue.spool")
+
+
+def compaction_due(journal: JournalFile, min_bytes: int, ratio: float) -> bool:
+    return journal.size > max(min_bytes, ratio * journal.compacted_size)
+
+
+def _write_live_prefix(journal: JournalFile, stop: int) -> tuple[int, int]:
+    """Phase 1: the live state of the first *stop* bytes, written to journal.tmp: (fd, size)."""
+    st = replay(journal.path, stop)
+    if st.scan.damaged:
+        log.warning("spool %s: compaction skipped damaged journal bytes: %s", journal.directory, st.scan)
+    return journal.write_tmp(live_frames(st))
+
+
+async def compact_journal(journal: JournalFile, commits: GroupCommit) -> None:
+    """Compact *journal* while *commits* go on (which must be running on this loop)."""
+    loop = asyncio.get_running_loop()
+    # Phase 1, beside commits: replay the committed prefix and write its live state.
+    async with commits.batch_lock:
+        stop = journal.size  # a frame boundary: batches are written whole
+    fd, size = await loop.run_in_executor(None, _write_live_prefix, journal, stop)
+    # Phase 2, between commits: append what was committed meanwhile, swap files.
+    try:
+        async with commits.batch_lock:
+            await commits.in_writer_thread(partial(journal.install_compacted, fd, size, stop))
+    except BaseException:
+        os.close(fd)
+        raise

@@ -1,0 +1,173 @@
+"""The spool's body segments: where message bodies are appended, read back and freed.
+
+``data/NNNNNNNN.dat`` files hold framed message bodies, appended and never
+rewritten. Bodies live apart from the journal so that the journal stays
+small (recovery reads all of it) and bodies are never read at recovery,
+only when a recovered message is sent again.
+
+A segment is closed past ``segment_size`` and deleted once no unfinished
+message has its body in it (and that is on disk), so space comes back a
+segment at a time without rewriting anything. After a restart new bodies go
+to a fresh segment: the last one may have been torn by the crash.
+
+Threads: :meth:`BodySegments.write` runs in the spool's writer thread and
+only touches the write descriptors; everything else runs on the loop thread.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fastmta.queue.disk import Disk, write_all
+from fastmta.queue.journal import HEADER_SIZE, check_frame, frame
+from fastmta.queue.journal_records import BodyRef
+from fastmta.queue.spool_errors import SpoolError
+
+__all__ = ["BodySegments"]
+
+_MAX_READ_FDS = 64  # segments kept open for reading bodies back
+
+
+class BodySegments:
+    """The ``data`` directory of a spool: body segments and their reference counts."""
+
+    def __init__(self, directory: Path, segment_size: int, disk: Disk) -> None:
+        self.directory = directory
+        self.segment_size = segment_size
+        self._disk = disk
+        self._live: dict[int, int] = {}  # segment -> unfinished messages with a body in it
+        self.active = 1  # the segment new bodies go to
+        self._tail = 0  # logical end of the active segment, including bodies not yet written
+        self._write_fds: dict[int, int] = {}  # writer thread only
+        self._read_fds: dict[int, int] = {}  # loop thread: for read()
+
+    def path(self, seg: int) -> Path:
+        return self.directory / f"{seg:08d}.dat"
+
+    def on_disk(self) -> set[int]:
+        segs: set[int] = set()
+        for name in os.listdir(self.directory):
+            stem, dot, ext = name.partition(".")
+            if dot and ext == "dat" and stem.isdigit():
+                segs.add(int(stem))
+        return segs
+
+    # --- loop thread: placing, holding and releasing bodies ----------------------------
+
+    def place(self, body: bytes) -> tuple[BodyRef, bytes]:
+        """Reserve room for *body*: its reference, and the frame to write there (by :meth:`write`).
+
+        The body's message holds the segment until :meth:`release`.
+        """
+        fr = frame(body)
+        if self._tail and self._tail + len(fr) > self.segment_size:
+            self.active += 1  # rotate: the writer closes the old one after its last write
+            self._tail = 0
+        seg = self.active
+        ref = BodyRef(seg, self._tail, len(body))
+        self._tail += len(fr)
+        self.hold(seg)
+        return ref, fr
+
+    def hold(self, seg: int) -> None:
+        """One more unfinished message has its body in *seg*."""
+        self._live[seg] = self._live.get(seg, 0) + 1
+
+    def resume(self, on_disk: set[int]) -> None:
+        """After recovery: delete segments no message holds, and start a fresh one."""
+        # Bodies of finished messages whose deletion a crash interrupted.
+        for seg in on_disk:
+            if seg not in self._live:
+                self._unlink(seg)
+        self.active = max(on_disk, default=0) + 1  # never append to a segment a crash may have torn
+
+    def release(self, segs: list[int]) -> None:
+        """Messages holding *segs* (one entry per message) are final and that is on disk."""
+        for seg in segs:
+            n = self._live.get(seg, 0) - 1
+            if n > 0:
+                self._live[seg] = n
+                continue
+            self._live.pop(seg, None)
+            if seg != self.active:
+                self._unlink(seg)
+
+    def _unlink(self, seg: int) -> None:
+        # No directory fsync: if the unlink is lost in a crash, open() deletes
+        # the unreferenced segment again.
+        fd = self._read_fds.pop(seg, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(self.path(seg))
+            self._disk.stats.segments_deleted += 1
+        except FileNotFoundError:
+            pass
+
+    def read(self, ref: BodyRef) -> bytes:
+        """The body stored at *ref* (after its add committed). Raises SpoolError if damaged."""
+        fd = self._read_fds.get(ref.seg)
+        if fd is None:
+            try:
+                fd = os.open(self.path(ref.seg), os.O_RDONLY)
+            except OSError as exc:
+                raise SpoolError(f"body segment {ref.seg}: {exc.strerror}") from None
+            if len(self._read_fds) >= _MAX_READ_FDS:
+                os.close(self._read_fds.pop(next(iter(self._read_fds))))
+            self._read_fds[ref.seg] = fd
+        data = os.pread(fd, HEADER_SIZE + ref.size, ref.off)
+        payload = check_frame(data, ref.size)
+        if payload is None:
+            raise SpoolError(f"body at segment {ref.seg} offset {ref.off} is damaged or missing")
+        return payload
+
+    def disk_usage(self) -> int:
+        total = 0
+        for seg in self.on_disk():
+            try:
+                total += self.path(seg).stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def close_readers(self) -> None:
+        for fd in self._read_fds.values():
+            os.close(fd)
+        self._read_fds.clear()
+
+    # --- writer thread ---------------------------------------------------------------------
+
+    def write(self, data: list[tuple[int, bytes]], active: int) -> None:
+        """Append framed bodies (segment, frame), in order, and fsync every segment written.
+
+        Segments before *active* (the loop's active segment when the batch was
+        taken) get no more bodies: their descriptors are closed.
+        """
+        touched: list[int] = []
+        i = 0
+        while i < len(data):
+            seg = data[i][0]
+            j = i
+            while j < len(data) and data[j][0] == seg:
+                j += 1
+            fd = self._write_fds.get(seg)
+            if fd is None:
+                fd = os.open(self.path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                self._write_fds[seg] = fd
+                self._disk.fsync_dir(self.directory)  # the new file's name must survive a crash too
+            chunk = b"".join(d for _, d in data[i:j])
+            write_all(fd, chunk)
+            self._disk.stats.data_bytes_written += len(chunk)
+            if seg not in touched:
+                touched.append(seg)
+            i = j
+        for seg in touched:
+            self._disk.fsync(self._write_fds[seg])
+        for seg in [s for s in self._write_fds if s < active]:
+            os.close(self._write_fds.pop(seg))
+
+    def close_writers(self) -> None:
+        for fd in self._write_fds.values():
+            os.close(fd)
+        self._write_fds.clear()
