@@ -83,3 +83,20 @@ def test_ctrl_c_during_send_with_the_builtin_sink_drains_into_it(tmp_path: Path)
     assert s["deferrals"] == 0, err[-2000:]
     assert "connection refused" not in err
     assert proc.returncode in (0, 1)  # 1 when the interrupt left recipients queued
+
+
+def test_a_relay_host_that_does_not_resolve_is_a_configuration_error(tmp_path: Path) -> None:
+    # Before: every recipient hard-bounced (550 5.4.4) and the run exited 0.
+    from dnsserver import DNSServer
+
+    zone = "relay  A  127.0.0.1\n"
+    with DNSServer({"example.test": zone}) as ns:
+        config = tmp_path / "fastmta.toml"
+        config.write_text(f'[dns]\nnameservers = ["{ns.nameserver}"]\n')
+        acct = tmp_path / "acct.jsonl"
+        out = fastmta("send", str(SPOOL), "--relay", "rleay.example.test:2525", "--config", str(config),
+                      "--quiet", "--accounting", str(acct), "--queue-dir", str(tmp_path / "q"))
+        assert out.returncode == 2, out.stderr
+        assert "--relay" in out.stderr and "rleay.example.test" in out.stderr
+        assert not acct.exists() or acct.read_text() == ""  # nobody bounced
+        assert ns.count("rleay.example.test", "A") >= 1  # asked our loopback server, nothing else

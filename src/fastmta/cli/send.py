@@ -49,12 +49,15 @@ from fastmta.cli import UsageError
 from fastmta.cli.display import Progress
 from fastmta.cli.load import parse_hostport
 from fastmta.cli.sinkproc import embedded_sink
+from fastmta.cli.terminal import safe_text
 from fastmta.delivery.accounting import AccountingLog
 from fastmta.delivery.config import Config, load_config
 from fastmta.delivery.engine import Engine, EngineClosed
+from fastmta.delivery.routing import Router
 from fastmta.errors import ConfigError, InputError
 from fastmta.intake.reader import InputEnd, InputSkipped, InputStart, Reject, Resume, SpoolItem, SpoolReader
-from fastmta.queue.spool import Spool, SpoolLocked
+from fastmta.queue.spool import Spool
+from fastmta.queue.spool_errors import SpoolLocked
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,6 +128,15 @@ def _effective_config(args: argparse.Namespace, sink: tuple[str, int] | None) ->
         # A local sink is not a receiver to be polite to: no adaptive slow start.
         data["sites"] = {"*": {"adaptive": {"enabled": False}}}
     return msgspec.convert(data, Config)
+
+
+async def _unresolvable_static_routes(config: Config) -> list[str]:
+    """Static route (--relay) hosts that do not resolve: a typo caught before it defers every recipient."""
+    router = Router(config)
+    try:
+        return await router.check_static_routes()
+    finally:
+        await router.aclose()
 
 
 class _InputProgress:
@@ -344,7 +356,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
 
 def run(args: argparse.Namespace) -> int:
     if not args.spool.is_dir():
-        print(f"fastmta send: {args.spool}: not a directory", file=sys.stderr)
+        print(f"fastmta send: {safe_text(args.spool)}: not a directory", file=sys.stderr)
         return 2
     if args.sink and args.relay:
         print("fastmta send: --sink and --relay exclude each other", file=sys.stderr)
@@ -356,6 +368,11 @@ def run(args: argparse.Namespace) -> int:
             config = _effective_config(args, sink)
         except (ConfigError, msgspec.ValidationError) as exc:
             raise UsageError(f"configuration error: {exc}") from None
+        if sink is None:
+            problems = uvloop.run(_unresolvable_static_routes(config))
+            if problems:
+                what = "--relay" if args.relay is not None else "a static route"
+                raise UsageError(f"configuration error: {what} names a host without an address: {'; '.join(problems)}")
         progress = Progress(enabled=not args.quiet)
         with contextlib.ExitStack() as stack:
             summary = uvloop.run(_deliver(args, config, progress, _queue_dir(args, stack)))
@@ -372,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
     if args.summary_json:
         args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
     if summary.get("fatal"):
-        print(f"fastmta send: stopped: the delivery record could not be kept: {summary['fatal']} "
+        print(f"fastmta send: stopped: the delivery record could not be kept: {safe_text(summary['fatal'])} "
               f"(fix the cause and run again: the queue resumes)", file=sys.stderr)
         return 1
     if summary["unfinished"]:
