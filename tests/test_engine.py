@@ -494,3 +494,45 @@ def test_slow_down_replies_without_an_adaptive_throttle_take_the_retry_schedule(
     sink, out = run(main())
     assert out[0].status is Status.EXPIRED
     assert sink.stats.transactions <= 6  # backed off, not re-sent in a loop
+
+
+def test_the_last_try_happens_at_the_queue_lifetime_not_a_retry_interval_early(run: Run) -> None:
+    # Retries every 2 s, lifetime 3 s: tries at 0 and 2, then one more just
+    # before 3 s (not an expiry at 2 s because the next retry would land at 4).
+    async def main() -> tuple[list[Outcome], float]:
+        sink = await start_sink("127.0.0.12", faults=FaultConfig(replies=(PhaseFault("rcpt", 1.0, 450),)))
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}},
+                            queue={"max_lifetime": 3.0, "retry_initial": 2.0, "retry_max": 2.0, "retry_jitter": 0.0})
+        try:
+            async with Engine(cfg) as engine:
+                t0 = asyncio.get_running_loop().time()
+                out = await deliver_all(engine, ["x@d.test"])
+                return out, asyncio.get_running_loop().time() - t0
+        finally:
+            await sink.close()
+
+    out, elapsed = run(main())
+    assert out[0].status is Status.EXPIRED and out[0].attempts == 3, out[0]
+    assert 2.7 <= elapsed <= 3.5, elapsed
+
+
+def test_submit_refuses_wrong_types_and_smuggled_headers_at_once(run: Run) -> None:
+    async def main() -> None:
+        sink = await start_sink("127.0.0.12")
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]}})
+        try:
+            async with Engine(cfg) as engine:
+                with pytest.raises(TypeError, match="bytes"):
+                    await engine.submit("Subject: str\r\n\r\nbody\r\n", "a@s.test", ["b@d.test"])  # type: ignore[arg-type]
+                with pytest.raises(TypeError, match="one string"):
+                    await engine.submit(BODY, "a@s.test", "b@d.test")
+                with pytest.raises(InputError, match="bare CR"):
+                    await engine.submit(b"Subject: a\rBcc: victim@x.test\r\n\r\nbody\r\n", "a@s.test", ["b@d.test"])
+                # Nothing was accepted, and the engine goes on.
+                [o] = await engine.result(await engine.submit(BODY, "a@s.test", ["b@d.test"]))
+                assert o.status is Status.DELIVERED
+            assert sink.stats.messages == 1
+        finally:
+            await sink.close()
+
+    run(main())

@@ -47,6 +47,7 @@ from fastmta.errors import FastMTAError, InputError
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classification import Outcome as ReplyOutcome
 from fastmta.feedback.classify import Classifier, default_classifier
+from fastmta.message.headers import header_section_error
 from fastmta.queue.records import Message, Outcome, Recipient, Status, new_message_id, split_address
 from fastmta.queue.scheduler import DueQueue, RetryPolicy
 from fastmta.queue.spool import Spool
@@ -254,8 +255,21 @@ class Engine:
         """Accept *message* for *recipients*; return its id. Waits while the queue is full.
 
         Raises InputError (naming the address) for a malformed sender or
-        recipient; nothing is accepted then.
+        recipient, or a header section that could smuggle a header (a bare
+        CR); TypeError for a ``str`` message or a single string of recipients.
+        Nothing is accepted then.
         """
+        # Checked here, not later in a connection task where a wrong type
+        # would kill the task and leave the message's result unresolved.
+        if isinstance(message, str) or not isinstance(message, (bytes, bytearray, memoryview, Body)):
+            raise TypeError(
+                f"message must be bytes (the RFC 5322 message, e.g. text.encode()) or a Body, "
+                f"not {type(message).__name__}"
+            )
+        if isinstance(recipients, (str, bytes)):
+            raise TypeError("recipients must be a list of addresses, not one string (it would be split into characters)")
+        if not isinstance(sender, str) or not all(isinstance(r, str) for r in recipients):
+            raise TypeError("sender and recipients must be str addresses")
         if not self._started:
             raise RuntimeError("Engine not started: use `async with Engine(...)`")
         if self._closing or not self._accepting:
@@ -267,7 +281,10 @@ class Engine:
         if sender:
             split_address(sender, "sender")
         rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(recipients)]
-        body = message if isinstance(message, Body) else Body(message)
+        body = message if isinstance(message, Body) else Body(bytes(message))
+        unsafe = header_section_error(body.raw)
+        if unsafe is not None:
+            raise InputError(f"message: {unsafe}")
         cost = _memory_cost(body)
         await self._reserve(len(rcpts), cost)
         loop = asyncio.get_running_loop()
@@ -416,7 +433,15 @@ class Engine:
         if hinted:
             floor = max(hinted) * (1.0 + self._rng.uniform(0, self.retry.jitter))
             delay = min(max(delay, floor), self.retry.maximum)
-        if now + delay > msg.deadline or self._closing:
+        if now + delay > msg.deadline and not self._closing:
+            # The next retry would land past the queue lifetime: the last try
+            # happens at the deadline instead of one retry interval early.
+            # Just before it, by a margin, so the site's ready queue does not
+            # expire it on arrival; past that margin nothing is left to try.
+            margin = min(1.0, self.retry.max_lifetime / 20)
+            remaining = msg.deadline - now
+            delay = remaining - margin if remaining > 2 * margin else -1.0
+        if delay < 0 or self._closing:
             for r, c in rcpts:
                 # Closing: not final, counted as unfinished, reported as deferred.
                 status = Status.DEFERRED if self._closing else Status.EXPIRED
