@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastmta.delivery.eai import EnvelopePlan, plan_without_smtputf8
 from fastmta.delivery.routing import Route, RouteHost
 from fastmta.delivery.throttle import SiteThrottle
 from fastmta.errors import ConnectError
@@ -37,6 +38,12 @@ from fastmta.smtp.protocol import Phase, TLSPolicy, Transaction, TransactionResu
 from fastmta.smtp.reply import Reply
 
 log = logging.getLogger("fastmta.delivery.pool")
+
+
+_NO_REPLY = Reply.local(451, "4.4.0", "no reply received")
+#: A transaction on its way: its batch, throttle ticket, result, and how its
+#: envelope was fitted to a server without SMTPUTF8 (None: sent as it is).
+_InFlight = tuple["Batch", int, asyncio.Future[TransactionResult], EnvelopePlan | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +369,7 @@ class SiteQueue:
         """Use *conn* until it is done; True when the task should open another connection."""
         peer_ip = conn.peer[0] if conn.peer else None
         delivery = Delivery(self.site, mx_host, peer_ip, conn.local[0] if conn.local else None)
-        inflight: deque[tuple[Batch, int, asyncio.Future[TransactionResult]]] = deque()
+        inflight: deque[_InFlight] = deque()
         try:
             keep_going = await self._send_batches(conn, delivery, inflight)
         except asyncio.CancelledError:
@@ -370,12 +377,12 @@ class SiteQueue:
             # fails what is in flight at once (transient, so not final: counted
             # as unfinished) instead of waiting for replies that may never come.
             conn.close()
-            for batch, ticket, fut in inflight:
+            for batch, ticket, fut, plan in inflight:
                 if fut.done():
-                    self._result(batch, ticket, fut.result(), delivery)
+                    self._result(batch, ticket, fut.result(), delivery, plan)
             raise
-        for batch, ticket, fut in inflight:
-            self._result(batch, ticket, await fut, delivery)
+        for batch, ticket, fut, plan in inflight:
+            self._result(batch, ticket, await fut, delivery, plan)
         await conn.quit()
         return keep_going
 
@@ -383,7 +390,7 @@ class SiteQueue:
         self,
         conn: SMTPConnection,
         delivery: Delivery,
-        inflight: deque[tuple[Batch, int, asyncio.Future[TransactionResult]]],
+        inflight: deque[_InFlight],
     ) -> bool:
         """Pipeline ready batches over *conn* as the throttle allows.
 
@@ -421,16 +428,27 @@ class SiteQueue:
                     continue
                 self.ready.popleft()
                 ticket = self.throttle.message_started(now, n)
+                message = batch.message
                 rcpts = [r.address for r in batch.recipients]
-                fut = conn.send(Transaction(batch.message.sender, rcpts, batch.message.body, batch))
-                inflight.append((batch, ticket, fut))
+                plan: EnvelopePlan | None = None
+                if not conn.extensions.smtputf8 and (
+                    not message.sender.isascii() or not all(a.isascii() for a in rcpts) or message.body.utf8_headers
+                ):
+                    plan = plan_without_smtputf8(message.sender, rcpts, message.body)
+                    if not plan.recipients:  # nothing this server can take: no transaction
+                        self._result(batch, ticket, None, delivery, plan)
+                        continue
+                    fut = conn.send(Transaction(plan.sender, [a for _, a in plan.recipients], message.body, batch))
+                else:
+                    fut = conn.send(Transaction(message.sender, rcpts, message.body, batch))
+                inflight.append((batch, ticket, fut, plan))
                 sent += 1
             if inflight:
-                batch, ticket, fut = inflight[0]
+                batch, ticket, fut, plan = inflight[0]
                 result = await fut
                 inflight.popleft()
                 self.transactions += 1
-                self._result(batch, ticket, result, delivery)
+                self._result(batch, ticket, result, delivery, plan)
                 continue
             if sent >= limits.max_messages_per_connection:
                 return bool(self.ready)
@@ -452,11 +470,26 @@ class SiteQueue:
             if waiter in self._idle:
                 self._idle.remove(waiter)
 
-    def _result(self, batch: Batch, ticket: int, result: TransactionResult, delivery: Delivery) -> None:
+    def _result(
+        self,
+        batch: Batch,
+        ticket: int,
+        result: TransactionResult | None,
+        delivery: Delivery,
+        plan: EnvelopePlan | None = None,
+    ) -> None:
         """Classify each recipient's reply once, feed the throttle, hand everything to the engine."""
         now = self._loop.time()
         classified: list[tuple[Reply, str, Classification | None]] = []
-        for reply, phase in result.recipient_results():
+        sent = result.recipient_results() if result is not None else []
+        if plan is not None:  # put the recipients refused before sending back in their places
+            merged: list[tuple[Reply, Phase]] = [(_NO_REPLY, Phase.RCPT)] * len(batch.recipients)
+            for index, reply in plan.refused.items():
+                merged[index] = (reply, Phase.RCPT)
+            for (index, _), outcome in zip(plan.recipients, sent):
+                merged[index] = outcome
+            sent = merged
+        for reply, phase in sent:
             ph = CLASSIFY_PHASE[phase]
             if reply.code // 100 == 2:
                 classified.append((reply, ph, None))

@@ -84,13 +84,14 @@ class Body:
     transaction keeps that work off the hot path.
     """
 
-    __slots__ = ("_bdat_wire", "_data_wire", "_eight_bit", "raw")
+    __slots__ = ("_bdat_wire", "_data_wire", "_eight_bit", "_utf8_headers", "raw")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self._data_wire: bytes | None = None
         self._bdat_wire: bytes | None = None
         self._eight_bit: bool | None = None
+        self._utf8_headers: bool | None = None
 
     @property
     def data_wire(self) -> bytes:
@@ -112,11 +113,23 @@ class Body:
             self._eight_bit = not self.raw.isascii()
         return self._eight_bit
 
+    @property
+    def utf8_headers(self) -> bool:
+        """Raw UTF-8 in the header section (RFC 6532): the message must go with SMTPUTF8."""
+        if self._utf8_headers is None:
+            if not self.eight_bit:
+                self._utf8_headers = False
+            else:
+                end = _END_OF_HEADERS.search(self.raw)
+                self._utf8_headers = not self.raw[: end.start() if end else len(self.raw)].isascii()
+        return self._utf8_headers
+
     def __len__(self) -> int:
         return len(self.raw)
 
 
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+_END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
 
 
 def check_address(address: str, what: str) -> None:
@@ -150,7 +163,8 @@ class Transaction:
 
     @property
     def needs_smtputf8(self) -> bool:
-        return not (self.sender.isascii() and all(r.isascii() for r in self.recipients))
+        """A UTF-8 address in the envelope, or raw UTF-8 in the headers (RFC 6531, RFC 6532)."""
+        return not (self.sender.isascii() and all(r.isascii() for r in self.recipients)) or self.body.utf8_headers
 
 
 @dataclass(slots=True)
