@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import dkim
 from cryptography.hazmat.primitives import serialization
@@ -217,3 +219,94 @@ def test_bad_bytes_spoil_only_their_own_row(tmp_path: Path) -> None:
         second = fastmta(*cmd)
         s2 = json.loads((tmp_path / "s.json").read_text())
         assert second.returncode == 0 and s2["inputs_already_done"] == 1 and s2["delivered"] == 0
+
+
+def test_edits_send_exactly_the_new_rows(tmp_path: Path) -> None:
+    # Inputs are known by content: touching a pickup file, renaming the spool
+    # directory or appending rows to a finished campaign resends nothing old.
+    spool = tmp_path / "spool"
+    rows = [f"r{i}@one.example,R{i},L,u{i},2026-01-05" for i in range(20)]
+    small_campaign(spool, rows + ["r3@one.example,Again,L,u3b,2026-01-05"])  # r3 twice: sent once, reported
+    (spool / "note.eml").write_bytes(
+        b"X-Sender: ops@fastmta.example\r\nX-Receiver: p1@p.example\r\nX-Receiver: p2@p.example\r\n"
+        b"From: ops@fastmta.example\r\nSubject: note\r\n\r\nhi\r\n"
+    )
+    with embedded_sink() as (host, port):
+        def send(directory: Path, n: int) -> tuple[int, dict[str, Any], list[str]]:
+            acct = tmp_path / f"acct{n}.jsonl"
+            out = fastmta("send", str(directory), "--relay", f"{host}:{port}", "--quiet", "--accounting", str(acct),
+                          "--summary-json", str(tmp_path / f"s{n}.json"))
+            delivered = [json.loads(x)["recipient"] for x in acct.read_text().splitlines()] if acct.exists() else []
+            return out.returncode, json.loads((tmp_path / f"s{n}.json").read_text()), delivered
+
+        code, s1, first = send(spool, 1)
+        assert code == 3  # the repeated recipient is reported
+        assert sorted(first) == sorted([f"r{i}@one.example" for i in range(20)] + ["p1@p.example", "p2@p.example"])
+        assert any("duplicate recipient 'r3@one.example'" in r["reason"] for r in s1["rejected"])
+
+        os.utime(spool / "note.eml")  # touch
+        with open(spool / "r.csv", "a") as f:
+            f.write("".join(f"n{i}@two.example,N{i},L,v{i},2026-02-01\n" for i in range(10)))
+        moved = tmp_path / "renamed-spool"
+        spool.rename(moved)  # its queue (.fastmta inside) moves with it
+        code, s2, second = send(moved, 2)
+        assert sorted(second) == [f"n{i}@two.example" for i in range(10)], second
+        assert s2["delivered"] == 10
+
+
+def test_a_full_queue_disk_stops_cleanly_and_resumes_when_space_is_back(tmp_path: Path, small_fs: Any) -> None:
+    import subprocess
+
+    disk = small_fs(1024 * 1024)  # a real 1 MB filesystem: the example needs several
+    queue = disk / "queue"
+    summary = tmp_path / "s.json"
+    out = fastmta("send", str(EXAMPLE), "--sink", "--quiet", "--queue-dir", str(queue), "--summary-json", str(summary),
+                  "--accounting", str(tmp_path / "a1.jsonl"))
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Task exception" not in out.stderr
+    assert f"{queue}" in out.stderr and "No space left on device" in out.stderr
+    assert out.stderr.count("fastmta send: stopped") == 1
+    s = json.loads(summary.read_text())
+    assert s["fatal"] and "No space left" in s["fatal"] and s["unfinished"] > 0
+    # Space is back: the same command resumes, and every recipient is delivered.
+    subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)
+    again = fastmta("send", str(EXAMPLE), "--sink", "--quiet", "--queue-dir", str(queue),
+                    "--summary-json", str(summary), "--accounting", str(tmp_path / "a2.jsonl"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    delivered = {json.loads(x)["recipient"] for n in (1, 2) for x in (tmp_path / f"a{n}.jsonl").read_text().splitlines()
+                 if json.loads(x)["status"] == "delivered"}
+    assert len(delivered) == example_recipient_count()
+
+
+def test_a_read_only_queue_disk_is_one_clear_error(tmp_path: Path, small_fs: Any) -> None:
+    import subprocess
+
+    disk = small_fs(4 * 1024 * 1024)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    summary = tmp_path / "s.json"
+    out = fastmta("send", str(EXAMPLE), "--sink", "--quiet", "--queue-dir", str(disk / "queue"),
+                  "--summary-json", str(summary))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "Read-only file system" in out.stderr and str(disk) in out.stderr
+    assert "Read-only" in json.loads(summary.read_text())["fatal"]
+
+
+def test_queue_and_accounting_are_private_by_default(tmp_path: Path) -> None:
+    import stat
+
+    queue, acct = tmp_path / "q", tmp_path / "acct.jsonl"
+    with embedded_sink() as (host, port):
+        out = fastmta("send", str(EXAMPLE), "--relay", f"{host}:{port}", "--quiet", "--queue-dir", str(queue),
+                      "--accounting", str(acct))
+        assert out.returncode == 0, out.stderr[-2000:]
+        made = [queue, *queue.rglob("*"), acct]
+        assert len(made) >= 4
+        for path in made:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode & 0o077 == 0, f"{path} is {oct(mode)}"  # nothing for group or others
+        # Configurable: --umask 027 lets a group read.
+        out = fastmta("--umask", "027", "send", str(EXAMPLE), "--relay", f"{host}:{port}", "--quiet",
+                      "--queue-dir", str(tmp_path / "q2"), "--accounting", str(tmp_path / "a2.jsonl"))
+        assert out.returncode == 0
+        assert stat.S_IMODE((tmp_path / "a2.jsonl").stat().st_mode) == 0o640
+        assert stat.S_IMODE((tmp_path / "q2").stat().st_mode) == 0o750

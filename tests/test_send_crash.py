@@ -117,3 +117,115 @@ def test_rerun_after_completion_sends_nothing(tmp_path: Path) -> None:
     assert s1["delivered"] == 51
     assert s2["delivered"] == 0 and s2["inputs_already_done"] == 2 and s2["resumed_recipients"] == 0
     assert len(acct.read_text().splitlines()) == 51
+
+
+def _kill_after_commits(cmd: list[str], commits: int) -> int:
+    """Run *cmd* with the spool told to SIGKILL itself right after its Nth durable commit; its exit status."""
+    env = {**os.environ, "FASTMTA_FAULT_KILL_AFTER_COMMITS": str(commits)}
+    return subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300).returncode
+
+
+# Per kill: transactions in flight (10 connections x 2 in the pipeline, 50
+# recipients each for a pickup) plus recipient states delivered but not yet
+# journaled (written every 50 ms). Input taken twice would be far more: a
+# whole pickup file (100,000) or every campaign row read again.
+AIMED_WINDOW = 10 * 2 * 50 + 2000
+
+
+def _copies(capture: Path) -> Counter[str]:
+    copies: Counter[str] = Counter()
+    for f in capture.glob("*.eml"):
+        for r in read_pickup(f).recipients:
+            copies[r] += 1
+    return copies
+
+
+def test_sigkill_right_after_a_big_pickup_file_is_durable_takes_it_once(tmp_path: Path, world_writable_dir: Path) -> None:
+    # Before: the record that the file was taken followed in a later batch;
+    # a kill in between read the whole file again as a new message (3 of 3).
+    spool, queue, acct = tmp_path / "spool", tmp_path / "queue", tmp_path / "acct.jsonl"
+    spool.mkdir()
+    rcpts = [f"u{i}@p{i % 13}.example" for i in range(100_000)]
+    (spool / "big.eml").write_bytes(
+        b"X-Sender: ops@fastmta.example\r\n"
+        + b"".join(b"X-Receiver: " + r.encode() + b"\r\n" for r in rcpts)
+        + b"From: ops@fastmta.example\r\nSubject: big\r\n\r\nhello\r\n"
+    )
+    kills = 0
+    with embedded_sink(["--capture", str(world_writable_dir)]) as (host, port):
+        cmd = send_cmd(spool, queue, acct, host, port)
+        for commits in (1, 1, 2, 3, 5):  # the first kill lands right after the file's message is durable
+            if _kill_after_commits(cmd, commits) == -signal.SIGKILL:
+                kills += 1
+        final = subprocess.run(cmd + ["--summary-json", str(tmp_path / "s.json")], capture_output=True, text=True,
+                               timeout=600)
+        assert final.returncode == 0, final.stderr[-3000:]
+    copies = _copies(world_writable_dir)
+    assert set(copies) == set(rcpts), f"{len(set(rcpts) - set(copies))} missing"
+    duplicates = sum(n - 1 for n in copies.values())
+    assert kills >= 3
+    assert duplicates <= kills * AIMED_WINDOW, (duplicates, kills)
+    assert max(copies.values()) <= 1 + kills  # never a whole second copy of the file
+
+
+def test_sigkill_right_after_campaign_commits_takes_each_row_once(tmp_path: Path, world_writable_dir: Path) -> None:
+    spool, queue, acct = tmp_path / "spool", tmp_path / "queue", tmp_path / "acct.jsonl"
+    expected = make_campaign(spool, 5000)
+    rng = random.Random(7)
+    kills = 0
+    with embedded_sink(["--capture", str(world_writable_dir)]) as (host, port):
+        cmd = send_cmd(spool, queue, acct, host, port)
+        for _ in range(12):  # each run dies right after one of its first commits
+            if _kill_after_commits(cmd, rng.randint(1, 12)) == -signal.SIGKILL:
+                kills += 1
+        final = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert final.returncode == 0, final.stderr[-3000:]
+    copies = _copies(world_writable_dir)
+    assert set(copies) == set(expected)
+    duplicates = sum(n - 1 for n in copies.values())
+    assert kills >= 6
+    # Only what was in flight at the receiver at each kill: 20 transactions of
+    # one recipient, plus states not yet journaled.
+    assert duplicates <= kills * (10 * 2 + 400), (duplicates, kills)
+    # Sharper: a resent in-flight message is the same message (same
+    # Message-ID, rendered once); a row read twice is a new one. Never.
+    rendered: dict[str, set[bytes]] = {}
+    for f in world_writable_dir.glob("*.eml"):
+        msg = read_pickup(f)
+        mid = next((line for line in msg.content.split(b"\r\n") if line.lower().startswith(b"message-id:")), None)
+        if mid is None:
+            continue  # the pickup file (counted above)
+        for r in msg.recipients:
+            rendered.setdefault(r, set()).add(mid)
+    read_twice = {r: ids for r, ids in rendered.items() if len(ids) > 1}
+    assert not read_twice, f"{len(read_twice)} rows were taken twice, e.g. {sorted(read_twice)[:3]}"
+
+
+def test_a_damaged_queued_body_is_reported_lost_not_silently_kept(tmp_path: Path) -> None:
+    # Before: one flipped bit in an undelivered message's body lost it while
+    # the run exited 0 with "not final 0" (the message stayed queued for ever).
+    from fastmta.queue.spool import Spool
+
+    spool, queue, acct = tmp_path / "spool", tmp_path / "queue", tmp_path / "acct.jsonl"
+    make_campaign(spool, 3000)
+    with embedded_sink() as (host, port):
+        cmd = send_cmd(spool, queue, acct, host, port)
+        assert _kill_after_commits(cmd, 3) == -signal.SIGKILL  # leaves accepted, unfinished messages
+        s = Spool(queue)
+        victim = next(m for m in s.take_recovered() if m.body is not None)
+        assert victim.body is not None
+        s.close_sync()
+        segment = queue / "data" / f"{victim.body.seg:08d}.dat"
+        data = bytearray(segment.read_bytes())
+        data[victim.body.off + victim.body.size // 2] ^= 0x10  # one bit, inside the body
+        segment.write_bytes(bytes(data))
+        out = subprocess.run(cmd + ["--summary-json", str(tmp_path / "s.json")], capture_output=True, text=True,
+                             timeout=600)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "could not be recovered" in out.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    [lost] = summary["lost"]
+    assert lost["message_id"] == victim.id and lost["recipients"] == [r.address for r in victim.recipients]
+    records = [json.loads(line) for line in acct.read_text().splitlines()]
+    assert [r["recipient"] for r in records if r["status"] == "lost"] == lost["recipients"]
+    assert summary["unfinished"] == 0  # nothing left queued for ever

@@ -177,7 +177,8 @@ class FsyncCounter:
 def _journal_ids(path: Path) -> set[str]:
     report = ScanReport()
     with open(path, "rb") as f:
-        return {_decoder.decode(p).id for _, p in scan(f, report)}  # type: ignore[union-attr]
+        records = [_decoder.decode(p) for _, p in scan(f, report)]
+    return {r.id for r in records if isinstance(r, _Add)}
 
 
 @pytest.mark.parametrize("interval", [0.0, 0.005])
@@ -358,6 +359,10 @@ def test_truncated_at_sampled_offsets_anywhere(tmp_path: Path) -> None:
     frames = _frames(journal)
     for cut in range(0, len(journal), 37):
         complete = [r for _, end, r in frames if end <= cut]
+        if not complete:  # not one valid record beside stored bodies: it looks reset, refused
+            with pytest.raises(SpoolError, match="looks reset"):
+                _recover_copy(src, tmp_path / "dst", journal[:cut])
+            continue
         got, spool, _ = _recover_copy(src, tmp_path / "dst", journal[:cut])
         assert got == _model(complete), cut
         spool.close_sync()

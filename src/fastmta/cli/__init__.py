@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +37,12 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     from fastmta import __version__
 
     parser.add_argument("--version", action="version", version=f"fastmta {__version__}")
+    parser.add_argument(
+        "--umask", type=_octal, default=0o077, metavar="OCTAL",
+        help="file mode mask for everything fastmta creates: queue, journal, bodies, accounting, "
+        "captures, summaries (default 077: files 0600, directories 0700, as Postfix keeps its queue; "
+        "027 lets a group read them)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         if name != selected:
@@ -51,6 +58,16 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
+
+
+def _octal(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mask: {text!r} (e.g. 077)") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"mask out of range: {text!r}")
+    return value
 
 
 def _raise_open_file_limit() -> None:
@@ -75,13 +92,16 @@ def _raise_open_file_limit() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    selected = next((a for a in argv if not a.startswith("-")), None)
+    selected = next((a for a in argv if a in COMMANDS), None)  # not an option value such as --umask 027
     parser = build_parser(selected if selected in COMMANDS else None)
     args = parser.parse_args(argv)  # argparse itself exits 2 on a bad option
     from fastmta.cli.terminal import install_safe_logging, safe_text
 
     install_safe_logging()
     _raise_open_file_limit()
+    # Queued mail is nobody else's to read: under a default umask of 022 the
+    # queue, bodies and accounting would be world-readable.
+    os.umask(args.umask)
     try:
         code: int = args._run(args)
     except UsageError as exc:

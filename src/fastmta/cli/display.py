@@ -166,6 +166,7 @@ class Progress:
             ("deferrals (retried)", f"{s['deferrals']:,}"),
             ("not final", f"{s['unfinished']:,}"),
             ("input rejected", f"{len(s['rejected']):,}"),
+            ("lost (queue damage)", f"{len(s.get('lost', [])):,}"),
             ("elapsed", f"{s['elapsed_s']:.2f} s"),
             ("throughput", f"{s['recipients_per_s']:,.0f} recipients/s"),
             ("sites", f"{len(s['sites']):,}"),

@@ -13,12 +13,18 @@ recipient row) is reported with file, line and reason in the summary and in
 Everything taken from the spool is first written to a durable queue
 (--queue-dir, default SPOOL/.fastmta): a run that is interrupted (Ctrl-C,
 a crash, SIGKILL) resumes there when started again, without sending
-finished recipients twice. Ctrl-C once: take no new input, finish what is
-in flight, exit; twice: exit at once (still recoverable).
+finished recipients twice. Inputs are known by content, not by name: a
+pickup file by the hash of its bytes (touching or renaming it, or the spool
+directory, resends nothing), a campaign by its id and each row by its
+recipient (appending rows to a finished campaign sends only the new ones; a
+recipient twice in a campaign is sent once and the repeat reported, unless
+the job sets allow_duplicates). Ctrl-C once: take no new input, finish what
+is in flight, exit; twice: exit at once (still recoverable).
 
 Exit status: 0 every recipient reached a final state (delivered, bounced or
 expired) and no input was rejected; 1 some recipients are not final
-(interrupted, or the delivery record could not be written); 3 some input was
+(interrupted, the delivery record could not be written, or queued messages were
+lost to damage and reported); 3 some input was
 rejected; 2 usage or configuration error (a bad option, configuration file or
 key, or a queue already in use by another fastmta process).
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -55,9 +62,19 @@ from fastmta.delivery.config import Config, load_config
 from fastmta.delivery.engine import Engine, EngineClosed
 from fastmta.delivery.routing import Router
 from fastmta.errors import ConfigError, InputError
-from fastmta.intake.reader import InputEnd, InputSkipped, InputStart, Reject, Resume, SpoolItem, SpoolReader
+from fastmta.intake.reader import (
+    InputEnd,
+    InputSkipped,
+    InputStart,
+    Reject,
+    Resume,
+    ResumePoint,
+    SpoolItem,
+    SpoolReader,
+)
+from fastmta.queue.journal_records import InputTake
 from fastmta.queue.spool import Spool
-from fastmta.queue.spool_errors import SpoolLocked
+from fastmta.queue.spool_errors import JournalReset, SpoolError, SpoolLocked
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,6 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-dir", type=Path, metavar="DIR",
                    help="durable queue (journal + bodies); a rerun resumes from it "
                         "(default: SPOOL/.fastmta; with --sink a temporary one)")
+    p.add_argument("--accept-journal-reset", action="store_true",
+                   help="open a queue whose journal is missing or empty beside stored bodies (they are lost, "
+                        "and reported); without it such a queue is refused")
     p.add_argument("--quiet", "-q", action="store_true", help="no live progress display")
 
 
@@ -130,6 +150,15 @@ def _effective_config(args: argparse.Namespace, sink: tuple[str, int] | None) ->
     return msgspec.convert(data, Config)
 
 
+def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str) -> dict[str, Any]:
+    """The summary of a run that could not start (same fields as a real one)."""
+    zero = ("messages", "recipients", "resumed_recipients", "inputs_already_done", "delivered", "bounced",
+            "expired", "deferrals", "unfinished")
+    return {"spool": str(args.spool), "queue": str(queue_dir), **dict.fromkeys(zero, 0), "rejected": [],
+            "elapsed_s": 0.0, "recipients_per_s": 0.0, "sites": [], "interrupted": False, "lost": [], "fatal": fatal,
+            "accounting": str(args.accounting) if args.accounting else None}
+
+
 async def _unresolvable_static_routes(config: Config) -> list[str]:
     """Static route (--relay) hosts that do not resolve: a typo caught before it defers every recipient."""
     router = Router(config)
@@ -152,11 +181,18 @@ class _InputProgress:
         self._taken: dict[str, set[int]] = {}
         self._ended: set[str] = set()
         self._failed: set[str] = set()  # inputs rejected as a whole: never "done"
+        self._ids: dict[str, int] = {}
 
     def start(self, key: str, fingerprint: str) -> None:
-        self.spool.open_input(key, fingerprint)
+        self._ids[key] = self.spool.open_input(key, fingerprint).id
         self._pending[key] = deque()
         self._taken[key] = set()
+
+    def take(self, item: SpoolItem) -> InputTake | None:
+        """What the message made from *item* consumes: recorded with the message itself."""
+        if not item.take_key:
+            return None
+        return InputTake(self._ids[item.key], item.row, item.take_key)
 
     def failed(self, key: str) -> None:
         """The input could not be used at all (or not to its end): a rerun tries it again."""
@@ -191,11 +227,13 @@ class _InputProgress:
 
 
 def _resume_from(spool: Spool) -> Resume:
-    def resume(key: str, fp: str) -> int | None:
+    def resume(key: str, fp: str) -> ResumePoint | None:
         state = spool.input(key)
-        if state is None or state.fingerprint != fp:
-            return 0
-        return None if state.done else state.row
+        if state is None:
+            return ResumePoint()
+        if state.fingerprint != fp:
+            return ResumePoint(0, state.taken)  # edited: every row again, but those taken are skipped
+        return None if state.done else ResumePoint(state.row, state.taken)
 
     return resume
 
@@ -224,9 +262,16 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     except OSError as exc:
         raise UsageError(f"--accounting {args.accounting}: {exc.strerror or exc}") from None
     try:
-        spool = await asyncio.to_thread(Spool, queue_dir)
+        spool = await asyncio.to_thread(functools.partial(Spool, queue_dir, accept_reset=args.accept_journal_reset))
     except SpoolLocked:
         raise UsageError(f"{queue_dir} is in use by another fastmta process") from None
+    except (OSError, SpoolError) as exc:
+        # A read-only or full disk, a queue written by a newer fastmta...:
+        # nothing was taken, the same command works once the cause is fixed.
+        if accounting is not None:
+            accounting.close()
+        hint = " (restore the journal, or run with --accept-journal-reset)" if isinstance(exc, JournalReset) else ""
+        return _nothing_done(args, queue_dir, f"cannot open the queue: {exc}{hint}")
     if spool.report.damaged:
         progress.note(f"queue recovery: {spool.report}")
     tracker = _InputProgress(spool)
@@ -261,7 +306,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         nonlocal submitted_messages, submitted_recipients
         window_held = True
         try:
-            await engine.submit(item.content, item.sender, item.recipients, meta=item.meta)
+            await engine.submit(item.content, item.sender, item.recipients, meta=item.meta, take=tracker.take(item))
         except InputError as exc:
             window.release()
             window_held = False
@@ -349,6 +394,10 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         "recipients_per_s": round(final / elapsed, 1) if elapsed > 0 else 0.0,
         "sites": progress.site_table(engine, limit=None),
         "interrupted": stop.is_set(),
+        "lost": [
+            {"message_id": lost.id, "recipients": lost.recipients, "reason": lost.reason, "meta": lost.meta}
+            for lost in engine.lost
+        ],
         "fatal": str(engine.fatal) if engine.fatal is not None else None,
         "accounting": str(args.accounting) if args.accounting else None,
     }
@@ -391,6 +440,10 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("fatal"):
         print(f"fastmta send: stopped: the delivery record could not be kept: {safe_text(summary['fatal'])} "
               f"(fix the cause and run again: the queue resumes)", file=sys.stderr)
+        return 1
+    if summary["lost"]:
+        print(f"fastmta send: {len(summary['lost'])} accepted message(s) could not be recovered from the queue "
+              f"(accounted with status 'lost')", file=sys.stderr)
         return 1
     if summary["unfinished"]:
         print(f"fastmta send: {summary['unfinished']} recipient(s) did not reach a final state", file=sys.stderr)

@@ -48,10 +48,12 @@ from fastmta.feedback.classification import Classification
 from fastmta.feedback.classification import Outcome as ReplyOutcome
 from fastmta.feedback.classify import Classifier, default_classifier
 from fastmta.message.headers import header_section_error
+from fastmta.queue.journal_records import InputTake
 from fastmta.queue.records import Message, Outcome, Recipient, Status, new_message_id, split_address
+from fastmta.queue.recovery import LostMessage
 from fastmta.queue.scheduler import DueQueue, RetryPolicy
 from fastmta.queue.spool import Spool
-from fastmta.queue.spool_errors import SpoolError
+from fastmta.queue.spool_errors import BodyDamaged, SpoolError
 from fastmta.smtp.protocol import Body
 from fastmta.smtp.reply import Reply
 
@@ -85,6 +87,7 @@ class Engine:
         #: journaled, and unfinished work found in it is resumed at start.
         self.spool = spool
         self.recovered = 0  # recipients resumed from the spool at start
+        self.lost: list[LostMessage] = []  # messages the spool could not recover (accounted as lost)
         q = self.config.queue
         self.retry = RetryPolicy(q.retry_initial, q.retry_factor, q.retry_max, q.retry_jitter, q.max_lifetime)
         self.throttle_events: deque[ThrottleEvent] = deque(maxlen=200)
@@ -152,7 +155,11 @@ class Engine:
                 log.error("message %s has no stored body (campaign reference); it cannot be resumed", rec.id)
                 continue
             try:
-                body = spool.read_body(rec.body)
+                body = spool.read_body(rec.body, rec.id)
+            except BodyDamaged as exc:
+                # Never silently queued for ever nor dropped: accounted as lost.
+                spool.mark_lost(rec, str(exc))
+                continue
             except SpoolError as exc:
                 log.error("message %s: %s", rec.id, exc)
                 continue
@@ -180,6 +187,22 @@ class Engine:
                 self._due.push(now_loop + (when - now_wall), (msg, group))
         if self._unfinished and self._idle is not None:
             self._idle.clear()
+        for lost in spool.report.lost:
+            self._account_lost(lost)
+
+    def _account_lost(self, lost: LostMessage) -> None:
+        """One accounting record (status ``lost``) per recipient of a message the queue could not recover."""
+        self.lost.append(lost)
+        log.error("lost: message %s (%s): %s", lost.id or "unknown", ", ".join(lost.recipients) or "recipients unknown",
+                  lost.reason)
+        if self.accounting is None:
+            return
+        now = time.time()
+        reply = Reply.local(554, "4.3.0", f"lost by the queue: {lost.reason}")
+        for recipient in lost.recipients or [""]:
+            self.accounting.write(Outcome(
+                lost.id or "unknown", recipient, Status.LOST, reply, 0, now, now, meta=lost.meta or None,
+            ))
 
     async def close(self, timeout: float = 30.0) -> None:
         """Stop accepting; finish transactions in flight (bounded by *timeout*); close.
@@ -205,8 +228,12 @@ class Engine:
         if self.accounting is not None:
             self.accounting.flush()
         if self.spool is not None:
-            await self.spool.sync()  # every state change so far is durable
-            _save_warmups(self.spool.directory / WARMUP_FILE, self.throttles.warmup_states())
+            try:
+                await self.spool.sync()  # every state change so far is durable
+            except SpoolError as exc:
+                self._ledger.fail(exc)  # resumable: the journal keeps what it had committed
+            else:
+                _save_warmups(self.spool.directory / WARMUP_FILE, self.throttles.warmup_states())
         await self._dispatch.aclose()
 
     def stop_accepting(self) -> None:
@@ -251,6 +278,7 @@ class Engine:
         *,
         meta: dict[str, Any] | None = None,
         message_id: str | None = None,
+        take: InputTake | None = None,
     ) -> str:
         """Accept *message* for *recipients*; return its id. Waits while the queue is full.
 
@@ -296,7 +324,16 @@ class Engine:
             try:
                 # Durable before we say "accepted" (group commit: concurrent
                 # submits share one fsync).
-                await self.spool.add_message(msg.id, sender, list(recipients), body.raw, meta=meta or None)
+                # *take*: the input row this message consumes, in the same
+                # journal record: a crash cannot keep one without the other.
+                await self.spool.add_message(msg.id, sender, list(recipients), body.raw, meta=meta or None, take=take)
+            except SpoolError as exc:
+                # The queue cannot be written (a full or read-only disk): not
+                # accepted, and nothing more will be. One stop for everyone,
+                # reported once (engine.fatal), not an exception per submit.
+                self._release(len(rcpts), cost)
+                self._ledger.fail(exc)
+                raise EngineClosed(f"engine stopped: {self.fatal}") from exc
             except BaseException:
                 self._release(len(rcpts), cost)
                 raise

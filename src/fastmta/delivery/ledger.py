@@ -106,6 +106,12 @@ class Ledger:
         for sub in self._subscribers:
             sub.put_nowait(None)
 
+    def fail(self, exc: BaseException) -> None:
+        """The record cannot be kept any more (first failure only is kept and reported)."""
+        if self.fatal is None:
+            self.fatal = exc
+            self._on_fatal(exc)
+
     def record(
         self, msg: Message, rcpt: Recipient, status: Status, reply: Reply, delivery: Delivery | None,
         next_attempt: float | None = None, classification: Classification | None = None,
@@ -131,8 +137,7 @@ class Ledger:
             try:
                 self._keep_record(outcome, msg, rcpt, status, next_attempt)
             except (OSError, SpoolError) as exc:
-                self.fatal = exc
-                self._on_fatal(exc)
+                self.fail(exc)
         for sub in self._subscribers:
             sub.put_nowait(outcome)
         if status.is_final:

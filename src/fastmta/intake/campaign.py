@@ -35,7 +35,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from fastmta.errors import ConfigError, InputError
 from fastmta.intake.items import Reject, SpoolItem
 from fastmta.message.dkim import DkimKeyConfig, DkimSigner, load_signing_key
 from fastmta.message.mime import CompiledCampaign, compile_campaign
+from fastmta.queue.keyset import KeySet, row_key
 from fastmta.queue.records import split_address
 
 
@@ -53,6 +54,9 @@ class CampaignSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
     recipients: str
     id: str | None = None
     address_field: str = "email"
+    #: Send a recipient as often as it appears (each occurrence is its own row
+    #: key); by default a repeat is reported and not sent.
+    allow_duplicates: bool = False
 
 
 class CampaignJob(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -158,12 +162,28 @@ class Campaign:
                         continue
                     yield line_no, obj, None
 
-    def items(self, key: str = "", start_line: int = 0) -> Iterator[SpoolItem | Reject]:
-        """One item per recipient row from *start_line* on (rows before it are skipped unrendered)."""
+    def row_key(self, address: str, occurrence: int = 0) -> int:
+        """What identifies a row whatever its line: the campaign and the recipient (and which repeat of it)."""
+        parts = [self.id, address.lower()]
+        if occurrence:
+            parts.append(str(occurrence))
+        return row_key(*parts)
+
+    def items(
+        self, key: str = "", start_line: int = 0, taken: Container[int] = frozenset()
+    ) -> Iterator[SpoolItem | Reject]:
+        """One item per recipient row from *start_line* on (rows before it are skipped unrendered).
+
+        Rows whose key is in *taken* (sent by an earlier run, wherever the row
+        was then) are skipped; a recipient repeated in the file is reported,
+        not sent twice, unless the job allows duplicates.
+        """
         source = str(self.recipients_path)
         field = self.job.campaign.address_field
         sender = self.job.campaign.sender
+        duplicates_allowed = self.job.campaign.allow_duplicates
         meta = {"job": self.id}
+        seen = KeySet()  # keys met in this reading (8 bytes a row, not a set of strings)
         for line, row, error in self.rows():
             if line < start_line and line != 0:
                 continue
@@ -180,13 +200,29 @@ class Campaign:
                 continue
             try:
                 split_address(address)
+            except InputError as exc:
+                yield Reject(source, line, exc.reason, key, line)
+                continue
+            occurrence = 0
+            take_key = self.row_key(address)
+            if take_key in seen:
+                if not duplicates_allowed:
+                    yield Reject(source, line, f"duplicate recipient {address!r} in this campaign: sent once", key, line)
+                    continue
+                while take_key in seen:
+                    occurrence += 1
+                    take_key = self.row_key(address, occurrence)
+            seen.add(take_key)
+            if take_key in taken:
+                continue  # sent by an earlier run
+            try:
                 message = self.compiled.render(row, recipient_id=address)
             except InputError as exc:
                 yield Reject(source, line, exc.reason if exc.source is None else str(exc), key, line)
                 continue
             if self.signer is not None:
                 message = self.signer.sign(message)
-            yield SpoolItem(message, sender, [address], source, line, meta, key, line)
+            yield SpoolItem(message, sender, [address], source, line, meta, key, line, take_key)
 
 
 def _injection(row: dict[str, Any]) -> str | None:

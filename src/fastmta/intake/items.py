@@ -6,7 +6,7 @@ and the directory reader that combines them (``reader``) import it, not each oth
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ class SpoolItem:
     meta: dict[str, Any] = field(default_factory=dict)
     key: str = ""  # the input it belongs to
     row: int = 0  # its row in that input
+    take_key: int = 0  # what identifies the row whatever its position (see ResumePoint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,21 @@ class InputSkipped:
 
 
 Event = SpoolItem | Reject | InputStart | InputEnd | InputSkipped
-Resume = Callable[[str, str], "int | None"]
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where to take an input up again.
+
+    *row*: rows before it were taken by an earlier run of the same content
+    (a shortcut: they are not even parsed). *taken*: keys of rows taken by
+    any earlier run, whatever the content then (an edited CSV, a renamed
+    or touched file): those rows are skipped wherever they now are.
+    """
+
+    row: int = 0
+    taken: Container[int] = frozenset()
+
+
+#: (input key, content fingerprint) -> where to resume, or None when the input is finished.
+Resume = Callable[[str, str], "ResumePoint | None"]
 
 

@@ -103,12 +103,16 @@ def parse_pickup(data: bytes, path: Path) -> PickupMessage:
     return PickupMessage(path, sender, recipients, content)
 
 
-def read_pickup(path: Path) -> PickupMessage:
+def read_pickup_bytes(path: Path) -> bytes:
+    """The file's bytes, or InputError (too big, unreadable) naming it."""
     try:
         size = path.stat().st_size
         if size > MAX_PICKUP_BYTES:
             raise InputError(f"file is {size} bytes, over the {MAX_PICKUP_BYTES} byte limit", source=str(path))
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror or exc}", source=str(path)) from None
-    return parse_pickup(data, path)
+
+
+def read_pickup(path: Path) -> PickupMessage:
+    return parse_pickup(read_pickup_bytes(path), path)

@@ -7,22 +7,35 @@ and reason), then :class:`InputEnd`. It never stops at bad input and never
 loads a whole campaign's recipients into memory: items are produced one at a
 time as the engine takes them.
 
-Resuming: a ``resume(key, fingerprint)`` callback says, per input, from which
-row to start (0: all of it) or that it is finished (None: skip it). Rows are
-pickup files' 0 and campaigns' recipients-file line numbers; the fingerprint
-changes when the input's files change, so an edited input starts afresh.
+Exactly once: what identifies an input is its content, not its name.
+
+* A pickup file is the SHA-256 of its bytes (key ``pickup:<hash>``): touched,
+  renamed, or in a renamed spool directory, it is the message already sent.
+* A campaign is its ``[campaign] id`` (key ``campaign:<id>``; the TOML file's
+  name when it has none), and each row is its recipient within the campaign
+  (a 64-bit key of id + address), so appending rows to a finished campaign's
+  CSV, or reordering it, sends exactly the rows not sent before. A recipient
+  twice in one campaign is sent once; the repeat is reported, unless the job
+  sets ``allow_duplicates = true``.
+
+A ``resume(key, fingerprint)`` callback says where to take an input up
+(:class:`ResumePoint`: the keys of rows already taken, and, while the
+content hash is unchanged, the row to start from) or that it is finished
+(None). The taken keys come from the queue, which records them in the same
+journal record that accepts each message.
 """
 
 from __future__ import annotations
 
+import hashlib
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastmta.errors import InputError
 from fastmta.intake.campaign import Campaign
-from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reject, Resume, SpoolItem
-from fastmta.intake.pickup import read_pickup
+from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reject, Resume, ResumePoint, SpoolItem
+from fastmta.intake.pickup import parse_pickup, read_pickup_bytes
 
 __all__ = [
     "Event",
@@ -31,22 +44,22 @@ __all__ = [
     "InputStart",
     "Reject",
     "Resume",
+    "ResumePoint",
     "SpoolItem",
     "SpoolReader",
-    "fingerprint",
+    "content_hash",
 ]
 
 
-def fingerprint(*paths: Path) -> str:
-    """Changes when any of *paths* is modified (mtime and size)."""
-    parts = []
+def content_hash(*paths: Path) -> str:
+    """SHA-256 over the bytes of *paths* (in order): what identifies an input, not its name or mtime."""
+    h = hashlib.sha256()
     for p in paths:
-        try:
-            st = p.stat()
-            parts.append(f"{st.st_mtime_ns}:{st.st_size}")
-        except OSError:
-            parts.append("missing")
-    return "/".join(parts)
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\x00--fastmta-input-boundary--\x00")
+    return h.hexdigest()
 
 
 def _key(path: Path) -> str:
@@ -75,7 +88,7 @@ class SpoolReader:
 
     def __init__(self, directory: Path, resume: Resume | None = None) -> None:
         self.directory = directory
-        self.resume: Resume = resume or (lambda key, fp: 0)
+        self.resume: Resume = resume or (lambda key, fp: ResumePoint())
 
     def __iter__(self) -> Iterator[Event]:
         try:
@@ -90,7 +103,7 @@ class SpoolReader:
             if path.suffix == ".eml":
                 # Not only regular files: a dangling link or a directory named
                 # *.eml is reported as unreadable rather than passed over.
-                yield from self._input(path, (path,), self._pickup)
+                yield from self._pickup(path)
         for path in visible:
             if path.suffix == ".toml":
                 unusable = _not_a_readable_file(path)
@@ -99,44 +112,61 @@ class SpoolReader:
                 else:
                     # A job that cannot be opened (a link loop, a dangling
                     # link, a directory) is reported, never passed over.
-                    yield from self._input(path, (path,), self._unreadable)
+                    yield from self._unreadable(path)
 
-    def _input(
-        self, path: Path, files: tuple[Path, ...], body: Callable[[Path, str, int], Iterator[SpoolItem | Reject]]
-    ) -> Iterator[Event]:
-        key = _key(path)
-        fp = fingerprint(*files)
-        start = self.resume(key, fp)
-        if start is None:
+    def _failed(self, path: Path, source: str, line: int | None, reason: str) -> Iterator[Event]:
+        """An input that cannot be used at all: reported on every run until it is fixed (row 0)."""
+        key = f"file:{_key(path)}"
+        yield InputStart(key, "")
+        yield Reject(source, line, reason, key, 0)
+        yield InputEnd(key)
+
+    def _unreadable(self, path: Path) -> Iterator[Event]:
+        yield from self._failed(path, str(path), None, _not_a_readable_file(path) or "cannot read")
+
+    def _pickup(self, path: Path) -> Iterator[Event]:
+        # A pickup file is identified by its content: touched, renamed or
+        # moved to another spool, it is the same message, sent once.
+        try:
+            data = read_pickup_bytes(path)
+        except InputError as exc:
+            yield from self._failed(path, str(path), exc.line, exc.reason)
+            return
+        digest = hashlib.sha256(data).hexdigest()
+        key = f"pickup:{digest}"
+        take_key = int(digest[:16], 16)
+        point = self.resume(key, "")
+        if point is None or take_key in point.taken:
+            yield InputSkipped(key)
+            return
+        try:
+            msg = parse_pickup(data, path)
+        except InputError as exc:
+            yield from self._failed(path, str(path), exc.line, exc.reason)
+            return
+        yield InputStart(key, "")
+        yield SpoolItem(
+            msg.content, msg.sender, msg.recipients, str(path), meta={"file": path.name}, key=key, take_key=take_key
+        )
+        yield InputEnd(key)
+
+    def _campaign(self, path: Path) -> Iterator[Event]:
+        # A campaign is identified by its id; its rows by recipient (see
+        # Campaign.items), so an edited recipients file sends only new rows.
+        try:
+            campaign = Campaign.load(path)
+            fp = content_hash(path, campaign.recipients_path)
+        except InputError as exc:
+            yield from self._failed(path, exc.source or str(path), exc.line, exc.reason)
+            return
+        except OSError as exc:
+            yield from self._failed(path, str(path), None, f"cannot read: {exc.strerror or exc}")
+            return
+        key = f"campaign:{campaign.id}"
+        point = self.resume(key, fp)
+        if point is None:
             yield InputSkipped(key)
             return
         yield InputStart(key, fp)
-        yield from body(path, key, start)
+        yield from campaign.items(key, point.row, point.taken)
         yield InputEnd(key)
-
-    def _unreadable(self, path: Path, key: str, start: int) -> Iterator[SpoolItem | Reject]:
-        yield Reject(str(path), None, _not_a_readable_file(path) or "cannot read", key, 0)
-
-    def _pickup(self, path: Path, key: str, start: int) -> Iterator[SpoolItem | Reject]:
-        try:
-            msg = read_pickup(path)
-        except InputError as exc:
-            yield Reject(str(path), exc.line, exc.reason, key, 0)
-            return
-        yield SpoolItem(msg.content, msg.sender, msg.recipients, str(path), meta={"file": path.name}, key=key)
-
-    def _campaign(self, path: Path) -> Iterator[Event]:
-        try:
-            campaign = Campaign.load(path)
-        except InputError as exc:
-            key = _key(path)
-            if self.resume(key, fingerprint(path)) is None:
-                yield InputSkipped(key)
-                return
-            yield InputStart(key, fingerprint(path))
-            yield Reject(exc.source or str(path), exc.line, exc.reason, key, 0)
-            yield InputEnd(key)
-            return
-        yield from self._input(
-            path, (path, campaign.recipients_path), lambda p, key, start: campaign.items(key, start)
-        )

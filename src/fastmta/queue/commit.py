@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,10 @@ __all__ = ["GroupCommit"]
 
 # Every part of the spool logs as the spool (the logger its documentation names).
 log = logging.getLogger("fastmta.queue.spool")
+
+#: Test-only fault injection (tests/test_send_crash.py): SIGKILL this process
+#: right after the Nth batch commit is durable. Unset in any real run.
+_KILL_AFTER_COMMITS = int(os.environ.get("FASTMTA_FAULT_KILL_AFTER_COMMITS", "0") or 0)
 
 T = TypeVar("T")
 
@@ -216,6 +222,10 @@ class GroupCommit:
             self._stats.records += len(journal)
             self._stats.journal_bytes_written += len(blob)
         self._stats.commits += 1
+        if _KILL_AFTER_COMMITS and self._stats.commits >= _KILL_AFTER_COMMITS:
+            # Fault injection for the crash tests: die at the worst moment,
+            # right after a batch is durable and before anyone is told.
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def flush_sync(self) -> None:
         """Write and fsync pending records now, on this thread (only when no loop is committing)."""

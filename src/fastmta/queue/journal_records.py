@@ -3,15 +3,17 @@
 Each record is a msgspec Struct encoded as a msgpack array, one frame each
 (framing: :mod:`fastmta.queue.journal`):
 
+* :class:`HeaderRecord`  the journal's format version (first record of a journal).
 * :class:`AddRecord`    a message: id, sender, recipients, queued_at, and
   either a body reference (segment, offset, length) or a source reference
   (input id, row, byte offset) from which the caller re-renders it (campaign
   rows), plus meta.
 * :class:`StateRecord`  one recipient's new state: delivered / bounced /
   expired (final) or deferred with attempts and next attempt time (wall clock).
-* :class:`InputRecord`  an input's progress: key (e.g. path), fingerprint
-  (e.g. mtime and size), rows taken, done. :class:`ForgetRecord` drops it;
-  :class:`DropRecord` drops a message.
+* :class:`InputRecord`  an input's progress: key (what identifies it), fingerprint
+  (its content), rows taken, done. :class:`ForgetRecord` drops it;
+  :class:`DropRecord` drops a message. :class:`TakenRecord` keeps the keys of
+  an input's rows taken by messages that compaction removed.
 
 :class:`InputState` is the live form of an input's records: what the spool
 keeps in memory and writes back as an :class:`InputRecord`.
@@ -21,36 +23,44 @@ This module is the leaf the spool's other modules share: it imports none of them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, get_args
 
 import msgspec
 
+from fastmta.queue.keyset import KeySet
 from fastmta.queue.records import Status
 
 __all__ = [
     "DEFERRED_CODE",
+    "JOURNAL_VERSION",
+    "RECORD_TAGS",
     "STATUS_CODE",
     "AddRecord",
     "BodyRef",
     "DropRecord",
     "ForgetRecord",
+    "HeaderRecord",
     "InputRecord",
     "InputState",
+    "InputTake",
     "JournalRecord",
     "SourceRef",
     "StateRecord",
+    "TakenRecord",
     "record_decoder",
     "record_encoder",
 ]
 
 # array_like: encoded as msgpack arrays without field names (compact; a record
-# is ~40 bytes). gc=False: they hold only strings, numbers and plain
+# is ~40 bytes). forbid_unknown_fields: a record with more fields than this
+# code knows (a newer format) fails to decode, and the journal is refused,
+# rather than read without them and rewritten without them. gc=False: they hold only strings, numbers and plain
 # containers decoded from msgpack, which cannot form reference cycles, and a
 # million of them must not make the cycle collector walk them.
 
 
-class BodyRef(msgspec.Struct, array_like=True, frozen=True, gc=False):
+class BodyRef(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True, gc=False):
     """Where a body lives: segment number, frame offset in it, payload length."""
 
     seg: int
@@ -58,7 +68,7 @@ class BodyRef(msgspec.Struct, array_like=True, frozen=True, gc=False):
     size: int
 
 
-class SourceRef(msgspec.Struct, array_like=True, frozen=True, gc=False):
+class SourceRef(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True, gc=False):
     """A body that the caller re-renders from an input (a campaign row), not stored."""
 
     input: int  # InputState.id
@@ -69,7 +79,21 @@ class SourceRef(msgspec.Struct, array_like=True, frozen=True, gc=False):
 # The tags are the on-disk record kinds: never renumber them.
 
 
-class AddRecord(msgspec.Struct, tag=1, array_like=True, gc=False):
+class InputTake(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True, gc=False):
+    """The input row a message was made from: accepting the message consumes it.
+
+    Carried by the message's own :class:`AddRecord`, so "accepted" and "its
+    input row is taken" are one journal fact: no crash can separate them.
+    *key* identifies the row whatever its position (a campaign: its id and
+    recipient; a pickup file: its content), so an edited input is not resent.
+    """
+
+    input: int  # InputState.id
+    row: int
+    key: int  # a 64-bit row key (fastmta.queue.keyset.row_key)
+
+
+class AddRecord(msgspec.Struct, tag=1, array_like=True, forbid_unknown_fields=True, gc=False):
     """A message was accepted."""
 
     id: str
@@ -79,9 +103,10 @@ class AddRecord(msgspec.Struct, tag=1, array_like=True, gc=False):
     body: BodyRef | None = None
     src: SourceRef | None = None
     meta: dict[str, Any] | None = None
+    take: InputTake | None = None  # added after format 1's first records: absent means None
 
 
-class StateRecord(msgspec.Struct, tag=2, array_like=True, gc=False):
+class StateRecord(msgspec.Struct, tag=2, array_like=True, forbid_unknown_fields=True, gc=False):
     """Recipient *idx* of message *id* reached *status* (a code of STATUS_CODE)."""
 
     id: str
@@ -91,7 +116,7 @@ class StateRecord(msgspec.Struct, tag=2, array_like=True, gc=False):
     next_at: float = 0.0
 
 
-class InputRecord(msgspec.Struct, tag=3, array_like=True, gc=False):
+class InputRecord(msgspec.Struct, tag=3, array_like=True, forbid_unknown_fields=True, gc=False):
     """Input *iid* (its key and fingerprint) has *row* rows taken, and is *done* or not."""
 
     iid: int
@@ -101,19 +126,50 @@ class InputRecord(msgspec.Struct, tag=3, array_like=True, gc=False):
     done: bool
 
 
-class DropRecord(msgspec.Struct, tag=4, array_like=True, gc=False):
+class DropRecord(msgspec.Struct, tag=4, array_like=True, forbid_unknown_fields=True, gc=False):
     """Message *id* is gone, whatever its recipients' states."""
 
     id: str
 
 
-class ForgetRecord(msgspec.Struct, tag=5, array_like=True, gc=False):
+class ForgetRecord(msgspec.Struct, tag=5, array_like=True, forbid_unknown_fields=True, gc=False):
     """Input *iid* is no longer remembered."""
 
     iid: int
 
 
-JournalRecord = AddRecord | StateRecord | InputRecord | DropRecord | ForgetRecord
+class TakenRecord(msgspec.Struct, tag=6, array_like=True, forbid_unknown_fields=True, gc=False):
+    """Row keys of input *iid* already taken (packed u64, little-endian): written at compaction.
+
+    Finished messages leave the journal at compaction, and with them the
+    :class:`InputTake` that said their rows were taken; this keeps those keys.
+    """
+
+    iid: int
+    keys: bytes
+
+
+class HeaderRecord(msgspec.Struct, tag=0, array_like=True, forbid_unknown_fields=True, gc=False):
+    """The journal's format *version*: the first record of every journal this code writes.
+
+    A journal without one (written before it existed) is version 1. A
+    version above :data:`JOURNAL_VERSION`, or a record kind this code does
+    not know, makes opening refuse the journal (and leave it untouched).
+    """
+
+    version: int
+
+
+#: The journal format this code writes and understands. Bump it for any
+#: change an older fastmta would misread (a new record kind, a new field).
+#: 1: the records before headers existed. 2: AddRecord.take and TakenRecord
+#: (an input row consumed in the same record that accepts its message).
+#: Older versions are read and upgraded on the next rewrite.
+JOURNAL_VERSION = 2
+
+JournalRecord = HeaderRecord | AddRecord | StateRecord | InputRecord | DropRecord | ForgetRecord | TakenRecord
+#: The record kinds (msgpack tag -> name) this code reads.
+RECORD_TAGS = {int(t.__struct_config__.tag): t.__name__ for t in get_args(JournalRecord)}
 
 # Statuses are stored as small integers: part of the on-disk format, never renumber.
 STATUS_CODE = {Status.DELIVERED: 1, Status.BOUNCED: 2, Status.EXPIRED: 3, Status.DEFERRED: 4}
@@ -132,6 +188,8 @@ class InputState:
     fingerprint: str
     row: int = 0  # rows taken so far (the next row to take)
     done: bool = False
+    #: Keys of every row taken (by InputTake), whatever the row's position.
+    taken: KeySet = field(default_factory=KeySet)
 
     def record(self) -> InputRecord:
         """The journal record that restores this state."""

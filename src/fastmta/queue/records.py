@@ -26,6 +26,7 @@ class Status(str, Enum):
     BOUNCED = "bounced"  # final: permanent failure (5xx, null MX, NXDOMAIN)
     EXPIRED = "expired"  # final: transient failures until the queue lifetime ran out
     DEFERRED = "deferred"  # not final: a transient failure, another attempt is scheduled
+    LOST = "lost"  # final: accepted, then its queue record or body was damaged beyond recovery (reported)
 
     @property
     def is_final(self) -> bool:

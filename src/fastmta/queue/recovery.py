@@ -5,15 +5,23 @@ Two users: opening a spool (every unfinished message comes back, as a
 skipped and lost) and compaction (the live state is written back as a short
 journal by :func:`live_frames`).
 
-Replay never fails on bad data: damaged or torn frames are stepped over by
-the scanner (:mod:`fastmta.queue.journal`), records that do not decode are
-counted, and state records for messages no longer in the journal (compacted
-away as finished) are counted as orphans and ignored.
+Replay never fails on damaged bytes: damaged or torn frames are stepped over
+by the scanner (:mod:`fastmta.queue.journal`), and state records for messages
+no longer in the journal (compacted away as finished) are counted as orphans
+and ignored. What a damaged frame held is read back for the report
+(:mod:`fastmta.queue.salvage`): a message lost with it is named in
+:attr:`RecoveryReport.lost`, never dropped silently.
+
+What replay refuses (:class:`~fastmta.queue.spool_errors.SpoolFormatError`)
+is a record whose checksum is good but that this code cannot read: a format
+version above :data:`~fastmta.queue.journal_records.JOURNAL_VERSION`, a
+record kind it does not know, or fields it does not expect. That is not
+damage but a newer fastmta's journal, and skipping it would lose what it says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,20 +31,27 @@ import msgspec
 from fastmta.queue.journal import ScanReport, frame, scan
 from fastmta.queue.journal_records import (
     DEFERRED_CODE,
+    JOURNAL_VERSION,
+    RECORD_TAGS,
     AddRecord,
     BodyRef,
     DropRecord,
+    HeaderRecord,
     InputRecord,
     InputState,
     SourceRef,
     StateRecord,
+    TakenRecord,
     record_decoder,
     record_encoder,
 )
 from fastmta.queue.records import Status
+from fastmta.queue.salvage import salvage_regions
+from fastmta.queue.spool_errors import JournalReset, SpoolFormatError
 
 __all__ = [
     "LiveState",
+    "LostMessage",
     "PendingMessage",
     "RecoveredMessage",
     "RecoveredRecipient",
@@ -72,6 +87,22 @@ class RecoveredMessage:
 
 
 @dataclass(slots=True)
+class LostMessage:
+    """A message the spool had accepted and can no longer send: report it, account for it.
+
+    *id* is None when the damaged bytes do not say which message it was (then
+    *recipients* is empty, and one entry may stand for several messages).
+    *recipients* are the ones not final yet (all of them if unknown).
+    """
+
+    id: str | None
+    recipients: list[str]
+    meta: dict[str, Any]  # the Add record's meta (names the input or job), {} if unreadable
+    reason: str
+    offset: int | None = None  # journal offset of the damaged record, if that is the cause
+
+
+@dataclass(slots=True)
 class RecoveryReport:
     records: int = 0  # good records read
     messages: int = 0  # unfinished messages returned
@@ -82,15 +113,19 @@ class RecoveryReport:
     skipped_bytes: int = 0  # damaged bytes stepped over
     damaged_regions: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
     torn_tail_bytes: int = 0  # part of skipped_bytes: the end of the journal (a crash mid-write)
-    undecodable: int = 0  # frames whose checksum matched but whose content did not decode
+    undecodable: int = 0  # always 0 now: a good frame that does not decode refuses the open (SpoolFormatError)
     orphan_records: int = 0  # state records for messages not in the journal (already compacted away)
     missing_bodies: list[str] = field(default_factory=list)  # message ids whose body segment is gone
+    lost: list[LostMessage] = field(default_factory=list)  # accepted messages that cannot be sent
+    damaged_records: list[tuple[int, str]] = field(default_factory=list)  # (offset, record kind) skipped
+    version: int = 1  # the journal's format version (1 if it has no header)
+    reset: str = ""  # the journal looked reset beside stored bodies, and the open was told to accept it
     rewritten: bool = False  # the journal was rewritten (compacted) at open
     seconds: float = 0.0
 
     @property
     def damaged(self) -> bool:
-        return bool(self.skipped_bytes or self.undecodable or self.missing_bodies)
+        return bool(self.skipped_bytes or self.undecodable or self.missing_bodies or self.lost or self.reset)
 
     def __str__(self) -> str:
         text = (
@@ -106,6 +141,12 @@ class RecoveryReport:
             text += f"; {self.undecodable} undecodable records"
         if self.missing_bodies:
             text += f"; {len(self.missing_bodies)} message(s) lost their body"
+        if self.reset:
+            text += f"; {self.reset}"
+        if self.lost:
+            names = ", ".join(m.id or f"unknown message at journal offset {m.offset}" for m in self.lost[:5])
+            more = f" and {len(self.lost) - 5} more" if len(self.lost) > 5 else ""
+            text += f"; LOST {len(self.lost)} message(s): {names}{more}"
         return text
 
 
@@ -126,14 +167,19 @@ class PendingMessage:
 class LiveState:
     """The live state of a journal prefix: unfinished messages and inputs."""
 
-    __slots__ = ("inputs", "msgs", "orphans", "scan", "undecodable")
+    __slots__ = ("by_key", "inputs", "msgs", "orphans", "scan", "strays", "undecodable", "version")
 
     def __init__(self) -> None:
         self.msgs: dict[str, PendingMessage] = {}
         self.inputs: dict[int, InputState] = {}
+        self.by_key: dict[str, InputState] = {}  # the latest state of each input key
         self.scan = ScanReport()
         self.undecodable = 0
         self.orphans = 0
+        self.version = 1  # no header: written before the journal had one
+        # After damage: ids of orphan records -> their final recipient indices
+        # (None: dropped). They name messages whose Add record was damaged.
+        self.strays: dict[str, set[int] | None] = {}
 
 
 def replay(path: Path, stop: int | None = None) -> LiveState:
@@ -147,17 +193,18 @@ def replay(path: Path, stop: int | None = None) -> LiveState:
     inputs = st.inputs
     decode = record_decoder.decode
     with open(path, "rb", buffering=0) as f:
-        for _off, payload in scan(f, st.scan, 0, stop):
+        for off, payload in scan(f, st.scan, 0, stop):
             try:
                 rec = decode(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                st.undecodable += 1
-                continue
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise _unreadable(path, off, payload, exc) from None
             # Most common first: a journal is mostly state records, then adds.
             if isinstance(rec, StateRecord):
                 m = msgs.get(rec.id)
                 if m is None or not 0 <= rec.idx < len(m.add.rcpts):
                     st.orphans += 1
+                    if m is None and st.scan.damaged_regions:
+                        _stray(st, rec)
                     continue
                 states = m.states
                 if states is None:
@@ -181,26 +228,107 @@ def replay(path: Path, stop: int | None = None) -> LiveState:
                         inp = inputs.get(src.input)
                         if inp is not None and inp.row <= src.row:
                             inp.row = src.row + 1
+                # Taken even if the message is already gone (a duplicate Add
+                # of a finished one): the row must never be read again.
+                take = rec.take
+                if take is not None:
+                    inp = inputs.get(take.input)
+                    if inp is not None:
+                        inp.taken.add(take.key)
             elif isinstance(rec, InputRecord):
                 old = inputs.get(rec.iid)
                 row = rec.row
                 if old is not None and old.fingerprint == rec.fp:
                     row = max(row, old.row)  # progress only moves forward
-                inputs[rec.iid] = InputState(rec.iid, rec.key, rec.fp, row, rec.done)
+                # Every state of one input key shares one set of taken keys:
+                # an edited input (new fingerprint, new id) keeps what its
+                # earlier versions took.
+                same_key = old if old is not None else st.by_key.get(rec.key)
+                state = InputState(rec.iid, rec.key, rec.fp, row, rec.done)
+                if same_key is not None:
+                    state.taken = same_key.taken
+                inputs[rec.iid] = state
+                st.by_key[rec.key] = state
             elif isinstance(rec, DropRecord):
-                msgs.pop(rec.id, None)
+                if msgs.pop(rec.id, None) is None and st.scan.damaged_regions:
+                    st.strays[rec.id] = None
+            elif isinstance(rec, TakenRecord):
+                inp = inputs.get(rec.iid)
+                if inp is not None:
+                    inp.taken.update_from_bytes(rec.keys)
+            elif isinstance(rec, HeaderRecord):
+                if rec.version > JOURNAL_VERSION:
+                    raise _newer(path, rec.version)
+                st.version = rec.version
             else:  # ForgetRecord
-                inputs.pop(rec.iid, None)
+                gone = inputs.pop(rec.iid, None)
+                if gone is not None and st.by_key.get(gone.key) is gone:
+                    del st.by_key[gone.key]
     return st
 
 
-def replay_at_open(path: Path, segments_on_disk: set[int]) -> tuple[LiveState, RecoveryReport]:
+def _stray(st: LiveState, rec: StateRecord) -> None:
+    """A state record, after damage, for a message replay does not know: maybe its Add was damaged."""
+    finals = st.strays.get(rec.id, set())
+    if finals is None:
+        return  # dropped already
+    if rec.status != DEFERRED_CODE:
+        finals.add(rec.idx)
+    st.strays[rec.id] = finals
+
+
+def _newer(path: Path, version: int) -> SpoolFormatError:
+    return SpoolFormatError(
+        f"{path}: written by a newer fastmta: version {version} (this one reads up to version"
+        f" {JOURNAL_VERSION}); left untouched: open it with that fastmta"
+    )
+
+
+def _unreadable(path: Path, off: int, payload: bytes, exc: Exception) -> SpoolFormatError:
+    """The error for a record whose checksum is good but that does not decode: a newer format."""
+    obj: Any
+    try:
+        obj = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        obj = None
+    items = obj if isinstance(obj, list) else []
+    tag = items[0] if items else None
+    if tag == 0 and len(items) > 1 and isinstance(items[1], int) and items[1] > JOURNAL_VERSION:
+        return _newer(path, items[1])  # a header of another shape, from a newer version
+    if isinstance(tag, int) and tag not in RECORD_TAGS:
+        what = f"a record of a kind this fastmta does not know (tag {tag})"
+    elif isinstance(tag, int):
+        what = f"a {RECORD_TAGS[tag]} this fastmta cannot read ({exc})"
+    else:
+        what = f"a record this fastmta cannot read ({exc})"
+    return SpoolFormatError(
+        f"{path}: {what} at offset {off}, its checksum good: written by a newer fastmta?"
+        " Left untouched: open it with the fastmta that wrote it"
+    )
+
+
+def replay_at_open(
+    path: Path,
+    segments_on_disk: set[int],
+    segment_bytes: Callable[[], int] | None = None,
+    accept_reset: bool = False,
+) -> tuple[LiveState, RecoveryReport]:
     """Replay the whole journal (if there is one) and report what was read, skipped and lost.
 
     A message whose body segment is not in *segments_on_disk* cannot be sent
-    again: it is dropped from the state and named in the report.
+    again: it is dropped from the state and named in the report, as is every
+    message whose Add record was damaged (as far as the damaged bytes say).
+
+    A journal that is missing, empty or without one valid record while body
+    segments hold data (*segment_bytes*: their total size) looks reset:
+    starting over would lose those messages, or send them again. That raises
+    JournalReset (a SpoolError), unless *accept_reset*: then it is noted in
+    the report (and the bodies are deleted as unreferenced). Raises
+    SpoolFormatError for a journal of a newer format. Either error leaves
+    the journal untouched.
     """
-    st = replay(path) if path.exists() else LiveState()
+    exists = path.exists()
+    st = replay(path) if exists else LiveState()
     report = RecoveryReport(
         records=st.scan.frames,
         journal_bytes=st.scan.bytes_scanned,
@@ -209,12 +337,99 @@ def replay_at_open(path: Path, segments_on_disk: set[int]) -> tuple[LiveState, R
         torn_tail_bytes=st.scan.torn_tail,
         undecodable=st.undecodable,
         orphan_records=st.orphans,
+        # An empty or missing journal is started afresh in this code's format.
+        version=st.version if st.scan.frames else JOURNAL_VERSION,
     )
+    if st.scan.frames == 0 and segments_on_disk and segment_bytes is not None:
+        _check_reset(path, exists, st, report, len(segments_on_disk), segment_bytes(), accept_reset)
     for mid, m in list(st.msgs.items()):
-        if m.add.body is not None and m.add.body.seg not in segments_on_disk:
+        body = m.add.body
+        if body is not None and body.seg not in segments_on_disk:
             report.missing_bodies.append(mid)
+            report.lost.append(
+                LostMessage(mid, _unfinished(m), m.add.meta or {}, f"its body segment {body.seg} is missing")
+            )
             del st.msgs[mid]
+    if st.scan.damaged_regions and exists:
+        _damaged_records(path, st, report)
     return st, report
+
+
+def _unfinished(m: PendingMessage) -> list[str]:
+    states = m.states
+    if states is None:
+        return list(m.add.rcpts)
+    return [r for r, s in zip(m.add.rcpts, states, strict=True) if s is None or s.status == DEFERRED_CODE]
+
+
+def _check_reset(
+    path: Path, exists: bool, st: LiveState, report: RecoveryReport, segs: int, nbytes: int, accept: bool
+) -> None:
+    if not nbytes:
+        return  # empty segment files hold no body
+    size = st.scan.bytes_scanned
+    what = "missing" if not exists else "empty" if not size else f"{size} bytes without one valid record"
+    text = (
+        f"the journal {path} is {what}, but {path.parent / 'data'} holds {segs} body segment(s)"
+        f" ({nbytes} bytes) of messages it no longer names"
+    )
+    if not accept:
+        raise JournalReset(
+            f"{text}: it looks reset, and starting over would lose or resend those messages."
+            " Restore the journal, or open the spool accepting the reset (the bodies are then deleted)"
+        )
+    report.reset = f"journal reset accepted: {text}"
+    report.lost.append(
+        LostMessage(None, [], {}, f"journal reset accepted: {segs} body segment(s), {nbytes} bytes, deleted unread")
+    )
+
+
+def _damaged_records(path: Path, st: LiveState, report: RecoveryReport) -> None:
+    """Name the messages lost with damaged records: as far as the bytes say, and by their later records."""
+    strays = st.strays
+    unknown: list[int] = []
+    named: set[str] = set()
+    for sv in salvage_regions(path, st.scan.damaged_regions, st.scan.torn_tail):
+        if sv.kind == "torn":
+            continue  # an append a crash cut short: never acknowledged
+        report.damaged_records.append((sv.offset, sv.kind))
+        if sv.kind == "unknown" and sv.id is None:
+            unknown.append(sv.offset)
+            continue
+        if sv.kind != "AddRecord" and not (sv.kind == "unknown" and sv.id in strays):
+            continue  # a state (retried), an input's progress, a drop (sent again): nothing lost
+        mid = sv.id
+        if mid is not None and mid in st.msgs:
+            continue
+        if mid is not None:
+            named.add(mid)
+            if mid in strays and strays[mid] is None:
+                continue  # dropped later
+        finals = (strays.get(mid) or set()) if mid is not None else set()
+        rcpts = [r for i, r in enumerate(sv.rcpts or []) if i not in finals]
+        if sv.rcpts and not rcpts:
+            continue  # every recipient final already: nothing left to lose
+        how = (
+            "its checksum confirms what is reported"
+            if sv.verified
+            else "read whole, unconfirmed: values may be wrong"
+            if sv.exact
+            else "read in part: values may be wrong"
+        )
+        why = f"its Add record at journal offset {sv.offset} is damaged ({how})"
+        report.lost.append(LostMessage(mid, rcpts, sv.meta or {}, why, sv.offset))
+    # Later records of messages whose Add record did not say who it was.
+    left = [mid for mid, finals in strays.items() if finals is not None and mid not in named]
+    first = unknown[0] if unknown else None
+    for mid in left:
+        where = "" if first is None else f" at journal offset {first}"
+        final = sorted(strays[mid] or ())
+        done = f"; recipient(s) #{', #'.join(map(str, final))} final already" if final else ""
+        why = f"its Add record is damaged and unreadable{where} (later records name it{done})"
+        report.lost.append(LostMessage(mid, [], {}, why, first))
+    for off in unknown[len(left) :]:  # each of the others may be one of the messages just named
+        why = f"an unreadable damaged record at journal offset {off}: if it was an Add record, its message is lost"
+        report.lost.append(LostMessage(None, [], {}, why, off))
 
 
 def live_frames(st: LiveState) -> Iterable[bytes]:
@@ -226,9 +441,12 @@ def live_frames(st: LiveState) -> Iterable[bytes]:
             latest[inp.key] = inp.id
     keep = referenced | set(latest.values())
     enc = record_encoder.encode
+    yield frame(enc(HeaderRecord(JOURNAL_VERSION)))
     for inp in st.inputs.values():
         if inp.id in keep:
             yield frame(enc(inp.record()))
+            if inp.id == latest.get(inp.key) and len(inp.taken):
+                yield frame(enc(TakenRecord(inp.id, inp.taken.to_bytes())))
     for m in st.msgs.values():
         yield frame(enc(m.add))
         if m.states is not None:

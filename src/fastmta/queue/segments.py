@@ -22,7 +22,7 @@ from pathlib import Path
 from fastmta.queue.disk import Disk, write_all
 from fastmta.queue.journal import HEADER_SIZE, check_frame, frame
 from fastmta.queue.journal_records import BodyRef
-from fastmta.queue.spool_errors import SpoolError
+from fastmta.queue.spool_errors import BodyDamaged, SpoolError
 
 __all__ = ["BodySegments"]
 
@@ -105,21 +105,30 @@ class BodySegments:
         except FileNotFoundError:
             pass
 
-    def read(self, ref: BodyRef) -> bytes:
-        """The body stored at *ref* (after its add committed). Raises SpoolError if damaged."""
+    def read(self, ref: BodyRef, message_id: str | None = None) -> bytes:
+        """The body stored at *ref* (after its add committed).
+
+        Raises BodyDamaged (naming *message_id*) if its frame or checksum
+        fails or its segment is gone: it can never be read. Other I/O errors
+        raise SpoolError.
+        """
+        whose = f"body of message {message_id}" if message_id is not None else "body"
         fd = self._read_fds.get(ref.seg)
         if fd is None:
             try:
                 fd = os.open(self.path(ref.seg), os.O_RDONLY)
+            except FileNotFoundError:
+                raise BodyDamaged(f"{whose}: body segment {self.path(ref.seg)} is missing", message_id) from None
             except OSError as exc:
-                raise SpoolError(f"body segment {ref.seg}: {exc.strerror}") from None
+                raise SpoolError(f"{whose}: body segment {ref.seg}: {exc.strerror}") from None
             if len(self._read_fds) >= _MAX_READ_FDS:
                 os.close(self._read_fds.pop(next(iter(self._read_fds))))
             self._read_fds[ref.seg] = fd
         data = os.pread(fd, HEADER_SIZE + ref.size, ref.off)
         payload = check_frame(data, ref.size)
         if payload is None:
-            raise SpoolError(f"body at segment {ref.seg} offset {ref.off} is damaged or missing")
+            what = "is damaged (checksum fails)" if len(data) == HEADER_SIZE + ref.size else "is cut short"
+            raise BodyDamaged(f"{whose} at {self.path(ref.seg)} offset {ref.off} {what}", message_id)
         return payload
 
     def disk_usage(self) -> int:

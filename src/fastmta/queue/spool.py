@@ -43,7 +43,12 @@ Guarantees:
   length + crc32 per record, resynchronized at the next good record), warned
   about (``SpoolRecoveryWarning`` and the ``fastmta.queue.spool`` logger) and
   counted in :class:`~fastmta.queue.recovery.RecoveryReport`; then the
-  journal is rewritten clean.
+  journal is rewritten clean. Damage never loses a message silently: one
+  whose record or body cannot be read is named in ``report.lost`` (or, at
+  sending, :meth:`Spool.read_body` raises ``BodyDamaged``: :meth:`Spool.mark_lost`).
+* A journal missing, empty or without a valid record beside stored bodies is
+  refused (SpoolError) unless ``accept_reset``; one of a newer format
+  (header version, unknown record kind) is refused and left untouched.
 * A body segment is deleted once every message in it is final and that is on
   disk; the journal is compacted (rewritten with live state only, atomically:
   write, fsync, rename, fsync directory) when it has grown ``compact_ratio``
@@ -78,12 +83,14 @@ from fastmta.queue.journal_records import (
     DropRecord,
     ForgetRecord,
     InputState,
+    InputTake,
     SourceRef,
     StateRecord,
     record_encoder,
 )
 from fastmta.queue.records import Status
 from fastmta.queue.recovery import (
+    LostMessage,
     RecoveredMessage,
     RecoveredRecipient,
     RecoveryReport,
@@ -130,6 +137,7 @@ class Spool:
         compact_ratio: float = 4.0,
         auto_compact: bool = True,
         fsync: Callable[[int], None] | None = None,
+        accept_reset: bool = False,
     ) -> None:
         """
         commit_interval: how long the first waiting add may wait for others to
@@ -142,11 +150,15 @@ class Spool:
             this size and ratio x its size after the last compaction.
         fsync: called with a file descriptor to make it durable (default
             os.fdatasync); tests inject a counter or a no-op.
+        accept_reset: open even if the journal is missing, empty or without a
+            valid record while ``data/`` holds bodies (SpoolError otherwise):
+            warn, report it, and delete those bodies.
         """
         self.directory = Path(directory)
         self.compact_min_bytes = compact_min_bytes
         self.compact_ratio = compact_ratio
         self.auto_compact = auto_compact
+        self._accept_reset = accept_reset
         self.stats = SpoolStats()
         disk = Disk(fsync or default_fsync, self.stats)
         self._journal = JournalFile(self.directory, disk)
@@ -210,7 +222,7 @@ class Spool:
         started = time.perf_counter()
         self._journal.discard_tmp()  # a compaction died before its rename: the journal is whole
         segments = self._segments.on_disk()
-        st, report = replay_at_open(self._journal.path, segments)
+        st, report = replay_at_open(self._journal.path, segments, self._segments.disk_usage, self._accept_reset)
         # Open state: inputs, per-message counters, segment reference counts.
         for inp in st.inputs.values():
             self._inputs_by_id[inp.id] = inp
@@ -284,15 +296,18 @@ class Spool:
         source: SourceRef | None = None,
         queued_at: float | None = None,
         meta: dict[str, Any] | None = None,
+        take: InputTake | None = None,
     ) -> asyncio.Future[None]:
         """Queue a message for the next commit; the future resolves when it is durable.
 
         Exactly one of *body* (stored in a data segment) and *source* (a row
         of an input opened with :meth:`open_input`; nothing stored) is given.
         Recipient *i* of *recipients* is index *i* for :meth:`record`.
+        *take* names the input row the message was made from: its row is
+        taken in the same record that accepts the message (see InputTake).
         Needs a running event loop (it is the one the commits run on).
         """
-        self._enqueue_add(message_id, sender, recipients, body, source, queued_at, meta)
+        self._enqueue_add(message_id, sender, recipients, body, source, queued_at, meta, take)
         return self._commits.waiter()
 
     async def add_message(
@@ -305,12 +320,13 @@ class Spool:
         source: SourceRef | None = None,
         queued_at: float | None = None,
         meta: dict[str, Any] | None = None,
+        take: InputTake | None = None,
     ) -> BodyRef | None:
         """Store a message; return when it is on disk (fsync'd), with the body's reference.
 
         If the awaiting task is cancelled, the message is still committed.
         """
-        ref = self._enqueue_add(message_id, sender, recipients, body, source, queued_at, meta)
+        ref = self._enqueue_add(message_id, sender, recipients, body, source, queued_at, meta, take)
         await asyncio.shield(self._commits.waiter())
         return ref
 
@@ -325,9 +341,10 @@ class Spool:
         queued_at: float | None = None,
         meta: dict[str, Any] | None = None,
         flush: bool = True,
+        take: InputTake | None = None,
     ) -> BodyRef | None:
         """The same without an event loop: durable on return if *flush* (else at flush_sync())."""
-        ref = self._enqueue_add(message_id, sender, recipients, body, source, queued_at, meta)
+        ref = self._enqueue_add(message_id, sender, recipients, body, source, queued_at, meta, take)
         if flush:
             self.flush_sync()
         return ref
@@ -341,6 +358,7 @@ class Spool:
         source: SourceRef | None,
         queued_at: float | None,
         meta: dict[str, Any] | None,
+        take: InputTake | None = None,
     ) -> BodyRef | None:
         self._check_open()
         if (body is None) == (source is None):
@@ -362,6 +380,11 @@ class Spool:
                 raise SpoolError(f"unknown input id {source.input}: use open_input() first")
             if inp.row <= source.row:
                 inp.row = source.row + 1  # recovery derives the same from the Add record
+        if take is not None:
+            taken_from = self._inputs_by_id.get(take.input)
+            if taken_from is None:
+                raise SpoolError(f"unknown input id {take.input}: use open_input() first")
+            taken_from.taken.add(take.key)  # recovery derives the same from the Add record
         add = AddRecord(
             message_id,
             sender,
@@ -370,6 +393,7 @@ class Spool:
             ref,
             source,
             meta or None,
+            take,
         )
         self._live[message_id] = _Live(seg, len(recipients), source)
         self._commits.append(record_encoder.encode(add))
@@ -434,15 +458,19 @@ class Spool:
     def open_input(self, key: str, fingerprint: str = "") -> InputState:
         """The state of input *key* as of *fingerprint*, created (row 0) if new.
 
-        A different fingerprint (the file changed: other mtime or size) starts
-        a new input with a new id; messages referring to the old id keep it.
-        The record is written with the next commit (before any add that uses it).
+        A different fingerprint (the input's content changed) starts a new
+        input with a new id, row 0; messages referring to the old id keep it.
+        The rows the earlier versions took stay taken: the new state shares
+        their keys (see InputTake). The record is written with the next commit
+        (before any add that uses it).
         """
         self._check_open()
         cur = self._inputs.get(key)
         if cur is not None and cur.fingerprint == fingerprint:
             return cur
         inp = InputState(self._next_input_id, key, fingerprint)
+        if cur is not None:
+            inp.taken = cur.taken
         self._next_input_id += 1
         self._inputs[key] = inp
         self._inputs_by_id[inp.id] = inp
@@ -486,9 +514,18 @@ class Spool:
 
     # --- bodies --------------------------------------------------------------------------
 
-    def read_body(self, ref: BodyRef) -> bytes:
-        """The body stored at *ref* (after its add committed). Raises SpoolError if damaged."""
-        return self._segments.read(ref)
+    def read_body(self, ref: BodyRef, message_id: str | None = None) -> bytes:
+        """The body stored at *ref* (after its add committed); BodyDamaged if it cannot be read back."""
+        return self._segments.read(ref, message_id)
+
+    def mark_lost(self, message: RecoveredMessage, reason: str) -> LostMessage:
+        """Give up *message* (e.g. its body raised BodyDamaged): drop it, and name it in report.lost."""
+        if message.id in self._live:
+            self.remove(message.id)
+        lost = LostMessage(message.id, [r.address for r in message.recipients], message.meta, reason)
+        self.report.lost.append(lost)
+        log.error("spool %s: message %s is lost: %s", self.directory, message.id, reason)
+        return lost
 
     # --- committing ------------------------------------------------------------------------
 
