@@ -28,6 +28,11 @@ class BounceType(StrEnum):
     HARD = "hard"  # the address is bad: suppress it
     SOFT = "soft"  # failed (or deferred) for a reason that may pass
     NONE = "none"  # not a bounce at all
+    #: "user unknown" that is likely a filter's verdict, not the mailbox's
+    #: (after the end of DATA at a server that accepted the RCPT, an appliance's
+    #: fingerprint, or a domain whose "unknowns" stand far above the run's
+    #: baseline): soft, never suppressed, reported with the reason.
+    SUSPECTED_FILTER = "suspected_filter"
 
 
 class Category(StrEnum):
