@@ -385,14 +385,14 @@ class AccountingLog:
                 with open(self.path, "ab") as f:
                     f.write(b"\n")
                 size += 1
-        file = self._start_file() if size == 0 else open(self.path, "ab")  # noqa: SIM115 - closed in close()
+        file = self._start_file() if size == 0 else _open_private(self.path)
         if size:
             self._size = size
             self._started = self._clock()
         return file
 
     def _start_file(self) -> IO[bytes]:
-        file = open(self.path, "ab")  # noqa: SIM115 - closed in close() or _rotate()
+        file = _open_private(self.path)
         file.write(self._header)
         file.flush()
         self._size = len(self._header)
@@ -419,3 +419,8 @@ class AccountingLog:
             target = self.path.with_name(f"{base}-{stamp}_{n:04d}{suffix}")
         os.replace(self.path, target)
         self.rotated.append(target)
+
+
+def _open_private(path: Path) -> IO[bytes]:
+    """Open *path* for appending, created 0600 (what was sent to whom is nobody else's to read)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # closed by the log

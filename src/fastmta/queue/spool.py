@@ -182,9 +182,11 @@ class Spool:
         self._compacting: asyncio.Task[None] | None = None
         self._recovered: list[RecoveredMessage] = []
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._segments.directory.mkdir(exist_ok=True)
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # Queued mail is private (0700 directories, 0600 files, whatever the
+        # process umask): Postfix keeps its queue the same way.
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._segments.directory.mkdir(exist_ok=True, mode=0o700)
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
