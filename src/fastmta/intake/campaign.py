@@ -45,7 +45,7 @@ from fastmta.errors import ConfigError, InputError
 from fastmta.intake.items import Reject, SpoolItem
 from fastmta.message.dkim import DkimKeyConfig, DkimSigner, load_signing_key
 from fastmta.message.mime import CompiledCampaign, compile_campaign
-from fastmta.queue.keyset import KeySet, row_key
+from fastmta.keyset import KeySet, row_key
 from fastmta.queue.records import split_address
 
 

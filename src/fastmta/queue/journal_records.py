@@ -28,7 +28,7 @@ from typing import Any, get_args
 
 import msgspec
 
-from fastmta.queue.keyset import KeySet
+from fastmta.keyset import KeySet
 from fastmta.queue.records import Status
 
 __all__ = [
@@ -90,7 +90,7 @@ class InputTake(msgspec.Struct, array_like=True, forbid_unknown_fields=True, fro
 
     input: int  # InputState.id
     row: int
-    key: int  # a 64-bit row key (fastmta.queue.keyset.row_key)
+    key: int  # a 64-bit row key (fastmta.keyset.row_key)
 
 
 class AddRecord(msgspec.Struct, tag=1, array_like=True, forbid_unknown_fields=True, gc=False):

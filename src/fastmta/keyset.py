@@ -1,4 +1,7 @@
-"""A compact set of 64-bit keys: which rows of an input are already taken.
+"""A compact set of 64-bit keys: which input rows are taken, which addresses are suppressed.
+
+A leaf shared by the queue (row keys in the journal), intake (campaign rows)
+and feedback (the suppression filter).
 
 A campaign of a million recipients needs "was this recipient already sent?"
 for each row, kept for the life of the job and written into the journal at
