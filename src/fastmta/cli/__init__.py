@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "send": ("fastmta.cli.send", "deliver a spool directory (pickup files, campaign jobs)"),
     "sink": ("fastmta.cli.sink", "run a fast discarding SMTP server with fault injection"),
     "load": ("fastmta.cli.load", "load-test an SMTP server with generated messages"),
+    "suppress": ("fastmta.cli.suppress", "manage the suppression list (add, remove, list, import, export)"),
 }
 
 

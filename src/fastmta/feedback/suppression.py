@@ -1,0 +1,274 @@
+"""The suppression store: who must not be mailed again, why, and since when.
+
+What comes back from receivers (hard bounces, repeated soft bounces,
+complaints, unsubscribes) becomes a suppression here, and every intake path
+asks :meth:`SuppressionStore.check` before a recipient is queued. The
+embedded default is SQLite in WAL mode: a real database an operator can
+query (``sqlite3 suppressions.db 'select * from suppression'``); the
+:class:`SuppressionStore` protocol is the seam for a shared store (Redis) in
+a cluster.
+
+Scopes, from widest to narrowest:
+
+=========  ==============================  =========================================
+scope      applies to                      typical reason
+=========  ==============================  =========================================
+global     every message to the address    hard bounce (the mailbox does not exist)
+domain     mail from one sender domain     complaint (never again from that sender)
+list       one list or campaign tag        unsubscribe (RFC 8058 one-click)
+=========  ==============================  =========================================
+
+The hot path (a million-row campaign) must not pay a database query per
+recipient: the addresses with any suppression are kept in memory as 64-bit
+keys (:class:`~fastmta.keyset.KeySet`, 8 bytes each); only a hit goes to
+SQLite for the scope and reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol, TextIO
+
+from fastmta.keyset import KeySet, row_key
+
+__all__ = [
+    "Scope",
+    "SqliteSuppressionStore",
+    "Suppression",
+    "SuppressionStore",
+    "address_key",
+]
+
+
+class Scope(StrEnum):
+    GLOBAL = "global"
+    DOMAIN = "domain"  # scope value: the sender (From/envelope) domain
+    LIST = "list"  # scope value: the list or campaign tag
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    address: str
+    scope: Scope
+    value: str  # "" for global, the domain or list tag otherwise
+    reason: str
+    source: str  # what recorded it: "hard_bounce", "complaint", "unsubscribe", "operator", "import", ...
+    created: float  # wall clock
+    expires: float | None = None  # None: until removed
+
+    def as_row(self) -> list[str]:
+        return [self.address, self.scope.value, self.value, self.reason, self.source, f"{self.created:.3f}",
+                "" if self.expires is None else f"{self.expires:.3f}"]
+
+
+CSV_HEADER = ["address", "scope", "value", "reason", "source", "created", "expires"]
+
+
+def address_key(address: str) -> int:
+    """The in-memory filter's key of *address* (case-insensitive: mailbox names are, in practice)."""
+    return row_key("suppression", address.strip().lower())
+
+
+class SuppressionStore(Protocol):
+    """What intake, inbound processing and the command line need of a suppression store."""
+
+    def check(self, address: str, sender_domain: str = "", list_tag: str = "") -> Suppression | None:
+        """The suppression that stops mail to *address* from *sender_domain* on *list_tag*, or None."""
+        ...
+
+    def add(self, suppression: Suppression) -> None: ...
+
+    def remove(self, address: str, scope: Scope | None = None, value: str | None = None) -> int: ...
+
+    def entries(self, address: str | None = None) -> Iterator[Suppression]: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS suppression (
+    address  TEXT NOT NULL COLLATE NOCASE,
+    scope    TEXT NOT NULL,
+    value    TEXT NOT NULL COLLATE NOCASE,
+    reason   TEXT NOT NULL,
+    source   TEXT NOT NULL,
+    created  REAL NOT NULL,
+    expires  REAL,
+    PRIMARY KEY (address, scope, value)
+);
+CREATE TABLE IF NOT EXISTS recipient (
+    address        TEXT PRIMARY KEY COLLATE NOCASE,
+    last_delivered REAL,
+    last_bounce    REAL,
+    bounce_type    TEXT,
+    category       TEXT,
+    delivered      INTEGER NOT NULL DEFAULT 0,
+    bounced        INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS soft_bounce (
+    address TEXT NOT NULL COLLATE NOCASE,
+    at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS soft_bounce_address ON soft_bounce (address, at);
+"""
+
+
+class SqliteSuppressionStore:
+    """Suppressions and recipient history in one SQLite file (WAL; every change committed at once)."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # isolation_level=None: autocommit; each statement is its own durable
+        # transaction (WAL + synchronous=FULL: on disk when execute returns).
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        path.chmod(0o600)
+        self._clock = clock
+        self._filter = KeySet(address_key(a) for (a,) in self._db.execute("SELECT DISTINCT address FROM suppression"))
+
+    # --- the hot path -----------------------------------------------------------
+
+    def check(self, address: str, sender_domain: str = "", list_tag: str = "") -> Suppression | None:
+        if address_key(address) not in self._filter:
+            return None  # the common case: one hash and a lookup in memory
+        now = self._clock()
+        rows = self._db.execute(
+            "SELECT address, scope, value, reason, source, created, expires FROM suppression "
+            "WHERE address = ? AND (expires IS NULL OR expires > ?) AND ("
+            " scope = 'global' OR (scope = 'domain' AND value = ?) OR (scope = 'list' AND value = ?))"
+            " ORDER BY CASE scope WHEN 'global' THEN 0 WHEN 'domain' THEN 1 ELSE 2 END LIMIT 1",
+            (address.strip(), now, sender_domain, list_tag),
+        ).fetchall()
+        return _row(rows[0]) if rows else None
+
+    # --- changes ----------------------------------------------------------------------
+
+    def add(self, suppression: Suppression) -> None:
+        """Record *suppression* (a newer one for the same address and scope replaces the older)."""
+        self._db.execute(
+            "INSERT INTO suppression (address, scope, value, reason, source, created, expires) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address, scope, value) DO UPDATE SET "
+            "reason = excluded.reason, source = excluded.source, created = excluded.created, "
+            "expires = excluded.expires",
+            (suppression.address.strip(), suppression.scope.value, suppression.value, suppression.reason,
+             suppression.source, suppression.created, suppression.expires),
+        )
+        self._filter.add(address_key(suppression.address))
+
+    def remove(self, address: str, scope: Scope | None = None, value: str | None = None) -> int:
+        """Remove suppressions of *address* (all, or of one scope/value); how many were removed."""
+        sql, args = "DELETE FROM suppression WHERE address = ?", [address.strip()]
+        if scope is not None:
+            sql += " AND scope = ?"
+            args.append(scope.value)
+        if value is not None:
+            sql += " AND value = ?"
+            args.append(value)
+        removed = self._db.execute(sql, args).rowcount
+        # The filter keeps the key: a false "maybe" costs one query, never a wrong answer.
+        return int(removed)
+
+    def entries(self, address: str | None = None) -> Iterator[Suppression]:
+        sql = "SELECT address, scope, value, reason, source, created, expires FROM suppression"
+        args: tuple[str, ...] = ()
+        if address is not None:
+            sql += " WHERE address = ?"
+            args = (address.strip(),)
+        for row in self._db.execute(sql + " ORDER BY address, scope, value", args):
+            yield _row(row)
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM suppression").fetchone()[0])
+
+    # --- recipient history (what the policies and the filter-bounce detector read) ---
+
+    def note_delivered(self, address: str, at: float | None = None) -> None:
+        when = self._clock() if at is None else at
+        self._db.execute(
+            "INSERT INTO recipient (address, last_delivered, delivered) VALUES (?, ?, 1) "
+            "ON CONFLICT (address) DO UPDATE SET last_delivered = excluded.last_delivered, delivered = delivered + 1",
+            (address.strip(), when),
+        )
+
+    def note_bounce(self, address: str, bounce_type: str, category: str, at: float | None = None) -> None:
+        when = self._clock() if at is None else at
+        self._db.execute(
+            "INSERT INTO recipient (address, last_bounce, bounce_type, category, bounced) VALUES (?, ?, ?, ?, 1) "
+            "ON CONFLICT (address) DO UPDATE SET last_bounce = excluded.last_bounce, "
+            "bounce_type = excluded.bounce_type, category = excluded.category, bounced = bounced + 1",
+            (address.strip(), when, bounce_type, category),
+        )
+        if bounce_type == "soft":
+            self._db.execute("INSERT INTO soft_bounce (address, at) VALUES (?, ?)", (address.strip(), when))
+
+    def soft_bounces_since(self, address: str, since: float) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM soft_bounce WHERE address = ? AND at >= ?", (address.strip(), since)
+        ).fetchone()
+        return int(row[0])
+
+    def last_delivered(self, address: str) -> float | None:
+        row = self._db.execute("SELECT last_delivered FROM recipient WHERE address = ?", (address.strip(),)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    # --- import / export (fastmta suppress) ---------------------------------------------
+
+    def export_csv(self, out: TextIO) -> int:
+        writer = csv.writer(out)
+        writer.writerow(CSV_HEADER)
+        n = 0
+        for entry in self.entries():
+            writer.writerow(entry.as_row())
+            n += 1
+        return n
+
+    def import_csv(self, rows: Iterable[dict[str, str]], *, source: str = "import") -> tuple[int, list[str]]:
+        """Add every row (columns as in :data:`CSV_HEADER`; only ``address`` is required); (added, errors)."""
+        added, errors = 0, []
+        now = self._clock()
+        self._db.execute("BEGIN")
+        try:
+            for line, row in enumerate(rows, 2):
+                address = (row.get("address") or "").strip()
+                if "@" not in address or any(c in address for c in "\r\n\x00<> "):
+                    errors.append(f"line {line}: not an address: {address[:60]!r}")
+                    continue
+                try:
+                    scope = Scope((row.get("scope") or "global").strip().lower())
+                except ValueError:
+                    errors.append(f"line {line}: unknown scope {row.get('scope')!r} (global, domain or list)")
+                    continue
+                value = (row.get("value") or "").strip()
+                if scope is not Scope.GLOBAL and not value:
+                    errors.append(f"line {line}: scope {scope.value} needs a value")
+                    continue
+                expires = (row.get("expires") or "").strip()
+                self.add(Suppression(
+                    address, scope, value if scope is not Scope.GLOBAL else "",
+                    (row.get("reason") or "imported").strip(), (row.get("source") or source).strip(),
+                    float(row.get("created") or now), float(expires) if expires else None,
+                ))
+                added += 1
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return added, errors
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _row(row: tuple[str, str, str, str, str, float, float | None]) -> Suppression:
+    address, scope, value, reason, source, created, expires = row
+    return Suppression(address, Scope(scope), value, reason, source, float(created),
+                       None if expires is None else float(expires))

@@ -1,0 +1,98 @@
+"""The suppression store (SQLite), its policies, and `fastmta suppress`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from fastmta.errors import Scope as ReplyScope
+from fastmta.feedback.classification import BounceType, Category, Classification, Outcome
+from fastmta.feedback.suppression import Scope, SqliteSuppressionStore, Suppression
+from fastmta.feedback.suppression_policy import SuppressionPolicy
+
+
+def fastmta(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastmta", *args], capture_output=True, text=True, timeout=60,
+                          input=stdin)
+
+
+def _c(category: Category, bounce: BounceType, outcome: Outcome = Outcome.PERMANENT) -> Classification:
+    return Classification(outcome, category, bounce, ReplyScope.RECIPIENT)
+
+
+def test_scopes_persist_and_are_checked_case_insensitively(tmp_path: Path) -> None:
+    store = SqliteSuppressionStore(tmp_path / "s.db")
+    store.add(Suppression("Gone@Example.com", Scope.GLOBAL, "", "hard bounce", "hard_bounce", 1.0))
+    store.add(Suppression("angry@example.org", Scope.DOMAIN, "news.shop.example", "complaint", "complaint", 1.0))
+    store.add(Suppression("busy@example.net", Scope.LIST, "weekly", "unsubscribe", "unsubscribe", 1.0))
+    store.close()
+    store = SqliteSuppressionStore(tmp_path / "s.db")  # reopened: on disk
+    assert store.check("gone@example.com") is not None
+    assert store.check("angry@example.org") is None  # only from that sender domain
+    hit = store.check("angry@example.org", sender_domain="NEWS.shop.example")
+    assert hit is not None and hit.scope is Scope.DOMAIN
+    assert store.check("busy@example.net", list_tag="monthly") is None
+    assert store.check("busy@example.net", list_tag="weekly") is not None
+    assert store.check("someone@else.example") is None
+    assert store.remove("gone@example.com") == 1 and store.check("gone@example.com") is None
+    # An operator can read it with any SQLite client while fastmta has it open (WAL).
+    other = sqlite3.connect(str(tmp_path / "s.db"))
+    assert other.execute("select count(*) from suppression").fetchone()[0] == 2
+    other.close()
+    store.close()
+    assert (tmp_path / "s.db").stat().st_mode & 0o077 == 0
+
+
+def test_expired_suppressions_no_longer_apply(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = SqliteSuppressionStore(tmp_path / "s.db", clock=lambda: now[0])
+    store.add(Suppression("a@b.example", Scope.GLOBAL, "", "operator", "operator", 1000.0, expires=2000.0))
+    assert store.check("a@b.example") is not None
+    now[0] = 2001.0
+    assert store.check("a@b.example") is None
+
+
+def test_policy_suppresses_the_recipient_only_when_the_recipient_is_the_problem(tmp_path: Path) -> None:
+    store = SqliteSuppressionStore(tmp_path / "s.db")
+    policy = SuppressionPolicy()
+    assert policy.on_bounce(store, "gone@x.example", _c(Category.INVALID_RECIPIENT, BounceType.HARD), "550 5.1.1")
+    # A block of *us* never suppresses the recipient, whatever the bounce type says.
+    for category in (Category.REPUTATION_BLOCK, Category.AUTH_FAILURE, Category.POLICY, Category.RATE_LIMITED,
+                     Category.CONTENT_FILTERED, Category.SPAM_OR_VIRUS):
+        assert policy.on_bounce(store, f"{category.value}@x.example", _c(category, BounceType.HARD)) is None
+    assert policy.on_bounce(store, "b2b@corp.example", _c(Category.INVALID_RECIPIENT, BounceType.SUSPECTED_FILTER)) is None
+    # Soft bounces: the fifth within 30 days suppresses.
+    full = _c(Category.MAILBOX_FULL, BounceType.SOFT, Outcome.TRANSIENT)
+    results = [policy.on_bounce(store, "full@x.example", full, at=1000.0 + i * 86400) for i in range(5)]
+    assert results[:4] == [None] * 4 and results[4] is not None
+    assert store.check("full@x.example") is not None
+    assert store.check("reputation_block@x.example") is None and store.check("b2b@corp.example") is None
+    policy.on_complaint(store, "angry@x.example", "News.Shop.example")
+    assert store.check("angry@x.example", sender_domain="news.shop.example") is not None
+    policy.on_unsubscribe(store, "bye@x.example", "weekly")
+    assert store.check("bye@x.example", list_tag="weekly") is not None
+    assert store.check("bye@x.example", list_tag="offers") is None
+
+
+def test_the_command_line_adds_lists_exports_and_imports(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    assert fastmta("suppress", "--db", db, "add", "x@y.example", "--reason", "asked by phone").returncode == 0
+    assert fastmta("suppress", "--db", db, "add", "z@y.example", "--scope", "list").returncode == 2  # needs --value
+    assert fastmta("suppress", "--db", db, "add", "not an address").returncode == 2
+    listed = [json.loads(x) for x in fastmta("suppress", "--db", db, "list", "--json").stdout.splitlines()]
+    assert [(e["address"], e["reason"], e["source"]) for e in listed] == [("x@y.example", "asked by phone", "operator")]
+    exported = fastmta("suppress", "--db", db, "export").stdout
+    rows = list(csv.DictReader(io.StringIO(exported)))
+    assert rows[0]["address"] == "x@y.example" and rows[0]["scope"] == "global"
+    src = tmp_path / "in.csv"
+    src.write_text("address,scope,value,reason\nA@b.example,list,weekly,unsub\nbroken line,,,\nc@d.example,,,\n")
+    out = fastmta("suppress", "--db", str(tmp_path / "t.db"), "import", str(src))
+    assert out.returncode == 1 and "line 3" in out.stderr and "imported 2" in out.stdout
+    assert fastmta("suppress", "--db", str(tmp_path / "t.db"), "remove", "c@d.example").returncode == 0
+    assert fastmta("suppress", "--db", str(tmp_path / "t.db"), "remove", "c@d.example").returncode == 1
+    assert "import" in fastmta("suppress", "--help").stdout
