@@ -162,6 +162,7 @@ class Progress:
             ("recipients", f"{s['recipients']:,}"),
             ("delivered", f"{s['delivered']:,}"),
             ("bounced", f"{s['bounced']:,}"),
+            ("  of them suspected filter", f"{sum(f['suspected'] for f in s.get('suspected_filters', [])):,}"),
             ("expired", f"{s['expired']:,}"),
             ("deferrals (retried)", f"{s['deferrals']:,}"),
             ("not final", f"{s['unfinished']:,}"),
@@ -176,6 +177,15 @@ class Progress:
         for k, v in rows:
             table.add_row(k, plain(v))
         self.out.print(table)
+        for f in s.get("suspected_filters", []):
+            # "User unknown" held as unconfirmed: soft, not suppressed; the addresses are likely fine.
+            self.out.print(Text.assemble(
+                ("suspected filter ", "yellow"),
+                plain(f"{f['domain']}: {f['suspected']:,} 'user unknown' held as unconfirmed "
+                      f"(signals: {', '.join(f['signals'])}"
+                      + (f"; appliance: {f['appliance']}" if f["appliance"] else "")
+                      + f"; {f['hard_unknown']:,} taken as hard)"),
+            ), highlight=False)
         for r in s["rejected"]:
             where = f"{r['file']}:{r['line']}" if r["line"] is not None else r["file"]
             self.out.print(Text.assemble(("rejected ", "red"), plain(f"{where}: {r['reason']}")), highlight=False)

@@ -72,6 +72,7 @@ from fastmta.intake.reader import (
     SpoolItem,
     SpoolReader,
 )
+from fastmta.message.returnpath import ReturnPath
 from fastmta.queue.journal_records import InputTake
 from fastmta.queue.spool import Spool
 from fastmta.queue.spool_errors import JournalReset, SpoolError, SpoolLocked
@@ -150,13 +151,24 @@ def _effective_config(args: argparse.Namespace, sink: tuple[str, int] | None) ->
     return msgspec.convert(data, Config)
 
 
+def _return_path(config: Config) -> ReturnPath | None:
+    rp = config.return_path
+    if not rp.domain:
+        return None
+    try:
+        secret = Path(rp.secret_file).read_bytes().strip()
+        return ReturnPath(secret, rp.domain, rp.prefix)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"configuration error: return_path: {exc}") from None
+
+
 def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str) -> dict[str, Any]:
     """The summary of a run that could not start (same fields as a real one)."""
     zero = ("messages", "recipients", "resumed_recipients", "inputs_already_done", "delivered", "bounced",
             "expired", "deferrals", "unfinished")
     return {"spool": str(args.spool), "queue": str(queue_dir), **dict.fromkeys(zero, 0), "rejected": [],
-            "elapsed_s": 0.0, "recipients_per_s": 0.0, "sites": [], "interrupted": False, "lost": [], "fatal": fatal,
-            "accounting": str(args.accounting) if args.accounting else None}
+            "elapsed_s": 0.0, "recipients_per_s": 0.0, "sites": [], "suspected_filters": [], "interrupted": False,
+            "lost": [], "fatal": fatal, "accounting": str(args.accounting) if args.accounting else None}
 
 
 async def _unresolvable_static_routes(config: Config) -> list[str]:
@@ -275,7 +287,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     if spool.report.damaged:
         progress.note(f"queue recovery: {spool.report}")
     tracker = _InputProgress(spool)
-    reader = SpoolReader(args.spool, _resume_from(spool))
+    reader = SpoolReader(args.spool, _resume_from(spool), _return_path(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     interrupts = 0
@@ -393,6 +405,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         "elapsed_s": round(elapsed, 3),
         "recipients_per_s": round(final / elapsed, 1) if elapsed > 0 else 0.0,
         "sites": progress.site_table(engine, limit=None),
+        # Domains whose "user unknown" verdicts were held as a filter's (bounce type suspected_filter).
+        "suspected_filters": engine.filters.report(),
         "interrupted": stop.is_set(),
         "lost": [
             {"message_id": lost.id, "recipients": lost.recipients, "reason": lost.reason, "meta": lost.meta}
@@ -417,6 +431,7 @@ def run(args: argparse.Namespace) -> int:
             config = _effective_config(args, sink)
         except (ConfigError, msgspec.ValidationError) as exc:
             raise UsageError(f"configuration error: {exc}") from None
+        _return_path(config)  # a missing or short secret is a configuration error, before anything starts
         if sink is None:
             problems = uvloop.run(_unresolvable_static_routes(config))
             if problems:

@@ -51,6 +51,16 @@ def _arg(parse: Callable[[str], T]) -> Callable[[str], T]:
     return wrapped
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad share {text!r}: a number between 0 and 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"share must be between 0 and 1, not {text}")
+    return value
+
+
 def _profile(name: str) -> str:
     if name.lower() not in PROFILES:
         raise argparse.ArgumentTypeError(f"unknown profile {name!r}; choose one of: {', '.join(PROFILES)}")
@@ -200,6 +210,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="recipients matching this glob (case-insensitive, e.g. 'bounce-*@*') get 550 5.1.1 "
         "at RCPT (the appliance profile: at end of data, for the whole message); repeatable",
     )
+    g.add_argument(
+        "--unknown-at", choices=["rcpt", "eod"],
+        help="where --unknown-recipient addresses are refused, whatever the profile does",
+    )  # fmt: skip
+    g.add_argument(
+        "--filtered-share", type=_share, default=0.0, metavar="SHARE",
+        help="a filter that blames the mailbox: this share (0..1) of the recipients that exist gets the "
+        "profile's unknown-user reply at end of data (the same addresses every time)",
+    )  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> SinkConfig:
@@ -212,6 +231,8 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         greylist=args.greylist or args.greylist_delay > 0,
         greylist_seconds=args.greylist_delay,
         unknown_recipients=tuple(args.unknown_recipient),
+        unknown_at=args.unknown_at,
+        filtered_share=args.filtered_share,
     )
     listens: list[ListenerConfig] = args.listen or [ListenerConfig()]
     listeners = tuple(

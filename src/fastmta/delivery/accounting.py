@@ -422,5 +422,5 @@ class AccountingLog:
 
 
 def _open_private(path: Path) -> IO[bytes]:
-    """Open *path* for appending, created 0600 (what was sent to whom is nobody else's to read)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # closed by the log
+    """Open *path* for appending, never world-readable (at most 0660: what was sent to whom is private)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o660), "ab")  # closed by the log

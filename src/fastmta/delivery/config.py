@@ -37,12 +37,15 @@ import msgspec
 from fastmta.delivery.limits import ThrottleConfig
 from fastmta.delivery.warmup import WarmupConfig
 from fastmta.errors import ConfigError
+from fastmta.feedback.classify import Classifier, default_classifier
 
 __all__ = [
+    "ClassifyConfig",
     "Config",
     "DnsConfig",
     "HostPort",
     "QueueConfig",
+    "ReturnPathConfig",
     "RoutingConfig",
     "SiteConfig",
     "SmtpConfig",
@@ -325,6 +328,69 @@ class SmtpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
             raise ValueError(f"tls must be 'opportunistic', 'required' or 'never', not {self.tls!r}")
 
 
+class ReturnPathConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Signed return paths (VERP) for campaign mail (``fastmta.message.returnpath``); off while *domain* is empty."""
+
+    domain: str = ""  # the bounce domain, e.g. "bounces.example.com" (its MX points at fastmta serve)
+    secret_file: str = ""  # 16+ bytes of secret (a file, so it stays out of the configuration)
+    prefix: str = "b"
+
+    def __post_init__(self) -> None:
+        if self.domain and not self.secret_file:
+            raise ValueError("return_path.domain needs return_path.secret_file")
+
+
+class ClassifyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[classify]``: the operator's reply-classification rules, merged into the built-in ones.
+
+    ``rules`` is a rule file in the format of the built-in
+    ``fastmta/feedback/classify_rules.toml`` (``[[rule]]``,
+    ``[categories.X]``, ``[local.Y]``, ``hard_categories``,
+    ``replace_builtin``; a path relative to the configuration file), or the
+    rules themselves inline (``[[classify.rules]]`` tables). The other keys
+    are the rule file's tables, given here. A rule named like a built-in one
+    replaces it; new rules go first (see ``Classifier.from_rules``). Checked
+    when the configuration is loaded; errors name the rule.
+    """
+
+    rules: str | list[dict[str, Any]] | None = None
+    categories: dict[str, dict[str, Any]] = {}
+    local: dict[str, dict[str, Any]] = {}
+    hard_categories: list[str] | None = None
+    replace_builtin: bool = False
+
+    def document(self) -> tuple[dict[str, Any] | None, str]:
+        """The extra rules as one document of the rule file's format (None: none), and where they came from."""
+        doc: dict[str, Any] = {}
+        origin = "[classify]"
+        if isinstance(self.rules, str):
+            import tomllib
+
+            try:
+                doc = tomllib.loads(Path(self.rules).read_text("utf-8"))
+            except OSError as exc:
+                raise ConfigError(f"[classify] rules: cannot read {self.rules}: {exc.strerror or exc}") from None
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"[classify] rules: {self.rules}: not valid TOML: {exc}") from None
+            origin = self.rules
+        elif self.rules is not None:
+            doc["rule"] = list(self.rules)
+        for key in ("categories", "local"):
+            value = getattr(self, key)
+            if value:
+                doc.setdefault(key, {}).update(value)
+        if self.hard_categories is not None:
+            doc["hard_categories"] = list(self.hard_categories)
+        if self.replace_builtin:
+            doc["replace_builtin"] = True
+        return (doc or None), origin
+
+    def classifier(self) -> Classifier:
+        """The classifier these rules make (the shared built-in one when there are none)."""
+        doc, origin = self.document()
+        return default_classifier() if doc is None else Classifier.from_rules(doc, origin=origin)
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """The whole configuration; every section has working defaults."""
 
@@ -334,6 +400,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     sites: dict[str, SiteConfig] = {}
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
+    return_path: ReturnPathConfig = msgspec.field(default_factory=ReturnPathConfig)
+    classify: ClassifyConfig = msgspec.field(default_factory=ClassifyConfig)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources]
@@ -359,15 +427,28 @@ def _describe(exc: msgspec.ValidationError) -> str:
     return f"{path}: {msg}" if path else msg
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
-    """Validate an already-parsed mapping (TOML, JSON, a test's dict)."""
+def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: str | Path | None = None) -> Config:
+    """Validate an already-parsed mapping (TOML, JSON, a test's dict).
+
+    *base_dir*: where relative paths in it start (the configuration file's
+    directory); default the current directory.
+    """
     try:
-        return msgspec.convert(data, Config)
+        config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
+    rules = config.classify.rules
+    if isinstance(rules, str) and base_dir is not None and not Path(rules).is_absolute():
+        classify = msgspec.structs.replace(config.classify, rules=str(Path(base_dir) / rules))
+        config = msgspec.structs.replace(config, classify=classify)
+    try:
+        config.classify.classifier()  # the rules are checked now, not at the first reply
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
 
 
-def parse_config(text: str | bytes, source: str = "<config>") -> Config:
+def parse_config(text: str | bytes, source: str = "<config>", base_dir: str | Path | None = None) -> Config:
     """Parse and validate TOML text; errors name *source* and the key."""
     import tomllib
 
@@ -380,7 +461,7 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    return config_from_dict(data, source)
+    return config_from_dict(data, source, base_dir)
 
 
 def load_config(path: str | Path) -> Config:
@@ -389,4 +470,4 @@ def load_config(path: str | Path) -> Config:
         text = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return parse_config(text, str(path))
+    return parse_config(text, str(path), Path(path).parent)

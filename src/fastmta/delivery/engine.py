@@ -37,6 +37,7 @@ import msgspec
 from fastmta.delivery.accounting import AccountingLog
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.dispatch import Dispatcher
+from fastmta.delivery.filter_watch import FilterWatch
 from fastmta.delivery.ledger import Ledger
 from fastmta.delivery.limits import SourceLimits
 from fastmta.delivery.pool import Batch, Delivery
@@ -46,7 +47,7 @@ from fastmta.delivery.warmup import WarmupState
 from fastmta.errors import FastMTAError, InputError
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classification import Outcome as ReplyOutcome
-from fastmta.feedback.classify import Classifier, default_classifier
+from fastmta.feedback.classify import Classifier
 from fastmta.message.headers import header_section_error
 from fastmta.queue.journal_records import InputTake
 from fastmta.queue.records import Message, Outcome, Recipient, Status, new_message_id, split_address
@@ -82,7 +83,7 @@ class Engine:
         self.config = config or Config()
         self.accounting = accounting
         self._rng = rng or random.Random()
-        self.classifier = classifier or default_classifier()
+        self.classifier = classifier or self.config.classify.classifier()  # [classify] rules, else built-in
         #: When set, accepted messages and every recipient state change are
         #: journaled, and unfinished work found in it is resumed at start.
         self.spool = spool
@@ -107,6 +108,9 @@ class Engine:
         )
         # Every state change goes on record through the ledger (accounting line, then journal).
         self._ledger = Ledger(accounting, spool, on_fatal=self._fail_fatal)
+        #: "User unknown" that is likely a filter's verdict: re-typed, or held until its domain's figures tell.
+        self.filters = FilterWatch(release=lambda m, r, reply, d, c: self._emit(m, r, Status.BOUNCED, reply, d,
+                                   classification=c), unfinished=lambda: self._unfinished)
         self._capacity_waiters: deque[asyncio.Future[None]] = deque()
         self._unfinished = 0  # recipients accepted and not final
         self._queued_bytes = 0  # memory held by the bodies of unfinished messages (estimate)
@@ -222,6 +226,7 @@ class Engine:
         await asyncio.gather(*(q.close(timeout) for q in self._dispatch.queues.values()))
         if self._due is not None:
             self._due.pop_all()
+        self.filters.release_all()
         self._ledger.close(EngineClosed)
         if self._flusher is not None:
             self._flusher.cancel()
@@ -445,6 +450,7 @@ class Engine:
         rcpt.attempts += 1
         rcpt.last_reply = reply
         if reply.code // 100 == 2:
+            self.filters.accepted(rcpt.domain, delivery)
             self._emit(msg, rcpt, Status.DELIVERED, reply, delivery)
             return None
         if c is None:
@@ -452,8 +458,11 @@ class Engine:
         if c.outcome is ReplyOutcome.TRANSIENT:
             return c
         # Permanent by the classifier (which may also read a 4xx as final, e.g.
-        # a policy block worded as temporary): bounced, hard or soft.
-        self._emit(msg, rcpt, Status.BOUNCED, reply, delivery, classification=c)
+        # a policy block worded as temporary): bounced, hard or soft; a "user
+        # unknown" a filter likely said is re-typed, or held until it can tell.
+        c = self.filters.review(msg, rcpt, reply, phase, delivery, c)
+        if c is not None:
+            self._emit(msg, rcpt, Status.BOUNCED, reply, delivery, classification=c)
         return None
 
     def _defer(self, msg: Message, rcpts: list[tuple[Recipient, Classification]], delivery: Delivery | None) -> None:
@@ -543,6 +552,7 @@ class Engine:
     def _release(self, n: int, size: int = 0) -> None:
         self._unfinished -= n
         self._queued_bytes -= size
+        self.filters.settle()  # only held verdicts left unfinished: judge them now
         if self._unfinished == 0 and self._idle is not None:
             self._idle.set()
         # Wake every waiter: each re-checks the room in its loop, and a waiter

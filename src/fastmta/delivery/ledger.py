@@ -125,7 +125,7 @@ class Ledger:
             next_attempt, msg.meta or None,
             classification.category.value if classification else None,
             classification.bounce.value if classification else None,
-            msg.sender, len(msg.body.raw),
+            msg.sender, len(msg.body.raw), (classification.reason or None) if classification else None,
         )
         self.counts[status.value] += 1
         if delivery is not None:

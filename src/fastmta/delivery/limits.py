@@ -70,6 +70,10 @@ class AdaptiveConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     round_min: PosFloat = 1.0
     #: Suspension length when a probe is throttled without a rule-given time.
     default_suspend: PosFloat = 300.0
+    #: Obey the providers' published procedures for their throttle replies
+    #: (Gmail 4.7.28: pause >= 10 min, one connection, +1 per clean round;
+    #: the table: :mod:`fastmta.delivery.procedures`).
+    procedures: bool = True
 
 
 class ThrottleConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

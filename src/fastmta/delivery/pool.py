@@ -30,6 +30,7 @@ from fastmta.delivery.eai import EnvelopePlan, plan_without_smtputf8
 from fastmta.delivery.routing import Route, RouteHost
 from fastmta.delivery.throttle import SiteThrottle
 from fastmta.errors import ConnectError
+from fastmta.feedback.appliances import identify_server
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classify import Classifier
 from fastmta.queue.records import Message, Recipient
@@ -83,6 +84,8 @@ class Delivery:
     mx_host: str | None
     mx_ip: str | None
     source_ip: str | None
+    #: The filtering appliance the host names itself as (MX name, greeting, EHLO), if any.
+    appliance: str | None = None
 
 
 #: (batch, per recipient: (reply, classifier phase, classification or None when delivered), delivery)
@@ -155,6 +158,9 @@ class SiteQueue:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: deque[asyncio.Future[None]] = deque()  # connections waiting for work or for the throttle
         self._open_timer: asyncio.TimerHandle | None = None
+        # Batches whose sender domain the site holds (a provider's procedure), and their release.
+        self._held: deque[Batch] = deque()
+        self._release_timer: asyncio.TimerHandle | None = None
         self._connect_failures = 0  # consecutive failed connection attempts
         self._connecting = 0  # connection attempts in progress
         self._hold_until = 0.0  # no new connection before this (loop time)
@@ -216,7 +222,7 @@ class SiteQueue:
 
     @property
     def busy(self) -> bool:
-        return bool(self.ready) or bool(self._tasks)
+        return bool(self.ready) or bool(self._tasks) or bool(self._held)
 
     def halt(self) -> None:
         """Start nothing new (the engine can no longer keep its record)."""
@@ -231,6 +237,9 @@ class SiteQueue:
         if self._open_timer is not None:
             self._open_timer.cancel()
             self._open_timer = None
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
         for waiter in self._idle:
             if not waiter.done():
                 waiter.set_result(None)
@@ -368,7 +377,8 @@ class SiteQueue:
     async def _carry(self, conn: SMTPConnection, mx_host: str | None) -> bool:
         """Use *conn* until it is done; True when the task should open another connection."""
         peer_ip = conn.peer[0] if conn.peer else None
-        delivery = Delivery(self.site, mx_host, peer_ip, conn.local[0] if conn.local else None)
+        appliance = identify_server(mx_host, conn.greeting, conn.ehlo_reply)
+        delivery = Delivery(self.site, mx_host, peer_ip, conn.local[0] if conn.local else None, appliance)
         inflight: deque[_InFlight] = deque()
         try:
             keep_going = await self._send_batches(conn, delivery, inflight)
@@ -416,6 +426,8 @@ class SiteQueue:
                     # slow site): expire it now, not after one more attempt.
                     self.ready.popleft()
                     self.on_expired(batch, None)
+                    continue
+                if self.throttle.sender_holds and self._hold(batch, now):
                     continue
                 n = len(batch.recipients)
                 wait = self.throttle.message_wait(now, n)
@@ -497,8 +509,29 @@ class SiteQueue:
             else:
                 c = self.classifier.classify(reply, ph)
                 classified.append((reply, ph, c))
-                self.throttle.message_result(ticket, c, now, reason=str(reply))
+                self.throttle.message_result(ticket, c, now, reason=str(reply), sender=batch.message.sender)
         self.on_result(batch, classified, delivery)
+        self._kick()
+
+    def _hold(self, batch: Batch, now: float) -> bool:
+        """Set the head *batch* aside while the site holds its sender's domain (see ``throttle.sender_wait``)."""
+        wait = self.throttle.sender_wait(batch.message.sender, now)
+        if wait <= 0:
+            return False
+        self.ready.popleft()
+        self._held.append(batch)
+        timer = self._release_timer
+        if timer is None or now + wait < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._release_timer = self._loop.call_later(wait, self._release)
+        return True
+
+    def _release(self) -> None:
+        """Held batches go back to the front of the queue; those still held are set aside again when taken."""
+        self._release_timer = None
+        held, self._held = self._held, deque()
+        self.ready.extendleft(reversed(held))
         self._kick()
 
     def _fail_ready(self, reply: Reply, host: tuple[str, str] | None) -> None:

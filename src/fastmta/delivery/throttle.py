@@ -31,6 +31,15 @@ by the receiver's replies rather than by packet loss):
   nothing goes until the time is up, then a single probe message on a
   single connection; only its clean reply resumes sending, from the
   initial values with a fast climb back to ``hold * good``.
+* **Provider procedures** (:mod:`fastmta.delivery.procedures`): a reply a
+  provider documents (Gmail's 421 4.7.28, Yahoo's [TSS04], Microsoft's
+  4.7.650, ...) is answered as the provider asks: its pause (at least as
+  long as any rule-given suspension), then the probe, then the connection
+  window restarts at the given count (Gmail: one) and grows by the ramp
+  step per clean round (no slow start), up to ``max_connections``. When the
+  reply names a sender domain (DKIM, SPF, URL domain) and the caller says
+  whose mail drew it, that domain is held at the site for every source
+  instead (``sender_wait``); the source's dials stay as they are.
 
 What a *round* is: tickets are numbered in the order connections and
 messages start. A round begins at a ticket number and a time; it ends at
@@ -60,9 +69,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from fastmta.delivery.dial import Dial
 from fastmta.delivery.limits import PROVIDERS, Provider, SourceLimits, ThrottleConfig, limits_for
+from fastmta.delivery.procedures import PROCEDURES, LimitKey, Match, Procedures, SenderHolds, sender_domain
 from fastmta.delivery.ratelimit import Gcra, parse_rate
 from fastmta.delivery.warmup import Warmup, WarmupConfig, WarmupDecision, WarmupState
+from fastmta.errors import Scope
 from fastmta.feedback.classification import Classification, Outcome
 
 __all__ = [
@@ -85,6 +97,7 @@ class EventKind(StrEnum):
     PROBE = "probe"  # suspension over, one probe allowed
     RESUME = "resume"  # probe succeeded, sending resumed
     WARMUP = "warmup"  # warm-up step advanced or held
+    HOLD = "hold"  # a sender domain held at the site (provider procedure)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,120 +135,6 @@ class ThrottleStatus:
 # The controller
 
 
-class _Dial:
-    """One AIMD quantity with slow start, hold and probing (see module notes)."""
-
-    def __init__(
-        self, initial: float, floor: float, ceiling: float, step: Callable[[float], float], integer: bool,
-        hold_rounds: int, max_hold_rounds: int,
-    ) -> None:  # fmt: skip
-        self.min_hold = hold_rounds
-        self.max_hold = max(hold_rounds, max_hold_rounds)
-        self.hold_len = hold_rounds  # clean rounds to sit at good before probing above it
-        self.hold_left = 0
-        self.reset_above = 1.1
-        self.initial = min(max(initial, floor), ceiling)
-        self.value = self.initial
-        self.floor = floor
-        self.ceiling = ceiling
-        self._base_step = step
-        self.integer = integer
-        self.ssthresh = math.inf  # slow start until the first signal
-        self.good = 0.0  # highest value with a clean, limited round (0: unknown)
-        self.probe = 0.0  # current step above good; doubles while clean
-        # Round bookkeeping (module notes: "What a round is").
-        self.round_seq = 0
-        self.round_t0 = -math.inf
-        self.limited = False
-        self.signalled = False
-        self.cut_seq = 0
-        self.cut_t = -math.inf
-
-    def _q(self, v: float) -> float:
-        v = min(max(v, self.floor), self.ceiling)
-        # Round a connection count up: after a failed probe from 5 to 6 the
-        # hold value 0.9 x 5 must mean "stay at the proven 5", not "drop to 4".
-        return float(math.ceil(v - 1e-9)) if self.integer else v
-
-    def new_round(self, seq: int, now: float) -> None:
-        self.round_seq, self.round_t0 = seq, now
-        self.limited = self.signalled = False
-
-    def round_over(self, ticket: int, now: float, round_min: float) -> bool:
-        return ticket >= self.round_seq and now - self.round_t0 >= round_min
-
-    def grow(self) -> str | None:
-        """End of a clean round: the new value's reason, or None if unchanged."""
-        if not self.limited or self.signalled:
-            return None
-        v = self.value
-        if self.probe and v > self.good * self.reset_above:
-            # A probe well above good came back clean: the capacity grew, so
-            # probe often again. (Just above good proves little: a
-            # receiver's burst allowance hides a small excess for a while.)
-            self.hold_len = self.min_hold
-        self.good = max(self.good, v)
-        if v < self.ssthresh:
-            new, why = min(v * 2, self.ssthresh), "slow start: clean round"
-            self.probe = 0.0
-        elif v < self.good:
-            new, why = min(v + self._base_step(v), self.good), "additive increase: clean round"
-        elif self.hold_left > 0:
-            # Sit at the last good value for a while: every probe above it
-            # costs throttle replies, and a failed probe doubles the wait.
-            self.hold_left -= 1
-            return None
-        else:
-            # Above every value proven clean: steps growing by one base step
-            # per clean round (0.5, 1, 1.5, ...): gentle at first, where a
-            # receiver's burst allowance can make a round look clean, yet a
-            # doubled capacity is found in about ten rounds.
-            # Capped at 5% of the value: a receiver's burst allowance
-            # hides an excess for several rounds, and uncapped growing steps
-            # overshoot far past the capacity before the first refusal.
-            self.probe = min(self.probe + self._base_step(v), max(self._base_step(v), 0.05 * v))
-            new, why = v + self.probe, "probing above the last good value: clean round"
-        new = self._q(new)
-        if self.integer and new == v and v < self.ceiling:
-            new = v + 1
-        if new == v:
-            return None
-        self.value = new
-        return why
-
-    def cut(self, decrease: float, hold: float) -> None:
-        v = self.value
-        if self.good and v > self.good:
-            # Throttled while above the best clean value: capacity lies in
-            # between, so stay near the proven value instead of halving.
-            new = max(v * decrease, hold * self.good)
-            if self.ssthresh != math.inf:  # a failed probe (not the end of slow start)
-                self.hold_len = min(2 * self.hold_len, self.max_hold)
-        elif self.good and v >= hold * self.good:
-            # Throttled near the value we believed good: it was a little
-            # optimistic (a receiver's burst allowance makes it look clean).
-            self.good = hold * v
-            new = hold * self.good
-        else:
-            # Well below a value that used to be clean, or no history: the
-            # receiver's capacity dropped; halve and relearn.
-            new = v * decrease
-            self.good = 0.0
-        self.ssthresh = new
-        self.probe = 0.0
-        self.hold_left = self.hold_len
-        q = self._q(new)
-        if self.integer and q >= v:
-            q = self._q(v - 1)  # a cut always cuts (rounding up must not cancel it)
-        self.value = q
-
-    def restart(self, hold: float) -> None:
-        """After a suspension: from the initial value, fast back to near the last good one."""
-        self.value = self._q(min(self.initial, self.value))
-        self.ssthresh = max(self.value, hold * self.good) if self.good else math.inf
-        self.probe = 0.0
-
-
 class SiteThrottle:
     """Throttle state of one (egress source, site). All times are ``now`` arguments.
 
@@ -247,6 +146,9 @@ class SiteThrottle:
     * ``message_wait(now, n)`` before starting a transaction of ``n``
       recipients; then ``t = message_started(now, n)`` and, per reply,
       ``message_result(t, classification_or_None, now)`` (None: delivered).
+      Give the reply text as ``reason`` so a provider's procedure can be
+      recognised, and ``sender`` (the envelope sender) only if the caller
+      also keeps mail from a held sender domain back (``sender_wait``).
 
     A wait is 0.0 (go), a number of seconds (ask again then), or ``math.inf``
     (ask again after the next result or closed connection).
@@ -265,6 +167,8 @@ class SiteThrottle:
         wall_offset: float = 0.0,
         on_event: Callable[[ThrottleEvent], None] | None = None,
         history: int = 100,
+        procedures: Procedures | None = None,
+        sender_holds: SenderHolds | None = None,
     ) -> None:
         self.source = source
         self.site = site
@@ -272,11 +176,11 @@ class SiteThrottle:
         a = self.adaptive = config.adaptive
         self.on_event = on_event
         self.events: deque[ThrottleEvent] = deque(maxlen=history)
-        self._window = _Dial(
+        self._window = Dial(
             a.initial_connections if a.enabled else config.max_connections,
             1, config.max_connections, lambda v: 1.0, True, a.hold_rounds, a.max_hold_rounds,
         )  # fmt: skip
-        self._rate = _Dial(
+        self._rate = Dial(
             a.initial_rate, a.min_rate, a.max_rate if a.max_rate is not None else math.inf,
             lambda v: max(a.min_rate_step, a.probe_step * v), False, a.hold_rounds, a.max_hold_rounds,
         )  # fmt: skip
@@ -302,6 +206,10 @@ class SiteThrottle:
         self._last_suspend = a.default_suspend
         self.probing = False
         self._probe_ticket: int | None = None
+        #: Provider procedures obeyed (None: none); sender domains held at the site (shared by its sources).
+        self.procedures = procedures if a.procedures else None
+        self.sender_holds = sender_holds
+        self._procedure: Match | None = None  # the procedure whose pause is running: its restart follows
 
     # --- state for callers and the display -------------------------------------
 
@@ -392,8 +300,14 @@ class SiteThrottle:
             self._probe_ticket = ticket
         return ticket
 
-    def message_result(self, ticket: int, result: Classification | None, now: float, reason: str = "") -> None:
-        """One reply to the transaction *ticket* (call once per recipient or once per transaction)."""
+    def message_result(
+        self, ticket: int, result: Classification | None, now: float, reason: str = "", sender: str | None = None
+    ) -> None:
+        """One reply to the transaction *ticket* (call once per recipient or once per transaction).
+
+        *reason*: the reply as text; *sender*: the envelope sender, given only
+        by a caller that honours :meth:`sender_wait` (see the class notes).
+        """
         if self.warmup is not None:
             if result is None or result.outcome is Outcome.DELIVERED:
                 self.warmup.record(now + self._wall, delivered=1)
@@ -401,7 +315,12 @@ class SiteThrottle:
                 self.warmup.record(now + self._wall, deferred=1)
             else:
                 self.warmup.record(now + self._wall, bounced=1)
-        self._feed(self._rate, EventKind.RATE, ticket, result, now, reason)
+        self._feed(self._rate, EventKind.RATE, ticket, result, now, reason, sender)
+
+    def sender_wait(self, sender: str, now: float) -> float:
+        """Seconds until mail from the envelope *sender* may go to this site (0.0: now): a held domain."""
+        holds = self.sender_holds
+        return holds.wait(sender, now) if holds else 0.0
 
     # --- the loop --------------------------------------------------------------
 
@@ -416,19 +335,30 @@ class SiteThrottle:
             self._emit(now, EventKind.PROBE, None, 1, "suspension over: one probe message on one connection")
 
     def _feed(
-        self, dial: _Dial, kind: EventKind, ticket: int, result: Classification | None, now: float, reason: str
-    ) -> None:
+        self, dial: Dial, kind: EventKind, ticket: int, result: Classification | None, now: float, reason: str,
+        sender: str | None = None,
+    ) -> None:  # fmt: skip
         a = self.adaptive
         why = reason or (result.rule if result is not None else "")
         signal = result is not None and result.is_throttle_signal
         suspend = result is not None and result.suspend_for is not None and result.outcome is not Outcome.DELIVERED
         self._tick(now)
+        proc = self._procedure_for(result, reason)
+        rule_pause = (result.suspend_for or 0.0) if result is not None else 0.0
+        if proc is not None and proc.key.is_sender and self._hold_sender(proc, rule_pause, ticket, sender, now, why):
+            return
         if (self.probing and ticket == self._probe_ticket) or (self.probing and kind is EventKind.WINDOW):
-            if signal or suspend:
+            if signal or suspend or proc is not None:
                 assert result is not None
-                self._suspend(result.suspend_for or self._last_suspend, now, f"probe throttled: {why}")
+                pause = result.suspend_for or self._last_suspend
+                if proc is not None:
+                    self._procedure, pause = proc, max(pause, proc.action.pause)
+                self._suspend(pause, now, f"probe throttled: {why}")
             elif kind is EventKind.RATE:
                 self._resume(now)
+            return
+        if proc is not None and a.enabled and ticket > self._suspend_seq and self.suspended_until is None and not self.probing:
+            self._obey(proc, rule_pause, now, why)
             return
         if suspend and a.enabled and ticket > self._suspend_seq and self.suspended_until is None and not self.probing:
             assert result is not None and result.suspend_for is not None
@@ -451,7 +381,7 @@ class SiteThrottle:
                     self._changed(d, k, old, now, grew)
                 d.new_round(self._seq + 1, now)
 
-    def _cut(self, dial: _Dial, kind: EventKind, now: float, why: str) -> None:
+    def _cut(self, dial: Dial, kind: EventKind, now: float, why: str) -> None:
         old = dial.value
         dial.cut(self.adaptive.decrease, self.adaptive.hold)
         # Tickets up to now were sent at the old pace: their replies must not cut again.
@@ -459,7 +389,7 @@ class SiteThrottle:
         dial.new_round(self._seq + 1, now)
         self._changed(dial, kind, old, now, f"throttled: {why}")
 
-    def _changed(self, dial: _Dial, kind: EventKind, old: float, now: float, why: str) -> None:
+    def _changed(self, dial: Dial, kind: EventKind, old: float, now: float, why: str) -> None:
         if dial is self._rate:
             self._pacer.set_rate(dial.value, now)
         if dial.value != old:
@@ -475,13 +405,77 @@ class SiteThrottle:
     def _resume(self, now: float) -> None:
         self.probing, self._probe_ticket = False, None
         hold = self.adaptive.hold
+        proc, self._procedure = self._procedure, None
         for dial, kind in ((self._window, EventKind.WINDOW), (self._rate, EventKind.RATE)):
             old = dial.value
-            dial.restart(hold)
+            why = "probe delivered: resuming from the start values"
+            start = proc.action.restart_connections if proc is not None else None
+            if dial is self._window and start is not None:
+                step = proc.action.ramp_step if proc is not None else 1
+                dial.ramp_from(start, step)
+                why = f"probe delivered: {start} connection(s), +{step} per clean round ({proc})"
+            else:
+                dial.restart(hold)
             dial.cut_seq = self._seq  # replies from before the suspension are history
             dial.new_round(self._seq + 1, now)
-            self._changed(dial, kind, old, now, "probe delivered: resuming from the start values")
+            self._changed(dial, kind, old, now, why)
         self._emit(now, EventKind.RESUME, None, None, "probe delivered: suspension ended")
+
+    # --- provider procedures (fastmta.delivery.procedures) -----------------------
+
+    def _procedure_for(self, result: Classification | None, reply: str) -> Match | None:
+        """The provider procedure a site-level refusal asks for (None: none, or not obeyed)."""
+        if self.procedures is None or result is None or not reply:
+            return None
+        if result.outcome is Outcome.DELIVERED or result.scope is not Scope.SITE:
+            return None
+        return self.procedures.match(reply)
+
+    def _obey(self, proc: Match, rule_pause: float, now: float, why: str) -> None:
+        """A limit on this source at this site: cut the rate, pause, and restart as the provider asks."""
+        act = proc.action
+        why = f"{proc}: {why}"
+        if act.rate_cut is not None:
+            old = self._rate.value
+            self._rate.scale(act.rate_cut)
+            self._rate.cut_seq, self._rate.cut_t = self._seq, now
+            self._rate.new_round(self._seq + 1, now)
+            self._changed(self._rate, EventKind.RATE, old, now, f"throttled: {why}")
+        else:
+            self._cut(self._rate, EventKind.RATE, now, why)
+        self._suspend_seq = self._seq  # replies to what is in flight now do not start it again
+        pause = max(act.pause, rule_pause)
+        if pause > 0:
+            self._procedure = proc
+            self._suspend(pause, now, why)
+        elif act.restart_connections is not None:
+            w = self._window
+            old = w.value
+            w.ramp_from(min(act.restart_connections, w.value), act.ramp_step)
+            w.cut_seq, w.cut_t = self._seq, now
+            w.new_round(self._seq + 1, now)
+            self._changed(w, EventKind.WINDOW, old, now, f"throttled: {why}")
+
+    def _hold_sender(
+        self, proc: Match, rule_pause: float, ticket: int, sender: str | None, now: float, why: str
+    ) -> bool:
+        """A limit on a sender domain: hold it at the site. False: not possible here (see the class notes)."""
+        holds = self.sender_holds
+        if holds is None or sender is None or not self.adaptive.enabled:
+            return False
+        pause = max(proc.action.pause, rule_pause)
+        # The envelope domain of the mail that drew the reply is always held (it is what the
+        # caller can tell apart); a domain the reply names, besides, covers its subdomains.
+        domains = [sender_domain(sender)]
+        if proc.value and proc.key is not LimitKey.URL_DOMAIN:
+            domains.append(proc.value)
+        for domain in dict.fromkeys(d.lower() for d in domains if d):
+            if holds.hold(domain, now + pause, now):
+                why_held = f"mail from {domain} held for {pause:g}s: {proc}: {why}"
+                self._emit(now, EventKind.HOLD, None, now + pause, why_held)
+        if self.probing and ticket == self._probe_ticket:
+            self._probe_ticket = None  # it told nothing about this source: probe with other mail
+        return True
 
     def _warmup_changed(self, old: int | None, new: int | None, why: str, at: float) -> None:
         self._emit(at, EventKind.WARMUP, old, new, why)
@@ -504,12 +498,17 @@ class Throttles:
         default: ThrottleConfig | None = None,
         providers: Sequence[Provider] = PROVIDERS,
         on_event: Callable[[ThrottleEvent], None] | None = None,
+        procedures: Procedures | None = PROCEDURES,
     ) -> None:
         self.sites = dict(sites or {})
         self.sources = dict(sources or {})
         self.default = default
         self.providers = providers
         self.on_event = on_event
+        #: Provider procedures the throttles obey (None: none; a site may opt out: ``adaptive.procedures``).
+        self.procedures = procedures
+        #: Sender domains held per site, shared by the site's throttles of every source.
+        self.sender_holds: dict[str, SenderHolds] = {}
         self._throttles: dict[tuple[str, str], SiteThrottle] = {}
         self._source_limiters: dict[str, list[Gcra]] = {}
         #: Wall time minus the ``now`` clock's time (warm-up counts calendar days).
@@ -529,6 +528,7 @@ class Throttles:
             throttle = SiteThrottle(
                 source, site, cfg, now, source_limiters=shared, warmup=src.warmup,
                 warmup_state=self.saved_warmups.get(key), wall_offset=self.wall_offset, on_event=self.on_event,
+                procedures=self.procedures, sender_holds=self.sender_holds.setdefault(site, SenderHolds()),
             )
             self._throttles[key] = throttle
         return throttle

@@ -127,7 +127,9 @@ class Classification:
     default schedule; meaningless when permanent). ``site_paced``: retry as
     soon as the site's throttle allows rather than on the recipient's own
     timer. ``suspend_for``: suspend the (source, site) for that long.
-    ``rule`` names the rule that decided, for logs and debugging.
+    ``rule`` names the rule that decided, for logs and debugging; ``reason``
+    says why a later review changed the verdict (e.g. a "user unknown" held
+    as a suspected filter's), for the accounting record.
     """
 
     outcome: Outcome
@@ -138,6 +140,7 @@ class Classification:
     site_paced: bool = False
     suspend_for: float | None = None
     rule: str = ""
+    reason: str = ""
 
     @property
     def is_throttle_signal(self) -> bool:

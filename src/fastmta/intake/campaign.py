@@ -43,9 +43,10 @@ import msgspec
 
 from fastmta.errors import ConfigError, InputError
 from fastmta.intake.items import Reject, SpoolItem
+from fastmta.keyset import KeySet, row_key
 from fastmta.message.dkim import DkimKeyConfig, DkimSigner, load_signing_key
 from fastmta.message.mime import CompiledCampaign, compile_campaign
-from fastmta.keyset import KeySet, row_key
+from fastmta.message.returnpath import ReturnPath
 from fastmta.queue.records import split_address
 
 
@@ -83,6 +84,10 @@ class Campaign:
         self.compiled = compiled
         self.signer = signer
         self.id = job.campaign.id or path.stem
+        self._has_feedback_id = any(name.lower() == "feedback-id" for name in job.template.get("headers", {}))
+        # Gmail's Feedback-ID: campaign : customer : mail type : sender (the last is the one it keys on).
+        sender_domain = job.campaign.sender.rpartition("@")[2].lower()
+        self._feedback_id = ":".join(_feedback_field(x) for x in (self.id, "fastmta", "bulk", sender_domain))
         self.recipients_path = (path.parent / job.campaign.recipients).resolve()
 
     @classmethod
@@ -170,13 +175,21 @@ class Campaign:
         return row_key(*parts)
 
     def items(
-        self, key: str = "", start_line: int = 0, taken: Container[int] = frozenset()
+        self,
+        key: str = "",
+        start_line: int = 0,
+        taken: Container[int] = frozenset(),
+        return_path: ReturnPath | None = None,
     ) -> Iterator[SpoolItem | Reject]:
         """One item per recipient row from *start_line* on (rows before it are skipped unrendered).
 
         Rows whose key is in *taken* (sent by an earlier run, wherever the row
         was then) are skipped; a recipient repeated in the file is reported,
         not sent twice, unless the job allows duplicates.
+
+        With a *return_path*, each message's envelope sender is its signed,
+        per-recipient return path and it carries the trace header (and a
+        Feedback-ID if the template has none), both inside the DKIM signature.
         """
         source = str(self.recipients_path)
         field = self.job.campaign.address_field
@@ -220,9 +233,16 @@ class Campaign:
             except InputError as exc:
                 yield Reject(source, line, exc.reason if exc.source is None else str(exc), key, line)
                 continue
+            envelope_sender = sender
+            if return_path is not None:
+                envelope_sender = return_path.address(self.id, address)
+                extra = return_path.trace_header(self.id, address)
+                if not self._has_feedback_id:
+                    extra += f"Feedback-ID: {self._feedback_id}\r\n".encode()
+                message = extra + message
             if self.signer is not None:
                 message = self.signer.sign(message)
-            yield SpoolItem(message, sender, [address], source, line, meta, key, line, take_key)
+            yield SpoolItem(message, envelope_sender, [address], source, line, meta, key, line, take_key)
 
 
 def _injection(row: dict[str, Any]) -> str | None:
@@ -242,3 +262,8 @@ def _describe(exc: msgspec.ValidationError) -> str:
         path = text.rsplit("$", 1)[-1].rstrip("`") if "$" in text else ""
         return f"unknown key {path.lstrip('.') + '.' if path.strip('.') else ''}{key}"
     return text
+
+
+def _feedback_field(value: str) -> str:
+    """A Feedback-ID field: no colon (the separator), nothing that could break the header line."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", value)[:64] or "x"

@@ -36,6 +36,7 @@ from fastmta.errors import InputError
 from fastmta.intake.campaign import Campaign
 from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reject, Resume, ResumePoint, SpoolItem
 from fastmta.intake.pickup import parse_pickup, read_pickup_bytes
+from fastmta.message.returnpath import ReturnPath
 
 __all__ = [
     "Event",
@@ -86,9 +87,10 @@ def _not_a_readable_file(path: Path) -> str | None:
 class SpoolReader:
     """Iterates a spool directory: ``*.eml`` first (sorted), then ``*.toml`` jobs."""
 
-    def __init__(self, directory: Path, resume: Resume | None = None) -> None:
+    def __init__(self, directory: Path, resume: Resume | None = None, return_path: ReturnPath | None = None) -> None:
         self.directory = directory
         self.resume: Resume = resume or (lambda key, fp: ResumePoint())
+        self.return_path = return_path
 
     def __iter__(self) -> Iterator[Event]:
         try:
@@ -168,5 +170,5 @@ class SpoolReader:
             yield InputSkipped(key)
             return
         yield InputStart(key, fp)
-        yield from campaign.items(key, point.row, point.taken)
+        yield from campaign.items(key, point.row, point.taken, self.return_path)
         yield InputEnd(key)

@@ -62,6 +62,7 @@ DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
     "list-unsubscribe",
     "list-unsubscribe-post",
     "feedback-id",
+    "x-fastmta-ref",  # the trace that maps a complaint (ARF carries headers) back to its recipient
 )
 MIN_RSA_BITS = 1024
 _PKCS1V15 = padding.PKCS1v15()

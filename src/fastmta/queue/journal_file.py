@@ -61,7 +61,7 @@ class JournalFile:
 
     def write_tmp(self, frames: Iterable[bytes]) -> tuple[int, int]:
         """Write a new journal to journal.tmp; return (fd, size). Not yet installed."""
-        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o660)
         size = 0
         chunk: list[bytes] = []
         chunk_len = 0

@@ -108,6 +108,7 @@ class Outcome:
     bounce: str | None = None  # "hard" / "soft" for failures
     sender: str | None = None  # envelope sender ("" is the null sender)
     size: int | None = None  # message size in bytes
+    reason: str | None = None  # why the bounce type is what it is, when reviewed (e.g. suspected_filter)
 
     def as_record(self) -> dict[str, Any]:
         """The accounting record (one JSON line)."""
@@ -133,6 +134,8 @@ class Outcome:
         }
         if self.next_attempt is not None:
             record["next_attempt"] = round(self.next_attempt, 3)
+        if self.reason:
+            record["bounce_reason"] = self.reason
         if self.meta:
             record.update({k: v for k, v in self.meta.items() if k not in record})
         return record

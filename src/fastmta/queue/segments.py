@@ -162,7 +162,7 @@ class BodySegments:
                 j += 1
             fd = self._write_fds.get(seg)
             if fd is None:
-                fd = os.open(self.path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                fd = os.open(self.path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o660)
                 self._write_fds[seg] = fd
                 self._disk.fsync_dir(self.directory)  # the new file's name must survive a crash too
             chunk = b"".join(d for _, d in data[i:j])

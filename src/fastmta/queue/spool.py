@@ -182,11 +182,12 @@ class Spool:
         self._compacting: asyncio.Task[None] | None = None
         self._recovered: list[RecoveredMessage] = []
 
-        # Queued mail is private (0700 directories, 0600 files, whatever the
-        # process umask): Postfix keeps its queue the same way.
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._segments.directory.mkdir(exist_ok=True, mode=0o700)
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # Queued mail is never world-readable, whatever the process umask
+        # (files at most 0660, directories 0770); the command line's default
+        # umask 077 makes them 0600/0700, as Postfix keeps its queue.
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o770)
+        self._segments.directory.mkdir(exist_ok=True, mode=0o770)
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o660)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

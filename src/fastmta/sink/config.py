@@ -78,6 +78,20 @@ class FaultConfig:
     greylist_seconds: float = 0.0
     #: Glob patterns (fnmatch, case-insensitive) of recipients that do not exist.
     unknown_recipients: tuple[str, ...] = ()
+    #: Where those are refused: "rcpt", or "eod" (after the content, the whole
+    #: message); None: where the profile does it (the appliance: at end of data).
+    unknown_at: Literal["rcpt", "eod"] | None = None
+    #: A content filter that blames the mailbox: this share (0..1) of the
+    #: recipients that *do* exist is refused at end of data with the profile's
+    #: unknown-user reply. Chosen by a hash of the address, so the same
+    #: addresses every time, however the messages are batched or retried.
+    filtered_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.unknown_at not in (None, "rcpt", "eod"):
+            raise ValueError(f"unknown_at must be 'rcpt' or 'eod', not {self.unknown_at!r}")
+        if not 0.0 <= self.filtered_share <= 1.0:
+            raise ValueError(f"filtered share must be between 0 and 1, not {self.filtered_share}")
 
     @property
     def active(self) -> bool:
@@ -89,6 +103,7 @@ class FaultConfig:
             or self.rate_limit is not None
             or self.greylist
             or self.unknown_recipients
+            or self.filtered_share
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import random
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,10 +41,12 @@ class FaultEngine:
         "_connections",
         "_delays",
         "_faults",
+        "_filter_cut",
         "_greylist",
         "_rng",
         "_stats",
         "_unknown",
+        "_unknown_at_eod",
         "config",
         "hostname",
         "profile",
@@ -72,6 +75,11 @@ class FaultEngine:
         self._buckets: dict[str, list[float]] = {}
         self._greylist: dict[tuple[bytes, bytes, str], float] = {}
         self._unknown = [re.compile(fnmatch.translate(p), re.IGNORECASE) for p in config.unknown_recipients]
+        self._unknown_at_eod = (
+            config.unknown_at == "eod" if config.unknown_at is not None else profile.unknown_at_end_of_data
+        )
+        # filtered_share as a bound on a 32-bit hash of the address.
+        self._filter_cut = round(config.filtered_share * 2**32)
 
     # ------------------------------------------------------------ helpers
 
@@ -100,6 +108,9 @@ class FaultEngine:
     def _is_unknown(self, rcpt: bytes) -> bool:
         text = rcpt.decode("utf-8", "replace")
         return any(p.match(text) for p in self._unknown)
+
+    def _is_filtered(self, rcpt: bytes) -> bool:
+        return zlib.crc32(rcpt.lower()) < self._filter_cut
 
     # ------------------------------------------------------------- phases
 
@@ -138,7 +149,7 @@ class FaultEngine:
         return self._roll("mail", ip, sender, b"", qid)
 
     def rcpt(self, ip: str, sender: bytes, rcpt: bytes, qid: str) -> Refusal | None:
-        if self._unknown and not self.profile.unknown_at_end_of_data and self._is_unknown(rcpt):
+        if self._unknown and not self._unknown_at_eod and self._is_unknown(rcpt):
             return self._refuse("unknown_recipient", self.profile.unknown_user, ip, sender, rcpt, qid)
         if self.config.greylist:
             key = (sender.lower(), rcpt.lower(), ip)
@@ -157,10 +168,16 @@ class FaultEngine:
         return self._roll("data", ip, sender, b"", qid)
 
     def end_of_data(self, ip: str, sender: bytes, recipients: Sequence[bytes], qid: str) -> Refusal | None:
-        if self._unknown and self.profile.unknown_at_end_of_data:
+        if self._unknown and self._unknown_at_eod:
             # The appliance only looks up users after it has scanned the
             # content, so one unknown recipient fails the whole message.
             for rcpt in recipients:
                 if self._is_unknown(rcpt):
                     return self._refuse("unknown_recipient", self.profile.unknown_user, ip, sender, rcpt, qid)
+        if self._filter_cut:
+            # A content filter that words its verdict as an address error: the
+            # mailbox exists (its RCPT was accepted), the message is refused.
+            for rcpt in recipients:
+                if self._is_filtered(rcpt):
+                    return self._refuse("filtered", self.profile.unknown_user, ip, sender, rcpt, qid)
         return self._roll("eod", ip, sender, b"", qid)

@@ -119,6 +119,8 @@ class SMTPConnection(asyncio.Protocol):
         self._phase_timeouts = timeouts.by_phase()
         self._flush_scheduled = False
         self.failure: Reply | None = None
+        #: The reply to the last EHLO (or HELO) of the session, once ready.
+        self.ehlo_reply: Reply | None = None
         self.transactions = 0  # finished on this connection, for reuse limits
         self.peer: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
@@ -176,6 +178,11 @@ class SMTPConnection(asyncio.Protocol):
     @property
     def extensions(self) -> Extensions:
         return self.protocol.extensions
+
+    @property
+    def greeting(self) -> Reply | None:
+        """The server's greeting (its banner), once received."""
+        return self.protocol.greeting
 
     @property
     def is_usable(self) -> bool:
@@ -324,6 +331,7 @@ class SMTPConnection(asyncio.Protocol):
                 if waiter is not None:
                     done.append((waiter[1], event.result))
             elif isinstance(event, Ready):
+                self.ehlo_reply = event.ehlo_reply
                 if not self._ready.done():
                     self._ready.set_result(event.extensions)
             elif isinstance(event, StartTLS):

@@ -99,6 +99,8 @@ class ClientProtocol(ProtocolCore):
         super().__init__(pipelining, use_bdat)
         self.helo_name = helo_name
         self.tls_policy = tls
+        #: The server's greeting (kept: it names the server, e.g. a filtering appliance).
+        self.greeting: Reply | None = None
 
     def tls_established(self) -> list[Event]:
         """The caller finished the TLS handshake: say EHLO again (RFC 3207)."""
@@ -128,6 +130,7 @@ class ClientProtocol(ProtocolCore):
 
     def _on_session_reply(self, reply: Reply, phase: Phase) -> None:
         if phase is Phase.GREETING:
+            self.greeting = reply
             if reply.code == 220:
                 self._state = SessionState.HANDSHAKE
                 self._send(b"EHLO " + self._helo_bytes() + b"\r\n", Phase.EHLO)
