@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sink": ("fastmta.cli.sink", "run a fast discarding SMTP server with fault injection"),
     "load": ("fastmta.cli.load", "load-test an SMTP server with generated messages"),
     "suppress": ("fastmta.cli.suppress", "manage the suppression list (add, remove, list, import, export)"),
+    "classify": ("fastmta.cli.classify", "classify SMTP replies or bounce messages as the engine would (JSON lines)"),
 }
 
 

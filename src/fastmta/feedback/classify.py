@@ -9,6 +9,19 @@ ordered rules of ``classify_rules.toml`` (loaded, checked and compiled by
 phase and text, so operators can extend or override them from their
 configuration without touching code (:meth:`Classifier.from_rules`).
 
+How the outcome is settled when the codes disagree (the rule file's header
+says the same to operators): the reply code's class decides, being what
+the SMTP state machine acted on ("554 4.4.7" is final, "451 5.7.1" is
+retried); without one, the enhanced code's class; without either, the
+prose's verdict; a DSN's Action wins over all. The enhanced code still
+picks the category when its class disagrees. Unless a rule forces the
+outcome, two corrections follow RFC 5321 and practice: 552 in reply to RCPT
+is transient (RFC 5321 4.5.3.1.10) unless the reply condemns the address
+itself, and a permanent rate-limit reply (some providers use 5xx for
+sending quotas) is retried rather than bounced. Finally, whatever a rule or
+table says, a category in :data:`~fastmta.feedback.rules.NEVER_HARD` is
+never a hard bounce: a block of us must not become a bad address of theirs.
+
 Hot-path notes: the rules arrive compiled, and results are memoised per
 (code, enhanced, phase, text) in a bounded cache, because a throttled site
 answers thousands of recipients with the same reply.
@@ -24,7 +37,7 @@ from typing import Any
 from fastmta.errors import Scope
 from fastmta.feedback.classification import BounceType, Category, Classification, LocalFailure, Outcome, Phase
 from fastmta.feedback.diagnostic import enhanced_in_text, normalize_text, outcome_from_prose, parse_diagnostic
-from fastmta.feedback.rules import CategoryDefaults, EnhancedCode, Rule, Target, load_rules, parse_enhanced
+from fastmta.feedback.rules import NEVER_HARD, CategoryDefaults, EnhancedCode, Rule, Target, load_rules, parse_enhanced
 from fastmta.smtp.reply import Reply
 
 __all__ = ["Classifier", "classify", "classify_local", "default_classifier"]
@@ -160,9 +173,19 @@ class Classifier:
             if rule.matches(code, enh, phase, klass, text):
                 t = rule.target
                 outcome = t.outcome or klass or Outcome.PERMANENT
+                if t.outcome is None and forced is None and outcome is Outcome.PERMANENT:
+                    outcome = self._settle(t.category, code, phase)
                 return self._build(outcome, t, rule.name, phase)
         fallback = Target(Category.UNKNOWN, None, None, None, None, None, None)
         return self._build(klass or Outcome.PERMANENT, fallback, "default", phase)
+
+    def _settle(self, cat: Category, code: int | None, phase: Phase | None) -> Outcome:
+        """A permanent outcome from the codes, corrected where the codes overstate it."""
+        if cat in _RETRY_WHEN_PERMANENT:
+            return Outcome.TRANSIENT  # "550 5.4.5 Daily sending quota exceeded": wait, then retry
+        if code == 552 and phase is Phase.RCPT and cat not in self._hard and cat is not Category.INACTIVE_MAILBOX:
+            return Outcome.TRANSIENT  # RFC 5321 4.5.3.1.10; RFC 3463 X.2.2 "persistent transient"
+        return Outcome.PERMANENT
 
     def _build(self, outcome: Outcome, t: Target, rule: str, phase: Phase | None = None) -> Classification:
         cat = t.category
@@ -179,6 +202,10 @@ class Classifier:
             bounce = BounceType.HARD
         else:
             bounce = BounceType.SOFT
+        if bounce is BounceType.HARD and (cat in NEVER_HARD or outcome is not Outcome.PERMANENT):
+            # The invariant, checked after every decision (the loader refuses
+            # rules that would break it; a Classifier built by hand may not).
+            bounce = BounceType.SOFT
         return Classification(
             outcome=outcome,
             category=cat,
@@ -192,6 +219,8 @@ class Classifier:
 
 
 _SITE_PHASES = frozenset({Phase.CONNECT, Phase.EHLO, Phase.HELO})
+#: Categories whose permanent replies are still worth a later try.
+_RETRY_WHEN_PERMANENT = frozenset({Category.RATE_LIMITED, Category.GREYLISTED})
 
 
 def _outcome_of(code: int | None, enh: EnhancedCode | None) -> Outcome | None:

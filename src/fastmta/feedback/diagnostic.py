@@ -26,12 +26,13 @@ _TEXT_CODE = re.compile(r"(?:^|:\s+|said:?\s*|returned\W*|error:?\s*|<<<\s*)#?([
 _TEXT_PERMANENT = re.compile(r"failed permanently|permanent (failure|error)|will not (be )?retr|not going to try again", re.IGNORECASE)
 _TEXT_TRANSIENT = re.compile(r"temporary failure|has been delayed|will be retried|will retry|will-retry-until", re.IGNORECASE)
 # Postfix "in reply to RCPT TO command", Exim "after RCPT TO:", qmail-ish
-# "did not like our RCPT TO", "... for TEXT command", "after end of data".
+# "did not like our RCPT TO" and "failed after I sent the message" (the
+# reply to the end of data), "... for TEXT command", "after end of data".
 _TEXT_PHASE = re.compile(
     r"in reply to (?:the )?(?P<a>MAIL FROM|RCPT TO|end of DATA|DATA|HELO|EHLO|STARTTLS|AUTH)"
     r"|(?:after|our|following) (?P<b>MAIL FROM|RCPT TO|end of data|final DATA|DATA|initial connection)"
     r"|(?P<c>refused to talk to me)|for (?P<d>TEXT|RCPT|MAIL|DATA) command"
-    r"|while performing the (?P<e>HELO|EHLO) handshake",
+    r"|while performing the (?P<e>HELO|EHLO) handshake|(?P<f>failed after I sent the message)",
     re.IGNORECASE,
 )
 
@@ -64,6 +65,8 @@ def parse_diagnostic(text: str) -> tuple[int | None, str | None, Phase | None]:
     if mp is not None:
         if mp.group("c"):
             phase = Phase.CONNECT
+        elif mp.group("f"):
+            phase = Phase.EOD
         else:
             word = next(g for g in mp.groups() if g)
             phase = Phase.parse(word)
@@ -89,13 +92,30 @@ def enhanced_in_text(text: str) -> str | None:
 _URL = re.compile(r"\bhttps?://([^/\s'\"<>]+)[^\s'\"<>]*", re.IGNORECASE)
 _ADDR = re.compile(r"[^\s<>()\[\]\"':;,]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*")
 _SPACE = re.compile(r"\s+")
+# A multi-line reply repeats its codes on every line ("552-5.7.0 ... potential
+# 552-5.7.0 security issue"); the repeats would split the phrases rules look
+# for. The first occurrence stays (rules may test the code in the text).
+_CODE_MARK = re.compile(r"(?<![\w.])(?:[245]\d\d[ -])?#?([245]\.\d{1,3}\.\d{1,3})(?![\w.])")
+
+
+def _drop_repeated_codes(text: str) -> str:
+    first: list[str] = []
+
+    def keep_first(m: re.Match[str]) -> str:
+        if not first:
+            first.append(m.group(1))
+            return m.group(0)
+        return " " if m.group(1) == first[0] else m.group(0)
+
+    return _CODE_MARK.sub(keep_first, text)
 
 
 def normalize_text(text: str) -> str:
-    """The text rules see: URL paths and mail addresses removed, spaces folded."""
+    """The text rules see: URL paths, mail addresses and repeated line codes removed, spaces folded."""
     if "@" in text:
         text = _ADDR.sub("~", text)
     if "://" in text:
         text = _URL.sub(r"\1", text)
+    text = _drop_repeated_codes(text)
     return _SPACE.sub(" ", text).strip()
 

@@ -7,6 +7,12 @@ operator's own rules into it, checks every key and value (a
 ``ConfigError`` names the offending rule) and compiles the result into
 matchers: a :class:`RuleSet`, which :class:`fastmta.feedback.classify.Classifier`
 applies. Regexes are compiled here, once, so the hot path never does.
+
+Text matchers are negation-aware: a phrase right after a negation ("is not
+blacklisted", "not listed in", "no virus found") does not count, so a reply
+that denies a reason is not read as stating it. :data:`NEVER_HARD` names the
+categories that may never be a hard bounce; the loader refuses rules and
+tables that would make one.
 """
 
 from __future__ import annotations
@@ -23,7 +29,16 @@ from typing import Any, TypeVar
 from fastmta.errors import ConfigError, Scope
 from fastmta.feedback.classification import BounceType, Category, LocalFailure, Outcome, Phase
 
-__all__ = ["CategoryDefaults", "EnhancedCode", "Rule", "RuleSet", "Target", "load_rules", "parse_enhanced"]
+__all__ = [
+    "NEVER_HARD",
+    "CategoryDefaults",
+    "EnhancedCode",
+    "Rule",
+    "RuleSet",
+    "Target",
+    "load_rules",
+    "parse_enhanced",
+]
 
 
 _E = TypeVar("_E", bound=Enum)
@@ -40,6 +55,19 @@ _MATCH_KEYS = ("codes", "enhanced", "phase", "when", "text", "unless")
 _CATEGORY_KEYS = frozenset({"scope", "retry_after", "site_paced", "suspend"})
 _LOCAL_KEYS = frozenset({"outcome", "category", "scope", "retry_after", "site_paced", "suspend"})
 _TOP_KEYS = frozenset({"rule", "categories", "local", "hard_categories", "replace_builtin"})
+
+#: Categories that speak of the sender, the message or the path (a block of
+#: us, an authentication or policy verdict, a rate limit, a filter, the
+#: far end's or the network's trouble), never of the recipient's address:
+#: whatever the code says, they are never a hard bounce (suppression).
+NEVER_HARD: frozenset[Category] = frozenset(
+    {
+        Category.REPUTATION_BLOCK, Category.AUTH_FAILURE, Category.POLICY, Category.RATE_LIMITED,
+        Category.GREYLISTED, Category.SPAM_OR_VIRUS, Category.CONTENT_FILTERED, Category.MESSAGE_FORMAT,
+        Category.MESSAGE_TOO_LARGE, Category.RELAY_DENIED, Category.SENDER_REJECTED,
+        Category.REMOTE_SYSTEM, Category.NETWORK, Category.PROTOCOL_ERROR, Category.EXPIRED,
+    }
+)  # fmt: skip
 
 _CODE_SPEC = re.compile(r"^([2-5])(xx|\d\d)$|^([2-5]\d\d)-([2-5]\d\d)$", re.IGNORECASE)
 _ENH_SPEC = re.compile(r"^([245x*])\.(\d{1,3}|\*)\.(\d{1,3}\*?|\*)$", re.IGNORECASE)
@@ -88,6 +116,31 @@ class _EnhPattern:
         return self.detail is None or self.detail == e.detail
 
 
+# A negation just before a phrase: "not", "never", "no", "...n't", then at
+# most two filler words ("is not currently listed in", "not on any
+# blacklist", "not found in"). Searched in a short window ending where the
+# phrase starts, so "not delivered because: spam" still counts as spam.
+_NEGATION = re.compile(
+    r"(?:\b(?:not|never|no)|n't)\W+"
+    r"(?:(?:be|been|being|currently|yet|ever|on|in|at|a|an|the|any|our|your|its|found|listed|detected|seen)\W+){0,2}$",
+    re.IGNORECASE,
+)
+_NEGATION_WINDOW = 48
+
+
+def affirmed(pattern: re.Pattern[str], text: str) -> bool:
+    """Whether *pattern* occurs in *text* other than right after a negation."""
+    pos = 0
+    while True:
+        m = pattern.search(text, pos)
+        if m is None:
+            return False
+        start = m.start()
+        if _NEGATION.search(text, max(0, start - _NEGATION_WINDOW), start) is None:
+            return True
+        pos = start + 1
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """What a rule (or a local-failure entry) assigns; None: the category's default decides."""
@@ -129,7 +182,7 @@ class Rule:
             return False
         if self.when and klass not in self.when:
             return False
-        if self.text is not None and self.text.search(text) is None:
+        if self.text is not None and not affirmed(self.text, text):
             return False
         return self.unless is None or self.unless.search(text) is None
 
@@ -231,11 +284,15 @@ def _target(where: str, raw: Mapping[str, Any], *, need_category: bool = True) -
     site_paced = raw.get("site_paced")
     if site_paced is not None and not isinstance(site_paced, bool):
         raise _err(where, f"'site_paced' must be true or false, not {site_paced!r}")
+    category = _enum(where, "category", Category, raw.get("category", "unknown"))
+    bounce = _enum(where, "bounce", BounceType, raw["bounce"]) if "bounce" in raw else None
+    if bounce is BounceType.HARD and category in NEVER_HARD:
+        raise _err(where, f"bounce 'hard' is not allowed for category {category.value!r}: it is never the address's fault")
     return Target(
-        category=_enum(where, "category", Category, raw.get("category", "unknown")),
+        category=category,
         scope=_enum(where, "scope", Scope, raw["scope"]) if "scope" in raw else None,
         outcome=_enum(where, "outcome", Outcome, raw["outcome"]) if "outcome" in raw else None,
-        bounce=_enum(where, "bounce", BounceType, raw["bounce"]) if "bounce" in raw else None,
+        bounce=bounce,
         retry_after=_seconds(where, "retry_after", raw.get("retry_after")),
         site_paced=site_paced,
         suspend=_seconds(where, "suspend", raw.get("suspend")),
@@ -364,6 +421,12 @@ def load_rules(extra: str | Mapping[str, Any] | None = None, *, origin: str = "u
     hard = frozenset(
         _enum("hard_categories", "category", Category, c) for c in _as_list("hard_categories", "hard_categories", hard_raw)
     )
+    never = sorted(c.value for c in hard & NEVER_HARD)
+    if never:
+        raise ConfigError(
+            f"classification rules ({origin}): hard_categories may not include {', '.join(never)}: "
+            "a block, filter, policy, rate or infrastructure reply is never the address's fault"
+        )
     return RuleSet(tuple(rules), categories, local, hard)
 
 
