@@ -65,6 +65,9 @@ class FilterPolicy:
     min_attempts: int = 20
     ratio: float = 3.0
     min_share: float = 0.05
+    #: Fewest "unknown" verdicts that can make a share signal (as onset_min): 3 bad addresses
+    #: among a domain's first 20 verdicts are 15%, and noise, not a filter.
+    min_unknown: int = 4
     onset_run: int = 20
     onset_window: int = 20
     onset_min: int = 4
@@ -163,7 +166,7 @@ class FilterStats:
 
     def _above_baseline(self, fig: _Figures, scope: str) -> str | None:
         p = self.policy
-        if not fig.unknown or not self._sampled(fig):
+        if fig.unknown < p.min_unknown or not self._sampled(fig):
             return None
         base = self.baseline(fig)
         if base is None:
