@@ -197,6 +197,7 @@ class Campaign:
         duplicates_allowed = self.job.campaign.allow_duplicates
         meta = {"job": self.id}
         seen = KeySet()  # keys met in this reading (8 bytes a row, not a set of strings)
+        check_taken = not isinstance(taken, (frozenset, KeySet)) or len(taken) > 0  # a first run: nothing taken
         for line, row, error in self.rows():
             if line < start_line and line != 0:
                 continue
@@ -226,7 +227,7 @@ class Campaign:
                     occurrence += 1
                     take_key = self.row_key(address, occurrence)
             seen.add(take_key)
-            if take_key in taken:
+            if check_taken and take_key in taken:
                 continue  # sent by an earlier run
             try:
                 message = self.compiled.render(row, recipient_id=address)

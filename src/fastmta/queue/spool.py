@@ -387,7 +387,12 @@ class Spool:
             taken_from = self._inputs_by_id.get(take.input)
             if taken_from is None:
                 raise SpoolError(f"unknown input id {take.input}: use open_input() first")
-            taken_from.taken.add(take.key)  # recovery derives the same from the Add record
+            if take.row == 0:
+                # A single-row input (a pickup file): known at once, so an identical
+                # file later in this run is recognised. The rows of a campaign are
+                # deduplicated by its reader during a run; the journal (this Add
+                # record) is what a later run and compaction read the keys from.
+                taken_from.taken.add(take.key)
         add = AddRecord(
             message_id,
             sender,
