@@ -28,7 +28,7 @@ import os
 import random
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +360,14 @@ class Engine:
     def outcomes(self) -> AsyncIterator[Outcome]:
         """Every outcome from now on (deferrals too), until the engine closes."""
         return self._ledger.outcomes()
+
+    def add_listener(self, listener: Callable[[Outcome], None]) -> None:
+        """Call *listener* with every outcome, synchronously, once it is on record.
+
+        For what must see every outcome (an event outbox, metrics); it must be
+        quick and must not raise (it runs inside the delivery path).
+        """
+        self._ledger.listeners.append(listener)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every accepted recipient is final; False on timeout."""

@@ -61,6 +61,10 @@ class Ledger:
         self._trackers: dict[str, _Tracker] = {}
         self._finished: OrderedDict[str, list[Outcome]] = OrderedDict()
         self._subscribers: list[asyncio.Queue[Outcome | None]] = []
+        #: Called synchronously with every outcome, after it is on record
+        #: (accounting, journal): event outboxes and metrics, which must not
+        #: miss one the way a slow async subscriber could.
+        self.listeners: list[Callable[[Outcome], None]] = []
 
     def track(self, msg: Message) -> None:
         """Gather the outcomes of *msg* (accepted, or resumed from the spool) until all are final."""
@@ -138,6 +142,8 @@ class Ledger:
                 self._keep_record(outcome, msg, rcpt, status, next_attempt)
             except (OSError, SpoolError) as exc:
                 self.fail(exc)
+        for listener in self.listeners:
+            listener(outcome)
         for sub in self._subscribers:
             sub.put_nowait(outcome)
         if status.is_final:
