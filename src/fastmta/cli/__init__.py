@@ -26,9 +26,11 @@ class UsageError(Exception):
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fastmta.cli.demo", "deliver the bundled example campaign to a built-in local sink"),
     "send": ("fastmta.cli.send", "deliver a spool directory (pickup files, campaign jobs)"),
+    "serve": ("fastmta.cli.serve", "run as an MTA service: SMTP/HTTP injection, pickup, queue control, metrics"),
     "sink": ("fastmta.cli.sink", "run a fast discarding SMTP server with fault injection"),
     "load": ("fastmta.cli.load", "load-test an SMTP server with generated messages"),
     "suppress": ("fastmta.cli.suppress", "manage the suppression list (add, remove, list, import, export)"),
+    "queue": ("fastmta.cli.queue", "look into the queue of a running `fastmta serve` and act on it (suspend, retry, bounce...)"),
     "classify": ("fastmta.cli.classify", "classify SMTP replies or bounce messages as the engine would (JSON lines)"),
 }
 

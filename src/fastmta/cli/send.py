@@ -46,7 +46,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +61,16 @@ from fastmta.delivery.config import Config, load_config
 from fastmta.delivery.engine import Engine, EngineClosed
 from fastmta.delivery.routing import Router
 from fastmta.errors import ConfigError, InputError
+from fastmta.intake.progress import InputProgress, resume_from
 from fastmta.intake.reader import (
     InputEnd,
     InputSkipped,
     InputStart,
     Reject,
-    Resume,
-    ResumePoint,
     SpoolItem,
     SpoolReader,
 )
 from fastmta.message.returnpath import ReturnPath
-from fastmta.queue.journal_records import InputTake
 from fastmta.queue.spool import Spool
 from fastmta.queue.spool_errors import JournalReset, SpoolError, SpoolLocked
 
@@ -180,76 +177,6 @@ async def _unresolvable_static_routes(config: Config) -> list[str]:
         await router.aclose()
 
 
-class _InputProgress:
-    """Which rows of each input are durably taken, so a rerun starts after them.
-
-    Submits run concurrently (they share group commits), so rows finish out
-    of order; an input's recorded progress is the first row not yet taken.
-    """
-
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
-        self._pending: dict[str, deque[int]] = {}
-        self._taken: dict[str, set[int]] = {}
-        self._ended: set[str] = set()
-        self._failed: set[str] = set()  # inputs rejected as a whole: never "done"
-        self._ids: dict[str, int] = {}
-
-    def start(self, key: str, fingerprint: str) -> None:
-        self._ids[key] = self.spool.open_input(key, fingerprint).id
-        self._pending[key] = deque()
-        self._taken[key] = set()
-
-    def take(self, item: SpoolItem) -> InputTake | None:
-        """What the message made from *item* consumes: recorded with the message itself."""
-        if not item.take_key:
-            return None
-        return InputTake(self._ids[item.key], item.row, item.take_key)
-
-    def failed(self, key: str) -> None:
-        """The input could not be used at all (or not to its end): a rerun tries it again."""
-        self._failed.add(key)
-
-    def issued(self, key: str, row: int) -> None:
-        self._pending[key].append(row)
-
-    def taken(self, key: str, row: int) -> None:
-        """*row* is in the spool (or rejected): it must not be read again."""
-        pending, taken = self._pending[key], self._taken[key]
-        taken.add(row)
-        last: int | None = None
-        while pending and pending[0] in taken:
-            last = pending.popleft()
-            taken.discard(last)
-        if last is not None:
-            # The next row to read: the first one still in flight, or the one
-            # after the last taken when nothing is in flight any more.
-            self.spool.input_progress(key, pending[0] if pending else last + 1)
-        self._maybe_done(key)
-
-    def end(self, key: str) -> None:
-        self._ended.add(key)
-        self._maybe_done(key)
-
-    def _maybe_done(self, key: str) -> None:
-        if key in self._ended and not self._pending[key]:
-            if key not in self._failed:
-                self.spool.input_done(key)
-            self._ended.discard(key)
-
-
-def _resume_from(spool: Spool) -> Resume:
-    def resume(key: str, fp: str) -> ResumePoint | None:
-        state = spool.input(key)
-        if state is None:
-            return ResumePoint()
-        if state.fingerprint != fp:
-            return ResumePoint(0, state.taken)  # edited: every row again, but those taken are skipped
-        return None if state.done else ResumePoint(state.row, state.taken)
-
-    return resume
-
-
 def _queue_dir(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
     if args.queue_dir is not None:
         return Path(str(args.queue_dir))
@@ -286,8 +213,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         return _nothing_done(args, queue_dir, f"cannot open the queue: {exc}{hint}")
     if spool.report.damaged:
         progress.note(f"queue recovery: {spool.report}")
-    tracker = _InputProgress(spool)
-    reader = SpoolReader(args.spool, _resume_from(spool), _return_path(config))
+    tracker = InputProgress(spool)
+    reader = SpoolReader(args.spool, resume_from(spool), _return_path(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     interrupts = 0

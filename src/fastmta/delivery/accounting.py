@@ -63,7 +63,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "dlvSize",  # message size in bytes, when meta has "size"
     "jobId",  # meta "job"
     # fastmta's own columns
-    "status",  # delivered / bounced / expired / deferred (tells b-bounced from b-expired)
+    "status",  # delivered / bounced / expired / deferred / lost / deleted (tells b-bounced from b-expired)
     "messageId",
     "attempts",
     "dsnCode",  # the SMTP reply code
@@ -83,6 +83,8 @@ RECORD_TYPE: dict[Status, str] = {
     Status.BOUNCED: "b",
     Status.EXPIRED: "b",
     Status.DEFERRED: "t",
+    Status.LOST: "b",  # failed: never delivered, and it will not be
+    Status.DELETED: "b",  # taken out of the queue by an operator, unsent
 }
 
 #: RFC 3464 actions. "relayed" rather than "delivered" for a 2xx: the next hop
@@ -92,6 +94,8 @@ DSN_ACTION: dict[Status, str] = {
     Status.BOUNCED: "failed",
     Status.EXPIRED: "failed",
     Status.DEFERRED: "delayed",
+    Status.LOST: "failed",
+    Status.DELETED: "failed",
 }
 
 #: fastmta's reply categories (classify.Category values) in PowerMTA's bounce

@@ -21,6 +21,12 @@ Example::
     "example.com" = ["127.0.0.1:2525"]            # exactly this domain
     ".corp.example" = ["relay.corp.example"]      # its subdomains
     "*" = ["smarthost.example:587"]              # every other domain
+
+    [[dkim]]                           # sign mail by its From domain (fastmta.message.dkim_policy)
+    domain = "example.com"
+    selector = "s2026"
+    key_file = "dkim/s2026.pem"        # relative to this file
+    from_domains = ["*.example.com"]
 """
 
 from __future__ import annotations
@@ -38,10 +44,12 @@ from fastmta.delivery.limits import ThrottleConfig
 from fastmta.delivery.warmup import WarmupConfig
 from fastmta.errors import ConfigError
 from fastmta.feedback.classify import Classifier, default_classifier
+from fastmta.message.dkim_policy import DkimEntry, DkimPolicy
 
 __all__ = [
     "ClassifyConfig",
     "Config",
+    "DkimEntry",
     "DnsConfig",
     "HostPort",
     "QueueConfig",
@@ -402,6 +410,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
     return_path: ReturnPathConfig = msgspec.field(default_factory=ReturnPathConfig)
     classify: ClassifyConfig = msgspec.field(default_factory=ClassifyConfig)
+    #: ``[[dkim]]``: keys that sign every message by its From domain (campaigns bring their own).
+    dkim: list[DkimEntry] = []
+
+    def dkim_policy(self) -> DkimPolicy:
+        """The signing policy of the ``[[dkim]]`` entries; reads every key file (once per call: build it once)."""
+        return DkimPolicy.from_config(self.dkim)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources]
@@ -441,8 +455,15 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: s
     if isinstance(rules, str) and base_dir is not None and not Path(rules).is_absolute():
         classify = msgspec.structs.replace(config.classify, rules=str(Path(base_dir) / rules))
         config = msgspec.structs.replace(config, classify=classify)
+    if base_dir is not None and any(not Path(e.key_file).is_absolute() for e in config.dkim):
+        dkim = [
+            e if Path(e.key_file).is_absolute() else msgspec.structs.replace(e, key_file=str(Path(base_dir) / e.key_file))
+            for e in config.dkim
+        ]
+        config = msgspec.structs.replace(config, dkim=dkim)
     try:
         config.classify.classifier()  # the rules are checked now, not at the first reply
+        config.dkim_policy()  # and the keys: a missing or wrong one is a start-up error
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config

@@ -19,12 +19,13 @@ import itertools
 import logging
 import random
 import ssl
-from collections.abc import Callable, Coroutine, Sequence
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.limits import limits_for
-from fastmta.delivery.pool import Batch, Delivery, HostHealth, ResultCallback, SiteLimits, SiteQueue, Source
+from fastmta.delivery.pool import Batch, Delivery, Gate, HostHealth, ResultCallback, SiteLimits, SiteQueue, Source
 from fastmta.delivery.routing import Route, RouteFailure, Router
 from fastmta.delivery.throttle import Throttles
 from fastmta.feedback.classify import Classifier
@@ -35,7 +36,12 @@ from fastmta.smtp.reply import Reply
 
 log = logging.getLogger("fastmta.delivery.dispatch")
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "Select", "Taken", "split_batches", "split_recipients"]
+
+#: Picks recipients out of the queue: (message, recipient, its site when known) -> take it?
+Select = Callable[[Message, Recipient, "str | None"], bool]
+#: Recipients taken out: (message, recipient, its site when known)
+Taken = list[tuple[Message, Recipient, "str | None"]]
 
 
 class Dispatcher:
@@ -84,10 +90,12 @@ class Dispatcher:
         #: The ready queue of every (source name, site) sent to so far.
         self.queues: dict[tuple[str, str], SiteQueue] = {}
         self._limits_cache: dict[str, SiteLimits] = {}
-        # domain -> work waiting for its route (one lookup task per domain)
-        self._lookups: dict[
+        #: domain -> work waiting for its route (one lookup task per domain)
+        self.lookups: dict[
             str, list[tuple[Message, dict[str, list[Recipient]], dict[str, Route | RouteFailure] | None]]
         ] = {}
+        #: Given to every site queue (see SiteQueue.gate); set by the engine's queue control.
+        self.gate: Gate | None = None
 
     def start(self) -> None:
         """Bind to the running loop: make the router (unless one was given) and the host-health record."""
@@ -99,6 +107,38 @@ class Dispatcher:
         """Close the router, if it is ours (a router given by the caller is the caller's to close)."""
         if self._router is not None and self._router_given is None:
             await self._router.aclose()
+
+    def set_gate(self, gate: Gate | None) -> None:
+        """Put *gate* in front of every site queue, those made later too (None: take it away)."""
+        self.gate = gate
+        for queue in self.queues.values():
+            queue.gate = gate
+
+    def cached_route(self, domain: str) -> Route | RouteFailure | None:
+        """The route of *domain* if it is known now (no lookup)."""
+        return self._router.route_cached(domain) if self._router is not None else None
+
+    def take(self, select: Select) -> Taken:
+        """Take what *select* picks out of every ready queue (sender holds too) and every wait for a
+        route; what is in an open transaction stays. For an operator's bounce or delete."""
+        taken: Taken = []
+        for q in self.queues.values():
+            q.ready = split_batches(q.ready, select, taken)
+            q.sender_held = split_batches(q.sender_held, select, taken)
+        for entries in self.lookups.values():
+            for msg, by_domain, _ in entries:
+                for domain, group in list(by_domain.items()):
+                    rest = split_recipients(msg, group, None, select, taken)
+                    if not rest:
+                        del by_domain[domain]
+                    elif len(rest) < len(group):
+                        by_domain[domain] = rest
+            entries[:] = [e for e in entries if e[1]]  # the lookup's task takes its list, emptied or not
+        return taken
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self._sources]
 
     def _pick_source(self) -> Source:
         if len(self._sources) == 1:
@@ -130,9 +170,9 @@ class Dispatcher:
             if route is None:
                 route = self._router.route_cached(domain)
             if route is None:
-                waiting = self._lookups.get(domain)
+                waiting = self.lookups.get(domain)
                 if waiting is None:
-                    self._lookups[domain] = [(msg, by_domain, known)]
+                    self.lookups[domain] = [(msg, by_domain, known)]
                     self._spawn(self._lookup(domain))
                 else:
                     waiting.append((msg, by_domain, known))
@@ -147,7 +187,7 @@ class Dispatcher:
         except Exception as exc:  # a resolver bug must not lose the recipients
             log.exception("routing %s failed", domain)
             result = RouteFailure(domain, Reply.local(451, "4.4.3", f"routing error: {exc}"), True, 0.0)
-        for msg, by_domain, known in self._lookups.pop(domain, []):
+        for msg, by_domain, known in self.lookups.pop(domain, []):
             self._route_groups(msg, by_domain, {**(known or {}), domain: result})
 
     def _enqueue(self, msg: Message, by_domain: dict[str, list[Recipient]], routes: Sequence[Route | RouteFailure]) -> None:
@@ -201,6 +241,7 @@ class Dispatcher:
                 classifier=self.classifier, timeouts=self._timeouts, health=self._health,
                 on_result=self._on_result, on_expired=self._on_expired, tls=self._tls, tls_context=self._tls_context,
             )
+            queue.gate = self.gate
             self.queues[key] = queue
         return queue
 
@@ -216,6 +257,31 @@ class Dispatcher:
             )
             self._limits_cache[site] = limits
         return limits
+
+
+def split_batches(batches: Iterable[Batch], select: Select, taken: Taken) -> deque[Batch]:
+    """*batches* without the recipients *select* picks (those are appended to *taken*)."""
+    keep: deque[Batch] = deque()
+    for b in batches:
+        rest = split_recipients(b.message, b.recipients, b.route.site, select, taken)
+        if len(rest) == len(b.recipients):
+            keep.append(b)
+        elif rest:
+            keep.append(Batch(b.message, rest, b.route, b.source))
+    return keep
+
+
+def split_recipients(
+    msg: Message, rcpts: list[Recipient], site: str | None, select: Select, taken: Taken
+) -> list[Recipient]:
+    """The recipients of *rcpts* that *select* does not pick; those it picks are appended to *taken*."""
+    rest = []
+    for r in rcpts:
+        if select(msg, r, site):
+            taken.append((msg, r, site))
+        else:
+            rest.append(r)
+    return rest
 
 
 def _tls_context(verify: bool) -> ssl.SSLContext:

@@ -36,6 +36,7 @@ import msgspec
 
 from fastmta.delivery.accounting import AccountingLog
 from fastmta.delivery.config import Config, SiteConfig
+from fastmta.delivery.control import QueueControl
 from fastmta.delivery.dispatch import Dispatcher
 from fastmta.delivery.filter_watch import FilterWatch
 from fastmta.delivery.ledger import Ledger
@@ -84,6 +85,7 @@ class Engine:
         self.accounting = accounting
         self._rng = rng or random.Random()
         self.classifier = classifier or self.config.classify.classifier()  # [classify] rules, else built-in
+        self.dkim = self.config.dkim_policy()  # [[dkim]]: signs every message but campaigns' (they have their keys)
         #: When set, accepted messages and every recipient state change are
         #: journaled, and unfinished work found in it is resumed at start.
         self.spool = spool
@@ -111,6 +113,10 @@ class Engine:
         #: "User unknown" that is likely a filter's verdict: re-typed, or held until its domain's figures tell.
         self.filters = FilterWatch(release=lambda m, r, reply, d, c: self._emit(m, r, Status.BOUNCED, reply, d,
                                    classification=c), unfinished=lambda: self._unfinished)
+        #: Queue inspection and operator actions (suspend, retry, bounce, delete, why): fastmta.delivery.control.
+        self.control = QueueControl(dispatch=self._dispatch, ledger=self._ledger, emit=self._emit, spool=spool,
+                                    due=lambda: self._due, unfinished=lambda: self._unfinished,
+                                    closing=lambda: self._closing)
         self._capacity_waiters: deque[asyncio.Future[None]] = deque()
         self._unfinished = 0  # recipients accepted and not final
         self._queued_bytes = 0  # memory held by the bodies of unfinished messages (estimate)
@@ -136,6 +142,7 @@ class Engine:
     async def start(self) -> None:
         if self._started:
             return
+        self.control.start()  # the operator's suspensions, before anything is routed
         loop = asyncio.get_running_loop()
         self._dispatch.start()
         self._due = DueQueue(self._on_due, loop)
@@ -318,6 +325,8 @@ class Engine:
         unsafe = header_section_error(body.raw)
         if unsafe is not None:
             raise InputError(f"message: {unsafe}")
+        if not self.dkim.empty and not (meta and "job" in meta):
+            body = Body(self.dkim.sign(body.raw))  # before the journal: a resumed message is not signed again
         cost = _memory_cost(body)
         await self._reserve(len(rcpts), cost)
         loop = asyncio.get_running_loop()
@@ -463,6 +472,7 @@ class Engine:
             return None
         if c is None:
             c = self.classifier.classify(reply, phase)
+        self.control.note(rcpt, reply, phase, c, delivery)  # the recipient's attempt history
         if c.outcome is ReplyOutcome.TRANSIENT:
             return c
         # Permanent by the classifier (which may also read a 4xx as final, e.g.

@@ -25,10 +25,11 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastmta.delivery.eai import EnvelopePlan, plan_without_smtputf8
 from fastmta.delivery.routing import Route, RouteHost
-from fastmta.delivery.throttle import SiteThrottle
+from fastmta.delivery.throttle import EventKind, SiteThrottle, ThrottleEvent
 from fastmta.errors import ConnectError
 from fastmta.feedback.appliances import identify_server
 from fastmta.feedback.classification import Classification
@@ -90,6 +91,9 @@ class Delivery:
 
 #: (batch, per recipient: (reply, classifier phase, classification or None when delivered), delivery)
 ResultCallback = Callable[[Batch, "list[tuple[Reply, str, Classification | None]]", Delivery], None]
+#: Sees every batch put on a ready queue while an operator holds work back: returns what
+#: may go on (None: all of it held). See :mod:`fastmta.delivery.control`.
+Gate = Callable[["SiteQueue", Batch], "Batch | None"]
 
 
 class HostHealth:
@@ -169,10 +173,20 @@ class SiteQueue:
         self.connections_opened = 0
         self.transactions = 0
         self._closing = False
+        #: Operator holds (None: none, the usual case: one attribute test per batch put).
+        self.gate: Gate | None = None
+        #: Batches in an open transaction, by id(): what an operator cannot recall any more.
+        self.sending: dict[int, Batch] = {}
+        self.last_route: Route | None = None  # the route the last connection was opened for
 
     # --- feeding --------------------------------------------------------------
 
     def put(self, batch: Batch, *, front: bool = False) -> None:
+        if self.gate is not None:
+            kept = self.gate(self, batch)
+            if kept is None:
+                return
+            batch = kept
         if front:
             self.ready.appendleft(batch)
         else:
@@ -223,6 +237,56 @@ class SiteQueue:
     @property
     def busy(self) -> bool:
         return bool(self.ready) or bool(self._tasks) or bool(self._held)
+
+    @property
+    def sender_held(self) -> deque[Batch]:
+        """Batches set aside while the site holds their sender's domain (a provider procedure)."""
+        return self._held
+
+    @sender_held.setter
+    def sender_held(self, batches: deque[Batch]) -> None:
+        self._held = batches
+
+    def describe(self, now: float, offset: float) -> dict[str, Any]:
+        """For an operator: the throttle and connection state, and why (times: loop + *offset* = wall)."""
+        t = self.throttle
+        st = t.status(now)
+        cut = next((e for e in reversed(t.events) if e.kind in (EventKind.SUSPEND, EventKind.HOLD) or (
+            e.kind in (EventKind.WINDOW, EventKind.RATE) and e.old is not None and e.new is not None and e.new < e.old
+        )), None)  # fmt: skip
+        until, route, src = st.suspended_until, self.last_route, self.source.address
+        down = [f"{a}:{h.port}" for h, a in route.targets() if self.health.is_down(src, a, h.port)] if route else []
+
+        def event(e: ThrottleEvent | None) -> dict[str, Any] | None:
+            return None if e is None else {
+                "at": round(e.at + offset, 3), "kind": e.kind.value, "old": e.old, "new": e.new, "reason": e.reason,
+            }  # fmt: skip
+
+        return {
+            "window": st.window, "rate": st.rate, "probing": st.probing,
+            "suspended_until": round(until + offset, 3) if until is not None else None,
+            "suspended_for": round(max(0.0, until - now), 3) if until is not None else 0.0,
+            "warmup": {"quota": st.warmup_quota, "sent": st.warmup_sent} if st.warmup_quota is not None else None,
+            "last_event": event(t.events[-1] if t.events else None), "last_throttle": event(cut),
+            "reconnect_in": round(max(0.0, self._hold_until - now), 3), "hosts_down": down,
+        }  # fmt: skip
+
+    def retry_now(self) -> None:
+        """An operator says "try now": forget the pause after refused connections and the
+        hosts marked down, and end the throttle's suspension (its probe goes at once; the
+        adaptive rate stays where the replies put it)."""
+        now = self._loop.time()
+        self._hold_until = 0.0
+        self._connect_failures = 0
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+        if self.last_route is not None:
+            for host, address in self.last_route.targets():
+                self.health.mark_up(self.source.address, address, host.port)
+        if self.throttle.suspended_until is not None and self.throttle.suspended_until > now:
+            self.throttle.suspended_until = now  # its end: the next look starts the probe
+        self._kick()
 
     def halt(self) -> None:
         """Start nothing new (the engine can no longer keep its record)."""
@@ -279,6 +343,7 @@ class SiteQueue:
     async def _connect(self, route: Route) -> tuple[SMTPConnection | None, str | None]:
         """Open a connection to the first usable host of *route*; on failure defer the queue."""
         src = self.source.address
+        self.last_route = route
         candidates = [(h, a) for h, a in route.targets() if not self.health.is_down(src, a, h.port)]
         if not candidates:
             # Every host is marked down: try them anyway rather than wait idle,
@@ -390,6 +455,8 @@ class SiteQueue:
             for batch, ticket, fut, plan in inflight:
                 if fut.done():
                     self._result(batch, ticket, fut.result(), delivery, plan)
+                else:
+                    self.sending.pop(id(batch), None)
             raise
         for batch, ticket, fut, plan in inflight:
             self._result(batch, ticket, await fut, delivery, plan)
@@ -454,6 +521,7 @@ class SiteQueue:
                 else:
                     fut = conn.send(Transaction(message.sender, rcpts, message.body, batch))
                 inflight.append((batch, ticket, fut, plan))
+                self.sending[id(batch)] = batch
                 sent += 1
             if inflight:
                 batch, ticket, fut, plan = inflight[0]
@@ -491,6 +559,7 @@ class SiteQueue:
         plan: EnvelopePlan | None = None,
     ) -> None:
         """Classify each recipient's reply once, feed the throttle, hand everything to the engine."""
+        self.sending.pop(id(batch), None)
         now = self._loop.time()
         classified: list[tuple[Reply, str, Classification | None]] = []
         sent = result.recipient_results() if result is not None else []

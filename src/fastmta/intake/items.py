@@ -56,6 +56,7 @@ class InputSkipped:
     """An input already finished by an earlier run."""
 
     key: str
+    source: str = ""  # the file, where the input is one (a pickup file)
 
 
 Event = SpoolItem | Reject | InputStart | InputEnd | InputSkipped

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fastmta.errors import InputError
@@ -87,8 +87,13 @@ def _not_a_readable_file(path: Path) -> str | None:
 class SpoolReader:
     """Iterates a spool directory: ``*.eml`` first (sorted), then ``*.toml`` jobs."""
 
-    def __init__(self, directory: Path, resume: Resume | None = None, return_path: ReturnPath | None = None) -> None:
+    def __init__(
+        self, directory: Path, resume: Resume | None = None, return_path: ReturnPath | None = None,
+        accept: Callable[[Path], bool] | None = None,
+    ) -> None:
         self.directory = directory
+        #: Which entries to read now (fastmta serve's pickup leaves files still being written for later).
+        self.accept = accept
         self.resume: Resume = resume or (lambda key, fp: ResumePoint())
         self.return_path = return_path
 
@@ -100,7 +105,7 @@ class SpoolReader:
             return
         # Hidden names are skipped: files being written (sink capture writes
         # .name.tmp then renames) and the queue directory itself.
-        visible = [p for p in entries if not p.name.startswith(".")]
+        visible = [p for p in entries if not p.name.startswith(".") and (self.accept is None or self.accept(p))]
         for path in visible:
             if path.suffix == ".eml":
                 # Not only regular files: a dangling link or a directory named
@@ -139,7 +144,7 @@ class SpoolReader:
         take_key = int(digest[:16], 16)
         point = self.resume(key, "")
         if point is None or take_key in point.taken:
-            yield InputSkipped(key)
+            yield InputSkipped(key, str(path))
             return
         try:
             msg = parse_pickup(data, path)

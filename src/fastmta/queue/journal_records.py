@@ -8,7 +8,7 @@ Each record is a msgspec Struct encoded as a msgpack array, one frame each
   either a body reference (segment, offset, length) or a source reference
   (input id, row, byte offset) from which the caller re-renders it (campaign
   rows), plus meta.
-* :class:`StateRecord`  one recipient's new state: delivered / bounced /
+* :class:`StateRecord`  one recipient's new state: delivered / bounced / deleted /
   expired (final) or deferred with attempts and next attempt time (wall clock).
 * :class:`InputRecord`  an input's progress: key (what identifies it), fingerprint
   (its content), rows taken, done. :class:`ForgetRecord` drops it;
@@ -172,7 +172,9 @@ JournalRecord = HeaderRecord | AddRecord | StateRecord | InputRecord | DropRecor
 RECORD_TAGS = {int(t.__struct_config__.tag): t.__name__ for t in get_args(JournalRecord)}
 
 # Statuses are stored as small integers: part of the on-disk format, never renumber.
-STATUS_CODE = {Status.DELIVERED: 1, Status.BOUNCED: 2, Status.EXPIRED: 3, Status.DEFERRED: 4}
+# Every code but DEFERRED's is final, which is all recovery reads from it, so a
+# new final status (DELETED) needs no format change: older code reads it as final.
+STATUS_CODE = {Status.DELIVERED: 1, Status.BOUNCED: 2, Status.EXPIRED: 3, Status.DEFERRED: 4, Status.DELETED: 5}
 DEFERRED_CODE = STATUS_CODE[Status.DEFERRED]  # the only status that is not final
 
 record_decoder = msgspec.msgpack.Decoder(JournalRecord)

@@ -27,6 +27,7 @@ class Status(str, Enum):
     EXPIRED = "expired"  # final: transient failures until the queue lifetime ran out
     DEFERRED = "deferred"  # not final: a transient failure, another attempt is scheduled
     LOST = "lost"  # final: accepted, then its queue record or body was damaged beyond recovery (reported)
+    DELETED = "deleted"  # final: removed from the queue by an operator, unsent (engine.control.delete)
 
     @property
     def is_final(self) -> bool:
@@ -68,6 +69,9 @@ class Recipient:
     status: Status | None = None  # None: never tried
     last_reply: Reply | None = None
     index: int = 0  # position in the message's recipient list (the spool's key for it)
+    #: The last failed attempts, oldest first, as the delivery layer's queue
+    #: control keeps them (flat pairs: time, what happened); empty until one fails.
+    history: tuple[Any, ...] = ()
 
 
 @dataclass(slots=True)

@@ -72,6 +72,25 @@ class DueQueue(Generic[T]):
     def next_due(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
+    def entries(self) -> list[tuple[float, T]]:
+        """Every (due time, item) waiting, in no particular order (to inspect, not to change)."""
+        return [(due, item) for due, _, item in self._heap]
+
+    def rebuild(self, keep: Callable[[T], T | None]) -> None:
+        """Replace each item by ``keep(item)``, dropping those it returns None for (their due times stay).
+
+        Walks the whole queue: for rare operator actions (take some work out,
+        or move it to now), not for the delivery path.
+        """
+        heap = []
+        for due, seq, item in self._heap:
+            kept = keep(item)
+            if kept is not None:
+                heap.append((due, seq, kept))
+        heapq.heapify(heap)
+        self._heap = heap
+        self._arm()
+
     def _arm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

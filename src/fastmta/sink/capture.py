@@ -45,9 +45,14 @@ class CaptureWriter:
 
     __slots__ = ("_count", "_prefix", "directory", "file_mode", "held", "memory_limit")
 
-    def __init__(self, directory: Path, memory_limit: int = 256 * 1024 * 1024, file_mode: int = 0o600) -> None:
+    def __init__(
+        self, directory: Path | None, memory_limit: int = 256 * 1024 * 1024, file_mode: int = 0o600
+    ) -> None:
+        # directory None: the memory budget alone, for a server that takes the
+        # content itself (fastmta serve's SMTP listener journals it instead).
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._count = 0
         # Several sinks may share a directory: the pid keeps their names apart.
         self._prefix = f"{os.getpid()}"
@@ -68,6 +73,8 @@ class CaptureWriter:
 
     def write(self, queue_id: str, sender: bytes, recipients: Sequence[bytes], content: bytes) -> Path:
         """Write one message; on failure (disk full, read-only) nothing is left behind and OSError is raised."""
+        if self.directory is None:
+            raise OSError("this capture keeps no files")
         self._count += 1
         name = f"{self._prefix}-{self._count:08d}-{queue_id}.eml"
         final = self.directory / name

@@ -15,7 +15,7 @@ configured.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from fastmta.sink.connection import MODE_BDAT, MODE_DATA, SinkConnection
 from fastmta.sink.replies import (
@@ -60,6 +60,9 @@ class SinkProtocol(SinkConnection):
     # The state is in the base's slots; an empty list keeps instances
     # without a __dict__ (and attribute access on the slot fast path).
     __slots__ = ()
+    #: verb -> handler; a class attribute so a subclass (fastmta serve's
+    #: injection listener) can add or replace commands. Set below the class.
+    _handlers: ClassVar[dict[bytes, Any]]
 
     # ------------------------------------------------------------ commands
 
@@ -76,7 +79,7 @@ class SinkProtocol(SinkConnection):
         if self._refused and verb != b"QUIT":
             self._error(R_SESSION_REFUSED, 503)
             return
-        handler = _HANDLERS.get(verb)
+        handler = self._handlers.get(verb)
         if handler is None or (len(line) > 4 and line[4] != 0x20 and verb != b"STAR"):
             self._error(R_UNKNOWN, 500)
             return
@@ -415,3 +418,4 @@ _HANDLERS: dict[bytes, Any] = {
     b"EXPN": SinkProtocol._expn,
     b"STAR": SinkProtocol._starttls,
 }
+SinkProtocol._handlers = _HANDLERS

@@ -30,12 +30,11 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+from collections.abc import Callable
 from typing import Any, Self
 
 from fastmta.sink.capture import CaptureWriter
-from fastmta.sink.config import (
-    SinkConfig,
-)
+from fastmta.sink.config import ListenerConfig, SinkConfig
 from fastmta.sink.connection import ConnectionTrace, SinkConnection
 from fastmta.sink.listener import ListenerRuntime
 from fastmta.sink.profiles import get_profile
@@ -71,6 +70,13 @@ class SinkServer:
         #: (bound address, its listener): one listener may bind several sockets.
         self._bound: list[tuple[tuple[str, int], ListenerRuntime]] = []
 
+    #: What each connection is; fastmta serve's injection listener subclasses it.
+    protocol_class: type[SinkProtocol] = SinkProtocol
+
+    def make_listener(self, lc: ListenerConfig, rng: random.Random, clock: Callable[[], float]) -> ListenerRuntime:
+        """The replies and faults every connection of listener *lc* shares."""
+        return ListenerRuntime(lc, self.config, self.ssl_context is not None, rng, self.stats, clock)
+
     def next_session_id(self) -> str:
         self._sessions += 1
         return f"{self._sessions:06X}"
@@ -90,9 +96,10 @@ class SinkServer:
         rng = random.Random(cfg.seed)
         try:
             for lc in cfg.listeners:
-                listener = ListenerRuntime(lc, cfg, self.ssl_context is not None, rng, self.stats, loop.time)
+                listener = self.make_listener(lc, rng, loop.time)
+                protocol = self.protocol_class
                 server = await loop.create_server(
-                    lambda listener=listener: SinkProtocol(self, listener),  # type: ignore[misc]
+                    lambda listener=listener, protocol=protocol: protocol(self, listener),  # type: ignore[misc]
                     lc.host,
                     lc.port,
                     backlog=cfg.backlog,

@@ -1,0 +1,193 @@
+"""The pickup directory, watched: ``fastmta send``'s inputs, taken exactly once while the service runs.
+
+Every ``interval`` seconds the directory is read with the same reader and
+the same exactly-once bookkeeping as ``fastmta send`` (inputs known by
+content, each row's take journaled with its message). What differs is what
+a long-running watcher must do about files:
+
+* a file modified less than ``settle`` seconds ago is left for a later scan
+  (it may still be being written; writers should write a dot-file and
+  rename it, as Postfix's maildrop does, and then nothing waits);
+* a pickup file durably queued is deleted (``delete = true``, Postfix's
+  pickup does the same), or kept and skipped by content on later scans;
+* a file that cannot be used at all (malformed, unreadable) is moved to
+  ``.rejected/`` beside a ``.reason`` file, and reported once, instead of
+  being reported again on every scan. Nothing is dropped silently.
+
+Scanning (``iterdir``, ``stat``, reading and hashing files) is blocking
+file I/O, so it runs in a worker thread; only submitting runs on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from fastmta.errors import InputError
+from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reject, SpoolItem
+from fastmta.intake.progress import InputProgress, resume_from
+from fastmta.intake.reader import SpoolReader
+from fastmta.message.returnpath import ReturnPath
+from fastmta.queue.journal_records import InputTake
+from fastmta.queue.spool import Spool
+
+log = logging.getLogger("fastmta.serve.pickup")
+
+__all__ = ["PickupWatcher"]
+
+Submit = Callable[[SpoolItem, InputTake | None], Awaitable[str]]
+
+#: Events read per hop to the worker thread: a big campaign is streamed, not read whole into memory.
+_CHUNK = 512
+
+
+class PickupWatcher:
+    """Scans one directory until stopped; hands each item to *submit* (durable when it returns)."""
+
+    def __init__(
+        self, directory: Path, spool: Spool, submit: Submit, *, interval: float = 1.0, settle: float = 1.0,
+        delete: bool = True, return_path: ReturnPath | None = None, rejects: Path | None = None,
+        on_reject: Callable[[Reject], None] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.spool = spool
+        self._submit = submit
+        self.interval = interval
+        self.settle = settle
+        self.delete = delete
+        self.return_path = return_path
+        self.rejects_file = rejects
+        self._on_reject = on_reject
+        self.tracker = InputProgress(spool)
+        self.scans = 0
+        self.submitted = 0
+        self.rejected = 0
+        self._window = asyncio.Semaphore(256)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Scan every ``interval`` until *stop* is set; a scan in progress finishes its submits first."""
+        while not stop.is_set():
+            try:
+                await self.scan(stop)
+            except Exception:  # the next scan tries again; the service goes on
+                log.exception("pickup scan of %s failed", self.directory)
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval)
+            except TimeoutError:
+                pass
+
+    def _settled(self, path: Path) -> bool:
+        try:
+            return time.time() - path.lstat().st_mtime >= self.settle
+        except OSError:
+            return True  # vanished or unreadable: the reader reports it
+
+    async def scan(self, stop: asyncio.Event | None = None) -> int:
+        """One pass over the directory; returns the messages submitted."""
+        self.scans += 1
+        reader = iter(SpoolReader(self.directory, resume_from(self.spool), self.return_path, accept=self._settled))
+        done_files: list[str] = []
+        inflight: set[asyncio.Task[None]] = set()
+        submitted = 0
+
+        def chunk() -> list[Event]:
+            out: list[Event] = []
+            for event in reader:
+                out.append(event)
+                if len(out) >= _CHUNK:
+                    break
+            return out
+
+        while stop is None or not stop.is_set():
+            events = await asyncio.to_thread(chunk)
+            if not events:
+                break
+            for event in events:
+                if isinstance(event, InputSkipped):
+                    if event.source:
+                        done_files.append(event.source)
+                elif isinstance(event, InputStart):
+                    self.tracker.start(event.key, event.fingerprint)
+                elif isinstance(event, InputEnd):
+                    self.tracker.end(event.key)
+                elif isinstance(event, Reject):
+                    self._reject(event)
+                    if event.key:
+                        if event.row == 0:
+                            self.tracker.failed(event.key)
+                            await asyncio.to_thread(self._quarantine, Path(event.source), event.reason)
+                        self.tracker.issued(event.key, event.row)
+                        self.tracker.taken(event.key, event.row)
+                else:
+                    await self._window.acquire()
+                    self.tracker.issued(event.key, event.row)
+                    task = asyncio.ensure_future(self._one(event, done_files))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
+                    submitted += 1
+        if inflight:
+            await asyncio.wait(set(inflight))
+        if self.delete and done_files:
+            await asyncio.to_thread(self._remove, done_files)
+        return submitted
+
+    async def _one(self, item: SpoolItem, done_files: list[str]) -> None:
+        try:
+            await self._submit(item, self.tracker.take(item))
+        except InputError as exc:
+            self._reject(Reject(item.source, item.line, exc.reason, item.key, item.row))
+            self.tracker.taken(item.key, item.row)  # reported: not to be read again
+        except Exception as exc:  # not accepted (e.g. the queue is not writable): the next scan tries again
+            log.warning("pickup %s: not queued now, retried on the next scan: %s", item.source, exc)
+            self.tracker.failed(item.key)
+        else:
+            self.submitted += 1
+            self.tracker.taken(item.key, item.row)
+            if item.key.startswith("pickup:"):
+                done_files.append(item.source)
+        finally:
+            self._window.release()
+
+    def _reject(self, reject: Reject) -> None:
+        self.rejected += 1
+        log.warning("pickup rejected: %s", str(reject).encode("ascii", "backslashreplace").decode("ascii"))
+        if self._on_reject is not None:
+            self._on_reject(reject)
+        if self.rejects_file is not None:
+            try:
+                with open(self.rejects_file, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"time": round(time.time(), 3), **reject.as_dict()}) + "\n")
+            except OSError as exc:
+                log.error("cannot record a rejected input in %s: %s", self.rejects_file, exc)
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        """Move an unusable file aside, with why, so it is reported once and kept for the operator."""
+        if path.parent != self.directory or not path.name or path.name.startswith("."):
+            return  # a campaign's recipients file or the like: leave it where it is
+        target_dir = self.directory / ".rejected"
+        try:
+            target_dir.mkdir(mode=0o700, exist_ok=True)
+            target = target_dir / path.name
+            if target.exists():
+                target = target_dir / f"{path.stem}.{time.time_ns()}{path.suffix}"
+            os.replace(path, target)
+            target.with_name(target.name + ".reason").write_text(reason + "\n", encoding="utf-8")
+        except OSError as exc:
+            log.error("cannot move rejected %s aside: %s", path, exc)
+
+    def _remove(self, files: list[str]) -> None:
+        for name in dict.fromkeys(files):
+            path = Path(name)
+            if path.suffix != ".eml" or path.parent != self.directory:
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("cannot delete queued pickup file %s: %s", path, exc)

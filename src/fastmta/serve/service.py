@@ -1,0 +1,447 @@
+"""The running service: one engine and its durable queue, with every way in and out around it.
+
+:class:`Service` owns, for the life of the process:
+
+* the :class:`~fastmta.delivery.engine.Engine` and its
+  :class:`~fastmta.queue.spool.Spool` (``DATA_DIR/queue``) and accounting
+  log (``DATA_DIR/accounting.jsonl``);
+* the SMTP injection listeners (:mod:`fastmta.serve.smtp_listener`), the
+  HTTP API (:mod:`fastmta.serve.http_api`), the admin API on a unix socket
+  (:mod:`fastmta.serve.admin`) and the pickup watcher
+  (:mod:`fastmta.serve.pickup`);
+* the webhook outbox (:mod:`fastmta.serve.events`) and the metrics
+  (:mod:`fastmta.serve.metrics`).
+
+Every way in ends in :meth:`Service.inject`: recipients at the domains the
+service receives for are taken in (written durably to ``DATA_DIR/inbound``
+for the feedback processor); every other recipient goes to the engine,
+which journals the message before :meth:`inject` returns. Readiness is the
+condition for taking anything: the engine running, its record intact (no
+journal or accounting failure) and enough free disk for the queue; while
+not ready, SMTP answers 451 and HTTP 503, so nothing is accepted that
+cannot be stored.
+
+Signals (see :mod:`fastmta.cli.serve`): SIGHUP :meth:`reload` re-reads the
+configuration (credentials, tokens, relay networks, receive domains, DKIM
+keys, webhooks' settings) without closing a connection; SIGTERM
+:meth:`stop` drains: listeners close first (clients in the middle of a
+message get 421 and keep it), then transactions in flight finish, then the
+queue is synced. What is left in it resumes at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from fastmta.delivery.accounting import AccountingLog
+from fastmta.delivery.engine import Engine, EngineClosed
+from fastmta.delivery.reconfigure import reconfigure
+from fastmta.errors import ConfigError, InputError
+from fastmta.intake.items import SpoolItem
+from fastmta.message.returnpath import ReturnPath
+from fastmta.queue.journal_records import InputTake
+from fastmta.queue.records import new_message_id, split_address
+from fastmta.queue.spool import Spool
+from fastmta.queue.spool_errors import SpoolError
+from fastmta.serve.admin import build_admin_app
+from fastmta.serve.api import INJECTION_PATHS, Unavailable
+from fastmta.serve.auth import Accounts, RelayPolicy, TokenRing
+from fastmta.serve.config import ServiceConfig, load_service_config
+from fastmta.serve.events import EventOutbox
+from fastmta.serve.http_api import build_api_app
+from fastmta.serve.metrics import IntakeStats, ServiceMetrics
+from fastmta.serve.pickup import PickupWatcher
+from fastmta.serve.smtp_listener import InjectServer
+from fastmta.sink.config import ListenerConfig, SinkConfig
+
+log = logging.getLogger("fastmta.serve")
+
+__all__ = ["Service"]
+
+#: Below this much free space in the data directory the service stops taking mail
+#: (Postfix's queue_minfree): what it has accepted must still fit its state changes.
+MIN_FREE_BYTES = 64 * 1024 * 1024
+
+
+class Service:
+    """``async with Service(config) as service: await service.wait()``."""
+
+    def __init__(self, config: ServiceConfig, *, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        serve = config.serve
+        self.data_dir = Path(serve.data_dir)
+        self.policy = RelayPolicy(serve.relay_networks, self._receive_domains(config))
+        self.accounts = Accounts((u.name, u.password_hash) for u in serve.users)
+        self.tokens = TokenRing((t.name, t.sha256) for t in serve.http.tokens)
+        self.admin_tokens = TokenRing((t.name, t.sha256) for t in serve.admin.tokens)
+        self.intake = IntakeStats()
+        self.smtp_servers: list[InjectServer] = []
+        self.smtp_addresses: list[tuple[str, int]] = []
+        self.http_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self.admin_socket: Path | None = None
+        self.outbox: EventOutbox | None = None
+        self.pickup: PickupWatcher | None = None
+        self._engine: Engine | None = None
+        self._spool: Spool | None = None
+        self._accounting: AccountingLog | None = None
+        self._metrics: ServiceMetrics | None = None
+        self._runners: list[web.AppRunner] = []
+        self._stop = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopper: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._free_checked = 0.0
+        self._disk_ok = True
+        self.started_at = 0.0
+
+    @staticmethod
+    def _receive_domains(config: ServiceConfig) -> list[str]:
+        domains = list(config.serve.receive_domains)
+        if config.engine.return_path.domain:
+            domains.append(config.engine.return_path.domain)  # bounces come back to it
+        return domains
+
+    # ------------------------------------------------------------------ life
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("service not started")
+        return self._engine
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        serve = self.config.serve
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.data_dir / "inbound").mkdir(exist_ok=True, mode=0o700)
+        try:
+            self._spool = await asyncio.to_thread(functools.partial(Spool, self.data_dir / "queue"))
+        except SpoolError as exc:
+            raise ConfigError(f"cannot open the queue in {self.data_dir / 'queue'}: {exc}") from None
+        if self._spool.report.damaged:
+            log.error("queue recovery: %s", self._spool.report)
+        self._accounting = AccountingLog(self.data_dir / "accounting.jsonl")
+        engine = Engine(self.config.engine, accounting=self._accounting, spool=self._spool)
+        self._engine = engine
+        await engine.start()
+        if engine.recovered:
+            log.info("resumed %d unfinished recipient(s) from the queue", engine.recovered)
+        if serve.webhooks:
+            self.outbox = EventOutbox(self.data_dir / "events", list(serve.webhooks))
+            await self.outbox.start()
+            engine.add_listener(self.outbox.on_outcome)
+        self._metrics = ServiceMetrics(engine, intake=self.intake, spool=self._spool, outbox=self.outbox)
+        self.started_at = time.time()
+        try:
+            await self._start_smtp()
+            await self._start_http()
+            await self._start_admin()
+            self._start_pickup()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "fastmta serve ready: smtp %s, http %s, admin %s",
+            ", ".join(f"{h}:{p}" for h, p in self.smtp_addresses) or "-",
+            f"{self.http_address[0]}:{self.http_address[1]}" if self.http_address else "-",
+            self.admin_socket or "-",
+        )
+
+    async def _start_smtp(self) -> None:
+        serve = self.config.serve
+        for lc in serve.smtp:
+            host, port = lc.address
+            sink_config = SinkConfig(
+                listeners=(ListenerConfig(host, port, hostname=serve.hostname),),
+                max_message_size=lc.max_message_size, max_recipients=lc.max_recipients,
+                tls_cert=Path(lc.tls_cert) if lc.tls_cert else None, tls_key=Path(lc.tls_key) if lc.tls_key else None,
+            )
+            server = InjectServer(
+                sink_config, service=self, policy=self.policy, accounts=self.accounts, hostname=serve.hostname,
+                max_auth_failures=serve.max_auth_failures,
+            )
+            self.smtp_addresses.extend(await server.start())
+            self.smtp_servers.append(server)
+
+    async def _start_http(self) -> None:
+        address = self.config.serve.http.address
+        if address is None:
+            return
+        runner = web.AppRunner(
+            build_api_app(self, max_request_size=self.config.serve.http.max_request_size), access_log=None
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, address[0], address[1], reuse_address=False)
+        await site.start()
+        self.http_address = _bound(runner)
+
+    async def _start_admin(self) -> None:
+        admin = self.config.serve.admin
+        path = Path(admin.socket) if admin.socket else self.data_dir / "admin.sock"
+        if len(os.fsencode(path)) > 100:
+            raise ConfigError(f"serve.admin.socket: path too long for a unix socket ({path}); set a shorter one")
+        runner = web.AppRunner(build_admin_app(self, require_token=False), access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        if path.exists() and stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()  # left by a previous run (the queue lock already ensures only one service runs)
+        old = os.umask(0o177)  # the socket is the operator's alone: created 0600, no window
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        finally:
+            os.umask(old)
+        self.admin_socket = path
+        if admin.listen:
+            token_runner = web.AppRunner(build_admin_app(self, require_token=True), access_log=None)
+            await token_runner.setup()
+            self._runners.append(token_runner)
+            host, port = admin.listen.rsplit(":", 1)
+            await web.TCPSite(token_runner, host.strip("[]"), int(port), reuse_address=False).start()
+            self.admin_address = _bound(token_runner)
+
+    def _start_pickup(self) -> None:
+        pickup = self.config.serve.pickup
+        if not pickup.directory:
+            return
+        directory = Path(pickup.directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        assert self._spool is not None
+        self.pickup = PickupWatcher(
+            directory, self._spool, self._submit_item, interval=pickup.interval, settle=pickup.settle,
+            delete=pickup.delete, return_path=self._return_path(), rejects=self.data_dir / "rejects.jsonl",
+            on_reject=lambda _r: self.intake.rejected("pickup"),
+        )
+        self._tasks.append(asyncio.ensure_future(self.pickup.run(self._stop)))
+
+    def _return_path(self) -> ReturnPath | None:
+        rp = self.config.engine.return_path
+        if not rp.domain:
+            return None
+        try:
+            return ReturnPath(Path(rp.secret_file).read_bytes().strip(), rp.domain, rp.prefix)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"return_path: {exc}") from None
+
+    async def wait(self) -> None:
+        """Until :meth:`stop` has finished."""
+        await self._stopped.wait()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Drain and stop: listeners first, then what is in flight, then the queue is synced."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self._stop.set()
+        timeout = self.config.serve.drain_timeout if timeout is None else timeout
+        for server in self.smtp_servers:
+            await server.close()  # 421 to connected clients; a message not yet answered 250 stays theirs
+        for task in self._tasks:
+            try:
+                await asyncio.wait_for(task, timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            except Exception:
+                log.exception("a service task failed while stopping")
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        if self._engine is not None:
+            await self._engine.close(timeout)
+        if self.outbox is not None:
+            await self.outbox.close(timeout=min(timeout, 10.0))
+        if self._accounting is not None:
+            self._accounting.close()
+        if self._spool is not None:
+            await self._spool.close()
+        if self.admin_socket is not None:
+            try:
+                self.admin_socket.unlink()
+            except OSError:
+                pass
+        self._stopped.set()
+
+    def request_stop(self) -> None:
+        """From a signal handler: start :meth:`stop` (once)."""
+        if not self._stopping:
+            self._stopper = asyncio.ensure_future(self.stop())
+
+    # ---------------------------------------------------------------- reload
+
+    def reload(self) -> list[str]:
+        """Re-read the configuration file and apply what can change while running; returns what changed.
+
+        Applied live: SMTP accounts, API and admin tokens, relay networks,
+        receive domains, the DKIM signing keys. Anything else (listeners,
+        data directory, engine limits) needs a restart and is reported as such.
+        A configuration that does not load changes nothing.
+        """
+        if self.config_path is None:
+            return []
+        try:
+            new = load_service_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, configuration unchanged: %s", exc)
+            raise
+        changed: list[str] = []
+        old = self.config
+        if new.serve.users != old.serve.users:
+            self.accounts = Accounts((u.name, u.password_hash) for u in new.serve.users)
+            changed.append("users")
+        if new.serve.http.tokens != old.serve.http.tokens:
+            self.tokens = TokenRing((t.name, t.sha256) for t in new.serve.http.tokens)
+            changed.append("http tokens")
+        if new.serve.admin.tokens != old.serve.admin.tokens:
+            self.admin_tokens = TokenRing((t.name, t.sha256) for t in new.serve.admin.tokens)
+            changed.append("admin tokens")
+        receive = self._receive_domains(new)
+        if new.serve.relay_networks != old.serve.relay_networks or receive != self._receive_domains(old):
+            self.policy = RelayPolicy(new.serve.relay_networks, receive)
+            changed.append("relay networks / receive domains")
+        for server in self.smtp_servers:
+            server.policy, server.accounts = self.policy, self.accounts
+        if self._engine is not None:
+            changed.extend(reconfigure(self._engine, new.engine))
+        restart = [
+            key for key in ("smtp", "http", "data_dir", "pickup", "webhooks", "hostname")
+            if getattr(new.serve, key) != getattr(old.serve, key)
+        ]
+        if restart:
+            log.warning("reload: changes to serve.%s take effect at the next restart", ", serve.".join(restart))
+        self.config = ServiceConfig(new.engine, msgspec_replace_keep(old.serve, new.serve, restart), new.source)
+        log.info("configuration reloaded: %s", ", ".join(changed) or "nothing changed")
+        return changed
+
+    # ------------------------------------------------------------ the way in
+
+    def ready(self) -> tuple[bool, str]:
+        if self._engine is None or self._stopping:
+            return False, "shutting down" if self._stopping else "starting"
+        fatal = self._engine.fatal
+        if fatal is not None:
+            return False, f"the delivery record cannot be kept: {fatal}"
+        now = time.monotonic()
+        if now - self._free_checked > 1.0:
+            self._free_checked = now
+            try:
+                self._disk_ok = shutil.disk_usage(self.data_dir).free >= MIN_FREE_BYTES
+            except OSError:
+                self._disk_ok = False
+        if not self._disk_ok:
+            return False, f"less than {MIN_FREE_BYTES // 2**20} MiB free in {self.data_dir}"
+        return True, ""
+
+    async def inject(
+        self, content: bytes, sender: str, recipients: list[str], *, via: str, meta: dict[str, Any] | None = None
+    ) -> str:
+        return await self._inject(content, sender, recipients, via, meta, None)
+
+    async def _submit_item(self, item: SpoolItem, take: InputTake | None) -> str:
+        return await self._inject(item.content, item.sender, item.recipients, "pickup", item.meta, take)
+
+    async def _inject(
+        self, content: bytes, sender: str, recipients: list[str], via: str, meta: dict[str, Any] | None,
+        take: InputTake | None,
+    ) -> str:
+        assert via in INJECTION_PATHS, via
+        ready, why = self.ready()
+        if not ready:
+            raise Unavailable(why)
+        inbound = [r for r in recipients if self.policy.receive_domains and self.policy.receives(_domain(r))]
+        outbound = [r for r in recipients if r not in inbound] if inbound else recipients
+        meta = dict(meta or {})
+        meta.setdefault("via", via)
+        try:
+            message_id = new_message_id()
+            if inbound:
+                await self._receive(message_id, content, sender, inbound)
+            if outbound:
+                await self.engine.submit(content, sender, outbound, meta=meta, message_id=message_id, take=take)
+        except InputError:
+            self.intake.rejected(via)
+            raise
+        except EngineClosed as exc:
+            raise Unavailable(str(exc)) from None
+        self.intake.accepted(via, len(recipients))
+        return message_id
+
+    async def _receive(self, message_id: str, content: bytes, sender: str, recipients: list[str]) -> None:
+        """Mail for the receive domains (bounces, complaints, unsubscribes): kept durably for the feedback processor."""
+        if sender:
+            split_address(sender, "sender")
+        for r in recipients:
+            split_address(r)
+        envelope = f"X-Fastmta-Envelope-From: <{sender}>\r\n" + "".join(
+            f"X-Fastmta-Envelope-To: <{r}>\r\n" for r in recipients
+        )
+        await asyncio.to_thread(_write_durably, self.data_dir / "inbound" / f"{message_id}.eml",
+                                envelope.encode("utf-8") + content)
+
+    # ------------------------------------------------------------- front ends
+
+    def http_principal(self, token: str) -> str | None:
+        return self.tokens.principal(token)
+
+    def admin_principal(self, token: str) -> str | None:
+        return self.admin_tokens.principal(token)
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        if self._metrics is None:
+            raise Unavailable("starting")
+        return self._metrics.render()
+
+
+def msgspec_replace_keep(old: Any, new: Any, keep: list[str]) -> Any:
+    """*new*, with the fields named in *keep* taken from *old* (they change only at restart)."""
+    import msgspec
+
+    return msgspec.structs.replace(new, **{k: getattr(old, k) for k in keep}) if keep else new
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+def _bound(runner: web.AppRunner) -> tuple[str, int] | None:
+    """The address a TCP site bound (port 0 resolved)."""
+    for name in runner.addresses:
+        if isinstance(name, tuple):
+            return str(name[0]), int(name[1])
+    return None
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
