@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import time
@@ -85,6 +86,7 @@ RECORD_TYPE: dict[Status, str] = {
     Status.DEFERRED: "t",
     Status.LOST: "b",  # failed: never delivered, and it will not be
     Status.DELETED: "b",  # taken out of the queue by an operator, unsent
+    Status.SUPPRESSED: "b",  # on the suppression list at intake: never sent
 }
 
 #: RFC 3464 actions. "relayed" rather than "delivered" for a 2xx: the next hop
@@ -96,6 +98,7 @@ DSN_ACTION: dict[Status, str] = {
     Status.DEFERRED: "delayed",
     Status.LOST: "failed",
     Status.DELETED: "failed",
+    Status.SUPPRESSED: "failed",
 }
 
 #: fastmta's reply categories (classify.Category values) in PowerMTA's bounce
@@ -295,6 +298,39 @@ class AccountingLog:
             line = self._encode_row(cells)
         else:
             line = self._encoder.encode(outcome.as_record()) + b"\n"
+        self._pending.append(line)
+        self.lines += 1
+        if len(self._pending) >= self._batch:
+            self.flush()
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        """Queue a record that is not a delivery attempt (what came back: oob_bounce, complaint, unsubscribe...).
+
+        JSONL: the record as it is (a ``status`` naming its kind, ``time``,
+        ``recipient``...). CSV: PowerMTA's feedback-loop record type ``f``
+        for complaints, ``rb`` for remote bounces, else the kind itself,
+        with the columns that apply and the rest in ``meta``.
+        """
+        if self.format == "csv":
+            kind = str(record.get("status", ""))
+            known = {"status", "time", "recipient", "sender", "diagnostic", "category", "bounce_type", "campaign",
+                     "message_id"}
+            cells = dict.fromkeys(CSV_COLUMNS, "")
+            cells.update({
+                "type": {"complaint": "f", "oob_bounce": "rb"}.get(kind, kind), "status": kind,
+                "timeLogged": format_time(float(record.get("time", self._clock())), self._iso),
+                "rcpt": _text(record.get("recipient")), "orig": _text(record.get("sender")),
+                "dsnDiag": _text(record.get("diagnostic")), "category": _text(record.get("category")),
+                "bounceType": _text(record.get("bounce_type")), "jobId": _text(record.get("campaign")),
+                "messageId": _text(record.get("message_id")),
+                "meta": json.dumps({k: v for k, v in record.items() if k not in known}, sort_keys=True),
+            })
+            values = list(cells.values())
+            if self._guard:
+                values = [_guard_formula(c) for c in values]
+            line = self._encode_row(values)
+        else:
+            line = self._encoder.encode(record) + b"\n"
         self._pending.append(line)
         self.lines += 1
         if len(self._pending) >= self._batch:

@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from fastmta.delivery.accounting import AccountingLog
 from fastmta.delivery.config import Config, SiteConfig
@@ -43,12 +39,14 @@ from fastmta.delivery.ledger import Ledger
 from fastmta.delivery.limits import SourceLimits
 from fastmta.delivery.pool import Batch, Delivery
 from fastmta.delivery.routing import Router
+from fastmta.delivery.screen import Screen
 from fastmta.delivery.throttle import ThrottleEvent, Throttles
-from fastmta.delivery.warmup import WarmupState
+from fastmta.delivery.warmup_store import WARMUP_FILE, load_warmups, save_warmups
 from fastmta.errors import FastMTAError, InputError
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classification import Outcome as ReplyOutcome
 from fastmta.feedback.classify import Classifier
+from fastmta.feedback.suppression import SqliteSuppressionStore
 from fastmta.message.headers import header_section_error
 from fastmta.queue.journal_records import InputTake
 from fastmta.queue.records import Message, Outcome, Recipient, Status, new_message_id, split_address
@@ -86,6 +84,7 @@ class Engine:
         self._rng = rng or random.Random()
         self.classifier = classifier or self.config.classify.classifier()  # [classify] rules, else built-in
         self.dkim = self.config.dkim_policy()  # [[dkim]]: signs every message but campaigns' (they have their keys)
+        self.screen: Screen | None = None  # the suppression check at intake (set_suppression)
         #: When set, accepted messages and every recipient state change are
         #: journaled, and unfinished work found in it is resumed at start.
         self.spool = spool
@@ -154,7 +153,7 @@ class Engine:
         self.started_at = time.time()
         self.throttles.wall_offset = time.time() - loop.time()
         if self.spool is not None:
-            self.throttles.saved_warmups = _load_warmups(self.spool.directory / WARMUP_FILE)
+            self.throttles.saved_warmups = load_warmups(self.spool.directory / WARMUP_FILE)
             self._resume(self.spool)
 
     def _resume(self, spool: Spool) -> None:
@@ -245,7 +244,7 @@ class Engine:
             except SpoolError as exc:
                 self._ledger.fail(exc)  # resumable: the journal keeps what it had committed
             else:
-                _save_warmups(self.spool.directory / WARMUP_FILE, self.throttles.warmup_states())
+                save_warmups(self.spool.directory / WARMUP_FILE, self.throttles.warmup_states())
         await self._dispatch.aclose()
 
     def stop_accepting(self) -> None:
@@ -325,6 +324,12 @@ class Engine:
         unsafe = header_section_error(body.raw)
         if unsafe is not None:
             raise InputError(f"message: {unsafe}")
+        if self.screen is not None:  # the suppression list: before anything is queued
+            message_id = message_id or new_message_id()
+            recipients = self.screen.admit(message_id, sender, recipients, body.raw, meta)
+            if not recipients:
+                return message_id  # every recipient suppressed: each has its record, nothing is queued
+            rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(recipients)]
         if not self.dkim.empty and not (meta and "job" in meta):
             body = Body(self.dkim.sign(body.raw))  # before the journal: a resumed message is not signed again
         cost = _memory_cost(body)
@@ -369,6 +374,10 @@ class Engine:
     def outcomes(self) -> AsyncIterator[Outcome]:
         """Every outcome from now on (deferrals too), until the engine closes."""
         return self._ledger.outcomes()
+
+    def set_suppression(self, store: SqliteSuppressionStore | None) -> None:
+        """Check every submitted recipient against *store*; suppressed ones are recorded, never queued."""
+        self.screen = Screen(store, self._ledger.note) if store is not None else None
 
     def add_listener(self, listener: Callable[[Outcome], None]) -> None:
         """Call *listener* with every outcome, synchronously, once it is on record.
@@ -608,37 +617,6 @@ _NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")
 #: Times a recipient may wait for a site's pace after "slow down" replies before
 #: it takes the normal retry schedule (a site that keeps refusing is not paced, it is down).
 _PACED_TRIES = 10
-
-#: Warm-up progress, kept beside the spool's journal: a warm-up spans weeks of runs.
-WARMUP_FILE = "warmup.json"
-
-
-class _SavedWarmup(msgspec.Struct, frozen=True):
-    source: str
-    site: str
-    state: WarmupState
-
-
-def _load_warmups(path: Path) -> dict[tuple[str, str], WarmupState]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return {}
-    try:
-        saved = msgspec.json.decode(data, type=list[_SavedWarmup])
-    except msgspec.DecodeError as exc:
-        # Losing warm-up progress only makes sending slower, never unsafe: warn and start over.
-        log.warning("%s: unreadable warm-up state (%s); warm-up starts again", path, exc)
-        return {}
-    return {(w.source, w.site): w.state for w in saved}
-
-
-def _save_warmups(path: Path, states: dict[tuple[str, str], WarmupState]) -> None:
-    if not states:
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.encode([_SavedWarmup(src, site, st) for (src, site), st in sorted(states.items())]))
-    os.replace(tmp, path)
 
 
 def _memory_cost(body: Body) -> int:

@@ -163,6 +163,19 @@ class Ledger:
                     return True
         return False
 
+    def note(self, outcome: Outcome) -> None:
+        """An outcome of a recipient that was never queued (suppressed at intake): counted, on record, announced."""
+        self.counts[outcome.status.value] += 1
+        if self.accounting is not None and self.fatal is None:
+            try:
+                self.accounting.write(outcome)
+            except OSError as exc:
+                self.fail(exc)
+        for listener in self.listeners:
+            listener(outcome)
+        for sub in self._subscribers:
+            sub.put_nowait(outcome)
+
     def _keep_record(
         self, outcome: Outcome, msg: Message, rcpt: Recipient, status: Status, next_attempt: float | None
     ) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -137,6 +137,14 @@ class SqliteSuppressionStore:
 
     # --- the hot path -----------------------------------------------------------
 
+    def maybe(self, address: str) -> bool:
+        """Could *address* be suppressed in some scope? False is certain; True asks :meth:`check`."""
+        return address_key(address) in self._filter
+
+    def note_suppressed(self, address: str) -> None:
+        """Another connection to the same database added a suppression of *address*: let the filter know."""
+        self._filter.add(address_key(address))
+
     def check(self, address: str, sender_domain: str = "", list_tag: str = "") -> Suppression | None:
         if address_key(address) not in self._filter:
             return None  # the common case: one hash and a lookup in memory
@@ -163,6 +171,39 @@ class SqliteSuppressionStore:
              suppression.source, suppression.created, suppression.expires),
         )
         self._filter.add(address_key(suppression.address))
+
+    def add_batch(self, suppressions: Sequence[Suppression]) -> None:
+        """Record all of *suppressions* in one transaction: one fsync for the lot (a group commit).
+
+        Safe to call from a worker thread while the store's own connection
+        serves :meth:`check` elsewhere: the batch writes through a connection
+        of its own (SQLite serialises the writers; WAL lets readers go on), so
+        no other statement can join or be rolled back with its transaction.
+        The in-memory filter learns the addresses only once they are on disk.
+        """
+        if not suppressions:
+            return
+        db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+        try:
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO suppression (address, scope, value, reason, source, created, expires) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address, scope, value) DO UPDATE SET "
+                    "reason = excluded.reason, source = excluded.source, created = excluded.created, "
+                    "expires = excluded.expires",
+                    [(s.address.strip(), s.scope.value, s.value, s.reason, s.source, s.created, s.expires)
+                     for s in suppressions],
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            db.close()
+        for s in suppressions:
+            self._filter.add(address_key(s.address))
 
     def remove(self, address: str, scope: Scope | None = None, value: str | None = None) -> int:
         """Remove suppressions of *address* (all, or of one scope/value); how many were removed."""

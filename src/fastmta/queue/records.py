@@ -28,6 +28,7 @@ class Status(str, Enum):
     DEFERRED = "deferred"  # not final: a transient failure, another attempt is scheduled
     LOST = "lost"  # final: accepted, then its queue record or body was damaged beyond recovery (reported)
     DELETED = "deleted"  # final: removed from the queue by an operator, unsent (engine.control.delete)
+    SUPPRESSED = "suppressed"  # final: on the suppression list at intake, never queued nor sent (reason in the record)
 
     @property
     def is_final(self) -> bool:

@@ -38,6 +38,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from fastmta.serve.api import INJECTION_PATHS, Unavailable
 from fastmta.serve.auth import Accounts, RelayPolicy, TokenRing
 from fastmta.serve.config import ServiceConfig, load_service_config
 from fastmta.serve.events import EventOutbox
+from fastmta.serve.feedback_loop import FeedbackLoop
 from fastmta.serve.http_api import build_api_app
 from fastmta.serve.metrics import IntakeStats, ServiceMetrics
 from fastmta.serve.pickup import PickupWatcher
@@ -93,6 +95,9 @@ class Service:
         self.admin_socket: Path | None = None
         self.outbox: EventOutbox | None = None
         self.pickup: PickupWatcher | None = None
+        self.feedback: FeedbackLoop | None = None
+        self._unsubscribe_token: Callable[[str], tuple[str, str] | None] | None = None
+        self._inbound_tasks: set[asyncio.Task[Any]] = set()
         self._engine: Engine | None = None
         self._spool: Spool | None = None
         self._accounting: AccountingLog | None = None
@@ -149,6 +154,13 @@ class Service:
             self.outbox = EventOutbox(self.data_dir / "events", list(serve.webhooks))
             await self.outbox.start()
             engine.add_listener(self.outbox.on_outcome)
+        self.feedback = FeedbackLoop(
+            self.data_dir, return_path=self._return_path(), classifier=engine.classifier, emit=self._emit_record,
+            unsubscribe=self._unsubscribe_token,
+        )
+        await self.feedback.start()
+        engine.set_suppression(self.feedback.store)  # every way in is checked against the list
+        engine.add_listener(self.feedback.on_outcome)
         self._metrics = ServiceMetrics(engine, intake=self.intake, spool=self._spool, outbox=self.outbox)
         self.started_at = time.time()
         try:
@@ -267,6 +279,10 @@ class Service:
             await runner.cleanup()
         if self._engine is not None:
             await self._engine.close(timeout)
+        if self._inbound_tasks:
+            await asyncio.wait(set(self._inbound_tasks), timeout=timeout)
+        if self.feedback is not None:
+            await self.feedback.close()
         if self.outbox is not None:
             await self.outbox.close(timeout=min(timeout, 10.0))
         if self._accounting is not None:
@@ -393,8 +409,19 @@ class Service:
         envelope = f"X-Fastmta-Envelope-From: <{sender}>\r\n" + "".join(
             f"X-Fastmta-Envelope-To: <{r}>\r\n" for r in recipients
         )
-        await asyncio.to_thread(_write_durably, self.data_dir / "inbound" / f"{message_id}.eml",
-                                envelope.encode("utf-8") + content)
+        path = self.data_dir / "inbound" / f"{message_id}.eml"
+        await asyncio.to_thread(_write_durably, path, envelope.encode("utf-8") + content)
+        if self.feedback is not None:  # durable now; what it says is read in the background
+            task = asyncio.ensure_future(self.feedback.process(path))
+            self._inbound_tasks.add(task)
+            task.add_done_callback(self._inbound_tasks.discard)
+
+    def _emit_record(self, record: dict[str, Any]) -> None:
+        """A record of what came back (oob_bounce, complaint, unsubscribe...): accounting and webhooks."""
+        if self._accounting is not None:
+            self._accounting.write_record(record)
+        if self.outbox is not None:
+            self.outbox.put(record)
 
     # ------------------------------------------------------------- front ends
 

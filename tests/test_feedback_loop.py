@@ -1,0 +1,172 @@
+"""What comes back, through `fastmta serve`'s inbound listener: complaints, bounces, auto-replies, unsubscribes.
+
+Reports go in over SMTP (aiosmtplib, swaks) to the bounce and FBL domains the
+service receives for; what it records is read from DATA_DIR/accounting.jsonl
+and, for suppressions, with `fastmta suppress list` on DATA_DIR/suppression.db.
+Only reports that map to one of our signed return paths or trace headers may
+suppress an address; the others are recorded, never acted on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from fastmta.message.returnpath import ReturnPath
+from serveproc import capture_sink, captured, serve_config, served
+
+pytestmark = pytest.mark.interop
+
+CORPUS = Path(__file__).parent / "data" / "corpora" / "arf"
+SECRET = b"0123456789abcdef0123456789abcdef"
+BOUNCE_DOMAIN = "bounces.sender.example"
+
+
+def _config(tmp_path: Path, data: Path, relay: tuple[str, int] | None) -> Path:
+    secret = tmp_path / "rp.secret"
+    secret.write_bytes(SECRET)
+    extra = f'[return_path]\ndomain = "{BOUNCE_DOMAIN}"\nsecret_file = "{secret}"\n'
+    cfg = tmp_path / "fastmta.toml"
+    cfg.write_text(serve_config(data, relay, extra=extra, serve_extra='receive_domains = ["fbl.sender.example"]'))
+    return cfg
+
+
+def _suppressed(data: Path) -> list[dict[str, str]]:
+    r = subprocess.run([sys.executable, "-m", "fastmta", "suppress", "--db", str(data / "suppression.db"), "list",
+                        "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+def _with_trace(raw: bytes, token: str) -> bytes:
+    """The report, as one about *our* message: its returned copy carries our trace header, as ours all do."""
+    m = re.search(rb"(?i)content-type:\s*(?:message/rfc822|text/rfc822-headers)[^\n]*\n(?:[ \t][^\n]*\n|[A-Za-z-]+:[^\n]*\n)*\r?\n", raw)
+    assert m is not None
+    return raw[: m.end()] + f"X-Fastmta-Ref: {token}\r\n".encode() + raw[m.end():]
+
+
+async def _deliver(host: str, port: int, sender: str, rcpt: str, raw: bytes) -> str:
+    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=20) as smtp:
+        _, reply = await smtp.sendmail(sender, [rcpt], raw)
+        return reply
+
+
+def test_corpus_complaints_over_smtp_are_recorded_and_ours_suppressed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rp = ReturnPath(SECRET, BOUNCE_DOMAIN)
+    labels = [json.loads(x) for x in (CORPUS / "labels.jsonl").read_text().splitlines() if x.strip()]
+    ours: dict[str, str] = {}  # recipient -> sender domain of the report
+    sent = 0
+    with served(_config(tmp_path, data, None), data) as svc:
+        host, port = svc.smtp
+        for i, label in enumerate(labels):
+            raw = (CORPUS / label["file"]).read_bytes()
+            rcpts = label["expected_recipients"]
+            # Every other report with a recipient is about our mail (trace header); the rest are not.
+            if rcpts and i % 2 == 0 and b"rfc822" in raw.lower():
+                raw = _with_trace(raw, rp.token("spring2026", rcpts[0]))
+                ours[rcpts[0].lower()] = ""
+            asyncio.run(_deliver(host, port, "", "fbl@fbl.sender.example", raw))
+            sent += 1
+        records = svc.wait_accounting(
+            lambda rs: len({r["inbound_id"] for r in rs if "inbound_id" in r}) >= sent, timeout=30)
+    complaints = [r for r in records if r["status"] == "complaint"]
+    assert len({r["inbound_id"] for r in complaints}) == sent  # every report recorded
+    verified = {r["recipient"] for r in complaints if r.get("verified")}
+    assert verified == set(ours)
+    assert all(r["campaign"] == "spring2026" for r in complaints if r.get("verified"))
+    suppressed = {s["address"].lower(): s for s in _suppressed(data)}
+    for rcpt in ours:
+        rec = next(r for r in complaints if r["recipient"] == rcpt)
+        if rec.get("feedback_type") == "not-spam":
+            continue
+        assert suppressed[rcpt]["scope"] == "domain"
+    # A report nobody can tie to our mail suppresses nobody.
+    assert set(suppressed) <= set(ours)
+    assert not list((data / "inbound").glob("*.eml"))  # all read
+
+
+def _dsn(rcpt: str, status: str, action: str, diag: str) -> bytes:
+    return (
+        "From: MAILER-DAEMON@mx.dest.example\r\nTo: x\r\nSubject: Undelivered Mail Returned to Sender\r\n"
+        "Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        "--B\r\nContent-Type: text/plain\r\n\r\nI'm sorry to have to inform you...\r\n"
+        "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.dest.example\r\n\r\n"
+        f"Final-Recipient: rfc822; {rcpt}\r\nAction: {action}\r\nStatus: {status}\r\n"
+        f"Diagnostic-Code: smtp; {diag}\r\n\r\n--B--\r\n"
+    ).encode()
+
+
+def test_out_of_band_bounces_auto_replies_and_forgeries(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rp = ReturnPath(SECRET, BOUNCE_DOMAIN)
+    cases = [
+        # (envelope recipient, message, who must end up suppressed)
+        (rp.address("c1", "gone@dest.example"),
+         _dsn("gone@dest.example", "5.1.1", "failed", "550 5.1.1 <gone@dest.example>: user unknown"), True),
+        (rp.address("c1", "later@dest.example"),
+         _dsn("later@dest.example", "4.2.2", "delayed", "452 4.2.2 mailbox full"), False),
+        (rp.address("c1", "blocked@dest.example"),
+         _dsn("blocked@dest.example", "5.7.1", "failed", "550 5.7.1 Service unavailable; client host blocked using Spamhaus"),
+         False),
+        # A forged bounce: the return path's MAC is for another recipient.
+        (rp.address("c1", "someone-else@dest.example"),
+         _dsn("victim@dest.example", "5.1.1", "failed", "550 5.1.1 user unknown"), False),
+        (rp.address("c1", "away@dest.example"),
+         b"From: away@dest.example\r\nSubject: Out of office\r\nAuto-Submitted: auto-replied\r\n\r\nBack Monday.\r\n",
+         False),
+    ]
+    with served(_config(tmp_path, data, None), data) as svc:
+        host, port = svc.smtp
+        for to, raw, _ in cases:
+            reply = asyncio.run(_deliver(host, port, "", to, raw))
+            assert "queued as" in reply
+        # Not a receive domain, not a relay client? 127.0.0.1 is trusted by default; the bounce domain is
+        # received, never relayed: nothing reached the engine's queue for it.
+        records = svc.wait_accounting(lambda rs: len([r for r in rs if "inbound_id" in r]) >= len(cases), timeout=30)
+    by_rcpt = {r["recipient"]: r for r in records if "inbound_id" in r}
+    assert by_rcpt["gone@dest.example"]["status"] == "oob_bounce"
+    assert by_rcpt["gone@dest.example"]["bounce_type"] == "hard" and by_rcpt["gone@dest.example"]["verified"]
+    assert by_rcpt["later@dest.example"]["status"] == "oob_delay"
+    assert by_rcpt["blocked@dest.example"]["status"] == "oob_bounce"
+    assert by_rcpt["victim@dest.example"].get("verified") is not True
+    assert by_rcpt["away@dest.example"]["status"] == "auto_reply"
+    assert not any(r["status"] in ("delivered", "deferred", "bounced") for r in records)  # nothing relayed
+    assert {s["address"] for s in _suppressed(data)} == {"gone@dest.example"}
+
+
+def test_a_suppressed_recipient_is_never_sent_on_any_path(tmp_path: Path) -> None:
+    """Hard in-band bounce -> suppressed; then SMTP, HTTP and pickup injections to it are recorded, not sent."""
+    capture = tmp_path / "capture"
+    data = tmp_path / "data"
+    with capture_sink(capture, "--unknown-recipient", "gone*") as sink:
+        cfg = _config(tmp_path, data, sink)
+        pickup = tmp_path / "pickup"
+        cfg.write_text(cfg.read_text() + f'\n[serve.pickup]\ndirectory = "{pickup}"\nsettle = 0\ninterval = 0.2\n')
+        with served(cfg, data) as svc:
+            host, port = svc.smtp
+            msg = b"From: app@sender.example\r\nTo: gone@dest.example\r\nSubject: one\r\n\r\nhi\r\n"
+            asyncio.run(_deliver(host, port, "app@sender.example", "gone@dest.example", msg))
+            svc.wait_accounting(lambda rs: any(r["status"] == "bounced" for r in rs))
+            deadline_records = svc.wait_accounting(lambda rs: False, timeout=1.0)  # the policy's write lands
+            assert any(r["status"] == "bounced" for r in deadline_records)
+            # Now on every path: SMTP, and a pickup file.
+            asyncio.run(_deliver(host, port, "app@sender.example", "gone@dest.example", msg.replace(b"one", b"two")))
+            pickup.mkdir(exist_ok=True)
+            (pickup / ".p.tmp").write_bytes(
+                b"X-Sender: app@sender.example\r\nX-Receiver: gone@dest.example\r\n" + msg.replace(b"one", b"three"))
+            (pickup / ".p.tmp").rename(pickup / "p.eml")
+            records = svc.wait_accounting(lambda rs: sum(r["status"] == "suppressed" for r in rs) >= 2, timeout=30)
+    suppressed = [r for r in records if r["status"] == "suppressed"]
+    assert len(suppressed) == 2 and {r["via"] for r in suppressed} == {"smtp", "pickup"}
+    assert all(r["bounce_reason"] == "global hard_bounce" and "hard bounce" in r["text"] for r in suppressed)
+    # The sink saw only the first attempt (refused), never the later ones.
+    assert captured(capture) == []
