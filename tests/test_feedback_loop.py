@@ -168,5 +168,86 @@ def test_a_suppressed_recipient_is_never_sent_on_any_path(tmp_path: Path) -> Non
     suppressed = [r for r in records if r["status"] == "suppressed"]
     assert len(suppressed) == 2 and {r["via"] for r in suppressed} == {"smtp", "pickup"}
     assert all(r["bounce_reason"] == "global hard_bounce" and "hard bounce" in r["text"] for r in suppressed)
-    # The sink saw only the first attempt (refused), never the later ones.
-    assert captured(capture) == []
+    # The sink never took a message for it (the first attempt was refused, the later ones never went);
+    # what it did take is the delivery status notice to the sender of the first.
+    kept = captured(capture)
+    assert not any(b"X-Receiver: gone@dest.example" in m for m in kept)
+    assert all(b"X-Receiver: app@sender.example" in m and b"report-type=delivery-status" in m for m in kept)
+
+
+class _Receiver:
+    """aiosmtpd, in a thread of its own: the relaying client's mail server, receiving the notices."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from aiosmtpd.smtp import SMTP, Envelope, Session
+
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        outer = self
+
+        class Handler:
+            async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+                assert isinstance(envelope.content, bytes)
+                outer.messages.append((str(envelope.mail_from), list(envelope.rcpt_tos), envelope.content))
+                return "250 2.0.0 OK"
+
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def start() -> None:
+            self.server = await self.loop.create_server(lambda: SMTP(Handler(), loop=self.loop), "127.0.0.1", 0)
+            self.port = self.server.sockets[0].getsockname()[1]
+            ready.set()
+
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(start(), self.loop)
+        assert ready.wait(10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_relayed_mail_that_bounces_gets_a_dsn_to_its_sender(tmp_path: Path) -> None:
+    import time
+
+    from fastmta.feedback.dsn import parse_dsn
+
+    data = tmp_path / "data"
+    receiver = _Receiver()
+    try:
+        with capture_sink(tmp_path / "capture", "--unknown-recipient", "gone*") as sink:
+            routes = (f'[routing.static]\n"sender.example" = ["127.0.0.1:{receiver.port}"]\n'
+                      f'"*" = ["{sink[0]}:{sink[1]}"]\n')
+            cfg = tmp_path / "fastmta.toml"
+            cfg.write_text(serve_config(data, None, extra=routes))
+            with served(cfg, data) as svc:
+                host, port = svc.smtp
+                msg = (b"From: app@sender.example\r\nTo: x\r\nSubject: order 7\r\nMessage-ID: <o7@sender.example>\r\n"
+                       b"\r\nhi\r\n")
+
+                async def go() -> None:
+                    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=20) as smtp:
+                        await smtp.sendmail("app@sender.example",
+                                            ["gone1@dest.example", "gone2@dest.example", "ok@dest.example"], msg)
+                        # The null sender never gets a notice (a bounce of a bounce would loop).
+                        await smtp.sendmail("", ["gone3@dest.example"], msg)
+
+                asyncio.run(go())
+                deadline = time.monotonic() + 30
+                while not receiver.messages and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                time.sleep(2.0)  # a second notice, if one were (wrongly) sent, has time to arrive
+        assert len(receiver.messages) == 1, receiver.messages
+        mail_from, rcpts, notice = receiver.messages[0]
+        assert mail_from in ("", "<>") and rcpts == ["app@sender.example"]  # aiosmtpd shows the null sender as <>
+        assert b"report-type=delivery-status" in notice and b"Auto-Submitted: auto-replied" in notice
+        assert b"Message-ID: <o7@sender.example>" in notice  # the original's headers come back
+        records = parse_dsn(notice)
+        assert sorted((r.recipient, r.action, r.status) for r in records) == [
+            ("gone1@dest.example", "failed", "5.1.1"), ("gone2@dest.example", "failed", "5.1.1")]
+    finally:
+        receiver.close()

@@ -379,6 +379,10 @@ class Engine:
         """Check every submitted recipient against *store*; suppressed ones are recorded, never queued."""
         self.screen = Screen(store, self._ledger.note) if store is not None else None
 
+    def message(self, message_id: str) -> Message | None:
+        """A queued message (None once final): e.g. for a listener that returns its headers in a DSN."""
+        return self._ledger.message(message_id)
+
     def add_listener(self, listener: Callable[[Outcome], None]) -> None:
         """Call *listener* with every outcome, synchronously, once it is on record.
 

@@ -70,6 +70,11 @@ class Ledger:
         """Gather the outcomes of *msg* (accepted, or resumed from the spool) until all are final."""
         self._trackers[msg.id] = _Tracker(msg, asyncio.get_running_loop().create_future())
 
+    def message(self, message_id: str) -> Message | None:
+        """The message *message_id* while any recipient of it is not final (listeners still see it at its last)."""
+        tracker = self._trackers.get(message_id)
+        return tracker.message if tracker is not None else None
+
     def tracks(self, message_id: str) -> bool:
         """Is *message_id* a message with recipients not yet final?"""
         return message_id in self._trackers

@@ -180,6 +180,12 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     pickup: PickupConfig = msgspec.field(default_factory=PickupConfig)
     webhooks: list[WebhookEndpoint] = []
+    #: Delivery status notifications (RFC 3464) to the senders of relayed mail when a recipient bounces or expires.
+    dsn: bool = True
+    #: Also warn senders of mail still deferred after this many seconds (Postfix's delay_warning_time; 0: never).
+    delay_warning_time: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: At most this many notices per sender address per 10 minutes (more are logged, not sent).
+    dsn_per_sender: Annotated[int, msgspec.Meta(ge=1)] = 20
     #: How long SIGTERM waits for transactions in flight before exiting (the queue keeps the rest).
     drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 

@@ -63,6 +63,7 @@ from fastmta.serve.feedback_loop import FeedbackLoop
 from fastmta.serve.http_api import build_api_app
 from fastmta.serve.metrics import IntakeStats, ServiceMetrics
 from fastmta.serve.pickup import PickupWatcher
+from fastmta.serve.sender_notices import SenderNotices
 from fastmta.serve.smtp_listener import InjectServer
 from fastmta.sink.config import ListenerConfig, SinkConfig
 
@@ -96,6 +97,7 @@ class Service:
         self.outbox: EventOutbox | None = None
         self.pickup: PickupWatcher | None = None
         self.feedback: FeedbackLoop | None = None
+        self.notices: SenderNotices | None = None
         self._unsubscribe_token: Callable[[str], tuple[str, str] | None] | None = None
         self._inbound_tasks: set[asyncio.Task[Any]] = set()
         self._engine: Engine | None = None
@@ -161,6 +163,12 @@ class Service:
         await self.feedback.start()
         engine.set_suppression(self.feedback.store)  # every way in is checked against the list
         engine.add_listener(self.feedback.on_outcome)
+        if serve.dsn:
+            self.notices = SenderNotices(
+                engine, hostname=serve.hostname, policy=self.policy, store=self.feedback.store,
+                delay_warning_time=serve.delay_warning_time, per_sender=serve.dsn_per_sender,
+            )
+            engine.add_listener(self.notices.on_outcome)
         self._metrics = ServiceMetrics(engine, intake=self.intake, spool=self._spool, outbox=self.outbox)
         self.started_at = time.time()
         try:
@@ -335,6 +343,8 @@ class Service:
             changed.append("relay networks / receive domains")
         for server in self.smtp_servers:
             server.policy, server.accounts = self.policy, self.accounts
+        if self.notices is not None:
+            self.notices.policy = self.policy
         if self._engine is not None:
             changed.extend(reconfigure(self._engine, new.engine))
         restart = [

@@ -1,0 +1,196 @@
+"""Delivery status notifications (RFC 3464) to the senders of mail relayed for others.
+
+A client that hands a message to ``fastmta serve`` over SMTP, HTTP or the
+pickup directory and gets 250/202 has handed over the responsibility: if a
+recipient then bounces, or expires in the queue, the sender must be told,
+as every MTA does (RFC 5321 6.1). Campaign mail is not: its return path is
+our own bounce domain, and its outcomes go to accounting and webhooks.
+
+Rules (Postfix's, mostly):
+
+* never to the null sender (a bounce of a bounce would loop), nor to our
+  own bounce/FBL domains, nor to a suppressed address;
+* one notice per message for the recipients that failed within a short
+  window (a message to 50 dead addresses gets one DSN, not 50);
+* rate-limited per sender (a flood of bounces must not become a flood of
+  DSNs): over the limit, the notice is not sent, and that is logged and
+  counted, never silent;
+* sent as mail by the engine itself, from ``<>`` with ``Auto-Submitted:
+  auto-replied``, returning the original's headers (``text/rfc822-headers``),
+  not its content;
+* optional delay warnings (``delay_warning_time``, as Postfix's): one per
+  message, ``Action: delayed``, when a recipient is still deferred after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from fastmta.delivery.engine import Engine, EngineClosed
+from fastmta.errors import InputError
+from fastmta.feedback.suppression import SqliteSuppressionStore
+from fastmta.queue.records import Outcome, Status, new_message_id
+from fastmta.serve.auth import RelayPolicy
+
+log = logging.getLogger("fastmta.serve.dsn")
+
+__all__ = ["SenderNotices"]
+
+#: Outcomes of one message gathered this long into one notice.
+_GATHER = 1.0
+#: Returned headers are capped: a notice is about the message, it does not carry it back.
+_MAX_HEADERS = 32 * 1024
+_RELAYED = frozenset({"smtp", "http", "pickup", "api"})
+
+
+def _clean(text: str) -> str:
+    """One line of printable text: what a receiver's reply or an address can put in a notice."""
+    return "".join(c if c.isprintable() else " " for c in text)[:900]
+
+
+class SenderNotices:
+    """An engine listener that mails DSNs to the senders of relayed mail."""
+
+    def __init__(
+        self, engine: Engine, *, hostname: str, policy: RelayPolicy, store: SqliteSuppressionStore | None,
+        delay_warning_time: float = 0.0, per_sender: int = 20, per_seconds: float = 600.0,
+    ) -> None:
+        self.engine = engine
+        self.hostname = hostname
+        self.policy = policy
+        self.store = store
+        self.delay_warning_time = delay_warning_time
+        self.per_sender = per_sender
+        self.per_seconds = per_seconds
+        self._pending: dict[str, tuple[str, list[Outcome], bytes, bool]] = {}
+        self._warned: OrderedDict[str, None] = OrderedDict()
+        self._sent_at: dict[str, list[float]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.sent = 0
+        self.limited = 0
+
+    # ------------------------------------------------------------- listener
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        meta = outcome.meta or {}
+        if meta.get("via") not in _RELAYED or "job" in meta or not outcome.sender:
+            return
+        if outcome.status in (Status.BOUNCED, Status.EXPIRED):
+            self._gather(outcome, delayed=False)
+        elif (
+            outcome.status is Status.DEFERRED and self.delay_warning_time > 0
+            and outcome.time - outcome.queued_at >= self.delay_warning_time and outcome.message_id not in self._warned
+        ):
+            self._warned[outcome.message_id] = None
+            if len(self._warned) > 100_000:
+                self._warned.popitem(last=False)
+            self._gather(outcome, delayed=True)
+
+    def _gather(self, outcome: Outcome, *, delayed: bool) -> None:
+        key = f"{outcome.message_id}:{'d' if delayed else 'f'}"
+        entry = self._pending.get(key)
+        if entry is None:
+            msg = self.engine.message(outcome.message_id)  # still tracked: listeners run before it is let go
+            headers = b""
+            if msg is not None:
+                raw = msg.body.raw
+                end = raw.find(b"\r\n\r\n")
+                headers = raw[: end + 2 if end >= 0 else min(len(raw), _MAX_HEADERS)][:_MAX_HEADERS]
+            self._pending[key] = (outcome.sender or "", [outcome], headers, delayed)
+            asyncio.get_running_loop().call_later(_GATHER, self._flush, key)
+        else:
+            entry[1].append(outcome)
+
+    def _flush(self, key: str) -> None:
+        entry = self._pending.pop(key, None)
+        if entry is None:
+            return
+        task = asyncio.ensure_future(self._send(*entry))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------------------- sending
+
+    def _allowed(self, sender: str) -> str | None:
+        domain = sender.rpartition("@")[2]
+        if self.policy.receives(domain):
+            return "the sender is one of our own bounce/feedback addresses"
+        if self.store is not None and self.store.maybe(sender) and self.store.check(sender) is not None:
+            return "the sender is suppressed"
+        now = time.monotonic()
+        times = [t for t in self._sent_at.get(sender, []) if now - t < self.per_seconds]
+        if len(times) >= self.per_sender:
+            self._sent_at[sender] = times
+            return f"more than {self.per_sender} notices to this sender in {self.per_seconds:g}s"
+        times.append(now)
+        self._sent_at[sender] = times
+        if len(self._sent_at) > 100_000:  # forget senders quiet for a whole period
+            self._sent_at = {s: ts for s, ts in self._sent_at.items() if ts and now - ts[-1] < self.per_seconds}
+        return None
+
+    async def _send(self, sender: str, outcomes: list[Outcome], headers: bytes, delayed: bool) -> None:
+        why_not = self._allowed(sender)
+        if why_not is not None:
+            self.limited += 1
+            log.warning("no delivery status notice to %r for message %s: %s", sender, outcomes[0].message_id, why_not)
+            return
+        notice = self.build(sender, outcomes, headers, delayed)
+        try:
+            await self.engine.submit(notice, "", [sender], meta={"via": "dsn", "dsn_for": outcomes[0].message_id})
+        except (InputError, EngineClosed) as exc:
+            log.warning("delivery status notice to %r not queued: %s", sender, exc)
+            return
+        self.sent += 1
+
+    def build(self, sender: str, outcomes: list[Outcome], headers: bytes, delayed: bool) -> bytes:
+        """The RFC 3464 report (multipart/report; report-type=delivery-status)."""
+        boundary = f"fastmta-{new_message_id()}"
+        first = outcomes[0]
+        date = email.utils.formatdate(usegmt=True)
+        arrival = email.utils.formatdate(first.queued_at, usegmt=True)
+        subject = "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
+        lines = [
+            f"From: Mail Delivery System <MAILER-DAEMON@{self.hostname}>",
+            f"To: <{_clean(sender)}>",
+            f"Subject: {subject}",
+            f"Date: {date}",
+            f"Message-ID: <{new_message_id()}@{self.hostname}>",
+            "Auto-Submitted: auto-replied",
+            "MIME-Version: 1.0",
+            f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+            "",
+            f"--{boundary}",
+            "Content-Type: text/plain; charset=utf-8",
+            "",
+            f"This is the mail system at host {self.hostname}.",
+            "",
+            ("Your message has not been delivered yet to the recipient(s) below; it is still being retried."
+             if delayed else "Your message could not be delivered to the recipient(s) below."),
+            "",
+        ]
+        for o in outcomes:
+            lines.append(f"<{_clean(o.recipient)}>: {_clean(' '.join(o.reply.lines) or o.reply.text)}")
+        lines += ["", f"--{boundary}", "Content-Type: message/delivery-status", "",
+                  f"Reporting-MTA: dns; {self.hostname}", f"X-Fastmta-Queue-ID: {first.message_id}",
+                  f"Arrival-Date: {arrival}", ""]
+        for o in outcomes:
+            status = o.reply.enhanced or ("4.0.0" if delayed else "5.0.0")
+            if o.status is Status.EXPIRED and status.startswith("4"):
+                status = "4.4.7"  # RFC 3463: delivery time expired (a failure, still classed 4)
+            lines += [f"Final-Recipient: rfc822; {_clean(o.recipient)}",
+                      f"Action: {'delayed' if delayed else 'failed'}", f"Status: {status}"]
+            if o.mx_host:
+                lines.append(f"Remote-MTA: dns; {_clean(o.mx_host)}")
+            if o.reply.code:
+                lines.append(f"Diagnostic-Code: smtp; {o.reply.code} {_clean(o.reply.text)}")
+            lines.append(f"Last-Attempt-Date: {email.utils.formatdate(o.time, usegmt=True)}")
+            lines.append("")
+        body = "\r\n".join(lines).encode("utf-8")
+        if headers:
+            body += f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n".encode() + headers + b"\r\n"
+        return body + f"--{boundary}--\r\n".encode()
