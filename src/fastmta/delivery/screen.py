@@ -57,11 +57,14 @@ class Screen:
 
     def admit(
         self, message_id: str, sender: str, recipients: Sequence[str], raw: bytes, meta: dict[str, Any] | None,
-    ) -> list[str]:
+    ) -> Sequence[str]:
         """The recipients that may be queued; each other one is recorded as suppressed."""
         maybe = self.store.maybe
-        if not any(maybe(r) for r in recipients):
-            return list(recipients)
+        for r in recipients:  # a plain loop: no generator frame on the path every recipient takes
+            if maybe(r):
+                break
+        else:
+            return recipients
         domain, tag = _sender_domain(raw), list_tag_of(meta)
         kept: list[str] = []
         for r in recipients:
