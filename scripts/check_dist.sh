@@ -24,7 +24,7 @@ if not any(n.startswith("fastmta/message/_core.") and n.endswith(".so") for n in
 members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
 for need in ("LICENSE", "README.md", "setup.py", "tests/conftest.py", "tests/servers.py",
              "tests/data/SOURCES.md", "src/fastmta/message/_core.pyx", "src/fastmta/smtp/_client.pyx",
-             "src/fastmta/examples/spool/welcome.toml", "scripts/test.sh"):
+             "src/fastmta/examples/spool/welcome.toml", "scripts/test.sh", "contrib/fastmta.service"):
     if need not in members:
         problems.append(f"sdist lacks {need}")
 problems += [f"sdist ships a build product: {m}" for m in members if m.endswith((".so", ".c"))]
