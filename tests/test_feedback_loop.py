@@ -251,3 +251,76 @@ def test_relayed_mail_that_bounces_gets_a_dsn_to_its_sender(tmp_path: Path) -> N
             ("gone1@dest.example", "failed", "5.1.1"), ("gone2@dest.example", "failed", "5.1.1")]
     finally:
         receiver.close()
+
+
+def test_one_click_and_mailto_unsubscribe_through_the_service(tmp_path: Path) -> None:
+    import time
+    import urllib.parse
+
+    capture = tmp_path / "capture"
+    data, pickup = tmp_path / "data", tmp_path / "pickup"
+    pickup.mkdir()
+    rows = ["ann@dest.example", "bob@dest.example", "cid@dest.example"]
+    with capture_sink(capture) as sink:
+        cfg = _config(tmp_path, data, sink)
+        cfg.write_text(
+            '[unsubscribe]\nbase_url = "https://u.sender.example"\nmailto_domain = "u.sender.example"\n'
+            + cfg.read_text() + f'\n[serve.pickup]\ndirectory = "{pickup}"\nsettle = 0\ninterval = 0.2\n'
+        )
+
+        def campaign(cid: str) -> None:
+            (pickup / f"{cid}.csv").write_text("email\n" + "".join(f"{r}\n" for r in rows))
+            (pickup / f".{cid}.tmp").write_text(
+                f'[campaign]\nid = "{cid}"\nsender = "news@sender.example"\nrecipients = "{cid}.csv"\n'
+                '[template]\ntext = "hi"\n[template.headers]\nFrom = "news@sender.example"\nTo = "<{{ email }}>"\n'
+                'Subject = "weekly"\n')
+            (pickup / f".{cid}.tmp").rename(pickup / f"{cid}.toml")
+
+        with served(cfg, data) as svc:
+            campaign("weekly")
+            svc.wait_accounting(lambda rs: sum(r["status"] == "delivered" for r in rs) >= 3)
+            links = {}
+            for m in captured(capture):
+                rcpt = re.search(rb"X-Receiver: (\S+)", m).group(1).decode()
+                header = re.search(rb"List-Unsubscribe: <(https://[^>]+)>,\s*<mailto:([^>]+)>", m)
+                assert header is not None and b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in m
+                links[rcpt] = (header.group(1).decode(), header.group(2).decode())
+            port_base = svc.http
+            # Ann: one-click, as Gmail does it.
+            path = urllib.parse.urlsplit(links["ann@dest.example"][0]).path
+            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                                "-d", "List-Unsubscribe=One-Click", port_base + path], capture_output=True, text=True,
+                               timeout=30)
+            assert r.stdout == "200"
+            # A tampered token: refused, nothing recorded.
+            bad = path[:-3] + ("AAA" if not path.endswith("AAA") else "BBB")
+            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                                "-d", "List-Unsubscribe=One-Click", port_base + bad], capture_output=True, text=True,
+                               timeout=30)
+            assert r.stdout.startswith("4")
+            # A GET (a link scanner) unsubscribes nobody.
+            r = subprocess.run(["curl", "-s", port_base + urllib.parse.urlsplit(links["cid@dest.example"][0]).path],
+                               capture_output=True, text=True, timeout=30)
+            assert "<form" in r.stdout
+            # Bob: the mailto: link, by mail (swaks, as a mail client would send it).
+            to, _, query = links["bob@dest.example"][1].partition("?")
+            subject = urllib.parse.parse_qs(query)["subject"][0]
+            host, port = svc.smtp
+            s = subprocess.run(["swaks", "--server", host, "--port", str(port), "--from", "bob@dest.example",
+                                "--to", to, "--header", f"Subject: {subject}"], capture_output=True, text=True,
+                               timeout=30)
+            assert s.returncode == 0, s.stdout
+            svc.wait_accounting(lambda rs: sum(r["status"] == "unsubscribe" for r in rs) >= 2)
+            suppressed = {x["address"]: x for x in _suppressed(data)}
+            assert set(suppressed) == {"ann@dest.example", "bob@dest.example"}
+            assert all(x["scope"] == "list" and x["value"] == "weekly" for x in suppressed.values())
+            # The next mailing of that list skips them; Cid still gets it.
+            before = len(captured(capture))
+            (pickup / "weekly.toml").unlink(missing_ok=True)
+            rows.append("dan@dest.example")  # a new row: the job is read again
+            campaign("weekly")
+            svc.wait_accounting(lambda rs: any(r["recipient"] == "dan@dest.example" and r["status"] == "delivered"
+                                               for r in rs))
+            time.sleep(0.5)
+        new = captured(capture)[before:]
+        assert sorted(re.search(rb"X-Receiver: (\S+)", m).group(1).decode() for m in new) == ["dan@dest.example"]

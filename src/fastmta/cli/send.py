@@ -71,6 +71,7 @@ from fastmta.intake.reader import (
     SpoolReader,
 )
 from fastmta.message.returnpath import ReturnPath
+from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.spool import Spool
 from fastmta.queue.spool_errors import JournalReset, SpoolError, SpoolLocked
 
@@ -159,6 +160,13 @@ def _return_path(config: Config) -> ReturnPath | None:
         raise UsageError(f"configuration error: return_path: {exc}") from None
 
 
+def _unsubscribe(config: Config) -> Unsubscribe | None:
+    try:
+        return config.unsubscribe.build(config.return_path.secret_file)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"configuration error: unsubscribe: {exc}") from None
+
+
 def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str) -> dict[str, Any]:
     """The summary of a run that could not start (same fields as a real one)."""
     zero = ("messages", "recipients", "resumed_recipients", "inputs_already_done", "delivered", "bounced",
@@ -214,7 +222,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     if spool.report.damaged:
         progress.note(f"queue recovery: {spool.report}")
     tracker = InputProgress(spool)
-    reader = SpoolReader(args.spool, resume_from(spool), _return_path(config))
+    reader = SpoolReader(args.spool, resume_from(spool), _return_path(config), unsubscribe=_unsubscribe(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     interrupts = 0
@@ -359,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
         except (ConfigError, msgspec.ValidationError) as exc:
             raise UsageError(f"configuration error: {exc}") from None
         _return_path(config)  # a missing or short secret is a configuration error, before anything starts
+        _unsubscribe(config)
         if sink is None:
             problems = uvloop.run(_unresolvable_static_routes(config))
             if problems:

@@ -41,6 +41,7 @@ from typing import Annotated, Any
 import msgspec
 
 from fastmta.delivery.limits import ThrottleConfig
+from fastmta.delivery.unsubscribe_config import UnsubscribeConfig
 from fastmta.delivery.warmup import WarmupConfig
 from fastmta.errors import ConfigError
 from fastmta.feedback.classify import Classifier, default_classifier
@@ -59,6 +60,7 @@ __all__ = [
     "SmtpConfig",
     "SourceConfig",
     "TimeoutsConfig",
+    "UnsubscribeConfig",
     "config_from_dict",
     "load_config",
     "normalize_domain",
@@ -409,6 +411,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
     return_path: ReturnPathConfig = msgspec.field(default_factory=ReturnPathConfig)
+    #: ``[unsubscribe]``: RFC 8058 one-click headers on campaign mail (fastmta.delivery.unsubscribe_config).
+    unsubscribe: UnsubscribeConfig = msgspec.field(default_factory=UnsubscribeConfig)
     classify: ClassifyConfig = msgspec.field(default_factory=ClassifyConfig)
     #: ``[[dkim]]``: keys that sign every message by its From domain (campaigns bring their own).
     dkim: list[DkimEntry] = []
@@ -422,6 +426,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate source name(s): {', '.join(dupes)}")
+        if self.unsubscribe.active and not (self.unsubscribe.secret_file or self.return_path.secret_file):
+            raise ValueError("unsubscribe.base_url needs unsubscribe.secret_file or return_path.secret_file")
 
 
 _AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)

@@ -12,7 +12,7 @@ webhooks). In the order they are believed:
 3. an **auto-reply** (RFC 3834 ``Auto-Submitted: auto-replied``, and what
    vacation programs write instead: ``X-Autoreply``, ``Precedence:
    auto_reply``, "Out of office" subjects): ``auto_reply``, never a bounce;
-4. a **mailto: unsubscribe** (RFC 2369/8058's ``mailto:u-TOKEN@domain``):
+4. a **mailto: unsubscribe** (``mailto:u@domain?subject=TOKEN``, see :mod:`fastmta.message.unsubscribe`):
    ``unsubscribe``, whatever the body says;
 5. anything else: ``unrecognized`` (kept and reported, acted on by nobody).
 
@@ -44,8 +44,6 @@ _AUTO_SUBJECT = re.compile(
     r"r[ée]ponse automatique|vacation|on leave|away from)", re.IGNORECASE,
 )
 _TRACE = re.compile(rb"^" + TRACE_HEADER.encode() + rb":[ \t]*([A-Za-z0-9._-]{1,80})", re.IGNORECASE | re.MULTILINE)
-#: mailto: unsubscribe addresses are ``u-<token>@<domain>`` (see fastmta.message.unsubscribe).
-_UNSUB_LOCAL = re.compile(r"^u-([A-Za-z0-9_-]{8,400})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +115,9 @@ def read_inbound(
     *,
     return_path: ReturnPath | None,
     classifier: Classifier | None = None,
-    unsubscribe: Callable[[str], tuple[str, str] | None] | None = None,
+    unsubscribe: Callable[[str, str], tuple[str, str] | None] | None = None,
 ) -> list[InboundEvent]:
-    """The events *raw* carries; *unsubscribe* verifies a mailto: token into (list tag, recipient)."""
+    """The events *raw* carries; *unsubscribe(rcpt_to, subject)* verifies a mailto: unsubscribe into (list tag, recipient)."""
     env = {"envelope_from": envelope_from, "envelope_to": envelope_to[0] if envelope_to else ""}
 
     def verify(recipient: str, hints: list[str]) -> str | None:
@@ -131,20 +129,19 @@ def read_inbound(
                 return ref
         return None
 
-    # 4. mailto: unsubscribe: decided by the address, not the content.
+    msg = _parse(raw)
+    # 4. mailto: unsubscribe (``mailto:u@DOMAIN?subject=TOKEN``): decided by the address, not the content.
     if unsubscribe is not None:
         for to in envelope_to:
-            local = to.rpartition("@")[0]
-            m = _UNSUB_LOCAL.match(local)
-            if m is None:
+            local = to.rpartition("@")[0].lower()
+            if local != "u" and not local.startswith("u-"):
                 continue
-            found = unsubscribe(m.group(1))
+            found = unsubscribe(to, str(msg.get("Subject") or ""))
             if found is not None:
                 list_tag, rcpt = found
                 return [InboundEvent("unsubscribe", rcpt, list_tag, True, list_tag=list_tag, **env)]
             return [InboundEvent("unsubscribe", "", None, False, diagnostic="token not genuine", **env)]
 
-    msg = _parse(raw)
     traces = [m.group(1).decode("ascii") for m in _TRACE.finditer(raw)]
     hints = [*envelope_to, *traces]
 

@@ -47,6 +47,7 @@ from fastmta.keyset import KeySet, row_key
 from fastmta.message.dkim import DkimKeyConfig, DkimSigner, load_signing_key
 from fastmta.message.mime import CompiledCampaign, compile_campaign
 from fastmta.message.returnpath import ReturnPath
+from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.records import split_address
 
 
@@ -67,6 +68,7 @@ class CampaignJob(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
 
 
 _FORBIDDEN = ("\r", "\n", "\x00")
+_ONE_CLICK_SIGNED = ("list-unsubscribe", "list-unsubscribe-post")
 
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by surrogateescape
 
@@ -84,7 +86,12 @@ class Campaign:
         self.compiled = compiled
         self.signer = signer
         self.id = job.campaign.id or path.stem
-        self._has_feedback_id = any(name.lower() == "feedback-id" for name in job.template.get("headers", {}))
+        names = {name.lower() for name in job.template.get("headers", {})}
+        self._has_feedback_id = "feedback-id" in names
+        # A template with its own List-Unsubscribe keeps it (and gets no Post
+        # header of ours: one-click would then be claimed for its URI).
+        self._has_list_unsubscribe = "list-unsubscribe" in names
+        self._has_list_unsubscribe_post = "list-unsubscribe-post" in names
         # Gmail's Feedback-ID: campaign : customer : mail type : sender (the last is the one it keys on).
         sender_domain = job.campaign.sender.rpartition("@")[2].lower()
         self._feedback_id = ":".join(_feedback_field(x) for x in (self.id, "fastmta", "bulk", sender_domain))
@@ -115,6 +122,11 @@ class Campaign:
                 key_path = Path(key.key_path)
                 if not key_path.is_absolute():
                     key = msgspec.structs.replace(key, key_path=str(path.parent / key_path))
+                # RFC 8058 4: the one-click headers must be under the signature,
+                # also with a job's own list of signed headers.
+                missing = tuple(h for h in _ONE_CLICK_SIGNED if h not in {n.strip().lower() for n in key.headers})
+                if missing:
+                    key = msgspec.structs.replace(key, headers=(*key.headers, *missing))
                 keys.append(load_signing_key(key, source=f"{source}: dkim[{i}]"))
         except ConfigError as exc:
             raise InputError(str(exc).removeprefix(f"{source}: "), source=source) from None
@@ -180,6 +192,7 @@ class Campaign:
         start_line: int = 0,
         taken: Container[int] = frozenset(),
         return_path: ReturnPath | None = None,
+        unsubscribe: Unsubscribe | None = None,
     ) -> Iterator[SpoolItem | Reject]:
         """One item per recipient row from *start_line* on (rows before it are skipped unrendered).
 
@@ -190,6 +203,11 @@ class Campaign:
         With a *return_path*, each message's envelope sender is its signed,
         per-recipient return path and it carries the trace header (and a
         Feedback-ID if the template has none), both inside the DKIM signature.
+
+        With an *unsubscribe*, each message gets RFC 8058 one-click
+        ``List-Unsubscribe`` (a signed per-recipient URL, list tag = the
+        campaign id) and ``List-Unsubscribe-Post`` headers, also signed,
+        unless the template has its own List-Unsubscribe.
         """
         source = str(self.recipients_path)
         field = self.job.campaign.address_field
@@ -198,6 +216,8 @@ class Campaign:
         meta = {"job": self.id}
         seen = KeySet()  # keys met in this reading (8 bytes a row, not a set of strings)
         check_taken = not isinstance(taken, (frozenset, KeySet)) or len(taken) > 0  # a first run: nothing taken
+        if self._has_list_unsubscribe:
+            unsubscribe = None
         for line, row, error in self.rows():
             if line < start_line and line != 0:
                 continue
@@ -235,11 +255,22 @@ class Campaign:
                 yield Reject(source, line, exc.reason if exc.source is None else str(exc), key, line)
                 continue
             envelope_sender = sender
+            extra = b""
             if return_path is not None:
                 envelope_sender = return_path.address(self.id, address)
                 extra = return_path.trace_header(self.id, address)
                 if not self._has_feedback_id:
                     extra += f"Feedback-ID: {self._feedback_id}\r\n".encode()
+            if unsubscribe is not None:
+                try:
+                    one_click = unsubscribe.headers(self.id, address)
+                except ValueError as exc:
+                    yield Reject(source, line, str(exc), key, line)
+                    continue
+                if self._has_list_unsubscribe_post:
+                    one_click = one_click[: one_click.index(b"List-Unsubscribe-Post:")]
+                extra += one_click
+            if extra:
                 message = extra + message
             if self.signer is not None:
                 message = self.signer.sign(message)

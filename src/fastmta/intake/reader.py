@@ -37,6 +37,7 @@ from fastmta.intake.campaign import Campaign
 from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reject, Resume, ResumePoint, SpoolItem
 from fastmta.intake.pickup import parse_pickup, read_pickup_bytes
 from fastmta.message.returnpath import ReturnPath
+from fastmta.message.unsubscribe import Unsubscribe
 
 __all__ = [
     "Event",
@@ -89,13 +90,15 @@ class SpoolReader:
 
     def __init__(
         self, directory: Path, resume: Resume | None = None, return_path: ReturnPath | None = None,
-        accept: Callable[[Path], bool] | None = None,
+        accept: Callable[[Path], bool] | None = None, unsubscribe: Unsubscribe | None = None,
     ) -> None:
         self.directory = directory
         #: Which entries to read now (fastmta serve's pickup leaves files still being written for later).
         self.accept = accept
         self.resume: Resume = resume or (lambda key, fp: ResumePoint())
         self.return_path = return_path
+        #: RFC 8058 one-click headers on campaign mail (fastmta.message.unsubscribe).
+        self.unsubscribe = unsubscribe
 
     def __iter__(self) -> Iterator[Event]:
         try:
@@ -175,5 +178,5 @@ class SpoolReader:
             yield InputSkipped(key)
             return
         yield InputStart(key, fp)
-        yield from campaign.items(key, point.row, point.taken, self.return_path)
+        yield from campaign.items(key, point.row, point.taken, self.return_path, self.unsubscribe)
         yield InputEnd(key)

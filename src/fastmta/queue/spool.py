@@ -138,8 +138,13 @@ class Spool:
         auto_compact: bool = True,
         fsync: Callable[[int], None] | None = None,
         accept_reset: bool = False,
+        remember_rows: bool = False,
     ) -> None:
         """
+        remember_rows: keep every row a message takes in memory, campaign rows
+            too (8 bytes a row), not only single-row inputs: a long-running
+            service (fastmta serve's pickup directory) reads an edited campaign
+            again in the same process, and must skip the rows it already took.
         commit_interval: how long the first waiting add may wait for others to
             join its commit (seconds). 0 still groups: adds arriving while an
             fsync is in progress share the next one.
@@ -159,6 +164,7 @@ class Spool:
         self.compact_ratio = compact_ratio
         self.auto_compact = auto_compact
         self._accept_reset = accept_reset
+        self._remember_rows = remember_rows
         self.stats = SpoolStats()
         disk = Disk(fsync or default_fsync, self.stats)
         self._journal = JournalFile(self.directory, disk)
@@ -387,7 +393,7 @@ class Spool:
             taken_from = self._inputs_by_id.get(take.input)
             if taken_from is None:
                 raise SpoolError(f"unknown input id {take.input}: use open_input() first")
-            if take.row == 0:
+            if take.row == 0 or self._remember_rows:
                 # A single-row input (a pickup file): known at once, so an identical
                 # file later in this run is recognised. The rows of a campaign are
                 # deduplicated by its reader during a run; the journal (this Add

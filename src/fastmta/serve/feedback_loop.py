@@ -68,7 +68,7 @@ class FeedbackLoop:
 
     def __init__(
         self, data_dir: Path, *, policy: SuppressionPolicy | None = None, return_path: ReturnPath | None = None,
-        classifier: Classifier | None = None, unsubscribe: Callable[[str], tuple[str, str] | None] | None = None,
+        classifier: Classifier | None = None, unsubscribe: Callable[[str, str], tuple[str, str] | None] | None = None,
         emit: Callable[[dict[str, Any]], None] = lambda _r: None,
     ) -> None:
         self.data_dir = data_dir
@@ -190,6 +190,10 @@ class FeedbackLoop:
             self._submit(lambda store: self.policy.on_bounce(store, address, c, text, at), wait=False)
 
     # --------------------------------------------------------- one-click unsubscribe
+
+    async def record_unsubscribe(self, address: str, list_tag: str, how: str = "one-click") -> None:
+        """The one-click endpoint's record callback (see :func:`fastmta.serve.unsubscribe.add_unsubscribe_routes`)."""
+        await self.unsubscribe(address, list_tag, how)
 
     async def unsubscribe(self, address: str, list_tag: str, how: str = "one-click") -> Suppression | None:
         """Record an unsubscribe; returns once it is committed (the caller may then answer 200)."""

@@ -33,6 +33,7 @@ from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reje
 from fastmta.intake.progress import InputProgress, resume_from
 from fastmta.intake.reader import SpoolReader
 from fastmta.message.returnpath import ReturnPath
+from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.journal_records import InputTake
 from fastmta.queue.spool import Spool
 
@@ -51,7 +52,8 @@ class PickupWatcher:
 
     def __init__(
         self, directory: Path, spool: Spool, submit: Submit, *, interval: float = 1.0, settle: float = 1.0,
-        delete: bool = True, return_path: ReturnPath | None = None, rejects: Path | None = None,
+        delete: bool = True, return_path: ReturnPath | None = None, unsubscribe: Unsubscribe | None = None,
+        rejects: Path | None = None,
         on_reject: Callable[[Reject], None] | None = None,
     ) -> None:
         self.directory = directory
@@ -61,6 +63,7 @@ class PickupWatcher:
         self.settle = settle
         self.delete = delete
         self.return_path = return_path
+        self.unsubscribe = unsubscribe
         self.rejects_file = rejects
         self._on_reject = on_reject
         self.tracker = InputProgress(spool)
@@ -90,7 +93,9 @@ class PickupWatcher:
     async def scan(self, stop: asyncio.Event | None = None) -> int:
         """One pass over the directory; returns the messages submitted."""
         self.scans += 1
-        reader = iter(SpoolReader(self.directory, resume_from(self.spool), self.return_path, accept=self._settled))
+        reader = iter(SpoolReader(
+            self.directory, resume_from(self.spool), self.return_path, accept=self._settled, unsubscribe=self.unsubscribe,
+        ))
         done_files: list[str] = []
         inflight: set[asyncio.Task[None]] = set()
         submitted = 0

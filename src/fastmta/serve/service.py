@@ -38,7 +38,6 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from fastmta.delivery.reconfigure import reconfigure
 from fastmta.errors import ConfigError, InputError
 from fastmta.intake.items import SpoolItem
 from fastmta.message.returnpath import ReturnPath
+from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.journal_records import InputTake
 from fastmta.queue.records import new_message_id, split_address
 from fastmta.queue.spool import Spool
@@ -65,6 +65,7 @@ from fastmta.serve.metrics import IntakeStats, ServiceMetrics
 from fastmta.serve.pickup import PickupWatcher
 from fastmta.serve.sender_notices import SenderNotices
 from fastmta.serve.smtp_listener import InjectServer
+from fastmta.serve.unsubscribe import add_unsubscribe_routes
 from fastmta.sink.config import ListenerConfig, SinkConfig
 
 log = logging.getLogger("fastmta.serve")
@@ -98,7 +99,8 @@ class Service:
         self.pickup: PickupWatcher | None = None
         self.feedback: FeedbackLoop | None = None
         self.notices: SenderNotices | None = None
-        self._unsubscribe_token: Callable[[str], tuple[str, str] | None] | None = None
+        #: RFC 8058 one-click and mailto: unsubscribe links ([unsubscribe]); None when not configured.
+        self.unsubscribe = self._make_unsubscribe(config)
         self._inbound_tasks: set[asyncio.Task[Any]] = set()
         self._engine: Engine | None = None
         self._spool: Spool | None = None
@@ -119,7 +121,16 @@ class Service:
         domains = list(config.serve.receive_domains)
         if config.engine.return_path.domain:
             domains.append(config.engine.return_path.domain)  # bounces come back to it
+        if config.engine.unsubscribe.active and config.engine.unsubscribe.mailto_domain:
+            domains.append(config.engine.unsubscribe.mailto_domain)  # mailto: unsubscribes come to it
         return domains
+
+    @staticmethod
+    def _make_unsubscribe(config: ServiceConfig) -> Unsubscribe | None:
+        try:
+            return config.engine.unsubscribe.build(config.engine.return_path.secret_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"unsubscribe: {exc}") from None
 
     # ------------------------------------------------------------------ life
 
@@ -141,7 +152,7 @@ class Service:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.data_dir / "inbound").mkdir(exist_ok=True, mode=0o700)
         try:
-            self._spool = await asyncio.to_thread(functools.partial(Spool, self.data_dir / "queue"))
+            self._spool = await asyncio.to_thread(functools.partial(Spool, self.data_dir / "queue", remember_rows=True))
         except SpoolError as exc:
             raise ConfigError(f"cannot open the queue in {self.data_dir / 'queue'}: {exc}") from None
         if self._spool.report.damaged:
@@ -158,7 +169,7 @@ class Service:
             engine.add_listener(self.outbox.on_outcome)
         self.feedback = FeedbackLoop(
             self.data_dir, return_path=self._return_path(), classifier=engine.classifier, emit=self._emit_record,
-            unsubscribe=self._unsubscribe_token,
+            unsubscribe=self.unsubscribe.from_mail if self.unsubscribe is not None else None,
         )
         await self.feedback.start()
         engine.set_suppression(self.feedback.store)  # every way in is checked against the list
@@ -206,9 +217,11 @@ class Service:
         address = self.config.serve.http.address
         if address is None:
             return
-        runner = web.AppRunner(
-            build_api_app(self, max_request_size=self.config.serve.http.max_request_size), access_log=None
-        )
+        app = build_api_app(self, max_request_size=self.config.serve.http.max_request_size)
+        if self.unsubscribe is not None and self.feedback is not None:
+            # Public, no token: the signed token in the URL is the authorization (RFC 8058).
+            add_unsubscribe_routes(app, self.unsubscribe, self.feedback.record_unsubscribe)
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, address[0], address[1], reuse_address=False)
@@ -248,7 +261,8 @@ class Service:
         assert self._spool is not None
         self.pickup = PickupWatcher(
             directory, self._spool, self._submit_item, interval=pickup.interval, settle=pickup.settle,
-            delete=pickup.delete, return_path=self._return_path(), rejects=self.data_dir / "rejects.jsonl",
+            delete=pickup.delete, return_path=self._return_path(), unsubscribe=self.unsubscribe,
+            rejects=self.data_dir / "rejects.jsonl",
             on_reject=lambda _r: self.intake.rejected("pickup"),
         )
         self._tasks.append(asyncio.ensure_future(self.pickup.run(self._stop)))
