@@ -63,14 +63,18 @@ async def _serve(db: Path, port_file: Path) -> None:
 
     from aiohttp import web
 
-    from fastmta.feedback.suppression import SqliteSuppressionStore
+    from fastmta.delivery.accounting import AccountingLog
     from fastmta.message.unsubscribe import Unsubscribe
-    from fastmta.serve.unsubscribe import SuppressionWriter, add_unsubscribe_routes
+    from fastmta.serve.feedback_loop import FeedbackLoop
+    from fastmta.serve.unsubscribe import add_unsubscribe_routes
 
-    store = SqliteSuppressionStore(db)
-    writer = SuppressionWriter(store)
+    # What fastmta serve runs: the feedback loop's batched writer into DATA_DIR/suppression.db, and an
+    # accounting record (unsubscribe) for each one, as the service writes them.
+    accounting = AccountingLog(db.parent / "accounting.jsonl")
+    writer = FeedbackLoop(db.parent, emit=accounting.write_record)
+    await writer.start()
     app = web.Application()
-    add_unsubscribe_routes(app, Unsubscribe(SECRET, BASE), writer.record)
+    add_unsubscribe_routes(app, Unsubscribe(SECRET, BASE), writer.record_unsubscribe)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
@@ -84,9 +88,10 @@ async def _serve(db: Path, port_file: Path) -> None:
     await stop.wait()
     await runner.cleanup()
     await writer.close()
-    store.close()
+    accounting.close()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
-    stats = {"commits": writer.commits, "recorded": writer.recorded, "cpu_s": cpu.ru_utime + cpu.ru_stime}
+    stats = {"commits": writer.commits, "recorded": writer.counts.get("unsubscribe", 0),
+             "cpu_s": cpu.ru_utime + cpu.ru_stime}
     port_file.with_suffix(".stats").write_text(json.dumps(stats))
 
 
@@ -150,7 +155,7 @@ def _one_run(n: int, connections: int, work: Path, index: int, timeout: float) -
     u = Unsubscribe(SECRET, BASE)
     tokens = [u.token(LIST_TAG, f"user{index}-{i}@r{i % 100}.bench.example") for i in range(n)]
     (run_dir / "tokens.txt").write_text("\n".join(tokens))
-    db = run_dir / "suppressions.db"
+    db = run_dir / "suppression.db"  # DATA_DIR/suppression.db, as fastmta serve keeps it
     port_file = run_dir / "port"
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(db), str(port_file)])
     try:

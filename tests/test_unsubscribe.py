@@ -31,7 +31,8 @@ from fastmta.intake.pickup import read_pickup
 from fastmta.intake.reader import SpoolReader
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import MAX_TOKEN_CHARS, Unsubscribe
-from fastmta.serve.unsubscribe import SuppressionWriter, add_unsubscribe_routes
+from fastmta.serve.feedback_loop import FeedbackLoop
+from fastmta.serve.unsubscribe import add_unsubscribe_routes
 
 SECRET = b"0123456789abcdef-test-secret"
 BASE = "https://u.fastmta.example"
@@ -368,25 +369,27 @@ def test_one_click_post_with_curl_suppresses_the_address(tmp_path: Path, run: Ca
     store.close()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-def test_suppression_writer_group_commits(tmp_path: Path, run: Callable[..., Any]) -> None:
-    store = SqliteSuppressionStore(tmp_path / "suppressions.db")
+def test_the_services_recorder_group_commits(tmp_path: Path, run: Callable[..., Any]) -> None:
+    """What fastmta serve plugs in: the feedback loop's writer (one transaction for concurrent POSTs)."""
     u = make()
+    events: list[dict[str, Any]] = []
 
-    async def scenario() -> SuppressionWriter:
-        writer = SuppressionWriter(store)
-        async with served(u, writer.record) as base:
+    async def scenario() -> FeedbackLoop:
+        loop_ = FeedbackLoop(tmp_path, emit=events.append)
+        await loop_.start()
+        async with served(u, loop_.record_unsubscribe) as base:
             tokens = [u.token("news", f"user{i}@x.example") for i in range(40)]
             results = await asyncio.gather(*(curl("-d", "List-Unsubscribe=One-Click", f"{base}/u/{t}") for t in tokens))
             assert [s for s, _ in results] == [200] * 40
-        await writer.close()
-        return writer
+        await loop_.close()
+        return loop_
 
-    writer = run(scenario())
-    assert writer.recorded == 40 and 1 <= writer.commits <= 40
+    loop_ = run(scenario())
+    assert 1 <= loop_.commits < 40  # concurrent POSTs shared commits
+    assert sorted(e["recipient"] for e in events if e["status"] == "unsubscribe") == sorted(
+        f"user{i}@x.example" for i in range(40))
     # Durable: another connection (a fresh store) sees them all.
-    store.close()
-    again = SqliteSuppressionStore(tmp_path / "suppressions.db")
+    again = SqliteSuppressionStore(tmp_path / "suppression.db")
     assert all(again.check(f"user{i}@x.example", list_tag="news") is not None for i in range(40))
     assert again.check("user1@x.example", list_tag="other") is None
     again.close()

@@ -89,6 +89,7 @@ class FeedbackLoop:
         self._wake = asyncio.Event()
         self._closed = False
         self.counts: dict[str, int] = {}
+        self.commits = 0  # transactions written (each a batch of changes)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -155,6 +156,7 @@ class FeedbackLoop:
                 raise
             return results
 
+        self.commits += 1
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         except Exception as exc:

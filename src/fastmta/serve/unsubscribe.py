@@ -22,22 +22,18 @@ commit runs on a worker thread, never on the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import email.parser
 import email.policy
 import html
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from fastmta.feedback.suppression import Scope, SqliteSuppressionStore, Suppression
 from fastmta.message.unsubscribe import Unsubscribe
 
-__all__ = ["MAX_BODY", "Record", "SuppressionWriter", "add_unsubscribe_routes"]
+__all__ = ["MAX_BODY", "Record", "add_unsubscribe_routes"]
 
 log = logging.getLogger("fastmta.serve.unsubscribe")
 
@@ -152,65 +148,3 @@ def add_unsubscribe_routes(
 
     app.router.add_post(prefix + "/{token}", post)
     app.router.add_get(prefix + "/{token}", landing)
-
-
-class SuppressionWriter:
-    """A *record* callback with group commit into a suppression store.
-
-    ``await writer.record(recipient, list_tag, how)`` returns once a
-    list-scoped suppression of *recipient* on *list_tag* is committed (WAL,
-    synchronous=FULL). Calls that arrive while a commit runs wait for the
-    next one, which takes them all (up to *max_batch*) in one transaction on
-    the writer's own thread; *linger* seconds (default 0) may be waited
-    before a commit to gather more. Use the same store as the one intake
-    checks: its in-memory filter then learns the address at once.
-    """
-
-    def __init__(self, store: SqliteSuppressionStore, *, max_batch: int = 1000, linger: float = 0.0,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.store = store
-        self.max_batch = max_batch
-        self.linger = linger
-        self._clock = clock
-        self._pending: list[tuple[Suppression, asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastmta-unsubscribe")
-        #: Commits made and suppressions recorded (for metrics and the benchmark).
-        self.commits = 0
-        self.recorded = 0
-
-    async def record(self, recipient: str, list_tag: str, how: str) -> None:
-        # As SuppressionPolicy.on_unsubscribe records it.
-        s = Suppression(recipient, Scope.LIST, list_tag, f"unsubscribe ({how})", "unsubscribe", self._clock())
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._pending.append((s, done))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._drain(), name="fastmta-unsubscribe-commit")
-        # Shielded: a request cancelled mid-wait leaves its suppression in the batch (committed or not).
-        await asyncio.shield(done)
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            if self.linger > 0:
-                await asyncio.sleep(self.linger)
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            try:
-                await loop.run_in_executor(self._executor, self.store.add_batch, [s for s, _ in batch])
-            except Exception as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                continue
-            self.commits += 1
-            self.recorded += len(batch)
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
-
-    async def close(self) -> None:
-        """Wait for what is pending to be committed, then stop the writer's thread (the store stays open)."""
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
