@@ -13,11 +13,10 @@ Routes (no authentication: the signed token is the authorization; see
     GET  /u/{token}   -> 200 a small HTML page whose button POSTs the same form. A GET never
                          unsubscribes: link scanners and mail previews fetch every URL.
 
-:class:`SuppressionWriter` is a *record* callback that writes into a
-:class:`~fastmta.feedback.suppression.SqliteSuppressionStore` (a list-scoped
-suppression, as :meth:`SuppressionPolicy.on_unsubscribe` makes) with group
-commit: POSTs that arrive while a commit runs share the next one, and that
-commit runs on a worker thread, never on the event loop.
+The service passes :meth:`fastmta.serve.feedback_loop.FeedbackLoop.record_unsubscribe`
+as *record*: a list-scoped suppression, with group commit (POSTs that arrive
+together share one transaction, on a worker thread, never on the event loop)
+and an ``unsubscribe`` accounting record.
 """
 
 from __future__ import annotations
