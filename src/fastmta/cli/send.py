@@ -61,6 +61,7 @@ from fastmta.delivery.config import Config, load_config
 from fastmta.delivery.engine import Engine, EngineClosed
 from fastmta.delivery.routing import Router
 from fastmta.errors import ConfigError, InputError
+from fastmta.feedback.suppression import SqliteSuppressionStore
 from fastmta.intake.progress import InputProgress, resume_from
 from fastmta.intake.reader import (
     InputEnd,
@@ -99,6 +100,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-dir", type=Path, metavar="DIR",
                    help="durable queue (journal + bodies); a rerun resumes from it "
                         "(default: SPOOL/.fastmta; with --sink a temporary one)")
+    p.add_argument("--suppressions", type=Path, metavar="DB",
+                   default=Path(os.environ["FASTMTA_SUPPRESSIONS"]) if os.environ.get("FASTMTA_SUPPRESSIONS") else None,
+                   help="check every recipient against this suppression list (SQLite, as `fastmta suppress` and "
+                        "fastmta serve keep it; default $FASTMTA_SUPPRESSIONS): a suppressed recipient gets an "
+                        "accounting record 'suppressed' and is never sent")
     p.add_argument("--accept-journal-reset", action="store_true",
                    help="open a queue whose journal is missing or empty beside stored bodies (they are lost, "
                         "and reported); without it such a queue is refused")
@@ -170,7 +176,7 @@ def _unsubscribe(config: Config) -> Unsubscribe | None:
 def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str) -> dict[str, Any]:
     """The summary of a run that could not start (same fields as a real one)."""
     zero = ("messages", "recipients", "resumed_recipients", "inputs_already_done", "delivered", "bounced",
-            "expired", "deferrals", "unfinished")
+            "expired", "suppressed", "deferrals", "unfinished")
     return {"spool": str(args.spool), "queue": str(queue_dir), **dict.fromkeys(zero, 0), "rejected": [],
             "elapsed_s": 0.0, "recipients_per_s": 0.0, "sites": [], "suspected_filters": [], "interrupted": False,
             "lost": [], "fatal": fatal, "accounting": str(args.accounting) if args.accounting else None}
@@ -238,6 +244,12 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         progress.note("interrupt: no new work taken; finishing transactions in flight (Ctrl-C again to quit now)")
 
     engine = Engine(config, accounting=accounting, spool=spool)
+    suppressions = None
+    if args.suppressions is not None:
+        if not args.suppressions.is_file():
+            raise UsageError(f"--suppressions {args.suppressions}: no such file (make one with `fastmta suppress`)")
+        suppressions = SqliteSuppressionStore(args.suppressions)
+        engine.set_suppression(suppressions)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     submitted_messages = 0
@@ -320,6 +332,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         progress.stop()
         if accounting is not None:
             accounting.close()
+        if suppressions is not None:
+            suppressions.close()
         await spool.close()
     elapsed = time.perf_counter() - started
     counts = dict(engine.counts)
@@ -334,6 +348,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         "delivered": counts.get("delivered", 0),
         "bounced": counts.get("bounced", 0),
         "expired": counts.get("expired", 0),
+        "suppressed": counts.get("suppressed", 0),  # on the suppression list: recorded, never sent
         "deferrals": counts.get("deferred", 0),
         "unfinished": unfinished,
         "rejected": [r.as_dict() for r in progress.rejects],
