@@ -74,6 +74,11 @@ class LocalService:
         self.injected.labels(via).inc()
         return message_id
 
+    def campaign_message(self, campaign: str, recipient: str, sender: str, message: bytes) -> tuple[str, bytes]:
+        # No [return_path] or [unsubscribe] here: the envelope and message stay as rendered
+        # (the service's own additions are tested through fastmta serve in test_serve_campaigns.py).
+        return sender, message
+
     def ready(self) -> tuple[bool, str]:
         return self.readiness
 

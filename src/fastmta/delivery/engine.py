@@ -330,8 +330,10 @@ class Engine:
             if not recipients:
                 return message_id  # every recipient suppressed: each has its record, nothing is queued
             rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(recipients)]
-        if not self.dkim.empty and not (meta and "job" in meta):
-            body = Body(self.dkim.sign(body.raw))  # before the journal: a resumed message is not signed again
+        if not self.dkim.empty and not (meta and "job" in meta and body.raw[:15].lower() == b"dkim-signature:"):
+            # Before the journal: a resumed message is not signed again. A campaign signed with its own keys
+            # is left alone; one without keys (an HTTP campaign) is signed like any other message.
+            body = Body(self.dkim.sign(body.raw))
         cost = _memory_cost(body)
         await self._reserve(len(rcpts), cost)
         loop = asyncio.get_running_loop()

@@ -48,6 +48,12 @@ class ServiceAPI(Protocol):
         """
         ...
 
+    def campaign_message(self, campaign: str, recipient: str, sender: str, message: bytes) -> tuple[str, bytes]:
+        """(envelope sender, message) of one rendered campaign message, as campaigns from the pickup directory
+        get them: the signed return path and trace header ([return_path]), Feedback-ID, and the one-click
+        List-Unsubscribe headers ([unsubscribe]) where the template has none."""
+        ...
+
     def ready(self) -> tuple[bool, str]:
         """(ready, why not): the journal is writable and the engine running."""
         ...

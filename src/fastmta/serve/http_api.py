@@ -430,7 +430,8 @@ async def _post_campaign(request: web.Request) -> web.Response:
             except _RowError as exc:
                 rejected.append({"email": email, "index": index, "error": str(exc)})
         results = await asyncio.gather(
-            *(service.inject(message, sender, [email], via="http", meta=meta) for _, email, message, meta in window),
+            *(service.inject(*_campaign_parts(service, campaign, email, sender, message), via="http", meta=meta)
+              for _, email, message, meta in window),
             return_exceptions=True,
         )
         for (index, email, _, _), result in zip(window, results):
@@ -510,6 +511,14 @@ def _compile(template: dict[str, Any]) -> tuple[CompiledCampaign, Callable[[str]
         if required and required.group(1).lower() in _SHORTHAND:
             field = f"template.{required.group(1).lower()}"  # "From is required": the API calls it "from"
         raise ApiError(400, text_, field=field) from None
+
+
+def _campaign_parts(
+    service: ServiceAPI, campaign: str, email: str, sender: str, message: bytes
+) -> tuple[bytes, str, list[str]]:
+    """inject()'s (content, sender, recipients) for one rendered row: the service adds return path and headers."""
+    envelope, content = service.campaign_message(campaign, email, sender, message)
+    return content, envelope, [email]
 
 
 def _render(

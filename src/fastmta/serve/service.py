@@ -35,6 +35,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import shutil
 import stat
 import time
@@ -101,6 +102,7 @@ class Service:
         self.notices: SenderNotices | None = None
         #: RFC 8058 one-click and mailto: unsubscribe links ([unsubscribe]); None when not configured.
         self.unsubscribe = self._make_unsubscribe(config)
+        self._rp = self._return_path_of(config)
         self._inbound_tasks: set[asyncio.Task[Any]] = set()
         self._engine: Engine | None = None
         self._spool: Spool | None = None
@@ -268,7 +270,11 @@ class Service:
         self._tasks.append(asyncio.ensure_future(self.pickup.run(self._stop)))
 
     def _return_path(self) -> ReturnPath | None:
-        rp = self.config.engine.return_path
+        return self._rp
+
+    @staticmethod
+    def _return_path_of(config: ServiceConfig) -> ReturnPath | None:
+        rp = config.engine.return_path
         if not rp.domain:
             return None
         try:
@@ -448,6 +454,24 @@ class Service:
             self.outbox.put(record)
 
     # ------------------------------------------------------------- front ends
+
+    def campaign_message(self, campaign: str, recipient: str, sender: str, message: bytes) -> tuple[str, bytes]:
+        head_end = message.find(b"\r\n\r\n")
+        head = message[: head_end if head_end >= 0 else len(message)].lower()
+        extra = b""
+        if self._rp is not None:
+            if b"\nfeedback-id:" not in b"\n" + head:  # Gmail's: campaign:customer:type:sender (the last it keys on)
+                fields = [re.sub(r"[^A-Za-z0-9._-]", "-", x)[:60] for x in (campaign, "fastmta", "bulk",
+                                                                          sender.rpartition("@")[2])]
+                extra += f"Feedback-ID: {':'.join(fields)}\r\n".encode("ascii")
+            sender = self._rp.address(campaign, recipient)
+            extra = self._rp.trace_header(campaign, recipient) + extra
+        if self.unsubscribe is not None and b"\nlist-unsubscribe:" not in b"\n" + head:
+            try:
+                extra += self.unsubscribe.headers(campaign, recipient)
+            except ValueError as exc:
+                raise InputError(f"unsubscribe headers: {exc}") from None
+        return sender, extra + message
 
     def http_principal(self, token: str) -> str | None:
         return self.tokens.principal(token)
