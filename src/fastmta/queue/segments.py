@@ -176,6 +176,16 @@ class BodySegments:
         for seg in [s for s in self._write_fds if s < active]:
             os.close(self._write_fds.pop(seg))
 
+    def drop_idle_active(self) -> None:
+        """At close: the active segment, when no unfinished message has its body there, goes too.
+
+        Only the active one can be left (the others go when their last message
+        is final): without this, a finished run would leave up to a segment of
+        sent bodies behind. Call after :meth:`close_writers`.
+        """
+        if self._live.get(self.active, 0) == 0 and self.path(self.active).exists():
+            self._unlink(self.active)
+
     def close_writers(self) -> None:
         for fd in self._write_fds.values():
             os.close(fd)
