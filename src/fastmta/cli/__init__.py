@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "suppress": ("fastmta.cli.suppress", "manage the suppression list (add, remove, list, import, export)"),
     "queue": ("fastmta.cli.queue", "look into the queue of a running `fastmta serve` and act on it (suspend, retry, bounce...)"),
     "classify": ("fastmta.cli.classify", "classify SMTP replies or bounce messages as the engine would (JSON lines)"),
+    "check": ("fastmta.cli.check", "lint a campaign, pickup file or message: content, SPF/DKIM/DMARC, PTR, TLS, SpamAssassin"),
 }
 
 
