@@ -18,6 +18,13 @@ to an accepting sink delivers what was left in the journal. Asserted:
   only before it);
 * memory is flat: the median RSS of the second half of the run is within
   ±10 % of the first half's (after a 10 s warm-up).
+
+What RSS does here (measured): the engine remembers the outcomes of its last
+10,000 finished messages (``fastmta.delivery.ledger._FINISHED_KEPT``, about
+1.1 KB each), so at 60 messages/s RSS rises by about 0.6 MB per 10 s until
+~170 s, then is flat. At the default 60 s that is ~4 % between the halves;
+a ``FASTMTA_SOAK_SECONDS`` between about 150 and 400 measures that bounded
+cache filling up and fails the 10 % bound without any leak.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ DURATION = float(os.environ.get("FASTMTA_SOAK_SECONDS", "60"))
 WARMUP = min(10.0, DURATION / 4)
 RATE = 20.0  # messages per second, per injector
 TOKEN = "soak-token"
-DOMAINS = ("fast.example", "fast.example", "fast.example", "slow.example", "down.example")
+#: One message in ten to each of the tarpit and the 421 site: their queues grow all the run (a few KB of
+#: memory per queued recipient), and what the RSS bound is to catch is a leak, not that growth.
+DOMAINS = ("fast.example",) * 8 + ("slow.example", "down.example")
 
 
 def _message(tag: str) -> bytes:
