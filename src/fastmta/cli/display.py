@@ -152,6 +152,33 @@ class Progress:
         events = [plain(e, "yellow") for e in list(self._engine.throttle_events)[-4:]]
         return Group(head, table, *events)
 
+    def _print_guard(self, g: dict[str, Any] | None) -> None:
+        """The reputation guard: what it did (pauses, sources out of rotation) and each campaign's KPIs."""
+        if not g:
+            return
+        for e in g.get("events", []):
+            if e["status"] == "campaign_paused":
+                reasons = "; ".join(f"{r['count']:,}x {r['reply']}" for r in e.get("top_reasons", [])[:3])
+                self.out.print(Text.assemble(("paused ", "red"), plain(
+                    f"campaign {e['campaign']}: {e['reason']}" + (f" (top: {reasons})" if reasons else ""))),
+                    highlight=False)
+            else:
+                self.out.print(Text.assemble(("guard ", "yellow"), plain(
+                    f"{e['status']}: {e.get('source')} at {e.get('provider')}")), highlight=False)
+        campaigns = g.get("campaigns", [])
+        if not campaigns:
+            return
+        table = Table(title="campaign KPIs", title_justify="left", box=None, pad_edge=False)
+        for col in ("campaign", "sent", "delivered", "hard", "hard %", "suspected filter", "soft", "deferrals",
+                    "blocked"):
+            table.add_column(col, justify="left" if col == "campaign" else "right")
+        for c in campaigns:
+            rate = c.get("hard_bounce_rate")
+            table.add_row(plain(str(c["campaign"])[:40]), f"{c['sent']:,}", f"{c['delivered']:,}", f"{c['hard']:,}",
+                          "-" if rate is None else f"{rate:.1%}", f"{c['suspected_filter']:,}", f"{c['soft']:,}",
+                          f"{c['deferred']:,}", f"{c['blocked']:,}")
+        self.out.print(table)
+
     def print_summary(self, s: dict[str, Any]) -> None:
         table = Table(title="fastmta send: summary", title_justify="left", show_header=False)
         table.add_column("", style="bold")
@@ -164,6 +191,8 @@ class Progress:
             ("bounced", f"{s['bounced']:,}"),
             ("  of them suspected filter", f"{sum(f['suspected'] for f in s.get('suspected_filters', [])):,}"),
             ("expired", f"{s['expired']:,}"),
+            ("sunset (inactive, not sent)", f"{s.get('sunset', 0):,}"),
+            ("paused campaigns", f"{len(s.get('paused', [])):,}"),
             ("deferrals (retried)", f"{s['deferrals']:,}"),
             ("not final", f"{s['unfinished']:,}"),
             ("input rejected", f"{len(s['rejected']):,}"),
@@ -186,6 +215,7 @@ class Progress:
                       + (f"; appliance: {f['appliance']}" if f["appliance"] else "")
                       + f"; {f['hard_unknown']:,} taken as hard)"),
             ), highlight=False)
+        self._print_guard(s.get("guard"))
         for r in s["rejected"]:
             where = f"{r['file']}:{r['line']}" if r["line"] is not None else r["file"]
             self.out.print(Text.assemble(("rejected ", "red"), plain(f"{where}: {r['reason']}")), highlight=False)

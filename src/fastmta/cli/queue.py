@@ -9,6 +9,8 @@
   fastmta queue bounce TARGET [--reason R]   give up on TARGET: its queued recipients end bounced
   fastmta queue delete TARGET                drop TARGET from the queue without a bounce
   fastmta queue why ADDRESS_OR_ID            why a recipient or message is (not) moving
+  fastmta queue override campaign:ID         resume a campaign the reputation guard paused (bounce or
+                                             complaint rate over [guard] limits) and let it finish
 
 TARGET is site:NAME, domain:NAME, campaign:ID, a message id, or a bare word.
 
@@ -61,6 +63,7 @@ _SUBCOMMANDS: tuple[tuple[str, str, tuple[str, str] | None], ...] = (
     ("bounce", "bounce a target's recipients", ("target", "site:NAME, domain:NAME, campaign:ID or an id")),
     ("delete", "drop a target from the queue without a bounce", ("target", "site:NAME, domain:NAME, campaign:ID or an id")),
     ("why", "why a recipient or message is (not) moving", ("target", "a recipient address or a message id")),
+    ("override", "resume a campaign the reputation guard paused and let it finish", ("target", "campaign:ID")),
 )
 
 

@@ -21,6 +21,14 @@ recipient twice in a campaign is sent once and the repeat reported, unless
 the job sets allow_duplicates). Ctrl-C once: take no new input, finish what
 is in flight, exit; twice: exit at once (still recoverable).
 
+The reputation guard ([guard] in the configuration) pauses a campaign whose
+hard-bounce or complaint rate is too high, or that draws blocklist replies at
+several providers: its recipients stay in the queue, no new input is taken,
+the rest is finished, and the run exits 1 naming it. Run again with
+--resume-campaign ID (counted afresh) or --override-campaign ID (no brake)
+to send the rest. A campaign job may leave out inactive recipients
+(sunset_days): each gets an accounting record "sunset".
+
 Exit status: 0 every recipient reached a final state (delivered, bounced or
 expired) and no input was rejected; 1 some recipients are not final
 (interrupted, the delivery record could not be written, or queued messages were
@@ -62,6 +70,7 @@ from fastmta.delivery.engine import Engine, EngineClosed
 from fastmta.delivery.routing import Router
 from fastmta.errors import ConfigError, InputError
 from fastmta.feedback.suppression import SqliteSuppressionStore
+from fastmta.intake.items import Sunset
 from fastmta.intake.progress import InputProgress, resume_from
 from fastmta.intake.reader import (
     InputEnd,
@@ -108,6 +117,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-journal-reset", action="store_true",
                    help="open a queue whose journal is missing or empty beside stored bodies (they are lost, "
                         "and reported); without it such a queue is refused")
+    p.add_argument("--resume-campaign", action="append", default=[], metavar="ID",
+                   help="resume a campaign the reputation guard paused in an earlier run (its figures are counted "
+                        "afresh: paused again only if what follows is bad too); repeatable")
+    p.add_argument("--override-campaign", action="append", default=[], metavar="ID",
+                   help="resume a paused campaign and exempt it from the guard's brakes for this run; repeatable")
     p.add_argument("--quiet", "-q", action="store_true", help="no live progress display")
 
 
@@ -176,8 +190,9 @@ def _unsubscribe(config: Config) -> Unsubscribe | None:
 def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str) -> dict[str, Any]:
     """The summary of a run that could not start (same fields as a real one)."""
     zero = ("messages", "recipients", "resumed_recipients", "inputs_already_done", "delivered", "bounced",
-            "expired", "suppressed", "deferrals", "unfinished")
+            "expired", "suppressed", "sunset", "deferrals", "unfinished")
     return {"spool": str(args.spool), "queue": str(queue_dir), **dict.fromkeys(zero, 0), "rejected": [],
+            "paused": [], "guard": None,
             "elapsed_s": 0.0, "recipients_per_s": 0.0, "sites": [], "suspected_filters": [], "interrupted": False,
             "lost": [], "fatal": fatal, "accounting": str(args.accounting) if args.accounting else None}
 
@@ -255,6 +270,22 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     submitted_messages = 0
     submitted_recipients = 0
     skipped_inputs = 0
+    sunsets = 0
+    guard_events: list[dict[str, Any]] = []
+
+    def on_guard_event(record: dict[str, Any]) -> None:
+        guard_events.append(record)
+        if record["status"] == "campaign_paused":
+            progress.note(f"reputation guard: campaign {record['campaign']} paused: {record['reason']} "
+                          f"(no new input taken; the rest stays queued)")
+            stop_input.set()
+        else:
+            progress.note(f"reputation guard: {record['status']}: {record.get('source')} at {record.get('provider')}")
+        if accounting is not None:
+            accounting.write_record(record)
+
+    engine.guard.on_event = on_guard_event
+    stop_input = asyncio.Event()  # a campaign was paused: take no new input, finish the rest
     started = time.perf_counter()
     # Submits in flight at once: each waits for its group commit, so many
     # share one fsync instead of paying one each.
@@ -288,11 +319,29 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         async with engine:
             if engine.recovered:
                 progress.note(f"resuming {engine.recovered:,} unfinished recipient(s) from {queue_dir}")
+            for cid in args.resume_campaign:
+                done = engine.control.resume(f"campaign:{cid}")
+                progress.note(f"campaign {cid}: resumed, {done['released']:,} held recipient(s) released"
+                              if done["resumed"] else f"campaign {cid}: was not paused")
+            for cid in args.override_campaign:
+                done = engine.guard.override(cid)
+                progress.note(f"campaign {cid}: resumed without the guard's brakes, "
+                              f"{done['released']:,} held recipient(s) released")
             progress.start(engine)
             for event in reader:
-                if stop.is_set() or engine.fatal is not None:
+                if stop.is_set() or stop_input.is_set() or engine.fatal is not None:
                     break
-                if isinstance(event, InputSkipped):
+                if isinstance(event, SpoolItem) and event.meta.get("job") is not None and \
+                        engine.control.is_suspended(f"campaign:{event.meta['job']}"):
+                    tracker.failed(event.key)  # paused: its rows are read again by a later run
+                    continue
+                if isinstance(event, Sunset):
+                    sunsets += 1
+                    if accounting is not None:
+                        accounting.write_record(event.as_record(time.time()))
+                    tracker.issued(event.key, event.row)
+                    tracker.taken(event.key, event.row)
+                elif isinstance(event, InputSkipped):
                     skipped_inputs += 1
                 elif isinstance(event, InputStart):
                     tracker.start(event.key, event.fingerprint)
@@ -319,11 +368,19 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
             if inflight:
                 await asyncio.wait(set(inflight))
             while not stop.is_set() and engine.unfinished and engine.fatal is None:
-                waiter = asyncio.ensure_future(stop.wait())
-                drained = asyncio.ensure_future(engine.drain())
-                await asyncio.wait({waiter, drained}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                drained.cancel()
+                held = engine.control.held_waiting()
+                if held and engine.unfinished - engine.filters.held <= held:
+                    break  # only what a paused campaign holds is left: it waits in the queue for a later run
+                waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(engine.drain())}
+                if not stop_input.is_set():
+                    waiters.add(asyncio.ensure_future(stop_input.wait()))  # a pause: look again
+                await asyncio.wait(waiters, timeout=0.5 if held or stop_input.is_set() else None,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+            paused = [{"campaign": r["value"], "held": r["held"]} for r in engine.control.rules()
+                      if r["kind"] == "campaign"]
+            guard = _guard_summary(engine, guard_events)
         # Read after close(): it finished the transactions that were in flight.
         unfinished = engine.unfinished
     finally:
@@ -349,6 +406,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         "bounced": counts.get("bounced", 0),
         "expired": counts.get("expired", 0),
         "suppressed": counts.get("suppressed", 0),  # on the suppression list: recorded, never sent
+        "sunset": sunsets,  # inactive too long (the campaign's sunset policy): recorded, never sent
         "deferrals": counts.get("deferred", 0),
         "unfinished": unfinished,
         "rejected": [r.as_dict() for r in progress.rejects],
@@ -358,12 +416,26 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         # Domains whose "user unknown" verdicts were held as a filter's (bounce type suspected_filter).
         "suspected_filters": engine.filters.report(),
         "interrupted": stop.is_set(),
+        # Campaigns held by the reputation guard (their recipients wait in the queue), and its figures.
+        "paused": paused,
+        "guard": guard,
         "lost": [
             {"message_id": lost.id, "recipients": lost.recipients, "reason": lost.reason, "meta": lost.meta}
             for lost in engine.lost
         ],
         "fatal": str(engine.fatal) if engine.fatal is not None else None,
         "accounting": str(args.accounting) if args.accounting else None,
+    }
+
+
+def _guard_summary(engine: Engine, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reputation guard's part of the summary: its events and the KPIs of the run (totals)."""
+    kpis = engine.guard.kpis.snapshot()
+    return {
+        "events": events,
+        "sources_out": engine.guard.summary()["sources_out"],
+        **{scope: [{k: v for k, v in row.items() if k not in ("1h", "24h", "total")} | row["total"]
+                   for row in kpis[scope]] for scope in ("campaigns", "sources", "sender_domains")},
     }
 
 
@@ -411,6 +483,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastmta send: {len(summary['lost'])} accepted message(s) could not be recovered from the queue "
               f"(accounted with status 'lost')", file=sys.stderr)
         return 1
+    for p in summary["paused"]:
+        print(f"fastmta send: campaign {safe_text(p['campaign'])} is paused by the reputation guard; its "
+              f"{p['held']:,} held recipient(s) stay in the queue: run again with --resume-campaign "
+              f"{safe_text(p['campaign'])} (or --override-campaign) to send them", file=sys.stderr)
     if summary["unfinished"]:
         print(f"fastmta send: {summary['unfinished']} recipient(s) did not reach a final state", file=sys.stderr)
         return 1

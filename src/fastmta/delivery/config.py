@@ -40,6 +40,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from fastmta.delivery.guard_config import GuardConfig
 from fastmta.delivery.limits import ThrottleConfig
 from fastmta.delivery.unsubscribe_config import UnsubscribeConfig
 from fastmta.delivery.warmup import WarmupConfig
@@ -414,6 +415,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     #: ``[unsubscribe]``: RFC 8058 one-click headers on campaign mail (fastmta.delivery.unsubscribe_config).
     unsubscribe: UnsubscribeConfig = msgspec.field(default_factory=UnsubscribeConfig)
     classify: ClassifyConfig = msgspec.field(default_factory=ClassifyConfig)
+    #: ``[guard]``: campaign brakes and source rotation on live KPIs (fastmta.delivery.guard_config).
+    guard: GuardConfig = msgspec.field(default_factory=GuardConfig)
     #: ``[[dkim]]``: keys that sign every message by its From domain (campaigns bring their own).
     dkim: list[DkimEntry] = []
 

@@ -135,6 +135,8 @@ class QueueControl:
         self._site_hit: dict[str, str | None] = {}  # site -> rule key holding it (memo)
         self._held: dict[str, list[Batch]] = {}  # rule key -> batches it holds
         self._interned: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        #: Extra figures for the summary's total row (the reputation guard's KPIs and brakes), if set.
+        self.guard_summary: Callable[[], dict[str, Any]] | None = None
 
     # --- life cycle and the engine's hooks ------------------------------------------
 
@@ -265,6 +267,18 @@ class QueueControl:
                     self._dispatch.route(msg, b.recipients)  # routed afresh: the hold may have been long
             log.warning("queue resumed: %s", rule.key)
         return {"target": ", ".join(keys), "resumed": True, "released": released, "rules": self.rules()}
+
+    def is_suspended(self, key: str) -> bool:
+        """Is the rule *key* (``campaign:ID``, ``site:NAME``...) in force?"""
+        return key in self._rules
+
+    def held_waiting(self) -> int:
+        """Unfinished recipients that only a suspension keeps: held, or scheduled retries a rule will hold."""
+        held = sum(len(b.recipients) for batches in self._held.values() for b in batches)
+        if not self._rules:
+            return held
+        memo: dict[str, str | None] = {}
+        return held + sum(1 for m, r, _ in self._scheduled() if self._rules_for(m, r, self._site_of(r, memo)))
 
     def rules(self) -> list[dict[str, Any]]:
         """The suspensions in force, with what each holds now."""
@@ -450,6 +464,8 @@ class QueueControl:
                     count(r, field, b.message, len(b.recipients))
             r["connections"] = q.connections
             r["throttle"] = q.describe(now, wall - now)
+            if q.throttle.warmup is not None:  # the step, today's figures and why it holds
+                r["throttle"]["warmup"] = {**(r["throttle"]["warmup"] or {}), **q.throttle.warmup.describe()}
         for key, held in self._held.items():
             for b in held:
                 r = row(b.source, b.route.site)
@@ -476,6 +492,8 @@ class QueueControl:
         total["oldest_age"] = max((r["oldest_age"] for r in out if r["oldest_age"] is not None), default=None)
         total["unfinished"] = self._unfinished()
         total["other"] = total["unfinished"] - sum(total[f] for f in fields if f != "connections")
+        if self.guard_summary is not None:
+            total["guard"] = self.guard_summary()
         return [*out, {**total, "suspensions": self.rules()}]
 
     def show(self, message_id: str) -> dict[str, Any]:

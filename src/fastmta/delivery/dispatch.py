@@ -3,7 +3,8 @@
 The engine hands over recipients to send (newly accepted, due for a retry,
 or resumed from the spool). They are routed by domain (cached DNS, static
 routes), grouped by site, given an egress source (a weighted choice, steered
-away from a source over its warm-up quota), cut into batches of at most
+away from a source over its warm-up quota or out of rotation at the site's
+provider: ``source_filter``, the reputation guard's), cut into batches of at most
 ``max_recipients_per_transaction`` and put on the :class:`SiteQueue` of that
 (source, site), made on first use with the site's limits and throttle. What
 happens to a batch after that (replies, retries, records) is the engine's.
@@ -96,6 +97,9 @@ class Dispatcher:
         ] = {}
         #: Given to every site queue (see SiteQueue.gate); set by the engine's queue control.
         self.gate: Gate | None = None
+        #: May (source name, site) take new mail now? None: every source may. Set by the reputation
+        #: guard (fastmta.delivery.brakes); True for a source out of rotation may spend its probe.
+        self.source_filter: Callable[[str, str], bool] | None = None
 
     def start(self) -> None:
         """Bind to the running loop: make the router (unless one was given) and the host-health record."""
@@ -205,7 +209,7 @@ class Dispatcher:
         if self._closing():
             return
         for site, (route, group) in by_site.items():
-            queue = self._queue_for(self._warm_source(source, site, len(group)), site)
+            queue = self._queue_for(self._steer(self._warm_source(source, site, len(group)), site), site)
             step = queue.limits.max_recipients_per_transaction
             for i in range(0, len(group), step):
                 queue.put(Batch(msg, group[i : i + step], route, queue.source.name))
@@ -229,6 +233,32 @@ class Dispatcher:
             if d is None or d.allowed:
                 return other
         return source
+
+    def _steer(self, source: Source, site: str) -> Source:
+        """*source*, unless the source filter has it out of rotation at *site*: then another source it
+        allows (a weighted random order, so at most one probe is spent); with none, *source* still."""
+        allowed = self.source_filter
+        if allowed is None or len(self._sources) == 1 or allowed(source.name, site):
+            return source
+        others = sorted((s for s in self._sources if s is not source),
+                        key=lambda s: self._rng.random() ** (1.0 / s.weight), reverse=True)
+        return next((s for s in others if allowed(s.name, site)), source)
+
+    def reroute(self, source: str, sites: Callable[[str], bool]) -> int:
+        """Route again what waits in the ready queues of *source* at the *sites* picked (it was taken out of
+        rotation there): each message's recipients choose their source afresh. Returns how many moved."""
+        moved: dict[int, tuple[Message, list[Recipient]]] = {}
+        if self._closing():
+            return 0
+        for (src, site), q in self.queues.items():
+            if src != source or not q.ready or not sites(site):
+                continue
+            batches, q.ready = q.ready, deque()
+            for b in batches:
+                moved.setdefault(id(b.message), (b.message, []))[1].extend(b.recipients)
+        for msg, rcpts in moved.values():
+            self.route(msg, rcpts)
+        return sum(len(r) for _, r in moved.values())
 
     def _queue_for(self, source: Source, site: str) -> SiteQueue:
         key = (source.name, site)

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastmta.delivery.accounting import AccountingLog
+from fastmta.delivery.brakes import Guard
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.control import QueueControl
 from fastmta.delivery.dispatch import Dispatcher
@@ -116,6 +117,10 @@ class Engine:
         self.control = QueueControl(dispatch=self._dispatch, ledger=self._ledger, emit=self._emit, spool=spool,
                                     due=lambda: self._due, unfinished=lambda: self._unfinished,
                                     closing=lambda: self._closing)
+        #: KPIs, campaign brakes and source rotation ([guard]): fastmta.delivery.brakes. Its events: guard.on_event.
+        self.guard = Guard(self.config.guard, control=self.control, dispatch=self._dispatch, throttles=self.throttles,
+                           sources=[(s.name, s.address) for s in self.config.sources])
+        self._ledger.listeners.append(self.guard.on_outcome)
         self._capacity_waiters: deque[asyncio.Future[None]] = deque()
         self._unfinished = 0  # recipients accepted and not final
         self._queued_bytes = 0  # memory held by the bodies of unfinished messages (estimate)

@@ -21,6 +21,16 @@ Example (paths are relative to the job file)::
     To = "{{ email }}"
     Subject = "Hello {{ first_name | default(\\"friend\\") }}"
 
+Sunset policy (optional): with ``sunset_days = N`` under ``[campaign]``, a
+recipient whose engagement field (``engagement_field``, default
+``last_engaged``: an ISO date or date-time from the sender's own tracking)
+is more than N days old is not sent: it gets an accounting record with
+status ``sunset`` instead (a :class:`~fastmta.intake.items.Sunset` item). With
+``sunset_every = k`` as well, such a recipient is sent one campaign in k
+instead of never: which ones is a hash of campaign id and address, so it is
+the same on every run of a campaign and differs between campaigns. A row
+without the field (or with it empty) is sent: nothing says it is inactive.
+
 Everything about the job itself (unknown keys, unreadable files, bad keys)
 is checked when it is loaded, before any mail goes out, and reported as one
 :class:`~fastmta.errors.InputError` naming the file. Problems of single
@@ -33,22 +43,26 @@ The recipients file is streamed: a million rows never sit in memory at once.
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import re
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from fastmta.errors import ConfigError, InputError
-from fastmta.intake.items import Reject, SpoolItem
+from fastmta.intake.items import Reject, SpoolItem, Sunset
 from fastmta.keyset import KeySet, row_key
 from fastmta.message.dkim import DkimKeyConfig, DkimSigner, load_signing_key
 from fastmta.message.mime import CompiledCampaign, compile_campaign
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.records import split_address
+
+#: The sunset policy: (row, address) -> None (send) or (reason, last engaged; None when unreadable).
+SunsetCheck = Callable[[dict[str, Any], str], "tuple[str, str | None] | None"]
 
 
 class CampaignSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -59,6 +73,16 @@ class CampaignSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
     #: Send a recipient as often as it appears (each occurrence is its own row
     #: key); by default a repeat is reported and not sent.
     allow_duplicates: bool = False
+    #: The row field with the recipient's last engagement (ISO date or date-time).
+    engagement_field: str = "last_engaged"
+    #: Leave out recipients whose last engagement is older than this many days (record "sunset")...
+    sunset_days: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    #: ... or send them one campaign in this many instead of never.
+    sunset_every: Annotated[int, msgspec.Meta(ge=2)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sunset_every is not None and self.sunset_days is None:
+            raise ValueError("sunset_every needs sunset_days (who counts as inactive)")
 
 
 class CampaignJob(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -96,6 +120,8 @@ class Campaign:
         sender_domain = job.campaign.sender.rpartition("@")[2].lower()
         self._feedback_id = ":".join(_feedback_field(x) for x in (self.id, "fastmta", "bulk", sender_domain))
         self.recipients_path = (path.parent / job.campaign.recipients).resolve()
+        #: The day the sunset policy counts from (None: today, when the rows are read).
+        self.today: datetime.date | None = None
 
     @classmethod
     def load(cls, path: Path) -> Campaign:
@@ -218,6 +244,7 @@ class Campaign:
         check_taken = not isinstance(taken, (frozenset, KeySet)) or len(taken) > 0  # a first run: nothing taken
         if self._has_list_unsubscribe:
             unsubscribe = None
+        sunset = self._sunset_check()
         for line, row, error in self.rows():
             if line < start_line and line != 0:
                 continue
@@ -249,6 +276,16 @@ class Campaign:
             seen.add(take_key)
             if check_taken and take_key in taken:
                 continue  # sent by an earlier run
+            if sunset is not None:
+                verdict = sunset(row, address)
+                if verdict is not None:
+                    why, engaged = verdict
+                    if engaged is None:
+                        yield Reject(source, line, why, key, line)
+                    else:
+                        yield Sunset(source, line, why, key, line, recipient=address, campaign=self.id,
+                                     last_engaged=engaged)
+                    continue
             try:
                 message = self.compiled.render(row, recipient_id=address)
             except InputError as exc:
@@ -275,6 +312,44 @@ class Campaign:
             if self.signer is not None:
                 message = self.signer.sign(message)
             yield SpoolItem(message, envelope_sender, [address], source, line, meta, key, line, take_key)
+
+
+    def _sunset_check(self) -> SunsetCheck | None:
+        """The sunset policy as a function of (row, address) -> None (send) or (reason, last engaged);
+        last engaged None: the field is unreadable (the row is rejected). None without a policy."""
+        c = self.job.campaign
+        days, every, field = c.sunset_days, c.sunset_every, c.engagement_field
+        if days is None:
+            return None
+        cutoff = (self.today or datetime.date.today()) - datetime.timedelta(days=days)
+
+        def check(row: dict[str, Any], address: str) -> tuple[str, str | None] | None:
+            value = row.get(field)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                return None  # nothing says it is inactive
+            engaged = _date(value)
+            if engaged is None:
+                return f"field {field!r}: not an ISO date: {str(value)[:40]!r}", None
+            if engaged >= cutoff:
+                return None
+            if every is not None and row_key(self.id, address.lower(), "sunset") % every == 0:
+                return None  # this campaign is its turn
+            why = f"inactive since {engaged.isoformat()} (over {days} days)"
+            if every is not None:
+                why += f": sent one campaign in {every} only"
+            return why, engaged.isoformat()
+
+        return check
+
+
+def _date(value: Any) -> datetime.date | None:
+    """An ISO date or date-time (a JSON number is not one)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.strip()).date()
+    except ValueError:
+        return None
 
 
 def _injection(row: dict[str, Any]) -> str | None:

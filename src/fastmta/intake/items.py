@@ -41,6 +41,25 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
+class Sunset(Reject):
+    """A recipient the campaign's sunset policy leaves out (inactive too long): never sent, not bad input.
+
+    A :class:`Reject` by type, so a consumer that does not know sunsets yet reports it and never sends it;
+    one that does (``fastmta send``) checks for it first and writes :meth:`as_record` (an accounting record
+    with status ``sunset``) instead, without counting it as rejected input.
+    """
+
+    recipient: str = ""
+    campaign: str = ""
+    last_engaged: str = ""
+
+    def as_record(self, now: float) -> dict[str, Any]:
+        return {"status": "sunset", "time": round(now, 6), "recipient": self.recipient, "campaign": self.campaign,
+                "job": self.campaign, "reason": self.reason, "last_engaged": self.last_engaged,
+                "file": self.source, "line": self.line}
+
+
+@dataclass(frozen=True, slots=True)
 class InputStart:
     key: str
     fingerprint: str

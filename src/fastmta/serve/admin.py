@@ -7,6 +7,7 @@ Endpoints (JSON in, JSON out; errors ``{"error": ...}`` with 400, 404, 501)::
                                            throttle, suspended_by, oldest_age, ...}, then a "total" row
     GET  /v1/queue/messages/{id}        -> the message and each recipient's state (404 unknown)
     POST /v1/queue/suspend|resume|retry|delete   {"target": T}
+    POST /v1/queue/override                      {"target": "campaign:ID"}  (a campaign the reputation guard paused)
     POST /v1/queue/bounce               {"target": T, "reason": "..."}
                                         -> what engine.control did (e.g. how many recipients)
     GET  /v1/queue/why?target=ADDRESS_OR_ID -> why it is (not) moving
@@ -51,7 +52,7 @@ log = logging.getLogger("fastmta.serve.admin")
 DEFAULT_ADMIN_SOCKET = "/var/lib/fastmta/admin.sock"
 
 #: POST /v1/queue/{action}: the engine.control method of the same name.
-ACTIONS = ("suspend", "resume", "retry", "bounce", "delete")
+ACTIONS = ("suspend", "resume", "retry", "bounce", "delete", "override")
 
 #: Admin requests are small (a target and a reason).
 _MAX_REQUEST = 64 * 1024
@@ -135,6 +136,12 @@ async def _act(request: web.Request) -> web.Response:
     who = bearer_principal(request, request.app[_SERVICE].admin_principal) or "local socket"
     # Operator actions change what happens to mail: on record, with who did it.
     log.warning("admin %s: %s %r%s", who, action, target, f" reason {reason!r}" if reason else "")
+    if action == "override":
+        # A campaign the reputation guard paused: resume it and let it finish whatever its figures.
+        kind, _, campaign = target.strip().partition(":")
+        if kind != "campaign" or not campaign:
+            raise ApiError(400, "override takes campaign:ID", field="target")
+        return json_response(await _call(request.app[_SERVICE].engine.guard.override, campaign))
     method = getattr(control, action)
     if action == "bounce" and reason is not None:
         result = await _call(method, target, reason=reason)

@@ -52,6 +52,7 @@ __all__ = [
     "OutcomeCounter",
     "ServiceMetrics",
     "ThrottleEventCounter",
+    "guard_families",
     "render",
 ]
 
@@ -93,6 +94,11 @@ METRICS: dict[str, tuple[str, ...]] = {
     "fastmta_events_dropped_total": ("endpoint",),
     "fastmta_events_last_success_timestamp_seconds": ("endpoint",),
     "fastmta_events_refused_total": (),
+    "fastmta_campaign_kpi": ("campaign", "window", "figure"),
+    "fastmta_source_kpi": ("source", "provider", "window", "figure"),
+    "fastmta_sender_kpi": ("domain", "window", "figure"),
+    "fastmta_guard_paused_campaigns": (),
+    "fastmta_guard_sources_out": ("source", "provider"),
 }
 
 #: Time in queue of final outcomes: from a second (a first-attempt delivery) to days (expiry).
@@ -185,6 +191,37 @@ def _cumulative(buckets: list[int], bounds: tuple[float, ...]) -> list[tuple[str
     return out
 
 
+def guard_families(summary: dict[str, Any]) -> Iterator[Metric]:
+    """The reputation guard's figures (``Guard.summary()``): KPIs over the last hour and day, pauses, rotation."""
+    kpis = summary["kpis"]
+    windows = [w for w in kpis["windows"] if w != "total"]
+    families = (
+        ("fastmta_campaign_kpi", "campaigns", ("campaign",), "Recipient figures per campaign over a sliding window."),
+        ("fastmta_source_kpi", "sources", ("source", "provider"),
+         "Recipient figures per egress source and provider (or site) over a sliding window."),
+        ("fastmta_sender_kpi", "sender_domains", ("domain",),
+         "Recipient figures per envelope sender domain over a sliding window."),
+    )
+    for name, scope, keys, help_text in families:
+        g = GaugeMetricFamily(name, help_text + " figure: sent (attempted), delivered, hard (suspected filter "
+                              "bounces apart), suspected_filter, soft, deferred, throttled, blocked, expired, "
+                              "complaints, unsubscribes.", labels=[*keys, "window", "figure"])
+        for row in kpis[scope]:
+            for w in windows:
+                for figure, value in row[w].items():
+                    if not figure.endswith("_rate"):
+                        g.add_metric([*(str(row[k]) for k in keys), w, figure], value)
+        yield g
+    yield GaugeMetricFamily("fastmta_guard_paused_campaigns", "Campaigns the reputation guard holds paused.",
+                            value=len(summary["paused"]))
+    out = GaugeMetricFamily("fastmta_guard_sources_out",
+                            "1 for an egress source the guard took out of rotation at a provider.",
+                            labels=["source", "provider"])
+    for o in summary["sources_out"]:
+        out.add_metric([o["source"], o["provider"]], 1)
+    yield out
+
+
 class EngineCollector:
     """Reads the engine (and the intake, spool and outbox figures) at each scrape."""
 
@@ -211,6 +248,9 @@ class EngineCollector:
         yield from self._outcomes()
         yield from self._queues()
         yield from self._engine_state()
+        guard = getattr(self.engine, "guard", None)
+        if guard is not None:
+            yield from guard_families(guard.summary())
         if self.spool is not None:
             yield from self._spool()
         if self.intake is not None:

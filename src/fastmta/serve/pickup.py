@@ -27,9 +27,10 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from fastmta.errors import InputError
-from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reject, SpoolItem
+from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reject, SpoolItem, Sunset
 from fastmta.intake.progress import InputProgress, resume_from
 from fastmta.intake.reader import SpoolReader
 from fastmta.message.returnpath import ReturnPath
@@ -55,6 +56,7 @@ class PickupWatcher:
         delete: bool = True, return_path: ReturnPath | None = None, unsubscribe: Unsubscribe | None = None,
         rejects: Path | None = None,
         on_reject: Callable[[Reject], None] | None = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.directory = directory
         self.spool = spool
@@ -66,6 +68,7 @@ class PickupWatcher:
         self.unsubscribe = unsubscribe
         self.rejects_file = rejects
         self._on_reject = on_reject
+        self._on_record = on_record  # records that are not deliveries (sunset): accounting and webhooks
         self.tracker = InputProgress(spool)
         self.scans = 0
         self.submitted = 0
@@ -120,6 +123,12 @@ class PickupWatcher:
                     self.tracker.start(event.key, event.fingerprint)
                 elif isinstance(event, InputEnd):
                     self.tracker.end(event.key)
+                elif isinstance(event, Sunset):
+                    # The campaign's sunset policy left this recipient out: recorded, not bad input.
+                    if self._on_record is not None:
+                        self._on_record(event.as_record(time.time()))
+                    self.tracker.issued(event.key, event.row)
+                    self.tracker.taken(event.key, event.row)
                 elif isinstance(event, Reject):
                     self._reject(event)
                     if event.key:

@@ -174,6 +174,8 @@ class Service:
             unsubscribe=self.unsubscribe.from_mail if self.unsubscribe is not None else None,
         )
         await self.feedback.start()
+        # Campaign pauses, sources out of rotation: on record and to the webhooks like any outcome.
+        engine.guard.on_event = self._emit_record
         engine.set_suppression(self.feedback.store)  # every way in is checked against the list
         engine.add_listener(self.feedback.on_outcome)
         if serve.dsn:
@@ -265,7 +267,7 @@ class Service:
             directory, self._spool, self._submit_item, interval=pickup.interval, settle=pickup.settle,
             delete=pickup.delete, return_path=self._return_path(), unsubscribe=self.unsubscribe,
             rejects=self.data_dir / "rejects.jsonl",
-            on_reject=lambda _r: self.intake.rejected("pickup"),
+            on_reject=lambda _r: self.intake.rejected("pickup"), on_record=self._emit_record,
         )
         self._tasks.append(asyncio.ensure_future(self.pickup.run(self._stop)))
 
@@ -448,6 +450,8 @@ class Service:
 
     def _emit_record(self, record: dict[str, Any]) -> None:
         """A record of what came back (oob_bounce, complaint, unsubscribe...): accounting and webhooks."""
+        if self._engine is not None:
+            self._engine.guard.note_record(record)  # complaints and unsubscribes count in the reputation KPIs
         if self._accounting is not None:
             self._accounting.write_record(record)
         if self.outbox is not None:
