@@ -35,6 +35,8 @@ def _campaign(pickup: Path, cid: str, rows: list[str]) -> None:
         f'[campaign]\nid = "{cid}"\nsender = "news@sender.example"\nrecipients = "{cid}.csv"\n\n'
         '[template]\ntext = "Hello {{ name }}"\n\n[template.headers]\n'
         'From = "News <news@sender.example>"\nTo = "<{{ email }}>"\nSubject = "news"\n'
+        'List-Unsubscribe = "<https://sender.example/u?e={{ email | urlencode }}>"\n'
+        'List-Unsubscribe-Post = "List-Unsubscribe=One-Click"\n'
     )
     job.rename(pickup / f"{cid}.toml")
 
@@ -54,7 +56,7 @@ def test_postfix_bounces_come_back_suppress_and_the_next_campaign_skips_them(tmp
         "bounce_queue_lifetime": "1d",
     }, maps={"transport": transport}) as pf:
         extra = (f'[return_path]\ndomain = "bounces.sender.example"\nsecret_file = "{secret}"\n'
-                 f'[routing.static]\n"rcv.example" = ["{pf.host}:{pf.port}"]\n'
+                 f'[routing.static]\n"*" = ["{pf.host}:{pf.port}"]\n'
                  '[queue]\nretry_initial = 1.0\n')
         cfg = tmp_path / "fastmta.toml"
         cfg.write_text(serve_config(data, None, extra=extra, http=False) +

@@ -47,7 +47,7 @@ def check_path(path: Path, config: Config, options: CheckOptions | None = None) 
     """Check a campaign job (``*.toml``), a pickup file or a message; synchronous (DNS and SMTP block)."""
     options = options or CheckOptions()
     report = Report(str(path), "campaign" if path.suffix.lower() == ".toml" else "message")
-    sample = load_sample(path, config, report, sender=options.sender)
+    sample = load_sample(path, config, report, sender=options.sender, count_domains=options.smtp_probe and options.dns)
     if sample is None:
         return report
     ips = egress_ips(config, options)

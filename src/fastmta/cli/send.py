@@ -62,6 +62,7 @@ import msgspec
 from fastmta.cli import UsageError
 from fastmta.cli.display import Progress
 from fastmta.cli.load import parse_hostport
+from fastmta.cli.precheck import campaign_checker, precheck
 from fastmta.cli.sinkproc import embedded_sink
 from fastmta.cli.terminal import safe_text
 from fastmta.delivery.accounting import AccountingLog
@@ -109,6 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-dir", type=Path, metavar="DIR",
                    help="durable queue (journal + bodies); a rerun resumes from it "
                         "(default: SPOOL/.fastmta; with --sink a temporary one)")
+    p.add_argument("--force", action="store_true",
+                   help="send campaigns even when `fastmta check` (run on each before it starts) finds errors")
+    p.add_argument("--no-check", action="store_true", help="do not run `fastmta check` on campaigns before sending")
     p.add_argument("--suppressions", type=Path, metavar="DB",
                    default=Path(os.environ["FASTMTA_SUPPRESSIONS"]) if os.environ.get("FASTMTA_SUPPRESSIONS") else None,
                    help="check every recipient against this suppression list (SQLite, as `fastmta suppress` and "
@@ -243,7 +247,15 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     if spool.report.damaged:
         progress.note(f"queue recovery: {spool.report}")
     tracker = InputProgress(spool)
-    reader = SpoolReader(args.spool, resume_from(spool), _return_path(config), unsubscribe=_unsubscribe(config))
+    refused: set[Path] = set()
+    if not args.no_check:
+        checker = campaign_checker(config, relayed=args.sink or args.relay is not None, force=args.force,
+                                   note=progress.note)
+        refused, refusals = await asyncio.to_thread(precheck, args.spool, checker)
+        for reject in refusals:
+            progress.reject(reject)
+    reader = SpoolReader(args.spool, resume_from(spool), _return_path(config), unsubscribe=_unsubscribe(config),
+                         accept=lambda p: p not in refused)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     interrupts = 0

@@ -169,11 +169,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Any, path: Path) -> int:
+    from fastmta.cli.precheck import campaign_checker
     from fastmta.queue.spool_errors import SpoolLocked
     from fastmta.serve.service import Service
 
     log = logging.getLogger("fastmta.serve")
-    service = Service(config, config_path=path)
+    checker = campaign_checker(config.engine, relayed=False, force=False, note=log.warning)
+    service = Service(config, config_path=path, campaign_check=checker)
     try:
         await service.start()
     except SpoolLocked:

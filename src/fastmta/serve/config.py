@@ -163,6 +163,9 @@ class PickupConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     #: Delete a pickup file once it is durably queued (Postfix's pickup does); false keeps it
     #: (it is still sent once: inputs are known by content).
     delete: bool = True
+    #: Run ``fastmta check`` on each campaign job before it starts; one with errors is moved to
+    #: ``.rejected/`` with the findings (fix it and drop it again), warnings are logged.
+    check: bool = True
 
 
 class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

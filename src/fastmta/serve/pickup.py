@@ -57,6 +57,7 @@ class PickupWatcher:
         rejects: Path | None = None,
         on_reject: Callable[[Reject], None] | None = None,
         on_record: Callable[[dict[str, Any]], None] | None = None,
+        check: Callable[[Path], str | None] | None = None,
     ) -> None:
         self.directory = directory
         self.spool = spool
@@ -69,6 +70,11 @@ class PickupWatcher:
         self.rejects_file = rejects
         self._on_reject = on_reject
         self._on_record = on_record  # records that are not deliveries (sunset): accounting and webhooks
+        #: ``fastmta check`` before a campaign starts: path -> None (go) or why it is refused. Blocking: it is
+        #: called from the scanning thread, once per version of a job (cached by size and mtime).
+        self._check = check
+        self._checked: dict[Path, tuple[int, int, str | None]] = {}
+        self._refused: list[tuple[Path, str]] = []
         self.tracker = InputProgress(spool)
         self.scans = 0
         self.submitted = 0
@@ -89,9 +95,26 @@ class PickupWatcher:
 
     def _settled(self, path: Path) -> bool:
         try:
-            return time.time() - path.lstat().st_mtime >= self.settle
+            st = path.lstat()
         except OSError:
             return True  # vanished or unreadable: the reader reports it
+        if time.time() - st.st_mtime < self.settle:
+            return False
+        if self._check is not None and path.suffix == ".toml":
+            seen = self._checked.get(path)
+            if seen is None or seen[:2] != (st.st_size, st.st_mtime_ns):
+                try:
+                    why = self._check(path)
+                except Exception:  # a checker bug must not stop the pickup directory: the campaign goes
+                    log.exception("fastmta check of %s failed; the campaign is not held back by it", path)
+                    why = None
+                self._checked[path] = (st.st_size, st.st_mtime_ns, why)
+                if why is not None:
+                    self._refused.append((path, why))
+            elif seen[2] is not None:
+                return False
+            return self._checked[path][2] is None
+        return True
 
     async def scan(self, stop: asyncio.Event | None = None) -> int:
         """One pass over the directory; returns the messages submitted."""
@@ -113,6 +136,11 @@ class PickupWatcher:
 
         while stop is None or not stop.is_set():
             events = await asyncio.to_thread(chunk)
+            while self._refused:  # campaigns `fastmta check` refused: reported once, moved aside
+                path, why = self._refused.pop()
+                self._reject(Reject(str(path), None, why))
+                await asyncio.to_thread(self._quarantine, path, why)
+                self._checked.pop(path, None)
             if not events:
                 break
             for event in events:

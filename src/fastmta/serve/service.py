@@ -39,6 +39,7 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,14 @@ MIN_FREE_BYTES = 64 * 1024 * 1024
 class Service:
     """``async with Service(config) as service: await service.wait()``."""
 
-    def __init__(self, config: ServiceConfig, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: ServiceConfig, *, config_path: Path | None = None,
+        campaign_check: Callable[[Path], str | None] | None = None,
+    ) -> None:
         self.config = config
+        #: ``fastmta check`` on each campaign dropped in the pickup directory (given by the command line,
+        #: which may import the checker: the service may not).
+        self.campaign_check = campaign_check
         self.config_path = config_path
         serve = config.serve
         self.data_dir = Path(serve.data_dir)
@@ -268,6 +275,7 @@ class Service:
             delete=pickup.delete, return_path=self._return_path(), unsubscribe=self.unsubscribe,
             rejects=self.data_dir / "rejects.jsonl",
             on_reject=lambda _r: self.intake.rejected("pickup"), on_record=self._emit_record,
+            check=self.campaign_check if pickup.check else None,
         )
         self._tasks.append(asyncio.ensure_future(self.pickup.run(self._stop)))
 
