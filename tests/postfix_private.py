@@ -228,8 +228,10 @@ class PrivatePostfix:
     # -- commands -------------------------------------------------------------------------
     def run(self, tool: str, *args: str, timeout: float = _CMD_TIMEOUT, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a Postfix command (postfix, postconf, postsuper, postqueue, ...) with ``-c CONFIG_DIR``."""
+        # umask 022 for Postfix whatever this process's is (a test that ran the fastmta CLI in-process
+        # leaves its 077): the queue directories Postfix makes must be readable by its own daemons.
         proc = subprocess.run([_tool(tool), "-c", str(self.config_dir), *args], capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+                              timeout=timeout, stdin=subprocess.DEVNULL, umask=0o022)
         if check and proc.returncode != 0:
             raise PostfixError(f"{tool} {' '.join(args)} exited with {proc.returncode}: "
                                f"{(proc.stderr + proc.stdout).strip()}\n{self.log_tail()}")
@@ -488,8 +490,10 @@ def private_postfix(
     pf = PrivatePostfix(root=root, host=host, token=token, main_cf=settings, master_cf_extra=list(master_cf))
     try:
         for d in (pf.config_dir, pf.queue_dir):
-            d.mkdir(mode=0o755)
-        pf.data_dir.mkdir(mode=0o700)
+            d.mkdir()
+            d.chmod(0o755)  # whatever the umask
+        pf.data_dir.mkdir()
+        pf.data_dir.chmod(0o700)
         os.chown(pf.data_dir, postfix_user.pw_uid, 0)
         for name, entries in (maps or {}).items():
             pf.write_map(name, entries)

@@ -36,11 +36,14 @@ def campaign_checker(
 
     def check(path: Path) -> str | None:
         report = check_campaign(path, config, options)
-        for f in report.findings:
+        # A job that does not load, or rows that do not render: the reader reports those itself, per
+        # file and row, with the rest of the job still sent; the check is for what it cannot see.
+        findings = [f for f in report.findings if f.check != "campaign"]
+        for f in findings:
             if f.severity in (Severity.ERROR, Severity.WARNING):
                 where = f" ({safe_text(f.where)})" if f.where else ""
                 note(f"fastmta check {safe_text(path.name)}: {f.severity.value}: {safe_text(f.finding)}{where}")
-        errors = [f for f in report.findings if f.severity is Severity.ERROR]
+        errors = [f for f in findings if f.severity is Severity.ERROR]
         if errors and not force:
             return (f"fastmta check found {len(errors)} error(s), first: {errors[0].finding} "
                     f"(see `fastmta check {path}`; --force sends it anyway)")
