@@ -40,6 +40,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from fastmta.delivery.cluster.config import ClusterConfig
 from fastmta.delivery.guard_config import GuardConfig
 from fastmta.delivery.limits import ThrottleConfig
 from fastmta.delivery.unsubscribe_config import UnsubscribeConfig
@@ -419,6 +420,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     guard: GuardConfig = msgspec.field(default_factory=GuardConfig)
     #: ``[[dkim]]``: keys that sign every message by its From domain (campaigns bring their own).
     dkim: list[DkimEntry] = []
+    #: ``[cluster]``: limits and leases shared with other nodes through Redis (fastmta.delivery.cluster).
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     def dkim_policy(self) -> DkimPolicy:
         """The signing policy of the ``[[dkim]]`` entries; reads every key file (once per call: build it once)."""

@@ -32,6 +32,7 @@ from typing import Any
 
 from fastmta.delivery.accounting import AccountingLog
 from fastmta.delivery.brakes import Guard
+from fastmta.delivery.cluster import Cluster
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.control import QueueControl
 from fastmta.delivery.dispatch import Dispatcher
@@ -100,6 +101,10 @@ class Engine:
             default=SiteConfig(),
             on_event=self._on_throttle_event,
         )
+        #: [cluster]: limits and connection leases shared with other nodes through Redis (None: one node).
+        cl = self.config.cluster
+        self.cluster = Cluster(cl, sources={s.name: s.address for s in self.config.sources}) if cl.active else None
+        self.throttles.cluster = self.cluster
         # Routing and the site queues are the dispatcher's; what a reply means for
         # the recipient stays here (_on_result, _on_expired, _record_group).
         # ``closing``: once close() began, newly routed work is left unfinished.
@@ -149,6 +154,8 @@ class Engine:
         self.control.start()  # the operator's suspensions, before anything is routed
         loop = asyncio.get_running_loop()
         self._dispatch.start()
+        if self.cluster is not None:
+            await self.cluster.start()  # Redis unreachable: degraded mode, not an error
         self._due = DueQueue(self._on_due, loop)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -235,6 +242,8 @@ class Engine:
             for task in pending:
                 task.cancel()  # e.g. a DNS lookup still running: its recipients stay unfinished
         await asyncio.gather(*(q.close(timeout) for q in self._dispatch.queues.values()))
+        if self.cluster is not None:
+            await self.cluster.aclose()  # its connection leases go back
         if self._due is not None:
             self._due.pop_all()
         self.filters.release_all()

@@ -333,6 +333,7 @@ class SiteQueue:
                 await self._carry(conn, host)
             finally:
                 self.connections -= 1
+                self.throttle.connection_closed()
         except Exception:  # a bug; never lose the batches
             log.exception("connection task for %s failed", self.site)
             try:
@@ -351,10 +352,14 @@ class SiteQueue:
             candidates = route.targets()
         ticket = self.throttle.connection_started(self._loop.time())
         self._connecting += 1
+        conn: SMTPConnection | None = None
         try:
-            return await self._try_hosts(candidates, ticket)
+            conn, host = await self._try_hosts(candidates, ticket)
+            return conn, host
         finally:
             self._connecting -= 1
+            if conn is None:
+                self.throttle.connection_closed()  # its lease (cluster) goes back
 
     async def _try_hosts(
         self, candidates: list[tuple[RouteHost, str]], ticket: int
@@ -497,7 +502,7 @@ class SiteQueue:
                 if self.throttle.sender_holds and self._hold(batch, now):
                     continue
                 n = len(batch.recipients)
-                wait = self.throttle.message_wait(now, n)
+                wait = self.throttle.message_wait(now, n, batch.message.sender)
                 if wait > 0:
                     if inflight:
                         break  # results will come and may change the answer
@@ -506,7 +511,7 @@ class SiteQueue:
                     await self._sleep_or_kick(wait)
                     continue
                 self.ready.popleft()
-                ticket = self.throttle.message_started(now, n)
+                ticket = self.throttle.message_started(now, n, batch.message.sender)
                 message = batch.message
                 rcpts = [r.address for r in batch.recipients]
                 plan: EnvelopePlan | None = None

@@ -68,6 +68,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from fastmta.delivery.dial import Dial
 from fastmta.delivery.limits import PROVIDERS, Provider, SourceLimits, ThrottleConfig, limits_for
@@ -78,7 +79,10 @@ from fastmta.errors import Scope
 from fastmta.feedback.classification import Classification, Outcome
 
 __all__ = [
+    "ClusterHooks",
     "EventKind",
+    "Lease",
+    "Limiter",
     "SiteThrottle",
     "ThrottleEvent",
     "ThrottleStatus",
@@ -132,6 +136,38 @@ class ThrottleStatus:
 
 
 # --------------------------------------------------------------------------
+# Limits kept elsewhere (fastmta.delivery.cluster: shared through Redis)
+
+
+class Limiter(Protocol):
+    """A rate limit consulted beside the throttle's own: :class:`Gcra`'s ``wait``/``take``."""
+
+    def wait(self, now: float, n: int = 1) -> float: ...
+
+    def take(self, now: float, n: int = 1) -> None: ...
+
+
+class Lease(Protocol):
+    """A cap on connections kept elsewhere: may one more open (0.0) or when to ask again."""
+
+    def wait(self, now: float) -> float: ...
+
+    def started(self) -> None: ...
+
+    def closed(self) -> None: ...
+
+
+class ClusterHooks(Protocol):
+    """What a cluster adds to the throttle of (source name, site) whose limits came from *provider*."""
+
+    def limiters(self, source: str, site: str, provider: str) -> Sequence[Limiter]: ...
+
+    def sender_limiters(self, domain: str) -> Sequence[Limiter]: ...
+
+    def lease(self, site: str) -> Lease | None: ...
+
+
+# --------------------------------------------------------------------------
 # The controller
 
 
@@ -161,7 +197,7 @@ class SiteThrottle:
         config: ThrottleConfig,
         now: float,
         *,
-        source_limiters: Sequence[Gcra] = (),
+        source_limiters: Sequence[Limiter] = (),
         warmup: WarmupConfig | None = None,
         warmup_state: WarmupState | None = None,
         wall_offset: float = 0.0,
@@ -169,6 +205,8 @@ class SiteThrottle:
         history: int = 100,
         procedures: Procedures | None = None,
         sender_holds: SenderHolds | None = None,
+        lease: Lease | None = None,
+        sender_limiters: Callable[[str], Sequence[Limiter]] | None = None,
     ) -> None:
         self.source = source
         self.site = site
@@ -189,7 +227,10 @@ class SiteThrottle:
         self._window.new_round(1, now)
         self._rate.new_round(1, now)
         self._static = [Gcra.from_spec(parse_rate(s)) for s in config.rate]
-        self._shared = list(source_limiters)
+        self._shared: list[Limiter] = list(source_limiters)
+        #: Cluster-wide connection cap and per-sender-domain limits (fastmta.delivery.cluster); None: none.
+        self.lease = lease
+        self._sender_limiters = sender_limiters
         self._conn_rate = Gcra.from_spec(parse_rate(config.connection_rate)) if config.connection_rate else None
         # Warm-up counts calendar days, so it runs on the wall clock: ``now`` +
         # ``wall_offset`` (the caller's monotonic clock minus wall time). Its
@@ -245,15 +286,23 @@ class SiteThrottle:
             if not self.probing:
                 self._window.limited = True
             return math.inf
-        if self._conn_rate is not None:
-            return self._conn_rate.wait(now)
-        return 0.0
+        wait = self._conn_rate.wait(now) if self._conn_rate is not None else 0.0
+        if self.lease is not None and wait <= 0:
+            wait = self.lease.wait(now)
+        return wait
 
     def connection_started(self, now: float) -> int:
         self._tick(now)
         if self._conn_rate is not None:
             self._conn_rate.take(now)
+        if self.lease is not None:
+            self.lease.started()
         return self._ticket()
+
+    def connection_closed(self) -> None:
+        """A connection counted by ``connection_started`` closed (or never opened)."""
+        if self.lease is not None:
+            self.lease.closed()
 
     def connection_result(self, ticket: int, result: Classification | None, now: float, reason: str = "") -> None:
         """The connection opened (None, or a delivered-class result) or failed with *result*."""
@@ -261,15 +310,17 @@ class SiteThrottle:
 
     # --- messages ----------------------------------------------------------------
 
-    def message_wait(self, now: float, n: int = 1) -> float:
-        """May a transaction of *n* recipients start now (0.0), in some seconds, or after a result (inf)?"""
+    def message_wait(self, now: float, n: int = 1, sender: str | None = None) -> float:
+        """May a transaction of *n* recipients start now (0.0), in some seconds, or after a result (inf)?
+
+        *sender* (the envelope sender): for limits per sender domain, when there are any."""
         self._tick(now)
         if self.suspended_until is not None:
             return self.suspended_until - now
         if self.probing:
             return math.inf if self._probe_ticket is not None else 0.0
         wait = 0.0
-        for lim in (*self._static, *self._shared):
+        for lim in self._limiters(sender):
             wait = max(wait, lim.wait(now, n))
         if self.warmup is not None:
             decision = self.warmup.check(now + self._wall, n)
@@ -287,9 +338,9 @@ class SiteThrottle:
         """For the scheduler choosing a source: the warm-up verdict (None: no warm-up)."""
         return self.warmup.check(now + self._wall, n) if self.warmup is not None else None
 
-    def message_started(self, now: float, n: int = 1) -> int:
+    def message_started(self, now: float, n: int = 1, sender: str | None = None) -> int:
         self._tick(now)
-        for lim in (*self._static, *self._shared):
+        for lim in self._limiters(sender):
             lim.take(now, n)
         if self.adaptive.enabled:
             self._pacer.take(now, n)
@@ -321,6 +372,11 @@ class SiteThrottle:
         """Seconds until mail from the envelope *sender* may go to this site (0.0: now): a held domain."""
         holds = self.sender_holds
         return holds.wait(sender, now) if holds else 0.0
+
+    def _limiters(self, sender: str | None) -> Sequence[Limiter]:
+        if self._sender_limiters is None or sender is None:
+            return (*self._static, *self._shared)
+        return (*self._static, *self._shared, *self._sender_limiters(sender_domain(sender)))
 
     # --- the loop --------------------------------------------------------------
 
@@ -511,6 +567,8 @@ class Throttles:
         self.sender_holds: dict[str, SenderHolds] = {}
         self._throttles: dict[tuple[str, str], SiteThrottle] = {}
         self._source_limiters: dict[str, list[Gcra]] = {}
+        #: Shared limits and connection leases of a cluster (fastmta.delivery.cluster); None: one node.
+        self.cluster: ClusterHooks | None = None
         #: Wall time minus the ``now`` clock's time (warm-up counts calendar days).
         self.wall_offset = 0.0
         #: Warm-up states saved by an earlier run, by (source, site); used as throttles are made.
@@ -520,15 +578,18 @@ class Throttles:
         key = (source, site)
         throttle = self._throttles.get(key)
         if throttle is None:
-            _, cfg = limits_for(site, self.sites, providers=self.providers, default=self.default)
+            origin, cfg = limits_for(site, self.sites, providers=self.providers, default=self.default)
             src = self.sources.get(source, SourceLimits())
             shared = self._source_limiters.get(source)
             if shared is None:
                 shared = self._source_limiters[source] = [Gcra.from_spec(parse_rate(s)) for s in src.rate]
+            cluster = self.cluster
+            limiters: Sequence[Limiter] = shared if cluster is None else [*shared, *cluster.limiters(source, site, origin)]
             throttle = SiteThrottle(
-                source, site, cfg, now, source_limiters=shared, warmup=src.warmup,
+                source, site, cfg, now, source_limiters=limiters, warmup=src.warmup,
                 warmup_state=self.saved_warmups.get(key), wall_offset=self.wall_offset, on_event=self.on_event,
                 procedures=self.procedures, sender_holds=self.sender_holds.setdefault(site, SenderHolds()),
+                lease=cluster.lease(site) if cluster else None, sender_limiters=cluster.sender_limiters if cluster else None,
             )
             self._throttles[key] = throttle
         return throttle

@@ -61,6 +61,7 @@ from fastmta.serve.api import INJECTION_PATHS, Unavailable
 from fastmta.serve.auth import Accounts, RelayPolicy, TokenRing
 from fastmta.serve.config import ServiceConfig, load_service_config
 from fastmta.serve.events import EventOutbox
+from fastmta.serve.events_redis import RedisStreamSink
 from fastmta.serve.feedback_loop import FeedbackLoop
 from fastmta.serve.http_api import build_api_app
 from fastmta.serve.metrics import IntakeStats, ServiceMetrics
@@ -104,6 +105,7 @@ class Service:
         self.admin_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
         self.outbox: EventOutbox | None = None
+        self.redis_events: RedisStreamSink | None = None
         self.pickup: PickupWatcher | None = None
         self.feedback: FeedbackLoop | None = None
         self.notices: SenderNotices | None = None
@@ -172,6 +174,12 @@ class Service:
         await engine.start()
         if engine.recovered:
             log.info("resumed %d unfinished recipient(s) from the queue", engine.recovered)
+        cluster = self.config.engine.cluster
+        if cluster.active:
+            # Cluster: every accounting record also goes to a Redis Stream (consumer groups read it).
+            self.redis_events = RedisStreamSink(cluster.redis, key=cluster.prefix + "events")
+            await self.redis_events.start()
+            engine.add_listener(self.redis_events.on_outcome)
         if serve.webhooks:
             self.outbox = EventOutbox(self.data_dir / "events", list(serve.webhooks))
             await self.outbox.start()
@@ -323,6 +331,8 @@ class Service:
             await self.feedback.close()
         if self.outbox is not None:
             await self.outbox.close(timeout=min(timeout, 10.0))
+        if self.redis_events is not None:
+            await self.redis_events.close()
         if self._accounting is not None:
             self._accounting.close()
         if self._spool is not None:
@@ -464,6 +474,8 @@ class Service:
             self._accounting.write_record(record)
         if self.outbox is not None:
             self.outbox.put(record)
+        if self.redis_events is not None:
+            self.redis_events.put(record)
 
     # ------------------------------------------------------------- front ends
 
