@@ -324,3 +324,10 @@ def test_one_click_and_mailto_unsubscribe_through_the_service(tmp_path: Path) ->
             time.sleep(0.5)
         new = captured(capture)[before:]
         assert sorted(re.search(rb"X-Receiver: (\S+)", m).group(1).decode() for m in new) == ["dan@dest.example"]
+    # The recipient history (what the false-hard-bounce detector reads): every delivery counted.
+    import sqlite3
+
+    db = sqlite3.connect(str(data / "suppression.db"))
+    history = dict(db.execute("SELECT address, delivered FROM recipient WHERE last_delivered IS NOT NULL"))
+    db.close()
+    assert history == {"ann@dest.example": 1, "bob@dest.example": 1, "cid@dest.example": 1, "dan@dest.example": 1}

@@ -288,6 +288,15 @@ class SqliteSuppressionStore:
             (address.strip(), when),
         )
 
+    def note_delivered_many(self, deliveries: Iterable[tuple[str, float, int]]) -> None:
+        """:meth:`note_delivered` for many (address, last time, how many) in one executemany."""
+        self._db.executemany(
+            "INSERT INTO recipient (address, last_delivered, delivered) VALUES (?, ?, ?) "
+            "ON CONFLICT (address) DO UPDATE SET last_delivered = excluded.last_delivered, "
+            "delivered = delivered + excluded.delivered",
+            ((address.strip(), at, n) for address, at, n in deliveries),
+        )
+
     def note_bounce(self, address: str, bounce_type: str, category: str, at: float | None = None) -> None:
         when = self._clock() if at is None else at
         self._db.execute(

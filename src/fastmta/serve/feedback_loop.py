@@ -51,6 +51,8 @@ __all__ = ["FeedbackLoop"]
 #: A batch is written after this long or this many changes, whichever comes first.
 _BATCH_DELAY = 0.005
 _BATCH_MAX = 2000
+#: Deliveries are noted in the recipient history this often (one batch for all of them).
+_HISTORY_DELAY = 1.0
 
 Change = Callable[[SqliteSuppressionStore], "Suppression | None"]
 
@@ -90,6 +92,8 @@ class FeedbackLoop:
         self._closed = False
         self.counts: dict[str, int] = {}
         self.commits = 0  # transactions written (each a batch of changes)
+        self._delivered: dict[str, tuple[float, int]] = {}  # address -> (last delivery, deliveries), not yet written
+        self._history_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -100,6 +104,9 @@ class FeedbackLoop:
             await self.process(path)
 
     async def close(self) -> None:
+        if self._history_task is not None:
+            self._history_task.cancel()
+        self._flush_history()
         self._closed = True
         self._wake.set()
         if self._flusher is not None:
@@ -182,14 +189,30 @@ class FeedbackLoop:
         """Engine listener: deliveries into the history, bounces through the policy."""
         address = outcome.recipient
         if outcome.status is Status.DELIVERED:
-            at = outcome.time
-            self._submit(lambda store: store.note_delivered(address, at), wait=False)
+            # History, not a promise: gathered in memory (the latest delivery per address) and written
+            # once a second in one statement batch, not one statement and commit per delivery (which cost
+            # more CPU than the delivery itself at a thousand a second). A crash loses at most a second of
+            # "last delivered" notes; no suppression depends on them.
+            _, n = self._delivered.get(address, (0.0, 0))
+            self._delivered[address] = (outcome.time, n + 1)
+            if self._history_task is None or self._history_task.done():
+                self._history_task = asyncio.ensure_future(self._history_later())
         elif outcome.status is Status.BOUNCED and outcome.bounce in ("hard", "soft"):
             c = _classification(outcome.category, outcome.bounce)
             if c is None:
                 return
             text, at = outcome.reply.text, outcome.time
             self._submit(lambda store: self.policy.on_bounce(store, address, c, text, at), wait=False)
+
+    async def _history_later(self) -> None:
+        await asyncio.sleep(_HISTORY_DELAY)
+        self._flush_history()
+
+    def _flush_history(self) -> None:
+        delivered, self._delivered = self._delivered, {}
+        if delivered:
+            self._submit(lambda store: store.note_delivered_many((a, t, n) for a, (t, n) in delivered.items()),
+                         wait=False)
 
     # --------------------------------------------------------- one-click unsubscribe
 
