@@ -86,7 +86,7 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
             proc.wait(grace)
 
 
-def _greeting(host: str, port: int, timeout: float) -> bytes | None:
+def greeting(host: str, port: int, timeout: float) -> bytes | None:
     """The first bytes a server on host:port sends, or None if nothing listens there yet."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
@@ -125,7 +125,7 @@ def postfix_smtp_sink(host: str = "127.0.0.1", backlog: int = 1024, extra: Seque
             verified = False
             deadline = time.monotonic() + 5.0
             while time.monotonic() < deadline and proc.poll() is None:
-                banner = _greeting(host, port, 1.0)
+                banner = greeting(host, port, 1.0)
                 if banner is not None:
                     verified = token.encode() in banner
                     break

@@ -72,7 +72,6 @@ import platform
 import re
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -90,7 +89,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "tests"))
-from _util import find_tool, free_port, text_table  # noqa: E402
+from _util import find_tool, free_port, greeting, text_table  # noqa: E402
 from postfix_private import private_postfix, proc_stat  # noqa: E402
 
 SENDER = "app@inject.bench.example"
@@ -202,17 +201,6 @@ class CountingSink:
         return int(found[-1]) if found else 0
 
 
-def _greeting(host: str, port: int, timeout: float) -> bytes | None:
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            data = s.recv(512)
-            s.sendall(b"QUIT\r\n")
-            return data
-    except OSError:
-        return None
-
-
 @contextmanager
 def counting_sink(workdir: Path, host: str = "127.0.0.1") -> Iterator[CountingSink]:
     """smtp-sink -c on a verified free port (random token in its greeting), stdout to a file; stopped by PID.
@@ -233,7 +221,7 @@ def counting_sink(workdir: Path, host: str = "127.0.0.1") -> Iterator[CountingSi
             verified = False
             deadline = time.monotonic() + 5.0
             while time.monotonic() < deadline and proc.poll() is None:
-                banner = _greeting(host, port, 1.0)
+                banner = greeting(host, port, 1.0)
                 if banner is not None:
                     verified = token.encode() in banner
                     break

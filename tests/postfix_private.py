@@ -74,7 +74,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -82,6 +81,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from servers import free_port, greeting  # one proven-port helper for every server the tests start
 
 __all__ = ["PostfixError", "PrivatePostfix", "private_postfix", "proc_alive", "proc_stat"]
 
@@ -100,23 +101,6 @@ def _tool(name: str) -> str:
     if path is None:
         raise PostfixError(f"{name} not found: install Debian's postfix package")
     return path
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _greeting(host: str, port: int, timeout: float) -> bytes | None:
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            data = s.recv(512)
-            s.sendall(b"QUIT\r\n")
-            return data
-    except OSError:
-        return None
 
 
 def proc_stat(pid: int) -> list[bytes] | None:
@@ -361,7 +345,7 @@ class PrivatePostfix:
     def start(self, *, attempts: int = 5, timeout: float = 20.0) -> None:
         why = "no attempt made"
         for _ in range(attempts):
-            self.port = _free_port(self.host)
+            self.port = free_port(self.host)
             self.write_config()
             proc = self.run("postfix", "start", timeout=timeout, check=False)
             pid = None
@@ -377,7 +361,7 @@ class PrivatePostfix:
             deadline = time.monotonic() + timeout
             banner = None
             while time.monotonic() < deadline and proc_alive(pid):
-                banner = _greeting(self.host, self.port, 2.0)
+                banner = greeting(self.host, self.port, 2.0)
                 if banner is not None:
                     break
                 time.sleep(0.05)

@@ -38,7 +38,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _banner(host: str, port: int, timeout: float) -> bytes | None:
+def greeting(host: str, port: int, timeout: float) -> bytes | None:
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
             s.settimeout(timeout)
@@ -78,7 +78,7 @@ def postfix_smtp_sink(*extra: str, host: str = "127.0.0.1", backlog: int = 256) 
         deadline = time.monotonic() + 5.0
         ok = False
         while time.monotonic() < deadline and proc.poll() is None:
-            banner = _banner(host, port, 1.0)
+            banner = greeting(host, port, 1.0)
             if banner is not None:
                 ok = token.encode() in banner
                 break
