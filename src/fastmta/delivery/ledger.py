@@ -65,6 +65,10 @@ class Ledger:
         #: (accounting, journal): event outboxes and metrics, which must not
         #: miss one the way a slow async subscriber could.
         self.listeners: list[Callable[[Outcome], None]] = []
+        if accounting is not None and spool is not None:
+            # Accounting lines reach the OS before the journal records of the
+            # same outcomes: once per commit batch, not one write(2) per outcome.
+            spool.before_commit.append(self._flush_accounting)
 
     def track(self, msg: Message) -> None:
         """Gather the outcomes of *msg* (accepted, or resumed from the spool) until all are final."""
@@ -181,18 +185,26 @@ class Ledger:
         for sub in self._subscribers:
             sub.put_nowait(outcome)
 
+    def _flush_accounting(self) -> None:
+        """The spool is about to hand a batch to its writer: the accounting lines of its outcomes go first.
+
+        A process killed afterwards then never has a journaled outcome without
+        its accounting line. A failure fails the batch too (the spool refuses
+        further work), so no state is journaled whose line may be missing.
+        """
+        assert self.accounting is not None
+        try:
+            self.accounting.flush()
+        except OSError as exc:
+            self.fail(exc)
+            raise
+
     def _keep_record(
         self, outcome: Outcome, msg: Message, rcpt: Recipient, status: Status, next_attempt: float | None
     ) -> None:
-        """The accounting line, then the journal record: in that order."""
+        """The accounting line, then the journal record (see _flush_accounting for the order on disk)."""
         if self.accounting is not None:
             self.accounting.write(outcome)
-            if self.spool is not None:
-                # Hand the line to the OS before the spool can journal this
-                # state: a process killed afterwards then never has a journaled
-                # outcome without its accounting line (the spool's writer thread
-                # may write the record any moment after spool.record() below).
-                self.accounting.flush()
         if self.spool is not None:
             wall_next = next_attempt if next_attempt is not None else time.time()
             try:

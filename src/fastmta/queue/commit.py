@@ -111,6 +111,9 @@ class GroupCommit:
         self._segments = segments
         self._stats = stats
         self._after_batch = after_batch
+        #: Called on the loop thread just before a batch goes to the writer
+        #: (the engine flushes its accounting log there: lines before states).
+        self.before_batch: list[Callable[[], None]] = []
 
         # Pending (not yet handed to the writer) work: built on the loop thread.
         self._p_journal: list[bytes] = []
@@ -223,6 +226,8 @@ class GroupCommit:
             self._p_journal, self._p_data, self._p_waiters, self._p_finished = [], [], [], []
             active = self._segments.active
             try:
+                for hook in self.before_batch:
+                    hook()
                 async with self._io_lock:
                     await loop.run_in_executor(self._executor, self._write_batch, journal, data, active)
             except BaseException as exc:
@@ -272,6 +277,8 @@ class GroupCommit:
         journal, data, finished = self._p_journal, self._p_data, self._p_finished
         self._p_journal, self._p_data, self._p_finished = [], [], []
         if journal or data:
+            for hook in self.before_batch:
+                hook()
             self._write_batch(journal, data, self._segments.active)
         if finished:
             self._segments.release(finished)

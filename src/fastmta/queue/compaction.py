@@ -23,13 +23,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from functools import partial
 
 from fastmta.queue.commit import GroupCommit
+from fastmta.queue.journal import frame
 from fastmta.queue.journal_file import JournalFile
+from fastmta.queue.journal_records import JOURNAL_VERSION, HeaderRecord, InputState, TakenRecord, record_encoder
 from fastmta.queue.recovery import live_frames, replay
 
-__all__ = ["compact_journal", "compaction_due"]
+__all__ = ["compact_idle", "compact_journal", "compaction_due"]
 
 # Every part of the spool logs as the spool (the logger its documentation names).
 log = logging.getLogger("fastmta.queue.spool")
@@ -61,3 +64,38 @@ async def compact_journal(journal: JournalFile, commits: GroupCommit) -> None:
     except BaseException:
         os.close(fd)
         raise
+
+
+def idle_frames(inputs: Iterable[InputState]) -> Iterator[bytes]:
+    """The journal of a spool with nothing unfinished: its header and each input's state (what exactly-once needs)."""
+    enc = record_encoder.encode
+    yield frame(enc(HeaderRecord(JOURNAL_VERSION)))
+    for inp in inputs:
+        yield frame(enc(inp.record()))
+        if len(inp.taken):
+            yield frame(enc(TakenRecord(inp.id, inp.taken.to_bytes())))
+
+
+async def compact_idle(journal: JournalFile, commits: GroupCommit, inputs: Iterable[InputState]) -> None:
+    """Compact the journal of a spool with nothing unfinished (at close), from the in-memory input states.
+
+    Why not :func:`compact_journal`: with no message live, the live state is
+    exactly the spool's input states, which it holds in memory; replaying the
+    whole run's journal to find that out cost a few percent of a ``fastmta
+    send`` run. Everything pending is written first, and the batch lock is held
+    throughout, so no record can land between the snapshot and the swap.
+    """
+    await commits.sync()
+    async with commits.batch_lock:
+        frames = list(idle_frames(inputs))
+        stop = journal.size
+
+        def rewrite() -> None:
+            fd, size = journal.write_tmp(frames)
+            try:
+                journal.install_compacted(fd, size, stop)
+            except BaseException:
+                os.close(fd)
+                raise
+
+        await commits.in_writer_thread(rewrite)

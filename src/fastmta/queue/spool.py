@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmta.queue.commit import GroupCommit
-from fastmta.queue.compaction import compact_journal, compaction_due
+from fastmta.queue.compaction import compact_idle, compact_journal, compaction_due
 from fastmta.queue.disk import Disk, SpoolStats, default_fsync
 from fastmta.queue.journal_file import JournalFile
 from fastmta.queue.journal_records import (
@@ -183,6 +183,7 @@ class Spool:
             flush_interval=flush_interval,
             flush_records=flush_records,
         )
+        self.before_commit = self._commits.before_batch  # hooks run on the loop before each batch is written
 
         self._live: dict[str, _Live] = {}
         self._inputs: dict[str, InputState] = {}  # latest state per key
@@ -611,7 +612,7 @@ class Spool:
             # Everything is final: what the run leaves on disk is the input records
             # (what was taken, for exactly-once on the next run), not its history.
             try:
-                await self.compact()
+                await compact_idle(self._journal, self._commits, self._inputs.values())
             except Exception as exc:  # a full disk: the journal stays as it is, still correct
                 log.warning("spool %s: final compaction failed: %s", self.directory, exc)
         await self._commits.close()
