@@ -32,7 +32,7 @@ from typing import Any
 from fastmta.errors import InputError
 from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reject, SpoolItem, Sunset
 from fastmta.intake.progress import InputProgress, resume_from
-from fastmta.intake.reader import SpoolReader
+from fastmta.intake.reader import PICKUP_INPUT, SpoolReader
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.journal_records import InputTake
@@ -190,7 +190,7 @@ class PickupWatcher:
         else:
             self.submitted += 1
             self.tracker.taken(item.key, item.row)
-            if item.key.startswith("pickup:"):
+            if item.key == PICKUP_INPUT:
                 done_files.append(item.source)
         finally:
             self._window.release()
