@@ -83,6 +83,7 @@ __all__ = [
     "EventKind",
     "Lease",
     "Limiter",
+    "SharedState",
     "SiteThrottle",
     "ThrottleEvent",
     "ThrottleStatus",
@@ -166,6 +167,20 @@ class ClusterHooks(Protocol):
 
     def lease(self, site: str) -> Lease | None: ...
 
+    def shared_state(self, source: str, site: str) -> SharedState | None: ...
+
+
+class SharedState(Protocol):
+    """Dials of (source, site) shared by the nodes (:mod:`fastmta.delivery.cluster.shared_throttle`): ``changed``
+    hears the throttle's events (cuts go out; raises too, from the owner); ``owner_wait``: 0.0 if this node may
+    raise them (or *probe* after a pause), else seconds to ask again. Others' changes come by :meth:`SiteThrottle.adopt`."""
+
+    def attach(self, throttle: SiteThrottle) -> None: ...
+
+    def owner_wait(self, now: float, probe: bool = False) -> float: ...
+
+    def changed(self, throttle: SiteThrottle, event: ThrottleEvent) -> None: ...
+
 
 # --------------------------------------------------------------------------
 # The controller
@@ -207,6 +222,7 @@ class SiteThrottle:
         sender_holds: SenderHolds | None = None,
         lease: Lease | None = None,
         sender_limiters: Callable[[str], Sequence[Limiter]] | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         self.source = source
         self.site = site
@@ -251,6 +267,9 @@ class SiteThrottle:
         self.procedures = procedures if a.procedures else None
         self.sender_holds = sender_holds
         self._procedure: Match | None = None  # the procedure whose pause is running: its restart follows
+        self.shared = shared  # dials shared with a cluster's other nodes (None: this node's own)
+        if shared is not None:
+            shared.attach(self)
 
     # --- state for callers and the display -------------------------------------
 
@@ -386,6 +405,9 @@ class SiteThrottle:
 
     def _tick(self, now: float) -> None:
         if self.suspended_until is not None and now >= self.suspended_until:
+            if self.shared is not None and (wait := self.shared.owner_wait(now, probe=True)) > 0:
+                self.suspended_until = now + wait  # the owner probes for the cluster: its outcome is adopted
+                return
             self.suspended_until = None
             self.probing, self._probe_ticket = True, None
             self._emit(now, EventKind.PROBE, None, 1, "suspension over: one probe message on one connection")
@@ -432,7 +454,7 @@ class SiteThrottle:
         for d, k in ((self._window, EventKind.WINDOW), (self._rate, EventKind.RATE)):
             if d.round_over(ticket, now, a.round_min):
                 old = d.value
-                grew = d.grow()
+                grew = d.grow() if self.shared is None or self.shared.owner_wait(now) <= 0 else None
                 if grew is not None:
                     self._changed(d, k, old, now, grew)
                 d.new_round(self._seq + 1, now)
@@ -476,6 +498,24 @@ class SiteThrottle:
             dial.new_round(self._seq + 1, now)
             self._changed(dial, kind, old, now, why)
         self._emit(now, EventKind.RESUME, None, None, "probe delivered: suspension ended")
+
+    def adopt(self, window: float, rate: float, pause: float, now: float, why: str, kind: str) -> None:
+        """Another node's change of the shared dials (:class:`SharedState`), taken as it is. *kind* "cut": a
+        throttle event (replies in flight cut no more here; a *pause* suspends, obeying the procedure *why*
+        names); "raise": the owner's; "resume": the owner's probe went through, which ends a pause here too."""
+        for dial, event, value in ((self._window, EventKind.WINDOW, window), (self._rate, EventKind.RATE, rate)):
+            old, v = dial.value, min(max(value, dial.floor), dial.ceiling)
+            dial.value = float(round(v)) if dial.integer else v
+            if kind == "cut":
+                dial.ssthresh, dial.cut_seq, dial.cut_t = dial.value, self._seq, now
+                dial.new_round(self._seq + 1, now)
+            self._changed(dial, event, old, now, why)
+        if kind == "cut" and pause > 0:
+            self._procedure = self.procedures.match(why) if self.procedures is not None else None
+            self._suspend(pause, now, why)
+        elif kind == "resume" and (self.suspended_until is not None or self.probing):
+            self.suspended_until, self.probing, self._probe_ticket, self._procedure = None, False, None, None
+            self._emit(now, EventKind.RESUME, None, None, why)
 
     # --- provider procedures (fastmta.delivery.procedures) -----------------------
 
@@ -539,6 +579,8 @@ class SiteThrottle:
     def _emit(self, at: float, kind: EventKind, old: float | None, new: float | None, why: str) -> None:
         event = ThrottleEvent(at, self.source, self.site, kind, old, new, why)
         self.events.append(event)
+        if self.shared is not None:
+            self.shared.changed(self, event)
         if self.on_event is not None:
             self.on_event(event)
 
@@ -584,12 +626,14 @@ class Throttles:
             if shared is None:
                 shared = self._source_limiters[source] = [Gcra.from_spec(parse_rate(s)) for s in src.rate]
             cluster = self.cluster
+            dials = cluster.shared_state(source, site) if cluster is not None and cfg.adaptive.enabled else None
             limiters: Sequence[Limiter] = shared if cluster is None else [*shared, *cluster.limiters(source, site, origin)]
             throttle = SiteThrottle(
                 source, site, cfg, now, source_limiters=limiters, warmup=src.warmup,
                 warmup_state=self.saved_warmups.get(key), wall_offset=self.wall_offset, on_event=self.on_event,
                 procedures=self.procedures, sender_holds=self.sender_holds.setdefault(site, SenderHolds()),
                 lease=cluster.lease(site) if cluster else None, sender_limiters=cluster.sender_limiters if cluster else None,
+                shared=dials,
             )
             self._throttles[key] = throttle
         return throttle

@@ -3,6 +3,7 @@
 Each node keeps its own durable journal; what is shared is what a provider
 sees as one sender. :mod:`.config` (``[cluster]``), :mod:`.gcra` (shared GCRA
 limits taken in batches), :mod:`.leases` (cluster-wide connection caps),
+:mod:`.shared_throttle` (one adaptive throttle state per (egress IP, site)),
 :mod:`.degraded` (what happens while Redis is unreachable), :mod:`.node`
 (:class:`Cluster`, which the engine attaches to its throttles).
 """

@@ -12,6 +12,7 @@ Example::
     batch = 0.2                    # seconds' worth of tokens taken from Redis at once
     max_connections_per_site = 20  # across the whole cluster (connection leases)
     nodes_hint = 3                 # live nodes assumed when Redis is unreachable
+    share_throttle = true          # one adaptive window/rate per (egress IP, site) for all nodes (default)
 
     [[cluster.limit]]
     scope = "ip_site"              # per (egress IP, site)
@@ -74,13 +75,19 @@ class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     batch: _Pos = 0.2
     #: Concurrent connections to one site across the cluster (connection leases); None: no cap.
     max_connections_per_site: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    #: A lease not renewed for this long is void (a crashed node's connections are freed after it).
+    #: A lease not renewed for this long is void (a crashed node's connections are freed after it;
+    #: the owner of a shared throttle that went idle or died is replaced after it).
     lease_ttl: _Pos = 30.0
+    #: Share the adaptive throttle state per (egress IP, site) through Redis: a throttle reply to one
+    #: node slows them all, and one elected node raises it (:mod:`.shared_throttle`). False: per node.
+    share_throttle: bool = True
     #: Live nodes assumed while Redis is unreachable: each takes limit / nodes_hint locally.
     nodes_hint: Annotated[int, msgspec.Meta(ge=1)] = 1
     #: Timeout of one Redis call, and how often an unreachable Redis is tried again (seconds).
     timeout: _Pos = 0.5
     retry: _Pos = 1.0
+    #: Share the suppression list through Redis ({prefix}suppression; fastmta.feedback.suppression_redis).
+    suppression: bool = False
 
     @property
     def active(self) -> bool:

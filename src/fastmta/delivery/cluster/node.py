@@ -5,16 +5,20 @@
 (source, site) throttle, the :class:`SharedLimiter` of every ``[[cluster.limit]]``
 that applies (one per key on this node, shared by the throttles the key
 covers), the sender-domain limiters, and the site's :class:`LeaseGate` when
-``max_connections_per_site`` is set. Keys::
+``max_connections_per_site`` is set, and (``share_throttle``, the default) the
+:class:`SharedDial` that keeps the throttle's adaptive dials the same on every
+node. Keys::
 
     {prefix}gcra:ip_site:{egress IP or source name}|{site}
     {prefix}gcra:site:{site}
     {prefix}gcra:provider:{provider}
     {prefix}gcra:sender_domain:{domain}
     {prefix}leases:{site}
+    {prefix}throttle:{egress IP or source name}|{site}          (and throttle-owner:..., channel throttle)
 
-The engine starts it (:meth:`start`: one ``PING``; unreachable at start is
-degraded mode, not an error) and closes it (leases given back).
+The engine starts it (:meth:`start`: one ``PING``, and the throttle-state
+subscriber; unreachable at start is degraded mode, not an error) and closes
+it (leases given back).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from fastmta.delivery.cluster.config import ClusterConfig, ClusterLimit
 from fastmta.delivery.cluster.degraded import Health
 from fastmta.delivery.cluster.gcra import GcraStore, SharedLimiter, default_burst
 from fastmta.delivery.cluster.leases import LeaseGate, LeaseStore
+from fastmta.delivery.cluster.shared_throttle import SharedDial, SharedThrottles
 
 log = logging.getLogger("fastmta.delivery.cluster")
 
@@ -64,6 +69,12 @@ class Cluster:
         self.sources = dict(sources or {})
         self._limiters: dict[str, SharedLimiter] = {}
         self._gates: dict[str, LeaseGate] = {}
+        #: The adaptive throttles' shared state (None: ``share_throttle = false``, each node its own).
+        self.throttles = (
+            SharedThrottles(self.client, prefix=config.prefix, node=self.node, ttl=config.lease_ttl, health=self.health)
+            if config.share_throttle
+            else None
+        )
 
     # --- ClusterHooks ----------------------------------------------------------
 
@@ -95,6 +106,12 @@ class Cluster:
             gate = self._gates[site] = LeaseGate(self.leases, key, self.node, cap, self.config.lease_ttl, self.health)
         return gate
 
+    def shared_state(self, source: str, site: str) -> SharedDial | None:
+        """The shared dials of (egress address or source name, site); None: not shared."""
+        if self.throttles is None:
+            return None
+        return self.throttles.dial(f"{self.sources.get(source) or source}|{site}")
+
     def _limiter(self, lim: ClusterLimit, key: str) -> SharedLimiter:
         full = f"{self.config.prefix}gcra:{key}"
         limiter = self._limiters.get(full)
@@ -115,12 +132,13 @@ class Cluster:
 
     @property
     def round_trips(self) -> int:
-        """Redis calls made by the limiters and leases so far."""
-        return self.gcra.calls + self.leases.calls
+        """Redis calls made by the limiters, leases and shared throttles so far (pub/sub pushes not counted)."""
+        return self.gcra.calls + self.leases.calls + (self.throttles.calls if self.throttles is not None else 0)
 
     def state(self) -> dict[str, Any]:
+        throttles = self.throttles.state() if self.throttles is not None else None
         return {"node": self.node, **self.health.state(), "round_trips": self.round_trips,
-                "limiters": len(self._limiters), "lease_sites": len(self._gates)}
+                "limiters": len(self._limiters), "lease_sites": len(self._gates), "throttle": throttles}
 
     async def start(self) -> None:
         try:
@@ -129,10 +147,14 @@ class Cluster:
             self.health.failed(exc)
         else:
             log.info("cluster: node %s joined %s", self.node, self.config.redis)
+        if self.throttles is not None:
+            self.throttles.start()  # it keeps trying while Redis is unreachable
 
     async def aclose(self) -> None:
         for gate in self._gates.values():
             await gate.aclose()
+        if self.throttles is not None:
+            await self.throttles.aclose()  # owner leases given back
         await self.health.aclose()
         try:
             await self.client.aclose()
