@@ -11,8 +11,17 @@ $FASTMTA_SUPPRESSIONS): query it with sqlite3 if you like. Scopes: global
 (every message to the address: hard bounces), domain (mail from one sender
 domain: complaints), list (one list or campaign tag: unsubscribes).
 
-Exit status: 0 done; 1 nothing matched (remove) or some import rows were
-rejected (reported with their line); 2 usage error.
+With --config FILE (the service's configuration) the list is the service's
+(DATA_DIR/suppression.db unless --db says otherwise); when its [cluster] has
+``suppression = true``, the list is the cluster's, in Redis: a change goes
+there at once (every node skips the address within a second), list and
+export read it. With Redis unreachable a change waits in the database's
+backlog (the node using that database sends it when Redis is back) and the
+exit status is 1; list and export then show the database's copy.
+
+Exit status: 0 done; 1 nothing matched (remove), some import rows were
+rejected (reported with their line), or Redis did not take the change yet;
+2 usage error.
 """
 
 from __future__ import annotations
@@ -28,12 +37,17 @@ from pathlib import Path
 
 from fastmta.cli import UsageError
 from fastmta.cli.terminal import safe_text
+from fastmta.errors import ConfigError
 from fastmta.feedback.suppression import Scope, SqliteSuppressionStore, Suppression
+from fastmta.feedback.suppression_redis import RedisSuppressionStore
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", type=Path, default=Path(os.environ.get("FASTMTA_SUPPRESSIONS", "suppressions.db")),
-                   help="the suppression database (default ./suppressions.db or $FASTMTA_SUPPRESSIONS)")
+    p.add_argument("--db", type=Path,
+                   help="the suppression database (default: the service's with --config, else ./suppressions.db "
+                        "or $FASTMTA_SUPPRESSIONS)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="the service's configuration: its list, the cluster's (Redis) with [cluster] suppression")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = sub.add_parser("add", help="suppress an address")
     a.add_argument("address")
@@ -55,11 +69,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    db, cluster = args.db, None
+    if args.config is not None:
+        from fastmta.serve.config import load_service_config
+
+        try:
+            config = load_service_config(args.config)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        db = db or Path(config.serve.data_dir) / "suppression.db"
+        if config.engine.cluster.active and config.engine.cluster.suppression:
+            cluster = config.engine.cluster
+    db = db or Path(os.environ.get("FASTMTA_SUPPRESSIONS", "suppressions.db"))
     try:
-        store = SqliteSuppressionStore(args.db)
+        store = SqliteSuppressionStore(db) if cluster is None else RedisSuppressionStore(
+            db, cluster.redis, prefix=cluster.prefix, timeout=max(cluster.timeout, 2.0), retry=cluster.retry)
     except (OSError, sqlite3.Error) as exc:
-        raise UsageError(f"cannot open {args.db}: {exc}") from None
+        raise UsageError(f"cannot open {db}: {exc}") from None
     try:
+        if isinstance(store, RedisSuppressionStore):
+            if args.action in ("list", "export", "remove") and not store.sync():  # a fresh copy of the hash
+                print(f"fastmta suppress: Redis {safe_text(store.url)} unreachable: this is the copy in {db}",
+                      file=sys.stderr)
+            code = _act(store, args)
+            if args.action in ("add", "remove", "import") and not store.push():
+                print(f"fastmta suppress: Redis {safe_text(store.url)} unreachable: the change waits in {db}",
+                      file=sys.stderr)
+                return 1
+            return code
         return _act(store, args)
     finally:
         store.close()

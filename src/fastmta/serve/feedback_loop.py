@@ -71,13 +71,14 @@ class FeedbackLoop:
     def __init__(
         self, data_dir: Path, *, policy: SuppressionPolicy | None = None, return_path: ReturnPath | None = None,
         classifier: Classifier | None = None, unsubscribe: Callable[[str, str], tuple[str, str] | None] | None = None,
-        emit: Callable[[dict[str, Any]], None] = lambda _r: None,
+        emit: Callable[[dict[str, Any]], None] = lambda _r: None, store: SqliteSuppressionStore | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.inbound_dir = data_dir / "inbound"
         path = data_dir / "suppression.db"
-        #: For the intake check (loop thread): reads, and its in-memory filter.
-        self.store = SqliteSuppressionStore(path)
+        #: For the intake check (loop thread): reads, and its in-memory filter. *store*: one on the same file
+        #: (a RedisSuppressionStore: the writer's suppressions go to its backlog, note_suppressed pushes them).
+        self.store = store if store is not None else SqliteSuppressionStore(path)
         self._writer: SqliteSuppressionStore | None = None
         self._path = path
         self.policy = policy or SuppressionPolicy()

@@ -49,6 +49,7 @@ from fastmta.delivery.accounting import AccountingLog
 from fastmta.delivery.engine import Engine, EngineClosed
 from fastmta.delivery.reconfigure import reconfigure
 from fastmta.errors import ConfigError, InputError
+from fastmta.feedback.suppression_redis import RedisSuppressionStore
 from fastmta.intake.items import SpoolItem
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
@@ -184,9 +185,16 @@ class Service:
             self.outbox = EventOutbox(self.data_dir / "events", list(serve.webhooks))
             await self.outbox.start()
             engine.add_listener(self.outbox.on_outcome)
+        shared = None
+        if cluster.active and cluster.suppression:  # one list for the cluster, a copy on each node
+            shared = RedisSuppressionStore(self.data_dir / "suppression.db", cluster.redis, prefix=cluster.prefix,
+                                           timeout=cluster.timeout, retry=cluster.retry)
+            shared.start()
+            if not await asyncio.to_thread(shared.wait_synced, 120.0):  # not long if Redis does not answer
+                log.warning("suppressions: Redis unreachable; checking against this node's copy until it is back")
         self.feedback = FeedbackLoop(
             self.data_dir, return_path=self._return_path(), classifier=engine.classifier, emit=self._emit_record,
-            unsubscribe=self.unsubscribe.from_mail if self.unsubscribe is not None else None,
+            unsubscribe=self.unsubscribe.from_mail if self.unsubscribe is not None else None, store=shared,
         )
         await self.feedback.start()
         # Campaign pauses, sources out of rotation: on record and to the webhooks like any outcome.
