@@ -37,11 +37,12 @@ class _Tracker:
 
     __slots__ = ("future", "message", "outcomes", "remaining")
 
-    def __init__(self, message: Message, future: asyncio.Future[list[Outcome]]) -> None:
+    def __init__(self, message: Message) -> None:
         self.message = message
         self.remaining = len(message.recipients)
         self.outcomes: list[Outcome] = []
-        self.future = future
+        #: Made when somebody asks for the result (Ledger.result), not per message: most are never awaited.
+        self.future: asyncio.Future[list[Outcome]] | None = None
 
 
 class Ledger:
@@ -61,6 +62,7 @@ class Ledger:
         self._trackers: dict[str, _Tracker] = {}
         self._finished: OrderedDict[str, list[Outcome]] = OrderedDict()
         self._subscribers: list[asyncio.Queue[Outcome | None]] = []
+        self._closed: Callable[[str], BaseException] | None = None  # close()'s error maker, once closed
         #: Called synchronously with every outcome, after it is on record
         #: (accounting, journal): event outboxes and metrics, which must not
         #: miss one the way a slow async subscriber could.
@@ -72,7 +74,7 @@ class Ledger:
 
     def track(self, msg: Message) -> None:
         """Gather the outcomes of *msg* (accepted, or resumed from the spool) until all are final."""
-        self._trackers[msg.id] = _Tracker(msg, asyncio.get_running_loop().create_future())
+        self._trackers[msg.id] = _Tracker(msg)
 
     def message(self, message_id: str) -> Message | None:
         """The message *message_id* while any recipient of it is not final (listeners still see it at its last)."""
@@ -87,6 +89,10 @@ class Ledger:
         """An awaitable of the final outcome of every recipient of *message_id*."""
         tracker = self._trackers.get(message_id)
         if tracker is not None:
+            if tracker.future is None:
+                tracker.future = asyncio.get_running_loop().create_future()
+                if self._closed is not None:  # asked after the engine stopped: it will never finish
+                    tracker.future.set_exception(self._not_final(tracker))
             return tracker.future
         outcomes = self._finished.get(message_id)
         if outcomes is None:
@@ -110,14 +116,17 @@ class Ledger:
 
     def close(self, closed: Callable[[str], BaseException]) -> None:
         """The engine stops: every result still pending fails with *closed*; subscribers' streams end."""
+        self._closed = closed
         for tracker in self._trackers.values():
-            if not tracker.future.done():
-                tracker.future.set_exception(
-                    closed(f"message {tracker.message.id}: {tracker.remaining} recipient(s) not final at shutdown")
-                )
+            if tracker.future is not None and not tracker.future.done():
+                tracker.future.set_exception(self._not_final(tracker))
                 tracker.future.exception()  # retrieved: nobody may be waiting
         for sub in self._subscribers:
             sub.put_nowait(None)
+
+    def _not_final(self, tracker: _Tracker) -> BaseException:
+        assert self._closed is not None
+        return self._closed(f"message {tracker.message.id}: {tracker.remaining} recipient(s) not final at shutdown")
 
     def fail(self, exc: BaseException) -> None:
         """The record cannot be kept any more (first failure only is kept and reported)."""
@@ -167,7 +176,7 @@ class Ledger:
                     self._finished[msg.id] = tracker.outcomes
                     if len(self._finished) > _FINISHED_KEPT:
                         self._finished.popitem(last=False)
-                    if not tracker.future.done():
+                    if tracker.future is not None and not tracker.future.done():
                         tracker.future.set_result(tracker.outcomes)
                     return True
         return False

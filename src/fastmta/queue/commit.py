@@ -188,7 +188,8 @@ class GroupCommit:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return False  # used without a loop: flush_sync() writes
-        if self._task is not None and self.loop is loop and not self._task.done():
+        task = self._task
+        if task is not None and self.loop is loop and not task.done():
             return True
         if self._task is not None and not self._task.done():
             raise SpoolError("the spool is already committing on another event loop")
