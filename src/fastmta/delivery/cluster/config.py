@@ -13,6 +13,7 @@ Example::
     max_connections_per_site = 20  # across the whole cluster (connection leases)
     nodes_hint = 3                 # live nodes assumed when Redis is unreachable
     share_throttle = true          # one adaptive window/rate per (egress IP, site) for all nodes (default)
+    throttle_scope = "ip_site"     # or "site": one per site, whatever the egress address
 
     [[cluster.limit]]
     scope = "ip_site"              # per (egress IP, site)
@@ -81,6 +82,11 @@ class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     #: Share the adaptive throttle state per (egress IP, site) through Redis: a throttle reply to one
     #: node slows them all, and one elected node raises it (:mod:`.shared_throttle`). False: per node.
     share_throttle: bool = True
+    #: What one shared throttle covers. ``ip_site``: each (egress IP, site), as most receivers count
+    #: (Gmail's 4.7.28 names the IP). ``site``: the site for every egress address of the cluster
+    #: together, where the receiver throttles the sender as a whole (its domain, a /24, one NAT):
+    #: a throttle reply to any node's address then slows every node.
+    throttle_scope: Literal["ip_site", "site"] = "ip_site"
     #: Live nodes assumed while Redis is unreachable: each takes limit / nodes_hint locally.
     nodes_hint: Annotated[int, msgspec.Meta(ge=1)] = 1
     #: Timeout of one Redis call, and how often an unreachable Redis is tried again (seconds).

@@ -14,7 +14,8 @@ node. Keys::
     {prefix}gcra:provider:{provider}
     {prefix}gcra:sender_domain:{domain}
     {prefix}leases:{site}
-    {prefix}throttle:{egress IP or source name}|{site}          (and throttle-owner:..., channel throttle)
+    {prefix}throttle:{egress IP or source name}|{site}   (throttle_scope "site": *|{site})
+    {prefix}throttle-owner:...  and the channel {prefix}throttle
 
 The engine starts it (:meth:`start`: one ``PING``, and the throttle-state
 subscriber; unreachable at start is degraded mode, not an error) and closes
@@ -110,6 +111,8 @@ class Cluster:
         """The shared dials of (egress address or source name, site); None: not shared."""
         if self.throttles is None:
             return None
+        if self.config.throttle_scope == "site":
+            return self.throttles.dial(f"*|{site}")  # "*": every egress address (never an address or name)
         return self.throttles.dial(f"{self.sources.get(source) or source}|{site}")
 
     def _limiter(self, lim: ClusterLimit, key: str) -> SharedLimiter:
