@@ -99,6 +99,12 @@ METRICS: dict[str, tuple[str, ...]] = {
     "fastmta_sender_kpi": ("domain", "window", "figure"),
     "fastmta_guard_paused_campaigns": (),
     "fastmta_guard_sources_out": ("source", "provider"),
+    "fastmta_cluster_degraded": (),
+    "fastmta_cluster_degraded_episodes_total": (),
+    "fastmta_cluster_redis_calls_total": (),
+    "fastmta_cluster_throttle_total": ("what",),
+    "fastmta_cluster_suppression_changes_total": ("direction",),
+    "fastmta_cluster_suppression_backlog": (),
 }
 
 #: Time in queue of final outcomes: from a second (a first-attempt delivery) to days (expiry).
@@ -257,6 +263,39 @@ class EngineCollector:
             yield from self._intake(self.intake)
         if self.outbox is not None:
             yield from self._events(self.outbox)
+        if getattr(self.engine, "cluster", None) is not None:
+            yield from self._cluster()
+
+    def _cluster(self) -> Iterator[Metric]:
+        """What this node shares through Redis: whether it can (degraded mode), and what it costs."""
+        st = self.engine.cluster.state() if self.engine.cluster is not None else {}
+        yield GaugeMetricFamily("fastmta_cluster_degraded",
+                                "1 while Redis is unreachable: shared limits kept locally as limit / nodes_hint.",
+                                value=1 if st.get("degraded") else 0)
+        yield CounterMetricFamily("fastmta_cluster_degraded_episodes_total", "Times Redis became unreachable.",
+                                  value=float(st.get("episodes") or 0))
+        yield CounterMetricFamily("fastmta_cluster_redis_calls_total",
+                                  "Redis round trips of the shared limits, leases and throttle state.",
+                                  value=float(st.get("round_trips") or 0))
+        throttle = st.get("throttle")
+        if isinstance(throttle, dict):
+            t = CounterMetricFamily("fastmta_cluster_throttle_total",
+                                    "Shared throttle state: cuts and raises this node wrote, cuts refused as "
+                                    "already made by another node, states applied from others.", labels=["what"])
+            for what in ("cuts", "raises", "refused", "applied"):
+                t.add_metric([what], float(throttle.get(what) or 0))
+            yield t
+        screen = getattr(self.engine, "screen", None)
+        store = getattr(screen, "store", None)
+        if store is not None and hasattr(store, "backlog"):  # the Redis suppression store
+            c = CounterMetricFamily("fastmta_cluster_suppression_changes_total",
+                                    "Suppression changes written to Redis (pushed) and applied from it.",
+                                    labels=["direction"])
+            c.add_metric(["pushed"], float(store.pushed))
+            c.add_metric(["applied"], float(store.applied))
+            yield c
+            yield GaugeMetricFamily("fastmta_cluster_suppression_backlog",
+                                    "This node's suppression changes not yet in Redis.", value=float(store.backlog()))
 
     # --- outcomes -----------------------------------------------------------------------------
 
