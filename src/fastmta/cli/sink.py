@@ -31,6 +31,7 @@ from fastmta.sink.config import (
     parse_fault,
     parse_listen,
     parse_rate,
+    parse_throttle,
 )
 from fastmta.sink.profiles import PROFILES
 from fastmta.sink.stats import write_json_atomically
@@ -79,6 +80,7 @@ def _epilog() -> str:
         "  fastmta sink --listen 127.0.0.1:0=gmail --listen 127.0.0.2:0=yahoo --rate-limit 20/s",
         "  fastmta sink --fault rcpt:0.1:450 --fault eod:0.01:'554 5.7.1 spam' --delay connect:2",
         "  fastmta sink --profile appliance --unknown-recipient 'nobody*@*' --capture /tmp/mail",
+        "  fastmta sink --profile gmail --site-rate-limit 500/s:50 --throttle-ip 127.0.0.2=10",
     ]
     return "\n".join(lines)
 
@@ -195,6 +197,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "profile's rate-limit reply (gmail 421 4.7.28, yahoo 421 [TSS04], outlook 451 4.7.650)",
     )
     g.add_argument(
+        "--site-rate-limit",
+        type=_arg(parse_rate),
+        metavar="N/s[:BURST]",
+        help="messages of all clients together, per listener (each listener is one site; GCRA); beyond "
+        "it MAIL gets the profile's rate-limit reply; counted as faults.site_rate_limit in --stats-json, "
+        "with 'throttled' and 'throttled_per_1000_messages'",
+    )
+    g.add_argument(
+        "--throttle-ip",
+        type=_arg(parse_throttle),
+        metavar="ADDR[/LEN][=SECONDS]",
+        action="append",
+        default=[],
+        help="answer every MAIL from these clients with the profile's rate-limit reply (gmail 421 4.7.28), "
+        "for SECONDS from each address's first MAIL (default: always); other clients pass; repeatable. "
+        "e.g. 127.0.0.2, 10.0.0.0/24=30",
+    )
+    g.add_argument(
         "--greylist", action="store_true",
         help="first try of each sender/recipient/client-IP triple gets 450 4.7.1; retries pass",
     )  # fmt: skip
@@ -228,6 +248,8 @@ def config_from_args(args: argparse.Namespace) -> SinkConfig:
         delays=tuple(args.delay),
         max_connections_per_ip=args.max_connections,
         rate_limit=args.rate_limit,
+        site_rate_limit=args.site_rate_limit,
+        throttle=tuple(args.throttle_ip),
         greylist=args.greylist or args.greylist_delay > 0,
         greylist_seconds=args.greylist_delay,
         unknown_recipients=tuple(args.unknown_recipient),

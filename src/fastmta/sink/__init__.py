@@ -14,10 +14,12 @@ from fastmta.sink.config import (
     PhaseFault,
     RateLimit,
     SinkConfig,
+    ThrottleRule,
     parse_delay,
     parse_fault,
     parse_listen,
     parse_rate,
+    parse_throttle,
 )
 from fastmta.sink.connection import ConnectionTrace
 from fastmta.sink.profiles import PROFILES
@@ -34,8 +36,10 @@ __all__ = [
     "SinkConfig",
     "SinkServer",
     "SinkStats",
+    "ThrottleRule",
     "parse_delay",
     "parse_fault",
     "parse_listen",
     "parse_rate",
+    "parse_throttle",
 ]

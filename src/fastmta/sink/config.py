@@ -66,6 +66,24 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class ThrottleRule:
+    """Answer every MAIL from clients in *network* (an address or ``ADDR/LEN``) with the
+    profile's rate-limit reply (gmail: 421 4.7.28), for *seconds* from each such address's
+    first MAIL (0: for the whole run); other clients are not affected."""
+
+    network: str
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_network(self.network, strict=False)
+        except ValueError:
+            raise ValueError(f"bad client network {self.network!r}: expected ADDR or ADDR/LEN") from None
+        if not 0.0 <= self.seconds <= 10 * 365 * 86400:
+            raise ValueError(f"throttle seconds must be 0 (always) or positive, not {self.seconds}")
+
+
+@dataclass(frozen=True, slots=True)
 class FaultConfig:
     """What goes wrong, and how often. The default: nothing."""
 
@@ -73,6 +91,11 @@ class FaultConfig:
     delays: tuple[tuple[Phase, float], ...] = ()
     max_connections_per_ip: int = 0
     rate_limit: RateLimit | None = None
+    #: Transactions (MAIL) per second of all clients together (GCRA on the sink's clock, one per
+    #: listener: each listener is one site); beyond it MAIL gets the profile's rate-limit reply.
+    site_rate_limit: RateLimit | None = None
+    #: Clients that get the rate-limit reply whatever the rate (one source address throttled, the others not).
+    throttle: tuple[ThrottleRule, ...] = ()
     greylist: bool = False
     #: A greylisted triple is accepted once it retries at least this late.
     greylist_seconds: float = 0.0
@@ -101,6 +124,8 @@ class FaultConfig:
             or self.delays
             or self.max_connections_per_ip
             or self.rate_limit is not None
+            or self.site_rate_limit is not None
+            or self.throttle
             or self.greylist
             or self.unknown_recipients
             or self.filtered_share
@@ -263,6 +288,18 @@ def parse_delay(spec: str) -> tuple[Phase, float]:
     if not 0 <= seconds <= 3600:
         raise ValueError(f"delay must be between 0 and 3600 seconds, not {seconds}")
     return phase, seconds
+
+
+def parse_throttle(spec: str) -> ThrottleRule:
+    """``ADDR[/LEN][=SECONDS]``, e.g. ``127.0.0.2``, ``10.0.0.0/24=30`` or ``::1=5``."""
+    network, sep, secs = spec.partition("=")
+    seconds = 0.0
+    if sep:
+        try:
+            seconds = float(secs)
+        except ValueError:
+            raise ValueError(f"bad seconds {secs!r} in {spec!r}: expected ADDR[/LEN][=SECONDS]") from None
+    return ThrottleRule(network.strip().strip("[]"), seconds)
 
 
 _UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}

@@ -1,7 +1,8 @@
 """Deciding when the sink misbehaves, and how its refusal reads.
 
 One :class:`FaultEngine` per listener (each listener pretends to be one
-provider's host, with its own connection counts, rate buckets and greylist),
+provider's host, with its own connection counts, rate buckets, site-wide
+limit, throttled addresses and greylist),
 sharing the server's seeded ``random.Random`` so ``--seed`` replays a run.
 The server only calls in here when faults are configured, which keeps the
 no-fault path free of it.
@@ -10,6 +11,8 @@ no-fault path free of it.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
+import math
 import random
 import re
 import zlib
@@ -22,6 +25,8 @@ from fastmta.sink.stats import SinkStats
 
 #: Greylist entries kept before the table is forgotten (a bound, not a policy).
 MAX_GREYLIST = 1_000_000
+#: Client addresses remembered by the throttle rules before the table is forgotten (a bound, not a policy).
+MAX_THROTTLED = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +49,12 @@ class FaultEngine:
         "_filter_cut",
         "_greylist",
         "_rng",
+        "_site_interval",
+        "_site_tat",
+        "_site_tolerance",
         "_stats",
+        "_throttle_rules",
+        "_throttled",
         "_unknown",
         "_unknown_at_eod",
         "config",
@@ -80,6 +90,14 @@ class FaultEngine:
         )
         # filtered_share as a bound on a 32-bit hash of the address.
         self._filter_cut = round(config.filtered_share * 2**32)
+        # The site-wide limit: GCRA, one theoretical arrival time for all clients.
+        site = config.site_rate_limit
+        self._site_interval = 1.0 / site.rate if site is not None else 0.0
+        self._site_tolerance = (site.burst - 1.0) * self._site_interval if site is not None else 0.0
+        self._site_tat = -math.inf
+        self._throttle_rules = [(ipaddress.ip_network(r.network, strict=False), r.seconds) for r in config.throttle]
+        # Client address -> (its throttle window in seconds or None: no rule matches, first MAIL time).
+        self._throttled: dict[str, tuple[float | None, float]] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -133,10 +151,36 @@ class FaultEngine:
     def ehlo(self, ip: str, qid: str) -> Refusal | None:
         return self._roll("ehlo", ip, b"", b"", qid)
 
+    def _throttle_window(self, ip: str, now: float) -> bool:
+        """Is *ip* in a throttle rule's network, within its window (from its first MAIL)?"""
+        known = self._throttled.get(ip)
+        if known is None:
+            seconds: float | None = None
+            try:
+                addr = ipaddress.ip_address(ip.partition("%")[0])
+            except ValueError:
+                addr = None
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            for network, secs in self._throttle_rules:
+                if addr is not None and addr.version == network.version and addr in network:
+                    seconds = secs
+                    break
+            if len(self._throttled) >= MAX_THROTTLED:
+                self._throttled.clear()
+            known = self._throttled[ip] = (seconds, now)
+        seconds, first = known
+        return seconds is not None and (seconds == 0.0 or now - first < seconds)
+
     def mail(self, ip: str, sender: bytes, qid: str) -> Refusal | None:
-        limit = self.config.rate_limit
+        config = self.config
+        now = self._clock()
+        if self._throttle_rules and self._throttle_window(ip, now):
+            return self._refuse("throttle_ip", self.profile.rate_limited, ip, sender, b"", qid)
+        limit = config.rate_limit
+        bucket: list[float] | None = None
+        tokens = 0.0
         if limit is not None:
-            now = self._clock()
             bucket = self._buckets.get(ip)
             if bucket is None:
                 bucket = self._buckets[ip] = [limit.burst, now]
@@ -145,6 +189,14 @@ class FaultEngine:
             if tokens < 1.0:
                 bucket[0] = tokens
                 return self._refuse("rate_limit", self.profile.rate_limited, ip, sender, b"", qid)
+        if config.site_rate_limit is not None:
+            tat = max(self._site_tat, now) + self._site_interval
+            if tat - now > self._site_tolerance + self._site_interval + 1e-9:
+                if bucket is not None:
+                    bucket[0] = tokens  # not accepted: the client's own bucket is not charged
+                return self._refuse("site_rate_limit", self.profile.rate_limited, ip, sender, b"", qid)
+            self._site_tat = tat
+        if bucket is not None:
             bucket[0] = tokens - 1.0
         return self._roll("mail", ip, sender, b"", qid)
 

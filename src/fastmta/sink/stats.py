@@ -11,6 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+#: The faults that are a rate-limit reply (the profile's ``rate_limited``): a sender's throttle signal.
+THROTTLE_FAULTS = ("rate_limit", "site_rate_limit", "throttle_ip")
+
 
 class IPStats:
     """What one client address did."""
@@ -76,6 +79,15 @@ class SinkStats:
             s = self.per_ip[address] = IPStats()
         return s
 
+    @property
+    def throttled(self) -> int:
+        """Rate-limit replies sent (:data:`THROTTLE_FAULTS`: per client, site-wide, by client address)."""
+        return sum(self.faults.get(kind, 0) for kind in THROTTLE_FAULTS)
+
+    def throttled_per_1000(self) -> float | None:
+        """Rate-limit replies per 1,000 messages accepted (None before the first message)."""
+        return self.throttled * 1000 / self.messages if self.messages else None
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "connections": self.connections,
@@ -90,6 +102,8 @@ class SinkStats:
             # JSON object keys are strings; sorted so files diff cleanly.
             "replies": {str(code): n for code, n in sorted(self.replies.items())},
             "faults": dict(sorted(self.faults.items())),
+            "throttled": self.throttled,
+            "throttled_per_1000_messages": self.throttled_per_1000(),
             "per_ip": {ip: s.as_dict() for ip, s in sorted(self.per_ip.items())},
         }
 
