@@ -256,3 +256,65 @@ def test_events_go_to_a_redis_stream_in_batches_for_consumer_groups(redis: Redis
     assert first == sent == 250 and trips <= 5
     fields = entries[0][1][0][1]
     assert fields[b"status"] == b"delivered" and b'"message_id":"m0"' in fields[b"record"]
+
+
+# --- contention: reservations served in turn (issue 17, GCRA fairness) ------------------------------------------
+
+
+def test_gcra_reservations_queue_up_to_the_horizon(redis: RedisProc) -> None:
+    async def main() -> list[tuple[int, float, float]]:
+        client = redis_client(redis.url, 1.0)
+        store, key = GcraStore(client), _key("reserve")
+        try:
+            # 100/s, burst 5, batches of 5, reservations due within 120 ms
+            return [await store.reserve(key, 10_000, 5, 5, 120_000) for _ in range(4)]
+        finally:
+            await client.aclose()
+
+    (a, due_a, _), (b, due_b, _), (c, due_c, _), (d, due_d, next_d) = asyncio.run(main())
+    assert (a, b, c, d) == (5, 5, 5, 0)  # the fourth would be due in 150 ms: past the horizon, refused
+    assert due_a == 0 and 0.035 < due_b <= 0.050 and 0.085 < due_c <= 0.100 and due_d == 0
+    assert 0.015 < next_d <= 0.030  # when it would be due within the horizon: no polling
+
+
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_contending_nodes_take_turns_one_round_trip_per_batch(redis: RedisProc, nodes: int) -> None:
+    rate, batch, seconds = 500, 0.2, 2.5
+    burst = int(rate * batch) * nodes  # default_burst: a batch per node
+
+    async def main() -> tuple[list[int], int, int]:
+        key = _key(f"contend{nodes}")
+        pairs = [_limiter(redis.url, key, f"{rate}/s", batch=batch, burst=burst, nodes=nodes) for _ in range(nodes)]
+        try:
+            taken = await asyncio.gather(*(_consume(lim, seconds) for lim, _ in pairs))
+        finally:
+            for _, client in pairs:
+                await client.aclose()
+        return list(taken), sum(lim.store.calls for lim, _ in pairs), sum(lim.granted for lim, _ in pairs)
+
+    taken, calls, granted = asyncio.run(main())
+    total = sum(taken)
+    assert rate * seconds * 0.9 <= total <= rate * seconds + burst, taken  # the shared limit, with its burst
+    assert min(taken) >= total / nodes * 0.6, taken  # every node gets about its share: none starves
+    assert calls / total <= 0.05, (calls, total)  # goal: <= 0.05 round trips per token (here ~0.012)
+    assert granted == calls * int(rate * batch)  # no round trip wasted on a refusal: every one brought a batch
+
+
+def test_small_batches_under_contention_cost_one_round_trip_each(redis: RedisProc) -> None:
+    """Batches of 10 (0.05 s at 200/s), two nodes wanting twice the key: about one call per batch, not two."""
+    rate, seconds = 200, 2.0
+
+    async def main() -> tuple[list[int], int]:
+        key = _key("small")
+        pairs = [_limiter(redis.url, key, f"{rate}/s", batch=0.05, burst=20) for _ in range(2)]
+        try:
+            taken = await asyncio.gather(*(_consume(lim, seconds) for lim, _ in pairs))
+        finally:
+            for _, client in pairs:
+                await client.aclose()
+        return list(taken), sum(lim.store.calls for lim, _ in pairs)
+
+    taken, calls = asyncio.run(main())
+    total = sum(taken)
+    assert rate * seconds * 0.9 <= total <= rate * seconds + 20 and min(taken) >= total * 0.35, taken
+    assert calls <= total / 10 + 4, (calls, total)  # ~0.1 per token (was ~0.2: every other call refused)
