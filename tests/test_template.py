@@ -329,3 +329,24 @@ def test_rendered_message_survives_to_wire() -> None:
     raw = compile_campaign(SPEC).render(rcpt(first_name=".\r\n.\r\nQUIT"))
     wire = core.to_wire(raw)
     assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"\r\n.\r\n")
+
+
+def test_values_remembered_across_rows_are_right_for_every_row_and_errors_are_never_remembered() -> None:
+    """Filtered fields are remembered per value (names and dates repeat in a campaign): same output as fresh."""
+    tpl = '{{ name | default("friend") | title }} {{ id }} {{ when | date("%d %B %Y") }}'
+    t = CompiledText(tpl, Context.TEXT, source="t.txt")
+    rows = [
+        {"name": "ada", "id": "1", "when": "2026-02-21"},
+        {"name": "ada", "id": "2", "when": "2026-02-21"},
+        {"name": "", "id": "3", "when": "2026-07-18"},
+        {"name": "grace", "id": "4", "when": "2026-02-21"},
+    ]
+    assert [t.render(r).decode() for r in rows] == [
+        "Ada 1 21 February 2026", "Ada 2 21 February 2026", "Friend 3 18 July 2026", "Grace 4 21 February 2026",
+    ]
+    for _ in range(2):  # a bad value fails every time it comes, naming the recipient
+        with pytest.raises(InputError, match="r9.*not an ISO 8601 date"):
+            t.render({"name": "x", "id": "9", "when": "soon"}, recipient_id="r9")
+    # More distinct values than are remembered: still each one's own output.
+    many = [{"name": f"n{i}", "id": str(i), "when": "2026-01-01"} for i in range(5000)]
+    assert all(t.render(r).decode() == f"N{i} {i} 01 January 2026" for i, r in enumerate(many))

@@ -90,6 +90,8 @@ ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender"})
 # (str.isprintable), so nothing can break the header line.
 _ADDR_SPEC_RE = re.compile(r"[!#-'*+\-./0-9=?A-Z^-~\u00a1-\U0010ffff]+@[!#-'*+\-./0-9=?A-Z^-~\u00a1-\U0010ffff]+")
 _PHRASE_MAX_QUOTED = 200
+#: Values remembered per slot (cleared when full: a field of unique values costs a bounded dict).
+_MEMO_MAX = 4096
 _PHRASE_SPECIALS = frozenset('()<>[]:;@\\,."')
 
 
@@ -222,6 +224,12 @@ class CompiledText:
         self.slots: tuple[Slot, ...] = tuple(slots)
         self.modes = bytes(s.mode for s in slots)
         self.fields = frozenset(s.field for s in slots)
+        # A slot with filters or an address check is a pure function of its field's value (an error
+        # is raised, never kept): remembered per value, as first names, dates and defaults repeat
+        # across a campaign's rows. A plain slot's value is used as it is: nothing to remember.
+        self._memos: tuple[dict[str, str] | None, ...] = tuple(
+            None if s.plain and s.mode != core.MODE_URL else {} for s in slots
+        )
         # Fast path: no filters anywhere -> one C-level itemgetter call fetches every value.
         self._getter: Callable[[Recipient], Any] | None = None
         # (URL-starting fields take the general path: their scheme is checked.)
@@ -243,7 +251,19 @@ class CompiledText:
                 return core.render(self.literals, self.modes, values)
             except (KeyError, TypeError):
                 pass  # a missing or non-str value: the general path explains or converts
-        values = [self._value(slot, recipient, recipient_id) for slot in self.slots]
+        values = []
+        for slot, memo in zip(self.slots, self._memos, strict=True):
+            raw = recipient.get(slot.field)
+            if memo is None or raw.__class__ is not str:
+                values.append(self._value(slot, recipient, recipient_id))
+                continue
+            value = memo.get(raw)
+            if value is None:
+                value = self._value(slot, recipient, recipient_id)
+                if len(memo) >= _MEMO_MAX:
+                    memo.clear()
+                memo[raw] = value
+            values.append(value)
         return core.render(self.literals, self.modes, values)
 
     def _fail(self, slot: Slot, recipient: Recipient, recipient_id: str | None, reason: str) -> InputError:
