@@ -335,6 +335,10 @@ def test_values_remembered_across_rows_are_right_for_every_row_and_errors_are_ne
     """Filtered fields are remembered per value (names and dates repeat in a campaign): same output as fresh."""
     tpl = '{{ name | default("friend") | title }} {{ id }} {{ when | date("%d %B %Y") }}'
     t = CompiledText(tpl, Context.TEXT, source="t.txt")
+    # The same kind of slot repeated (a newsletter's sections) shares what it remembers: each repeat right.
+    rep = CompiledText('<a href="/r?id={{ id | urlencode }}">{{ n | default("x") }}</a>' * 3, Context.HTML, source="r")
+    for i in range(3):
+        assert rep.render({"id": f"u {i}&", "n": ""}).decode() == f'<a href="/r?id=u%20{i}%26">x</a>' * 3
     rows = [
         {"name": "ada", "id": "1", "when": "2026-02-21"},
         {"name": "ada", "id": "2", "when": "2026-02-21"},

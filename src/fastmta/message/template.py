@@ -226,9 +226,13 @@ class CompiledText:
         self.fields = frozenset(s.field for s in slots)
         # A slot with filters or an address check is a pure function of its field's value (an error
         # is raised, never kept): remembered per value, as first names, dates and defaults repeat
-        # across a campaign's rows. A plain slot's value is used as it is: nothing to remember.
+        # across a campaign's rows. One memory per kind of slot (field, filters, checks), shared by
+        # its repeats: a field used 250 times in a newsletter is worked out once a row, and the memory
+        # stays bounded by the kinds, not the slots. A plain slot's value is used as it is.
+        kinds: dict[tuple[str, tuple[tuple[str, str | None], ...], int, str], dict[str, str]] = {}
         self._memos: tuple[dict[str, str] | None, ...] = tuple(
-            None if s.plain and s.mode != core.MODE_URL else {} for s in slots
+            None if s.plain and s.mode != core.MODE_URL else kinds.setdefault((s.field, s.filters, s.mode, s.address_part), {})
+            for s in slots
         )
         # Fast path: no filters anywhere -> one C-level itemgetter call fetches every value.
         self._getter: Callable[[Recipient], Any] | None = None
