@@ -54,7 +54,6 @@ import math
 import os
 import platform
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -77,6 +76,8 @@ from bench_serve import (  # noqa: E402
     AccountingCounter,
     CountingSink,
     Injection,
+    _fmt,
+    _median,
     counting_sink,
     plan_lanes,
     tree_cpu,
@@ -313,15 +314,6 @@ def one_run(case: str, k: int, rnd: int, n: int, rate: float, args: argparse.Nam
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
-
-
-def _median(xs: list[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return statistics.median(vals) if vals else None
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
 
 
 @dataclass
