@@ -405,6 +405,49 @@ def test_backpressure_by_bytes_bounds_the_bodies_in_memory(run: Run) -> None:
     run(main())
 
 
+def test_read_ahead_bounds_untried_recipients_not_deferred_ones(run: Run) -> None:
+    """[queue] max_untried_recipients: submit() waits for untried recipients, never for deferred ones."""
+    async def main() -> None:
+        down = await start_sink("127.0.0.12", faults=FaultConfig(replies=(PhaseFault("rcpt", 1.0, 450),)))
+        slow = await start_sink("127.0.0.13", faults=FaultConfig(delays=(("mail", 0.3),)))
+        cfg = engine_config(None, 25, routing={"static": {"down.test": [f"127.0.0.12:{down.addresses[0][1]}"],
+                                                          "*": [f"127.0.0.13:{slow.addresses[0][1]}"]}},
+                            queue={"max_untried_recipients": 10, "retry_initial": 60})
+        try:
+            async with Engine(cfg) as engine:
+                for i in range(10):
+                    await engine.submit(BODY, "s@sender.test", [f"d{i}@down.test"])
+                for _ in range(100):  # all ten tried and deferred (bounded: 10 s)
+                    if engine.counts["deferred"] == 10:
+                        break
+                    await asyncio.sleep(0.1)
+                assert engine.counts["deferred"] == 10
+                submitted = 0
+
+                async def producer() -> None:
+                    nonlocal submitted
+                    for i in range(40):
+                        await engine.submit(BODY, "s@sender.test", [f"u{i}@ok.test"])
+                        submitted += 1
+
+                task = asyncio.ensure_future(producer())
+                await asyncio.sleep(0.15)
+                # Ten deferred recipients take no room; ten untried ones fill it.
+                assert submitted == 10
+                await asyncio.wait_for(task, 30)
+                for _ in range(300):
+                    if engine.counts["delivered"] == 40:
+                        break
+                    await asyncio.sleep(0.1)
+                assert engine.counts["delivered"] == 40
+                assert engine.unfinished == 10  # the deferred ones wait for their retry
+        finally:
+            await down.close()
+            await slow.close()
+
+    run(main())
+
+
 def test_warmup_quota_overflows_to_a_warm_source_and_persists(run: Run, tmp_path: Any) -> None:
     from fastmta.queue.spool import Spool
 

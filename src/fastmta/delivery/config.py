@@ -306,6 +306,11 @@ class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     max_queued_recipients: PositiveInt = 100_000
     #: ... or while the unfinished messages' bodies hold this many bytes of memory.
     max_queued_bytes: PositiveInt = 128 * 1024 * 1024
+    #: ... or while this many accepted recipients were never tried yet (the
+    #: read-ahead; Postfix's qmgr_message_active_limit plays this part).
+    #: Deferred recipients do not count. 10,000 is seconds of work at full
+    #: speed, and keeps a 1,000,000-row campaign's memory flat.
+    max_untried_recipients: PositiveInt = 10_000
     #: A host that refused a connection is tried last for this long.
     host_down_time: Seconds = 60.0
 

@@ -214,6 +214,19 @@ class Dispatcher:
             for i in range(0, len(group), step):
                 queue.put(Batch(msg, group[i : i + step], route, queue.source.name))
 
+    def queue_stats(self, now: float) -> list[dict[str, Any]]:
+        """Per (source, site): ready batches, open connections, most seen, transactions (``Engine.queue_stats``)."""
+        out = []
+        for (src, site), q in self.queues.items():
+            status = q.throttle.status(now)
+            out.append({
+                "source": src, "site": site, "ready": len(q.ready), "connections": q.connections,
+                "max_connections_seen": q.max_seen_connections, "connections_opened": q.connections_opened,
+                "transactions": q.transactions, "window": status.window, "rate": status.rate,
+                "suspended_for": max(0.0, status.suspended_until - now) if status.suspended_until else 0.0,
+            })
+        return out
+
     def _warm_source(self, source: Source, site: str, n: int) -> Source:
         """*source*, unless it is warming up at *site*, over today's quota, and may overflow.
 

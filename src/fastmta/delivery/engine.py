@@ -128,6 +128,7 @@ class Engine:
         self._ledger.listeners.append(self.guard.on_outcome)
         self._capacity_waiters: deque[asyncio.Future[None]] = deque()
         self._unfinished = 0  # recipients accepted and not final
+        self._untried = 0  # ... of which never tried yet: the read-ahead ([queue] max_untried_recipients)
         self._queued_bytes = 0  # memory held by the bodies of unfinished messages (estimate)
         self._submits = 0
         self._idle: asyncio.Event | None = None
@@ -200,6 +201,7 @@ class Engine:
             msg.deadline = now_loop + self.retry.max_lifetime - max(0.0, now_wall - rec.queued_at)
             self._ledger.track(msg)
             self._unfinished += len(rcpts)
+            self._untried += sum(r.status is None for r in rcpts)
             self._queued_bytes += _memory_cost(msg.body)
             self.recovered += len(rcpts)
             if due_now:
@@ -374,6 +376,7 @@ class Engine:
                 raise
         msg.deadline = loop.time() + self.retry.max_lifetime
         self._ledger.track(msg)
+        self._untried += len(rcpts)
         self._dispatch.route(msg, rcpts)
         self._submits += 1
         if self._submits % 64 == 0:
@@ -549,10 +552,14 @@ class Engine:
         self, msg: Message, rcpt: Recipient, status: Status, reply: Reply, delivery: Delivery | None,
         next_attempt: float | None = None, classification: Classification | None = None,
     ) -> None:
+        first = rcpt.status is None
         finished = self._ledger.record(msg, rcpt, status, reply, delivery, next_attempt, classification)
+        self._untried -= first
         if status.is_final:
             # A final recipient frees its place; the last one of a message frees its body too.
             self._release(1, _memory_cost(msg.body) if finished else 0)
+        elif first:
+            self._wake_submitters()  # a deferral makes room in the read-ahead, not in the queue
 
     def _fail_fatal(self, exc: BaseException) -> None:
         """The durable record (journal or accounting) failed: nothing more can be promised.
@@ -576,15 +583,19 @@ class Engine:
     async def _reserve(self, n: int, size: int) -> None:
         """Wait for room for *n* recipients and *size* bytes of message in memory.
 
-        Both bounds matter: recipients bound the per-recipient records, bytes
-        bound the bodies (a backlog of 20 KB messages is ten times the memory
-        of one of 2 KB messages). A message larger than a limit is still
-        accepted when the queue is empty.
+        Recipients bound the per-recipient records, bytes the bodies (a backlog
+        of 20 KB messages is ten times the memory of one of 2 KB messages), and
+        untried recipients the read-ahead: without that bound a long campaign
+        keeps the whole byte bound of not-yet-tried messages in memory, where a
+        few seconds' worth keep every connection busy. Deferred recipients are
+        not untried, so a site that is down does not stall the others. A
+        message larger than a limit is still accepted when the queue is empty.
         """
         q = self.config.queue
         loop = asyncio.get_running_loop()
         while self._unfinished and (
             self._unfinished + n > q.max_queued_recipients or self._queued_bytes + size > q.max_queued_bytes
+            or (self._untried and self._untried + n > q.max_untried_recipients)
         ):
             waiter: asyncio.Future[None] = loop.create_future()
             self._capacity_waiters.append(waiter)
@@ -602,6 +613,9 @@ class Engine:
         self.filters.settle()  # only held verdicts left unfinished: judge them now
         if self._unfinished == 0 and self._idle is not None:
             self._idle.set()
+        self._wake_submitters()
+
+    def _wake_submitters(self) -> None:
         # Wake every waiter: each re-checks the room in its loop, and a waiter
         # cancelled before it ran cannot swallow the only wake-up.
         while self._capacity_waiters:
@@ -619,17 +633,7 @@ class Engine:
 
     def queue_stats(self) -> list[dict[str, Any]]:
         """Per (source, site): ready batches, open connections, most seen, transactions."""
-        now = asyncio.get_running_loop().time()
-        out = []
-        for (src, site), q in self._dispatch.queues.items():
-            status = q.throttle.status(now)
-            out.append({
-                "source": src, "site": site, "ready": len(q.ready), "connections": q.connections,
-                "max_connections_seen": q.max_seen_connections, "connections_opened": q.connections_opened,
-                "transactions": q.transactions, "window": status.window, "rate": status.rate,
-                "suspended_for": max(0.0, status.suspended_until - now) if status.suspended_until else 0.0,
-            })
-        return out
+        return self._dispatch.queue_stats(asyncio.get_running_loop().time())
 
 
 _NO_REPLY = Reply.local(451, "4.4.0", "no reply recorded")
