@@ -132,3 +132,38 @@ def test_unreadable_spool_entries_are_rejected_with_their_reason_and_the_rest_re
     assert "symbolic links" in rejects["loop1.eml"] and "symbolic links" in rejects["job1.toml"]
     assert "No such file" in rejects["dangling.eml"]
     assert "directory" in rejects["dir.eml"] and "directory" in rejects["dir.toml"]
+
+
+def test_sign_later_leaves_costly_signing_to_the_consumer_and_signs_cheap_messages_here(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    rows = b"ann@one.example,Ann,Lee,u1,2026-01-01\r\n"
+    small = campaign(tmp_path, HEADER + rows)  # Ed25519 on a few KB: signed while reading
+    [item] = list(small.items(sign_later=True))
+    assert isinstance(item, SpoolItem) and item.sign is None and item.content.startswith(b"DKIM-Signature:")
+    [same] = list(small.items())  # without sign_later: the same, signed
+    assert same.sign is None and same.content.startswith(b"DKIM-Signature:")
+
+    big_dir = tmp_path / "big"
+    big_dir.mkdir()
+    large = campaign(big_dir, HEADER + rows)
+    (big_dir / "welcome.html").write_text("<p>" + "long text " * 5000 + "</p>")
+    large = Campaign.load(big_dir / "welcome.toml")
+    [item] = list(large.items(sign_later=True))
+    assert isinstance(item, SpoolItem) and item.sign is not None
+    assert not item.content.startswith(b"DKIM-Signature:")  # unsigned until the consumer signs it
+    assert item.sign(item.content).startswith(b"DKIM-Signature:") and item.content in item.sign(item.content)
+
+    rsa_dir = tmp_path / "rsa"
+    rsa_dir.mkdir()
+    campaign(rsa_dir, HEADER + rows)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (rsa_dir / "rsa.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    toml = (rsa_dir / "welcome.toml").read_text().replace('key_path = "dkim-test-ed25519.key.pem"\nalgorithm = "ed25519-sha256"',
+                                                           'key_path = "rsa.pem"\nalgorithm = "rsa-sha256"')
+    (rsa_dir / "welcome.toml").write_text(toml)
+    [item] = list(Campaign.load(rsa_dir / "welcome.toml").items(sign_later=True))
+    assert isinstance(item, SpoolItem) and item.sign is not None  # an RSA signature: on a thread, however small
+    assert b"a=rsa-sha256" in item.sign(item.content).split(b"\r\n\r\n")[0].replace(b"\r\n ", b"")

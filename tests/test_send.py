@@ -98,6 +98,53 @@ def test_campaign_messages_arrive_signed_and_personalized(world_writable_dir: Pa
     assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in seen["grace@three.example"]
 
 
+def test_rsa_and_large_campaign_messages_signed_on_threads_verify(world_writable_dir: Path, tmp_path: Path) -> None:
+    """RSA signing (and any large body) is left to send's signing threads: every signature still verifies."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    spool = tmp_path / "spool"
+    rows = [f"user{i}@d{i % 3}.example,Name{i},Last,u{i},2026-01-05" for i in range(40)]
+    small_campaign(spool, rows)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (spool / "rsa.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    toml = (spool / "welcome.toml").read_text().replace("[template]", """[[dkim]]
+domain = "news.fastmta.example"
+selector = "rsa2026"
+key_path = "rsa.pem"
+algorithm = "rsa-sha256"
+
+[template]""")
+    (spool / "welcome.toml").write_text(toml)
+    # A second job, Ed25519 only but with a ~100 KB HTML part: large enough to go to a thread on its own.
+    (spool / "big.html").write_text((spool / "welcome.html").read_text().replace("</body>", "<p>long " * 14000
+                                                                                  + "</body>"))
+    (spool / "big.toml").write_text((EXAMPLE / "welcome.toml").read_text().replace(
+        'recipients = "recipients.csv"', 'recipients = "big.csv"').replace(
+        'id = "welcome-2026-11"', 'id = "big"').replace('html_file = "welcome.html"', 'html_file = "big.html"'))
+    (spool / "big.csv").write_text("email,first_name,last_name,id,signup\n"
+                                   + "".join(f"big{i}@d{i % 3}.example,B{i},L,b{i},2026-01-05\n" for i in range(20)))
+    with embedded_sink(["--capture", str(world_writable_dir)]) as (host, port):
+        out = fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet")
+    assert out.returncode == 0, out.stderr
+    files = sorted(world_writable_dir.glob("*.eml"))
+    assert len(files) == 60
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    import base64
+
+    records = {b"rsa2026._domainkey.news.fastmta.example.": b"v=DKIM1; k=rsa; p=" + base64.b64encode(der),
+               b"test2026._domainkey.news.fastmta.example.": _public_key_record(EXAMPLE / "dkim-test-ed25519.key.pem")}
+    for f in files:
+        msg = read_pickup(f)
+        big = msg.recipients[0].startswith("big")
+        signatures = [line for line in msg.content.split(b"\r\n") if line.lower().startswith(b"dkim-signature:")]
+        assert len(signatures) == (1 if big else 2), f.name
+        assert (len(msg.content) > 100_000) == big
+        verifier = dkim.DKIM(msg.content)
+        for i in range(len(signatures)):
+            assert verifier.verify(idx=i, dnsfunc=lambda name, timeout=5: records[name]), (f.name, i)
+
+
 def test_bad_input_is_reported_and_the_rest_delivered(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     small_campaign(spool, [

@@ -22,6 +22,10 @@ class SpoolItem:
     key: str = ""  # the input it belongs to
     row: int = 0  # its row in that input
     take_key: int = 0  # what identifies the row whatever its position (see ResumePoint)
+    #: DKIM signing still to do (``sign_later``): *content* is unsigned, and
+    #: the consumer signs it off the event loop. RSA and the body hash release
+    #: the GIL, so a thread pool puts them on another core.
+    sign: Callable[[bytes], bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,7 @@ class SpoolReader:
     def __init__(
         self, directory: Path, resume: Resume | None = None, return_path: ReturnPath | None = None,
         accept: Callable[[Path], bool] | None = None, unsubscribe: Unsubscribe | None = None,
+        sign_later: bool = False,
     ) -> None:
         self.directory = directory
         #: Which entries to read now (fastmta serve's pickup leaves files still being written for later).
@@ -110,6 +111,8 @@ class SpoolReader:
         self.return_path = return_path
         #: RFC 8058 one-click headers on campaign mail (fastmta.message.unsubscribe).
         self.unsubscribe = unsubscribe
+        #: Costly DKIM signing left to the consumer (``Campaign.items``, ``SpoolItem.sign``).
+        self.sign_later = sign_later
         self._pickup_started = False  # InputStart(PICKUP_INPUT) yielded
 
     def __iter__(self) -> Iterator[Event]:
@@ -195,5 +198,5 @@ class SpoolReader:
             yield InputSkipped(key)
             return
         yield InputStart(key, fp)
-        yield from campaign.items(key, point.row, point.taken, self.return_path, self.unsubscribe)
+        yield from campaign.items(key, point.row, point.taken, self.return_path, self.unsubscribe, self.sign_later)
         yield InputEnd(key)
