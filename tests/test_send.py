@@ -272,7 +272,7 @@ def test_edits_send_exactly_the_new_rows(tmp_path: Path) -> None:
     # Inputs are known by content: touching a pickup file, renaming the spool
     # directory or appending rows to a finished campaign resends nothing old.
     spool = tmp_path / "spool"
-    rows = [f"r{i}@one.example,R{i},L,u{i},2026-01-05" for i in range(20)]
+    rows = [f"r{i}@one.example,R{i},L,u{i},2026-01-05" for i in range(400)]
     small_campaign(spool, rows + ["r3@one.example,Again,L,u3b,2026-01-05"])  # r3 twice: sent once, reported
     (spool / "note.eml").write_bytes(
         b"X-Sender: ops@fastmta.example\r\nX-Receiver: p1@p.example\r\nX-Receiver: p2@p.example\r\n"
@@ -288,7 +288,7 @@ def test_edits_send_exactly_the_new_rows(tmp_path: Path) -> None:
 
         code, s1, first = send(spool, 1)
         assert code == 3  # the repeated recipient is reported
-        assert sorted(first) == sorted([f"r{i}@one.example" for i in range(20)] + ["p1@p.example", "p2@p.example"])
+        assert sorted(first) == sorted([f"r{i}@one.example" for i in range(400)] + ["p1@p.example", "p2@p.example"])
         assert any("duplicate recipient 'r3@one.example'" in r["reason"] for r in s1["rejected"])
 
         os.utime(spool / "note.eml")  # touch

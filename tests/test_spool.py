@@ -89,6 +89,24 @@ def test_round_trip(tmp_path: Path, run: Run[None]) -> None:
     spool.close_sync()
 
 
+def test_a_cancelled_add_is_still_committed_and_the_others_unharmed(tmp_path: Path, run: Run[None]) -> None:
+    async def main() -> None:
+        spool = Spool(tmp_path, fsync=_nofsync)
+        first = asyncio.ensure_future(spool.add_message("m1", "s@a.example", ["a@x.example"], b"one"))
+        second = asyncio.ensure_future(spool.add_message("m2", "s@a.example", ["b@x.example"], b"two"))
+        await asyncio.sleep(0)  # both queued in the same batch
+        first.cancel()
+        assert isinstance(await second, BodyRef)  # the shared batch was not cancelled with it
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await spool.close()
+
+    run(main())
+    spool = _reopen(tmp_path)
+    assert {m.id for m in spool.take_recovered()} == {"m1", "m2"}  # the cancelled one is on disk too
+    spool.close_sync()
+
+
 def test_sync_api_without_loop(tmp_path: Path) -> None:
     spool = _reopen(tmp_path)
     ref = spool.add_message_sync("m", "s@a.example", ["r@b.example"], b"body")
@@ -563,6 +581,42 @@ def test_add_implies_input_progress_even_without_progress_records(tmp_path: Path
     spool = _reopen(tmp_path)
     assert spool.input("j").row == 5  # type: ignore[union-attr]
     assert spool.take_recovered() == []
+    spool.close_sync()
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_taken_row_keys_survive_compaction_in_several_records(
+    tmp_path: Path, run: Run[None], monkeypatch: pytest.MonkeyPatch, compact: bool
+) -> None:
+    # 7 keys a record here (131,072 in use): 50 taken rows are written as 8 records, and read back as one set.
+    import fastmta.queue.compaction
+    import fastmta.queue.recovery
+    import fastmta.queue.spool
+    from fastmta.queue.journal_records import InputTake, TakenRecord
+
+    monkeypatch.setattr(fastmta.queue.compaction, "TAKEN_KEYS_PER_RECORD", 7)
+    monkeypatch.setattr(fastmta.queue.recovery, "TAKEN_KEYS_PER_RECORD", 7)
+    monkeypatch.setattr(fastmta.queue.spool, "_IDLE_COMPACT_BYTES", 0)  # this small journal is compacted at close
+    keys = [(row * 2654435761 + 12345) % 2**64 for row in range(50)]
+
+    async def main() -> None:
+        spool = _reopen(tmp_path)
+        job = spool.open_input("j", "fp")
+        for row, key in enumerate(keys):
+            await spool.add_message(f"c{row}", "s@a.example", ["r@b.example"], b"x", take=InputTake(job.id, row, key))
+            spool.record(f"c{row}", 0, Status.DELIVERED)
+        await spool.sync()
+        if compact:
+            await spool.compact()  # from the journal
+        await spool.close()  # idle compaction, from the in-memory state
+
+    run(main())
+    with open(tmp_path / "journal", "rb") as f:
+        records = [r for _, p in scan(f, ScanReport()) if isinstance(r := _decoder.decode(p), TakenRecord)]
+    assert len(records) == 8 and sum(len(r.keys) for r in records) == 50 * 8
+    spool = _reopen(tmp_path)
+    taken = spool.input("j").taken  # type: ignore[union-attr]
+    assert len(taken) == 50 and all(k in taken for k in keys) and (keys[0] + 1) % 2**64 not in taken
     spool.close_sync()
 
 

@@ -29,7 +29,14 @@ from functools import partial
 from fastmta.queue.commit import GroupCommit
 from fastmta.queue.journal import frame
 from fastmta.queue.journal_file import JournalFile
-from fastmta.queue.journal_records import JOURNAL_VERSION, HeaderRecord, InputState, TakenRecord, record_encoder
+from fastmta.queue.journal_records import (
+    JOURNAL_VERSION,
+    TAKEN_KEYS_PER_RECORD,
+    HeaderRecord,
+    InputState,
+    TakenRecord,
+    record_encoder,
+)
 from fastmta.queue.recovery import live_frames, replay
 
 __all__ = ["compact_idle", "compact_journal", "compaction_due"]
@@ -73,7 +80,7 @@ def idle_frames(inputs: Iterable[InputState]) -> Iterator[bytes]:
     for inp in inputs:
         yield frame(enc(inp.record()))
         if len(inp.taken):
-            yield frame(enc(TakenRecord(inp.id, inp.taken.to_bytes())))
+            yield from (frame(enc(TakenRecord(inp.id, keys))) for keys in inp.taken.chunks(TAKEN_KEYS_PER_RECORD))
 
 
 async def compact_idle(journal: JournalFile, commits: GroupCommit, inputs: Iterable[InputState]) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "JOURNAL_VERSION",
     "RECORD_TAGS",
     "STATUS_CODE",
+    "TAKEN_KEYS_PER_RECORD",
     "AddRecord",
     "BodyRef",
     "DropRecord",
@@ -136,6 +137,10 @@ class ForgetRecord(msgspec.Struct, tag=5, array_like=True, forbid_unknown_fields
     """Input *iid* is no longer remembered."""
 
     iid: int
+
+
+#: Keys per TakenRecord (1 MB): an input of a million rows is written as several, which recovery adds up.
+TAKEN_KEYS_PER_RECORD = 131072
 
 
 class TakenRecord(msgspec.Struct, tag=6, array_like=True, forbid_unknown_fields=True, gc=False):

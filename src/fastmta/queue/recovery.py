@@ -33,6 +33,7 @@ from fastmta.queue.journal_records import (
     DEFERRED_CODE,
     JOURNAL_VERSION,
     RECORD_TAGS,
+    TAKEN_KEYS_PER_RECORD,
     AddRecord,
     BodyRef,
     DropRecord,
@@ -446,7 +447,7 @@ def live_frames(st: LiveState) -> Iterable[bytes]:
         if inp.id in keep:
             yield frame(enc(inp.record()))
             if inp.id == latest.get(inp.key) and len(inp.taken):
-                yield frame(enc(TakenRecord(inp.id, inp.taken.to_bytes())))
+                yield from (frame(enc(TakenRecord(inp.id, keys))) for keys in inp.taken.chunks(TAKEN_KEYS_PER_RECORD))
     for m in st.msgs.values():
         yield frame(enc(m.add))
         if m.states is not None:

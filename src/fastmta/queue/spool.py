@@ -142,13 +142,8 @@ class Spool:
         auto_compact: bool = True,
         fsync: Callable[[int], None] | None = None,
         accept_reset: bool = False,
-        remember_rows: bool = False,
     ) -> None:
         """
-        remember_rows: keep every row a message takes in memory, campaign rows
-            too (8 bytes a row), not only single-row inputs: a long-running
-            service (fastmta serve's pickup directory) reads an edited campaign
-            again in the same process, and must skip the rows it already took.
         commit_interval: how long the first waiting add may wait for others to
             join its commit (seconds). 0 still groups: adds arriving while an
             fsync is in progress share the next one.
@@ -168,7 +163,6 @@ class Spool:
         self.compact_ratio = compact_ratio
         self.auto_compact = auto_compact
         self._accept_reset = accept_reset
-        self._remember_rows = remember_rows
         self.stats = SpoolStats()
         disk = Disk(fsync or default_fsync, self.stats)
         self._journal = JournalFile(self.directory, disk)
@@ -338,10 +332,10 @@ class Spool:
     ) -> BodyRef | None:
         """Store a message; return when it is on disk (fsync'd), with the body's reference.
 
-        If the awaiting task is cancelled, the message is still committed.
+        If the awaiting task is cancelled, the message is still committed (only its own waiter is cancelled).
         """
         ref = self._enqueue_add(message_id, sender, recipients, body, source, queued_at, meta, take)
-        await asyncio.shield(self._commits.waiter())
+        await self._commits.waiter()
         return ref
 
     def add_message_sync(
@@ -398,12 +392,11 @@ class Spool:
             taken_from = self._inputs_by_id.get(take.input)
             if taken_from is None:
                 raise SpoolError(f"unknown input id {take.input}: use open_input() first")
-            if take.row == 0 or self._remember_rows:
-                # A single-row input (a pickup file): known at once, so an identical
-                # file later in this run is recognised. The rows of a campaign are
-                # deduplicated by its reader during a run; the journal (this Add
-                # record) is what a later run and compaction read the keys from.
-                taken_from.taken.add(take.key)
+            # Every taken row in memory (8 bytes a row): an identical pickup file
+            # later in the run is recognised, a service reading an edited campaign
+            # skips the rows it took, and the compaction at close writes the keys
+            # from memory (without them there, an edited campaign was resent whole).
+            taken_from.taken.add(take.key)
         add = AddRecord(
             message_id,
             sender,

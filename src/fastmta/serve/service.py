@@ -164,7 +164,7 @@ class Service:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.data_dir / "inbound").mkdir(exist_ok=True, mode=0o700)
         try:
-            self._spool = await asyncio.to_thread(functools.partial(Spool, self.data_dir / "queue", remember_rows=True))
+            self._spool = await asyncio.to_thread(functools.partial(Spool, self.data_dir / "queue"))
         except SpoolError as exc:
             raise ConfigError(f"cannot open the queue in {self.data_dir / 'queue'}: {exc}") from None
         if self._spool.report.damaged:

@@ -1,0 +1,40 @@
+"""KeySet: the compact set of 64-bit row keys (taken rows, suppressed addresses) against a Python set."""
+
+from __future__ import annotations
+
+import random
+
+from fastmta.keyset import KeySet
+
+
+def test_keyset_is_a_set_through_many_merges() -> None:
+    rng = random.Random(18)
+    keys = KeySet()
+    model: set[int] = set()
+    for _ in range(60_000):  # many merges: 4,096 recent keys, then a quarter of the array
+        k = rng.getrandbits(64)
+        keys.add(k)
+        model.add(k)
+        if rng.random() < 0.05:  # a repeat is not added twice
+            keys.add(k)
+    assert len(keys) == len(model)
+    probes = rng.sample(sorted(model), 2000) + [rng.getrandbits(64) for _ in range(2000)]
+    assert [p in keys for p in probes] == [p in model for p in probes]
+    assert "not a key" not in keys
+
+
+def test_bytes_and_chunks_hold_every_key_sorted_and_load_back() -> None:
+    rng = random.Random(7)
+    model = {rng.getrandbits(64) for _ in range(10_000)}
+    keys = KeySet(model)
+    data = keys.to_bytes()
+    assert len(data) == 8 * len(model)
+    decoded = [int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8)]
+    assert decoded == sorted(model)
+    pieces = list(keys.chunks(3000))
+    assert [len(p) // 8 for p in pieces] == [3000, 3000, 3000, 1000] and b"".join(pieces) == data
+    again = KeySet()
+    for piece in pieces:  # as recovery reads several TakenRecords of one input
+        again.update_from_bytes(piece)
+    assert len(again) == len(model) and all(k in again for k in model)
+    assert list(KeySet().chunks(5)) == [] and KeySet().to_bytes() == b""
