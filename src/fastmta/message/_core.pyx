@@ -9,36 +9,56 @@ the same name and signature. The twin is the test oracle and the fallback
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 #: Inputs this large are worked on without the GIL (see ``_crlf``).
 cdef enum:
     _NOGIL_BYTES = 16384
 
 
+cdef inline Py_ssize_t _next(const unsigned char* src, Py_ssize_t i, Py_ssize_t n, int c) noexcept nogil:
+    """Index of the first *c* in src[i:n], or n."""
+    cdef const void* hit = memchr(src + i, c, n - i)
+    return n if hit == NULL else <const unsigned char*>hit - src
+
+
 cdef Py_ssize_t _crlf_into(const unsigned char* src, Py_ssize_t n, unsigned char* out,
                            bint stuff, bint terminate) noexcept nogil:
-    """The loop of ``_crlf``: src[0:n] into out (room for 2n + 8); return bytes written."""
-    cdef Py_ssize_t i = 0, o = 0
-    cdef unsigned char c
+    """The work of ``_crlf``: src[0:n] into out (room for 2n + 8); return bytes written.
+
+    Line by line: memchr finds the next CR and the next LF (each searched
+    again only once passed, so the whole input is scanned once per byte
+    value) and memcpy copies the line between. A byte loop was 3-4x slower
+    on 100 KB HTML.
+    """
+    cdef Py_ssize_t i = 0, o = 0, end, run
+    cdef Py_ssize_t next_cr = _next(src, 0, n, 13), next_lf = _next(src, 0, n, 10)
     cdef bint at_line_start = True
     while i < n:
-        c = src[i]
-        if stuff and at_line_start and c == 46:  # '.'
+        if stuff and at_line_start and src[i] == 46:  # '.' opening a line
             out[o] = 46
             o += 1
-        if c == 13 or c == 10:  # CRLF, lone CR or lone LF: all become CRLF
-            out[o] = 13
-            out[o + 1] = 10
-            o += 2
-            if c == 13 and i + 1 < n and src[i + 1] == 10:
-                i += 1
-            at_line_start = True
-        else:
-            out[o] = c
-            o += 1
+        end = next_cr if next_cr < next_lf else next_lf
+        run = end - i
+        if run:
+            memcpy(out + o, src + i, run)
+            o += run
+            i = end
             at_line_start = False
+        if i == n:
+            break
+        # CRLF, lone CR or lone LF: all become CRLF
+        out[o] = 13
+        out[o + 1] = 10
+        o += 2
+        if src[i] == 13 and i + 1 < n and src[i + 1] == 10:
+            i += 1
         i += 1
+        at_line_start = True
+        if next_cr < i:
+            next_cr = _next(src, i, n, 13)
+        if next_lf < i:
+            next_lf = _next(src, i, n, 10)
     if not at_line_start:
         out[o] = 13
         out[o + 1] = 10
