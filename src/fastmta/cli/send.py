@@ -194,6 +194,30 @@ def _unsubscribe(config: Config) -> Unsubscribe | None:
         raise UsageError(f"configuration error: unsubscribe: {exc}") from None
 
 
+class _Window:
+    """At most *size* submits in flight, for one acquiring task (the reading loop).
+
+    ``asyncio.Semaphore`` would do, but its acquire() scans its waiters every
+    time (2.4% of a 50,000-file pickup run's CPU in a profile); this is a counter.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def acquire(self) -> None:
+        while not self.free:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        self.free -= 1
+
+    def release(self) -> None:
+        self.free += 1
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 def _signed_body(sign: Callable[[bytes], bytes], content: bytes) -> Body:
     """Sign *content* and encode its wire form: run on a thread, both mostly outside the GIL."""
     body = Body(sign(content))
@@ -313,7 +337,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     started = time.perf_counter()
     # Submits in flight at once: each waits for its group commit, so many
     # share one fsync instead of paying one each.
-    window = asyncio.Semaphore(256)
+    window = _Window(256)
     inflight: set[asyncio.Task[None]] = set()
 
     async def submit(item: SpoolItem) -> None:

@@ -592,12 +592,11 @@ class Engine:
         message larger than a limit is still accepted when the queue is empty.
         """
         q = self.config.queue
-        loop = asyncio.get_running_loop()
         while self._unfinished and (
             self._unfinished + n > q.max_queued_recipients or self._queued_bytes + size > q.max_queued_bytes
             or (self._untried and self._untried + n > q.max_untried_recipients)
         ):
-            waiter: asyncio.Future[None] = loop.create_future()
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._capacity_waiters.append(waiter)
             await waiter
             if not self._accepting:
