@@ -291,7 +291,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     reader = SpoolReader(args.spool, resume_from(spool), _return_path(config), unsubscribe=_unsubscribe(config),
                          accept=lambda p: p not in refused, sign_later=True)
     # RSA signing and hashing release the GIL: on threads they use the other core.
-    signing = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="fastmta-sign")
+    signing = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="fastmta-sign")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     interrupts = 0

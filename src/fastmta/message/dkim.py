@@ -251,8 +251,6 @@ def _format_tags(tags: Sequence[tuple[str, str]]) -> str:
     return out
 
 
-_CHUNK = 16384
-
 
 def body_hash(chunks: Iterable[bytes], relaxed: bool) -> str:
     """The base64 bh= value of a body given in chunks (e.g. read from a spool file).
@@ -283,14 +281,11 @@ class _Parsed:
     def body_hash(self, relaxed: bool) -> str:
         bh = self.body_hashes.get(relaxed)
         if bh is None:
-            body = self.body
-            if len(body) <= _CHUNK * 4:
-                digest = hashlib.sha256(core.canonicalize_body(body, relaxed)).digest()
-                bh = base64.b64encode(digest).decode("ascii")
-            else:
-                # Large bodies stream through the canonicalizer: no second
-                # full-size copy, and each chunk is hashed while still in cache.
-                bh = body_hash((body[i : i + _CHUNK] for i in range(0, len(body), _CHUNK)), relaxed)
+            # One call each, both without the GIL: streaming a large body in
+            # chunks saved a transient copy, but released and took the GIL back
+            # twice a chunk, and signing threads then queued for it.
+            digest = hashlib.sha256(core.canonicalize_body(self.body, relaxed)).digest()
+            bh = base64.b64encode(digest).decode("ascii")
             self.body_hashes[relaxed] = bh
         return bh
 
