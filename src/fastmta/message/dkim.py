@@ -251,7 +251,6 @@ def _format_tags(tags: Sequence[tuple[str, str]]) -> str:
     return out
 
 
-
 def body_hash(chunks: Iterable[bytes], relaxed: bool) -> str:
     """The base64 bh= value of a body given in chunks (e.g. read from a spool file).
 
