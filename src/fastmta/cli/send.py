@@ -413,7 +413,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
                         window.release()
                         break
                     tracker.issued(event.key, event.row)
-                    task = asyncio.ensure_future(submit(event))
+                    task = loop.create_task(submit(event))
                     inflight.add(task)
                     task.add_done_callback(inflight.discard)
             if inflight:

@@ -184,11 +184,10 @@ class GroupCommit:
 
     def ensure_task(self) -> bool:
         """Start the committer on the running loop, if there is one."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return False  # used without a loop: flush_sync() writes
         task = self._task
+        loop = asyncio._get_running_loop()  # None without a loop (no exception to raise and catch: a call per record)
+        if loop is None:
+            return False  # used without a loop: flush_sync() writes
         if task is not None and self.loop is loop and not task.done():
             return True
         if self._task is not None and not self._task.done():
