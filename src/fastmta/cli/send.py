@@ -291,7 +291,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     reader = SpoolReader(args.spool, resume_from(spool), _return_path(config), unsubscribe=_unsubscribe(config),
                          accept=lambda p: p not in refused, sign_later=True)
     # RSA signing and hashing release the GIL: on threads they use the other core.
-    signing = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="fastmta-sign")
+    signing = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 2), thread_name_prefix="fastmta-sign")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     interrupts = 0
@@ -346,7 +346,10 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         try:
             content: bytes | Body = item.content
             if item.sign is not None:
-                content = await loop.run_in_executor(signing, _signed_body, item.sign, item.content)
+                try:
+                    content = await loop.run_in_executor(signing, _signed_body, item.sign, item.content)
+                except Exception as exc:  # reported as this row's failure, like any bad row: never dropped unseen
+                    raise InputError(f"DKIM signing failed: {exc}") from exc
             await engine.submit(content, item.sender, item.recipients, meta=item.meta, take=tracker.take(item))
         except InputError as exc:
             window.release()
