@@ -144,9 +144,9 @@ class GroupCommit:
         if len(self._p_journal) == self.flush_records:
             self._kick()
 
-    def append_body(self, seg: int, framed: bytes) -> None:
-        """Queue a framed body for segment *seg* (placed by BodySegments.place)."""
-        self._p_data.append((seg, framed))
+    def append_body(self, seg: int, body: bytes) -> None:
+        """Queue a body for segment *seg* (placed by BodySegments.place; the writer frames it)."""
+        self._p_data.append((seg, body))
 
     def release_after_commit(self, seg: int) -> None:
         """A message with its body in *seg* became final: release it once that is on disk."""

@@ -55,20 +55,22 @@ class BodySegments:
 
     # --- loop thread: placing, holding and releasing bodies ----------------------------
 
-    def place(self, body: bytes) -> tuple[BodyRef, bytes]:
-        """Reserve room for *body*: its reference, and the frame to write there (by :meth:`write`).
+    def place(self, body: bytes) -> BodyRef:
+        """Reserve room for *body*'s frame (written there by :meth:`write`): its reference.
 
-        The body's message holds the segment until :meth:`release`.
+        The body's message holds the segment until :meth:`release`. The frame
+        itself (a CRC-32 and a copy: ~60 µs at 100 KB) is made by the writer
+        thread, not here on the event loop.
         """
-        fr = frame(body)
-        if self._tail and self._tail + len(fr) > self.segment_size:
+        size = HEADER_SIZE + len(body)
+        if self._tail and self._tail + size > self.segment_size:
             self.active += 1  # rotate: the writer closes the old one after its last write
             self._tail = 0
         seg = self.active
         ref = BodyRef(seg, self._tail, len(body))
-        self._tail += len(fr)
+        self._tail += size
         self.hold(seg)
-        return ref, fr
+        return ref
 
     def hold(self, seg: int) -> None:
         """One more unfinished message has its body in *seg*."""
@@ -148,7 +150,7 @@ class BodySegments:
     # --- writer thread ---------------------------------------------------------------------
 
     def write(self, data: list[tuple[int, bytes]], active: int) -> None:
-        """Append framed bodies (segment, frame), in order, and fsync every segment written.
+        """Append bodies (segment, body), framed, in order, and fsync every segment written.
 
         Segments before *active* (the loop's active segment when the batch was
         taken) get no more bodies: their descriptors are closed.
@@ -165,7 +167,7 @@ class BodySegments:
                 fd = os.open(self.path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o660)
                 self._write_fds[seg] = fd
                 self._disk.fsync_dir(self.directory)  # the new file's name must survive a crash too
-            chunk = b"".join(d for _, d in data[i:j])
+            chunk = b"".join([frame(d) for _, d in data[i:j]])
             write_all(fd, chunk)
             self._disk.stats.data_bytes_written += len(chunk)
             if seg not in touched:

@@ -378,9 +378,9 @@ class Spool:
         ref: BodyRef | None = None
         seg = -1
         if body is not None:
-            ref, framed = self._segments.place(body)
+            ref = self._segments.place(body)
             seg = ref.seg
-            self._commits.append_body(seg, framed)
+            self._commits.append_body(seg, body)
         else:
             assert source is not None
             inp = self._inputs_by_id.get(source.input)
