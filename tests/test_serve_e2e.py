@@ -170,8 +170,12 @@ def test_http_api_with_curl(tmp_path: Path) -> None:
                 assert [r["status"] for r in shown["recipients"]] == ["delivered"] * n, shown
             status, body = curl(f"{api}/v1/messages/0000000000000000")
             assert status == 404, body
-            records = svc.accounting()
+            # Accounting lines reach the file in batches (just before the journal records of their
+            # outcomes, and every 0.25 s): a message already shown final may be a moment ahead of its line.
+            expected = {"j1@dest.example", "j2@dest.example", "r1@dest.example", "c1@dest.example", "c3@dest.example"}
+            records = svc.wait_accounting(lambda rs: expected <= {r["recipient"] for r in delivered(rs)}, timeout=10)
         by_rcpt = {r["recipient"]: r for r in delivered(records)}
+        assert set(by_rcpt) == expected
         assert by_rcpt["j1@dest.example"]["order"] == "42" and by_rcpt["j1@dest.example"]["via"] == "http"
         assert by_rcpt["c1@dest.example"]["job"] == "spring"
     got = sorted(receivers(capture))
