@@ -92,6 +92,27 @@ async def deliver_all(engine: Engine, rcpts: list[str], per_message: int = 1) ->
 # ----------------------------------------------------------------- DNS routing
 
 
+class Producer:
+    """Submits one message per address in the background; *submitted* counts those accepted so far."""
+
+    def __init__(self, engine: Engine, body: bytes, addresses: list[str]) -> None:
+        self.submitted = 0
+        self.task = asyncio.ensure_future(self._run(engine, body, addresses))
+
+    async def _run(self, engine: Engine, body: bytes, addresses: list[str]) -> None:
+        for address in addresses:
+            await engine.submit(body, "s@sender.test", [address])
+            self.submitted += 1
+
+
+async def wait_count(engine: Engine, status: str, n: int, timeout: float) -> None:
+    """Until engine.counts[status] == n, or *timeout* seconds (checked every 0.1 s)."""
+    for _ in range(int(timeout * 10)):
+        if engine.counts[status] == n:
+            return
+        await asyncio.sleep(0.1)
+
+
 def test_mx_preference_then_fall_over_when_first_refuses(run: Run, ns: DNSServer) -> None:
     async def main() -> None:
         primary = await start_sink("127.0.0.12")
@@ -335,19 +356,11 @@ def test_submit_rejects_injection_and_applies_backpressure(run: Run) -> None:
                     await engine.submit(BODY, "s@sender.test", ["evil@d.test>\r\nRCPT TO:<x@y"])
                 with pytest.raises(InputError):
                     await engine.submit(BODY, "s\n@sender.test", ["ok@d.test"])
-                submitted = 0
-
-                async def producer() -> None:
-                    nonlocal submitted
-                    for i in range(40):
-                        await engine.submit(BODY, "s@sender.test", [f"u{i}@d.test"])
-                        submitted += 1
-
-                task = asyncio.ensure_future(producer())
+                producer = Producer(engine, BODY, [f"u{i}@d.test" for i in range(40)])
                 await asyncio.sleep(0.15)
-                assert submitted <= 10  # waiting for room, not growing the queue
+                assert producer.submitted <= 10  # waiting for room, not growing the queue
                 assert engine.unfinished <= 10
-                await asyncio.wait_for(task, 30)
+                await asyncio.wait_for(producer.task, 30)
                 assert await engine.drain(30)
                 assert engine.counts["delivered"] == 40
         finally:
@@ -384,19 +397,11 @@ def test_backpressure_by_bytes_bounds_the_bodies_in_memory(run: Run) -> None:
                             queue={"max_queued_recipients": 1000, "max_queued_bytes": 700_000})
         try:
             async with Engine(cfg) as engine:
-                submitted = 0
-
-                async def producer() -> None:
-                    nonlocal submitted
-                    for i in range(12):
-                        await engine.submit(big, "s@sender.test", [f"u{i}@d.test"])
-                        submitted += 1
-
-                task = asyncio.ensure_future(producer())
+                producer = Producer(engine, big, [f"u{i}@d.test" for i in range(12)])
                 await asyncio.sleep(0.15)
                 # Each 100 KB message counts twice (raw + wire form): 3 fit in 700 KB.
-                assert submitted == 3
-                await asyncio.wait_for(task, 30)
+                assert producer.submitted == 3
+                await asyncio.wait_for(producer.task, 30)
                 assert await engine.drain(30)
                 assert engine.counts["delivered"] == 12
         finally:
@@ -417,28 +422,14 @@ def test_read_ahead_bounds_untried_recipients_not_deferred_ones(run: Run) -> Non
             async with Engine(cfg) as engine:
                 for i in range(10):
                     await engine.submit(BODY, "s@sender.test", [f"d{i}@down.test"])
-                for _ in range(100):  # all ten tried and deferred (bounded: 10 s)
-                    if engine.counts["deferred"] == 10:
-                        break
-                    await asyncio.sleep(0.1)
+                await wait_count(engine, "deferred", 10, timeout=10)  # all ten tried and deferred
                 assert engine.counts["deferred"] == 10
-                submitted = 0
-
-                async def producer() -> None:
-                    nonlocal submitted
-                    for i in range(40):
-                        await engine.submit(BODY, "s@sender.test", [f"u{i}@ok.test"])
-                        submitted += 1
-
-                task = asyncio.ensure_future(producer())
+                producer = Producer(engine, BODY, [f"u{i}@ok.test" for i in range(40)])
                 await asyncio.sleep(0.15)
                 # Ten deferred recipients take no room; ten untried ones fill it.
-                assert submitted == 10
-                await asyncio.wait_for(task, 30)
-                for _ in range(300):
-                    if engine.counts["delivered"] == 40:
-                        break
-                    await asyncio.sleep(0.1)
+                assert producer.submitted == 10
+                await asyncio.wait_for(producer.task, 30)
+                await wait_count(engine, "delivered", 40, timeout=30)
                 assert engine.counts["delivered"] == 40
                 assert engine.unfinished == 10  # the deferred ones wait for their retry
         finally:
