@@ -318,13 +318,13 @@ class Campaign:
                 extra += one_click
             if extra:
                 message = extra + message
+            sign = None
             if self.signer is not None:
                 if sign_later and (self.signer.costly or len(message) > _SIGN_LATER_BYTES):
-                    yield SpoolItem(message, envelope_sender, [address], source, line, meta, key, line, take_key,
-                                    self.signer.sign)
-                    continue
-                message = self.signer.sign(message)
-            yield SpoolItem(message, envelope_sender, [address], source, line, meta, key, line, take_key)
+                    sign = self.signer.sign  # the consumer signs it, on a thread
+                else:
+                    message = self.signer.sign(message)
+            yield SpoolItem(message, envelope_sender, [address], source, line, meta, key, line, take_key, sign)
 
 
     def _sunset_check(self) -> SunsetCheck | None:
