@@ -164,13 +164,8 @@ cdef class BodyCanonicalizer:
         if out == NULL:
             raise MemoryError()
         cdef Py_ssize_t o
-        cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(data)
         try:
-            if n >= _NOGIL_BYTES:  # a large body, hashed in chunks on a signing thread by fastmta send
-                with nogil:
-                    o = _body_feed(&self.st, src, n, out)
-            else:
-                o = _body_feed(&self.st, src, n, out)
+            o = _body_feed(&self.st, <const unsigned char*>PyBytes_AS_STRING(data), n, out)
             return PyBytes_FromStringAndSize(<char*>out, o)
         finally:
             free(out)
