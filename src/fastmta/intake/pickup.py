@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastmta.errors import InputError
+from fastmta.message.core import find_header_fields
 from fastmta.message.headers import header_section_error
 from fastmta.queue.records import split_address
 
@@ -44,6 +45,38 @@ def _address(value: bytes, path: Path, line: int, what: str) -> str:
     return text
 
 
+class _Envelope:
+    """The X-Sender / X-Receiver values met so far, checked as they come."""
+
+    __slots__ = ("path", "recipients", "sender")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sender: str | None = None
+        self.recipients: list[str] = []
+
+    def add(self, lname: bytes, value: bytes, line: int) -> None:
+        """*value*: the header's whole value, unfolded (a folded X-Receiver list loses no address)."""
+        if lname == b"x-sender":
+            if self.sender is not None:
+                raise InputError("more than one X-Sender header", source=str(self.path), line=line)
+            self.sender = _address(value, self.path, line, "X-Sender")
+        else:
+            for part in value.split(b","):
+                if part.strip():
+                    self.recipients.append(_address(part, self.path, line, "X-Receiver"))
+
+    def message(self, kept: bytes) -> PickupMessage:
+        if self.sender is None:
+            raise InputError("no X-Sender header (pickup files carry their envelope)", source=str(self.path))
+        if not self.recipients:
+            raise InputError("no X-Receiver header (pickup files carry their envelope)", source=str(self.path))
+        return PickupMessage(self.path, self.sender, self.recipients, kept)
+
+
+_ENVELOPE_FIELDS = (b"x-sender", b"x-receiver")
+
+
 def parse_pickup(data: bytes, path: Path) -> PickupMessage:
     """Split *data* into envelope and content; see the module docs."""
     if b"\x00" in data:
@@ -51,12 +84,41 @@ def parse_pickup(data: bytes, path: Path) -> PickupMessage:
     unsafe = header_section_error(data)
     if unsafe is not None:
         raise InputError(unsafe, source=str(path))
-    sender: str | None = None
-    recipients: list[str] = []
+    # Nearly every pickup file has a header section of plain lines: the
+    # compiled core finds its envelope fields in one pass (~1 µs instead of
+    # ~15 for a Python loop over the lines). Anything else takes the line
+    # parser, which names the fault; the two agree on every input the fast one
+    # takes (tests/test_intake.py checks them against each other).
+    found = find_header_fields(data, _ENVELOPE_FIELDS)
+    if found is None:
+        return _parse_lines(data, path)
+    head_end, spans = found
+    if not spans:
+        raise InputError("no X-Sender header (pickup files carry their envelope)", source=str(path))
+    envelope = _Envelope(path)
+    kept: list[bytes] = []
+    pos = 0
+    for i in range(0, len(spans), 2):
+        start, end = spans[i], spans[i + 1]
+        kept.append(data[pos:start])
+        pos = end
+        name, _, value = data[start:end].replace(b"\r\n", b"").replace(b"\n", b"").partition(b":")
+        envelope.add(name.lower(), value, data.count(b"\n", 0, start) + 1)
+    if not any(kept) and not data[pos:head_end].strip(b"\r\n"):
+        # Nothing but the envelope before the blank line (the line parser's check).
+        envelope.message(b"")
+        raise InputError("the message has no headers besides the envelope", source=str(path))
+    kept.append(data[pos:])
+    return envelope.message(b"".join(kept))
+
+
+def _parse_lines(data: bytes, path: Path) -> PickupMessage:
+    """The line-by-line parser: any header section, with the fault's line when it is malformed."""
+    envelope = _Envelope(path)
     kept: list[bytes] = []
     pos = 0
     line_no = 0
-    skipping = False  # inside a folded X-Sender/X-Receiver header
+    field: tuple[bytes, bytes, int] | None = None  # an envelope header being read (it may be folded)
     body_start: int | None = None
     while pos < len(data):
         nl = data.find(b"\n", pos)
@@ -70,38 +132,31 @@ def parse_pickup(data: bytes, path: Path) -> PickupMessage:
         if line[:1] in (b" ", b"\t"):
             if line_no == 1:
                 raise InputError("message starts with a continuation line", source=str(path), line=line_no)
-            if not skipping:
+            if field is None:
                 kept.append(raw)
+            else:
+                field = (field[0], field[1] + line, field[2])
             pos = end
             continue
+        if field is not None:
+            envelope.add(*field)
+            field = None
         name, colon, value = line.partition(b":")
         if not colon or not name or b" " in name.strip() or name != name.strip():
             if line_no == 1:
                 raise InputError("not an RFC 5322 message: no header on the first line", source=str(path), line=1)
             raise InputError(f"malformed header line {line[:60]!r}", source=str(path), line=line_no)
         lname = name.lower()
-        if lname == b"x-sender":
-            if sender is not None:
-                raise InputError("more than one X-Sender header", source=str(path), line=line_no)
-            sender = _address(value, path, line_no, "X-Sender")
-            skipping = True
-        elif lname == b"x-receiver":
-            for part in value.split(b","):
-                if part.strip():
-                    recipients.append(_address(part, path, line_no, "X-Receiver"))
-            skipping = True
+        if lname in (b"x-sender", b"x-receiver"):
+            field = (lname, value, line_no)
         else:
-            skipping = False
             kept.append(raw)
         pos = end
-    if sender is None:
-        raise InputError("no X-Sender header (pickup files carry their envelope)", source=str(path))
-    if not recipients:
-        raise InputError("no X-Receiver header (pickup files carry their envelope)", source=str(path))
-    if not kept:
+    if field is not None:
+        envelope.add(*field)
+    if envelope.sender is not None and envelope.recipients and not kept:
         raise InputError("the message has no headers besides the envelope", source=str(path))
-    content = b"".join(kept) + (data[body_start:] if body_start is not None else b"")
-    return PickupMessage(path, sender, recipients, content)
+    return envelope.message(b"".join(kept) + (data[body_start:] if body_start is not None else b""))
 
 
 def read_pickup_bytes(path: Path) -> bytes:

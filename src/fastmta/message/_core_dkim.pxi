@@ -273,6 +273,74 @@ def split_header_fields(bytes message not None):
     return fields, n
 
 
+def find_header_fields(bytes message not None, tuple names not None):
+    """Where the fields named *names* (lower case) are, in a header section of plain lines only.
+
+    Returns ``(end, spans)``: *end* is the offset just past the blank line that
+    ends the section, *spans* the flat ``[start, end, start, end...]`` offsets
+    of each matching field, continuation lines included. Returns None unless
+    every line is ``name:value`` (name of printable ASCII, no colon) or a
+    continuation of one, with no CR but in a CRLF, and a blank line ends the
+    section: the caller then takes a line-by-line parser that names the fault.
+    """
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(message)
+    cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(message)
+    cdef const unsigned char* nl
+    cdef const unsigned char* want
+    cdef Py_ssize_t pos = 0, end, stop, i, k, length, open_at = -1
+    cdef list spans = []
+    cdef bytes name
+    cdef bint same
+    while pos < n:
+        nl = <const unsigned char*>memchr(src + pos, 10, n - pos)
+        if nl == NULL:
+            return None  # no blank line
+        end = nl - src + 1
+        stop = end - 1
+        if stop > pos and src[stop - 1] == 13:
+            stop -= 1
+        if memchr(src + pos, 13, stop - pos) != NULL:
+            return None  # a CR that is not part of a CRLF
+        if stop == pos:  # the blank line
+            if pos == 0:
+                return None
+            if open_at >= 0:
+                spans.append(open_at)
+                spans.append(pos)
+            return end, spans
+        if src[pos] == 32 or src[pos] == 9:
+            if pos == 0:
+                return None
+            pos = end
+            continue
+        i = pos
+        while i < stop and src[i] != 58:
+            if src[i] < 33 or src[i] > 126:
+                return None
+            i += 1
+        if i == stop or i == pos:
+            return None
+        if open_at >= 0:
+            spans.append(open_at)
+            spans.append(pos)
+            open_at = -1
+        length = i - pos
+        for name in names:
+            if PyBytes_GET_SIZE(name) != length:
+                continue
+            want = <const unsigned char*>PyBytes_AS_STRING(name)
+            same = True
+            for k in range(length):
+                if (src[pos + k] | 32 if 65 <= src[pos + k] <= 90 else src[pos + k]) != want[k]:
+                    same = False
+                    break
+            if same:
+                open_at = pos
+                break
+        pos = end
+    return None
+
+
 def index_header_fields(list fields not None):
     """Map each lower-case field name (WSP before the colon dropped) to its fields, in order."""
     cdef dict index = {}

@@ -144,6 +144,52 @@ def split_header_fields(message: bytes) -> tuple[list[bytes], int]:
     return fields, n
 
 
+def find_header_fields(message: bytes, names: tuple[bytes, ...]) -> tuple[int, list[int]] | None:
+    """Where the fields named *names* (lower case) are, in a header section of plain lines only.
+
+    Returns ``(end, spans)``: *end* is the offset just past the blank line that
+    ends the section, *spans* the flat ``[start, end, start, end...]`` offsets
+    of each matching field, continuation lines included. Returns None unless
+    every line is ``name:value`` (name of printable ASCII, no colon) or a
+    continuation of one, with no CR but in a CRLF, and a blank line ends the
+    section: the caller then takes a line-by-line parser that names the fault.
+    """
+    spans: list[int] = []
+    pos = 0
+    open_at = -1
+    while pos < len(message):
+        nl = message.find(b"\n", pos)
+        if nl < 0:
+            return None
+        end = nl + 1
+        line = message[pos:nl]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\r" in line:
+            return None
+        if not line:
+            if pos == 0:
+                return None
+            if open_at >= 0:
+                spans += [open_at, pos]
+            return end, spans
+        if line[:1] in (b" ", b"\t"):
+            if pos == 0:
+                return None
+            pos = end
+            continue
+        name, colon, _ = line.partition(b":")
+        if not colon or not name or any(c < 33 or c > 126 for c in name):
+            return None
+        if open_at >= 0:
+            spans += [open_at, pos]
+            open_at = -1
+        if name.lower() in names:
+            open_at = pos
+        pos = end
+    return None
+
+
 def index_header_fields(fields: list[bytes]) -> dict[bytes, list[bytes]]:
     """Map each lower-case field name (WSP before the colon dropped) to its fields, in order."""
     index: dict[bytes, list[bytes]] = {}

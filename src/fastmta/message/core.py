@@ -23,6 +23,7 @@ BodyCanonicalizer = _impl.BodyCanonicalizer
 canonicalize_header = _impl.canonicalize_header
 split_header_fields = _impl.split_header_fields
 index_header_fields = _impl.index_header_fields
+find_header_fields = _impl.find_header_fields
 select_headers = _impl.select_headers
 escape = _impl.escape
 render = _impl.render
@@ -47,6 +48,7 @@ __all__ = [
     "canonicalize_body",
     "canonicalize_header",
     "escape",
+    "find_header_fields",
     "index_header_fields",
     "is_7bit_safe",
     "normalize_crlf",
