@@ -81,6 +81,25 @@ def test_jsonl_records_unchanged(tmp_path: Path) -> None:
     assert log.lines == 4
 
 
+@pytest.mark.parametrize("meta", [
+    None, {}, {"job": "spring"},
+    # Meta keys named like record fields: a field that is set wins, one that is unset lets the meta value through.
+    {"status": "forged", "next_attempt": 1.0, "bounce_reason": "m", "x": [1, {"y": None}], "text": "t"},
+])
+@pytest.mark.parametrize("status", list(Status))
+def test_jsonl_lines_are_as_record_byte_for_byte(meta: dict[str, Any] | None, status: Status) -> None:
+    import msgspec
+
+    from fastmta.delivery.accounting import jsonl_line
+
+    encoder = msgspec.json.Encoder()
+    reply = Reply(554, ("no enhanced code", "second line"), None)
+    for o in (outcome(7, status, reply, meta=meta), outcome(8, status, reply, meta=meta, reason="suspected_filter",
+                                                           sender="", size=None, site=None, next_attempt=T0 + 0.12345)):
+        o.meta = meta  # the helper puts a default meta in place of None
+        assert jsonl_line(o, encoder) == encoder.encode(o.as_record()) + b"\n"
+
+
 def test_writes_are_batched(tmp_path: Path) -> None:
     path = tmp_path / "acct.csv"
     log = AccountingLog(path, batch_lines=3)
