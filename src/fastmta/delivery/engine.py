@@ -40,6 +40,7 @@ from fastmta.delivery.filter_watch import FilterWatch
 from fastmta.delivery.ledger import Ledger
 from fastmta.delivery.limits import SourceLimits
 from fastmta.delivery.pool import Batch, Delivery
+from fastmta.delivery.room import Room
 from fastmta.delivery.routing import Router
 from fastmta.delivery.screen import Screen
 from fastmta.delivery.throttle import ThrottleEvent, Throttles
@@ -117,22 +118,20 @@ class Engine:
         self._ledger = Ledger(accounting, spool, on_fatal=self._fail_fatal)
         #: "User unknown" that is likely a filter's verdict: re-typed, or held until its domain's figures tell.
         self.filters = FilterWatch(release=lambda m, r, reply, d, c: self._emit(m, r, Status.BOUNCED, reply, d,
-                                   classification=c), unfinished=lambda: self._unfinished)
+                                   classification=c), unfinished=lambda: self._room.unfinished)
         #: Queue inspection and operator actions (suspend, retry, bounce, delete, why): fastmta.delivery.control.
         self.control = QueueControl(dispatch=self._dispatch, ledger=self._ledger, emit=self._emit, spool=spool,
-                                    due=lambda: self._due, unfinished=lambda: self._unfinished,
+                                    due=lambda: self._due, unfinished=lambda: self._room.unfinished,
                                     closing=lambda: self._closing)
         #: KPIs, campaign brakes and source rotation ([guard]): fastmta.delivery.brakes. Its events: guard.on_event.
         self.guard = Guard(self.config.guard, control=self.control, dispatch=self._dispatch, throttles=self.throttles,
                            sources=[(s.name, s.address) for s in self.config.sources])
         self._ledger.listeners.append(self.guard.on_outcome)
-        self._capacity_waiters: deque[asyncio.Future[None]] = deque()
-        self._unfinished = 0  # recipients accepted and not final
-        self._untried = 0  # ... of which never tried yet: the read-ahead ([queue] max_untried_recipients)
-        self._queued_bytes = 0  # memory held by the bodies of unfinished messages (estimate)
+        self._room = Room(self.config.queue)  # what the queue holds against its bounds; submits wait there
         self._submits = 0
         self._idle: asyncio.Event | None = None
         self._due: DueQueue[tuple[Message, list[Recipient]]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # kept: get_running_loop() costs a getpid() (3.11)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
@@ -153,7 +152,7 @@ class Engine:
         if self._started:
             return
         self.control.start()  # the operator's suspensions, before anything is routed
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._dispatch.start()
         if self.cluster is not None:
             await self.cluster.start()  # Redis unreachable: degraded mode, not an error
@@ -200,16 +199,16 @@ class Engine:
             msg = Message(rec.id, rec.sender, Body(body), rcpts, queued_at=rec.queued_at, meta=rec.meta)
             msg.deadline = now_loop + self.retry.max_lifetime - max(0.0, now_wall - rec.queued_at)
             self._ledger.track(msg)
-            self._unfinished += len(rcpts)
-            self._untried += sum(r.status is None for r in rcpts)
-            self._queued_bytes += _memory_cost(msg.body)
+            self._room.unfinished += len(rcpts)
+            self._room.untried += sum(r.status is None for r in rcpts)
+            self._room.bytes += _memory_cost(msg.body)
             self.recovered += len(rcpts)
             if due_now:
                 self._dispatch.route(msg, due_now)
             assert self._due is not None
             for when, group in later.items():
                 self._due.push(now_loop + (when - now_wall), (msg, group))
-        if self._unfinished and self._idle is not None:
+        if self._room.unfinished and self._idle is not None:
             self._idle.clear()
         for lost in spool.report.lost:
             self._account_lost(lost)
@@ -270,14 +269,12 @@ class Engine:
         Ctrl-C: stop the input at once, even when the queue is full.
         """
         self._accepting = False
-        for waiter in self._capacity_waiters:
-            if not waiter.done():
-                waiter.set_result(None)  # they re-check _accepting and raise
+        self._room.fail_waiters(EngineClosed("engine stopped taking messages"))
 
     @property
     def unfinished(self) -> int:
         """Recipients accepted but not yet delivered, bounced or expired."""
-        return self._unfinished
+        return self._room.unfinished
 
     @property
     def fatal(self) -> BaseException | None:
@@ -352,7 +349,8 @@ class Engine:
             body = Body(self.dkim.sign(body.raw))
         cost = _memory_cost(body)
         await self._reserve(len(rcpts), cost)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         msg = Message(message_id or new_message_id(), sender, body, rcpts, meta=meta or {})
         if self._ledger.tracks(msg.id):
             self._release(len(rcpts), cost)
@@ -376,7 +374,7 @@ class Engine:
                 raise
         msg.deadline = loop.time() + self.retry.max_lifetime
         self._ledger.track(msg)
-        self._untried += len(rcpts)
+        self._room.untried += len(rcpts)
         self._dispatch.route(msg, rcpts)
         self._submits += 1
         if self._submits % 64 == 0:
@@ -554,12 +552,12 @@ class Engine:
     ) -> None:
         first = rcpt.status is None
         finished = self._ledger.record(msg, rcpt, status, reply, delivery, next_attempt, classification)
-        self._untried -= first
+        self._room.untried -= first
         if status.is_final:
             # A final recipient frees its place; the last one of a message frees its body too.
             self._release(1, _memory_cost(msg.body) if finished else 0)
         elif first:
-            self._wake_submitters()  # a deferral makes room in the read-ahead, not in the queue
+            self._room.wake_next()  # a deferral makes room in the read-ahead, not in the queue
 
     def _fail_fatal(self, exc: BaseException) -> None:
         """The durable record (journal or accounting) failed: nothing more can be promised.
@@ -570,9 +568,7 @@ class Engine:
         """
         log.critical("cannot keep the delivery record any more: %s", exc)
         self._accepting = False
-        for waiter in self._capacity_waiters:
-            if not waiter.done():
-                waiter.set_exception(EngineClosed(f"delivery record failed: {exc}"))
+        self._room.fail_waiters(EngineClosed(f"delivery record failed: {exc}"))
         if self._idle is not None:
             self._idle.set()
         for queue in self._dispatch.queues.values():
@@ -581,46 +577,16 @@ class Engine:
     # --- backpressure -----------------------------------------------------------
 
     async def _reserve(self, n: int, size: int) -> None:
-        """Wait for room for *n* recipients and *size* bytes of message in memory.
-
-        Recipients bound the per-recipient records, bytes the bodies (a backlog
-        of 20 KB messages is ten times the memory of one of 2 KB messages), and
-        untried recipients the read-ahead: without that bound a long campaign
-        keeps the whole byte bound of not-yet-tried messages in memory, where a
-        few seconds' worth keep every connection busy. Deferred recipients are
-        not untried, so a site that is down does not stall the others. A
-        message larger than a limit is still accepted when the queue is empty.
-        """
-        q = self.config.queue
-        while self._unfinished and (
-            self._unfinished + n > q.max_queued_recipients or self._queued_bytes + size > q.max_queued_bytes
-            or (self._untried and self._untried + n > q.max_untried_recipients)
-        ):
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._capacity_waiters.append(waiter)
-            await waiter
-            if not self._accepting:
-                raise EngineClosed("engine stopped taking messages")
-        self._unfinished += n
-        self._queued_bytes += size
-        assert self._idle is not None
+        """Wait for room for *n* recipients and *size* bytes of message in memory (see fastmta.delivery.room)."""
+        assert self._loop is not None and self._idle is not None
+        await self._room.take(self._loop, n, size)
         self._idle.clear()
 
     def _release(self, n: int, size: int = 0) -> None:
-        self._unfinished -= n
-        self._queued_bytes -= size
+        self._room.give_back(n, size)
         self.filters.settle()  # only held verdicts left unfinished: judge them now
-        if self._unfinished == 0 and self._idle is not None:
+        if self._room.unfinished == 0 and self._idle is not None:
             self._idle.set()
-        self._wake_submitters()
-
-    def _wake_submitters(self) -> None:
-        # Wake every waiter: each re-checks the room in its loop, and a waiter
-        # cancelled before it ran cannot swallow the only wake-up.
-        while self._capacity_waiters:
-            waiter = self._capacity_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
 
     async def _flush_loop(self) -> None:
         assert self.accounting is not None

@@ -27,6 +27,7 @@ import bisect
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -127,6 +128,7 @@ class GroupCommit:
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._thread = 0  # the committer loop's thread
         self._wake: asyncio.Event | None = None
         self._io_lock: asyncio.Lock | None = None  # held while a batch is written
         # One writer thread: writes are ordered, and the loop never waits on the disk.
@@ -185,7 +187,14 @@ class GroupCommit:
     def ensure_task(self) -> bool:
         """Start the committer on the running loop, if there is one."""
         task = self._task
-        loop = asyncio._get_running_loop()  # None without a loop (no exception to raise and catch: a call per record)
+        if task is not None and self._thread == threading.get_ident() and not task.done():
+            assert self.loop is not None
+            if self.loop.is_running():
+                # The committer's own loop, running on this thread: the only loop that can be
+                # running here. Python 3.11's get_running_loop() makes a getpid() system call
+                # (its fork check), and this runs for every record.
+                return True
+        loop = asyncio._get_running_loop()  # None without a loop (no exception to raise and catch)
         if loop is None:
             return False  # used without a loop: flush_sync() writes
         if task is not None and self.loop is loop and not task.done():
@@ -193,6 +202,7 @@ class GroupCommit:
         if self._task is not None and not self._task.done():
             raise SpoolError("the spool is already committing on another event loop")
         self.loop = loop
+        self._thread = threading.get_ident()
         self._wake = asyncio.Event()
         self._io_lock = asyncio.Lock()
         self._task = loop.create_task(self._committer())

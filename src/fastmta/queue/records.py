@@ -36,13 +36,23 @@ class Status(str, Enum):
 
 
 _counter = 0
+# The pid, read once (os.getpid() is a system call) and again in a forked child.
+_pid = os.getpid() & 0xFFFF
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid() & 0xFFFF
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def new_message_id() -> str:
     """A sortable, unique spool id: time in microseconds, pid and a counter, in hex."""
     global _counter
     _counter = (_counter + 1) & 0xFFFFFF
-    return f"{time.time_ns() // 1000:x}{os.getpid() & 0xFFFF:04x}{_counter:06x}"
+    return f"{time.time_ns() // 1000:x}{_pid:04x}{_counter:06x}"
 
 
 def split_address(address: str, what: str = "recipient") -> tuple[str, str]:
