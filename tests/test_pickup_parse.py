@@ -121,3 +121,27 @@ def test_envelope_faults_are_named(data: bytes, reason: str) -> None:
         parse_pickup(data, PATH)
     with pytest.raises(InputError, match=reason):
         _parse_lines(data, PATH)
+
+
+@pytest.mark.parametrize("size", [0, 1, 64 * 1024 - 1, 64 * 1024, 64 * 1024 + 1, 3 * 1024 * 1024 + 17])
+def test_pickup_files_are_read_whole_at_any_size(tmp_path: Path, size: int) -> None:
+    from fastmta.intake.pickup import read_pickup_bytes
+
+    data = bytes(i % 251 for i in range(size))
+    (tmp_path / "m.eml").write_bytes(data)
+    assert read_pickup_bytes(tmp_path / "m.eml") == data
+
+
+def test_a_pickup_file_over_the_limit_is_refused_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastmta.intake import pickup
+
+    monkeypatch.setattr(pickup, "MAX_PICKUP_BYTES", 100_000)
+    (tmp_path / "ok.eml").write_bytes(b"x" * 100_000)
+    (tmp_path / "big.eml").write_bytes(b"x" * 100_001)
+    assert len(pickup.read_pickup_bytes(tmp_path / "ok.eml")) == 100_000
+    with pytest.raises(InputError, match="100001 bytes, over the 100000 byte limit") as err:
+        pickup.read_pickup_bytes(tmp_path / "big.eml")
+    assert err.value.source == str(tmp_path / "big.eml")
+    with pytest.raises(InputError, match="cannot read") as err:
+        pickup.read_pickup_bytes(tmp_path / "missing.eml")
+    assert err.value.source == str(tmp_path / "missing.eml")

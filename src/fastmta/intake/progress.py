@@ -16,6 +16,10 @@ from fastmta.queue.spool import Spool
 __all__ = ["InputProgress", "resume_from"]
 
 
+#: Rows between two progress records of an input.
+_PROGRESS_EVERY = 64
+
+
 class InputProgress:
     """Which rows of each input are durably taken, so a rerun starts after them.
 
@@ -30,6 +34,7 @@ class InputProgress:
         self._ended: set[str] = set()
         self._failed: set[str] = set()  # inputs rejected as a whole: never "done"
         self._ids: dict[str, int] = {}
+        self._recorded: dict[str, int] = {}  # the progress last written, by input
 
     def start(self, key: str, fingerprint: str) -> None:
         self._failed.discard(key)  # a watcher scans again: this time it may go through
@@ -60,8 +65,14 @@ class InputProgress:
             taken.discard(last)
         if last is not None:
             # The next row to read: the first one still in flight, or the one
-            # after the last taken when nothing is in flight any more.
-            self.spool.input_progress(key, pending[0] if pending else last + 1)
+            # after the last taken when nothing is in flight any more. Recorded
+            # every _PROGRESS_EVERY rows, not every row (a journal record of ~110
+            # bytes each): a rerun after a crash reads those few rows again and
+            # skips them by their taken keys, which are the exactly-once record.
+            row = pending[0] if pending else last + 1
+            if not pending or row - self._recorded.get(key, 0) >= _PROGRESS_EVERY:
+                self._recorded[key] = row
+                self.spool.input_progress(key, row)
         self._maybe_done(key)
 
     def end(self, key: str) -> None:
