@@ -288,8 +288,9 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         refused, refusals = await asyncio.to_thread(precheck, args.spool, checker)
         for reject in refusals:
             progress.reject(reject)
+    refused_texts = {str(p) for p in refused}
     reader = SpoolReader(args.spool, resume_from(spool), _return_path(config), unsubscribe=_unsubscribe(config),
-                         accept=lambda p: p not in refused, sign_later=True)
+                         accept=lambda text: text not in refused_texts, sign_later=True)
     # RSA signing and hashing release the GIL: on threads they use the other core.
     signing = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 2), thread_name_prefix="fastmta-sign")
     stop = asyncio.Event()

@@ -23,13 +23,13 @@ MAX_PICKUP_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class PickupMessage:
-    path: Path
+    path: Path | str  # as the reader names it
     sender: str  # "" is the null sender (<>)
     recipients: list[str]
     content: bytes  # the message without the envelope headers
 
 
-def _address(value: bytes, path: Path, line: int, what: str) -> str:
+def _address(value: bytes, path: Path | str, line: int, what: str) -> str:
     try:
         text = value.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -50,7 +50,7 @@ class _Envelope:
 
     __slots__ = ("path", "recipients", "sender")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str) -> None:
         self.path = path
         self.sender: str | None = None
         self.recipients: list[str] = []
@@ -77,7 +77,7 @@ class _Envelope:
 _ENVELOPE_FIELDS = (b"x-sender", b"x-receiver")
 
 
-def parse_pickup(data: bytes, path: Path) -> PickupMessage:
+def parse_pickup(data: bytes, path: Path | str) -> PickupMessage:
     """Split *data* into envelope and content; see the module docs."""
     if b"\x00" in data:
         raise InputError("contains NUL bytes", source=str(path))
@@ -115,7 +115,7 @@ def parse_pickup(data: bytes, path: Path) -> PickupMessage:
     return envelope.message(b"".join(kept))
 
 
-def _parse_lines(data: bytes, path: Path) -> PickupMessage:
+def _parse_lines(data: bytes, path: Path | str) -> PickupMessage:
     """The line-by-line parser: any header section, with the fault's line when it is malformed."""
     envelope = _Envelope(path)
     kept: list[bytes] = []
@@ -166,7 +166,7 @@ def _parse_lines(data: bytes, path: Path) -> PickupMessage:
 _FIRST_READ = 64 * 1024
 
 
-def read_pickup_bytes(path: Path) -> bytes:
+def read_pickup_bytes(path: Path | str) -> bytes:
     """The file's bytes, or InputError (too big, unreadable) naming it."""
     # One open and one read on the descriptor for a file under 64 KiB (a short
     # read of a regular file is its end): a run reads tens of thousands of

@@ -102,11 +102,12 @@ class SpoolReader:
 
     def __init__(
         self, directory: Path, resume: Resume | None = None, return_path: ReturnPath | None = None,
-        accept: Callable[[Path], bool] | None = None, unsubscribe: Unsubscribe | None = None,
+        accept: Callable[[str], bool] | None = None, unsubscribe: Unsubscribe | None = None,
         sign_later: bool = False,
     ) -> None:
         self.directory = directory
-        #: Which entries to read now (fastmta serve's pickup leaves files still being written for later).
+        #: Which entries to read now, given each one's path as text (fastmta serve's pickup leaves files
+        #: still being written for later).
         self.accept = accept
         self.resume: Resume = resume or (lambda key, fp: ResumePoint())
         self.return_path = return_path
@@ -124,22 +125,26 @@ class SpoolReader:
         except OSError as exc:
             yield Reject(str(self.directory), None, f"cannot list directory: {exc.strerror or exc}")
             return
+        # Each entry as text, exactly str(directory / name), without a Path
+        # per file: making one and formatting it cost ~15 µs a pickup file in
+        # a `send` run (3-5% of its CPU), and only campaign jobs need one.
+        prefix = str(self.directory / "_")[:-1]
         # Hidden names are skipped: files being written (sink capture writes
         # .name.tmp then renames) and the queue directory itself.
-        visible: list[Path] = []
+        visible: list[str] = []
         for name in names:
             if name.startswith(".") or not name.endswith((".eml", ".toml")):
                 continue
-            path = self.directory / name
-            if self.accept is None or self.accept(path):
-                visible.append(path)
-        for path in visible:
-            if path.suffix == ".eml":
+            if self.accept is None or self.accept(prefix + name):
+                visible.append(name)
+        for name in visible:
+            if name.endswith(".eml"):
                 # Not only regular files: a dangling link or a directory named
                 # *.eml is reported as unreadable rather than passed over.
-                yield from self._pickup(path)
-        for path in visible:
-            if path.suffix == ".toml":
+                yield from self._pickup(prefix + name, name)
+        for name in visible:
+            if name.endswith(".toml"):
+                path = self.directory / name
                 unusable = _not_a_readable_file(path)
                 if unusable is None:
                     yield from self._campaign(path)
@@ -158,13 +163,13 @@ class SpoolReader:
     def _unreadable(self, path: Path) -> Iterator[Event]:
         yield from self._failed(path, str(path), None, _not_a_readable_file(path) or "cannot read")
 
-    def _pickup(self, path: Path) -> Iterator[Event]:
+    def _pickup(self, text: str, name: str) -> Iterator[Event]:
         # A pickup file is identified by its content: touched, renamed or
         # moved to another spool, it is the same message, sent once.
         try:
-            data = read_pickup_bytes(path)
+            data = read_pickup_bytes(text)
         except InputError as exc:
-            yield from self._failed(path, str(path), exc.line, exc.reason)
+            yield from self._failed(Path(text), text, exc.line, exc.reason)
             return
         digest = hashlib.sha256(data).hexdigest()
         take_key = int(digest[:16], 16)
@@ -177,15 +182,15 @@ class SpoolReader:
         point = self.resume(PICKUP_INPUT, "") or ResumePoint()
         legacy = self.resume(f"pickup:{digest}", "")  # a queue from when each file was an input
         if take_key in point.taken or legacy is None or take_key in legacy.taken:
-            yield InputSkipped(f"pickup:{digest}", str(path))
+            yield InputSkipped(f"pickup:{digest}", text)
             return
         try:
-            msg = parse_pickup(data, path)
+            msg = parse_pickup(data, text)
         except InputError as exc:
-            yield from self._failed(path, str(path), exc.line, exc.reason)
+            yield from self._failed(Path(text), text, exc.line, exc.reason)
             return
         yield SpoolItem(
-            msg.content, msg.sender, msg.recipients, str(path), meta={"file": path.name}, key=PICKUP_INPUT,
+            msg.content, msg.sender, msg.recipients, text, meta={"file": name}, key=PICKUP_INPUT,
             take_key=take_key,
         )
 

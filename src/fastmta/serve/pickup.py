@@ -93,14 +93,15 @@ class PickupWatcher:
             except TimeoutError:
                 pass
 
-    def _settled(self, path: Path) -> bool:
+    def _settled(self, text: str) -> bool:
         try:
-            st = path.lstat()
+            st = os.lstat(text)
         except OSError:
             return True  # vanished or unreadable: the reader reports it
         if time.time() - st.st_mtime < self.settle:
             return False
-        if self._check is not None and path.suffix == ".toml":
+        if self._check is not None and text.endswith(".toml"):
+            path = Path(text)
             seen = self._checked.get(path)
             if seen is None or seen[:2] != (st.st_size, st.st_mtime_ns):
                 try:
