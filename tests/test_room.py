@@ -96,3 +96,27 @@ async def _cancelled_passes_it_on() -> None:
     assert tasks[0].cancelled()
     assert taken == ["b"]  # the room went to the next in line, not lost with "a"
     await tasks[1]
+
+
+def test_a_submit_woken_just_before_the_engine_stops_is_not_taken() -> None:
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, EngineClosed
+
+    async def main() -> None:
+        engine = Engine(config_from_dict({"queue": {"max_queued_recipients": 2}}))
+        await engine.start()
+        try:
+            room = engine._room
+            room.unfinished = 2  # full
+            waiting = asyncio.create_task(engine._reserve(1, 0))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            room.give_back(1)  # room for it: woken...
+            engine.stop_accepting()  # ...and the engine stops before it runs
+            with pytest.raises(EngineClosed):
+                await waiting
+            assert room.unfinished == 1  # nothing taken for it
+        finally:
+            await engine.close()
+
+    asyncio.run(main())

@@ -580,6 +580,9 @@ class Engine:
         """Wait for room for *n* recipients and *size* bytes of message in memory (see fastmta.delivery.room)."""
         assert self._loop is not None and self._idle is not None
         await self._room.take(self._loop, n, size)
+        if not self._accepting:  # stopped while this submit waited (woken just before): not taken
+            self._room.give_back(n, size)
+            raise EngineClosed("engine stopped taking messages")
         self._idle.clear()
 
     def _release(self, n: int, size: int = 0) -> None:
