@@ -38,7 +38,9 @@ class InputProgress:
 
     def start(self, key: str, fingerprint: str) -> None:
         self._failed.discard(key)  # a watcher scans again: this time it may go through
-        self._ids[key] = self.spool.open_input(key, fingerprint).id
+        state = self.spool.open_input(key, fingerprint)
+        self._ids[key] = state.id
+        self._recorded[key] = state.row  # a new version of the input starts again from its own progress
         self._pending[key] = deque()
         self._taken[key] = set()
 
