@@ -9,6 +9,8 @@ The benchmarks (each also runs alone; see bench/README.md):
   engine    bench_engine.py    engine throughput and pool fairness (issue 4)
   spool     bench_spool.py     campaign through the durable queue, RSS, submit() latency (issue 6)
   throttle  bench_throttle.py  adaptive vs static throttling scenario (issue 5)
+  send      bench_send.py      the whole `fastmta send` command vs Postfix draining its queue (issue 18)
+  layers    bench_layers.py    `fastmta send`'s CPU by layer, against smtp-source -d (issue 18)
 
 Each script runs as a child process (never two at once: they measure CPU and
 throughput on the same cores) with ``--json`` into a results directory, its
@@ -171,6 +173,19 @@ def throttle_headline(doc: Doc) -> Headline:
     return out
 
 
+def send_headline(doc: Doc) -> Headline:
+    return [
+        (f"{m['case']}: {m['n']:,} × {_size(m['message_bytes'])}",
+         f"{_num(m['msgs_per_s'], ',.0f')} msgs/s, {_num(m['cpu_us_per_msg'], ',.1f')} µs/msg CPU")
+        for m in doc.get("medians", [])
+    ]
+
+
+def layers_headline(doc: Doc) -> Headline:
+    return [(f"{name} ({doc['n']:,} × 2 KB)", f"{_num(c['cpu_us_per_msg'], ',.1f')} µs/msg CPU")
+            for name, c in doc.get("cases", {}).items()]
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
     """One check of one benchmark, whatever shape its script's JSON gives it."""
@@ -251,6 +266,15 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         # Real time: phases of 25 s + 35 s even in its own quick mode, too long for the 2-minute budget.
         ("--quick",), (), 240, 1200, (("checks", "issue 5"),), throttle_headline,
         in_quick=False, extra_files=(("--plot", "throttle.png"),),
+    ),
+    Benchmark(
+        "send", "bench_send.py", "the whole fastmta send command vs Postfix draining its queue (issue 18)",
+        # Its own --quick: 2,000 (rsa100k 500) messages, one round, ~15 s (Postfix needs root).
+        ("--quick",), (), 300, 3600, (("checks", "issue 18"),), send_headline,
+    ),
+    Benchmark(
+        "layers", "bench_layers.py", "fastmta send's CPU by layer against smtp-source -d (issue 18)",
+        ("--quick",), (), 120, 1800, (), layers_headline,
     ),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
