@@ -34,13 +34,10 @@ class InputProgress:
         self._ended: set[str] = set()
         self._failed: set[str] = set()  # inputs rejected as a whole: never "done"
         self._ids: dict[str, int] = {}
-        self._recorded: dict[str, int] = {}  # the progress last written, by input
 
     def start(self, key: str, fingerprint: str) -> None:
         self._failed.discard(key)  # a watcher scans again: this time it may go through
-        state = self.spool.open_input(key, fingerprint)
-        self._ids[key] = state.id
-        self._recorded[key] = state.row  # a new version of the input starts again from its own progress
+        self._ids[key] = self.spool.open_input(key, fingerprint).id
         self._pending[key] = deque()
         self._taken[key] = set()
 
@@ -72,8 +69,8 @@ class InputProgress:
             # bytes each): a rerun after a crash reads those few rows again and
             # skips them by their taken keys, which are the exactly-once record.
             row = pending[0] if pending else last + 1
-            if not pending or row - self._recorded.get(key, 0) >= _PROGRESS_EVERY:
-                self._recorded[key] = row
+            state = self.spool.input(key)  # its row: the progress last recorded
+            if not pending or state is None or row - state.row >= _PROGRESS_EVERY:
                 self.spool.input_progress(key, row)
         self._maybe_done(key)
 
