@@ -44,60 +44,13 @@ from fastmta.queue.records import Outcome, Status
 Format = Literal["jsonl", "csv"]
 
 
-class _Line(msgspec.Struct, omit_defaults=True, gc=False):
-    """``Outcome.as_record()``'s fields in its order, for encoding without building a dict.
-
-    The two optional fields last, left out when unset (``omit_defaults``), as
-    ``as_record`` leaves them out. Half the cost of dict + encode per line.
-    ``gc=False``: only strings and numbers, never in a cycle, so one a line
-    does not count toward the garbage collector's next pass.
-    """
-
-    time: float
-    message_id: str
-    recipient: str
-    status: str
-    code: int
-    enhanced: str | None
-    text: str
-    attempts: int
-    queued_at: float
-    time_in_queue: float
-    sender: str | None
-    size: int | None
-    category: str | None
-    bounce_type: str | None
-    site: str | None
-    mx_host: str | None
-    mx_ip: str | None
-    source_ip: str | None
-    next_attempt: float | None = None
-    bounce_reason: str | None = None
-
-
-_LINE_FIELDS = frozenset(_Line.__struct_fields__)
-
-
 def jsonl_line(outcome: Outcome, encoder: msgspec.json.Encoder) -> bytes:
-    """The JSON line of *outcome*: byte for byte ``encoder.encode(outcome.as_record()) + b"\\n"``."""
-    o = outcome
-    reply = o.reply
-    next_attempt = None if o.next_attempt is None else round(o.next_attempt, 3)
-    reason = o.reason or None
-    line = encoder.encode(_Line(
-        round(o.time, 6), o.message_id, o.recipient, o.status.value, reply.code, reply.enhanced, reply.text,
-        o.attempts, round(o.queued_at, 6), round(o.time - o.queued_at, 6), o.sender, o.size, o.category, o.bounce,
-        o.site, o.mx_host, o.mx_ip, o.source_ip, next_attempt, reason,
-    ))
-    if o.meta:
-        # The meta keys the record has no field of its own for, after the fields (as as_record adds them).
-        extra = {
-            k: v for k, v in o.meta.items()
-            if k not in _LINE_FIELDS
-            or (k == "next_attempt" and next_attempt is None) or (k == "bounce_reason" and reason is None)
-        }
-        if extra:
-            line = line[:-1] + b"," + encoder.encode(extra)[1:]
+    """The JSON line of *outcome*: byte for byte ``encoder.encode(outcome.as_record()) + b"\\n"``, without
+    the dict (the record's fields encoded from a struct, only the meta keys as a dict)."""
+    line = encoder.encode(outcome.record_fields())
+    extra = outcome.meta_extra()
+    if extra:
+        line = line[:-1] + b"," + encoder.encode(extra)[1:]
     return line + b"\n"
 
 #: The CSV columns, in order. Up to ``jobId`` they are PowerMTA accounting
