@@ -37,25 +37,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import find_tool, postfix_smtp_sink, run_child, text_table
+from bench_send import (
+    CONNECTIONS,
+    DOMAINS,
+    SENDER,
+    base_message,
+    fastmta_config,
+    message_to,
+    recipient,
+    write_pickup_spool,
+)
 
-SENDER = "app@inject.bench.example"
-DOMAINS = 100
-CONNECTIONS = 20
 LAYERS = {  # case -> (accounting, durable queue)
     "engine": (False, False),
     "engine + accounting": (True, False),
     "engine + durable queue": (False, True),
     "engine + queue + accounting": (True, True),
 }
-
-
-def _message(i: int) -> bytes:
-    head = (f"From: Load Test <{SENDER}>\r\nTo: <user{i}@d{i % DOMAINS:03d}.bench.example>\r\n"
-            f"Subject: fastmta layers\r\nMessage-ID: <{i}.layers@bench.example>\r\n"
-            "Date: Sun, 06 Dec 2026 16:16:43 -0000\r\nMIME-Version: 1.0\r\n"
-            "Content-Type: text/plain; charset=us-ascii\r\n\r\n").encode()
-    line = b"The quick brown fox jumps over the lazy dog; 0123456789 abcdefghijklmnopq\r\n"
-    return head + line * ((2048 - len(head)) // len(line))
 
 
 def child(argv: list[str]) -> int:
@@ -70,7 +68,8 @@ def child(argv: list[str]) -> int:
     from fastmta.queue.spool import Spool
 
     target, n, accounting, durable, workdir = argv[0], int(argv[1]), argv[2] == "1", argv[3] == "1", Path(argv[4])
-    rows = [(_message(i), f"user{i}@d{i % DOMAINS:03d}.bench.example") for i in range(n)]
+    base = base_message()
+    rows = [(message_to(base, i), recipient(i)) for i in range(n)]
     config = config_from_dict({
         "routing": {"static": {"*": [target]}}, "smtp": {"tls": "never"},
         "sites": {"*": {"max_connections": CONNECTIONS, "adaptive": {"enabled": False}}},
@@ -107,13 +106,6 @@ def child(argv: list[str]) -> int:
     return 0
 
 
-def _pickup_spool(directory: Path, n: int) -> None:
-    directory.mkdir()
-    for i in range(n):
-        env = f"X-Sender: {SENDER}\r\nX-Receiver: user{i}@d{i % DOMAINS:03d}.bench.example\r\n".encode()
-        (directory / f"m{i:07d}.eml").write_bytes(env + _message(i))
-
-
 def main() -> int:
     if sys.argv[1:2] == ["child"]:
         return child(sys.argv[2:])
@@ -131,22 +123,21 @@ def main() -> int:
         work = Path(tmp)
         message_file = work / "message.txt"
         # smtp-source appends CRLF to each line of -F's file itself: the file holds bare LFs.
-        message_file.write_bytes(_message(0).replace(b"\r\n", b"\n"))
+        message_file.write_bytes(message_to(base_message(), 0).replace(b"\r\n", b"\n"))
         spool = work / "spool"
-        _pickup_spool(spool, n)
-        (work / "send.toml").write_text('[smtp]\ntls = "never"\n\n[sites."*"]\nmax_connections = 20\n\n'
-                                        '[sites."*".adaptive]\nenabled = false\n')
+        write_pickup_spool(spool, n)  # the same messages as bench_send.py's pickup case
+        config = fastmta_config(work / "send.toml", CONNECTIONS)
         cases: dict[str, list[str]] = {
             "smtp-source -d (C, the floor)": [
                 find_tool("smtp-source"), "-d", "-s", str(CONNECTIONS), "-m", str(n), "-f", SENDER,
-                "-t", "user0@d000.bench.example", "-F", str(message_file), sink.target],
+                "-t", recipient(0), "-F", str(message_file), sink.target],
             "python start-up + import fastmta.cli": [sys.executable, "-c", "import fastmta.cli.send"],
         }
         for name, (acct, durable) in LAYERS.items():
             cases[name] = [sys.executable, __file__, "child", sink.target, str(n), str(int(acct)), str(int(durable))]
         cases["fastmta send (pickup files, whole command)"] = [
             sys.executable, "-m", "fastmta", "send", str(spool), "--relay", sink.target, "--config",
-            str(work / "send.toml"), "--quiet", "--accounting"]
+            str(config), "--quiet", "--accounting"]
         for r in range(runs):
             for name, cmd in cases.items():
                 run_dir = Path(tempfile.mkdtemp(dir=work))

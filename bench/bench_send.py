@@ -135,23 +135,33 @@ def _wait(pred: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
 # --------------------------------------------------------------------------
 
 
-def _rcpt(i: int) -> str:
+def recipient(i: int) -> str:
     return f"user{i}@d{i % DOMAINS:03d}.bench.example"
+
+
+_TO_LINE = b"To: <rcpt@bench.example>\r\n"
+
+
+def base_message() -> bytes:
+    """The 2 KB message `fastmta load` makes, addressed to a placeholder (see message_to)."""
+    from fastmta.load.workload import make_message
+
+    base = make_message(SIZE, SENDER, "rcpt@bench.example")
+    assert _TO_LINE in base
+    return base
+
+
+def message_to(base: bytes, i: int) -> bytes:
+    """*base* addressed to recipient *i* (every message differs: pickup input is known by its bytes' hash)."""
+    return base.replace(_TO_LINE, f"To: <{recipient(i)}>\r\n".encode(), 1)
 
 
 def write_pickup_spool(directory: Path, n: int) -> int:
     """N pickup files, one recipient each over 100 domains; returns the size of one message (no envelope)."""
-    from fastmta.load.workload import make_message
-
     directory.mkdir(parents=True)
-    base = make_message(SIZE, SENDER, "rcpt@bench.example")
-    to_line = b"To: <rcpt@bench.example>\r\n"
-    assert to_line in base
-    # Every file differs (its recipient): pickup input is known by the hash of its bytes.
+    base = base_message()
     for i in range(n):
-        rcpt = _rcpt(i)
-        data = (f"X-Sender: {SENDER}\r\nX-Receiver: {rcpt}\r\n".encode()
-                + base.replace(to_line, f"To: <{rcpt}>\r\n".encode(), 1))
+        data = f"X-Sender: {SENDER}\r\nX-Receiver: {recipient(i)}\r\n".encode() + message_to(base, i)
         with open(directory / f"m{i:07d}.eml", "wb") as f:
             f.write(data)
     return len(base)
