@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import dkim
+import pytest
 from cryptography.hazmat.primitives import serialization
 
 from fastmta.cli.sinkproc import embedded_sink
@@ -98,8 +99,9 @@ def test_campaign_messages_arrive_signed_and_personalized(world_writable_dir: Pa
     assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in seen["grace@three.example"]
 
 
-def test_rsa_and_large_campaign_messages_signed_on_threads_verify(world_writable_dir: Path, tmp_path: Path) -> None:
-    """RSA signing (and any large body) is left to send's signing threads: every signature still verifies."""
+@pytest.mark.parametrize("intake", ["process", "inline"])
+def test_rsa_and_large_campaign_messages_signed_verify(world_writable_dir: Path, tmp_path: Path, intake: str) -> None:
+    """Signed in the intake process, or (inline) RSA and large bodies on send's signing threads: all verify."""
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     spool = tmp_path / "spool"
@@ -125,7 +127,7 @@ algorithm = "rsa-sha256"
     (spool / "big.csv").write_text("email,first_name,last_name,id,signup\n"
                                    + "".join(f"big{i}@d{i % 3}.example,B{i},L,b{i},2026-01-05\n" for i in range(20)))
     with embedded_sink(["--capture", str(world_writable_dir)]) as (host, port):
-        out = fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet")
+        out = fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet", "--intake", intake)
     assert out.returncode == 0, out.stderr
     files = sorted(world_writable_dir.glob("*.eml"))
     assert len(files) == 60
@@ -221,7 +223,8 @@ def test_csv_accounting_with_rotation(tmp_path: Path) -> None:
     assert all(r["dsnStatus"] == "2.0.0" and int(r["dlvSize"]) > 500 for r in rows)
 
 
-def test_one_ctrl_c_stops_a_run_stuck_behind_a_full_queue(tmp_path: Path) -> None:
+@pytest.mark.parametrize("intake", ["process", "inline"])
+def test_one_ctrl_c_stops_a_run_stuck_behind_a_full_queue(tmp_path: Path, intake: str) -> None:
     import signal
     import time
 
@@ -233,7 +236,7 @@ def test_one_ctrl_c_stops_a_run_stuck_behind_a_full_queue(tmp_path: Path) -> Non
     config.write_text("[queue]\nmax_queued_recipients = 10\n[smtp]\ntls = \"never\"\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastmta", "send", str(spool), "--relay", f"127.0.0.1:{free_port()}",
-         "--config", str(config), "--queue-dir", str(tmp_path / "q"), "--quiet"],
+         "--config", str(config), "--queue-dir", str(tmp_path / "q"), "--quiet", "--intake", intake],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     time.sleep(3)  # the server is down: recipients wait, the queue fills, submits block

@@ -229,3 +229,53 @@ def test_a_damaged_queued_body_is_reported_lost_not_silently_kept(tmp_path: Path
     records = [json.loads(line) for line in acct.read_text().splitlines()]
     assert [r["recipient"] for r in records if r["status"] == "lost"] == lost["recipients"]
     assert summary["unfinished"] == 0  # nothing left queued for ever
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is *pid* (its intake process)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_intake_process_stops_the_reading_and_the_rerun_sends_the_rest_once(
+    tmp_path: Path, world_writable_dir: Path
+) -> None:
+    """The reading process dies mid-campaign: what it handed over is delivered, the run says so and exits 1,
+    and the next run reads the rest: every recipient exactly once (the sending process never crashed)."""
+    spool, queue, acct = tmp_path / "spool", tmp_path / "queue", tmp_path / "acct.jsonl"
+    expected = make_campaign(spool, 8000)
+    config = tmp_path / "c.toml"
+    # A small queue: the sending side takes rows slowly, so the reader is still at work when it is killed.
+    config.write_text('[queue]\nmax_queued_recipients = 50\n[smtp]\ntls = "never"\n')
+    with embedded_sink(["--capture", str(world_writable_dir)]) as (host, port):
+        cmd = send_cmd(spool, queue, acct, host, port) + ["--config", str(config)]
+        proc = subprocess.Popen(cmd + ["--summary-json", str(tmp_path / "s1.json")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        killed = None
+        while killed is None and time.monotonic() < deadline and proc.poll() is None:
+            children = _children(proc.pid)
+            if children and len(list(world_writable_dir.glob("*.eml"))) >= 100:
+                os.kill(children[0], signal.SIGKILL)
+                killed = children[0]
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=120)
+        assert killed is not None, "the run ended before its intake process could be killed"
+        assert proc.returncode == 1, err[-2000:]
+        assert "stopped reading the spool" in err and "killed by signal 9" in err
+        first = json.loads((tmp_path / "s1.json").read_text())
+        assert first["intake_error"] and first["unfinished"] == 0
+        assert 100 <= first["delivered"] < len(expected)
+        final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert final.returncode == 0, final.stderr[-3000:]
+    copies = _copies(world_writable_dir)
+    assert set(copies) == set(expected)
+    assert max(copies.values()) == 1, [r for r, n in copies.items() if n > 1][:5]

@@ -55,7 +55,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,8 @@ from fastmta.delivery.engine import Engine, EngineClosed
 from fastmta.delivery.routing import Router
 from fastmta.errors import ConfigError, InputError
 from fastmta.feedback.suppression import SqliteSuppressionStore
-from fastmta.intake.items import Sunset
+from fastmta.intake.items import Event, Sunset
+from fastmta.intake.process import IntakeError, IntakeProcess, can_fork
 from fastmta.intake.progress import InputProgress, resume_from
 from fastmta.intake.reader import (
     InputEnd,
@@ -130,6 +131,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override-campaign", action="append", default=[], metavar="ID",
                    help="resume a paused campaign and exempt it from the guard's brakes for this run; repeatable")
     p.add_argument("--quiet", "-q", action="store_true", help="no live progress display")
+    p.add_argument("--intake", choices=["process", "inline"], default="process" if can_fork() else "inline",
+                   help="read, render and sign the spool in a process of its own, on another core (process, the "
+                        "default where fork exists), or in the event loop (inline)")
 
 
 def _size(text: str) -> int:
@@ -232,7 +236,7 @@ def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str) -> dict
     return {"spool": str(args.spool), "queue": str(queue_dir), **dict.fromkeys(zero, 0), "rejected": [],
             "paused": [], "guard": None,
             "elapsed_s": 0.0, "recipients_per_s": 0.0, "sites": [], "suspected_filters": [], "interrupted": False,
-            "lost": [], "fatal": fatal, "accounting": str(args.accounting) if args.accounting else None}
+            "lost": [], "fatal": fatal, "intake_error": None, "accounting": str(args.accounting) if args.accounting else None}
 
 
 async def _unresolvable_static_routes(config: Config) -> list[str]:
@@ -289,8 +293,11 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         for reject in refusals:
             progress.reject(reject)
     refused_texts = {str(p) for p in refused}
+    inline = args.intake == "inline"
+    # Inline, costly signatures are left for a thread pool (below); a separate intake process signs them itself.
     reader = SpoolReader(args.spool, resume_from(spool), _return_path(config), unsubscribe=_unsubscribe(config),
-                         accept=lambda text: text not in refused_texts, sign_later=True)
+                         accept=lambda text: text not in refused_texts, sign_later=inline)
+    intake = None if inline else IntakeProcess(iter(reader))
     # RSA signing and hashing release the GIL: on threads they use the other core.
     signing = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 2), thread_name_prefix="fastmta-sign")
     stop = asyncio.Event()
@@ -339,6 +346,21 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     # Submits in flight at once: each waits for its group commit, so many
     # share one fsync instead of paying one each.
     window = _Window(256)
+    intake_failure: str | None = None
+
+    async def events() -> AsyncIterator[Event]:
+        nonlocal intake_failure
+        if intake is None:
+            for event in reader:
+                yield event
+            return
+        try:
+            async for event in intake.events():
+                yield event
+        except IntakeError as exc:
+            # Nothing the child handed over is lost; what it had not is read again by the next run.
+            intake_failure = str(exc)
+            progress.note(f"reading the spool stopped: {exc}")
     inflight: set[asyncio.Task[None]] = set()
 
     async def submit(item: SpoolItem) -> None:
@@ -371,6 +393,9 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
                 window.release()
 
     try:
+        if intake is not None:
+            # Forked before the engine opens connections or starts threads: the child inherits none.
+            await intake.start()
         async with engine:
             if engine.recovered:
                 progress.note(f"resuming {engine.recovered:,} unfinished recipient(s) from {queue_dir}")
@@ -383,7 +408,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
                 progress.note(f"campaign {cid}: resumed without the guard's brakes, "
                               f"{done['released']:,} held recipient(s) released")
             progress.start(engine)
-            for event in reader:
+            async for event in events():
                 if stop.is_set() or stop_input.is_set() or engine.fatal is not None:
                     break
                 if isinstance(event, SpoolItem) and event.meta.get("job") is not None and \
@@ -439,6 +464,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         # Read after close(): it finished the transactions that were in flight.
         unfinished = engine.unfinished
     finally:
+        if intake is not None:
+            await intake.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         progress.stop()
@@ -480,6 +507,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
             for lost in engine.lost
         ],
         "fatal": str(engine.fatal) if engine.fatal is not None else None,
+        # The spool could not be read to its end (--intake process: the reading process failed).
+        "intake_error": intake_failure,
         "accounting": str(args.accounting) if args.accounting else None,
     }
 
@@ -534,6 +563,10 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("fatal"):
         print(f"fastmta send: stopped: the delivery record could not be kept: {safe_text(summary['fatal'])} "
               f"(fix the cause and run again: the queue resumes)", file=sys.stderr)
+        return 1
+    if summary["intake_error"]:
+        print(f"fastmta send: stopped reading the spool: {safe_text(summary['intake_error'])} (what was taken is "
+              f"delivered; run again to read the rest)", file=sys.stderr)
         return 1
     if summary["lost"]:
         print(f"fastmta send: {len(summary['lost'])} accepted message(s) could not be recovered from the queue "

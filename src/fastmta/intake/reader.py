@@ -44,6 +44,7 @@ from fastmta.errors import InputError
 from fastmta.intake.campaign import Campaign
 from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reject, Resume, ResumePoint, SpoolItem
 from fastmta.intake.pickup import parse_pickup, read_pickup_bytes
+from fastmta.keyset import KeySet
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
 
@@ -137,11 +138,16 @@ class SpoolReader:
                 continue
             if self.accept is None or self.accept(prefix + name):
                 visible.append(name)
+        # The pickup files taken in this reading: a second copy of one is the
+        # same message (same content), skipped like one taken by an earlier
+        # run. The queue's own taken keys only show a file once its message is
+        # accepted, which is after the reader has moved on.
+        met = KeySet()
         for name in visible:
             if name.endswith(".eml"):
                 # Not only regular files: a dangling link or a directory named
                 # *.eml is reported as unreadable rather than passed over.
-                yield from self._pickup(prefix + name, name)
+                yield from self._pickup(prefix + name, name, met)
         for name in visible:
             if name.endswith(".toml"):
                 path = self.directory / name
@@ -163,7 +169,7 @@ class SpoolReader:
     def _unreadable(self, path: Path) -> Iterator[Event]:
         yield from self._failed(path, str(path), None, _not_a_readable_file(path) or "cannot read")
 
-    def _pickup(self, text: str, name: str) -> Iterator[Event]:
+    def _pickup(self, text: str, name: str, met: KeySet) -> Iterator[Event]:
         # A pickup file is identified by its content: touched, renamed or
         # moved to another spool, it is the same message, sent once.
         try:
@@ -177,11 +183,10 @@ class SpoolReader:
             self._pickup_started = True
             yield InputStart(PICKUP_INPUT, "")
         # Asked each time, not once: once the input is open its taken keys are
-        # the queue's own (live), so a copy of a file met earlier in this same
-        # run is skipped too. The pickup input is never "done" (new files come).
+        # the queue's own (live). The pickup input is never "done" (new files come).
         point = self.resume(PICKUP_INPUT, "") or ResumePoint()
         legacy = self.resume(f"pickup:{digest}", "")  # a queue from when each file was an input
-        if take_key in point.taken or legacy is None or take_key in legacy.taken:
+        if take_key in met or take_key in point.taken or legacy is None or take_key in legacy.taken:
             yield InputSkipped(f"pickup:{digest}", text)
             return
         try:
@@ -189,6 +194,7 @@ class SpoolReader:
         except InputError as exc:
             yield from self._failed(Path(text), text, exc.line, exc.reason)
             return
+        met.add(take_key)
         yield SpoolItem(
             msg.content, msg.sender, msg.recipients, text, meta={"file": name}, key=PICKUP_INPUT,
             take_key=take_key,

@@ -1,0 +1,195 @@
+"""The spool reader in a process of its own: parsing, rendering and signing on the other core.
+
+``fastmta send`` is one event loop: it reads the spool, renders and signs
+campaign messages, journals them and delivers them, all on one core, and
+reading a campaign is ~40% of that core's work. Postfix splits the same
+path into processes (pickup and cleanup apart from the queue manager and
+the SMTP clients); fastmta splits it in two: a forked child iterates the
+:class:`~fastmta.intake.reader.SpoolReader` and streams its events through
+a pipe, the parent journals and delivers them.
+
+Why a fork and not a fresh interpreter: the reader needs the queue's
+snapshot of what was taken before (up to 8 bytes a row), its return-path
+and unsubscribe secrets and the DKIM keys; a fork has them, with nothing
+to serialize and no second start-up.
+
+Nothing durable happens in the child. It only reads files and writes
+events; the parent takes each one exactly as it took the reader's own
+(journaled before counted). So whatever becomes of the child, nothing is
+lost or sent twice:
+
+* the parent stops early (Ctrl-C, a paused campaign): it kills the child;
+* the parent dies: the child gets SIGKILL (``PR_SET_PDEATHSIG``), or a
+  broken pipe at its next write;
+* the child fails (an exception, a signal, the OOM killer): the parent
+  raises :class:`IntakeError`, never mistakes it for the end of the spool.
+  What the child had not handed over is read again by the next run.
+
+Back-pressure is the pipe's: the child blocks writing once the parent has
+a few batches unread, so the read-ahead stays a few hundred KB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import pickle
+import signal
+import struct
+import sys
+import traceback
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from fastmta.intake.items import Event, SpoolItem
+
+__all__ = ["IntakeError", "IntakeProcess", "can_fork"]
+
+#: Frame header: the length of the pickled batch that follows.
+_HEADER = struct.Struct("<I")
+#: A batch is sent when it has this many events or this many bytes of
+#: message: large enough that a frame's costs are shared, small enough that
+#: the parent starts sending while the child renders the next ones.
+_BATCH_EVENTS = 64
+_BATCH_BYTES = 256 * 1024
+#: The pipe's capacity (Linux F_SETPIPE_SZ): batches the child writes ahead.
+_PIPE_BYTES = 1024 * 1024
+_EVENTS, _END, _ERROR = "events", "end", "error"
+
+
+class IntakeError(Exception):
+    """The intake process failed or ended before the end of the spool (what it did not hand over is read again)."""
+
+
+def can_fork() -> bool:
+    """Is a forked intake process possible here (POSIX)?"""
+    return hasattr(os, "fork")
+
+
+class IntakeProcess:
+    """Iterates *events* (a not yet started iterator, e.g. ``iter(SpoolReader(...))``) in a forked child."""
+
+    def __init__(self, events: Iterable[Event]) -> None:
+        self._events = events
+        self.pid: int | None = None
+        self._stream: asyncio.StreamReader | None = None
+        self._transport: asyncio.ReadTransport | None = None
+        #: The child's resource usage once reaped (its CPU counts in this process's children's times).
+        self.rusage: Any = None
+        self.status: int | None = None
+
+    async def start(self) -> None:
+        """Fork the child; the parent keeps the pipe's read end."""
+        rfd, wfd = os.pipe()
+        with contextlib.suppress(OSError, AttributeError):
+            import fcntl
+
+            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        # Flushed now, or the child would inherit and print again what is buffered.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child: its work is checked through the parent)
+            os.close(rfd)
+            _child(self._events, wfd, parent)
+        os.close(wfd)
+        self.pid = pid
+        loop = asyncio.get_running_loop()
+        self._stream = asyncio.StreamReader(limit=_BATCH_BYTES * 4, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(self._stream, loop=loop)
+        transport, _ = await loop.connect_read_pipe(lambda: protocol, os.fdopen(rfd, "rb", buffering=0))
+        self._transport = transport
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The reader's events, in its order; IntakeError if the child fails before the end."""
+        stream = self._stream
+        assert stream is not None, "start() first"
+        while True:
+            try:
+                head = await stream.readexactly(_HEADER.size)
+                kind, payload = pickle.loads(await stream.readexactly(_HEADER.unpack(head)[0]))
+            except asyncio.IncompleteReadError:
+                raise IntakeError(f"the intake process ended before the end of the spool ({self._reap()})") from None
+            if kind == _ERROR:
+                self._reap()
+                raise IntakeError(f"the intake process failed:\n{payload}")
+            for event in payload:
+                yield event
+            if kind == _END:
+                self._reap()
+                return
+
+    async def close(self) -> None:
+        """Stop the child if it still runs (it holds nothing durable), and reap it."""
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        if self.pid is not None and self.status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._reap()
+
+    def _reap(self) -> str:
+        """Wait for the child (quick: it has ended or was killed); how it ended, in words."""
+        if self.status is None and self.pid is not None:
+            _, self.status, self.rusage = os.wait4(self.pid, 0)
+        status = self.status or 0
+        if os.WIFSIGNALED(status):
+            return f"killed by signal {os.WTERMSIG(status)}"
+        return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _child(events: Iterable[Event], wfd: int, parent: int) -> None:  # pragma: no cover (runs in the child)
+    """Iterate *events*, writing them in batches to *wfd*; never returns."""
+    status = 0
+    batch: list[Event] = []
+    try:
+        # The parent's signal set-up is not this process's: Ctrl-C is the
+        # parent's to handle (it kills this child when it stops), and a
+        # signal must not wake the parent's loop through an inherited fd.
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _die_with_parent(parent)
+        size = 0
+        for event in events:
+            batch.append(event)
+            if isinstance(event, SpoolItem):
+                size += len(event.content)
+            if len(batch) >= _BATCH_EVENTS or size >= _BATCH_BYTES:
+                _send(wfd, _EVENTS, batch)
+                batch, size = [], 0
+        _send(wfd, _END, batch)
+    except BrokenPipeError:
+        status = 1  # the parent stopped reading: it is gone or stopping
+    except BaseException:  # reported to the parent, which raises it
+        status = 1
+        with contextlib.suppress(OSError):
+            if batch:
+                _send(wfd, _EVENTS, batch)  # read before the failure: the parent takes them
+            _send(wfd, _ERROR, traceback.format_exc())
+    finally:
+        # No atexit, no flushing of buffers inherited from the parent.
+        os._exit(status)
+
+
+def _send(wfd: int, kind: str, payload: Any) -> None:  # pragma: no cover (runs in the child)
+    data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        view = view[os.write(wfd, view):]
+
+
+def _die_with_parent(parent: int) -> None:  # pragma: no cover (runs in the child)
+    """SIGKILL when the parent dies (Linux), so a killed ``fastmta send`` leaves no reader behind."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)

@@ -1,0 +1,208 @@
+"""The spool reader in a forked process (fastmta.intake.process): same events, failures never mistaken for the end."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastmta.intake.items import Event, InputSkipped, Reject, SpoolItem
+from fastmta.intake.process import IntakeError, IntakeProcess
+from fastmta.intake.reader import SpoolReader
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "src" / "fastmta" / "examples" / "spool"
+
+
+def collect(events: Any) -> tuple[list[Event], IntakeProcess]:
+    """Every event of *events* through an intake process, and the process (reaped)."""
+
+    async def main() -> tuple[list[Event], IntakeProcess]:
+        intake = IntakeProcess(iter(events))
+        await intake.start()
+        try:
+            return [e async for e in intake.events()], intake
+        finally:
+            await intake.close()
+
+    return asyncio.run(main())
+
+
+def failure(events: Any) -> tuple[list[Event], IntakeError]:
+    """The events handed over before the intake process failed, and its error."""
+
+    async def main() -> tuple[list[Event], IntakeError]:
+        intake = IntakeProcess(iter(events))
+        await intake.start()
+        got: list[Event] = []
+        try:
+            with pytest.raises(IntakeError) as info:
+                async for e in intake.events():
+                    got.append(e)
+                    if len(got) == 1 and isinstance(e, Reject) and e.reason == "kill me":
+                        assert intake.pid is not None
+                        os.kill(intake.pid, signal.SIGKILL)
+            return got, info.value
+        finally:
+            await intake.close()
+
+    return asyncio.run(main())
+
+
+def alive(pid: int) -> bool:
+    """Is *pid* running (a zombie waiting for its new parent to reap it is not)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def pickup(path: Path, rcpt: str, subject: str) -> None:
+    path.write_bytes(f"X-Sender: a@example.com\r\nX-Receiver: {rcpt}\r\nFrom: a@example.com\r\nTo: {rcpt}\r\n"
+                     f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+
+
+def key(e: Event) -> tuple[Any, ...]:
+    """What must be equal between the inline and the forked reading (campaign bodies carry a Date and a Message-ID)."""
+    if isinstance(e, SpoolItem):
+        body = e.content if e.key == "pickup:files" else None
+        return ("item", e.sender, tuple(e.recipients), e.source, e.line, e.key, e.row, e.take_key, e.meta, body)
+    return (type(e).__name__, *(getattr(e, f.name) for f in dataclasses.fields(e)))
+
+
+def test_the_forked_reader_yields_what_the_inline_one_does(tmp_path: Path) -> None:
+    import shutil
+
+    spool = tmp_path / "spool"
+    shutil.copytree(EXAMPLE, spool)
+    pickup(spool / "x1.eml", "x@example.net", "one")
+    pickup(spool / "x2.eml", "x@example.net", "one")  # the same content: the same message
+    (spool / "x3.eml").write_bytes(b"X-Receiver: nobody\r\n\r\n")  # bad: reported with its file
+    inline = list(SpoolReader(spool))
+    forked, intake = collect(SpoolReader(spool))
+    assert [key(e) for e in forked] == [key(e) for e in inline]
+    items = [e for e in forked if isinstance(e, SpoolItem)]
+    assert len(items) > 10 and any(e.key.startswith("campaign:") for e in items)
+    # Signed in the child: every campaign message carries its DKIM signature.
+    assert all(b"DKIM-Signature:" in e.content for e in items if e.key.startswith("campaign:"))
+    assert [e.source for e in forked if isinstance(e, InputSkipped)] == [str(spool / "x2.eml")]
+    assert any(isinstance(e, Reject) and e.source.endswith("x3.eml") for e in forked)
+    # Reaped, with its resource usage: its CPU counts in the parent's children's times.
+    assert intake.status == 0 and intake.rusage is not None
+
+
+def test_a_large_stream_arrives_whole_and_in_order() -> None:
+    n = 3000
+    events = (SpoolItem(os.urandom(200 + i % 900), "a@example.com", [f"r{i}@example.net"], "gen", i, row=i)
+              for i in range(n))
+    forked, _ = collect(events)
+    assert [e.row for e in forked if isinstance(e, SpoolItem)] == list(range(n))
+
+
+def test_an_exception_in_the_child_is_raised_in_the_parent_after_what_came_before() -> None:
+    def events() -> Iterator[Event]:
+        yield Reject("a.eml", 1, "first")
+        raise RuntimeError("the template engine broke")
+
+    got, error = failure(events())
+    assert [e.reason for e in got if isinstance(e, Reject)] == ["first"]
+    assert "the template engine broke" in str(error) and "RuntimeError" in str(error)
+
+
+def test_a_killed_child_is_an_error_not_the_end_of_the_spool() -> None:
+    def events() -> Iterator[Event]:
+        yield Reject("a.eml", 1, "kill me")
+        for i in range(10_000):  # more than a batch: the parent sees the first one while this one waits
+            yield Reject("b.eml", i, "later")
+            time.sleep(0.001)
+
+    got, error = failure(events())
+    assert "ended before the end of the spool" in str(error) and "signal 9" in str(error)
+    assert len(got) < 10_000
+
+
+def test_close_stops_a_child_that_is_still_reading() -> None:
+    def events() -> Iterator[Event]:
+        for i in range(10**9):
+            yield Reject("a.eml", i, "x" * 1000)  # fills the pipe, then blocks
+
+    async def main() -> int:
+        intake = IntakeProcess(iter(events()))
+        await intake.start()
+        agen = intake.events()
+        await agen.__anext__()
+        await agen.aclose()
+        await intake.close()
+        assert intake.pid is not None
+        return intake.pid
+
+    pid = asyncio.run(main())
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left behind
+
+
+def test_ctrl_c_is_the_parents_the_child_reads_on() -> None:
+    def events() -> Iterator[Event]:
+        for i in range(50):
+            yield Reject("a.eml", i, "slow")
+            time.sleep(0.01)
+
+    async def main() -> list[Event]:
+        intake = IntakeProcess(iter(events()))
+        await intake.start()
+        assert intake.pid is not None
+        os.kill(intake.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches the whole process group
+        try:
+            return [e async for e in intake.events()]
+        finally:
+            await intake.close()
+
+    assert len(asyncio.run(main())) == 50
+
+
+def test_the_child_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    script = textwrap.dedent("""
+        import asyncio, sys, time
+        from fastmta.intake.items import Reject
+        from fastmta.intake.process import IntakeProcess
+
+        def events():
+            for i in range(10**9):
+                yield Reject("a.eml", i, "slow")
+                time.sleep(0.01)
+
+        async def main():
+            intake = IntakeProcess(iter(events()))
+            await intake.start()
+            print(intake.pid, flush=True)
+            async for _ in intake.events():
+                pass
+
+        asyncio.run(main())
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        os.kill(child, 0)  # running
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not alive(child):
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the intake process outlived its killed parent")
