@@ -279,6 +279,25 @@ def dir_usage(path: str | os.PathLike[str], max_depth: int = 4) -> DiskUsage:
     return DiskUsage(allocated, apparent, files)
 
 
+def tree_rss_bytes(pid: int) -> int | None:
+    """VmRSS of *pid* plus its direct children's (fastmta send's intake process), or None once it is gone."""
+    own = proc_rss_bytes(pid)
+    if own is None:
+        return None
+    total = own
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return own
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                total += sum(proc_rss_bytes(int(c)) or 0 for c in f.read().split())
+        except OSError:
+            continue
+    return total
+
+
 def proc_rss_bytes(pid: int) -> int | None:
     """Current resident set size of a live process (VmRSS), or None once it is gone."""
     try:

@@ -188,6 +188,13 @@ class CountingSink:
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) smtp-sink has used so far: one process, event-driven."""
+        st = proc_stat(self.proc.pid)
+        if st is None:
+            raise RuntimeError("smtp-sink is gone")
+        return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+
     def count(self) -> int:
         """Messages received so far ("." seen), from the last counter line smtp-sink wrote."""
         try:

@@ -115,6 +115,8 @@ def test_rerun_after_completion_sends_nothing(tmp_path: Path) -> None:
     s1 = json.loads((tmp_path / "s1.json").read_text())
     s2 = json.loads((tmp_path / "s2.json").read_text())
     assert s1["delivered"] == 51
+    # Read in an intake process (the default), whose memory is reported beside the sender's own.
+    assert s1["intake_peak_rss_bytes"] > 10_000_000 and s1["peak_rss_bytes"] > 10_000_000
     assert s2["delivered"] == 0 and s2["inputs_already_done"] == 2 and s2["resumed_recipients"] == 0
     assert len(acct.read_text().splitlines()) == 51
 

@@ -51,6 +51,7 @@ import contextlib
 import functools
 import json
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -509,6 +510,9 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         "fatal": str(engine.fatal) if engine.fatal is not None else None,
         # The spool could not be read to its end (--intake process: the reading process failed).
         "intake_error": intake_failure,
+        # Peak resident memory of this process and of its intake process (each counts the pages they share).
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "intake_peak_rss_bytes": intake.rusage.ru_maxrss * 1024 if intake is not None and intake.rusage else None,
         "accounting": str(args.accounting) if args.accounting else None,
     }
 
