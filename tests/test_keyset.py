@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from fastmta.keyset import KeySet
 
 
@@ -38,3 +40,30 @@ def test_bytes_and_chunks_hold_every_key_sorted_and_load_back() -> None:
         again.update_from_bytes(piece)
     assert len(again) == len(model) and all(k in again for k in model)
     assert list(KeySet().chunks(5)) == [] and KeySet().to_bytes() == b""
+
+
+def test_merges_in_place_keep_the_array_sorted_whatever_the_order_of_arrival(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs below, above and between the keys already merged, with the recent set capped small (many merges)."""
+    import fastmta.keyset as ks
+
+    monkeypatch.setattr(ks, "_MIN_MERGE", 16)
+    monkeypatch.setattr(ks, "_MAX_RECENT", 64)
+    rng = random.Random(5)
+    batches = [
+        list(range(1000, 2000, 3)),  # a first run
+        list(range(0, 500, 7)),  # all below it
+        list(range(5000, 6000, 5)),  # all above
+        list(range(1001, 2000, 3)),  # interleaved one by one
+        [rng.getrandbits(64) for _ in range(3000)],  # anywhere
+        [2**64 - 1, 0, 1],  # the extremes
+    ]
+    keys = KeySet()
+    model: set[int] = set()
+    for batch in batches:
+        for k in batch:
+            keys.add(k)
+            model.add(k)
+        assert len(keys._recent) <= 64
+    data = keys.to_bytes()
+    assert [int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8)] == sorted(model)
+    assert all(k in keys for k in model) and 3 not in keys

@@ -8,7 +8,8 @@ for each row, kept for the life of the job and written into the journal at
 compaction. A Python ``set`` of a million ints costs ~60 MB; this keeps a
 sorted ``array('Q')`` (8 bytes a key, binary search) plus a small set of
 recent additions, merged into the array when the set grows past a quarter of
-it (so merging stays amortised O(n log n) and mostly runs in C).
+it, or past ``_MAX_RECENT`` keys (merging mostly runs in C: the copying of
+the array between insertion points).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from collections.abc import Iterable, Iterator
 __all__ = ["KeySet", "row_key"]
 
 _MIN_MERGE = 4096
+#: At most this many keys wait in the set of recent additions (~80 bytes each as Python ints in a set,
+#: against 8 in the array): a quarter of a million-key array would be 250,000 of them, ~20 MB.
+_MAX_RECENT = 1 << 15
 
 
 def row_key(*parts: str) -> int:
@@ -60,28 +64,39 @@ class KeySet:
         return len(self._sorted) + len(self._recent)
 
     def _maybe_merge(self) -> None:
-        if len(self._recent) > max(_MIN_MERGE, len(self._sorted) // 4):
+        if len(self._recent) > max(_MIN_MERGE, min(len(self._sorted) // 4, _MAX_RECENT)):
             self._merge()
 
     def _merge(self) -> None:
-        """Merge the recent keys into the sorted array.
+        """Merge the recent keys into the sorted array, in place.
 
-        Only the recent keys are sorted as Python ints; the array is copied
-        in slices between their insertion points. ``sorted()`` of the whole
-        array made a list of every key (~45 MB at a million), and a million-row
-        campaign's RSS carried those peaks.
+        The array grows by the recent keys, then is filled from its end:
+        each run of old keys above the next recent key moves up in one
+        ``memmove`` (memoryview slice assignment; it handles the overlap),
+        then the key goes below it. No second array: building a merged copy
+        held two arrays at once (16 MB at a million keys), and ``sorted()``
+        of the whole array a list of every key (~45 MB).
         """
         if not self._recent:
             return
-        old, out = self._sorted, array("Q")
-        prev = 0
-        for key in sorted(self._recent):
-            i = bisect_left(old, key, prev)
-            out.extend(old[prev:i])
-            out.append(key)
-            prev = i
-        out.extend(old[prev:])
-        self._sorted, self._recent = out, set()
+        keys = sorted(self._recent)
+        arr = self._sorted
+        hi = len(arr)  # old keys still to place: arr[:hi]
+        arr.extend(keys)  # the room they need (overwritten below)
+        w = len(arr)  # arr[w:] is final
+        view = memoryview(arr)
+        try:
+            for key in reversed(keys):
+                i = bisect_left(arr, key, 0, hi)
+                if i < hi:
+                    view[w - (hi - i) : w] = view[i:hi]
+                    w -= hi - i
+                    hi = i
+                w -= 1
+                arr[w] = key
+        finally:
+            view.release()
+        self._recent = set()
 
     def to_bytes(self) -> bytes:
         """Every key, packed little-endian 8 bytes each (sorted), for the journal."""

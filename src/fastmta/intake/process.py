@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import os
 import pickle
 import signal
@@ -90,6 +91,10 @@ class IntakeProcess:
         # Flushed now, or the child would inherit and print again what is buffered.
         sys.stdout.flush()
         sys.stderr.flush()
+        # What exists now (modules, configuration, the queue's recovered state) lives as long as the run:
+        # out of the collector's sight, its pages stay shared instead of being copied into the child (and
+        # into the parent) by the first collection that walks them.
+        gc.freeze()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child: its work is checked through the parent)
