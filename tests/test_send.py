@@ -360,3 +360,21 @@ def test_queue_and_accounting_are_private_by_default(tmp_path: Path) -> None:
         assert out.returncode == 0
         assert stat.S_IMODE((tmp_path / "a2.jsonl").stat().st_mode) == 0o640
         assert stat.S_IMODE((tmp_path / "q2").stat().st_mode) == 0o750
+
+
+def test_without_a_process_to_spare_the_spool_is_read_in_the_sending_process(tmp_path: Path) -> None:
+    """fork() refused (EAGAIN: a process limit): said once, and everything is read, signed and sent inline."""
+    spool = tmp_path / "spool"
+    small_campaign(spool, [f"user{i}@d{i % 3}.example,Ada,Lovelace,u{i},2026-01-05" for i in range(30)])
+    summary = tmp_path / "summary.json"
+    script = ("import errno, os, sys\n"
+              "def refused(): raise BlockingIOError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
+              "os.fork = refused\n"
+              "from fastmta.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    out = subprocess.run([sys.executable, "-c", script, "send", str(spool), "--sink", "--summary-json", str(summary)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no intake process (Resource temporarily unavailable)" in out.stdout + out.stderr
+    s = json.loads(summary.read_text())
+    assert s["delivered"] == 30 and s["intake_error"] is None and s["intake_peak_rss_bytes"] is None

@@ -396,7 +396,11 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     try:
         if intake is not None:
             # Forked before the engine opens connections or starts threads: the child inherits none.
-            await intake.start()
+            try:
+                await intake.start()
+            except OSError as exc:  # no process to spare (EAGAIN, ENOMEM): read here, signing too
+                progress.note(f"no intake process ({exc.strerror or exc}): reading the spool in this process")
+                intake = None
         async with engine:
             if engine.recovered:
                 progress.note(f"resuming {engine.recovered:,} unfinished recipient(s) from {queue_dir}")

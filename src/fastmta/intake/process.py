@@ -96,7 +96,12 @@ class IntakeProcess:
         # into the parent) by the first collection that walks them.
         gc.freeze()
         parent = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(rfd)
+            os.close(wfd)
+            raise
         if pid == 0:  # pragma: no cover (the child: its work is checked through the parent)
             os.close(rfd)
             _child(self._events, wfd, parent)
@@ -140,8 +145,13 @@ class IntakeProcess:
     def _reap(self) -> str:
         """Wait for the child (quick: it has ended or was killed); how it ended, in words."""
         if self.status is None and self.pid is not None:
-            _, self.status, self.rusage = os.wait4(self.pid, 0)
+            try:
+                _, self.status, self.rusage = os.wait4(self.pid, 0)
+            except ChildProcessError:  # reaped by someone else (a child watcher): how it ended is unknown
+                self.status = -1
         status = self.status or 0
+        if status == -1:
+            return "its exit status is unknown"
         if os.WIFSIGNALED(status):
             return f"killed by signal {os.WTERMSIG(status)}"
         return f"exit status {os.waitstatus_to_exitcode(status)}"
