@@ -152,7 +152,7 @@ def test_close_stops_a_child_that_is_still_reading() -> None:
         os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left behind
 
 
-def test_ctrl_c_is_the_parents_the_child_reads_on() -> None:
+def test_ctrl_c_and_sigterm_are_the_parents_the_child_reads_on() -> None:
     def events() -> Iterator[Event]:
         for i in range(50):
             yield Reject("a.eml", i, "slow")
@@ -163,6 +163,7 @@ def test_ctrl_c_is_the_parents_the_child_reads_on() -> None:
         await intake.start()
         assert intake.pid is not None
         os.kill(intake.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches the whole process group
+        os.kill(intake.pid, signal.SIGTERM)  # as a service manager stops the whole group
         try:
             return [e async for e in intake.events()]
         finally:

@@ -237,15 +237,16 @@ def test_one_ctrl_c_stops_a_run_stuck_behind_a_full_queue(tmp_path: Path, intake
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastmta", "send", str(spool), "--relay", f"127.0.0.1:{free_port()}",
          "--config", str(config), "--queue-dir", str(tmp_path / "q"), "--quiet", "--intake", intake],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     time.sleep(3)  # the server is down: recipients wait, the queue fills, submits block
     assert proc.poll() is None
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: to the whole group, intake process included
     t0 = time.monotonic()
     _out, err = proc.communicate(timeout=60)
     assert time.monotonic() - t0 < 20, "one Ctrl-C must stop the run"
     assert proc.returncode == 1 and "did not reach a final state" in err
+    assert "stopped reading the spool" not in err  # the intake process left the interrupt to its parent
 
 
 def test_bad_bytes_spoil_only_their_own_row(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ events; the parent takes each one exactly as it took the reader's own
 (journaled before counted). So whatever becomes of the child, nothing is
 lost or sent twice:
 
-* the parent stops early (Ctrl-C, a paused campaign): it kills the child;
+* the parent stops early (Ctrl-C, SIGTERM, a paused campaign): it kills
+  the child, which leaves both signals to it;
 * the parent dies: the child gets SIGKILL (``PR_SET_PDEATHSIG``), or a
   broken pipe at its next write;
 * the child fails (an exception, a signal, the OOM killer): the parent
@@ -58,6 +59,8 @@ _BATCH_BYTES = 256 * 1024
 #: The pipe's capacity (Linux F_SETPIPE_SZ): batches the child writes ahead.
 _PIPE_BYTES = 1024 * 1024
 _EVENTS, _END, _ERROR = "events", "end", "error"
+#: Signals the parent handles for both processes (it stops, then kills the child).
+_PARENTS_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class IntakeError(Exception):
@@ -96,15 +99,20 @@ class IntakeProcess:
         # into the parent) by the first collection that walks them.
         gc.freeze()
         parent = os.getpid()
+        # Held back across the fork: the child ignores them, but only once it has said so, and a
+        # Ctrl-C in between would kill it. The parent gets its own as soon as the fork returns.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENTS_SIGNALS)
         try:
             pid = os.fork()
         except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(rfd)
             os.close(wfd)
             raise
         if pid == 0:  # pragma: no cover (the child: its work is checked through the parent)
             os.close(rfd)
-            _child(self._events, wfd, parent)
+            _child(self._events, wfd, parent, mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(wfd)
         self.pid = pid
         loop = asyncio.get_running_loop()
@@ -157,18 +165,20 @@ class IntakeProcess:
         return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-def _child(events: Iterable[Event], wfd: int, parent: int) -> None:  # pragma: no cover (runs in the child)
+def _child(events: Iterable[Event], wfd: int, parent: int, mask: set[int | signal.Signals]) -> None:  # pragma: no cover (runs in the child)
     """Iterate *events*, writing them in batches to *wfd*; never returns."""
     status = 0
     batch: list[Event] = []
     try:
-        # The parent's signal set-up is not this process's: Ctrl-C is the
-        # parent's to handle (it kills this child when it stops), and a
-        # signal must not wake the parent's loop through an inherited fd.
+        # The parent's signal set-up is not this process's: Ctrl-C, and a
+        # SIGTERM sent to the whole group (a service manager stopping it),
+        # are the parent's to handle: it stops taking input and kills this
+        # child. Nor may a signal wake the parent's loop through an inherited fd.
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum in _PARENTS_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with_parent(parent)
         size = 0
         for event in events:
