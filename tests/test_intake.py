@@ -124,11 +124,14 @@ def test_unreadable_spool_entries_are_rejected_with_their_reason_and_the_rest_re
     os.symlink(spool / "nowhere.eml", spool / "dangling.eml")
     (spool / "dir.eml").mkdir()
     (spool / "dir.toml").mkdir()
+    os.mkfifo(spool / "fifo.eml")  # no writer: opening it must not block the reader for ever
     events = list(SpoolReader(spool))
     items = [e for e in events if isinstance(e, SpoolItem)]
     rejects = {Path(e.source).name: e.reason for e in events if isinstance(e, Reject)}
     assert [i.recipients for i in items] == [["c@d.example"]]
-    assert set(rejects) == {"loop1.eml", "loop2.eml", "job1.toml", "job2.toml", "dangling.eml", "dir.eml", "dir.toml"}
+    assert set(rejects) == {"loop1.eml", "loop2.eml", "job1.toml", "job2.toml", "dangling.eml", "dir.eml", "dir.toml",
+                            "fifo.eml"}
+    assert rejects["fifo.eml"] == "cannot read: not a regular file"
     assert "symbolic links" in rejects["loop1.eml"] and "symbolic links" in rejects["job1.toml"]
     assert "No such file" in rejects["dangling.eml"]
     assert "directory" in rejects["dir.eml"] and "directory" in rejects["dir.toml"]

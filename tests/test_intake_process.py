@@ -207,3 +207,48 @@ def test_the_child_dies_with_a_killed_parent(tmp_path: Path) -> None:
         time.sleep(0.05)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the intake process outlived its killed parent")
+
+
+def test_a_copy_of_a_job_is_reported_not_sent_twice(tmp_path: Path) -> None:
+    """Two jobs with one campaign id: the second is rejected as a whole, in both modes (the forked reader only
+    sees the queue as it was when it started, so it could not tell the first job's rows were taken)."""
+    import shutil
+
+    spool = tmp_path / "spool"
+    shutil.copytree(EXAMPLE, spool)
+    for p in spool.glob("*.eml"):
+        p.unlink()
+    shutil.copy(spool / "welcome.toml", spool / "welcome2.toml")
+    for events in (list(SpoolReader(spool)), collect(SpoolReader(spool))[0]):
+        items = [e for e in events if isinstance(e, SpoolItem)]
+        rows = [e.take_key for e in items]
+        assert len(rows) == len(set(rows)) > 100
+        assert {e.source for e in items} == {str(spool / "recipients.csv")}
+        rejects = [e for e in events if isinstance(e, Reject)]
+        assert [(e.source, e.row) for e in rejects] == [(str(spool / "welcome2.toml"), 0)]
+        assert "also the id of welcome.toml" in rejects[0].reason
+
+
+def test_kill_ends_a_wait_for_a_child_that_has_gone_quiet() -> None:
+    """fastmta send kills the child at Ctrl-C: a wait for its next event (a hung file system) ends at once."""
+
+    def events() -> Iterator[Event]:
+        yield Reject("a.eml", 1, "first")
+        time.sleep(120)  # quiet
+        yield Reject("b.eml", 2, "never")
+
+    async def main() -> tuple[float, str]:
+        intake = IntakeProcess(iter(events()))
+        await intake.start()
+        asyncio.get_running_loop().call_later(0.5, intake.kill)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(IntakeError) as info:
+                async for _ in intake.events():
+                    pass
+            return time.monotonic() - t0, str(info.value)
+        finally:
+            await intake.close()
+
+    waited, why = asyncio.run(main())
+    assert waited < 10 and "signal 9" in why

@@ -67,3 +67,38 @@ def test_merges_in_place_keep_the_array_sorted_whatever_the_order_of_arrival(mon
     data = keys.to_bytes()
     assert [int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8)] == sorted(model)
     assert all(k in keys for k in model) and 3 not in keys
+
+
+def test_a_lookup_from_another_thread_during_merges_never_misses_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve's pickup reader checks the queue's taken keys on a worker thread while the loop adds to them."""
+    import sys
+    import threading
+
+    import fastmta.keyset as ks
+
+    monkeypatch.setattr(ks, "_MIN_MERGE", 8)
+    monkeypatch.setattr(ks, "_MAX_RECENT", 16)
+    rng = random.Random(11)
+    old = [rng.getrandbits(64) for _ in range(2000)]
+    keys = KeySet(old)
+    misses: list[int] = []
+    stop = threading.Event()
+
+    def look() -> None:
+        while not stop.is_set():
+            for k in old[::37]:
+                if k not in keys:
+                    misses.append(k)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: inside the merges
+    reader = threading.Thread(target=look)
+    reader.start()
+    try:
+        for _ in range(20_000):  # ~1,250 merges, each rearranging the array in place
+            keys.add(rng.getrandbits(64))
+    finally:
+        stop.set()
+        reader.join(30)
+        sys.setswitchinterval(interval)
+    assert not misses, f"{len(misses)} lookups missed a key that was in the set all along"

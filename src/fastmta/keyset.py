@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
@@ -35,11 +36,18 @@ def row_key(*parts: str) -> int:
 
 
 class KeySet:
-    __slots__ = ("_recent", "_sorted")
+    """One writing thread; lookups from any thread (``fastmta serve``'s pickup reader checks the queue's
+    taken keys on a worker thread while the event loop adds to them)."""
+
+    __slots__ = ("_merges", "_merging", "_recent", "_sorted")
 
     def __init__(self, keys: Iterable[int] = ()) -> None:
         self._sorted = array("Q")
         self._recent: set[int] = set(keys)
+        #: Odd while a merge is rearranging the array in place: a lookup from another thread then
+        #: waits for it (on _merging) and looks again; one that saw it change looks again too.
+        self._merges = 0
+        self._merging = threading.Lock()
         self._maybe_merge()
 
     def add(self, key: int) -> None:
@@ -54,11 +62,20 @@ class KeySet:
     def __contains__(self, key: object) -> bool:
         if key in self._recent:
             return True
-        arr = self._sorted
-        if not arr or not isinstance(key, int):
+        if not isinstance(key, int):
             return False
-        i = bisect_left(arr, key)
-        return i < len(arr) and arr[i] == key
+        while True:
+            seen = self._merges
+            if seen & 1:  # another thread is merging: wait for the end, look again
+                with self._merging:
+                    continue
+            arr = self._sorted
+            i = bisect_left(arr, key)
+            found = i < len(arr) and arr[i] == key
+            if self._merges == seen:
+                # The recent keys are emptied only once the array holds them: looked at last, a key
+                # merged meanwhile is found in one or the other.
+                return found or key in self._recent
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)
@@ -80,23 +97,28 @@ class KeySet:
         if not self._recent:
             return
         keys = sorted(self._recent)
-        arr = self._sorted
-        hi = len(arr)  # old keys still to place: arr[:hi]
-        arr.extend(keys)  # the room they need (overwritten below)
-        w = len(arr)  # arr[w:] is final
-        view = memoryview(arr)
-        try:
-            for key in reversed(keys):
-                i = bisect_left(arr, key, 0, hi)
-                if i < hi:
-                    view[w - (hi - i) : w] = view[i:hi]
-                    w -= hi - i
-                    hi = i
-                w -= 1
-                arr[w] = key
-        finally:
-            view.release()
-        self._recent = set()
+        with self._merging:
+            self._merges += 1  # odd: lookups elsewhere wait
+            try:
+                arr = self._sorted
+                hi = len(arr)  # old keys still to place: arr[:hi]
+                arr.extend(keys)  # the room they need (overwritten below)
+                w = len(arr)  # arr[w:] is final
+                view = memoryview(arr)
+                try:
+                    for key in reversed(keys):
+                        i = bisect_left(arr, key, 0, hi)
+                        if i < hi:
+                            view[w - (hi - i) : w] = view[i:hi]
+                            w -= hi - i
+                            hi = i
+                        w -= 1
+                        arr[w] = key
+                finally:
+                    view.release()
+                self._recent = set()
+            finally:
+                self._merges += 1
 
     def to_bytes(self) -> bytes:
         """Every key, packed little-endian 8 bytes each (sorted), for the journal."""

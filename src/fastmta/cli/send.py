@@ -230,6 +230,13 @@ def _signed_body(sign: Callable[[bytes], bytes], content: bytes) -> Body:
     return body
 
 
+def _peak_rss(usage: Any) -> int:
+    """Peak resident bytes from a ``struct_rusage`` (or RUSAGE_SELF): Linux counts kB, macOS bytes."""
+    if isinstance(usage, int):
+        usage = resource.getrusage(usage)
+    return int(usage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
 def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str) -> dict[str, Any]:
     """The summary of a run that could not start (same fields as a real one)."""
     zero = ("messages", "recipients", "resumed_recipients", "inputs_already_done", "delivered", "bounced",
@@ -237,7 +244,8 @@ def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str) -> dict
     return {"spool": str(args.spool), "queue": str(queue_dir), **dict.fromkeys(zero, 0), "rejected": [],
             "paused": [], "guard": None,
             "elapsed_s": 0.0, "recipients_per_s": 0.0, "sites": [], "suspected_filters": [], "interrupted": False,
-            "lost": [], "fatal": fatal, "intake_error": None, "accounting": str(args.accounting) if args.accounting else None}
+            "lost": [], "fatal": fatal, "intake_error": None, "peak_rss_bytes": _peak_rss(resource.RUSAGE_SELF),
+            "intake_peak_rss_bytes": None, "accounting": str(args.accounting) if args.accounting else None}
 
 
 async def _unresolvable_static_routes(config: Config) -> list[str]:
@@ -310,6 +318,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         interrupts += 1
         stop.set()
         engine.stop_accepting()  # submits waiting for room give up at once
+        if intake is not None:
+            intake.kill()  # no more input: and a wait for its next event ends now
         if interrupts >= 2:
             progress.note("second interrupt: exiting now (the queue stays recoverable)")
             os._exit(130)
@@ -336,6 +346,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
             progress.note(f"reputation guard: campaign {record['campaign']} paused: {record['reason']} "
                           f"(no new input taken; the rest stays queued)")
             stop_input.set()
+            if intake is not None:
+                intake.kill()
         else:
             progress.note(f"reputation guard: {record['status']}: {record.get('source')} at {record.get('provider')}")
         if accounting is not None:
@@ -359,6 +371,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
             async for event in intake.events():
                 yield event
         except IntakeError as exc:
+            if stop.is_set() or stop_input.is_set():
+                return  # stopped on purpose (Ctrl-C, a paused campaign): killed by us
             # Nothing the child handed over is lost; what it had not is read again by the next run.
             intake_failure = str(exc)
             progress.note(f"reading the spool stopped: {exc}")
@@ -395,7 +409,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
 
     try:
         if intake is not None:
-            # Forked before the engine opens connections or starts threads: the child inherits none.
+            # Forked before the engine opens connections and before the display's thread starts: the
+            # child inherits no socket to a receiver (which it would keep open after the parent closed it).
             try:
                 await intake.start()
             except OSError as exc:  # no process to spare (EAGAIN, ENOMEM): read here, signing too
@@ -515,8 +530,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         # The spool could not be read to its end (--intake process: the reading process failed).
         "intake_error": intake_failure,
         # Peak resident memory of this process and of its intake process (each counts the pages they share).
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "intake_peak_rss_bytes": intake.rusage.ru_maxrss * 1024 if intake is not None and intake.rusage else None,
+        "peak_rss_bytes": _peak_rss(resource.RUSAGE_SELF),
+        "intake_peak_rss_bytes": _peak_rss(intake.rusage) if intake is not None and intake.rusage else None,
         "accounting": str(args.accounting) if args.accounting else None,
     }
 
@@ -572,10 +587,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastmta send: stopped: the delivery record could not be kept: {safe_text(summary['fatal'])} "
               f"(fix the cause and run again: the queue resumes)", file=sys.stderr)
         return 1
-    if summary["intake_error"]:
+    # Not all read: said first, and the exit status is 1 whatever follows (the rest is read by a rerun).
+    unread = bool(summary["intake_error"])
+    if unread:
         print(f"fastmta send: stopped reading the spool: {safe_text(summary['intake_error'])} (what was taken is "
               f"delivered; run again to read the rest)", file=sys.stderr)
-        return 1
     if summary["lost"]:
         print(f"fastmta send: {len(summary['lost'])} accepted message(s) could not be recovered from the queue "
               f"(accounted with status 'lost')", file=sys.stderr)
@@ -589,5 +605,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if summary["rejected"]:
         print(f"fastmta send: {len(summary['rejected'])} input item(s) rejected (see above)", file=sys.stderr)
-        return 3
-    return 0
+    if unread:
+        return 1
+    return 3 if summary["rejected"] else 0

@@ -9,6 +9,7 @@ before sending; everything else is sent byte for byte. Malformed input is an
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,9 +170,13 @@ def read_pickup_bytes(path: Path | str) -> bytes:
     # these on the event loop. A bigger file is measured (fstat) and refused
     # before it is read whole when it is over the limit.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO named *.eml must not block the reader for ever on open (it changes
+        # nothing for a regular file); with no writer it reads as empty, and is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             data = os.read(fd, _FIRST_READ)
+            if not data and not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InputError("cannot read: not a regular file", source=str(path))
             if len(data) == _FIRST_READ:
                 size = os.fstat(fd).st_size
                 if size > MAX_PICKUP_BYTES:

@@ -41,7 +41,9 @@ import pickle
 import signal
 import struct
 import sys
+import time
 import traceback
+import warnings
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -61,6 +63,8 @@ _PIPE_BYTES = 1024 * 1024
 _EVENTS, _END, _ERROR = "events", "end", "error"
 #: Signals the parent handles for both processes (it stops, then kills the child).
 _PARENTS_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: How long close() waits for a killed child before leaving it to the system.
+_REAP_WAIT = 10.0
 
 
 class IntakeError(Exception):
@@ -103,7 +107,13 @@ class IntakeProcess:
         # Ctrl-C in between would kill it. The parent gets its own as soon as the fork returns.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENTS_SIGNALS)
         try:
-            pid = os.fork()
+            with warnings.catch_warnings():
+                # Python 3.12 warns about forking a process with threads (the queue's writer, an idle
+                # executor worker). The child touches none of their state: it reads files, computes and
+                # writes to its pipe, then leaves with os._exit; the lock it could meet (the import
+                # lock, the malloc arenas) is reset by the fork itself.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
         except OSError:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(rfd)
@@ -130,33 +140,55 @@ class IntakeProcess:
                 head = await stream.readexactly(_HEADER.size)
                 kind, payload = pickle.loads(await stream.readexactly(_HEADER.unpack(head)[0]))
             except asyncio.IncompleteReadError:
-                raise IntakeError(f"the intake process ended before the end of the spool ({self._reap()})") from None
+                how = await self._reap()
+                raise IntakeError(f"the intake process ended before the end of the spool ({how})") from None
+            except (pickle.UnpicklingError, ValueError, TypeError, EOFError) as exc:  # a damaged frame
+                self.kill()
+                how = await self._reap()
+                raise IntakeError(f"unreadable data from the intake process ({exc}); it was stopped ({how})") from None
             if kind == _ERROR:
-                self._reap()
+                await self._reap()
                 raise IntakeError(f"the intake process failed:\n{payload}")
             for event in payload:
                 yield event
             if kind == _END:
-                self._reap()
+                await self._reap()
                 return
 
-    async def close(self) -> None:
-        """Stop the child if it still runs (it holds nothing durable), and reap it."""
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+    def kill(self) -> None:
+        """Stop the child now (it holds nothing durable): its pipe ends, ``events()`` raises IntakeError."""
         if self.pid is not None and self.status is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            self._reap()
 
-    def _reap(self) -> str:
-        """Wait for the child (quick: it has ended or was killed); how it ended, in words."""
-        if self.status is None and self.pid is not None:
+    async def close(self) -> None:
+        """Stop the child if it still runs, and reap it."""
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        self.kill()
+        await self._reap()
+
+    async def _reap(self) -> str:
+        """Wait for the child to end (it has ended, or is ending); how it ended, in words.
+
+        Polled, not a blocking wait: a child stuck in the kernel (a hung network file system) does
+        not die at once even from SIGKILL, and the event loop must go on meanwhile (a second
+        Ctrl-C). After ~10 s it is left to the system (it dies with this process at the latest).
+        """
+        deadline = time.monotonic() + _REAP_WAIT
+        while self.status is None and self.pid is not None:
             try:
-                _, self.status, self.rusage = os.wait4(self.pid, 0)
+                pid, status, rusage = os.wait4(self.pid, os.WNOHANG)
             except ChildProcessError:  # reaped by someone else (a child watcher): how it ended is unknown
                 self.status = -1
+                break
+            if pid:
+                self.status, self.rusage = status, rusage
+                break
+            if time.monotonic() > deadline:
+                return "it did not end when told to"
+            await asyncio.sleep(0.005)
         status = self.status or 0
         if status == -1:
             return "its exit status is unknown"
@@ -193,10 +225,12 @@ def _child(events: Iterable[Event], wfd: int, parent: int, mask: set[int | signa
         status = 1  # the parent stopped reading: it is gone or stopping
     except BaseException:  # reported to the parent, which raises it
         status = 1
-        with contextlib.suppress(OSError):
+        report = traceback.format_exc()
+        with contextlib.suppress(Exception):
             if batch:
                 _send(wfd, _EVENTS, batch)  # read before the failure: the parent takes them
-            _send(wfd, _ERROR, traceback.format_exc())
+        with contextlib.suppress(Exception):
+            _send(wfd, _ERROR, report)
     finally:
         # No atexit, no flushing of buffers inherited from the parent.
         os._exit(status)

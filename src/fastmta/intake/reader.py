@@ -148,12 +148,13 @@ class SpoolReader:
                 # Not only regular files: a dangling link or a directory named
                 # *.eml is reported as unreadable rather than passed over.
                 yield from self._pickup(prefix + name, name, met)
+        ids: dict[str, Path] = {}  # campaign key -> the job that has it, in this reading
         for name in visible:
             if name.endswith(".toml"):
                 path = self.directory / name
                 unusable = _not_a_readable_file(path)
                 if unusable is None:
-                    yield from self._campaign(path)
+                    yield from self._campaign(path, ids)
                 else:
                     # A job that cannot be opened (a link loop, a dangling
                     # link, a directory) is reported, never passed over.
@@ -200,7 +201,7 @@ class SpoolReader:
             take_key=take_key,
         )
 
-    def _campaign(self, path: Path) -> Iterator[Event]:
+    def _campaign(self, path: Path, ids: dict[str, Path]) -> Iterator[Event]:
         # A campaign is identified by its id; its rows by recipient (see
         # Campaign.items), so an edited recipients file sends only new rows.
         try:
@@ -213,6 +214,14 @@ class SpoolReader:
             yield from self._failed(path, str(path), None, f"cannot read: {exc.strerror or exc}")
             return
         key = f"campaign:{campaign.id}"
+        first = ids.setdefault(key, path)
+        if first != path:
+            # Two jobs, one id: one campaign whose rows are known by id + address. Reading both in one
+            # run would take a row of each before either is on record (a copy of a job would be sent
+            # twice); which one is meant is the operator's call.
+            yield from self._failed(path, str(path), None, f"campaign id {campaign.id!r} is also the id of "
+                                    f"{first.name} in this spool: give each job its own [campaign] id")
+            return
         point = self.resume(key, fp)
         if point is None:
             yield InputSkipped(key)
