@@ -39,7 +39,7 @@ class KeySet:
     """One writing thread; lookups from any thread (``fastmta serve``'s pickup reader checks the queue's
     taken keys on a worker thread while the event loop adds to them)."""
 
-    __slots__ = ("_merges", "_merging", "_recent", "_sorted")
+    __slots__ = ("_limit", "_merges", "_merging", "_recent", "_sorted")
 
     def __init__(self, keys: Iterable[int] = ()) -> None:
         self._sorted = array("Q")
@@ -48,12 +48,22 @@ class KeySet:
         #: waits for it (on _merging) and looks again; one that saw it change looks again too.
         self._merges = 0
         self._merging = threading.Lock()
+        self._limit = _MIN_MERGE  # recent keys beyond which they are merged (set after each merge)
         self._maybe_merge()
 
     def add(self, key: int) -> None:
-        if key not in self:
-            self._recent.add(key)
-            self._maybe_merge()
+        # The writing thread: no merge can be under way, so the array is searched directly (the
+        # queue adds one key per accepted message).
+        recent = self._recent
+        if key in recent:
+            return
+        arr = self._sorted
+        i = bisect_left(arr, key)
+        if i < len(arr) and arr[i] == key:
+            return
+        recent.add(key)
+        if len(recent) > self._limit:
+            self._merge()
 
     def update(self, keys: Iterable[int]) -> None:
         for key in keys:
@@ -81,7 +91,7 @@ class KeySet:
         return len(self._sorted) + len(self._recent)
 
     def _maybe_merge(self) -> None:
-        if len(self._recent) > max(_MIN_MERGE, min(len(self._sorted) // 4, _MAX_RECENT)):
+        if len(self._recent) > self._limit:
             self._merge()
 
     def _merge(self) -> None:
@@ -119,6 +129,7 @@ class KeySet:
                 self._recent = set()
             finally:
                 self._merges += 1
+                self._limit = max(_MIN_MERGE, min(len(self._sorted) // 4, _MAX_RECENT))
 
     def to_bytes(self) -> bytes:
         """Every key, packed little-endian 8 bytes each (sorted), for the journal."""
