@@ -89,7 +89,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "tests"))
-from _util import find_tool, free_port, greeting, text_table  # noqa: E402
+from _util import find_tool, free_port, greeting, proc_cpu_seconds, text_table  # noqa: E402
 from postfix_private import private_postfix, proc_stat  # noqa: E402
 
 SENDER = "app@inject.bench.example"
@@ -190,10 +190,7 @@ class CountingSink:
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) smtp-sink has used so far: one process, event-driven."""
-        st = proc_stat(self.proc.pid)
-        if st is None:
-            raise RuntimeError("smtp-sink is gone")
-        return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu_seconds(self.proc.pid)
 
     def count(self) -> int:
         """Messages received so far ("." seen), from the last counter line smtp-sink wrote."""

@@ -19,6 +19,7 @@ import pytest
 from fastmta.intake.items import Event, InputSkipped, Reject, SpoolItem
 from fastmta.intake.process import IntakeError, IntakeProcess
 from fastmta.intake.reader import SpoolReader
+from postfix_private import proc_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "src" / "fastmta" / "examples" / "spool"
@@ -57,15 +58,6 @@ def failure(events: Any) -> tuple[list[Event], IntakeError]:
             await intake.close()
 
     return asyncio.run(main())
-
-
-def alive(pid: int) -> bool:
-    """Is *pid* running (a zombie waiting for its new parent to reap it is not)?"""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def pickup(path: Path, rcpt: str, subject: str) -> None:
@@ -202,7 +194,7 @@ def test_the_child_dies_with_a_killed_parent(tmp_path: Path) -> None:
         parent.wait(timeout=30)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if not alive(child):
+        if not proc_alive(child):
             return
         time.sleep(0.05)
     os.kill(child, signal.SIGKILL)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fastmta.cli.sinkproc import embedded_sink
 from fastmta.intake.pickup import read_pickup
+from postfix_private import proc_stat
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "src" / "fastmta" / "examples" / "spool"
@@ -238,11 +239,8 @@ def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            st = proc_stat(int(entry.name))
+            if st is not None and int(st[1]) == pid:
                 found.append(int(entry.name))
     return found
 

@@ -49,7 +49,8 @@ class KeySet:
         self._merges = 0
         self._merging = threading.Lock()
         self._limit = _MIN_MERGE  # recent keys beyond which they are merged (set after each merge)
-        self._maybe_merge()
+        if len(self._recent) > self._limit:
+            self._merge()
 
     def add(self, key: int) -> None:
         # The writing thread: no merge can be under way, so the array is searched directly (the
@@ -89,10 +90,6 @@ class KeySet:
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)
-
-    def _maybe_merge(self) -> None:
-        if len(self._recent) > self._limit:
-            self._merge()
 
     def _merge(self) -> None:
         """Merge the recent keys into the sorted array, in place.

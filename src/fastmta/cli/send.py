@@ -230,10 +230,10 @@ def _signed_body(sign: Callable[[bytes], bytes], content: bytes) -> Body:
     return body
 
 
-def _peak_rss(usage: Any) -> int:
-    """Peak resident bytes from a ``struct_rusage`` (or RUSAGE_SELF): Linux counts kB, macOS bytes."""
-    if isinstance(usage, int):
-        usage = resource.getrusage(usage)
+def _peak_rss(usage: Any = None) -> int:
+    """Peak resident bytes from a ``struct_rusage``, this process's by default: Linux counts kB, macOS bytes."""
+    if usage is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
     return int(usage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
@@ -244,7 +244,7 @@ def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str) -> dict
     return {"spool": str(args.spool), "queue": str(queue_dir), **dict.fromkeys(zero, 0), "rejected": [],
             "paused": [], "guard": None,
             "elapsed_s": 0.0, "recipients_per_s": 0.0, "sites": [], "suspected_filters": [], "interrupted": False,
-            "lost": [], "fatal": fatal, "intake_error": None, "peak_rss_bytes": _peak_rss(resource.RUSAGE_SELF),
+            "lost": [], "fatal": fatal, "intake_error": None, "peak_rss_bytes": _peak_rss(),
             "intake_peak_rss_bytes": None, "accounting": str(args.accounting) if args.accounting else None}
 
 
@@ -530,7 +530,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         # The spool could not be read to its end (--intake process: the reading process failed).
         "intake_error": intake_failure,
         # Peak resident memory of this process and of its intake process (each counts the pages they share).
-        "peak_rss_bytes": _peak_rss(resource.RUSAGE_SELF),
+        "peak_rss_bytes": _peak_rss(),
         "intake_peak_rss_bytes": _peak_rss(intake.rusage) if intake is not None and intake.rusage else None,
         "accounting": str(args.accounting) if args.accounting else None,
     }
