@@ -256,3 +256,37 @@ def test_an_item_pickles_with_every_field() -> None:
     # Every field is one of the constructor's arguments, in order (a field added later must be added there too).
     assert [f.name for f in dataclasses.fields(SpoolItem)] == list(SpoolItem.__init__.__code__.co_varnames[1:11])
     assert len(item.__reduce__()[1]) == len(dataclasses.fields(SpoolItem))
+
+
+def test_the_child_does_not_keep_the_parents_lock(tmp_path: Path) -> None:
+    """The queue's lock is flock'd on a descriptor the fork copies: released by the parent, it must be free,
+    child or no child (a `fastmta send` restarted right after a kill -9 found its queue "in use")."""
+    import fcntl
+
+    lock = tmp_path / "lock"
+
+    def events() -> Iterator[Event]:
+        for i in range(300):
+            yield Reject("a.eml", i, "slow")
+            time.sleep(0.01)
+
+    async def main() -> bool:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        intake = IntakeProcess(iter(events()))
+        await intake.start()
+        try:
+            await asyncio.sleep(0.5)  # the child runs (and has let go of what it inherited)
+            os.close(fd)  # the parent releases its lock, as a killed parent's does
+            other = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+            finally:
+                os.close(other)
+        finally:
+            await intake.close()
+
+    assert asyncio.run(main()), "the intake process still holds the lock its parent released"

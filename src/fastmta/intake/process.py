@@ -39,6 +39,7 @@ import gc
 import os
 import pickle
 import signal
+import stat
 import struct
 import sys
 import time
@@ -212,6 +213,7 @@ def _child(events: Iterable[Event], wfd: int, parent: int, mask: set[int | signa
             signal.signal(signum, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with_parent(parent)
+        _let_go_of_inherited_files(wfd)
         size = 0
         for event in events:
             batch.append(event)
@@ -241,6 +243,33 @@ def _send(wfd: int, kind: str, payload: Any) -> None:  # pragma: no cover (runs 
     view = memoryview(_HEADER.pack(len(data)) + data)
     while view:
         view = view[os.write(wfd, view):]
+
+
+def _let_go_of_inherited_files(wfd: int) -> None:  # pragma: no cover (runs in the child)
+    """Point every inherited descriptor but stdio, the pipe and devices at /dev/null.
+
+    A forked child shares its parent's open files: the queue's flock'd lock
+    file among them, so a ``fastmta send`` restarted right after a ``kill -9``
+    found its queue "in use" until this child had died too (the crash test
+    caught it). Descriptors are replaced, not closed: a number the parent's
+    objects still name is never reused for a file this process opens.
+    Character devices (/dev/urandom kept open by a crypto library) stay.
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return  # not Linux: the parent's lock outlives it only until it dies with the parent
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        if fd <= 2 or fd in (wfd, null):
+            continue
+        try:
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                continue
+            os.dup2(null, fd, inheritable=False)
+        except OSError:
+            continue  # the listing's own descriptor, gone already
+    os.close(null)
 
 
 def _die_with_parent(parent: int) -> None:  # pragma: no cover (runs in the child)
