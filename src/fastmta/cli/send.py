@@ -66,6 +66,7 @@ from fastmta.cli import UsageError
 from fastmta.cli.display import Progress
 from fastmta.cli.load import parse_hostport
 from fastmta.cli.precheck import campaign_checker, precheck
+from fastmta.cli.runtime import tune_gc
 from fastmta.cli.sinkproc import embedded_sink
 from fastmta.cli.terminal import safe_text
 from fastmta.delivery.accounting import AccountingLog
@@ -569,6 +570,7 @@ def run(args: argparse.Namespace) -> int:
                 what = "--relay" if args.relay is not None else "a static route"
                 raise UsageError(f"configuration error: {what} names a host without an address: {'; '.join(problems)}")
         progress = Progress(enabled=not args.quiet)
+        tune_gc()
         with contextlib.ExitStack() as stack:
             summary = uvloop.run(_deliver(args, config, progress, _queue_dir(args, stack)))
         progress.print_summary(summary)

@@ -162,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format)
     import uvloop
 
+    from fastmta.cli.runtime import tune_gc
+
+    tune_gc()
     try:
         return uvloop.run(_serve(config, args.config))
     except ConfigError as exc:
