@@ -102,6 +102,31 @@ def test_a_large_stream_arrives_whole_and_in_order() -> None:
     assert [e.row for e in forked if isinstance(e, SpoolItem)] == list(range(n))
 
 
+def test_a_batch_before_a_quiet_stretch_is_handed_over_without_waiting_for_it() -> None:
+    # A campaign run again skips the rows taken before without yielding anything: the
+    # event read just before such a stretch must not wait for its end (or for 63 more).
+    quiet = 3.0
+
+    def events() -> Iterator[Event]:
+        yield Reject("a.csv", 1, "before the stretch")
+        time.sleep(quiet)  # skipping taken rows
+        yield Reject("a.csv", 2, "after it")
+
+    async def main() -> list[tuple[str, float]]:
+        intake = IntakeProcess(iter(events()))
+        started = time.monotonic()
+        await intake.start()
+        try:
+            return [(e.reason, time.monotonic() - started) async for e in intake.events() if isinstance(e, Reject)]
+        finally:
+            await intake.close()
+
+    got = asyncio.run(main())
+    assert [reason for reason, _ in got] == ["before the stretch", "after it"]
+    assert got[0][1] < 1.5  # handed over by the child's timer, not at the end of the stretch
+    assert got[1][1] >= quiet
+
+
 def test_an_exception_in_the_child_is_raised_in_the_parent_after_what_came_before() -> None:
     def events() -> Iterator[Event]:
         yield Reject("a.eml", 1, "first")

@@ -42,6 +42,7 @@ import signal
 import stat
 import struct
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -59,6 +60,8 @@ _HEADER = struct.Struct("<I")
 #: the parent starts sending while the child renders the next ones.
 _BATCH_EVENTS = 64
 _BATCH_BYTES = 256 * 1024
+#: ... or when its first event has waited this long (seconds).
+_BATCH_SECONDS = 0.1
 #: The pipe's capacity (Linux F_SETPIPE_SZ): batches the child writes ahead.
 _PIPE_BYTES = 1024 * 1024
 _EVENTS, _END, _ERROR = "events", "end", "error"
@@ -198,10 +201,69 @@ class IntakeProcess:
         return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
+class _Batcher:  # pragma: no cover (runs in the child)
+    """The child's pending batch, sent when full, or by a timer once it is old: never held for long.
+
+    Size alone is not enough: a campaign run again after a crash skips the
+    rows taken before without yielding anything, and a batch begun just
+    before a long stretch of them would wait for the end of it while the
+    parent had nothing to send. A thread sends such a batch after
+    ``_BATCH_SECONDS``; the lock keeps its frames whole between the two.
+    """
+
+    def __init__(self, wfd: int) -> None:
+        self.wfd = wfd
+        self.batch: list[Event] = []
+        self.size = 0
+        self.since = 0.0  # when the pending batch got its first event (monotonic)
+        self.lock = threading.Lock()
+        self.failed: BaseException | None = None  # the timer's write failed (the parent is gone)
+        self._done = threading.Event()
+        self._timer = threading.Thread(target=self._run, name="fastmta-intake-flush", daemon=True)
+        self._timer.start()
+
+    def add(self, event: Event) -> None:
+        with self.lock:
+            if self.failed is not None:
+                raise self.failed
+            if not self.batch:
+                self.since = time.monotonic()
+            self.batch.append(event)
+            if isinstance(event, SpoolItem):
+                self.size += len(event.content)
+            if len(self.batch) >= _BATCH_EVENTS or self.size >= _BATCH_BYTES:
+                self._send_locked(_EVENTS)
+
+    def finish(self, kind: str, payload: Any = None) -> None:
+        """Send what is pending, then a last frame of *kind* (its payload: the pending events for _END)."""
+        self._done.set()
+        with self.lock:
+            if kind == _END:
+                self._send_locked(_END)
+                return
+            if self.batch:
+                self._send_locked(_EVENTS)  # read before the failure: the parent takes them
+            _send(self.wfd, kind, payload)
+
+    def _send_locked(self, kind: str) -> None:
+        batch, self.batch, self.size = self.batch, [], 0
+        _send(self.wfd, kind, batch)
+
+    def _run(self) -> None:
+        while not self._done.wait(_BATCH_SECONDS):
+            with self.lock:
+                if self.batch and self.failed is None and time.monotonic() - self.since >= _BATCH_SECONDS:
+                    try:
+                        self._send_locked(_EVENTS)
+                    except BaseException as exc:  # handed to the reading thread, which raises it
+                        self.failed = exc
+                        return
+
+
 def _child(events: Iterable[Event], wfd: int, parent: int, mask: set[int | signal.Signals]) -> None:  # pragma: no cover (runs in the child)
     """Iterate *events*, writing them in batches to *wfd*; never returns."""
     status = 0
-    batch: list[Event] = []
+    batcher: _Batcher | None = None
     try:
         # The parent's signal set-up is not this process's: Ctrl-C, and a
         # SIGTERM sent to the whole group (a service manager stopping it),
@@ -214,25 +276,21 @@ def _child(events: Iterable[Event], wfd: int, parent: int, mask: set[int | signa
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with_parent(parent)
         _let_go_of_inherited_files(wfd)
-        size = 0
+        batcher = _Batcher(wfd)
         for event in events:
-            batch.append(event)
-            if isinstance(event, SpoolItem):
-                size += len(event.content)
-            if len(batch) >= _BATCH_EVENTS or size >= _BATCH_BYTES:
-                _send(wfd, _EVENTS, batch)
-                batch, size = [], 0
-        _send(wfd, _END, batch)
+            batcher.add(event)
+        batcher.finish(_END)
     except BrokenPipeError:
         status = 1  # the parent stopped reading: it is gone or stopping
     except BaseException:  # reported to the parent, which raises it
         status = 1
         report = traceback.format_exc()
-        with contextlib.suppress(Exception):
-            if batch:
-                _send(wfd, _EVENTS, batch)  # read before the failure: the parent takes them
-        with contextlib.suppress(Exception):
-            _send(wfd, _ERROR, report)
+        if batcher is not None:
+            with contextlib.suppress(Exception):
+                batcher.finish(_ERROR, report)
+        else:
+            with contextlib.suppress(Exception):
+                _send(wfd, _ERROR, report)
     finally:
         # No atexit, no flushing of buffers inherited from the parent.
         os._exit(status)
