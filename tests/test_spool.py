@@ -635,3 +635,32 @@ def test_input_progress_survives_compaction(tmp_path: Path, run: Run[None]) -> N
     spool = _reopen(tmp_path)
     assert spool.input("j").row == 50  # type: ignore[union-attr]
     spool.close_sync()
+
+
+def test_a_message_that_cannot_be_recorded_is_refused_without_a_trace(tmp_path: Path, run: Run[None]) -> None:
+    # A lone surrogate (an undecodable file name, a JSON "\ud800") cannot go into the journal. The
+    # message is refused, and nothing of it stays: before, its input row was marked taken first,
+    # so the file was skipped as sent by the next reading (and deleted by `serve`), never queued.
+    from fastmta.errors import InputError
+    from fastmta.queue.journal_records import InputTake
+
+    async def main() -> None:
+        spool = _reopen(tmp_path)
+        job = spool.open_input("pickup", "")
+        for meta in ({"file": "bad-\udcff.eml"}, {"x": object()}):
+            with pytest.raises(InputError, match="cannot be recorded"):
+                await spool.add_message("m1", "s@a.example", ["r@b.example"], b"body one",
+                                        meta=meta, take=InputTake(job.id, 0, 11))
+        assert 11 not in job.taken and not spool.is_live("m1") and spool.unfinished_messages == 0
+        # The same message recorded properly afterwards: same id, same row, its body where it belongs.
+        await spool.add_message("m1", "s@a.example", ["r@b.example"], b"body one",
+                                meta={"file": "bad-\\xff.eml"}, take=InputTake(job.id, 0, 11))
+        await spool.close()
+
+    run(main())
+    spool = _reopen(tmp_path)
+    [msg] = spool.take_recovered()
+    assert msg.id == "m1" and msg.meta == {"file": "bad-\\xff.eml"}
+    assert msg.body is not None and spool.read_body(msg.body) == b"body one"
+    assert 11 in spool.input("pickup").taken  # type: ignore[union-attr]
+    spool.close_sync()

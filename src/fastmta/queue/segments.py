@@ -62,15 +62,19 @@ class BodySegments:
         itself (a CRC-32 and a copy: ~44 µs at 100 KB) is made by the writer
         thread, not here on the event loop.
         """
-        size = HEADER_SIZE + len(body)
-        if self._tail and self._tail + size > self.segment_size:
-            self.active += 1  # rotate: the writer closes the old one after its last write
+        ref = self.next_ref(len(body))
+        if ref.seg != self.active:
+            self.active = ref.seg  # rotate: the writer closes the old one after its last write
             self._tail = 0
-        seg = self.active
-        ref = BodyRef(seg, self._tail, len(body))
-        self._tail += size
-        self.hold(seg)
+        self._tail += HEADER_SIZE + len(body)
+        self.hold(ref.seg)
         return ref
+
+    def next_ref(self, length: int) -> BodyRef:
+        """The reference :meth:`place` would give a body of *length* bytes now (nothing reserved)."""
+        if self._tail and self._tail + HEADER_SIZE + length > self.segment_size:
+            return BodyRef(self.active + 1, 0, length)
+        return BodyRef(self.active, self._tail, length)
 
     def hold(self, seg: int) -> None:
         """One more unfinished message has its body in *seg*."""

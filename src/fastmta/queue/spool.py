@@ -71,6 +71,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from fastmta.errors import InputError
 from fastmta.queue.commit import GroupCommit
 from fastmta.queue.compaction import compact_idle, compact_journal, compaction_due
 from fastmta.queue.disk import Disk, SpoolStats, default_fsync
@@ -375,40 +378,38 @@ class Spool:
             raise SpoolError(f"message {message_id} is already in the spool")
         if not recipients:
             raise ValueError("a message needs at least one recipient")
-        ref: BodyRef | None = None
-        seg = -1
-        if body is not None:
-            ref = self._segments.place(body)
-            seg = ref.seg
-            self._commits.append_body(seg, body)
-        else:
-            assert source is not None
+        inp = None
+        if source is not None:
             inp = self._inputs_by_id.get(source.input)
             if inp is None:
                 raise SpoolError(f"unknown input id {source.input}: use open_input() first")
-            if inp.row <= source.row:
-                inp.row = source.row + 1  # recovery derives the same from the Add record
+        taken_from = None
         if take is not None:
             taken_from = self._inputs_by_id.get(take.input)
             if taken_from is None:
                 raise SpoolError(f"unknown input id {take.input}: use open_input() first")
-            # Every taken row in memory (8 bytes a row): an identical pickup file
-            # later in the run is recognised, a service reading an edited campaign
-            # skips the rows it took, and the compaction at close writes the keys
-            # from memory (without them there, an edited campaign was resent whole).
+        ref = self._segments.next_ref(len(body)) if body is not None else None
+        when = time.time() if queued_at is None else queued_at
+        add = AddRecord(message_id, sender, list(recipients), when, ref, source, meta or None, take)
+        # Encoded before anything changes: a field that cannot be recorded (a lone surrogate, a meta value
+        # of no JSON type) refuses the message without a trace (once its row was marked taken first).
+        try:
+            record = record_encoder.encode(add)
+        except (ValueError, TypeError, OverflowError, msgspec.EncodeError) as exc:
+            raise InputError(f"message {message_id}: cannot be recorded: {exc}") from None
+        seg = -1
+        if body is not None:
+            seg = self._segments.place(body).seg  # at *ref*: nothing was placed since next_ref()
+            self._commits.append_body(seg, body)
+        if inp is not None and source is not None and inp.row <= source.row:
+            inp.row = source.row + 1  # recovery derives the same from the Add record
+        if taken_from is not None and take is not None:
+            # Every taken row in memory (8 bytes a row): an identical pickup file later in the run is
+            # recognised, a service reading an edited campaign skips the rows it took, and the compaction
+            # at close writes the keys from memory (without them, an edited campaign was resent whole).
             taken_from.taken.add(take.key)
-        add = AddRecord(
-            message_id,
-            sender,
-            list(recipients),
-            time.time() if queued_at is None else queued_at,
-            ref,
-            source,
-            meta or None,
-            take,
-        )
         self._live[message_id] = _Live(seg, len(recipients), source)
-        self._commits.append(record_encoder.encode(add))
+        self._commits.append(record)
         return ref
 
     # --- recipient states -----------------------------------------------------------
