@@ -379,3 +379,38 @@ def test_without_a_process_to_spare_the_spool_is_read_in_the_sending_process(tmp
     assert "no intake process (Resource temporarily unavailable)" in out.stdout + out.stderr
     s = json.loads(summary.read_text())
     assert s["delivered"] == 30 and s["intake_error"] is None and s["intake_peak_rss_bytes"] is None
+
+
+@pytest.mark.parametrize("intake", ["process", "inline"])
+def test_pickup_files_whose_names_are_not_utf8(tmp_path: Path, intake: str) -> None:
+    # Found by an attack on intake: a good file named b"good-\xff.eml" vanished (its record could not be
+    # encoded, exit 0, nothing sent), and a malformed one made every run fail before anything was sent.
+    # The names go on record escaped (\xff); the files are read by their real names.
+    from servers import postfix_smtp_sink
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+
+    def pickup(name: bytes, rcpt: str) -> None:
+        with open(os.path.join(os.fsencode(spool), name), "wb") as f:
+            f.write(f"X-Sender: a@b.example\r\nX-Receiver: {rcpt}\r\nFrom: a@b.example\r\n\r\nhi\r\n".encode())
+
+    pickup(b"good-\xff.eml", "first@d.example")
+    pickup(b"ok.eml", "second@d.example")
+    with open(os.path.join(os.fsencode(spool), b"bad-\xfe.eml"), "wb") as f:
+        f.write(b"this is not a message\r\n")
+    acct, rejects = tmp_path / "acct.jsonl", tmp_path / "rejects.jsonl"
+    with postfix_smtp_sink() as sink:
+        for run in (1, 2):  # the second run sends nothing again and reports the bad file again (--rejects is per run)
+            out = fastmta("send", str(spool), "--relay", f"{sink.host}:{sink.port}", "--quiet", "--intake", intake,
+                          "--queue-dir", str(tmp_path / "queue"), "--rejects", str(rejects),
+                          "--accounting", str(acct))
+            assert out.returncode == 3, out.stderr[-2000:]
+            assert "Traceback" not in out.stderr
+            lines = [json.loads(line) for line in acct.read_text().splitlines()]
+            assert sorted((r["recipient"], r["status"]) for r in lines) == [
+                ("first@d.example", "delivered"), ("second@d.example", "delivered")], run
+            assert {r["recipient"]: r.get("file") for r in lines}["first@d.example"] == "good-\\xff.eml"
+            reported = [json.loads(line) for line in rejects.read_text().splitlines()]
+            assert len(reported) == 1 and all(Path(r["file"]).name == "bad-\\xfe.eml" and r["line"] == 1
+                                                and "not an RFC 5322 message" in r["reason"] for r in reported)

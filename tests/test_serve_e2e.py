@@ -287,6 +287,30 @@ def test_pickup_directory_exactly_once_and_rejects(tmp_path: Path) -> None:
     assert set(got.values()) == {1} and len(got) == n + 1
 
 
+def test_pickup_files_whose_names_are_not_utf8(tmp_path: Path) -> None:
+    # Found by an attack on intake: a good file named b"good-\xff.eml" was deleted without ever being
+    # queued (its record could not be encoded, yet its row was marked taken). Now it is sent and then
+    # deleted by its real name; a malformed one is moved aside as any other, named \xNN on record.
+    capture = tmp_path / "capture"
+    data = tmp_path / "data"
+    pickup = tmp_path / "pickup"
+    pickup.mkdir()
+    good_name, bad_name = os.fsdecode(b"good-\xff.eml"), os.fsdecode(b"bad-\xfe.eml")
+    with capture_sink(capture) as sink:
+        cfg = pickup_config(tmp_path, data, sink, pickup)
+        with served(cfg, data) as svc:
+            good = drop(pickup, good_name, pickup_file("odd@dest.example", 1))
+            bad = drop(pickup, bad_name, b"this is not a message at all\r\n\r\nbody\r\n")
+            records = svc.wait_accounting(lambda rs: len(delivered(rs)) >= 1)
+            assert [r["recipient"] for r in delivered(records)] == ["odd@dest.example"], serve_log(svc)
+            assert wait_for(lambda: not good.exists() and not bad.exists(), timeout=10), list(pickup.iterdir())
+            assert (pickup / ".rejected" / bad_name).exists()
+            rejects = [json.loads(x) for x in (data / "rejects.jsonl").read_text().splitlines()]
+            assert [Path(r["file"]).name for r in rejects] == ["bad-\\xfe.eml"], rejects
+            assert "failed" not in serve_log(svc)
+    assert receivers(capture) == ["odd@dest.example"]
+
+
 def make_campaign(directory: Path, n: int, campaign_id: str = "pickup-campaign") -> list[str]:
     """A campaign job (the example's template, a recipients file of *n* rows) written into *directory*."""
     staging = directory.parent / f"staging-{campaign_id}"

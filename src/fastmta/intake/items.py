@@ -35,6 +35,27 @@ class SpoolItem:
                             self.row, self.take_key, self.sign))
 
 
+def record_text(text: str) -> str:
+    """*text* as it can go on record (journal, accounting, rejects): a byte the OS name could not decode
+    (a file name that is not UTF-8, kept by Python as a lone surrogate) written ``\\xNN``; else *text* itself.
+
+    Records are UTF-8, and a lone surrogate cannot be encoded: a pickup file named ``b"bad-\\xff.eml"``
+    once made the run fail on its first record (or its message vanish). The name on record is for
+    people; the file itself is still opened by its real name.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape") if _only_escapes(text) else text.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+    return text
+
+
+def _only_escapes(text: str) -> bool:
+    # surrogateescape encodes only the surrogates it makes (U+DC80..U+DCFF); others (a JSON "\ud800") pass through.
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 @dataclass(frozen=True, slots=True)
 class Reject:
     source: str
@@ -42,6 +63,11 @@ class Reject:
     reason: str
     key: str = ""
     row: int = 0
+
+    def __post_init__(self) -> None:
+        # Written to the rejects file and the summary: never a text that cannot be encoded there.
+        object.__setattr__(self, "source", record_text(self.source))
+        object.__setattr__(self, "reason", record_text(self.reason))
 
     def as_dict(self) -> dict[str, Any]:
         return {"file": self.source, "line": self.line, "reason": self.reason}

@@ -42,7 +42,17 @@ from pathlib import Path
 
 from fastmta.errors import InputError
 from fastmta.intake.campaign import Campaign
-from fastmta.intake.items import Event, InputEnd, InputSkipped, InputStart, Reject, Resume, ResumePoint, SpoolItem
+from fastmta.intake.items import (
+    Event,
+    InputEnd,
+    InputSkipped,
+    InputStart,
+    Reject,
+    Resume,
+    ResumePoint,
+    SpoolItem,
+    record_text,
+)
 from fastmta.intake.pickup import parse_pickup, read_pickup_bytes
 from fastmta.keyset import KeySet
 from fastmta.message.returnpath import ReturnPath
@@ -117,6 +127,9 @@ class SpoolReader:
         #: Costly DKIM signing left to the consumer (``Campaign.items``, ``SpoolItem.sign``).
         self.sign_later = sign_later
         self._pickup_started = False  # InputStart(PICKUP_INPUT) yielded
+        #: The real name of each file whose name had to be escaped to go on record (see
+        #: ``record_text``): for a consumer that moves or deletes files by the events' sources.
+        self.real_paths: dict[str, str] = {}
 
     def __iter__(self) -> Iterator[Event]:
         try:
@@ -162,21 +175,33 @@ class SpoolReader:
 
     def _failed(self, path: Path, source: str, line: int | None, reason: str) -> Iterator[Event]:
         """An input that cannot be used at all: reported on every run until it is fixed (row 0)."""
-        key = f"file:{_key(path)}"
+        key = f"file:{record_text(_key(path))}"
         yield InputStart(key, "")
         yield Reject(source, line, reason, key, 0)
         yield InputEnd(key)
 
     def _unreadable(self, path: Path) -> Iterator[Event]:
-        yield from self._failed(path, str(path), None, _not_a_readable_file(path) or "cannot read")
+        yield from self._failed(path, self._shown(path), None, _not_a_readable_file(path) or "cannot read")
+
+    def _shown(self, path: Path) -> str:
+        """*path* as it goes on record, its real name remembered when they differ (see ``real_paths``)."""
+        text = str(path)
+        shown = record_text(text)
+        if shown is not text:
+            self.real_paths[shown] = text
+        return shown
 
     def _pickup(self, text: str, name: str, met: KeySet) -> Iterator[Event]:
         # A pickup file is identified by its content: touched, renamed or
         # moved to another spool, it is the same message, sent once.
+        shown = record_text(text)  # *text* itself unless the name is not UTF-8 (see record_text)
+        if shown is not text:
+            self.real_paths[shown] = text
+            name = record_text(name)
         try:
             data = read_pickup_bytes(text)
         except InputError as exc:
-            yield from self._failed(Path(text), text, exc.line, exc.reason)
+            yield from self._failed(Path(text), shown, exc.line, exc.reason)
             return
         digest = hashlib.sha256(data).hexdigest()
         take_key = int(digest[:16], 16)
@@ -188,16 +213,16 @@ class SpoolReader:
         point = self.resume(PICKUP_INPUT, "") or ResumePoint()
         legacy = self.resume(f"pickup:{digest}", "")  # a queue from when each file was an input
         if take_key in met or take_key in point.taken or legacy is None or take_key in legacy.taken:
-            yield InputSkipped(f"pickup:{digest}", text)
+            yield InputSkipped(f"pickup:{digest}", shown)
             return
         try:
-            msg = parse_pickup(data, text)
+            msg = parse_pickup(data, shown)
         except InputError as exc:
-            yield from self._failed(Path(text), text, exc.line, exc.reason)
+            yield from self._failed(Path(text), shown, exc.line, exc.reason)
             return
         met.add(take_key)
         yield SpoolItem(
-            msg.content, msg.sender, msg.recipients, text, meta={"file": name}, key=PICKUP_INPUT,
+            msg.content, msg.sender, msg.recipients, shown, meta={"file": name}, key=PICKUP_INPUT,
             take_key=take_key,
         )
 
@@ -208,10 +233,10 @@ class SpoolReader:
             campaign = Campaign.load(path)
             fp = content_hash(path, campaign.recipients_path)
         except InputError as exc:
-            yield from self._failed(path, exc.source or str(path), exc.line, exc.reason)
+            yield from self._failed(path, exc.source or self._shown(path), exc.line, exc.reason)
             return
         except OSError as exc:
-            yield from self._failed(path, str(path), None, f"cannot read: {exc.strerror or exc}")
+            yield from self._failed(path, self._shown(path), None, f"cannot read: {exc.strerror or exc}")
             return
         key = f"campaign:{campaign.id}"
         first = ids.setdefault(key, path)
@@ -219,7 +244,7 @@ class SpoolReader:
             # Two jobs, one id: one campaign whose rows are known by id + address. Reading both in one
             # run would take a row of each before either is on record (a copy of a job would be sent
             # twice); which one is meant is the operator's call.
-            yield from self._failed(path, str(path), None, f"campaign id {campaign.id!r} is also the id of "
+            yield from self._failed(path, self._shown(path), None, f"campaign id {campaign.id!r} is also the id of "
                                     f"{first.name} in this spool: give each job its own [campaign] id")
             return
         point = self.resume(key, fp)

@@ -120,9 +120,12 @@ class PickupWatcher:
     async def scan(self, stop: asyncio.Event | None = None) -> int:
         """One pass over the directory; returns the messages submitted."""
         self.scans += 1
-        reader = iter(SpoolReader(
+        spool_reader = SpoolReader(
             self.directory, resume_from(self.spool), self.return_path, accept=self._settled, unsubscribe=self.unsubscribe,
-        ))
+        )
+        reader = iter(spool_reader)
+        # The events name a file whose name is not UTF-8 as it goes on record; moved or deleted by its real name.
+        real = spool_reader.real_paths
         done_files: list[str] = []
         inflight: set[asyncio.Task[None]] = set()
         submitted = 0
@@ -163,7 +166,8 @@ class PickupWatcher:
                     if event.key:
                         if event.row == 0:
                             self.tracker.failed(event.key)
-                            await asyncio.to_thread(self._quarantine, Path(event.source), event.reason)
+                            source = real.get(event.source, event.source)
+                            await asyncio.to_thread(self._quarantine, Path(source), event.reason)
                         self.tracker.issued(event.key, event.row)
                         self.tracker.taken(event.key, event.row)
                 else:
@@ -176,7 +180,7 @@ class PickupWatcher:
         if inflight:
             await asyncio.wait(set(inflight))
         if self.delete and done_files:
-            await asyncio.to_thread(self._remove, done_files)
+            await asyncio.to_thread(self._remove, [real.get(name, name) for name in done_files])
         return submitted
 
     async def _one(self, item: SpoolItem, done_files: list[str]) -> None:
