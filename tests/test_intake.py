@@ -33,6 +33,32 @@ def test_a_csv_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     assert not [i for i in items if isinstance(i, Reject)]
 
 
+def test_jsonl_values_no_message_can_carry_spoil_only_their_row(tmp_path: Path) -> None:
+    # Found by an attack on intake: a JSON "\ud800" (a lone surrogate) in a merge field or the address
+    # stopped the whole reading, on every run; an array or object value was rendered as Python's repr.
+    for name in ("welcome.toml", "welcome.txt", "welcome.html", "dkim-test-ed25519.key.pem"):
+        shutil.copy(SPOOL / name, tmp_path / name)
+    toml = tmp_path / "welcome.toml"
+    toml.write_text(toml.read_text().replace('recipients = "recipients.csv"', 'recipients = "r.jsonl"'))
+    rows = [
+        r'{"email": "a@one.example", "first_name": "Ann", "last_name": "L", "id": "u1", "signup": "2026-01-01"}',
+        r'{"email": "b@one.example", "first_name": "\ud800", "last_name": "L", "id": "u2", "signup": "2026-01-01"}',
+        r'{"email": "\ud800@one.example", "first_name": "C", "last_name": "L", "id": "u3", "signup": "2026-01-01"}',
+        r'{"email": "d@one.example", "first_name": ["\r\nBcc: x@evil.example"], "last_name": "L", "id": "u4", '
+        r'"signup": "2026-01-01"}',
+        r'{"email": "e@one.example", "first_name": {"a": 1}, "last_name": "L", "id": "u5", "signup": "2026-01-01"}',
+        r'{"email": "f@one.example", "first_name": "Fé", "last_name": "L", "id": "u6", "signup": "2026-01-01"}',
+    ]
+    (tmp_path / "r.jsonl").write_text("\n".join(rows) + "\n")
+    items = list(Campaign.load(toml).items())
+    assert [i.recipients[0] for i in items if isinstance(i, SpoolItem)] == ["a@one.example", "f@one.example"]
+    rejected = {i.line: i.reason for i in items if isinstance(i, Reject)}
+    assert set(rejected) == {2, 3, 4, 5}
+    assert "first_name" in rejected[2] and "not valid Unicode" in rejected[2]
+    assert "email" in rejected[3] and "not valid Unicode" in rejected[3]
+    assert "JSON array" in rejected[4] and "JSON object" in rejected[5]
+
+
 def test_malformed_addresses_are_rejected_at_intake_with_their_line(tmp_path: Path) -> None:
     rows = (
         b"john doe@b.example,John,Doe,u1,2026-01-01\r\n"

@@ -300,6 +300,9 @@ class Campaign:
             except InputError as exc:
                 yield Reject(source, line, exc.reason if exc.source is None else str(exc), key, line)
                 continue
+            except (ValueError, TypeError) as exc:  # a value no check above foresaw: this row only, never the rest
+                yield Reject(source, line, f"cannot render this row: {type(exc).__name__}: {exc}", key, line)
+                continue
             envelope_sender = sender
             extra = b""
             if return_path is not None:
@@ -370,8 +373,19 @@ def _injection(row: dict[str, Any]) -> str | None:
     # where the template would neutralize them, a row that has them is
     # broken input and is reported rather than silently altered.
     for key, value in row.items():
-        if isinstance(value, str) and any(c in value for c in _FORBIDDEN):
-            return f"field {key!r} contains CR, LF or NUL"
+        if isinstance(value, str):
+            if any(c in value for c in _FORBIDDEN):
+                return f"field {key!r} contains CR, LF or NUL"
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    # A JSON "\ud800": no text a message can carry. It once stopped the whole reading,
+                    # on every run, where it reached the header encoder or the address check.
+                    return f"field {key!r} is not valid Unicode (a lone surrogate, e.g. \\ud800 in JSON)"
+        elif isinstance(value, (list, dict)):
+            # A JSON array or object would be rendered as Python's repr of it, escapes and all.
+            return f"field {key!r} is a JSON {'array' if isinstance(value, list) else 'object'}, not a text or number"
     return None
 
 

@@ -58,7 +58,10 @@ def mailbox_error(address: str) -> str | None:
     UTF-8 (EAI, RFC 6531) is allowed: whether the receiver can take it is
     decided per connection, not at intake.
     """
-    raw = address.encode("utf-8", "surrogateescape")
+    try:
+        raw = address.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a JSON "\ud800")
+        return "is not valid Unicode (a lone surrogate)"
     if is_valid_mailbox(raw, utf8=True) or _LENIENT_MAILBOX.fullmatch(raw) is not None:
         return None
     local, at, domain = address.rpartition("@")
