@@ -285,6 +285,11 @@ def test_bad_requests_are_400s_naming_the_field_and_nothing_is_queued(run_uvloop
         ({**good, "meta": {"k": "a\r\nb"}}, "meta.k", "control"),
         ({**good, "meta": {"k": "v" * 5000}}, "meta", "at most"),
         ({**good, "content": "Subject: a\rBcc: e@vil.test\r\nFrom: a@b.test\r\n\r\nx\r\n"}, "content", "bare CR"),
+        # Lone surrogates (JSON "\ud800") and NUL: a 500, or relayed, before an attack on intake found them.
+        ({**good, "recipients": ["\ud800@y.test"]}, "recipients[0]", "not valid UTF-8"),
+        ({**good, "recipients": ["\udcff@y.test"]}, "recipients[0]", "not valid UTF-8"),
+        ({**good, "content": "Subject: \ud800\r\n\r\nx\r\n"}, "content", "not valid Unicode"),
+        ({**good, "content": "Subject: a\x00b\r\n\r\nx\r\n"}, "content", "NUL"),
     ]
 
     async def main() -> None:
@@ -373,6 +378,8 @@ def test_campaign_renders_per_recipient_and_reports_every_rejected_row(run: Run,
         {"email": "dee@y.test", "data": {"first_name": "Dee", "uid": 5}, "meta": {"job": "other"}},
         {"email": "eve@y.test", "data": {"first_name": "Eve", "uid": 6}},
         "eve@y.test",
+        {"email": "sue@y.test", "data": {"first_name": "\ud800", "uid": "7"}},  # once a 500 for the whole batch
+        {"email": "al@y.test", "data": {"first_name": ["\r\nBcc: victim@evil.test"], "uid": "8"}},
     ]
 
     async def main() -> None:
@@ -383,7 +390,8 @@ def test_campaign_renders_per_recipient_and_reports_every_rejected_row(run: Run,
             assert body["campaign"] == "spring-26"
             assert [a["email"] for a in body["accepted"]] == ["ann@y.test", "eve@y.test"]
             rejected = {r["index"]: r for r in body["rejected"]}
-            assert sorted(rejected) == [1, 2, 3, 4, 6]  # every row is accounted for
+            assert sorted(rejected) == [1, 2, 3, 4, 6, 7, 8]  # every row is accounted for
+            assert "not valid Unicode" in rejected[7]["error"] and "JSON array" in rejected[8]["error"]
             assert "CR, LF or NUL" in rejected[1]["error"] and rejected[1]["email"] == "bob@y.test"
             assert "first_name" in rejected[2]["error"] and "template.subject:1" in rejected[2]["error"]
             assert "not an address" in rejected[3]["error"]

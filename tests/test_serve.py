@@ -129,23 +129,30 @@ def test_aiosmtplib_smtputf8_and_bad_input_get_clear_answers(tmp_path: Path) -> 
                     assert not errors and "queued as" in reply
                     # A header section with a bare CR cannot be accepted: 554, named, nothing queued.
                     # (aiosmtplib would normalise the CR away, so these bytes go on a socket of our own.)
-                    reader, writer = await asyncio.open_connection(host, port)
-                    bad = b"From: a@sender.example\r\nSubject: x\rBcc: evil@x.example\r\n\r\nbody\r\n"
-                    writer.write(b"EHLO c.example\r\nMAIL FROM:<app@sender.example>\r\nRCPT TO:<ok@dest.example>\r\n"
-                                 b"DATA\r\n")
-                    await writer.drain()
-                    answers = b""
-                    while answers.count(b"\r\n") < 1 or b"354 " not in answers:
-                        answers += await asyncio.wait_for(reader.read(4096), 10)
-                    writer.write(bad + b".\r\nQUIT\r\n")
-                    rest = b""
-                    while b"221 " not in rest:
-                        chunk = await asyncio.wait_for(reader.read(4096), 10)
-                        if not chunk:
-                            break
-                        rest += chunk
-                    writer.close()
-                    assert rest.startswith(b"554 5.6.0 Error: message: bare CR (without LF) in header line 2"), rest
+                    # So can no NUL (relayed as it was before an attack on intake found it).
+                    cases = [
+                        (b"From: a@sender.example\r\nSubject: x\rBcc: evil@x.example\r\n\r\nbody\r\n",
+                         b"554 5.6.0 Error: message: bare CR (without LF) in header line 2"),
+                        (b"From: a@sender.example\r\nSubject: a\x00b\r\n\r\nbody\r\n",
+                         b"554 5.6.0 Error: message: a NUL byte at offset "),  # after the Received: added
+                    ]
+                    for bad, answer in cases:
+                        reader, writer = await asyncio.open_connection(host, port)
+                        writer.write(b"EHLO c.example\r\nMAIL FROM:<app@sender.example>\r\n"
+                                     b"RCPT TO:<ok@dest.example>\r\nDATA\r\n")
+                        await writer.drain()
+                        answers = b""
+                        while answers.count(b"\r\n") < 1 or b"354 " not in answers:
+                            answers += await asyncio.wait_for(reader.read(4096), 10)
+                        writer.write(bad + b".\r\nQUIT\r\n")
+                        rest = b""
+                        while b"221 " not in rest:
+                            chunk = await asyncio.wait_for(reader.read(4096), 10)
+                            if not chunk:
+                                break
+                            rest += chunk
+                        writer.close()
+                        assert rest.startswith(answer), rest
                     # The session goes on.
                     errors, reply = await smtp.sendmail(
                         "app@sender.example", ["two@dest.example"], MSG.format(rcpt="two@dest.example", i=2).encode()

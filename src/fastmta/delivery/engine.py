@@ -340,6 +340,9 @@ class Engine:
         unsafe = header_section_error(body.raw)
         if unsafe is not None:
             raise InputError(f"message: {unsafe}")
+        nul = body.raw.find(b"\x00")
+        if nul >= 0:  # where every intake meets: SMTP's DATA cannot carry a NUL (RFC 5321 4.1.4)
+            raise InputError(f"message: a NUL byte at offset {nul}")
         if self.screen is not None:  # the suppression list: before anything is queued
             message_id = message_id or new_message_id()
             recipients = self.screen.admit(message_id, sender, recipients, body.raw, meta)

@@ -260,7 +260,7 @@ class Campaign:
             if row is None:
                 yield Reject(source, line, error or "unreadable row", key, line)
                 continue
-            bad = _injection(row)
+            bad = merge_field_error(row)
             if bad is not None:
                 yield Reject(source, line, bad, key, line)
                 continue
@@ -368,7 +368,8 @@ def _date(value: Any) -> datetime.date | None:
         return None
 
 
-def _injection(row: dict[str, Any]) -> str | None:
+def merge_field_error(row: dict[str, Any]) -> str | None:
+    """Why a row's merge values cannot go into a message (its line is reported, the rest read), or None."""
     # Merge values must never carry line breaks or NUL into a message: even
     # where the template would neutralize them, a row that has them is
     # broken input and is reported rather than silently altered.

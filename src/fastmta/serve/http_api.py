@@ -38,6 +38,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from fastmta.errors import ConfigError, InputError
+from fastmta.intake.campaign import merge_field_error
 from fastmta.message.mime import CampaignTemplate, CompiledCampaign, compile_campaign
 from fastmta.queue.records import split_address
 from fastmta.serve.api import ServiceAPI, Unavailable
@@ -333,7 +334,11 @@ def _content(data: dict[str, Any]) -> bytes:
     if text is not None:
         if not isinstance(text, str):
             raise ApiError(400, "content must be a string (the RFC 5322 message)", field="content")
-        content = text.encode("utf-8", "surrogatepass")
+        try:
+            content = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a JSON "\ud800": it went out as bytes that are no UTF-8 at all
+            raise ApiError(400, f"content is not valid Unicode (a lone surrogate at character {exc.start}); "
+                           "send 8-bit or binary content as content_base64", field="content") from None
     else:
         if not isinstance(b64, str):
             raise ApiError(400, "content_base64 must be a base64 string", field="content_base64")
@@ -541,7 +546,7 @@ def _render(
     if not isinstance(fields, dict):
         raise _RowError("data must be an object of merge fields")
     merge = {**fields, "email": email}
-    bad = _injection(merge)
+    bad = merge_field_error(merge)
     if bad is not None:
         raise _RowError(bad)
     try:
@@ -555,19 +560,9 @@ def _render(
     except InputError as exc:
         where = field_of((exc.source or "").removeprefix("request:"))
         raise _RowError(f"{where}:{exc.line}: {exc.reason}" if where else exc.reason) from None
+    except (ValueError, TypeError) as exc:  # a value no check above foresaw: this row only, never the batch
+        raise _RowError(f"cannot render this row: {type(exc).__name__}: {exc}") from None
     return email, message, {**meta, "job": campaign}
 
 
-_FORBIDDEN = ("\r", "\n", "\x00")
-
-
-def _injection(row: dict[str, Any]) -> str | None:
-    # The rule of fastmta.intake.campaign._injection (copied: it is private
-    # there): merge values must never carry line breaks or NUL into a message;
-    # even where the template would neutralize them, such a row is broken input
-    # and is reported rather than silently altered.
-    for key, value in row.items():
-        if isinstance(value, str) and any(c in value for c in _FORBIDDEN):
-            return f"field {key!r} contains CR, LF or NUL"
-    return None
 

@@ -59,9 +59,11 @@ def mailbox_error(address: str) -> str | None:
     decided per connection, not at intake.
     """
     try:
-        raw = address.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a JSON "\ud800")
-        return "is not valid Unicode (a lone surrogate)"
+        raw = address.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate: an undecodable byte kept by surrogateescape (the lenient grammar took
+        # b"\xff@x" for UTF-8, and the message then failed where it was recorded), or a JSON "\ud800".
+        return "is not valid UTF-8"
     if is_valid_mailbox(raw, utf8=True) or _LENIENT_MAILBOX.fullmatch(raw) is not None:
         return None
     local, at, domain = address.rpartition("@")
