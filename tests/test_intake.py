@@ -74,6 +74,18 @@ def test_malformed_addresses_are_rejected_at_intake_with_their_line(tmp_path: Pa
     assert "white space" in rejected[2] and "john doe@b.example" in rejected[2]
 
 
+def test_a_trailing_dot_after_the_domain_is_dropped_and_is_the_same_recipient(tmp_path: Path) -> None:
+    # Found by an attack on intake: "r@ok.example." went out as it was (501, counted as a hard bounce)
+    # and was not known as a duplicate of "r@ok.example". Postfix drops the dot; so does fastmta.
+    rows = b"r@ok.example.,R,R,u1,2026-01-01\r\nr@ok.example,R,R,u2,2026-01-01\r\nq@ok.example..,Q,Q,u3,2026-01-01\r\n"
+    items = list(campaign(tmp_path, HEADER + rows).items())
+    [item] = [i for i in items if isinstance(i, SpoolItem)]
+    assert item.recipients == ["r@ok.example"] and b"\r\nTo: R R <r@ok.example>\r\n" in item.content
+    rejected = {i.line: i.reason for i in items if isinstance(i, Reject)}
+    assert set(rejected) == {3, 4} and "duplicate recipient" in rejected[3] and "q@ok.example.." in rejected[4]
+    assert split_address("Ann@Ok.Example.") == ("Ann@Ok.Example", "ok.example")
+
+
 def test_internationalised_rows_are_accepted(tmp_path: Path) -> None:
     rows = "renée@example.net,Renée,R,u1,2026-01-01\r\nkunde@bücher.test,K,K,u2,2026-01-01\r\n".encode()
     items = list(campaign(tmp_path, HEADER + rows).items())

@@ -334,8 +334,9 @@ class Engine:
         if not recipients:
             raise InputError("a message needs at least one recipient")
         if sender:
-            split_address(sender, "sender")
+            sender = split_address(sender, "sender")[0]
         rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(recipients)]
+        recipients = [r.address for r in rcpts]  # as split_address gives them (a trailing dot dropped)
         body = message if isinstance(message, Body) else Body(bytes(message))
         unsafe = header_section_error(body.raw)
         if unsafe is not None:
@@ -349,6 +350,7 @@ class Engine:
             if not recipients:
                 return message_id  # every recipient suppressed: each has its record, nothing is queued
             rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(recipients)]
+            recipients = [r.address for r in rcpts]
         if not self.dkim.empty and not (meta and "job" in meta and body.raw[:15].lower() == b"dkim-signature:"):
             # Before the journal: a resumed message is not signed again. A campaign signed with its own keys
             # is left alone; one without keys (an HTTP campaign) is signed like any other message.

@@ -269,10 +269,13 @@ class Campaign:
                 yield Reject(source, line, f"no {field!r} field", key, line)
                 continue
             try:
-                split_address(address)
+                normal = split_address(address)[0]
             except InputError as exc:
                 yield Reject(source, line, exc.reason, key, line)
                 continue
+            if normal != address:  # "r@x.example.": its key, envelope and merge field are "r@x.example"
+                address = normal
+                row = {**row, field: normal}
             occurrence = 0
             take_key = self.row_key(address)
             if take_key in seen:

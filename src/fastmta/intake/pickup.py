@@ -40,10 +40,9 @@ def _address(value: bytes, path: Path | str, line: int, what: str) -> str:
     if what == "X-Sender" and text == "":
         return ""
     try:
-        split_address(text, what)
+        return split_address(text, what)[0]
     except InputError as exc:
         raise InputError(exc.reason, source=str(path), line=line) from None
-    return text
 
 
 class _Envelope:

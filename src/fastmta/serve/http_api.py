@@ -255,10 +255,9 @@ def _address(value: Any, field: str, what: str) -> str:
     if what == "sender" and value == "":
         return value  # the null reverse-path (a bounce or DSN)
     try:
-        split_address(value, what)
+        return split_address(value, what)[0]
     except InputError as exc:
         raise ApiError(400, exc.reason, field=field) from None
-    return value
 
 
 def _recipients(value: Any, field: str = "recipients") -> list[str]:
