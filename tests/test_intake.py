@@ -86,6 +86,25 @@ def test_a_trailing_dot_after_the_domain_is_dropped_and_is_the_same_recipient(tm
     assert split_address("Ann@Ok.Example.") == ("Ann@Ok.Example", "ok.example")
 
 
+def test_a_quote_left_open_spoils_only_its_own_line(tmp_path: Path) -> None:
+    # Found by an attack on intake: csv.DictReader read on from an open quote to the next one, taking
+    # the rows in between into one field, reported once at the line where it ended; those rows were
+    # neither sent nor named. A stray quote after a quoted field was quietly dropped ("A"x -> Ax).
+    rows = (
+        b"g1@ok.example,A,B,u1,2026-01-01\r\n"
+        b'q@ok.example,"Unbalanced,B,u2,2026-01-01\r\n'
+        b"g2@ok.example,A,B,u3,2026-01-01\r\n"
+        b'x@ok.example,"A"x,B,u4,2026-01-01\r\n'
+        b"\r\n"
+        b"g3@ok.example,A,B,u5,2026-01-01\r\n"
+    )
+    items = list(campaign(tmp_path, HEADER + rows).items())
+    assert [(i.line, i.recipients[0]) for i in items if isinstance(i, SpoolItem)] == [
+        (2, "g1@ok.example"), (4, "g2@ok.example"), (7, "g3@ok.example")]
+    rejected = {i.line: i.reason for i in items if isinstance(i, Reject)}
+    assert set(rejected) == {3, 5} and "quote left open" in rejected[3] and "unreadable CSV row" in rejected[5]
+
+
 def test_internationalised_rows_are_accepted(tmp_path: Path) -> None:
     rows = "renée@example.net,Renée,R,u1,2026-01-01\r\nkunde@bücher.test,K,K,u2,2026-01-01\r\n".encode()
     items = list(campaign(tmp_path, HEADER + rows).items())
