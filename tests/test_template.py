@@ -282,6 +282,30 @@ def test_attachments_round_trip(tmp_path: Path) -> None:
     assert body is not None and crlf_to_lf(body.get_content()) == "<p>&lt;Ann&gt;</p>\n"
 
 
+def test_template_files_outside_the_jobs_directory_are_refused(tmp_path: Path) -> None:
+    # Found by an attack on intake: text_file = "../secret.txt" in a job dropped into serve's pickup
+    # directory mailed that file (read with the service's rights) to the whole list.
+    from fastmta.errors import ConfigError
+
+    job = tmp_path / "job"
+    (job / "parts").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("root:x:0:0\n")
+    (job / "parts" / "ok.txt").write_text("Hello {{ name }}\n")
+    (job / "link.txt").symlink_to(tmp_path / "secret.txt")
+    headers = SPEC["headers"]
+    for spec, where in [
+        ({"headers": headers, "text_file": "../secret.txt"}, "template.text_file"),
+        ({"headers": headers, "html_file": str(tmp_path / "secret.txt")}, "template.html_file"),
+        ({"headers": headers, "text_file": "link.txt"}, "template.text_file"),  # a link out counts too
+        ({"headers": headers, "text": "x", "attachments": [{"path": "../secret.txt"}]}, "template.attachments"),
+    ]:
+        with pytest.raises(ConfigError, match="outside the job's directory") as info:
+            compile_campaign(spec, base_dir=job, source="job.toml")
+        assert where in str(info.value)
+    c = compile_campaign({"headers": headers, "text_file": "parts/ok.txt"}, base_dir=job)  # below it: fine
+    assert b"Hello Ann" in c.render(rcpt(name="Ann"))
+
+
 def test_campaign_toml_example_loads(tmp_path: Path) -> None:
     (tmp_path / "welcome.txt").write_text("Hello {{ first_name }}\n", encoding="utf-8")
     doc = tomllib.loads(

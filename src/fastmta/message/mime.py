@@ -83,7 +83,7 @@ def _read_text(inline: str | None, path: str | None, what: str, base: Path, sour
         raise ConfigError(f"{source}: template: give {what} or {what}_file, not both")
     if path is None:
         return inline, f"{source}:template.{what}"
-    full = base / path
+    full = _inside(base, path, f"{source}: template.{what}_file")
     try:
         # newline="" keeps the file's line ends; the wire stage normalizes them.
         with open(full, encoding="utf-8", newline="") as f:
@@ -92,6 +92,24 @@ def _read_text(inline: str | None, path: str | None, what: str, base: Path, sour
         raise ConfigError(f"{source}: template.{what}_file {full}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: template.{what}_file {full} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _inside(base: Path, path: str, where: str) -> Path:
+    """*path* (relative to the job's directory *base*), refused when it leads out of that directory.
+
+    What these files hold goes out in every message: a job dropped into
+    ``serve``'s pickup directory with ``text_file = "../../etc/shadow"`` (or a
+    link to it) mailed that file, read with the service's rights, to its list.
+    """
+    full = base / path
+    try:
+        inside = full.resolve().is_relative_to(base.resolve())
+    except (OSError, RuntimeError):  # a link loop: open() reports it below
+        return full
+    if not inside:
+        raise ConfigError(f"{where} {path}: outside the job's directory {base} (only files beside the job or "
+                          "below it go into messages)")
+    return full
 
 
 class _Date:
@@ -168,7 +186,7 @@ class CompiledCampaign:
 
     @staticmethod
     def _attachment(spec: AttachmentSpec, base: Path, source: str) -> bytes:
-        full = base / spec.path
+        full = _inside(base, spec.path, f"{source}: template.attachments")
         try:
             data = full.read_bytes()
         except OSError as exc:
