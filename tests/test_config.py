@@ -90,7 +90,11 @@ def test_empty_file_gives_working_defaults(tmp_path: Path) -> None:
         ('[routing.static]\n"example.com" = []\n', "static route 'example.com' has no hosts"),
         ('[routing.static]\n".x.test" = ["h"]\n"*.x.test" = ["h"]\n', "are the same pattern"),
         ('[routing.static]\n"x.test" = ["h:port"]\n', "bad port in 'h:port'"),
-        ('[routing.static]\n"x.test" = [25]\n', "routing.static[...][0]: Expected `str`, got `int`"),
+        ('[routing.static]\n"x.test" = [25]\n', 'routing.static."x.test"[0]: Expected `str`, got `int`'),
+        # A table's key by name, not msgspec's [...] (found by an attack on intake).
+        ('[sites."a.test"]\nmax_connections = 2\n[sites."*"]\nmax_connections = 0\n',
+         'sites."*".max_connections: Expected `int` >= 1'),
+        ('[sites."*"]\nrate = ["20/fortnight"]\n', "sites.\"*\": bad rate spec '20/fortnight'"),
         ("[dns\n", "invalid TOML"),
     ],
 )

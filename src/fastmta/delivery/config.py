@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -458,6 +460,32 @@ def _describe(exc: msgspec.ValidationError) -> str:
     return f"{path}: {msg}" if path else msg
 
 
+def _name_the_key(text: str, data: Any, struct: type) -> str:
+    """msgspec writes a table's key as ``[...]`` (``sites[...].rate``): put the key back (``sites."*".rate``).
+
+    Found by validating the table's entries one by one; the first that fails is the one (TOML keeps order).
+    """
+    head, sep, _ = text.partition("[...]")
+    fields = head.split(":", 1)[0].strip(".").split(".") if sep else []
+    if not fields or not all(f.isidentifier() for f in fields):
+        return text
+    value_type: Any = struct
+    for name in fields:
+        hints = typing.get_type_hints(value_type) if isinstance(value_type, type) else {}
+        if name not in hints or not isinstance(data, dict):
+            return text
+        value_type, data = hints[name], data.get(name)
+    args = typing.get_args(value_type)
+    if typing.get_origin(value_type) is not dict or len(args) != 2 or not isinstance(data, dict):
+        return text
+    for key, entry in data.items():
+        try:
+            msgspec.convert(entry, args[1])
+        except msgspec.ValidationError:
+            return text.replace("[...]", f".{json.dumps(str(key))}", 1)
+    return text
+
+
 def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: str | Path | None = None) -> Config:
     """Validate an already-parsed mapping (TOML, JSON, a test's dict).
 
@@ -467,7 +495,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: s
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from None
+        raise ConfigError(f"{source}: {_name_the_key(_describe(exc), data, Config)}") from None
     rules = config.classify.rules
     if isinstance(rules, str) and base_dir is not None and not Path(rules).is_absolute():
         classify = msgspec.structs.replace(config.classify, rules=str(Path(base_dir) / rules))
