@@ -228,6 +228,43 @@ def test_unsolicited_reply_is_a_protocol_error() -> None:
         p.receive_data(b"250 nobody asked\r\n")
 
 
+@pytest.mark.parametrize(("replies", "why"), [
+    # 250 to DATA: the server did not take the content, which was never sent; the recipient was
+    # recorded delivered (found by a fault-injection attack on `fastmta send`).
+    (b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 ok (but no 354)\r\n", "reply 250 to data"),
+    # A 3yz where the command has none was classified as a bounce.
+    (b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n334 what\r\n", "reply 334 to data"),
+    (b"250 2.1.0 ok\r\n354 rcpt?\r\n", "reply 354 to rcpt"),
+    (b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n354 more\r\n", "reply 354 to end_of_data"),
+])
+def test_a_reply_the_command_cannot_have_is_a_protocol_error(replies: bytes, why: str) -> None:
+    p = ready()
+    p.start_transaction(txn("a@x.test"))
+    p.data_to_send()
+    with pytest.raises(ProtocolError, match=why):
+        p.receive_data(replies)
+    # What the connection then does: the session fails, the transaction with a transient reply, never delivered.
+    [done] = results(p.abort(Reply.local(451, "4.5.0", "protocol error")))
+    assert done.result.delivered == [] and [r.code for r in done.result.recipient_replies()] == [451]
+
+
+def test_an_extra_reply_line_is_caught_at_the_next_data() -> None:
+    # A server that says 250 twice after the content shifts every later reply by one: the next
+    # transaction's DATA gets its RCPT's 250, which is no answer to DATA.
+    p = ready()
+    p.start_transaction(txn("a@x.test"))
+    p.start_transaction(txn("b@y.test"))
+    p.data_to_send()
+    p.receive_data(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n")
+    p.data_to_send()
+    [first] = results(p.receive_data(b"250 2.0.0 queued\r\n250 2.0.0 queued again\r\n250 2.1.0 ok\r\n"))
+    assert first.result.delivered == ["a@x.test"]
+    with pytest.raises(ProtocolError, match="reply 250 to data"):
+        p.receive_data(b"250 2.1.5 ok\r\n")
+    [second] = results(p.abort(Reply.local(451, "4.5.0", "protocol error")))
+    assert second.result.delivered == []
+
+
 # --- whole versus byte by byte ------------------------------------------------
 
 SCRIPT = [

@@ -326,6 +326,10 @@ cdef class ProtocolCore:
             if txn is None:
                 self._on_session_reply(reply, phase)
             else:
+                code = reply[0]
+                # The reference's _fits_phase (RFC 5321 4.3.2): DATA takes 354 or a failure, the others no 3yz.
+                if (code != 354 and code < 400) if phase is P_DATA else code // 100 == 3:
+                    raise ProtocolError(f"reply {code} to {phase.value}: not a reply that command can have")
                 self._on_txn_reply(reply, phase, <_Txn?>txn, expected[2])
         events = self._events
         self._events = []

@@ -121,6 +121,8 @@ class ProtocolCore:
             if txn is None:
                 self._on_session_reply(reply, phase)
             else:
+                if not _fits_phase(reply.code, phase):
+                    raise ProtocolError(f"reply {reply.code} to {phase.value}: not a reply that command can have")
                 self._on_txn_reply(reply, phase, txn, index)
         return self._drain()
 
@@ -296,3 +298,16 @@ class ProtocolCore:
         txn.result.error = reply
         txn.result.error_phase = Phase.MAIL
         self._events.append(TransactionDone(txn.result))
+
+
+def _fits_phase(code: int, phase: Phase) -> bool:
+    """Can a transaction command have this reply (RFC 5321 4.3.2)? DATA: 354 or a failure; the others: no 3yz.
+
+    A server that says 250 to DATA has not taken the content, which was then never sent, and the
+    recipient was recorded delivered; a 3yz elsewhere was taken for a bounce; an extra reply line
+    shifts every later reply by one, and the first DATA it reaches shows it. Each is a protocol error:
+    the session ends and its transactions are retried.
+    """
+    if phase is Phase.DATA:
+        return code == 354 or code >= 400
+    return code // 100 != 3
