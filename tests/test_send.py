@@ -418,3 +418,44 @@ def test_pickup_files_whose_names_are_not_utf8(tmp_path: Path, intake: str) -> N
             reported = [json.loads(line) for line in rejects.read_text().splitlines()]
             assert len(reported) == 1 and all(Path(r["file"]).name == "bad-\\xfe.eml" and r["line"] == 1
                                                 and "not an RFC 5322 message" in r["reason"] for r in reported)
+
+
+def test_a_full_accounting_disk_stops_the_run_and_nothing_is_sent_twice(
+    tmp_path: Path, small_fs: Any, world_writable_dir: Path
+) -> None:
+    # Found by a fault-injection attack: with the accounting log's disk full, the journal batch of
+    # states behind the failed accounting write was dropped (and outcomes after it were not journaled),
+    # so the rerun sent ~300 of 8,000 recipients a second time. Now the states are journaled all the
+    # same; the run stops naming the accounting log and the lines it may have lost.
+    import re
+    import subprocess
+    from collections import Counter
+
+    from servers import postfix_smtp_sink
+
+    n = 3000
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for i in range(n):
+        (spool / f"m{i:05d}.eml").write_bytes(
+            f"X-Sender: a@b.example\r\nX-Receiver: r{i}@d{i % 20}.example\r\nFrom: a@b.example\r\n"
+            f"To: r{i}@d{i % 20}.example\r\nSubject: {i}\r\n\r\nhello {i}\r\n".encode())
+    disk = small_fs(192 * 1024)  # room for some 700 accounting lines
+    acct = disk / "acct.jsonl"
+    summary = tmp_path / "s.json"
+    with postfix_smtp_sink("-d", str(world_writable_dir) + "/%H%M%S.") as sink:
+        cmd = ["send", str(spool), "--relay", f"{sink.host}:{sink.port}", "--quiet", "--queue-dir",
+               str(tmp_path / "queue"), "--accounting", str(acct), "--summary-json", str(summary)]
+        first = fastmta(*cmd)
+        assert first.returncode == 1, first.stderr[-2000:]
+        assert "Traceback" not in first.stderr and f"accounting log {acct}" in first.stderr
+        s1 = json.loads(summary.read_text())
+        assert "accounting log" in s1["fatal"] and "not written" in s1["fatal"] and s1["unfinished"] > 0
+        subprocess.run(["mount", "-o", "remount,size=50m", str(disk)], check=True)
+        again = fastmta(*cmd)
+        assert again.returncode == 0, again.stderr[-2000:]
+        s2 = json.loads(summary.read_text())
+        assert s1["delivered"] + s2["delivered"] == n and s2["resumed_recipients"] == s1["unfinished"]
+    received = Counter(m.group(1) for f in world_writable_dir.iterdir()
+                       if (m := re.search(rb"^To: (\S+)$", f.read_bytes(), re.M)))
+    assert len(received) == n and set(received.values()) == {1}  # every recipient once: none twice

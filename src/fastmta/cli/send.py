@@ -491,8 +491,12 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
             loop.remove_signal_handler(sig)
         progress.stop()
         signing.shutdown(cancel_futures=True)
+        accounting_failure = None
         if accounting is not None:
-            accounting.close()
+            try:
+                accounting.close()
+            except OSError as exc:  # its disk is full: said, and the queue is closed all the same (below)
+                accounting_failure = str(exc)
         if suppressions is not None:
             suppressions.close()
         await spool.close()
@@ -527,7 +531,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
             {"message_id": lost.id, "recipients": lost.recipients, "reason": lost.reason, "meta": lost.meta}
             for lost in engine.lost
         ],
-        "fatal": str(engine.fatal) if engine.fatal is not None else None,
+        "fatal": str(engine.fatal) if engine.fatal is not None else accounting_failure,
         # The spool could not be read to its end (--intake process: the reading process failed).
         "intake_error": intake_failure,
         # Peak resident memory of this process and of its intake process (each counts the pages they share).

@@ -280,6 +280,7 @@ class AccountingLog:
         self.max_age = max_age
         self.rotated: list[Path] = []  # files this log renamed, oldest first
         self.lines = 0  # lines accepted by write() (flushed or not)
+        self.unwritten = 0  # lines a failed write may have lost (the disk was full)
         self._clock = clock
         self._iso = iso_times
         self._guard = guard_formulas
@@ -359,18 +360,29 @@ class AccountingLog:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        if self.max_bytes is None:
-            self._write(pending)
-        else:
-            self._write_sized(pending, self.max_bytes)
-        self._file.flush()
+        try:
+            if self.max_bytes is None:
+                self._write(pending)
+            else:
+                self._write_sized(pending, self.max_bytes)
+            self._file.flush()
+        except OSError as exc:
+            self.unwritten += len(pending)  # at most these (some may be on disk, the last one torn)
+            raise OSError(exc.errno, f"accounting log {self.path}: {exc.strerror or exc}; up to "
+                          f"{self.unwritten:,} line(s) not written") from exc
 
     def close(self) -> None:
+        """Flush and close; an OSError (a full disk) names the file, and the log is closed all the same."""
         if self._closed:
             return
-        self.flush()
-        self._file.close()
-        self._closed = True
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            try:
+                self._file.close()
+            except OSError as exc:  # the buffer's last write
+                raise OSError(exc.errno, f"accounting log {self.path}: {exc.strerror or exc}") from exc
 
     def __enter__(self) -> Self:
         return self

@@ -57,6 +57,9 @@ class Ledger:
         #: The error that stopped the record (journal or accounting failed,
         #: e.g. a full disk); None while all is well.
         self.fatal: BaseException | None = None
+        #: The accounting log failed (its disk is full): no more lines, but the journal still takes
+        #: every state, or recipients delivered after the failure were sent again by the next run.
+        self._accounting_failed = False
         self.counts: Counter[str] = Counter()  # by status
         self.site_counts: dict[str, Counter[str]] = {}
         self._trackers: dict[str, _Tracker] = {}
@@ -155,7 +158,7 @@ class Ledger:
             if site_counter is None:
                 site_counter = self.site_counts[delivery.site] = Counter()
             site_counter[status.value] += 1
-        if self.fatal is None:
+        if self.fatal is None or self._accounting_failed:
             try:
                 self._keep_record(outcome, msg, rcpt, status, next_attempt)
             except (OSError, SpoolError) as exc:
@@ -198,13 +201,17 @@ class Ledger:
         """The spool is about to hand a batch to its writer: the accounting lines of its outcomes go first.
 
         A process killed afterwards then never has a journaled outcome without
-        its accounting line. A failure fails the batch too (the spool refuses
-        further work), so no state is journaled whose line may be missing.
+        its accounting line. A failure (a full disk) stops the engine, and is
+        reported with the lines it may have lost; the batch is still journaled
+        (see GroupCommit._run_hooks): delivered recipients are never sent again.
         """
         assert self.accounting is not None
+        if self._accounting_failed:
+            return
         try:
             self.accounting.flush()
         except OSError as exc:
+            self._accounting_failed = True
             self.fail(exc)
             raise
 
@@ -212,8 +219,12 @@ class Ledger:
         self, outcome: Outcome, msg: Message, rcpt: Recipient, status: Status, next_attempt: float | None
     ) -> None:
         """The accounting line, then the journal record (see _flush_accounting for the order on disk)."""
-        if self.accounting is not None:
-            self.accounting.write(outcome)
+        if self.accounting is not None and not self._accounting_failed:
+            try:
+                self.accounting.write(outcome)  # may flush a full batch
+            except OSError as exc:
+                self._accounting_failed = True
+                self.fail(exc)
         if self.spool is not None:
             wall_next = next_attempt if next_attempt is not None else time.time()
             try:
