@@ -26,8 +26,7 @@ from fastmta.delivery.config import config_from_dict
 from fastmta.delivery.engine import Engine
 from fastmta.delivery.limits import AdaptiveConfig, ThrottleConfig
 from fastmta.delivery.procedures import PROCEDURE_TABLE, PROCEDURES, Procedures
-from fastmta.delivery.throttle import EventKind, SiteThrottle
-from fastmta.delivery.throttles import Throttles
+from fastmta.delivery.throttle import EventKind, SiteThrottle, Throttles
 from fastmta.feedback.classify import default_classifier
 from redisproc import RedisProc, have_redis, redis_server
 

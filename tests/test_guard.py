@@ -34,7 +34,7 @@ from fastmta.delivery.accounting import AccountingLog
 from fastmta.delivery.config import config_from_dict
 from fastmta.delivery.engine import Engine
 from fastmta.delivery.limits import SourceLimits, ThrottleConfig
-from fastmta.delivery.throttles import Throttles
+from fastmta.delivery.throttle import Throttles
 from fastmta.delivery.warmup import WarmupConfig, WarmupState
 from fastmta.delivery.warmup_store import WARMUP_FILE
 from fastmta.errors import Scope

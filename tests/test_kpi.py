@@ -21,7 +21,7 @@ from fastmta.delivery.dispatch import Dispatcher
 from fastmta.delivery.guard_config import GuardConfig
 from fastmta.delivery.kpi import Kpis, Series, provider_of
 from fastmta.delivery.limits import SourceLimits
-from fastmta.delivery.throttles import Throttles
+from fastmta.delivery.throttle import Throttles
 from fastmta.errors import ConfigError
 from fastmta.queue.records import Outcome, Status
 from fastmta.smtp.reply import Reply

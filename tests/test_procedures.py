@@ -19,8 +19,7 @@ from fastmta.delivery.config import config_from_dict
 from fastmta.delivery.engine import Engine, Status
 from fastmta.delivery.limits import AdaptiveConfig, ThrottleConfig
 from fastmta.delivery.procedures import PROCEDURE_TABLE, PROCEDURES, Action, LimitKey, Procedures, SenderHolds, match
-from fastmta.delivery.throttle import EventKind, SiteThrottle, ThrottleEvent
-from fastmta.delivery.throttles import Throttles
+from fastmta.delivery.throttle import EventKind, SiteThrottle, ThrottleEvent, Throttles
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classify import default_classifier
 from fastmta.sink import FaultConfig, ListenerConfig, PhaseFault, RateLimit, SinkConfig, SinkServer

@@ -10,8 +10,7 @@ import pytest
 
 from fastmta.delivery.limits import AdaptiveConfig, SourceLimits, ThrottleConfig, limits_for
 from fastmta.delivery.ratelimit import Gcra
-from fastmta.delivery.throttle import EventKind, SiteThrottle, ThrottleEvent
-from fastmta.delivery.throttles import Throttles
+from fastmta.delivery.throttle import EventKind, SiteThrottle, ThrottleEvent, Throttles
 from fastmta.delivery.warmup import WarmupConfig
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classify import default_classifier

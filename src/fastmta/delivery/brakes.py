@@ -61,7 +61,7 @@ from fastmta.delivery.control import QueueControl
 from fastmta.delivery.dispatch import Dispatcher
 from fastmta.delivery.guard_config import GuardConfig
 from fastmta.delivery.kpi import BLOCKED, COMPLAINTS, DELIVERED, FIGURES, HARD, SENT, Kpis, provider_of, rates
-from fastmta.delivery.throttles import Throttles
+from fastmta.delivery.throttle import Throttles
 from fastmta.queue.records import Outcome
 from fastmta.queue.spool_errors import SpoolError
 

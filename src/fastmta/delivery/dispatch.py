@@ -28,7 +28,7 @@ from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.limits import limits_for
 from fastmta.delivery.pool import Batch, Delivery, Gate, HostHealth, ResultCallback, SiteLimits, SiteQueue, Source
 from fastmta.delivery.routing import Route, RouteFailure, Router
-from fastmta.delivery.throttles import Throttles
+from fastmta.delivery.throttle import Throttles
 from fastmta.feedback.classify import Classifier
 from fastmta.queue.records import Message, Recipient
 from fastmta.smtp.connection import Timeouts
@@ -66,7 +66,6 @@ class Dispatcher:
         on_unroutable: Callable[[Message, list[Recipient], Reply, Delivery], None],
         on_result: ResultCallback,
         on_expired: Callable[[Batch, Reply | None], None],
-        on_parked: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self._router_given = router
@@ -80,9 +79,6 @@ class Dispatcher:
         self._on_unroutable = on_unroutable
         self._on_result = on_result
         self._on_expired = on_expired
-        self._on_parked = on_parked
-        #: Queues whose ready queue grew past their allowance (see SiteQueue.parked); pruned by parked().
-        self._long: set[SiteQueue] = set()
         self._sources = [Source(s.name, s.address, s.ehlo_name, s.weight) for s in config.sources] or [
             Source("default", None, "localhost")
         ]
@@ -289,24 +285,8 @@ class Dispatcher:
                 on_result=self._on_result, on_expired=self._on_expired, tls=self._tls, tls_context=self._tls_context,
             )
             queue.gate = self.gate
-            queue.on_long = self._queue_long
             self.queues[key] = queue
         return queue
-
-    def parked(self, now: float) -> int:
-        """Ready batches waiting for their site's pace beyond what its connections can use soon, over every
-        queue: not counted as read-ahead (see fastmta.delivery.room). Walks only the queues that grew long."""
-        total = 0
-        for queue in list(self._long):
-            if len(queue.ready) <= queue.allowance:
-                self._long.discard(queue)
-            else:
-                total += queue.parked(now)
-        return total
-
-    def _queue_long(self, queue: SiteQueue) -> None:
-        self._long.add(queue)
-        self._on_parked()  # a submit waiting for read-ahead room may fit now
 
     def _limits_for(self, site: str) -> SiteLimits:
         limits = self._limits_cache.get(site)

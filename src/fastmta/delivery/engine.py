@@ -43,8 +43,7 @@ from fastmta.delivery.pool import Batch, Delivery
 from fastmta.delivery.room import Room
 from fastmta.delivery.routing import Router
 from fastmta.delivery.screen import Screen
-from fastmta.delivery.throttle import ThrottleEvent
-from fastmta.delivery.throttles import Throttles
+from fastmta.delivery.throttle import ThrottleEvent, Throttles
 from fastmta.delivery.warmup_store import WARMUP_FILE, load_warmups, save_warmups
 from fastmta.errors import FastMTAError, InputError
 from fastmta.feedback.classification import Classification
@@ -113,7 +112,7 @@ class Engine:
         self._dispatch = Dispatcher(
             self.config, router=router, throttles=self.throttles, classifier=self.classifier, rng=self._rng,
             spawn=self._spawn, closing=lambda: self._closing, on_unroutable=self._record_group,
-            on_result=self._on_result, on_expired=self._on_expired, on_parked=self._on_parked,
+            on_result=self._on_result, on_expired=self._on_expired,
         )
         # Every state change goes on record through the ledger (accounting line, then journal).
         self._ledger = Ledger(accounting, spool, on_fatal=self._fail_fatal)
@@ -128,9 +127,7 @@ class Engine:
         self.guard = Guard(self.config.guard, control=self.control, dispatch=self._dispatch, throttles=self.throttles,
                            sources=[(s.name, s.address) for s in self.config.sources])
         self._ledger.listeners.append(self.guard.on_outcome)
-        # What the queue holds against its bounds; submits wait there. Recipients parked at paced sites
-        # are not read-ahead (see fastmta.delivery.room).
-        self._room = Room(self.config.queue, parked=lambda: self._dispatch.parked(self._now()))
+        self._room = Room(self.config.queue)  # what the queue holds against its bounds; submits wait there
         self._submits = 0
         self._idle: asyncio.Event | None = None
         self._due: DueQueue[tuple[Message, list[Recipient]]] | None = None
@@ -435,12 +432,6 @@ class Engine:
     def _on_throttle_event(self, event: ThrottleEvent) -> None:
         self.throttle_events.append(event)
         log.info("throttle %s", event)
-
-    def _on_parked(self) -> None:
-        self._room.wake_next()  # the first waiting submit looks again (it re-checks the room)
-
-    def _now(self) -> float:
-        return self._loop.time() if self._loop is not None else 0.0
 
     def _on_due(self, item: tuple[Message, list[Recipient]]) -> None:
         if not self._closing:

@@ -177,10 +177,6 @@ class SiteQueue:
         self.gate: Gate | None = None
         #: Batches in an open transaction, by id(): what an operator cannot recall any more.
         self.sending: dict[int, Batch] = {}
-        #: Ready batches this queue's connections can use soon (two rounds of every pipeline); called
-        #: with the queue when its ready queue grows past them (see :meth:`parked`).
-        self.allowance = 2 * limits.max_connections * limits.pipeline_depth
-        self.on_long: Callable[[SiteQueue], None] | None = None
         self.last_route: Route | None = None  # the route the last connection was opened for
 
     # --- feeding --------------------------------------------------------------
@@ -195,21 +191,7 @@ class SiteQueue:
             self.ready.appendleft(batch)
         else:
             self.ready.append(batch)
-        if len(self.ready) > self.allowance and self.on_long is not None:
-            self.on_long(self)
         self._kick()
-
-    def parked(self, now: float) -> int:
-        """Ready batches beyond :attr:`allowance` while the site's pace (or a pause after refused
-        connections) is what holds them back: work waiting at the site, not read-ahead.
-
-        A queue that is long because its connections are busy is not parked: its
-        backlog is the read-ahead that keeps them busy, and stays bounded by it.
-        """
-        extra = len(self.ready) - self.allowance
-        if extra <= 0 or not (now < self._hold_until or self.throttle.pacing(now)):
-            return 0
-        return extra
 
     def _kick(self) -> None:
         """Something changed (work arrived, a result, a closed connection): wake a

@@ -8,15 +8,7 @@ Three bounds, each for a reason:
 * untried recipients (``max_untried_recipients``): the read-ahead. Without it a
   long campaign keeps the whole byte bound of not-yet-tried messages in memory,
   where a few seconds' worth keep every connection busy. Deferred recipients
-  are not untried, so a site that is down does not stall the others. Nor are
-  those *parked* at a site whose pace holds them (a rate limit, slow start,
-  a warm-up quota, a suspension) beyond what its connections can use soon
-  (``Dispatcher.parked``): a campaign whose Gmail half goes out at 10 a second
-  would otherwise fill the read-ahead with Gmail recipients within seconds,
-  and every other site would wait for Gmail (head-of-line blocking; measured:
-  600 recipients of unthrottled sites took 49 s behind 600 for a site at
-  10/s). Parked recipients still count against the other two bounds, which
-  keep the memory bounded.
+  are not untried, so a site that is down does not stall the others.
 
 A message larger than a bound is still taken when the queue is empty. Waiting
 submits are woken one at a time, in order: the one woken takes its room and
@@ -29,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
 
 from fastmta.delivery.config import QueueConfig
 
@@ -39,11 +30,8 @@ __all__ = ["Room"]
 class Room:
     """Counts of what the queue holds; :meth:`take` waits until a message fits."""
 
-    def __init__(self, bounds: QueueConfig, parked: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, bounds: QueueConfig) -> None:
         self.bounds = bounds
-        #: Untried recipients waiting at paced sites (see the module's docstring); asked only when
-        #: the read-ahead bound is reached.
-        self.parked = parked
         self.unfinished = 0  # recipients accepted and not final
         self.untried = 0  # ... of which never tried yet
         self.bytes = 0  # memory held by the bodies of unfinished messages (an estimate)
@@ -52,14 +40,10 @@ class Room:
     def fits(self, n: int, size: int) -> bool:
         """Is there room for *n* more recipients and *size* more bytes (always, in an empty queue)?"""
         b = self.bounds
-        if not self.unfinished:
-            return True
-        if self.unfinished + n > b.max_queued_recipients or self.bytes + size > b.max_queued_bytes:
-            return False
-        if not self.untried or self.untried + n <= b.max_untried_recipients:
-            return True
-        ahead = self.untried - min(self.untried, self.parked())
-        return not ahead or ahead + n <= b.max_untried_recipients
+        return not self.unfinished or not (
+            self.unfinished + n > b.max_queued_recipients or self.bytes + size > b.max_queued_bytes
+            or (self.untried and self.untried + n > b.max_untried_recipients)
+        )
 
     async def take(self, loop: asyncio.AbstractEventLoop, n: int, size: int) -> None:
         """Wait until *n* recipients and *size* bytes fit, and count them in (untried: once accepted, by the caller).
@@ -82,7 +66,7 @@ class Room:
                 raise
         self.unfinished += n
         self.bytes += size
-        if self._waiters and self.fits(n + 1, 0):
+        if self._waiters and self.untried + n < self.bounds.max_untried_recipients:
             self.wake_next()  # room may be left for the next in line (these n become untried once accepted)
 
     def give_back(self, n: int, size: int = 0) -> None:

@@ -1,6 +1,6 @@
 """This node's membership of a cluster: the Redis client, the shared limiters, the lease gates.
 
-:class:`Cluster` is what :class:`fastmta.delivery.throttles.Throttles` consults
+:class:`Cluster` is what :class:`fastmta.delivery.throttle.Throttles` consults
 (``throttles.cluster``, :class:`fastmta.delivery.throttle.ClusterHooks`): for a
 (source, site) throttle, the :class:`SharedLimiter` of every ``[[cluster.limit]]``
 that applies (one per key on this node, shared by the throttles the key
