@@ -86,23 +86,25 @@ def test_a_trailing_dot_after_the_domain_is_dropped_and_is_the_same_recipient(tm
     assert split_address("Ann@Ok.Example.") == ("Ann@Ok.Example", "ok.example")
 
 
-def test_a_quote_left_open_spoils_only_its_own_line(tmp_path: Path) -> None:
-    # Found by an attack on intake: csv.DictReader read on from an open quote to the next one, taking
-    # the rows in between into one field, reported once at the line where it ended; those rows were
-    # neither sent nor named. A stray quote after a quoted field was quietly dropped ("A"x -> Ax).
+def test_a_quote_left_open_names_every_line_it_took(tmp_path: Path) -> None:
+    # Found by an attack on intake: a quote left open took the rows after it into one cell, reported
+    # once at the line where it ended, so the rows it swallowed were neither sent nor named. They
+    # are not re-read line by line either: a line of a real multi-line cell would become a recipient.
     rows = (
         b"g1@ok.example,A,B,u1,2026-01-01\r\n"
-        b'q@ok.example,"Unbalanced,B,u2,2026-01-01\r\n'
+        b'n@ok.example,"Ann\r\nalso ann.private@two.example",B,u2,2026-01-01\r\n'
         b"g2@ok.example,A,B,u3,2026-01-01\r\n"
-        b'x@ok.example,"A"x,B,u4,2026-01-01\r\n'
-        b"\r\n"
+        b'q@ok.example,"Unbalanced,B,u4,2026-01-01\r\n'
         b"g3@ok.example,A,B,u5,2026-01-01\r\n"
+        b"g4@ok.example,A,B,u6,2026-01-01\r\n"
     )
     items = list(campaign(tmp_path, HEADER + rows).items())
     assert [(i.line, i.recipients[0]) for i in items if isinstance(i, SpoolItem)] == [
-        (2, "g1@ok.example"), (4, "g2@ok.example"), (7, "g3@ok.example")]
+        (2, "g1@ok.example"), (5, "g2@ok.example")]
     rejected = {i.line: i.reason for i in items if isinstance(i, Reject)}
-    assert set(rejected) == {3, 5} and "quote left open" in rejected[3] and "unreadable CSV row" in rejected[5]
+    assert set(rejected) == {3, 6}
+    assert "runs over lines 3-4" in rejected[3] and "runs over lines 6-8" in rejected[6]
+    assert "none of these 3 lines" in rejected[6]
 
 
 def test_internationalised_rows_are_accepted(tmp_path: Path) -> None:

@@ -172,10 +172,8 @@ def test_bad_input_is_reported_and_the_rest_delivered(tmp_path: Path) -> None:
     assert "not an RFC 5322 message" in reasons[("bad.eml", 1)]
     assert "cannot read" in reasons[("unreadable.eml", None)]
     assert "no local part or no domain" in reasons[("r.csv", 3)]
-    # A quoted field running over two lines is a quote left open on its first line; its second line is a row
-    # of its own, rejected too: nothing of it is sent (CSV records are lines: a merge value has no line break).
-    assert "quote left open" in reasons[("r.csv", 4)]
-    assert "Bcc: victim@x.example" in reasons[("r.csv", 5)]
+    # A quoted cell running over two lines: reported at its first line, with the lines it took; never sent.
+    assert "runs over lines 4-5" in reasons[("r.csv", 4)]
     assert any(name == "third.toml" and "unknown key" in why for (name, _), why in reasons.items())
     missing = [why for (name, line), why in reasons.items() if "missing_field" in why]
     assert len(missing) == 2 and all("ok" in why for why in missing)  # names field and recipient
@@ -257,8 +255,8 @@ def test_bad_bytes_spoil_only_their_own_row(tmp_path: Path) -> None:
     small_campaign(spool, ["ok1@one.example,Ada,Lovelace,u1,2026-01-05", "ok2@one.example,Bob,B,u2,2026-01-05"])
     with open(spool / "r.csv", "ab") as f:
         f.write(b"bad\xff@one.example,Eve,E,u3,2026-01-05\nok3@one.example,C,C,u4,2026-01-05\n")
-        # A quoted field that never ends spoils its own line only (it once swallowed the rest of the
-        # file into one field); the next line is a row of its own, reported as one.
+        # A quoted field that never ends swallows the rest of the file into one field: that record is
+        # refused, reported at its first line with every line it took (they were once left unnamed).
         f.write(b'ok4@one.example,"unterminated,E,u5,2026-01-05\n' + b"x" * 100 + b"\n")
     with embedded_sink() as (host, port):
         cmd = ["send", str(spool), "--relay", f"{host}:{port}", "--quiet", "--queue-dir", str(tmp_path / "q"),
@@ -268,8 +266,7 @@ def test_bad_bytes_spoil_only_their_own_row(tmp_path: Path) -> None:
         s1 = json.loads((tmp_path / "s.json").read_text())
         reasons = {r["line"]: r["reason"] for r in s1["rejected"]}
         assert s1["delivered"] == 3  # ok1, ok2 and ok3
-        assert reasons[4] == "not valid UTF-8" and "quote left open" in reasons[6]
-        assert "no local part or no domain" in reasons[7]
+        assert reasons[4] == "not valid UTF-8" and "runs over lines 6-7" in reasons[6]
         # Every row was delivered or reported: a rerun has nothing left to do.
         second = fastmta(*cmd)
         s2 = json.loads((tmp_path / "s.json").read_text())

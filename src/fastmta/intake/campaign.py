@@ -357,45 +357,42 @@ def _date(value: Any) -> datetime.date | None:
 
 
 def _csv_rows(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """(line, row, error) of a recipients CSV, one record per physical line.
+    """(line, row, error) of a recipients CSV (csv.DictReader's reading, its line numbers made exact).
 
-    Not csv.DictReader over the file: a quote left open (``"Eve,Smith,...``)
-    made it read on to the next quote, taking every row in between into one
-    field, reported as one bad row at the line where it ended: the rows it
-    swallowed were neither sent nor named. A merge value cannot hold a line
-    break anyway, so a record is a line: a quote left open spoils that line
-    only, at its own number; a stray quote (``"A"x``) is an error, not quietly
-    rewritten (``strict``).
+    A record may run over several lines (a quoted cell with line breaks), and
+    a quote left open (``"Eve,Smith,...``) makes one run on to the next quote,
+    taking the rows between into one cell. Such a record is never sent (a
+    merge value cannot hold a line break) and is reported at its *first* line
+    with the range it took, so the rows it swallowed are named, not silently
+    skipped (they were, reported once at the last line). It is not re-read
+    line by line: a line inside a real multi-line cell (an address in a note)
+    would then become a recipient.
     """
-    header: list[str] | None = None
-    for line, text in enumerate(lines, 1):
-        try:
-            if '"' in text:
-                fields = next(csv.reader((text,), strict=True), [])
-            else:  # what the csv module makes of a line without quotes (the common case, 3x faster)
-                text = text.rstrip("\r\n")
-                fields = text.split(",") if text else []
-        except csv.Error as exc:
-            if header is None:
-                yield 0, None, f"unreadable CSV header (line {line}): {exc}; no row was read"
-                return
-            why = "a quote left open (a field cannot run over lines)" if "end of data" in str(exc) else str(exc)
-            yield line, None, f"unreadable CSV row: {why}"
-            continue
-        if not fields:
-            continue  # a blank line
-        if header is None:
-            header = fields
-            continue
-        if len(fields) > len(header):
-            yield line, None, "more fields than the header row"
-            continue
-        if any(_NOT_UTF8.search(v) for v in fields):
-            yield line, None, "not valid UTF-8"
-            continue
-        row: dict[str, Any] = dict.fromkeys(header)  # a short row: its missing fields are None, as DictReader's
-        row.update(zip(header, fields))
-        yield line, row, None
+    reader = csv.DictReader(lines)
+    try:
+        for row in reader:
+            end = reader.line_num
+            # Line breaks inside cells (a quote open to the end of the file also holds the last line's own).
+            cells = [v.rstrip("\r\n") for v in row.values() if isinstance(v, str)]
+            breaks = sum(v.count("\n") + v.count("\r") - v.count("\r\n") for v in cells)
+            if breaks:
+                start = end - breaks
+                yield start, None, (f"a quoted cell runs over lines {start}-{end} (a quote left open?): "
+                                    f"none of these {end - start + 1} lines was read as a row")
+                continue
+            if None in row:
+                yield end, None, "more fields than the header row"
+                continue
+            if any(isinstance(v, str) and _NOT_UTF8.search(v) for v in row.values()):
+                yield end, None, "not valid UTF-8"
+                continue
+            yield end, row, None
+    except csv.Error as exc:
+        # The reader cannot go on past this point: the rest of the file is not
+        # read. Reported as a failure of the whole input (row 0), so the job is
+        # not marked done and a rerun, after the file is fixed, takes the rows
+        # from where this one stopped.
+        yield 0, None, f"unreadable CSV after line {reader.line_num}: {exc}; the rest of the file was not read"
 
 
 def merge_field_error(row: dict[str, Any]) -> str | None:
