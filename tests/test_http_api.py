@@ -290,6 +290,7 @@ def test_bad_requests_are_400s_naming_the_field_and_nothing_is_queued(run_uvloop
         ({**good, "recipients": ["\udcff@y.test"]}, "recipients[0]", "not valid UTF-8"),
         ({**good, "content": "Subject: \ud800\r\n\r\nx\r\n"}, "content", "not valid Unicode"),
         ({**good, "content": "Subject: a\x00b\r\n\r\nx\r\n"}, "content", "NUL"),
+        ({**good, "meta": {"k": "\ud800"}}, "meta.k", "not valid Unicode"),
     ]
 
     async def main() -> None:
@@ -415,6 +416,24 @@ def test_campaign_renders_per_recipient_and_reports_every_rejected_row(run: Run,
             status, shown = await get_json(f"{s.url}/v1/messages/{body['accepted'][0]['id']}")
             [record] = shown["recipients"]
             assert record["job"] == "spring-26" and record["segment"] == "vip" and record["via"] == "http"
+
+    run(main())
+
+
+def test_campaign_rows_use_the_address_without_a_trailing_dot(run: Run, tmp_path: Path) -> None:
+    # Found by a review: the envelope went to dot@y.test while the merge field, To: and the per-recipient
+    # tokens used "dot@y.test." (its unsubscribe and DSN tokens would not have matched the address sent to).
+    template = {"from": "News <news@sender.test>", "subject": "Hi", "text": "Dear {{ email }}\n"}
+
+    async def main() -> None:
+        async with api(tmp_path) as s:
+            status, body = await post_json(f"{s.url}/v1/campaigns", {
+                "sender": "bounces@sender.test", "campaign": "dots", "template": template,
+                "recipients": [{"email": "dot@y.test.", "data": {}}]})
+            assert status == 202 and [a["email"] for a in body["accepted"]] == ["dot@y.test"], body
+            await wait_captures(s.capture, 1)
+            [(rcpt, (_, content))] = by_recipient(s.capture).items()
+            assert rcpt == "dot@y.test" and b"To: dot@y.test\r\n" in content and b"Dear dot@y.test\r\n" in content
 
     run(main())
 

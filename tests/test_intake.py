@@ -59,6 +59,36 @@ def test_jsonl_values_no_message_can_carry_spoil_only_their_row(tmp_path: Path) 
     assert "JSON array" in rejected[4] and "JSON object" in rejected[5]
 
 
+def test_a_job_whose_name_is_not_utf8_and_has_no_id_is_read(tmp_path: Path) -> None:
+    # Found by a review: its id (the file's stem) kept the undecodable byte, and the queue could not
+    # record the input: every run failed. The id goes on record escaped; the queue refuses what it
+    # cannot record without keeping a half-made input.
+    import os
+
+    from fastmta.intake.reader import SpoolReader
+    from fastmta.queue.spool import Spool
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for name in ("welcome.txt", "welcome.html", "dkim-test-ed25519.key.pem"):
+        shutil.copy(SPOOL / name, spool / name)
+    (spool / "r.csv").write_bytes(HEADER + b"ann@one.example,Ann,Lee,u1,2026-01-01\r\n")
+    toml = (SPOOL / "welcome.toml").read_text().replace('recipients = "recipients.csv"', 'recipients = "r.csv"')
+    toml = "\n".join(line for line in toml.splitlines() if not line.startswith("id ="))
+    with open(os.path.join(os.fsencode(spool), b"job-\xff.toml"), "w") as f:
+        f.write(toml)
+    [item] = [e for e in SpoolReader(spool) if isinstance(e, SpoolItem)]
+    assert item.meta == {"job": "job-\\xff"} and item.key == "campaign:job-\\xff"
+    queue = Spool(tmp_path / "queue")
+    try:
+        with pytest.raises(InputError, match="cannot be recorded"):
+            queue.open_input("campaign:job-\udcff")
+        assert queue.input("campaign:job-\udcff") is None  # nothing half-made left behind
+        assert queue.open_input(item.key).key == item.key
+    finally:
+        queue.close_sync()
+
+
 def test_malformed_addresses_are_rejected_at_intake_with_their_line(tmp_path: Path) -> None:
     rows = (
         b"john doe@b.example,John,Doe,u1,2026-01-01\r\n"

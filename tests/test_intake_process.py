@@ -127,6 +127,29 @@ def test_a_batch_before_a_quiet_stretch_is_handed_over_without_waiting_for_it() 
     assert got[1][1] >= quiet
 
 
+def test_a_batch_the_timer_could_not_send_is_never_followed_by_an_end() -> None:
+    # Found by a review: the timer thread's failed send lost its batch, and if no event came after,
+    # the child still wrote END: the parent would have taken a partial reading for the whole spool.
+    import pickle
+
+    from fastmta.intake.process import _END, _Batcher
+
+    r, w = os.pipe()
+    try:
+        batcher = _Batcher(w)
+        batcher.add(Reject("a.eml", 1, "fine"))
+        batcher.add(lambda: None)  # type: ignore[arg-type]  # cannot be pickled: the timer's send fails
+        time.sleep(0.4)
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            batcher.finish(_END)
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)  # nothing was written: no END frame
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_an_exception_in_the_child_is_raised_in_the_parent_after_what_came_before() -> None:
     def events() -> Iterator[Event]:
         yield Reject("a.eml", 1, "first")

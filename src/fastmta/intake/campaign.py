@@ -53,7 +53,7 @@ from typing import Annotated, Any
 import msgspec
 
 from fastmta.errors import ConfigError, InputError
-from fastmta.intake.items import Reject, SpoolItem, Sunset
+from fastmta.intake.items import Reject, SpoolItem, Sunset, record_text
 from fastmta.keyset import KeySet, row_key
 from fastmta.message.dkim import DkimKeyConfig, DkimSigner, load_signing_key
 from fastmta.message.mime import CompiledCampaign, compile_campaign
@@ -112,7 +112,7 @@ class Campaign:
         self.job = job
         self.compiled = compiled
         self.signer = signer
-        self.id = job.campaign.id or path.stem
+        self.id = job.campaign.id or record_text(path.stem)  # on record: never a lone surrogate
         names = {name.lower() for name in job.template.get("headers", {})}
         self._has_feedback_id = "feedback-id" in names
         # A template with its own List-Unsubscribe keeps it (and gets no Post

@@ -238,6 +238,8 @@ class _Batcher:  # pragma: no cover (runs in the child)
         """Send what is pending, then a last frame of *kind* (its payload: the pending events for _END)."""
         self._done.set()
         with self.lock:
+            if kind == _END and self.failed is not None:
+                raise self.failed  # the timer lost a batch: never an END the parent would take for the whole spool
             if kind == _END:
                 self._send_locked(_END)
                 return

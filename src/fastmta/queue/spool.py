@@ -482,12 +482,16 @@ class Spool:
         if cur is not None and cur.fingerprint == fingerprint:
             return cur
         inp = InputState(self._next_input_id, key, fingerprint)
+        try:
+            record = record_encoder.encode(inp.record())  # before any state changes, as in _enqueue_add
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"input {key!r}: cannot be recorded: {exc}") from None
         if cur is not None:
             inp.taken = cur.taken
         self._next_input_id += 1
         self._inputs[key] = inp
         self._inputs_by_id[inp.id] = inp
-        self._write_input(inp)
+        self._commits.append(record)
         return inp
 
     def input_progress(self, key: str, row: int) -> None:

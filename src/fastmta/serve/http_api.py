@@ -284,7 +284,10 @@ def _meta(value: Any, field: str) -> dict[str, str]:
             raise ApiError(400, f"{field}.{key} must be a string", field=f"{field}.{key}")
         if _CONTROL.search(item):
             raise ApiError(400, f"{field}.{key} contains a control character", field=f"{field}.{key}")
-        size += len(key) + len(item.encode())
+        try:
+            size += len(key) + len(item.encode())
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{field}.{key} is not valid Unicode (a lone surrogate)", field=f"{field}.{key}") from None
     if size > MAX_META_SIZE:
         raise ApiError(400, f"{field} is {size} bytes; at most {MAX_META_SIZE}", field=field)
     return dict(value)
@@ -538,7 +541,7 @@ def _render(
     if not isinstance(email, str) or not email:
         raise _RowError("missing field email")
     try:
-        split_address(email)
+        email = split_address(email)[0]  # the address to use (a trailing dot dropped): merge field, tokens, MACs
     except InputError as exc:
         raise _RowError(exc.reason) from None
     fields = row.get("data", {})
