@@ -292,14 +292,18 @@ def test_template_files_outside_the_jobs_directory_are_refused(tmp_path: Path) -
     (tmp_path / "secret.txt").write_text("root:x:0:0\n")
     (job / "parts" / "ok.txt").write_text("Hello {{ name }}\n")
     (job / "link.txt").symlink_to(tmp_path / "secret.txt")
+    (job / ".fastmta").mkdir()
+    (job / ".fastmta" / "journal").write_text("queue records\n")
     headers = SPEC["headers"]
     for spec, where in [
         ({"headers": headers, "text_file": "../secret.txt"}, "template.text_file"),
         ({"headers": headers, "html_file": str(tmp_path / "secret.txt")}, "template.html_file"),
         ({"headers": headers, "text_file": "link.txt"}, "template.text_file"),  # a link out counts too
         ({"headers": headers, "text": "x", "attachments": [{"path": "../secret.txt"}]}, "template.attachments"),
+        # Hidden entries: the queue's journal and bodies (SPOOL/.fastmta), serve's .rejected.
+        ({"headers": headers, "text_file": ".fastmta/journal"}, "template.text_file"),
     ]:
-        with pytest.raises(ConfigError, match="outside the job's directory") as info:
+        with pytest.raises(ConfigError, match="outside the job's directory|hidden") as info:
             compile_campaign(spec, base_dir=job, source="job.toml")
         assert where in str(info.value)
     c = compile_campaign({"headers": headers, "text_file": "parts/ok.txt"}, base_dir=job)  # below it: fine

@@ -233,7 +233,9 @@ class SpoolReader:
             campaign = Campaign.load(path)
             fp = content_hash(path, campaign.recipients_path)
         except InputError as exc:
-            yield from self._failed(path, exc.source or self._shown(path), exc.line, exc.reason)
+            source = exc.source if exc.source and exc.source != str(path) else None
+            # The job itself: its real name remembered (serve moves it aside by it); another file: as said.
+            yield from self._failed(path, record_text(source) if source else self._shown(path), exc.line, exc.reason)
             return
         except OSError as exc:
             yield from self._failed(path, self._shown(path), None, f"cannot read: {exc.strerror or exc}")

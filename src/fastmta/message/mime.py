@@ -103,13 +103,17 @@ def _inside(base: Path, path: str, where: str) -> Path:
     """
     full = base / path
     try:
-        inside = full.resolve().is_relative_to(base.resolve())
+        resolved, root = full.resolve(), base.resolve()
     except (OSError, RuntimeError):  # a link loop: open() reports it below
         return full
-    if not inside:
+    if not resolved.is_relative_to(root):
         raise ConfigError(f"{where} {path}: outside the job's directory {base} (only files beside the job or "
                           "below it go into messages)")
-    return full
+    if any(part.startswith(".") for part in resolved.relative_to(root).parts):
+        # Hidden entries are the queue's (SPOOL/.fastmta: journal, bodies) or serve's (.rejected, files
+        # being written): never a template.
+        raise ConfigError(f"{where} {path}: a hidden file or directory (names starting with '.' are not templates)")
+    return resolved  # opened as checked, not through a link swapped in since
 
 
 class _Date:
