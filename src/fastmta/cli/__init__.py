@@ -98,7 +98,17 @@ def _raise_open_file_limit() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if a in COMMANDS), None)  # not an option value such as --umask 027
-    parser = build_parser(selected if selected in COMMANDS else None)
+    if selected == "send":
+        import signal
+
+        # Until its loop handles them, SIGTERM stops `send`'s start-up (imports, opening the queue)
+        # as Ctrl-C does: with a message and exit status 1, not a silent death by the signal.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        parser = build_parser(selected if selected in COMMANDS else None)
+    except KeyboardInterrupt:
+        print(f"fastmta {selected or ''}: interrupted while starting: nothing was done", file=sys.stderr)
+        return 1 if selected == "send" else 130
     args = parser.parse_args(argv)  # argparse itself exits 2 on a bad option
     from fastmta.cli.terminal import install_safe_logging, safe_text
 
@@ -112,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"fastmta {args.command}: {safe_text(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a command's own handling had not begun (or let it through): no traceback
+        print(f"fastmta {args.command}: interrupted", file=sys.stderr)
+        return 1 if args.command == "send" else 130
     return code
 
 

@@ -561,6 +561,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import uvloop
 
+    # Until the run's loop handles them (from just before delivery starts), SIGTERM stops the start-up as
+    # Ctrl-C does: with a summary, not a silent death (a service manager's stop in the first second).
+    # (fastmta.cli.main set it already, before the imports; set here too for a caller of run().)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
     def go(sink: tuple[str, int] | None) -> dict[str, Any]:
         try:
             config = _effective_config(args, sink)
@@ -576,7 +581,15 @@ def run(args: argparse.Namespace) -> int:
         progress = Progress(enabled=not args.quiet)
         tune_gc()
         with contextlib.ExitStack() as stack:
-            summary = uvloop.run(_deliver(args, config, progress, _queue_dir(args, stack)))
+            queue_dir = _queue_dir(args, stack)
+            try:
+                summary = uvloop.run(_deliver(args, config, progress, queue_dir))
+            except KeyboardInterrupt:
+                # Ctrl-C or SIGTERM while the queue opened (recovery) or the spool was checked, before
+                # the run's own handlers: nothing was taken, and the queue is as it was.
+                progress.stop()
+                summary = {**_nothing_done(args, queue_dir, ""), "fatal": None, "interrupted": True}
+                progress.note("interrupted before delivery began: nothing was taken (the queue is unchanged)")
         progress.print_summary(summary)
         return summary
 
@@ -589,6 +602,8 @@ def run(args: argparse.Namespace) -> int:
         args.rejects.write_text("".join(json.dumps(r) + "\n" for r in summary["rejected"]))
     if args.summary_json:
         args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["interrupted"] and not summary["messages"] and not summary["resumed_recipients"]:
+        return 1
     if summary.get("fatal"):
         print(f"fastmta send: stopped: the delivery record could not be kept: {safe_text(summary['fatal'])} "
               f"(fix the cause and run again: the queue resumes)", file=sys.stderr)
