@@ -238,7 +238,7 @@ def _peak_rss(usage: Any = None) -> int:
     return int(usage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
-def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str) -> dict[str, Any]:
+def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str | None) -> dict[str, Any]:
     """The summary of a run that could not start (same fields as a real one)."""
     zero = ("messages", "recipients", "resumed_recipients", "inputs_already_done", "delivered", "bounced",
             "expired", "suppressed", "sunset", "deferrals", "unfinished")
@@ -561,11 +561,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import uvloop
 
-    # Until the run's loop handles them (from just before delivery starts), SIGTERM stops the start-up as
-    # Ctrl-C does: with a summary, not a silent death (a service manager's stop in the first second).
-    # (fastmta.cli.main set it already, before the imports; set here too for a caller of run().)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-
     def go(sink: tuple[str, int] | None) -> dict[str, Any]:
         try:
             config = _effective_config(args, sink)
@@ -585,10 +580,10 @@ def run(args: argparse.Namespace) -> int:
             try:
                 summary = uvloop.run(_deliver(args, config, progress, queue_dir))
             except KeyboardInterrupt:
-                # Ctrl-C or SIGTERM while the queue opened (recovery) or the spool was checked, before
-                # the run's own handlers: nothing was taken, and the queue is as it was.
+                # Ctrl-C or SIGTERM (fastmta.cli.main makes it one) while the queue opened (recovery) or
+                # the spool was checked, before the run's own handlers: nothing was taken.
                 progress.stop()
-                summary = {**_nothing_done(args, queue_dir, ""), "fatal": None, "interrupted": True}
+                summary = {**_nothing_done(args, queue_dir, None), "interrupted": True}
                 progress.note("interrupted before delivery began: nothing was taken (the queue is unchanged)")
         progress.print_summary(summary)
         return summary

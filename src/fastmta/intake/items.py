@@ -45,15 +45,14 @@ def record_text(text: str) -> str:
     """
     try:
         text.encode("utf-8")
+        return text
     except UnicodeEncodeError:
-        raw = text.encode("utf-8", "surrogateescape") if _only_escapes(text) else text.encode("utf-8", "surrogatepass")
-        return raw.decode("utf-8", "backslashreplace")
-    return text
-
-
-def _only_escapes(text: str) -> bool:
-    # surrogateescape encodes only the surrogates it makes (U+DC80..U+DCFF); others (a JSON "\ud800") pass through.
-    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the bytes the OS name had
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")  # a surrogate no decoding made (a JSON "\ud800")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True, slots=True)

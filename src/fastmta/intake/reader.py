@@ -183,7 +183,7 @@ class SpoolReader:
     def _unreadable(self, path: Path) -> Iterator[Event]:
         yield from self._failed(path, self._shown(path), None, _not_a_readable_file(path) or "cannot read")
 
-    def _shown(self, path: Path) -> str:
+    def _shown(self, path: Path | str) -> str:
         """*path* as it goes on record, its real name remembered when they differ (see ``real_paths``)."""
         text = str(path)
         shown = record_text(text)
@@ -194,9 +194,8 @@ class SpoolReader:
     def _pickup(self, text: str, name: str, met: KeySet) -> Iterator[Event]:
         # A pickup file is identified by its content: touched, renamed or
         # moved to another spool, it is the same message, sent once.
-        shown = record_text(text)  # *text* itself unless the name is not UTF-8 (see record_text)
+        shown = self._shown(text)  # *text* itself unless the name is not UTF-8 (see record_text)
         if shown is not text:
-            self.real_paths[shown] = text
             name = record_text(name)
         try:
             data = read_pickup_bytes(text)

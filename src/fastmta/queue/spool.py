@@ -391,12 +391,7 @@ class Spool:
         ref = self._segments.next_ref(len(body)) if body is not None else None
         when = time.time() if queued_at is None else queued_at
         add = AddRecord(message_id, sender, list(recipients), when, ref, source, meta or None, take)
-        # Encoded before anything changes: a field that cannot be recorded (a lone surrogate, a meta value
-        # of no JSON type) refuses the message without a trace (once its row was marked taken first).
-        try:
-            record = record_encoder.encode(add)
-        except (ValueError, TypeError, OverflowError, msgspec.EncodeError) as exc:
-            raise InputError(f"message {message_id}: cannot be recorded: {exc}") from None
+        record = _encode(add, f"message {message_id}")  # before anything changes
         seg = -1
         if body is not None:
             seg = self._segments.place(body).seg  # at *ref*: nothing was placed since next_ref()
@@ -482,10 +477,7 @@ class Spool:
         if cur is not None and cur.fingerprint == fingerprint:
             return cur
         inp = InputState(self._next_input_id, key, fingerprint)
-        try:
-            record = record_encoder.encode(inp.record())  # before any state changes, as in _enqueue_add
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"input {key!r}: cannot be recorded: {exc}") from None
+        record = _encode(inp.record(), f"input {key!r}")  # before anything changes
         if cur is not None:
             inp.taken = cur.taken
         self._next_input_id += 1
@@ -646,3 +638,12 @@ class Spool:
 
     def __repr__(self) -> str:
         return f"<Spool {self.directory} live={len(self._live)} journal={self._journal.size}B>"
+
+
+def _encode(record: Any, what: str) -> bytes:
+    """*record* for the journal, encoded before the spool changes anything: what cannot be recorded (a lone
+    surrogate) refuses *what* without a trace (a row marked taken first was skipped as sent, never queued)."""
+    try:
+        return record_encoder.encode(record)
+    except (ValueError, TypeError, OverflowError, msgspec.EncodeError) as exc:
+        raise InputError(f"{what}: cannot be recorded: {exc}") from None
