@@ -21,10 +21,10 @@ import pytest
 
 from fastmta.cli.sinkproc import embedded_sink
 from fastmta.delivery.accounting import AccountingLog
+from fastmta.delivery.batch import Delivery
 from fastmta.delivery.config import config_from_dict
 from fastmta.delivery.engine import Engine
 from fastmta.delivery.filter_watch import FilterPolicy, FilterStats, FilterWatch, Kind
-from fastmta.delivery.pool import Delivery
 from fastmta.feedback.appliances import identify, identify_server
 from fastmta.feedback.classification import BounceType, Category
 from fastmta.feedback.classify import classify

@@ -42,9 +42,10 @@ from typing import Any, cast
 
 import msgspec
 
+from fastmta.delivery.batch import Batch, Delivery
 from fastmta.delivery.dispatch import Dispatcher, Select, Taken, split_batches, split_recipients
 from fastmta.delivery.ledger import Ledger
-from fastmta.delivery.pool import Batch, Delivery, SiteQueue
+from fastmta.delivery.pool import SiteQueue
 from fastmta.delivery.routing import Route
 from fastmta.errors import Scope
 from fastmta.feedback.classification import BounceType, Category, Classification
@@ -227,6 +228,7 @@ class QueueControl:
             self._rules[rule.key] = rule
             self._reindex()
             for q in self._dispatch.queues.values():  # what is ready already goes aside too
+                q.unpark()
                 q.ready = self._pass(q, q.ready)
                 q.sender_held = self._pass(q, q.sender_held)
             log.warning("queue suspended: %s", rule.key)
@@ -326,7 +328,7 @@ class QueueControl:
             sites = {route.site} if isinstance(route, Route) else set()
             for (src, site), q in self._dispatch.queues.items():
                 if (kind != "domain" and _site_has(site, value)) or site in sites or any(
-                        r.domain == value for b in q.ready for r in b.recipients):
+                        r.domain == value for b in q.waiting() for r in b.recipients):
                     q.retry_now()
                     cleared.append({"source": src, "site": site})
         return {"target": _key(kind, value), "retried": len(moved), "messages": len(groups), "cleared": cleared}
@@ -458,7 +460,7 @@ class QueueControl:
 
         for (src, site), q in self._dispatch.queues.items():
             r = row(src, site)
-            for field, batches in (("ready", q.ready), ("sender_held", q.sender_held),
+            for field, batches in (("ready", q.waiting()), ("sender_held", q.sender_held),
                                    ("in_flight", q.sending.values())):
                 for b in batches:
                     count(r, field, b.message, len(b.recipients))
@@ -551,7 +553,8 @@ class QueueControl:
         """Where each unfinished recipient of the messages *wanted* (ids) is, by id() of the recipient."""
         found: dict[int, Where] = {}
         for (src, site), q in self._dispatch.queues.items():
-            for state, batches in (("ready", q.ready), ("sender_held", q.sender_held), ("in_flight", q.sending.values())):
+            for state, batches in (("ready", q.waiting()), ("sender_held", q.sender_held),
+                                   ("in_flight", q.sending.values())):
                 for b in batches:
                     if id(b.message) in wanted:
                         found.update((id(r), (state, src, site, None, None)) for r in b.recipients)

@@ -24,9 +24,10 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
+from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.limits import limits_for
-from fastmta.delivery.pool import Batch, Delivery, Gate, HostHealth, ResultCallback, SiteLimits, SiteQueue, Source
+from fastmta.delivery.pool import Gate, ResultCallback, SiteQueue
 from fastmta.delivery.routing import Route, RouteFailure, Router
 from fastmta.delivery.throttle import Throttles
 from fastmta.feedback.classify import Classifier
@@ -66,6 +67,7 @@ class Dispatcher:
         on_unroutable: Callable[[Message, list[Recipient], Reply, Delivery], None],
         on_result: ResultCallback,
         on_expired: Callable[[Batch, Reply | None], None],
+        on_park: Callable[[int], None] | None = None,
     ) -> None:
         self.config = config
         self._router_given = router
@@ -79,6 +81,7 @@ class Dispatcher:
         self._on_unroutable = on_unroutable
         self._on_result = on_result
         self._on_expired = on_expired
+        self._on_park = on_park  # untried recipients parked at a held site (<0) or back (>0): SiteQueue.put
         self._sources = [Source(s.name, s.address, s.ehlo_name, s.weight) for s in config.sources] or [
             Source("default", None, "localhost")
         ]
@@ -127,6 +130,7 @@ class Dispatcher:
         route; what is in an open transaction stays. For an operator's bounce or delete."""
         taken: Taken = []
         for q in self.queues.values():
+            q.unpark()
             q.ready = split_batches(q.ready, select, taken)
             q.sender_held = split_batches(q.sender_held, select, taken)
         for entries in self.lookups.values():
@@ -220,7 +224,7 @@ class Dispatcher:
         for (src, site), q in self.queues.items():
             status = q.throttle.status(now)
             out.append({
-                "source": src, "site": site, "ready": len(q.ready), "connections": q.connections,
+                "source": src, "site": site, "ready": len(q.ready) + len(q.parked), "connections": q.connections,
                 "max_connections_seen": q.max_seen_connections, "connections_opened": q.connections_opened,
                 "transactions": q.transactions, "window": status.window, "rate": status.rate,
                 "suspended_for": max(0.0, status.suspended_until - now) if status.suspended_until else 0.0,
@@ -264,8 +268,9 @@ class Dispatcher:
         if self._closing():
             return 0
         for (src, site), q in self.queues.items():
-            if src != source or not q.ready or not sites(site):
+            if src != source or not (q.ready or q.parked) or not sites(site):
                 continue
+            q.unpark()
             batches, q.ready = q.ready, deque()
             for b in batches:
                 moved.setdefault(id(b.message), (b.message, []))[1].extend(b.recipients)
@@ -285,6 +290,7 @@ class Dispatcher:
                 on_result=self._on_result, on_expired=self._on_expired, tls=self._tls, tls_context=self._tls_context,
             )
             queue.gate = self.gate
+            queue.on_park = self._on_park
             self.queues[key] = queue
         return queue
 

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastmta.delivery.accounting import AccountingLog
+from fastmta.delivery.batch import Batch, Delivery
 from fastmta.delivery.brakes import Guard
 from fastmta.delivery.cluster import Cluster
 from fastmta.delivery.config import Config, SiteConfig
@@ -39,7 +40,6 @@ from fastmta.delivery.dispatch import Dispatcher
 from fastmta.delivery.filter_watch import FilterWatch
 from fastmta.delivery.ledger import Ledger
 from fastmta.delivery.limits import SourceLimits
-from fastmta.delivery.pool import Batch, Delivery
 from fastmta.delivery.room import Room
 from fastmta.delivery.routing import Router
 from fastmta.delivery.screen import Screen
@@ -112,7 +112,7 @@ class Engine:
         self._dispatch = Dispatcher(
             self.config, router=router, throttles=self.throttles, classifier=self.classifier, rng=self._rng,
             spawn=self._spawn, closing=lambda: self._closing, on_unroutable=self._record_group,
-            on_result=self._on_result, on_expired=self._on_expired,
+            on_result=self._on_result, on_expired=self._on_expired, on_park=self._on_park,
         )
         # Every state change goes on record through the ledger (accounting line, then journal).
         self._ledger = Ledger(accounting, spool, on_fatal=self._fail_fatal)
@@ -589,6 +589,12 @@ class Engine:
             self._room.give_back(n, size)
             raise EngineClosed("engine stopped taking messages")
         self._idle.clear()
+
+    def _on_park(self, delta: int) -> None:
+        """Untried recipients parked at a site a limit holds back (< 0), or back in its ready queue (> 0)."""
+        self._room.untried += delta
+        if delta < 0:
+            self._room.wake_next()  # read-ahead room: the first waiting submit looks again
 
     def _release(self, n: int, size: int = 0) -> None:
         self._room.give_back(n, size)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from fastmta.delivery.pool import Delivery
+from fastmta.delivery.batch import Delivery
 from fastmta.feedback.appliances import identify
 from fastmta.feedback.classification import BounceType, Category, Classification
 from fastmta.queue.records import Message, Recipient

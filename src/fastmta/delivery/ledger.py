@@ -19,7 +19,7 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 
 from fastmta.delivery.accounting import AccountingLog
-from fastmta.delivery.pool import Delivery
+from fastmta.delivery.batch import Delivery
 from fastmta.feedback.classification import Classification
 from fastmta.queue.records import Message, Outcome, Recipient, Status
 from fastmta.queue.spool import Spool

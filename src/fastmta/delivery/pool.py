@@ -23,10 +23,10 @@ import logging
 import math
 import ssl
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source
 from fastmta.delivery.eai import EnvelopePlan, plan_without_smtputf8
 from fastmta.delivery.routing import Route, RouteHost
 from fastmta.delivery.throttle import EventKind, SiteThrottle, ThrottleEvent
@@ -34,7 +34,6 @@ from fastmta.errors import ConnectError
 from fastmta.feedback.appliances import identify_server
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classify import Classifier
-from fastmta.queue.records import Message, Recipient
 from fastmta.smtp.connection import SessionRefused, SMTPConnection, Timeouts
 from fastmta.smtp.protocol import Phase, TLSPolicy, Transaction, TransactionResult
 from fastmta.smtp.reply import Reply
@@ -48,76 +47,11 @@ _NO_REPLY = Reply.local(451, "4.4.0", "no reply received")
 _InFlight = tuple["Batch", int, asyncio.Future[TransactionResult], EnvelopePlan | None]
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    """An egress source: the local address to bind and the name to say in EHLO."""
-
-    name: str
-    address: str | None  # None: let the OS choose
-    ehlo_name: str
-    weight: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class SiteLimits:
-    max_connections: int = 10
-    max_messages_per_connection: int = 100
-    max_recipients_per_transaction: int = 50
-    idle_timeout: float = 30.0
-    pipeline_depth: int = 2  # transactions in flight per connection
-
-
-@dataclass(slots=True)
-class Batch:
-    """Recipients of one message going to one site: one SMTP transaction."""
-
-    message: Message
-    recipients: list[Recipient]
-    route: Route
-    source: str = ""  # name of the egress source whose queue holds it
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """Where a transaction went (for accounting)."""
-
-    site: str
-    mx_host: str | None
-    mx_ip: str | None
-    source_ip: str | None
-    #: The filtering appliance the host names itself as (MX name, greeting, EHLO), if any.
-    appliance: str | None = None
-
-
 #: (batch, per recipient: (reply, classifier phase, classification or None when delivered), delivery)
 ResultCallback = Callable[[Batch, "list[tuple[Reply, str, Classification | None]]", Delivery], None]
 #: Sees every batch put on a ready queue while an operator holds work back: returns what
 #: may go on (None: all of it held). See :mod:`fastmta.delivery.control`.
 Gate = Callable[["SiteQueue", Batch], "Batch | None"]
-
-
-class HostHealth:
-    """Remembers hosts that failed to connect, so that others are tried first."""
-
-    def __init__(self, down_time: float, clock: Callable[[], float]) -> None:
-        self.down_time = down_time
-        self._clock = clock
-        self._down_until: dict[tuple[str | None, str, int], float] = {}
-
-    def is_down(self, source: str | None, address: str, port: int) -> bool:
-        until = self._down_until.get((source, address, port))
-        if until is None:
-            return False
-        if until <= self._clock():
-            del self._down_until[(source, address, port)]
-            return False
-        return True
-
-    def mark_down(self, source: str | None, address: str, port: int) -> None:
-        self._down_until[(source, address, port)] = self._clock() + self.down_time
-
-    def mark_up(self, source: str | None, address: str, port: int) -> None:
-        self._down_until.pop((source, address, port), None)
 
 
 class SiteQueue:
@@ -158,6 +92,11 @@ class SiteQueue:
         self.tls = tls
         self.tls_context = tls_context
         self.ready: deque[Batch] = deque()
+        #: Batches set aside while the site holds mail back (see :meth:`put`), with how many of their
+        #: recipients were taken off the read-ahead then, given to ``on_park`` (negative) and back.
+        self.parked: deque[tuple[Batch, int]] = deque()
+        self.allowance = 2 * limits.max_connections * limits.pipeline_depth  # ready batches worth keeping
+        self.on_park: Callable[[int], None] | None = None
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: deque[asyncio.Future[None]] = deque()  # connections waiting for work or for the throttle
@@ -182,6 +121,23 @@ class SiteQueue:
     # --- feeding --------------------------------------------------------------
 
     def put(self, batch: Batch, *, front: bool = False) -> None:
+        """Queue *batch* (*front*: a retry, before the rest).
+
+        While a limit holds the site's mail back (its rate, a warm-up quota, a
+        suspension, a pause after refused connections), batches beyond two
+        rounds of its connections (``allowance``) are *parked*: their untried
+        recipients stop counting as the engine's read-ahead (``on_park``).
+        Otherwise a campaign's Gmail half at 10 a second fills the read-ahead
+        within seconds and every other site waits for Gmail (head-of-line
+        blocking; measured: 600 recipients of free sites took 49 s behind 600
+        at 10/s). Parked batches still count against the queue's recipient
+        and byte bounds, which keep the memory bounded, and go back to the
+        ready queue in order as it drains. The test is made only here, on a
+        long queue, from what the throttle's own ``message_wait`` last found:
+        no extra look at shared limits, and the adaptive rate (slow start
+        included) parks nothing, so a site's backlog waiting for its
+        connections stays bounded by the read-ahead.
+        """
         if self.gate is not None:
             kept = self.gate(self, batch)
             if kept is None:
@@ -189,13 +145,57 @@ class SiteQueue:
             batch = kept
         if front:
             self.ready.appendleft(batch)
+        elif self.parked or len(self.ready) >= self.allowance:
+            now = self._loop.time()
+            if self.parked or (self.throttle.held_until > now or self._hold_until > now):
+                # In order behind those parked already; taken off the read-ahead only while held.
+                held = self.throttle.held_until > now or self._hold_until > now
+                n = sum(r.status is None for r in batch.recipients) if held else 0
+                self.parked.append((batch, n))
+                if n and self.on_park is not None:
+                    self.on_park(-n)
+            else:
+                self.ready.append(batch)
         else:
             self.ready.append(batch)
         self._kick()
 
+    def waiting(self) -> Iterator[Batch]:
+        """Every batch not yet taken by a connection: the ready ones, then those parked."""
+        yield from self.ready
+        for batch, _ in self.parked:
+            yield batch
+
+    def _park_excess(self) -> None:
+        """The site was just found held with more ready than its allowance (put before the limit showed,
+        e.g. a rate's burst): the newest go back to the front of the parked, off the read-ahead."""
+        gone = 0
+        while len(self.ready) > self.allowance:
+            batch = self.ready.pop()
+            n = sum(r.status is None for r in batch.recipients)
+            self.parked.appendleft((batch, n))
+            gone += n
+        if gone and self.on_park is not None:
+            self.on_park(-gone)
+
+    def unpark(self, all: bool = True) -> None:
+        """Parked batches back onto the ready queue: all of them, or (*all* false) up to ``allowance``.
+
+        An operator's change (a hold, a bounce, a reroute) unparks all first, so
+        it sees one queue; parking starts again at the next put."""
+        back = 0
+        while self.parked and (all or len(self.ready) < self.allowance):
+            batch, n = self.parked.popleft()
+            self.ready.append(batch)
+            back += n
+        if back and self.on_park is not None:
+            self.on_park(back)
+
     def _kick(self) -> None:
         """Something changed (work arrived, a result, a closed connection): wake a
         waiting connection, or open another if the throttle allows."""
+        if self.parked and len(self.ready) < self.allowance:
+            self.unpark(all=False)
         if self._closing or not self.ready:
             return
         while self._idle:
@@ -209,6 +209,8 @@ class SiteQueue:
         if now < self._hold_until:
             return  # pausing after refused connections; the timer kicks again
         pace = self.throttle.message_wait(now)
+        if pace > 0 and len(self.ready) > self.allowance and self.throttle.held_until > now:
+            self._park_excess()
         if pace > 0 and (self.connections or pace > self.limits.idle_timeout):
             # The message rate (or a suspension, a warm-up quota) is what holds
             # us back: another connection would only idle, growing the window
@@ -236,7 +238,7 @@ class SiteQueue:
 
     @property
     def busy(self) -> bool:
-        return bool(self.ready) or bool(self._tasks) or bool(self._held)
+        return bool(self.ready) or bool(self._tasks) or bool(self._held) or bool(self.parked)
 
     @property
     def sender_held(self) -> deque[Batch]:
@@ -437,6 +439,7 @@ class SiteQueue:
                 else:
                     keep.append(batch)
             self.ready = keep
+            self.unpark(all=False)
 
     def _schedule_reconnect(self, delay: float) -> None:
         self._hold_until = self._loop.time() + delay
@@ -504,6 +507,8 @@ class SiteQueue:
                 n = len(batch.recipients)
                 wait = self.throttle.message_wait(now, n, batch.message.sender)
                 if wait > 0:
+                    if len(self.ready) > self.allowance and self.throttle.held_until > now:
+                        self._park_excess()
                     if inflight:
                         break  # results will come and may change the answer
                     if wait > limits.idle_timeout:
@@ -511,6 +516,8 @@ class SiteQueue:
                     await self._sleep_or_kick(wait)
                     continue
                 self.ready.popleft()
+                if self.parked:
+                    self.unpark(all=False)
                 ticket = self.throttle.message_started(now, n, batch.message.sender)
                 message = batch.message
                 rcpts = [r.address for r in batch.recipients]
@@ -594,6 +601,8 @@ class SiteQueue:
             return False
         self.ready.popleft()
         self._held.append(batch)
+        if self.parked:
+            self.unpark(all=False)
         timer = self._release_timer
         if timer is None or now + wait < timer.when():
             if timer is not None:
@@ -612,6 +621,7 @@ class SiteQueue:
         delivery = Delivery(self.site, host[0] if host else None, host[1] if host else None, self.source.address)
         c = self.classifier.classify(reply, "connect")
         # A snapshot: the engine may put batches back into this very queue.
+        self.unpark()  # the parked ones too: the site cannot be reached
         batches = list(self.ready)
         self.ready.clear()
         for batch in batches:

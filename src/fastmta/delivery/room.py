@@ -8,7 +8,11 @@ Three bounds, each for a reason:
 * untried recipients (``max_untried_recipients``): the read-ahead. Without it a
   long campaign keeps the whole byte bound of not-yet-tried messages in memory,
   where a few seconds' worth keep every connection busy. Deferred recipients
-  are not untried, so a site that is down does not stall the others.
+  are not untried, so a site that is down does not stall the others; nor are
+  those *parked* at a site whose limit holds them back (a rate, a warm-up
+  quota, a suspension) beyond two rounds of its connections, so a site sending
+  at 10 a second does not stall the others either (``SiteQueue.put``). Both
+  still count against the other two bounds, which keep the memory bounded.
 
 A message larger than a bound is still taken when the queue is empty. Waiting
 submits are woken one at a time, in order: the one woken takes its room and

@@ -78,17 +78,8 @@ from fastmta.delivery.warmup import Warmup, WarmupConfig, WarmupDecision, Warmup
 from fastmta.errors import Scope
 from fastmta.feedback.classification import Classification, Outcome
 
-__all__ = [
-    "ClusterHooks",
-    "EventKind",
-    "Lease",
-    "Limiter",
-    "SharedState",
-    "SiteThrottle",
-    "ThrottleEvent",
-    "ThrottleStatus",
-    "Throttles",
-]
+__all__ = ["ClusterHooks", "EventKind", "Lease", "Limiter", "SharedState", "SiteThrottle", "ThrottleEvent",
+           "ThrottleStatus", "Throttles"]
 
 
 # --------------------------------------------------------------------------
@@ -267,6 +258,10 @@ class SiteThrottle:
         self.procedures = procedures if a.procedures else None
         self.sender_holds = sender_holds
         self._procedure: Match | None = None  # the procedure whose pause is running: its restart follows
+        #: Until when (loop time) the last message_wait found a limit holding mail back (a rate, warm-up, a
+        #: suspension; inf: its probe's reply; 0.0: none), for SiteQueue's parking. Not the adaptive rate:
+        #: it grows with the replies, and what waits for it is the read-ahead that keeps it busy.
+        self.held_until = 0.0
         self.shared = shared  # dials shared with a cluster's other nodes (None: this node's own)
         if shared is not None:
             shared.attach(self)
@@ -335,9 +330,11 @@ class SiteThrottle:
         *sender* (the envelope sender): for limits per sender domain, when there are any."""
         self._tick(now)
         if self.suspended_until is not None:
+            self.held_until = self.suspended_until
             return self.suspended_until - now
         if self.probing:
-            return math.inf if self._probe_ticket is not None else 0.0
+            self.held_until = math.inf if self._probe_ticket is not None else 0.0
+            return self.held_until
         wait = 0.0
         for lim in self._limiters(sender):
             wait = max(wait, lim.wait(now, n))
@@ -346,6 +343,7 @@ class SiteThrottle:
             if not decision.allowed:
                 assert decision.opens_at is not None
                 wait = max(wait, decision.opens_at - (now + self._wall))
+        self.held_until = now + wait if wait > 0 else 0.0
         if self.adaptive.enabled:
             paced = self._pacer.wait(now, n)
             if paced > 0 and paced >= wait:

@@ -1,0 +1,77 @@
+"""What the site queues carry and share: batches, egress sources, per-site limits, where a
+transaction went, and which hosts failed to connect (:mod:`fastmta.delivery.pool` runs them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastmta.delivery.routing import Route
+from fastmta.queue.records import Message, Recipient
+
+__all__ = ["Batch", "Delivery", "HostHealth", "SiteLimits", "Source"]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """An egress source: the local address to bind and the name to say in EHLO."""
+
+    name: str
+    address: str | None  # None: let the OS choose
+    ehlo_name: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SiteLimits:
+    max_connections: int = 10
+    max_messages_per_connection: int = 100
+    max_recipients_per_transaction: int = 50
+    idle_timeout: float = 30.0
+    pipeline_depth: int = 2  # transactions in flight per connection
+
+
+@dataclass(slots=True)
+class Batch:
+    """Recipients of one message going to one site: one SMTP transaction."""
+
+    message: Message
+    recipients: list[Recipient]
+    route: Route
+    source: str = ""  # name of the egress source whose queue holds it
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where a transaction went (for accounting)."""
+
+    site: str
+    mx_host: str | None
+    mx_ip: str | None
+    source_ip: str | None
+    #: The filtering appliance the host names itself as (MX name, greeting, EHLO), if any.
+    appliance: str | None = None
+
+
+class HostHealth:
+    """Remembers hosts that failed to connect, so that others are tried first."""
+
+    def __init__(self, down_time: float, clock: Callable[[], float]) -> None:
+        self.down_time = down_time
+        self._clock = clock
+        self._down_until: dict[tuple[str | None, str, int], float] = {}
+
+    def is_down(self, source: str | None, address: str, port: int) -> bool:
+        until = self._down_until.get((source, address, port))
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._down_until[(source, address, port)]
+            return False
+        return True
+
+    def mark_down(self, source: str | None, address: str, port: int) -> None:
+        self._down_until[(source, address, port)] = self._clock() + self.down_time
+
+    def mark_up(self, source: str | None, address: str, port: int) -> None:
+        self._down_until.pop((source, address, port), None)
