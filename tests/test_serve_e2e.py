@@ -311,6 +311,30 @@ def test_pickup_files_whose_names_are_not_utf8(tmp_path: Path) -> None:
     assert receivers(capture) == ["odd@dest.example"]
 
 
+def test_a_pickup_file_named_as_another_shows_on_record(tmp_path: Path) -> None:
+    # A file really named "odd-\\xff.eml" (a backslash typed) and one whose name has the byte 0xff
+    # went on record under the same name, and serve's map from names on record back to files sent
+    # the typed one's delete to the other file (lost if that one's submit had failed this scan).
+    # The escaped name now says it is not the typed one.
+    capture = tmp_path / "capture"
+    data = tmp_path / "data"
+    pickup = tmp_path / "pickup"
+    pickup.mkdir()
+    literal, escaped = "odd-\\xff.eml", os.fsdecode(b"odd-\xff.eml")
+    with capture_sink(capture) as sink:
+        cfg = pickup_config(tmp_path, data, sink, pickup)
+        with served(cfg, data) as svc:
+            bad = drop(pickup, escaped, b"this is not a message at all\r\n\r\nbody\r\n")
+            good = drop(pickup, literal, pickup_file("typed@dest.example", 1))
+            records = svc.wait_accounting(lambda rs: len(delivered(rs)) >= 1)
+            assert [r["recipient"] for r in delivered(records)] == ["typed@dest.example"], serve_log(svc)
+            assert wait_for(lambda: not good.exists() and not bad.exists(), timeout=10), list(pickup.iterdir())
+            assert sorted(p.name for p in (pickup / ".rejected").iterdir()) == [escaped, escaped + ".reason"]
+            rejects = [json.loads(x) for x in (data / "rejects.jsonl").read_text().splitlines()]
+            assert [Path(r["file"]).name for r in rejects] == ["odd-\\xff.eml (not UTF-8, 1)"], rejects
+    assert receivers(capture) == ["typed@dest.example"]
+
+
 def make_campaign(directory: Path, n: int, campaign_id: str = "pickup-campaign") -> list[str]:
     """A campaign job (the example's template, a recipients file of *n* rows) written into *directory*."""
     staging = directory.parent / f"staging-{campaign_id}"

@@ -188,6 +188,14 @@ class SpoolReader:
         text = str(path)
         shown = record_text(text)
         if shown is not text:
+            # A file really named so (``a\xff.eml`` typed out), or another name escaped to the same text,
+            # must not be taken for this one: serve deleted the wrong file of two such once they shared
+            # one name on record.
+            base = shown
+            for n in range(1, 1001):
+                if self.real_paths.get(shown, text) == text and not os.path.lexists(shown):
+                    break
+                shown = f"{base} (not UTF-8, {n})"
             self.real_paths[shown] = text
         return shown
 
