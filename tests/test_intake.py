@@ -259,3 +259,41 @@ def test_sign_later_leaves_costly_signing_to_the_consumer_and_signs_cheap_messag
     [item] = list(Campaign.load(rsa_dir / "welcome.toml").items(sign_later=True))
     assert isinstance(item, SpoolItem) and item.sign is not None  # an RSA signature: on a thread, however small
     assert b"a=rsa-sha256" in item.sign(item.content).split(b"\r\n\r\n")[0].replace(b"\r\n ", b"")
+
+
+def test_a_confined_job_signs_and_reads_lists_beside_it_only(tmp_path: Path) -> None:
+    # Noticed in a review: a job dropped into serve's pickup directory could sign with any key the
+    # service can read ([[dkim]] key_path = "/etc/...") and read any list as its recipients. serve
+    # reads its jobs confined (as templates always are); fastmta send's operator may name any key.
+    from fastmta.intake.reader import SpoolReader
+
+    outside = tmp_path / "keys"
+    outside.mkdir()
+    shutil.copy(SPOOL / "dkim-test-ed25519.key.pem", outside / "k.pem")
+    (tmp_path / "list.csv").write_bytes(HEADER + b"ann@one.example,Ann,Lee,u1,2026-01-01\r\n")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for name in ("welcome.txt", "welcome.html", "dkim-test-ed25519.key.pem"):
+        shutil.copy(SPOOL / name, spool / name)
+    (spool / "r.csv").write_bytes(HEADER + b"bob@two.example,Bob,Lee,u2,2026-01-01\r\n")
+    base = (SPOOL / "welcome.toml").read_text().replace('recipients = "recipients.csv"', 'recipients = "r.csv"')
+    assert 'key_path = "dkim-test-ed25519.key.pem"' in base
+    jobs = {
+        "a-key.toml": (base.replace('key_path = "dkim-test-ed25519.key.pem"', f'key_path = "{outside / "k.pem"}"')
+                       .replace('id = "welcome-2026-11"', 'id = "a"'), "dkim[0].key_path"),
+        "b-list.toml": (base.replace('recipients = "r.csv"', 'recipients = "../list.csv"')
+                        .replace('id = "welcome-2026-11"', 'id = "b"'), "campaign.recipients"),
+        "c-fine.toml": (base.replace('id = "welcome-2026-11"', 'id = "c"'), None),
+    }
+    for name, (text, _) in jobs.items():
+        (spool / name).write_text(text)
+    events = list(SpoolReader(spool, confined=True))
+    rejects = {Path(e.source).name: e.reason for e in events if isinstance(e, Reject)}
+    assert sorted(rejects) == ["a-key.toml", "b-list.toml"], rejects
+    for name, (_, field) in jobs.items():
+        if field is not None:
+            assert field in rejects[name] and "outside the job's directory" in rejects[name], rejects[name]
+    assert [e.recipients for e in events if isinstance(e, SpoolItem)] == [["bob@two.example"]]
+    # Not confined (fastmta send): the operator's key anywhere, and a list beside the job directory.
+    assert Campaign.load(spool / "a-key.toml").signer is not None
+    assert Campaign.load(spool / "b-list.toml").recipients_path == tmp_path / "list.csv"

@@ -56,7 +56,7 @@ from fastmta.errors import ConfigError, InputError
 from fastmta.intake.items import Reject, SpoolItem, Sunset, record_text
 from fastmta.keyset import KeySet, row_key
 from fastmta.message.dkim import DkimKeyConfig, DkimSigner, load_signing_key
-from fastmta.message.mime import CompiledCampaign, compile_campaign
+from fastmta.message.mime import CompiledCampaign, compile_campaign, inside_job_dir
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.records import split_address
@@ -127,7 +127,14 @@ class Campaign:
         self.today: datetime.date | None = None
 
     @classmethod
-    def load(cls, path: Path) -> Campaign:
+    def load(cls, path: Path, *, confined: bool = False) -> Campaign:
+        """Read and check the job at *path*.
+
+        *confined*: its DKIM keys and recipients file must be beside the job or below
+        it, as its templates always must (``fastmta serve``'s pickup directory: whoever
+        may drop a job there must not sign with any key, or read any list, the
+        service can read). ``fastmta send``'s operator may name a key anywhere.
+        """
         source = str(path)
         try:
             data = path.read_bytes()
@@ -149,7 +156,10 @@ class Campaign:
             keys = []
             for i, key in enumerate(job.dkim):
                 key_path = Path(key.key_path)
-                if not key_path.is_absolute():
+                if confined:
+                    key_path = inside_job_dir(path.parent, key.key_path, f"{source}: dkim[{i}].key_path")
+                    key = msgspec.structs.replace(key, key_path=str(key_path))
+                elif not key_path.is_absolute():
                     key = msgspec.structs.replace(key, key_path=str(path.parent / key_path))
                 # RFC 8058 4: the one-click headers must be under the signature,
                 # also with a job's own list of signed headers.
@@ -161,6 +171,11 @@ class Campaign:
             raise InputError(str(exc).removeprefix(f"{source}: "), source=source) from None
         except InputError as exc:  # a template syntax error: it names file and line
             raise InputError(exc.reason, source=exc.source or source, line=exc.line) from None
+        if confined:
+            try:
+                inside_job_dir(path.parent, job.campaign.recipients, "campaign.recipients")
+            except ConfigError as exc:
+                raise InputError(str(exc), source=source) from None
         campaign = cls(path, job, compiled, DkimSigner(keys) if keys else None)
         if not campaign.recipients_path.is_file():
             raise InputError(f"recipients file {job.campaign.recipients!r} not found", source=source)

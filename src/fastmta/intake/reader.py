@@ -114,9 +114,11 @@ class SpoolReader:
     def __init__(
         self, directory: Path, resume: Resume | None = None, return_path: ReturnPath | None = None,
         accept: Callable[[str], bool] | None = None, unsubscribe: Unsubscribe | None = None,
-        sign_later: bool = False,
+        sign_later: bool = False, confined: bool = False,
     ) -> None:
         self.directory = directory
+        #: Campaign jobs' keys and recipients files must be inside the directory (see Campaign.load).
+        self.confined = confined
         #: Which entries to read now, given each one's path as text (fastmta serve's pickup leaves files
         #: still being written for later).
         self.accept = accept
@@ -237,7 +239,7 @@ class SpoolReader:
         # A campaign is identified by its id; its rows by recipient (see
         # Campaign.items), so an edited recipients file sends only new rows.
         try:
-            campaign = Campaign.load(path)
+            campaign = Campaign.load(path, confined=self.confined)
             fp = content_hash(path, campaign.recipients_path)
         except InputError as exc:
             source = exc.source if exc.source and exc.source != str(path) else None

@@ -83,7 +83,7 @@ def _read_text(inline: str | None, path: str | None, what: str, base: Path, sour
         raise ConfigError(f"{source}: template: give {what} or {what}_file, not both")
     if path is None:
         return inline, f"{source}:template.{what}"
-    full = _inside(base, path, f"{source}: template.{what}_file")
+    full = inside_job_dir(base, path, f"{source}: template.{what}_file")
     try:
         # newline="" keeps the file's line ends; the wire stage normalizes them.
         with open(full, encoding="utf-8", newline="") as f:
@@ -94,12 +94,13 @@ def _read_text(inline: str | None, path: str | None, what: str, base: Path, sour
         raise ConfigError(f"{source}: template.{what}_file {full} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
-def _inside(base: Path, path: str, where: str) -> Path:
+def inside_job_dir(base: Path, path: str, where: str) -> Path:
     """*path* (relative to the job's directory *base*), refused when it leads out of that directory.
 
     What these files hold goes out in every message: a job dropped into
     ``serve``'s pickup directory with ``text_file = "../../etc/shadow"`` (or a
     link to it) mailed that file, read with the service's rights, to its list.
+    (serve holds a pickup job's DKIM key and recipients file to the same rule.)
     """
     full = base / path
     try:
@@ -112,7 +113,7 @@ def _inside(base: Path, path: str, where: str) -> Path:
     if any(part.startswith(".") for part in resolved.relative_to(root).parts):
         # Hidden entries are the queue's (SPOOL/.fastmta: journal, bodies) or serve's (.rejected, files
         # being written): never a template.
-        raise ConfigError(f"{where} {path}: a hidden file or directory (names starting with '.' are not templates)")
+        raise ConfigError(f"{where} {path}: a hidden file or directory (names starting with '.' are the queue's and serve's)")
     return resolved  # opened as checked, not through a link swapped in since
 
 
@@ -190,7 +191,7 @@ class CompiledCampaign:
 
     @staticmethod
     def _attachment(spec: AttachmentSpec, base: Path, source: str) -> bytes:
-        full = _inside(base, spec.path, f"{source}: template.attachments")
+        full = inside_job_dir(base, spec.path, f"{source}: template.attachments")
         try:
             data = full.read_bytes()
         except OSError as exc:

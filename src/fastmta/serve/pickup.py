@@ -122,6 +122,7 @@ class PickupWatcher:
         self.scans += 1
         spool_reader = SpoolReader(
             self.directory, resume_from(self.spool), self.return_path, accept=self._settled, unsubscribe=self.unsubscribe,
+            confined=True,  # a job dropped here signs with keys, and reads lists, beside it only
         )
         reader = iter(spool_reader)
         # The events name a file whose name is not UTF-8 as it goes on record; moved or deleted by its real name.
