@@ -30,6 +30,7 @@ import csv
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -207,6 +208,18 @@ class SqliteSuppressionStore:
         return _row(rows[0]) if rows else None
 
     # --- changes ----------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The changes made inside, on this store's connection, as one transaction: one fsync for the
+        lot (fastmta.serve.feedback_loop's batches), all of them or none on an error."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def add(self, suppression: Suppression) -> None:
         """Record *suppression* (a newer one for the same address and scope replaces the older)."""

@@ -150,18 +150,12 @@ class FeedbackLoop:
 
         def run() -> list[Suppression | BaseException | None]:
             results: list[Suppression | BaseException | None] = []
-            db = writer._db  # one transaction for the batch: one fsync instead of one per change
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with writer.transaction():  # one transaction for the batch: one fsync instead of one per change
                 for change, _ in batch:
                     try:
                         results.append(change(writer))
                     except Exception as exc:  # one bad change must not lose the others
                         results.append(exc)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             return results
 
         self.commits += 1
