@@ -233,3 +233,22 @@ def test_bounce_and_delete_end_queued_recipients(run_uvloop: Run, tmp_path: Path
             assert captures(s.capture) == []
 
     run_uvloop(main())
+
+
+def test_the_summary_table_says_what_the_site_answered_last() -> None:
+    # A queue of retries shows the receivers' commonest last reply (PowerMTA's "last error"), its
+    # control characters made harmless like every other cell's.
+    import io
+
+    from rich.console import Console
+
+    from fastmta.cli.queue import _print_summary
+
+    buf = io.StringIO()
+    rows = [{"kind": "site", "source": "default", "site": "mx.defer.test", "ready": 0, "scheduled": 5,
+             "top_reply": {"reply": "451 4.3.0 Temporary failure\x1b[2J", "recipients": 5}},
+            {"kind": "total", "ready": 0, "scheduled": 5, "unfinished": 5, "suspensions": []}]
+    _print_summary(Console(file=buf, width=200, color_system=None), rows)
+    out = buf.getvalue()
+    assert "last reply: 451 4.3.0 Temporary failure" in out and "(5)" in out
+    assert "\x1b" not in out

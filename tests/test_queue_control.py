@@ -114,6 +114,9 @@ def test_summary_show_and_why_at_a_deferring_site(run: Run) -> None:
                 assert (r["scheduled"], r["ready"], r["in_flight"], r["held"]) == (5, 0, 0, 0)
                 assert r["source"] == "default" and not r["suspended"]
                 assert r["oldest_age"] is not None and 0 <= r["oldest_age"] < 30
+                # What the site said, as PowerMTA's queue view shows its last error: the commonest reply.
+                assert r["top_reply"]["recipients"] == 5 and "4.3.0 Temporary failure" in r["top_reply"]["reply"]
+                assert row(rows, good_site)["top_reply"] is None
                 t = r["throttle"]
                 assert t["window"] >= 1 and t["rate"] is not None
                 # Why the throttle is where it is: the cut names the reply that caused it.

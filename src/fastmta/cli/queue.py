@@ -217,6 +217,9 @@ def _why_waiting(row: dict[str, Any]) -> str | None:
         parts.append(f"{row['sender_held']} held for the sender's domain")
     if row.get("routing"):
         parts.append("waiting for DNS")
+    top = row.get("top_reply")
+    if isinstance(top, dict) and row.get("kind") != "total":
+        parts.append(f"last reply: {top.get('reply')} ({top.get('recipients')})")
     return "; ".join(parts)
 
 

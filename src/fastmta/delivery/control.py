@@ -35,7 +35,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from enum import StrEnum
 from typing import Any, cast
@@ -447,23 +447,28 @@ class QueueControl:
                 r = rows[k] = {"kind": kind, "source": src, "site": site, "domain": domain, "ready": 0,
                                "scheduled": 0, "in_flight": 0, "held": 0, "sender_held": 0, "routing": 0,
                                "connections": 0, "suspended": False, "suspended_by": [], "throttle": None,
-                               "oldest_age": None}
+                               "oldest_age": None, "top_reply": None}
                 rule = self._site_rule(site) if site is not None else None
                 if rule is not None:
                     r["suspended"], r["suspended_by"] = True, [rule]
             return r
 
-        def count(r: dict[str, Any], field: str, msg: Message, n: int) -> None:
+        replies: dict[tuple[str | None, str | None, str | None], Counter[str]] = {}
+
+        def count(r: dict[str, Any], field: str, msg: Message, n: int, rcpts: Iterable[Recipient] = ()) -> None:
             r[field] += n
             k = (r["source"], r["site"], r["domain"])
             oldest[k] = min(oldest.get(k, msg.queued_at), msg.queued_at)
+            for rcpt in rcpts:  # what the receivers said last, for the row's most common answer
+                if rcpt.last_reply is not None:
+                    replies.setdefault(k, Counter())[str(rcpt.last_reply)] += 1
 
         for (src, site), q in self._dispatch.queues.items():
             r = row(src, site)
             for field, batches in (("ready", q.waiting()), ("sender_held", q.sender_held),
                                    ("in_flight", q.sending.values())):
                 for b in batches:
-                    count(r, field, b.message, len(b.recipients))
+                    count(r, field, b.message, len(b.recipients), b.recipients if field != "in_flight" else ())
             r["connections"] = q.connections
             r["throttle"] = q.describe(now, wall - now)
             if q.throttle.warmup is not None:  # the step, today's figures and why it holds
@@ -471,7 +476,7 @@ class QueueControl:
         for key, held in self._held.items():
             for b in held:
                 r = row(b.source, b.route.site)
-                count(r, "held", b.message, len(b.recipients))
+                count(r, "held", b.message, len(b.recipients), b.recipients)
                 if key not in r["suspended_by"]:
                     r["suspended_by"].append(key)
                 r["suspended"] = True
@@ -480,7 +485,7 @@ class QueueControl:
         memo: dict[str, str | None] = {}
         for msg, rcpt, _ in self._scheduled():
             at = self._site_of(rcpt, memo)
-            count(row(src1, at, None if at else rcpt.domain), "scheduled", msg, 1)
+            count(row(src1, at, None if at else rcpt.domain), "scheduled", msg, 1, (rcpt,))
         for domain, entries in self._dispatch.lookups.items():
             for msg, by_domain, _ in entries:
                 count(row(None, None, domain), "routing", msg, sum(len(g) for g in by_domain.values()))
@@ -489,6 +494,9 @@ class QueueControl:
         for r in out:
             k = (r["source"], r["site"], r["domain"])
             r["oldest_age"] = round(wall - oldest[k], 3) if k in oldest else None
+            if k in replies:  # PowerMTA's "last error" of a queue: here the commonest, with how many had it
+                reply, n = replies[k].most_common(1)[0]
+                r["top_reply"] = {"reply": reply, "recipients": n}
         fields = ("ready", "scheduled", "in_flight", "held", "sender_held", "routing", "connections")
         total: dict[str, Any] = {"kind": "total", **{f: sum(r[f] for r in out) for f in fields}}
         total["oldest_age"] = max((r["oldest_age"] for r in out if r["oldest_age"] is not None), default=None)
