@@ -59,7 +59,7 @@ def test_pipelined_envelope_is_one_write_and_content_carries_next_envelope() -> 
     p = ready()
     p.start_transaction(txn("a@x.test", "b@x.test"))
     p.start_transaction(txn("c@y.test"))
-    size = len(BODY.data_wire)
+    size = len(BODY.raw)  # RFC 1870: the message itself, not its stuffed wire form
     assert p.data_to_send() == (
         b"MAIL FROM:<s@a.test> SIZE=%d\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n" % size
     )
@@ -117,6 +117,47 @@ def test_all_recipients_refused_then_rset_before_next_mail() -> None:
     assert done[0].result.recipient_replies()[0].code == 550
     # The server still holds the MAIL: reset it, pipelined with the next envelope.
     assert p.data_to_send().startswith(b"RSET\r\nMAIL FROM:<s@a.test>")
+
+
+def test_without_pipelining_rset_waits_for_its_reply_before_the_next_mail() -> None:
+    # Found against Exim and OpenSMTPD: RSET and the next MAIL went out in one write to a server that
+    # never offered PIPELINING; both end the session for it ("synchronization error"), and the next
+    # transaction was deferred as a lost connection (RFC 5321 4.1.4, RFC 2920 3: lock-step).
+    p = ready(EHLO_PLAIN)
+    p.start_transaction(txn("a@x.test"))
+    p.start_transaction(txn("b@x.test"))
+    assert p.data_to_send() == b"MAIL FROM:<s@a.test>\r\n"
+    p.receive_data(b"250 ok\r\n")
+    assert p.data_to_send() == b"RCPT TO:<a@x.test>\r\n"
+    done = results(p.receive_data(b"550 5.1.1 unknown\r\n"))
+    assert done[0].result.delivered == []
+    assert p.data_to_send() == b"RSET\r\n"  # and nothing after it
+    p.quit()
+    assert p.data_to_send() == b""  # nor QUIT: still waiting for RSET's reply
+    assert p.receive_data(b"250 reset\r\n") == []
+    assert p.data_to_send() == b"MAIL FROM:<s@a.test>\r\n"
+    p.receive_data(b"250 ok\r\n")
+    assert p.data_to_send() == b"RCPT TO:<b@x.test>\r\n"
+    p.receive_data(b"250 ok\r\n")
+    assert p.data_to_send() == b"DATA\r\n"
+    p.receive_data(b"354 go\r\n")
+    assert p.data_to_send() == BODY.data_wire
+    done = results(p.receive_data(b"250 ok\r\n"))
+    assert done[0].result.delivered == ["b@x.test"]
+    assert p.data_to_send() == b"QUIT\r\n"
+
+
+def test_the_size_declared_and_checked_is_the_messages_not_the_wire_form() -> None:
+    # RFC 1870: without dot-stuffing and the ending ".\r\n". Counting them bounced, as over Exim's
+    # limit, a 3,000-byte message against a limit of 3,000.
+    body = Body(b"Subject: s\r\n\r\n" + b".dot\r\n" * 10 + b"x" * (3000 - 14 - 60 - 2) + b"\r\n")
+    assert len(body.raw) == 3000 and len(body.data_wire) == 3000 + 10 + 3
+    p = ready(EHLO_PIPE.replace(b"SIZE 100000", b"SIZE 3000"))
+    p.start_transaction(txn("a@x.test", body=body))
+    assert p.data_to_send().startswith(b"MAIL FROM:<s@a.test> SIZE=3000")
+    p = ready(EHLO_PIPE.replace(b"SIZE 100000", b"SIZE 2999"))
+    done = results(p.start_transaction(txn("a@x.test", body=body)))
+    assert done[0].result.recipient_replies()[0].enhanced == "5.3.4"
 
 
 def test_mail_refused_fails_every_recipient_with_the_mail_reply() -> None:

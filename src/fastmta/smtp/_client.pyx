@@ -234,6 +234,7 @@ cdef class ProtocolCore:
     cdef readonly Py_ssize_t replies_received
     cdef object _open
     cdef bint _rset_needed
+    cdef bint _rset_waiting  # without PIPELINING: an RSET written, its reply not in yet
     cdef Py_ssize_t _bdat_active
     cdef object _extensions
     # The extension flags the hot path reads, copied out of the Extensions record.
@@ -262,6 +263,7 @@ cdef class ProtocolCore:
         self.tls_active = False
         self._open = None
         self._rset_needed = False
+        self._rset_waiting = False
         self._bdat_active = 0
         self._quit_requested = False
 
@@ -325,6 +327,9 @@ cdef class ProtocolCore:
                 break
             if txn is None:
                 self._on_session_reply(reply, phase)
+                if phase is P_RSET and self._rset_waiting:
+                    self._rset_waiting = False
+                    self._pump_c()
             else:
                 code = reply[0]
                 # The reference's _fits_phase (RFC 5321 4.3.2): DATA takes 354 or a failure, the others no 3yz.
@@ -401,16 +406,22 @@ cdef class ProtocolCore:
 
     cdef void _pump_c(self) except *:
         while self._queue and self._state == ST_READY and self._open is None:
-            if not self._pipelining() and self._active:
-                return  # lock-step: one transaction at a time
+            if not self._pipelining() and (self._active or self._rset_waiting):
+                return  # lock-step: one transaction (or the RSET before it) at a time
             if self._bdat_active:
                 return  # a BDAT transaction's outcome decides whether RSET is needed
+            if self._rset_needed and not self._pipelining():
+                # The reference's reason: the next MAIL waits for RSET's reply (RFC 5321 4.1.4, RFC 2920 3).
+                self._rset_needed = False
+                self._rset_waiting = True
+                self._send(b"RSET\r\n", P_RSET)
+                return
             self._begin(<_Txn?>self._queue.popleft())
         self._maybe_quit_c()
 
     cdef void _maybe_quit_c(self) except *:
         if self._quit_requested and self._state == ST_READY and not self._queue and self._open is None:
-            if not self._pipelining() and self._active:
+            if not self._pipelining() and (self._active or self._rset_waiting):
                 return
             self._state = ST_CLOSING
             self._send(b"QUIT\r\n", P_QUIT)
@@ -429,7 +440,7 @@ cdef class ProtocolCore:
             self._finish_local(txn, Reply.local(553, "5.6.7", "non-ASCII address and the server does not offer SMTPUTF8"))
             return
         cdef bint use_bdat = self.allow_bdat and self._ext_chunking
-        cdef Py_ssize_t size = len(body.bdat_wire if use_bdat else body.data_wire)
+        cdef Py_ssize_t size = body.size
         limit = self._size_limit
         if self._has_size and limit and size > limit:
             self._finish_local(txn, Reply.local(552, "5.3.4", f"message size {size} exceeds the server's SIZE limit {limit}"))

@@ -68,6 +68,7 @@ class ProtocolCore:
         # exists nothing else may be written (the server is between MAIL and DATA).
         self._open: _Txn | None = None
         self._rset_needed = False
+        self._rset_waiting = False  # without PIPELINING: an RSET written, its reply not in yet
         self._bdat_active = 0  # BDAT transactions in self._active
         self._quit_requested = False
 
@@ -120,6 +121,9 @@ class ProtocolCore:
                 break
             if txn is None:
                 self._on_session_reply(reply, phase)
+                if phase is Phase.RSET and self._rset_waiting:
+                    self._rset_waiting = False
+                    self._pump()
             else:
                 if not _fits_phase(reply.code, phase):
                     raise ProtocolError(f"reply {reply.code} to {phase.value}: not a reply that command can have")
@@ -178,16 +182,23 @@ class ProtocolCore:
     def _pump(self) -> None:
         """Write the next queued envelopes if the session allows it now."""
         while self._queue and self._state == SessionState.READY and self._open is None:
-            if not self.pipelining and self._active:
-                return  # lock-step: one transaction at a time
+            if not self.pipelining and (self._active or self._rset_waiting):
+                return  # lock-step: one transaction (or the RSET before it) at a time
             if self._bdat_active:
                 return  # a BDAT transaction's outcome decides whether RSET is needed
+            if self._rset_needed and not self.pipelining:
+                # The next MAIL waits for RSET's reply (RFC 5321 4.1.4, RFC 2920 3): Exim and
+                # OpenSMTPD end a session that sends both in one write when it never offered PIPELINING.
+                self._rset_needed = False
+                self._rset_waiting = True
+                self._send(b"RSET\r\n", Phase.RSET)
+                return
             self._begin(self._queue.popleft())
         self._maybe_quit()
 
     def _maybe_quit(self) -> None:
         if self._quit_requested and self._state == SessionState.READY and not self._queue and self._open is None:
-            if not self.pipelining and self._active:
+            if not self.pipelining and (self._active or self._rset_waiting):
                 return
             self._state = SessionState.CLOSING
             self._send(b"QUIT\r\n", Phase.QUIT)
@@ -207,7 +218,7 @@ class ProtocolCore:
             self._finish_local(txn, Reply.local(553, "5.6.7", "non-ASCII address and the server does not offer SMTPUTF8"))
             return
         use_bdat = self.allow_bdat and ext.chunking
-        size = len(t.body.bdat_wire if use_bdat else t.body.data_wire)
+        size = t.body.size
         if ext.size and size > ext.size:
             self._finish_local(txn, Reply.local(552, "5.3.4", f"message size {size} exceeds the server's SIZE limit {ext.size}"))
             return

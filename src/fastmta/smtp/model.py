@@ -84,7 +84,7 @@ class Body:
     transaction keeps that work off the hot path.
     """
 
-    __slots__ = ("_bdat_wire", "_data_wire", "_eight_bit", "_utf8_headers", "raw")
+    __slots__ = ("_bdat_wire", "_data_wire", "_eight_bit", "_size", "_utf8_headers", "raw")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
@@ -92,6 +92,7 @@ class Body:
         self._bdat_wire: bytes | None = None
         self._eight_bit: bool | None = None
         self._utf8_headers: bool | None = None
+        self._size: int | None = None
 
     @property
     def data_wire(self) -> bytes:
@@ -106,6 +107,19 @@ class Body:
         if self._bdat_wire is None:
             self._bdat_wire = core.normalize_crlf(self.raw)
         return self._bdat_wire
+
+    @property
+    def size(self) -> int:
+        """The size RFC 1870 means (``SIZE=``, a server's limit): CRLF lines, without the dot-stuffing
+        or the ending ``.\r\n`` (counting them bounced a message that fitted: found against Exim).
+        From the wire form at hand, without making the other."""
+        if self._size is None:
+            if self._bdat_wire is not None:
+                self._size = len(self._bdat_wire)
+            else:
+                wire = self.data_wire  # every stuffed dot follows a CRLF (or starts it); the last is the end's
+                self._size = len(wire) - 3 - (wire.count(b"\r\n.") - 1 + wire.startswith(b"."))
+        return self._size
 
     @property
     def eight_bit(self) -> bool:
