@@ -297,3 +297,58 @@ def test_a_site_waiting_only_for_its_connections_parks_nothing(run_uvloop: Run[N
 
     with postfix_smtp_sink() as fast:
         run_uvloop(scenario(f"{fast.host}:{fast.port}"))
+
+
+def test_an_operator_action_elsewhere_leaves_a_held_backlog_parked(run_uvloop: Run[None]) -> None:
+    # Found by a review: a bounce (or a suspension) of anything unparked every held site's backlog
+    # and left it in the read-ahead until that site's next timer (a rate of 1/min here; a warm-up
+    # quota's next day) and the other sites waited again.
+    from servers import postfix_smtp_sink
+
+    async def scenario(slow: str, fast: str) -> None:
+        cfg = config_from_dict({
+            "routing": {"static": {"slow.test": [slow], "*": [fast]}}, "smtp": {"tls": "never"},
+            "queue": {"max_untried_recipients": 10},
+            "sites": {slow: {"rate": ["1/min"], "max_connections": 1, "adaptive": {"enabled": False}},
+                      "*": {"max_connections": 4, "adaptive": {"enabled": False}}},
+        })  # fmt: skip
+        async with Engine(cfg) as engine:
+            for i in range(30):
+                await asyncio.wait_for(engine.submit(MESSAGE, SENDER, [f"s{i}@slow.test"]), 5)
+            assert engine.control.bounce("domain:nothing.test")["recipients"] == 0
+            engine.control.suspend("domain:unrelated.test")
+            engine.control.resume("domain:unrelated.test")
+            assert engine._room.untried <= 5
+            for i in range(20):  # waited for the slow site's next minute before
+                await asyncio.wait_for(engine.submit(MESSAGE, SENDER, [f"f{i}@fast.test"]), 2)
+            assert engine.control.bounce("domain:slow.test")["recipients"] == 29  # one went out at once
+            assert await engine.drain(10)
+            assert engine._room.untried == 0
+
+    with postfix_smtp_sink() as slow, postfix_smtp_sink() as fast:
+        run_uvloop(scenario(f"{slow.host}:{slow.port}", f"{fast.host}:{fast.port}"))
+
+
+def test_a_parked_backlog_past_its_lifetime_expires_without_idling(run_uvloop: Run[None]) -> None:
+    # Found by a review: batches expiring at the head of the ready queue did not bring parked ones
+    # back, so the connection idled its idle_timeout (30 s) with parked work, round after round.
+    from servers import postfix_smtp_sink
+
+    async def scenario(slow: str) -> None:
+        cfg = config_from_dict({
+            "routing": {"static": {"slow.test": [slow]}}, "smtp": {"tls": "never"},
+            "queue": {"max_untried_recipients": 5, "max_lifetime": 2},
+            "sites": {slow: {"rate": ["1/s"], "max_connections": 1, "pipeline_depth": 1,
+                             "adaptive": {"enabled": False}}},
+        })  # fmt: skip
+        statuses: list[Status] = []
+        async with Engine(cfg) as engine:
+            engine.add_listener(lambda o: statuses.append(o.status) if o.status.is_final else None)
+            for i in range(20):
+                await asyncio.wait_for(engine.submit(MESSAGE, SENDER, [f"s{i}@slow.test"]), 5)
+            assert await engine.drain(10), statuses
+            assert engine._room.untried == 0
+        assert len(statuses) == 20 and statuses.count(Status.EXPIRED) >= 10
+
+    with postfix_smtp_sink() as slow:
+        run_uvloop(scenario(f"{slow.host}:{slow.port}"))

@@ -231,6 +231,7 @@ class QueueControl:
                 q.unpark()
                 q.ready = self._pass(q, q.ready)
                 q.sender_held = self._pass(q, q.sender_held)
+                q.repark()
             log.warning("queue suspended: %s", rule.key)
         match = self._matcher(kind, value)
         return {

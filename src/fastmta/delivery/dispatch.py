@@ -133,6 +133,7 @@ class Dispatcher:
             q.unpark()
             q.ready = split_batches(q.ready, select, taken)
             q.sender_held = split_batches(q.sender_held, select, taken)
+            q.repark()
         for entries in self.lookups.values():
             for msg, by_domain, _ in entries:
                 for domain, group in list(by_domain.items()):

@@ -127,16 +127,14 @@ class SiteQueue:
         suspension, a pause after refused connections), batches beyond two
         rounds of its connections (``allowance``) are *parked*: their untried
         recipients stop counting as the engine's read-ahead (``on_park``).
-        Otherwise a campaign's Gmail half at 10 a second fills the read-ahead
-        within seconds and every other site waits for Gmail (head-of-line
-        blocking; measured: 600 recipients of free sites took 49 s behind 600
-        at 10/s). Parked batches still count against the queue's recipient
-        and byte bounds, which keep the memory bounded, and go back to the
-        ready queue in order as it drains. The test is made only here, on a
-        long queue, from what the throttle's own ``message_wait`` last found:
-        no extra look at shared limits, and the adaptive rate (slow start
-        included) parks nothing, so a site's backlog waiting for its
-        connections stays bounded by the read-ahead.
+        Otherwise a campaign's Gmail half at 10 a second fills the read-ahead and
+        every other site waits for Gmail (measured: 600 recipients of free sites
+        took 49 s behind 600 at 10/s). Parked batches still count against the
+        recipient and byte bounds (the memory), and go back in order as the
+        ready queue drains. The test reads what the throttle's own
+        ``message_wait`` last found (no extra look at shared limits); the
+        adaptive rate, slow start included, parks nothing: a backlog waiting
+        for its connections is the read-ahead, and stays bounded by it.
         """
         if self.gate is not None:
             kept = self.gate(self, batch)
@@ -146,10 +144,9 @@ class SiteQueue:
         if front:
             self.ready.appendleft(batch)
         elif self.parked or len(self.ready) >= self.allowance:
-            now = self._loop.time()
-            if self.parked or (self.throttle.held_until > now or self._hold_until > now):
+            held = self._held_back()
+            if self.parked or held:
                 # In order behind those parked already; taken off the read-ahead only while held.
-                held = self.throttle.held_until > now or self._hold_until > now
                 n = sum(r.status is None for r in batch.recipients) if held else 0
                 self.parked.append((batch, n))
                 if n and self.on_park is not None:
@@ -163,8 +160,19 @@ class SiteQueue:
     def waiting(self) -> Iterator[Batch]:
         """Every batch not yet taken by a connection: the ready ones, then those parked."""
         yield from self.ready
-        for batch, _ in self.parked:
-            yield batch
+        yield from (batch for batch, _ in self.parked)
+
+    def _held_back(self) -> bool:
+        """Does a limit hold the site's mail back now (see :meth:`put`)?"""
+        now = self._loop.time()
+        return self.throttle.held_until > now or self._hold_until > now
+
+    def repark(self) -> None:
+        """Park again what is ready beyond the allowance while the site is held: after an operator's
+        change unparked everything (:meth:`unpark`), so that a bounce elsewhere does not put a held
+        site's whole backlog back into the read-ahead until its next timer, maybe hours away."""
+        if len(self.ready) > self.allowance and self._held_back():
+            self._park_excess()
 
     def _park_excess(self) -> None:
         """The site was just found held with more ready than its allowance (put before the limit showed,
@@ -178,13 +186,13 @@ class SiteQueue:
         if gone and self.on_park is not None:
             self.on_park(-gone)
 
-    def unpark(self, all: bool = True) -> None:
-        """Parked batches back onto the ready queue: all of them, or (*all* false) up to ``allowance``.
+    def unpark(self, *, refill: bool = False) -> None:
+        """Parked batches back onto the ready queue: all of them, or (*refill*) up to ``allowance``.
 
         An operator's change (a hold, a bounce, a reroute) unparks all first, so
-        it sees one queue; parking starts again at the next put."""
+        it sees one queue, and calls :meth:`repark` after it."""
         back = 0
-        while self.parked and (all or len(self.ready) < self.allowance):
+        while self.parked and (not refill or len(self.ready) < self.allowance):
             batch, n = self.parked.popleft()
             self.ready.append(batch)
             back += n
@@ -195,7 +203,7 @@ class SiteQueue:
         """Something changed (work arrived, a result, a closed connection): wake a
         waiting connection, or open another if the throttle allows."""
         if self.parked and len(self.ready) < self.allowance:
-            self.unpark(all=False)
+            self.unpark(refill=True)
         if self._closing or not self.ready:
             return
         while self._idle:
@@ -209,7 +217,7 @@ class SiteQueue:
         if now < self._hold_until:
             return  # pausing after refused connections; the timer kicks again
         pace = self.throttle.message_wait(now)
-        if pace > 0 and len(self.ready) > self.allowance and self.throttle.held_until > now:
+        if pace > 0 and len(self.ready) > self.allowance and self._held_back():
             self._park_excess()
         if pace > 0 and (self.connections or pace > self.limits.idle_timeout):
             # The message rate (or a suspension, a warm-up quota) is what holds
@@ -439,7 +447,7 @@ class SiteQueue:
                 else:
                     keep.append(batch)
             self.ready = keep
-            self.unpark(all=False)
+            self.unpark(refill=True)
 
     def _schedule_reconnect(self, delay: float) -> None:
         self._hold_until = self._loop.time() + delay
@@ -500,6 +508,8 @@ class SiteQueue:
                     # Past its queue lifetime while waiting here (a suspension, a
                     # slow site): expire it now, not after one more attempt.
                     self.ready.popleft()
+                    if self.parked:
+                        self.unpark(refill=True)
                     self.on_expired(batch, None)
                     continue
                 if self.throttle.sender_holds and self._hold(batch, now):
@@ -507,7 +517,7 @@ class SiteQueue:
                 n = len(batch.recipients)
                 wait = self.throttle.message_wait(now, n, batch.message.sender)
                 if wait > 0:
-                    if len(self.ready) > self.allowance and self.throttle.held_until > now:
+                    if len(self.ready) > self.allowance and self._held_back():
                         self._park_excess()
                     if inflight:
                         break  # results will come and may change the answer
@@ -517,7 +527,7 @@ class SiteQueue:
                     continue
                 self.ready.popleft()
                 if self.parked:
-                    self.unpark(all=False)
+                    self.unpark(refill=True)
                 ticket = self.throttle.message_started(now, n, batch.message.sender)
                 message = batch.message
                 rcpts = [r.address for r in batch.recipients]
@@ -602,7 +612,7 @@ class SiteQueue:
         self.ready.popleft()
         self._held.append(batch)
         if self.parked:
-            self.unpark(all=False)
+            self.unpark(refill=True)
         timer = self._release_timer
         if timer is None or now + wait < timer.when():
             if timer is not None:
