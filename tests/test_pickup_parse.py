@@ -145,3 +145,22 @@ def test_a_pickup_file_over_the_limit_is_refused_naming_it(tmp_path: Path, monke
     with pytest.raises(InputError, match="cannot read") as err:
         pickup.read_pickup_bytes(tmp_path / "missing.eml")
     assert err.value.source == str(tmp_path / "missing.eml")
+
+
+def test_a_line_over_998_characters_is_refused_naming_it() -> None:
+    # Found against Exim and OpenSMTPD: such a line went out as it was and came back "500 Line too
+    # long" at the end of DATA, a bounce of every recipient of a file already taken. RFC 5322 2.1.1.
+    head = b"X-Sender: a@b.example\r\nX-Receiver: c@d.example\r\nSubject: hi\r\n\r\n"
+    fits = head + b"y" * 998 + b"\r\n" + b"z" * 998 + b"\n"  # at the limit, CRLF or LF
+    assert parse_pickup(fits, "fits.eml").content.endswith(b"z" * 998 + b"\n")
+    with pytest.raises(InputError, match="a line of 999 characters") as info:
+        parse_pickup(head + b"line\r\n" + b"y" * 999 + b"\r\nz\r\n", "body.eml")
+    assert info.value.line == 6
+    with pytest.raises(InputError, match="a line of 1209 characters") as info:
+        parse_pickup(b"X-Sender: a@b.example\r\nX-Receiver: c@d.example\r\nSubject: " + b"h" * 1200 + b"\r\n\r\nb\n",
+                     "header.eml")
+    assert info.value.line == 3
+    # The envelope's own lines are not sent: a long X-Receiver list is fine.
+    many = b",".join(b"u%d@d.example" % i for i in range(200))
+    assert len(parse_pickup(b"X-Sender: a@b.example\r\nX-Receiver: " + many + b"\r\nSubject: s\r\n\r\nb\r\n",
+                            "env.eml").recipients) == 200
