@@ -16,6 +16,8 @@ Output, one JSON object per input line or bounced recipient:
   retry_after   seconds before the next try (a hint; null: the default schedule)
   site_paced, suspend_for, code, enhanced (what was found or given)
   file, line    where the input came from; for --email also recipient, action, status
+  kind          --email, a message that reports no failed recipient: what it is instead
+                (auto_reply, complaint, unrecognized), as the service's inbound path records it
 
 The rules are the built-in ones, plus those of a configuration's [classify]
 section (--config, as `fastmta send` loads them) or of a rule file in the
@@ -45,6 +47,7 @@ from fastmta.feedback.classification import Classification, Outcome, Phase
 from fastmta.feedback.classify import Classifier, default_classifier
 from fastmta.feedback.diagnostic import parse_diagnostic
 from fastmta.feedback.dsn import parse_dsn
+from fastmta.feedback.inbound import read_inbound
 
 _ACTIONS = {
     "failed": Outcome.PERMANENT,
@@ -139,7 +142,16 @@ def _classify_email(cl: Classifier, name: str, phase: Phase | None) -> Iterator[
         raw = Path(name).read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {name}: {exc.strerror or exc}") from None
-    for rcpt in parse_dsn(raw):
+    records = parse_dsn(raw)
+    if not records:
+        # Not a bounce with a recipient in it: say what it is (an auto-reply, a complaint, a report
+        # naming nobody) rather than nothing at all, as the service's inbound path would record it.
+        for event in read_inbound(raw, "", [], return_path=None, classifier=cl):
+            yield {"input": event.diagnostic, "kind": event.kind, "outcome": None, "bounce": "none",
+                   "file": name, "recipient": event.recipient or None,
+                   **({"feedback_type": event.feedback_type} if event.feedback_type else {})}
+        return
+    for rcpt in records:
         text = rcpt.diagnostic or ""
         code, enhanced, found = parse_diagnostic(text)
         code = rcpt.reply_code if rcpt.reply_code is not None else code

@@ -172,7 +172,8 @@ def _from_arf(msg: Message, part: Message) -> Complaint:
     mail_from = _first(fields, "original-mail-from")
     return Complaint(
         feedback_type=(_first(fields, "feedback-type") or "other").lower(),
-        recipients=rcpt_to or removal or _recipients_of(original),
+        # Microsoft's JMRP in ARF form names the recipient only in its own header of the returned message.
+        recipients=rcpt_to or removal or _recipients_of(original, "X-HmXmrOriginalRecipient"),
         original_rcpt_to=rcpt_to,
         original_mail_from=(_addr(mail_from) or mail_from.strip("<> ")) if mail_from else None,
         user_agent=_first(fields, "user-agent"),

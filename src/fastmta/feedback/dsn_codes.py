@@ -47,9 +47,14 @@ ADDRESS = re.compile(rf"(?<!{_LOCAL}){_LOCAL}++@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A
 _ADDRESS_FULL = re.compile(rf"^{_LOCAL}+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{{2,63}}$")
 
 
+# An internationalised mailbox (RFC 6531/6533: a "utf-8;" Final-Recipient): UTF-8 local part, U-labels.
+_ADDRESS_UTF8 = re.compile(r"^[^\s@<>()\[\]\",;:\\]+@(?:[^\W_](?:[\w-]*[^\W_])?\.)+(?:[^\W\d_]{2,63}|xn--[a-z0-9-]{2,59})$",
+                           re.IGNORECASE)
+
+
 def is_address(value: str) -> bool:
-    """True for a plain ``local@domain.tld`` mailbox (no route, no pipe, no X.400)."""
-    if not _ADDRESS_FULL.match(value):
+    """True for a plain ``local@domain.tld`` mailbox (no route, no pipe, no X.400), non-ASCII (EAI) too."""
+    if not (_ADDRESS_FULL.match(value) if value.isascii() else _ADDRESS_UTF8.match(value)):
         return False
     local = value.rsplit("@", 1)[0]
     return not (local.startswith(".") or local.endswith(".") or ".." in local)

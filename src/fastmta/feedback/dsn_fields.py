@@ -74,25 +74,47 @@ def _address(value: str | None) -> str | None:
     return addr or None
 
 
+def _utf8(value: object) -> str:
+    """Text the email package decoded as ASCII, with the UTF-8 it met kept (RFC 6533's fields are UTF-8)."""
+    text = str(value)
+    try:
+        return text.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # already decoded beyond ASCII
+        return text
+
+
+def _body(part: Message) -> str:
+    """A non-multipart part's body, its transfer encoding undone, as UTF-8 text."""
+    data = part.get_payload(decode=True)  # bytes: base64 and quoted-printable undone, 8-bit kept
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else ""
+
+
 def _part_text(part: Message) -> str:
     payload = part.get_payload()
-    if isinstance(payload, list):  # the email package parsed it as header blocks
-        blocks = []
-        for m in payload:
-            if isinstance(m, Message):
-                blocks.append("\n".join(f"{k}: {v}" for k, v in m.items()))
-        return "\n\n".join(blocks)
-    if not isinstance(payload, str):
-        return ""
+    if not isinstance(payload, list):
+        return _body(part)
+    # The email package parsed it as header blocks: each block's fields, and what it left as the
+    # block's body. message/global-delivery-status (RFC 6533) is parsed as one message whose body
+    # holds the per-recipient blocks, and a base64 part as a "message" of no fields: taking only
+    # the fields lost every recipient's Status there.
+    blocks = []
+    for m in payload:
+        if isinstance(m, Message):
+            text = "\n".join(f"{k}: {_utf8(v)}" for k, v in m.items())
+            body = _body(m) if not m.is_multipart() else ""
+            if body.strip():
+                text = f"{text}\n\n{body}" if text else body
+            blocks.append(text)
+    text = "\n\n".join(blocks)
     cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
     try:
         if cte == "base64":
-            return base64.b64decode(payload).decode("utf-8", "replace")
+            return base64.b64decode(text).decode("utf-8", "replace")
         if cte == "quoted-printable":
-            return quopri.decodestring(payload.encode("ascii", "replace")).decode("utf-8", "replace")
+            return quopri.decodestring(text.encode("utf-8")).decode("utf-8", "replace")
     except (binascii.Error, ValueError):
         pass
-    return payload
+    return text
 
 
 def from_blocks(blocks: list[dict[str, str]], *, source: str) -> list[DSNRecipient]:

@@ -24,6 +24,7 @@ otherwise anyone could unsubscribe anybody by mailing us a fake bounce.
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import email.utils
@@ -33,8 +34,9 @@ from dataclasses import dataclass
 from email.message import Message
 
 from fastmta.feedback.arf import Complaint, parse_arf
-from fastmta.feedback.classify import Classifier
+from fastmta.feedback.classify import Classifier, default_classifier
 from fastmta.feedback.dsn import classify_dsn, parse_dsn
+from fastmta.feedback.dsn_record import DSNRecipient
 from fastmta.message.returnpath import TRACE_HEADER, ReturnPath
 
 __all__ = ["InboundEvent", "read_inbound"]
@@ -74,16 +76,57 @@ def _parse(raw: bytes) -> Message:
     return email.message_from_bytes(raw, policy=email.policy.compat32)
 
 
+def _header(msg: Message, name: str) -> str:
+    """A header as text ("" when absent): compat32 gives a Header object for a non-ASCII one."""
+    return str(msg.get(name) or "").strip()
+
+
 def _is_auto_reply(msg: Message) -> bool:
-    auto = (msg.get("Auto-Submitted") or "").strip().lower()
+    auto = _header(msg, "Auto-Submitted").lower()
     if auto.startswith("auto-replied"):
         return True
+    if auto.startswith("auto-generated") and msg.get("X-Auto-Response-Suppress"):
+        return True  # Outlook and Exchange mark their out-of-office replies so, in every language
     if msg.get("X-Autoreply") or msg.get("X-Autorespond") or msg.get("X-Autoresponder"):
         return True
-    if (msg.get("Precedence") or "").strip().lower() == "auto_reply":
+    if _header(msg, "Precedence").lower() == "auto_reply":
         return True
-    subject = str(msg.get("Subject") or "").strip()
-    return bool(_AUTO_SUBJECT.match(subject))
+    return bool(_AUTO_SUBJECT.match(_header(msg, "Subject")))
+
+
+#: Who writes bounces: a reply from them is a bounce even when it says Auto-Submitted: auto-replied
+#: (Exim's bounces do; so do mail.ru's, GMX's, Google Groups').
+_MAILER = re.compile(r"^(?:mailer[-_]?daemon|mail[-_]?daemon|postmaster|mail[-_]?delivery[-_]?(?:system|subsystem)?)@",
+                     re.IGNORECASE)
+
+
+def _from_a_mailer(msg: Message, records: list[DSNRecipient]) -> bool:
+    """Does an auto-reply-looking message come from mail software reporting a failure?"""
+    if msg.get("X-Failed-Recipients") or any(r.source != "generic" for r in records):
+        return True
+    _, sender = email.utils.parseaddr(_header(msg, "From"))
+    return bool(_MAILER.match(sender))
+
+
+def _returned_recipients(msg: Message) -> list[str]:
+    """The addresses the message a bounce returns was sent to (its To and Cc), and X-Failed-Recipients."""
+    found = [a for _, a in email.utils.getaddresses([_header(msg, "X-Failed-Recipients")])]
+    returned = _reported_message(msg)
+    if returned is not None:
+        found += [a for _, a in email.utils.getaddresses([_header(returned, "To"), _header(returned, "Cc")])]
+    return list(dict.fromkeys(a.strip().lower() for a in found if "@" in a))
+
+
+def _bounce_text(msg: Message) -> str:
+    """The first lines of a bounce's own text part (its prose), for the classifier."""
+    for part in msg.walk():
+        if part.get_content_type() == "text/plain":
+            data = part.get_payload(decode=True)
+            if isinstance(data, bytes):
+                return " ".join(data.decode("utf-8", "replace").split())[:500]
+        if part.get_content_type() in ("message/rfc822", "message/global"):
+            break  # the returned message's text is not the bounce's
+    return _header(msg, "Subject")[:200]
 
 
 def _from_domain(msg: Message | None) -> str | None:
@@ -164,22 +207,28 @@ def read_inbound(
             ))
         return out
 
-    # 3 before 2 unless it is a report: a vacation reply quoting "unavailable" is not a
-    # bounce; an RFC 3464 report carries Auto-Submitted: auto-replied too, and is one.
-    if msg.get_content_type() != "multipart/report" and _is_auto_reply(msg):
-        _, sender = email.utils.parseaddr(str(msg.get("From") or ""))
-        return [InboundEvent("auto_reply", sender.lower(), None, False, diagnostic=str(msg.get("Subject") or "")[:200],
-                             **env)]
-
-    # 2. Bounces (DSNs).
+    # 2. Bounces (DSNs), and 3. auto-replies: a vacation reply quoting "unavailable" is not a
+    # bounce, but an RFC 3464 report, or a bounce from mail software (Exim's), carries
+    # Auto-Submitted: auto-replied too, and is one.
     try:
         records = parse_dsn(msg)
     except Exception:
         records = []
+    if msg.get_content_type() != "multipart/report" and _is_auto_reply(msg) and not (
+            records and _from_a_mailer(msg, records)):
+        _, sender = email.utils.parseaddr(_header(msg, "From"))
+        return [InboundEvent("auto_reply", sender.lower(), None, False, diagnostic=_header(msg, "Subject")[:200],
+                             **env)]
     if records:
         out = []
         for rec in records:
             ref = verify(rec.recipient, hints)
+            if ref is None and rec.original_recipient and rec.original_recipient != rec.recipient:
+                # Forwarded or alias-expanded at the receiver: Final-Recipient is the address the
+                # mail went on to, Original-Recipient (RFC 3464 2.3.1) the one we sent to.
+                ref = verify(rec.original_recipient, hints)
+                if ref is not None:
+                    rec = dataclasses.replace(rec, recipient=rec.original_recipient)
             if rec.success:
                 out.append(InboundEvent("oob_delivered", rec.recipient, ref, ref is not None, dsn_status=rec.status,
                                         **env))
@@ -194,4 +243,15 @@ def read_inbound(
             ))
         return out
 
-    return [InboundEvent("unrecognized", "", None, False, diagnostic=str(msg.get("Subject") or "")[:200], **env)]
+    # A bounce that names nobody in its own text: the returned message says whom it was for, and
+    # only our signed return path can confirm that (so nothing else is believed).
+    if _from_a_mailer(msg, []) or msg.get_content_type() == "multipart/report":
+        for rcpt in _returned_recipients(msg):
+            ref = verify(rcpt, hints)
+            if ref is not None:
+                text = _bounce_text(msg)
+                c = (classifier or default_classifier()).classify_text(text)
+                return [InboundEvent("oob_bounce", rcpt, ref, True, diagnostic=text, category=c.category.value,
+                                     bounce_type=c.bounce.value, **env)]
+
+    return [InboundEvent("unrecognized", "", None, False, diagnostic=_header(msg, "Subject")[:200], **env)]

@@ -269,7 +269,7 @@ class FeedbackLoop:
                 return None
             text = event.diagnostic
             fut = self._submit(lambda store: self.policy.on_bounce(store, rcpt, c, text), wait=True)
-        elif event.kind == "complaint" and event.feedback_type not in ("not-spam",):
+        elif event.kind == "complaint" and event.feedback_type not in _NOT_THE_RECIPIENTS_WISH:
             domain = event.sender_domain or (event.envelope_to.rpartition("@")[2])
             kind = event.feedback_type or "abuse"
             fut = self._submit(lambda store: self.policy.on_complaint(store, rcpt, domain, kind), wait=True)
@@ -290,6 +290,12 @@ class FeedbackLoop:
         kind = str(record.get("status"))
         self.counts[kind] = self.counts.get(kind, 0) + 1
         self._emit(record)
+
+
+#: Reports that are no complaint by the recipient: "not spam", and RFC 6591's authentication-failure
+#: and RFC 5965's virus reports (about our DKIM/SPF or content: a matter for the sender, and no reason
+#: to stop mailing the recipient who never asked for it).
+_NOT_THE_RECIPIENTS_WISH = frozenset({"not-spam", "auth-failure", "virus", "dmarc"})
 
 
 def _split_envelope(raw: bytes) -> tuple[str, list[str], bytes]:
