@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import warnings
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -456,5 +457,38 @@ def test_greeting_554_is_a_permanent_session_refusal(run: Run) -> None:
             with pytest.raises(SessionRefused) as info:
                 await SMTPConnection.open("127.0.0.1", server.sockets[0].getsockname()[1], timeouts=QUICK)
         assert info.value.reply.code == 554 and not info.value.transient
+
+    run(main())
+
+
+def test_opportunistic_tls_goes_on_in_clear_when_the_handshake_fails(run: Run, tmp_path: Path) -> None:
+    # Found by an interoperability attack: a server offering STARTTLS whose handshake cannot succeed
+    # (here it speaks only TLS 1.0, which the client refuses) had every try deferred until the mail
+    # expired. Opportunistic TLS now reconnects at once in clear, as Postfix's "may" does (RFC 7435),
+    # and the host is spoken to in clear for a while (one failed handshake, not one a message).
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, Status
+
+    cert, key = make_cert(tmp_path)
+    old_tls = server_context(cert, key)
+    with warnings.catch_warnings():  # TLS 1.0 is deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old_tls.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        old_tls.maximum_version = ssl.TLSVersion.TLSv1
+
+    async def main() -> None:
+        handler = Collect()
+        server, port = await aiosmtpd_server(handler, tls_context=old_tls)
+        async with server:
+            cfg = config_from_dict({"routing": {"static": {"*": [f"127.0.0.1:{port}"]}},
+                                    "smtp": {"tls": "opportunistic"}, "queue": {"max_lifetime": 20}})
+            async with Engine(cfg) as engine:
+                ids = [await engine.submit(TRICKY, "s@a.test", [f"r{i}@x.test"]) for i in range(3)]
+                outcomes = [o for i in ids for o in await asyncio.wait_for(engine.result(i), 15)]
+                in_clear = engine._dispatch._health is not None and engine._dispatch._health.tls_broken(
+                    None, "127.0.0.1", port)
+        assert [o.status for o in outcomes] == [Status.DELIVERED] * 3
+        assert sorted(r for m in handler.messages for r in m[1]) == ["r0@x.test", "r1@x.test", "r2@x.test"]
+        assert in_clear  # remembered: the next connection does not try the handshake again
 
     run(main())

@@ -56,10 +56,25 @@ class Delivery:
 class HostHealth:
     """Remembers hosts that failed to connect, so that others are tried first."""
 
+    #: How long a host whose TLS handshake failed is spoken to in clear (opportunistic TLS only).
+    TLS_BROKEN_TIME = 3600.0
+
     def __init__(self, down_time: float, clock: Callable[[], float]) -> None:
         self.down_time = down_time
         self._clock = clock
         self._down_until: dict[tuple[str | None, str, int], float] = {}
+        self._no_tls_until: dict[tuple[str | None, str, int], float] = {}
+
+    def tls_broken(self, source: str | None, address: str, port: int) -> bool:
+        """Did this host's STARTTLS handshake fail lately (so opportunistic TLS goes in clear)?"""
+        until = self._no_tls_until.get((source, address, port))
+        if until is not None and until <= self._clock():
+            del self._no_tls_until[(source, address, port)]
+            return False
+        return until is not None
+
+    def mark_tls_broken(self, source: str | None, address: str, port: int) -> None:
+        self._no_tls_until[(source, address, port)] = self._clock() + self.TLS_BROKEN_TIME
 
     def is_down(self, source: str | None, address: str, port: int) -> bool:
         until = self._down_until.get((source, address, port))

@@ -1,19 +1,16 @@
 """Per-(egress source, site) ready queues and the connections that drain them.
 
-A :class:`SiteQueue` holds the batches ready to go to one site from one
-egress source, and runs up to ``max_connections`` connection tasks for it.
-Each task connects to the site's first usable MX host (falling over to the
-next host or address when one refuses or times out, and marking a failing
-host down for a while, shared by all sites through :class:`HostHealth`),
-then keeps pulling batches and pipelining them over that connection until it
-has carried ``max_messages_per_connection`` messages or sat idle for
-``idle_timeout`` seconds.
+A :class:`SiteQueue` holds the batches ready to go to one site from one egress
+source, and runs up to ``max_connections`` connection tasks for it. Each task
+connects to the site's first usable MX host (the next one when it refuses or
+times out; failing hosts are marked down for all sites in :class:`HostHealth`),
+then pipelines batches over it until it has carried
+``max_messages_per_connection`` messages or sat idle ``idle_timeout`` seconds.
 
-Why tasks own connections (rather than a free-list of idle connections per
-host that any sender borrows): the connection count per site is then simply
-the number of tasks, which is what receivers limit and what the throttle
-will steer; and a site that tarpits only ever blocks its own tasks, so no
-other site can be starved by it (fairness by construction).
+Why tasks own connections (not a free-list of idle connections per host):
+the connection count per site is then the number of tasks, which is what
+receivers limit and the throttle steers; and a site that tarpits only blocks
+its own tasks, so no other site can be starved by it.
 """
 
 from __future__ import annotations
@@ -57,12 +54,10 @@ Gate = Callable[["SiteQueue", Batch], "Batch | None"]
 class SiteQueue:
     """The ready queue and connections for one (egress source, site), steered by its throttle.
 
-    The throttle (:class:`fastmta.delivery.throttle.SiteThrottle`) decides how many
-    connections may be open (``connection_wait``) and when the next
-    transaction may start (``message_wait``); every connection result and
-    every recipient's reply is fed back to it. A wait that ends with a
-    time is honoured by a timer; an open-ended one (``inf``) is re-asked
-    when a result arrives or a connection closes.
+    The throttle (:class:`fastmta.delivery.throttle.SiteThrottle`) decides how many connections
+    may be open (``connection_wait``) and when the next transaction may start (``message_wait``);
+    every connection result and reply is fed back to it. A wait with an end is honoured by a
+    timer; an open-ended one (``inf``) is asked again at the next result or closed connection.
     """
 
     def __init__(
@@ -92,8 +87,8 @@ class SiteQueue:
         self.tls = tls
         self.tls_context = tls_context
         self.ready: deque[Batch] = deque()
-        #: Batches set aside while the site holds mail back (see :meth:`put`), with how many of their
-        #: recipients were taken off the read-ahead then, given to ``on_park`` (negative) and back.
+        #: Batches set aside while the site holds mail back (see :meth:`put`), with how many recipients
+        #: each took off the read-ahead (``on_park``).
         self.parked: deque[tuple[Batch, int]] = deque()
         self.allowance = 2 * limits.max_connections * limits.pipeline_depth  # ready batches worth keeping
         self.on_park: Callable[[int], None] | None = None
@@ -377,20 +372,25 @@ class SiteQueue:
         last: Reply | None = None
         last_host: tuple[str, str] | None = None
         src = self.source.address
-        for host, address in candidates:
+        opportunistic = self.tls is TLSPolicy.OPPORTUNISTIC
+        tries = deque((h, a, TLSPolicy.NEVER if opportunistic and self.health.tls_broken(src, a, h.port) else self.tls)
+                      for h, a in candidates)
+        while tries:
+            host, address, tls = tries.popleft()
             try:
                 conn = await SMTPConnection.open(
-                    address,
-                    host.port,
-                    helo_name=self.source.ehlo_name,
-                    source_address=src,
-                    timeouts=self.timeouts,
-                    tls=self.tls,
-                    tls_context=self.tls_context,
-                    server_hostname=host.name,
+                    address, host.port, helo_name=self.source.ehlo_name, source_address=src, timeouts=self.timeouts,
+                    tls=tls, tls_context=self.tls_context, server_hostname=host.name,
                 )
             except SessionRefused as exc:
                 last, last_host = exc.reply, (host.name, address)
+                if tls is TLSPolicy.OPPORTUNISTIC and exc.reply.enhanced == "4.7.5":
+                    # A failed STARTTLS handshake: opportunistic TLS goes on in clear, at once and for a while
+                    # (RFC 7435, Postfix's "may"); before, every try was deferred until the mail expired.
+                    log.warning("%s %s: %s; sending in clear", host.name, address, exc.reply)
+                    self.health.mark_tls_broken(src, address, host.port)
+                    tries.appendleft((host, address, TLSPolicy.NEVER))
+                    continue
                 if exc.reply.code != 421:
                     # A 421 at the greeting is usually "too many connections
                     # from you": the host is up, it is the pace that is wrong,

@@ -380,7 +380,7 @@ class SMTPConnection(asyncio.Protocol):
                 self.timeouts.starttls,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            self._fail(Reply.local(451, "4.7.5", f"TLS handshake failed: {exc}"))
+            self._fail(Reply.local(451, "4.7.5", f"TLS handshake failed: {str(exc) or type(exc).__name__}"))
             return
         finally:
             self._tls_handshake = False
