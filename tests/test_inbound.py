@@ -123,6 +123,7 @@ def _reported(to: str) -> str:
 
 
 def test_complaints_suppress_and_an_authentication_report_does_not(tmp_path: Path) -> None:
+    # Each case is checked for the suppression the loop records (None: none).
     cases = {
         # RFC 6591: about our DKIM/SPF, not the recipient's wish.
         "auth-failure": (_arf(f"Feedback-Type: auth-failure\nVersion: 1\nAuth-Failure: signature\nOriginal-Rcpt-To: {R}\n",
@@ -131,6 +132,9 @@ def test_complaints_suppress_and_an_authentication_report_does_not(tmp_path: Pat
         "jmrp": (_arf("Feedback-Type: abuse\nUser-Agent: Hotmail FBL\nVersion: 0.1\n",
                       f"X-HmXmrOriginalRecipient: <{R}>\n" + _reported("<redacted>") + "\nbody\n", frm="staff@hotmail.com"),
                  "domain:shop.example.com"),
+        # The quoted message has no From: a suppression of the report's own domain blocked nothing.
+        "no-from": (_arf(f"Feedback-Type: abuse\nVersion: 1\nOriginal-Rcpt-To: {R}\n",
+                         _reported(R).replace("From: News <news@shop.example.com>\n", "") + "\nbody\n"), "global"),
     }
 
     async def main() -> None:

@@ -64,9 +64,13 @@ class SuppressionPolicy:
         store.add(s)
         return s
 
-    def on_complaint(self, store: SqliteSuppressionStore, address: str, sender_domain: str,
+    def on_complaint(self, store: SqliteSuppressionStore, address: str, sender_domain: str | None,
                      feedback_type: str = "abuse", at: float | None = None) -> Suppression:
-        s = Suppression(address, Scope.DOMAIN, sender_domain.lower(), f"complaint ({feedback_type})", "complaint",
+        """Never again from *sender_domain*; from anyone when the report does not say which (a report
+        whose quoted message has no From): the recipient complained, and guessing a domain (the
+        report's own address) would suppress nothing."""
+        scope, value = (Scope.DOMAIN, sender_domain.lower()) if sender_domain else (Scope.GLOBAL, "")
+        s = Suppression(address, scope, value, f"complaint ({feedback_type})", "complaint",
                         time.time() if at is None else at)
         store.add(s)
         return s

@@ -270,7 +270,7 @@ class FeedbackLoop:
             text = event.diagnostic
             fut = self._submit(lambda store: self.policy.on_bounce(store, rcpt, c, text), wait=True)
         elif event.kind == "complaint" and event.feedback_type not in _NOT_THE_RECIPIENTS_WISH:
-            domain = event.sender_domain or (event.envelope_to.rpartition("@")[2])
+            domain = event.sender_domain
             kind = event.feedback_type or "abuse"
             fut = self._submit(lambda store: self.policy.on_complaint(store, rcpt, domain, kind), wait=True)
         elif event.kind == "unsubscribe" and event.list_tag:
