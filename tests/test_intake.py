@@ -59,6 +59,16 @@ def test_jsonl_values_no_message_can_carry_spoil_only_their_row(tmp_path: Path) 
     assert "JSON array" in rejected[4] and "JSON object" in rejected[5]
 
 
+def _job_beside_its_files(tmp_path: Path, rows: bytes) -> tuple[Path, str]:
+    """TMP/spool with the example job's templates and key, and r.csv of *rows*; the job's text to edit."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for name in ("welcome.txt", "welcome.html", "dkim-test-ed25519.key.pem"):
+        shutil.copy(SPOOL / name, spool / name)
+    (spool / "r.csv").write_bytes(HEADER + rows)
+    return spool, (SPOOL / "welcome.toml").read_text().replace('recipients = "recipients.csv"', 'recipients = "r.csv"')
+
+
 def test_a_job_whose_name_is_not_utf8_and_has_no_id_is_read(tmp_path: Path) -> None:
     # Found by a review: its id (the file's stem) kept the undecodable byte, and the queue could not
     # record the input: every run failed. The id goes on record escaped; the queue refuses what it
@@ -68,12 +78,7 @@ def test_a_job_whose_name_is_not_utf8_and_has_no_id_is_read(tmp_path: Path) -> N
     from fastmta.intake.reader import SpoolReader
     from fastmta.queue.spool import Spool
 
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    for name in ("welcome.txt", "welcome.html", "dkim-test-ed25519.key.pem"):
-        shutil.copy(SPOOL / name, spool / name)
-    (spool / "r.csv").write_bytes(HEADER + b"ann@one.example,Ann,Lee,u1,2026-01-01\r\n")
-    toml = (SPOOL / "welcome.toml").read_text().replace('recipients = "recipients.csv"', 'recipients = "r.csv"')
+    spool, toml = _job_beside_its_files(tmp_path, b"ann@one.example,Ann,Lee,u1,2026-01-01\r\n")
     toml = "\n".join(line for line in toml.splitlines() if not line.startswith("id ="))
     with open(os.path.join(os.fsencode(spool), b"job-\xff.toml"), "w") as f:
         f.write(toml)
@@ -271,12 +276,7 @@ def test_a_confined_job_signs_and_reads_lists_beside_it_only(tmp_path: Path) -> 
     outside.mkdir()
     shutil.copy(SPOOL / "dkim-test-ed25519.key.pem", outside / "k.pem")
     (tmp_path / "list.csv").write_bytes(HEADER + b"ann@one.example,Ann,Lee,u1,2026-01-01\r\n")
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    for name in ("welcome.txt", "welcome.html", "dkim-test-ed25519.key.pem"):
-        shutil.copy(SPOOL / name, spool / name)
-    (spool / "r.csv").write_bytes(HEADER + b"bob@two.example,Bob,Lee,u2,2026-01-01\r\n")
-    base = (SPOOL / "welcome.toml").read_text().replace('recipients = "recipients.csv"', 'recipients = "r.csv"')
+    spool, base = _job_beside_its_files(tmp_path, b"bob@two.example,Bob,Lee,u2,2026-01-01\r\n")
     assert 'key_path = "dkim-test-ed25519.key.pem"' in base
     jobs = {
         "a-key.toml": (base.replace('key_path = "dkim-test-ed25519.key.pem"', f'key_path = "{outside / "k.pem"}"')

@@ -85,19 +85,22 @@ def test_pipelined_envelope_is_one_write_and_content_carries_next_envelope() -> 
     assert isinstance(events[-1], Closed)
 
 
+def converse(p: ClientProtocol, steps: list[tuple[bytes, bytes]]) -> list[Event]:
+    """Lock-step: each step's write must be exactly what the client sends next, then the reply goes in."""
+    events: list[Event] = []
+    for sent, reply in steps:
+        assert p.data_to_send() == sent
+        events = p.receive_data(reply)
+    return events
+
+
 def test_lock_step_without_pipelining() -> None:
     p = ready(EHLO_PLAIN)
     p.start_transaction(txn("a@x.test", "b@x.test"))
-    assert p.data_to_send() == b"MAIL FROM:<s@a.test>\r\n"
-    p.receive_data(b"250 ok\r\n")
-    assert p.data_to_send() == b"RCPT TO:<a@x.test>\r\n"
-    p.receive_data(b"250 ok\r\n")
-    assert p.data_to_send() == b"RCPT TO:<b@x.test>\r\n"
-    p.receive_data(b"250 ok\r\n")
-    assert p.data_to_send() == b"DATA\r\n"
-    p.receive_data(b"354 go\r\n")
-    assert p.data_to_send() == BODY.data_wire
-    done = results(p.receive_data(b"250 ok\r\n"))
+    done = results(converse(p, [
+        (b"MAIL FROM:<s@a.test>\r\n", b"250 ok\r\n"), (b"RCPT TO:<a@x.test>\r\n", b"250 ok\r\n"),
+        (b"RCPT TO:<b@x.test>\r\n", b"250 ok\r\n"), (b"DATA\r\n", b"354 go\r\n"), (BODY.data_wire, b"250 ok\r\n"),
+    ]))
     assert done[0].result.delivered == ["a@x.test", "b@x.test"]
 
 
@@ -135,14 +138,10 @@ def test_without_pipelining_rset_waits_for_its_reply_before_the_next_mail() -> N
     p.quit()
     assert p.data_to_send() == b""  # nor QUIT: still waiting for RSET's reply
     assert p.receive_data(b"250 reset\r\n") == []
-    assert p.data_to_send() == b"MAIL FROM:<s@a.test>\r\n"
-    p.receive_data(b"250 ok\r\n")
-    assert p.data_to_send() == b"RCPT TO:<b@x.test>\r\n"
-    p.receive_data(b"250 ok\r\n")
-    assert p.data_to_send() == b"DATA\r\n"
-    p.receive_data(b"354 go\r\n")
-    assert p.data_to_send() == BODY.data_wire
-    done = results(p.receive_data(b"250 ok\r\n"))
+    done = results(converse(p, [
+        (b"MAIL FROM:<s@a.test>\r\n", b"250 ok\r\n"), (b"RCPT TO:<b@x.test>\r\n", b"250 ok\r\n"),
+        (b"DATA\r\n", b"354 go\r\n"), (BODY.data_wire, b"250 ok\r\n"),
+    ]))
     assert done[0].result.delivered == ["b@x.test"]
     assert p.data_to_send() == b"QUIT\r\n"
 
