@@ -118,11 +118,11 @@ def _arf(fields: str, reported: str, frm: str = "feedback@arf.example.org", rtyp
 
 
 def _reported(to: str) -> str:
-    return (f"From: News <news@shop.example.com>\nTo: {to}\nSubject: Spring sale\nMessage-ID: <a1@shop.example.com>\n"
-            f"X-Fastmta-Ref: {RP.token('spring', R)}\n")
+    trace = RP.trace_header("spring", R).decode().replace("\r\n", "\n")  # what every campaign message carries
+    return f"From: News <news@shop.example.com>\nTo: {to}\nSubject: Spring sale\nMessage-ID: <a1@shop.example.com>\n{trace}"
 
 
-def test_complaints_suppress_and_an_authentication_report_does_not(tmp_path: Path) -> None:
+def test_complaints_are_mapped_and_suppress_and_an_authentication_report_does_not(tmp_path: Path) -> None:
     # Each case is checked for the suppression the loop records (None: none).
     cases = {
         # RFC 6591: about our DKIM/SPF, not the recipient's wish.
@@ -132,6 +132,9 @@ def test_complaints_suppress_and_an_authentication_report_does_not(tmp_path: Pat
         "jmrp": (_arf("Feedback-Type: abuse\nUser-Agent: Hotmail FBL\nVersion: 0.1\n",
                       f"X-HmXmrOriginalRecipient: <{R}>\n" + _reported("<redacted>") + "\nbody\n", frm="staff@hotmail.com"),
                  "domain:shop.example.com"),
+        # Yahoo's and AOL's loops redact the recipient: the sealed trace still names (and the mac proves) them.
+        "redacted": (_arf("Feedback-Type: abuse\nUser-Agent: Yahoo!-Mail-Feedback/2.0\nVersion: 1\n",
+                          _reported("[redacted]") + "\nbody\n"), "domain:shop.example.com"),
         # The quoted message has no From: a suppression of the report's own domain blocked nothing.
         "no-from": (_arf(f"Feedback-Type: abuse\nVersion: 1\nOriginal-Rcpt-To: {R}\n",
                          _reported(R).replace("From: News <news@shop.example.com>\n", "") + "\nbody\n"), "global"),
@@ -155,3 +158,11 @@ def test_complaints_suppress_and_an_authentication_report_does_not(tmp_path: Pat
             assert record.get("suppressed") == suppressed, (name, record)
 
     asyncio.run(main())
+
+
+def test_a_sealed_recipient_opens_only_with_our_secret() -> None:
+    sealed = RP.seal("Bob@Example.net")
+    assert RP.unseal(sealed) == "bob@example.net" and RP.seal(R) == sealed  # stable per recipient
+    other = ReturnPath(b"another-secret-0123456789abcdef", "bounces.example.com")
+    assert other.unseal(sealed) is None and RP.unseal(sealed[:-2] + "AA") is None and RP.unseal("!!") is None
+    assert "bob" not in sealed.lower()

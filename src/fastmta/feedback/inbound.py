@@ -37,7 +37,7 @@ from fastmta.feedback.arf import Complaint, parse_arf
 from fastmta.feedback.classify import Classifier, default_classifier
 from fastmta.feedback.dsn import classify_dsn, parse_dsn
 from fastmta.feedback.dsn_record import DSNRecipient
-from fastmta.message.returnpath import TRACE_HEADER, ReturnPath
+from fastmta.message.returnpath import RCPT_HEADER, TRACE_HEADER, ReturnPath
 
 __all__ = ["InboundEvent", "read_inbound"]
 
@@ -46,6 +46,7 @@ _AUTO_SUBJECT = re.compile(
     r"r[ée]ponse automatique|vacation|on leave|away from)", re.IGNORECASE,
 )
 _TRACE = re.compile(rb"^" + TRACE_HEADER.encode() + rb":[ \t]*([A-Za-z0-9._-]{1,80})", re.IGNORECASE | re.MULTILINE)
+_SEALED = re.compile(rb"^" + RCPT_HEADER.encode() + rb":[ \t]*([A-Za-z0-9_-]{22,600})", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,9 +199,18 @@ def read_inbound(
         reported = _reported_message(msg)
         domain = _from_domain(reported)
         extra = [complaint.fastmta_ref] if complaint.fastmta_ref else []
+        # Whom the quoted message was for, from its sealed trace: a loop that redacts the recipient
+        # (Yahoo's, AOL's: "[redacted]") leaves nothing else to go by.
+        sealed = [r for m in _SEALED.finditer(raw) if return_path is not None
+                  and (r := return_path.unseal(m.group(1).decode("ascii"))) is not None]
         out = []
         for rcpt in complaint.recipients or ("",):
             ref = verify(rcpt, extra + hints)
+            for named in sealed if ref is None else ():
+                ref = verify(named, extra + hints)  # the mac still decides: a seal names, it does not prove
+                if ref is not None:
+                    rcpt = named
+                    break
             out.append(InboundEvent(
                 "complaint", rcpt, ref, ref is not None, feedback_type=complaint.feedback_type,
                 sender_domain=domain, reporter=complaint.reporter, **env,
