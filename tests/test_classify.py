@@ -761,3 +761,36 @@ def test_documented_provider_replies(expected: str, phase: str | None, raw: str)
     assert r.category.value == expected, (raw, r)
     if r.category in NEVER_HARD:
         _never_hard(r)
+
+
+@pytest.mark.parametrize("line, phase", [
+    ("554 5.7.1 This server does not accept mail from dynamic IP addresses", "connect"),
+    ("554 mx.example.com does not accept mail from 203.0.113.5 - blocked by policy", "connect"),
+    ("550 5.7.1 Sorry, this mailbox does not accept mail from outside the organization", "rcpt"),
+    ("550 This mailbox does not receive mail from unauthenticated senders", "rcpt"),
+    ("550 5.1.1 This mailbox is not accepting messages from senders outside the organization", "rcpt"),
+    ("550 5.1.1 Not our customer; your IP has been blocked for sending to invalid users", "rcpt"),
+])
+def test_a_refusal_of_mail_from_us_is_never_a_hard_bounce(line: str, phase: str) -> None:
+    # Found by an audit against providers' published error pages: "does not accept mail" was read as the
+    # domain's null MX (hard, invalid_domain) even when it went on "from <us>", and a 5.1.1 whose words
+    # are about the sender suppressed a good address.
+    c = default_classifier().classify_text(line, phase=phase)
+    assert c.bounce is not BounceType.HARD and c.outcome is Outcome.PERMANENT, (line, c)
+    assert c.category in (Category.REPUTATION_BLOCK, Category.POLICY), (line, c)
+    # The bare phrase is still a null MX.
+    assert default_classifier().classify_text("556 5.1.10 example.com does not accept mail (null MX)").bounce \
+        is BounceType.HARD
+
+
+def test_mailbox_words_that_sound_like_rates_and_syntax_codes_at_rcpt() -> None:
+    cl = default_classifier()
+    # A count of stored messages is a full mailbox (retried as one), not our sending rate.
+    full = cl.classify_text("550 User has too many messages on the server", phase="rcpt")
+    assert full.category is Category.MAILBOX_FULL and full.bounce is not BounceType.HARD
+    # X.1.3 at RCPT: the recipient's address is malformed, whatever generic words come with it.
+    bad = cl.classify_text("553 5.1.3 Address syntax error", phase="rcpt")
+    assert bad.category is Category.INVALID_RECIPIENT and bad.bounce is BounceType.HARD
+    # A refusal of a multi-recipient bounce is a policy, not "too many recipients".
+    multi = cl.classify_text("550 5.5.3 Recipient address rejected: Multi-recipient bounce", phase="rcpt")
+    assert multi.category is Category.POLICY and multi.outcome is Outcome.PERMANENT
