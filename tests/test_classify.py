@@ -794,3 +794,13 @@ def test_mailbox_words_that_sound_like_rates_and_syntax_codes_at_rcpt() -> None:
     # A refusal of a multi-recipient bounce is a policy, not "too many recipients".
     multi = cl.classify_text("550 5.5.3 Recipient address rejected: Multi-recipient bounce", phase="rcpt")
     assert multi.category is Category.POLICY and multi.outcome is Outcome.PERMANENT
+
+
+def test_yahoo_deferrals_without_their_tss_token_suspend_the_site() -> None:
+    # Yahoo's older wording carries only a code, or says "permanently deferred": the same back-off.
+    cl = default_classifier()
+    short = cl.classify_text("421 Message from 203.0.113.5 temporarily deferred - 4.16.50. Please refer to "
+                             "http://postmaster.yahoo.com/errors/postmaster-21.html", phase="mail")
+    long = cl.classify_text("421 4.7.1 Messages from 203.0.113.5 permanently deferred", phase="mail")
+    assert short.category is long.category is Category.REPUTATION_BLOCK
+    assert short.suspend_for is not None and long.suspend_for is not None and long.suspend_for > short.suspend_for
