@@ -96,3 +96,21 @@ def test_the_command_line_adds_lists_exports_and_imports(tmp_path: Path) -> None
     assert fastmta("suppress", "--db", str(tmp_path / "t.db"), "remove", "c@d.example").returncode == 0
     assert fastmta("suppress", "--db", str(tmp_path / "t.db"), "remove", "c@d.example").returncode == 1
     assert "import" in fastmta("suppress", "--help").stdout
+
+
+def test_a_trailing_dot_on_the_domain_is_the_same_address(tmp_path: Path) -> None:
+    # The engine sends bob@example.com. as bob@example.com (as Postfix does): a suppression of either
+    # form stops both, and one kept with the dot by an older version is found under the plain form.
+    path = tmp_path / "s.db"
+    store = SqliteSuppressionStore(path)
+    store.add(Suppression("Bob@Example.com.", Scope.GLOBAL, "", "hard bounce", "bounce", 1.0))
+    assert store.check("bob@example.com") is not None and store.check("bob@example.com.") is not None
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO suppression VALUES ('old@example.net.', 'global', '', 'r', 'bounce', 1.0, NULL)")
+    db.commit()
+    db.close()
+    store = SqliteSuppressionStore(path)
+    assert store.check("old@example.net") is not None
+    assert [s.address for s in store.entries("old@example.net")] == ["old@example.net"]
+    store.close()

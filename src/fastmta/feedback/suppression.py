@@ -71,9 +71,18 @@ class Suppression:
 CSV_HEADER = ["address", "scope", "value", "reason", "source", "created", "expires"]
 
 
+def _mailbox(address: str) -> str:
+    """*address* as the store keeps it: without surrounding space or a trailing dot on its domain.
+
+    ``bob@example.com.`` is ``bob@example.com`` (the engine sends it so, as Postfix
+    does): a suppression of either form must stop both.
+    """
+    return address.strip().rstrip(".")
+
+
 def address_key(address: str) -> int:
     """A stable 64-bit key of *address* (case-insensitive: mailbox names are, in practice)."""
-    return row_key("suppression", address.strip().lower())
+    return row_key("suppression", _mailbox(address).lower())
 
 
 class AddressFilter:
@@ -102,7 +111,7 @@ class AddressFilter:
             self.add(a)
 
     def add(self, address: str) -> None:
-        h = hash(address.strip().lower())
+        h = hash(_mailbox(address).lower())
         mask, bits = self._mask, self._bits
         i, j = h & mask, (h >> 32) & mask
         bits[i >> 3] |= 1 << (i & 7)
@@ -110,7 +119,7 @@ class AddressFilter:
         self.count += 1
 
     def __contains__(self, address: str) -> bool:
-        h = hash(address.strip().lower())
+        h = hash(_mailbox(address).lower())
         mask, bits = self._mask, self._bits
         i, j = h & mask, (h >> 32) & mask
         return bool(bits[i >> 3] & (1 << (i & 7))) and bool(bits[j >> 3] & (1 << (j & 7)))
@@ -172,6 +181,10 @@ class SqliteSuppressionStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        # Rows kept before addresses lost their trailing dot: taken to the plain form (a duplicate of a
+        # row already there goes), so that they still stop the mail they were made to stop.
+        self._db.execute("UPDATE OR IGNORE suppression SET address = rtrim(address, '.') WHERE address LIKE '%.'")
+        self._db.execute("DELETE FROM suppression WHERE address LIKE '%.'")
         path.chmod(0o600)
         self._clock = clock
         self._filter = self._load_filter()
@@ -203,7 +216,7 @@ class SqliteSuppressionStore:
             "WHERE address = ? AND (expires IS NULL OR expires > ?) AND ("
             " scope = 'global' OR (scope = 'domain' AND value = ?) OR (scope = 'list' AND value = ?))"
             " ORDER BY CASE scope WHEN 'global' THEN 0 WHEN 'domain' THEN 1 ELSE 2 END LIMIT 1",
-            (address.strip(), now, sender_domain, list_tag),
+            (_mailbox(address), now, sender_domain, list_tag),
         ).fetchall()
         return _row(rows[0]) if rows else None
 
@@ -228,7 +241,7 @@ class SqliteSuppressionStore:
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address, scope, value) DO UPDATE SET "
             "reason = excluded.reason, source = excluded.source, created = excluded.created, "
             "expires = excluded.expires",
-            (suppression.address.strip(), suppression.scope.value, suppression.value, suppression.reason,
+            (_mailbox(suppression.address), suppression.scope.value, suppression.value, suppression.reason,
              suppression.source, suppression.created, suppression.expires),
         )
         self._note(suppression.address)
@@ -254,7 +267,7 @@ class SqliteSuppressionStore:
                     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address, scope, value) DO UPDATE SET "
                     "reason = excluded.reason, source = excluded.source, created = excluded.created, "
                     "expires = excluded.expires",
-                    [(s.address.strip(), s.scope.value, s.value, s.reason, s.source, s.created, s.expires)
+                    [(_mailbox(s.address), s.scope.value, s.value, s.reason, s.source, s.created, s.expires)
                      for s in suppressions],
                 )
                 db.execute("COMMIT")
@@ -268,7 +281,7 @@ class SqliteSuppressionStore:
 
     def remove(self, address: str, scope: Scope | None = None, value: str | None = None) -> int:
         """Remove suppressions of *address* (all, or of one scope/value); how many were removed."""
-        sql, args = "DELETE FROM suppression WHERE address = ?", [address.strip()]
+        sql, args = "DELETE FROM suppression WHERE address = ?", [_mailbox(address)]
         if scope is not None:
             sql += " AND scope = ?"
             args.append(scope.value)
@@ -284,7 +297,7 @@ class SqliteSuppressionStore:
         args: tuple[str, ...] = ()
         if address is not None:
             sql += " WHERE address = ?"
-            args = (address.strip(),)
+            args = (_mailbox(address),)
         for row in self._db.execute(sql + " ORDER BY address, scope, value", args):
             yield _row(row)
 
@@ -298,7 +311,7 @@ class SqliteSuppressionStore:
         self._db.execute(
             "INSERT INTO recipient (address, last_delivered, delivered) VALUES (?, ?, 1) "
             "ON CONFLICT (address) DO UPDATE SET last_delivered = excluded.last_delivered, delivered = delivered + 1",
-            (address.strip(), when),
+            (_mailbox(address), when),
         )
 
     def note_delivered_many(self, deliveries: Iterable[tuple[str, float, int]]) -> None:
@@ -307,7 +320,7 @@ class SqliteSuppressionStore:
             "INSERT INTO recipient (address, last_delivered, delivered) VALUES (?, ?, ?) "
             "ON CONFLICT (address) DO UPDATE SET last_delivered = excluded.last_delivered, "
             "delivered = delivered + excluded.delivered",
-            ((address.strip(), at, n) for address, at, n in deliveries),
+            ((_mailbox(address), at, n) for address, at, n in deliveries),
         )
 
     def note_bounce(self, address: str, bounce_type: str, category: str, at: float | None = None) -> None:
@@ -316,19 +329,19 @@ class SqliteSuppressionStore:
             "INSERT INTO recipient (address, last_bounce, bounce_type, category, bounced) VALUES (?, ?, ?, ?, 1) "
             "ON CONFLICT (address) DO UPDATE SET last_bounce = excluded.last_bounce, "
             "bounce_type = excluded.bounce_type, category = excluded.category, bounced = bounced + 1",
-            (address.strip(), when, bounce_type, category),
+            (_mailbox(address), when, bounce_type, category),
         )
         if bounce_type == "soft":
-            self._db.execute("INSERT INTO soft_bounce (address, at) VALUES (?, ?)", (address.strip(), when))
+            self._db.execute("INSERT INTO soft_bounce (address, at) VALUES (?, ?)", (_mailbox(address), when))
 
     def soft_bounces_since(self, address: str, since: float) -> int:
         row = self._db.execute(
-            "SELECT COUNT(*) FROM soft_bounce WHERE address = ? AND at >= ?", (address.strip(), since)
+            "SELECT COUNT(*) FROM soft_bounce WHERE address = ? AND at >= ?", (_mailbox(address), since)
         ).fetchone()
         return int(row[0])
 
     def last_delivered(self, address: str) -> float | None:
-        row = self._db.execute("SELECT last_delivered FROM recipient WHERE address = ?", (address.strip(),)).fetchone()
+        row = self._db.execute("SELECT last_delivered FROM recipient WHERE address = ?", (_mailbox(address),)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
     # --- import / export (fastmta suppress) ---------------------------------------------

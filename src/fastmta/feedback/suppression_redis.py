@@ -154,7 +154,7 @@ _HEARTBEAT = 1.0
 
 
 def _field(address: str) -> str:
-    return address.strip().lower()
+    return address.strip().rstrip(".").lower()  # as the SQLite store keeps it (its _mailbox)
 
 
 def _decode(blob: str | bytes) -> list[Suppression]:
