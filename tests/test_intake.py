@@ -119,6 +119,11 @@ def test_a_trailing_dot_after_the_domain_is_dropped_and_is_the_same_recipient(tm
     rejected = {i.line: i.reason for i in items if isinstance(i, Reject)}
     assert set(rejected) == {3, 4} and "duplicate recipient" in rejected[3] and "q@ok.example.." in rejected[4]
     assert split_address("Ann@Ok.Example.") == ("Ann@Ok.Example", "ok.example")
+    # A row a run before this change took as "r@ok.example." (its key had the dot) is not sent again.
+    (tmp_path / "again").mkdir()
+    job = campaign(tmp_path / "again", HEADER + b"r@ok.example.,R,R,u1,2026-01-01\r\n")
+    assert not [i for i in job.items(taken=frozenset({job.row_key("r@ok.example.")})) if isinstance(i, SpoolItem)]
+    assert [i.recipients for i in job.items() if isinstance(i, SpoolItem)] == [["r@ok.example"]]
 
 
 def test_a_quote_left_open_names_every_line_it_took(tmp_path: Path) -> None:

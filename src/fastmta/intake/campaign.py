@@ -273,8 +273,9 @@ class Campaign:
             except InputError as exc:
                 yield Reject(source, line, exc.reason, key, line)
                 continue
+            dotted = None
             if normal != address:  # "r@x.example.": its key, envelope and merge field are "r@x.example"
-                address = normal
+                dotted, address = address, normal
                 row = {**row, field: normal}
             occurrence = 0
             take_key = self.row_key(address)
@@ -286,8 +287,8 @@ class Campaign:
                     occurrence += 1
                     take_key = self.row_key(address, occurrence)
             seen.add(take_key)
-            if check_taken and take_key in taken:
-                continue  # sent by an earlier run
+            if check_taken and (take_key in taken or (dotted is not None and self.row_key(dotted, occurrence) in taken)):
+                continue  # sent by an earlier run (one of before 2026-12-06 took "r@x.example." by that key)
             if sunset is not None:
                 verdict = sunset(row, address)
                 if verdict is not None:
