@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -118,5 +119,38 @@ def test_a_submit_woken_just_before_the_engine_stops_is_not_taken() -> None:
             assert room.unfinished == 1  # nothing taken for it
         finally:
             await engine.close()
+
+    asyncio.run(main())
+
+
+def test_a_submit_with_a_room_timeout_is_refused_in_time_and_never_taken_later(tmp_path: Path) -> None:
+    # Found by an attack on serve: with the queue full, an SMTP client waited 600 s, was told 421 by
+    # the listener's idle sweep, and its message was still queued and delivered once room came: a
+    # second copy when it retried. With room_timeout the submit is refused, and nothing is journaled.
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, QueueFull
+    from fastmta.queue.spool import Spool
+
+    async def main() -> None:
+        spool = Spool(tmp_path / "q")
+        engine = Engine(config_from_dict({"queue": {"max_queued_recipients": 2}}), spool=spool)
+        await engine.start()
+        try:
+            room = engine._room
+            room.unfinished = 2  # full
+            with pytest.raises(QueueFull):
+                await engine.submit(b"Subject: x\r\n\r\nx\r\n", "a@b.example", ["c@d.example"], room_timeout=0.2)
+            room.give_back(2)  # room now: the refused one is not taken behind its client's back
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert room.unfinished == 0 and engine.unfinished == 0
+        finally:
+            await engine.close()
+            await spool.close()
+        reopened = Spool(tmp_path / "q")  # and nothing on disk to be delivered after a restart
+        try:
+            assert reopened.take_recovered() == [] and reopened.unfinished_messages == 0
+        finally:
+            reopened.close_sync()
 
     asyncio.run(main())

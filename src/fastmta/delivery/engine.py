@@ -62,11 +62,15 @@ from fastmta.smtp.reply import Reply
 
 log = logging.getLogger("fastmta.delivery.engine")
 
-__all__ = ["Engine", "EngineClosed", "Outcome", "Status"]
+__all__ = ["Engine", "EngineClosed", "Outcome", "QueueFull", "Status"]
 
 
 class EngineClosed(FastMTAError):
     """The engine was closed before a message reached a final state for every recipient."""
+
+
+class QueueFull(EngineClosed):
+    """No room came within a submit's ``room_timeout``: not accepted (nothing journaled); try again later."""
 
 
 class Engine:
@@ -303,8 +307,14 @@ class Engine:
         meta: dict[str, Any] | None = None,
         message_id: str | None = None,
         take: InputTake | None = None,
+        room_timeout: float | None = None,
     ) -> str:
-        """Accept *message* for *recipients*; return its id. Waits while the queue is full.
+        """Accept *message* for *recipients*; return its id. Waits while the queue is full: at most
+        *room_timeout* seconds (None: as long as it takes), then raises :class:`QueueFull`.
+
+        A service answering clients needs the bound: a client whose wait outlived its
+        own timeout (or the listener's) was told to try again, and the message must
+        not then be accepted behind its back, to be delivered twice when it retries.
 
         Raises InputError (naming the address) for a malformed sender or
         recipient, or a header section that could smuggle a header (a bare
@@ -353,7 +363,7 @@ class Engine:
             # is left alone; one without keys (an HTTP campaign) is signed like any other message.
             body = Body(self.dkim.sign(body.raw))
         cost = _memory_cost(body)
-        await self._reserve(len(rcpts), cost)
+        await self._reserve(len(rcpts), cost, room_timeout)
         loop = self._loop
         assert loop is not None
         msg = Message(message_id or new_message_id(), sender, body, rcpts, meta=meta or {})
@@ -581,10 +591,16 @@ class Engine:
 
     # --- backpressure -----------------------------------------------------------
 
-    async def _reserve(self, n: int, size: int) -> None:
-        """Wait for room for *n* recipients and *size* bytes of message in memory (see fastmta.delivery.room)."""
+    async def _reserve(self, n: int, size: int, timeout: float | None = None) -> None:
+        """Wait (at most *timeout* s) for room for *n* recipients and *size* bytes in memory (fastmta.delivery.room)."""
         assert self._loop is not None and self._idle is not None
-        await self._room.take(self._loop, n, size)
+        if timeout is None or self._room.fits(n, size):  # no task for wait_for when there is room
+            await self._room.take(self._loop, n, size)
+        else:
+            try:
+                await asyncio.wait_for(self._room.take(self._loop, n, size), timeout)
+            except TimeoutError:
+                raise QueueFull(f"the queue has had no room for {timeout:g} s; try again later") from None
         if not self._accepting:  # stopped while this submit waited (woken just before): not taken
             self._room.give_back(n, size)
             raise EngineClosed("engine stopped taking messages")

@@ -191,6 +191,9 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     dsn_per_sender: Annotated[int, msgspec.Meta(ge=1)] = 20
     #: How long SIGTERM waits for transactions in flight before exiting (the queue keeps the rest).
     drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    #: How long an injection (SMTP, HTTP) waits for room in a full queue before it is refused with
+    #: 451 / 503 to try again later; never accepted after that (the client retries: no second copy).
+    max_queue_wait: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
     def __post_init__(self) -> None:
         if not _HOSTNAME.match(self.hostname):

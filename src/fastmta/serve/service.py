@@ -320,6 +320,11 @@ class Service:
         self._stopping = True
         self._stop.set()
         timeout = self.config.serve.drain_timeout if timeout is None else timeout
+        if self._engine is not None:
+            # First: nothing more is accepted, and submits waiting for room are refused now (451 / 503).
+            # Else room freed while draining accepted a message whose client the listener's close had
+            # already told 421, and it went out twice when the client retried.
+            self._engine.stop_accepting()
         for server in self.smtp_servers:
             await server.close()  # 421 to connected clients; a message not yet answered 250 stays theirs
         for task in self._tasks:
@@ -427,14 +432,15 @@ class Service:
     async def inject(
         self, content: bytes, sender: str, recipients: list[str], *, via: str, meta: dict[str, Any] | None = None
     ) -> str:
-        return await self._inject(content, sender, recipients, via, meta, None)
+        return await self._inject(content, sender, recipients, via, meta, None, self.config.serve.max_queue_wait)
 
     async def _submit_item(self, item: SpoolItem, take: InputTake | None) -> str:
-        return await self._inject(item.content, item.sender, item.recipients, "pickup", item.meta, take)
+        # No client waits on the pickup directory: its files wait for room as long as it takes.
+        return await self._inject(item.content, item.sender, item.recipients, "pickup", item.meta, take, None)
 
     async def _inject(
         self, content: bytes, sender: str, recipients: list[str], via: str, meta: dict[str, Any] | None,
-        take: InputTake | None,
+        take: InputTake | None, room_timeout: float | None,
     ) -> str:
         assert via in INJECTION_PATHS, via
         ready, why = self.ready()
@@ -449,7 +455,8 @@ class Service:
             if inbound:
                 await self._receive(message_id, content, sender, inbound)
             if outbound:
-                await self.engine.submit(content, sender, outbound, meta=meta, message_id=message_id, take=take)
+                await self.engine.submit(content, sender, outbound, meta=meta, message_id=message_id, take=take,
+                                         room_timeout=room_timeout)
         except InputError:
             self.intake.rejected(via)
             raise
