@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from fastmta.errors import InputError
 from fastmta.message.headers import header_section_error
+from fastmta.queue.records import split_address
 from fastmta.serve.api import ServiceAPI, Unavailable
 from fastmta.serve.auth import Accounts, RelayPolicy
 from fastmta.sink.capture import CaptureWriter
@@ -76,6 +77,18 @@ R_CONTINUE = b"334 \r\n"
 #: What may appear of a client's HELO name in our Received: header.
 _UNSAFE_HELO = re.compile(rb"[^A-Za-z0-9.:\[\]_-]")
 _AUTH_NONE, _AUTH_PLAIN, _AUTH_LOGIN_USER, _AUTH_LOGIN_PASS = 0, 1, 2, 3
+
+
+def _unusable_recipient(addr: bytes) -> str | None:
+    """Why the engine would refuse *addr* as a recipient (None: it would not), as reply text."""
+    try:
+        split_address(addr.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "Error: the address is not UTF-8"
+    except InputError as exc:
+        text = exc.reason.encode("ascii", "replace").decode("ascii")
+        return f"Error: {text} (this service relays to full addresses; it has no local mailboxes)"
+    return None
 
 
 def _relay_denied(addr: bytes) -> bytes:
@@ -134,15 +147,21 @@ class InjectProtocol(SinkProtocol):
         SinkProtocol._mail(self, line)
 
     def _rcpt_cmd(self, line: bytes) -> None:
-        if not self._relay and self._sender is not None and line[:8].upper() == b"RCPT TO:":
+        if self._sender is not None and line[:8].upper() == b"RCPT TO:":
             try:
                 addr, _ = split_path(line[8:])
             except PathError:
                 pass  # the sink's handler answers the syntax error
             else:
                 domain = addr.rpartition(b"@")[2].decode("utf-8", "replace")
-                if not self._host.policy.receives(domain):
+                if not self._relay and not self._host.policy.receives(domain):
                     self._send(_relay_denied(addr), 550)
+                    return
+                why = _unusable_recipient(addr)
+                if why is not None:
+                    # Refused here, not after DATA: the engine would refuse the whole message for it
+                    # (RCPT TO:<postmaster> got 250, and then every recipient lost the message).
+                    self._send(format_reply(553, "5.1.3", why), 553)
                     return
         SinkProtocol._rcpt(self, line)
 
