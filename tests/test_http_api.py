@@ -313,6 +313,10 @@ def test_bad_requests_are_400s_naming_the_field_and_nothing_is_queued(run_uvloop
             status, _, body = await curl(*auth, "-H", "Content-Type: message/rfc822", "--data-binary", MESSAGE,
                                          f"{s.url}/v1/messages?sender=a%40sender.test")
             assert status == 400 and json.loads(body)["field"] == "recipient"
+            # Bytes that are not UTF-8 once percent-decoded: relayed as U+FFFD before (an attack on serve).
+            status, _, body = await curl(*auth, "-H", "Content-Type: message/rfc822", "--data-binary", MESSAGE,
+                                         f"{s.url}/v1/messages?sender=a%40sender.test&recipient=r%FEr%40y.test")
+            assert status == 400 and "not UTF-8" in json.loads(body)["error"]
             status, body_ = await get_json(f"{s.url}/v1/messages/no-such-id")
             assert status == 404 and body_["field"] == "id"
             assert s.engine.counts == {} and s.engine.unfinished == 0
@@ -450,6 +454,9 @@ def test_campaign_template_errors_name_the_field_and_line(run_uvloop: Run, tmp_p
         ({**base, "headers": {"Subject": "again"}}, "template.headers.Subject", None),
         ({**base, "headers": {"Date": "now"}}, "template.headers", None),
         ({"from": "a@sender.test", "subject": "s"}, "template", None),
+        # A lone surrogate reached the renderer: a 500 (found by an attack on serve).
+        ({**base, "subject": "s\ud800"}, "template.subject", None),
+        ({**base, "headers": {"X-Tag": "\udcff"}}, "template.headers.X-Tag", None),
     ]
 
     async def main() -> None:

@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import secrets
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -355,6 +356,12 @@ def _content(data: dict[str, Any]) -> bytes:
 
 async def _raw_message(request: web.Request) -> tuple[bytes, str, list[str], dict[str, str]]:
     """``message/rfc822`` body, envelope in the query string (as KumoMTA's and SES's raw injection)."""
+    try:
+        # aiohttp decodes the query leniently: an address of bytes that are not UTF-8 became one of
+        # U+FFFD, which the client never gave, and was relayed (found by an attack on serve).
+        urllib.parse.parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(400, "the query string is not UTF-8 once percent-decoded", field="sender") from None
     query = request.query
     for key in query:
         if key not in ("sender", "recipient"):
@@ -414,6 +421,9 @@ async def _post_campaign(request: web.Request) -> web.Response:
     template = data.get("template")
     if not isinstance(template, dict):
         raise ApiError(400, "missing field template (an object)", field="template")
+    bad = _lone_surrogate({"campaign": campaign, "template": template})
+    if bad is not None:  # it reached the renderer and gave a 500 (found by an attack on serve)
+        raise ApiError(400, f"{bad}: not valid Unicode (a lone surrogate, as JSON's \\ud800)", field=bad)
     compiled, field_of = _compile(template)
     rows = data.get("recipients")
     if not isinstance(rows, list) or not rows:
@@ -471,6 +481,23 @@ async def _post_campaign(request: web.Request) -> web.Response:
 
 class _RowError(Exception):
     """One campaign recipient that cannot be sent; reported in ``rejected``, the others go on."""
+
+
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The first field (dotted path) of *value* holding a string that cannot be UTF-8, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key, path) if isinstance(key, str) else None
+        found = found or _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _compile(template: dict[str, Any]) -> tuple[CompiledCampaign, Callable[[str], str]]:
