@@ -334,3 +334,41 @@ def test_one_click_and_mailto_unsubscribe_through_the_service(tmp_path: Path) ->
     history = dict(db.execute("SELECT address, delivered FROM recipient WHERE last_delivered IS NOT NULL"))
     db.close()
     assert history == {"ann@dest.example": 1, "bob@dest.example": 1, "cid@dest.example": 1, "dan@dest.example": 1}
+
+
+def test_a_notice_still_gathering_when_the_service_stops_is_sent(tmp_path: Path) -> None:
+    # Found by an attack on serve: notices wait a second to gather a message's bounces, and SIGTERM in
+    # that second lost them (10 of 10), even after a restart. They are queued before the queue closes
+    # (durable), and go out once the service runs again.
+    import time
+
+    from serveproc import start_serve, stop_serve
+
+    data = tmp_path / "data"
+    receiver = _Receiver()
+    try:
+        with capture_sink(tmp_path / "capture", "--unknown-recipient", "gone*") as sink:
+            routes = (f'[routing.static]\n"sender.example" = ["127.0.0.1:{receiver.port}"]\n'
+                      f'"*" = ["{sink[0]}:{sink[1]}"]\n')
+            cfg = tmp_path / "fastmta.toml"
+            cfg.write_text(serve_config(data, None, extra=routes))
+            svc = start_serve(cfg, data)
+            try:
+                host, port = svc.smtp
+                msg = b"From: app@sender.example\r\nTo: x\r\nSubject: order 8\r\n\r\nhi\r\n"
+
+                async def go() -> None:
+                    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=20) as smtp:
+                        await smtp.sendmail("app@sender.example", [f"gone{i}@dest.example" for i in range(3)], msg)
+
+                asyncio.run(go())
+                svc.wait_accounting(lambda rs: sum(r["status"] == "bounced" for r in rs) >= 3)
+            finally:
+                assert stop_serve(svc) == 0  # within the notice's second of gathering
+            with served(cfg, data):
+                deadline = time.monotonic() + 20
+                while not receiver.messages and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        assert len(receiver.messages) == 1 and b"report-type=delivery-status" in receiver.messages[0][2]
+    finally:
+        receiver.close()

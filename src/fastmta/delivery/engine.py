@@ -266,6 +266,11 @@ class Engine:
                 save_warmups(self.spool.directory / WARMUP_FILE, self.throttles.warmup_states())
         await self._dispatch.aclose()
 
+    def refuse_waiting(self, why: str) -> None:
+        """Submits waiting for room fail with :class:`EngineClosed` now (*why*); new ones are still taken
+        (a service going down refuses its clients itself, and queues its own notices while it drains)."""
+        self._room.fail_waiters(EngineClosed(why))
+
     def stop_accepting(self) -> None:
         """Take no new messages; submits waiting for room fail with EngineClosed.
 

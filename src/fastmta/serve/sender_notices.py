@@ -106,6 +106,14 @@ class SenderNotices:
         else:
             entry[1].append(outcome)
 
+    async def flush_all(self) -> None:
+        """Queue every notice still gathering, and wait until each is queued (the service is stopping:
+        they were lost with the process, 10 of 10 in an attack on serve)."""
+        for key in list(self._pending):
+            self._flush(key)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+
     def _flush(self, key: str) -> None:
         entry = self._pending.pop(key, None)
         if entry is None:

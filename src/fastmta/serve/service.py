@@ -321,10 +321,10 @@ class Service:
         self._stop.set()
         timeout = self.config.serve.drain_timeout if timeout is None else timeout
         if self._engine is not None:
-            # First: nothing more is accepted, and submits waiting for room are refused now (451 / 503).
-            # Else room freed while draining accepted a message whose client the listener's close had
-            # already told 421, and it went out twice when the client retried.
-            self._engine.stop_accepting()
+            # First: clients' submits waiting for room are refused now (451 / 503); new ones are refused
+            # by ready(). Else room freed while draining accepted a message whose client the listener's
+            # close had already told 421, and it went out twice when the client retried.
+            self._engine.refuse_waiting("the service is shutting down")
         for server in self.smtp_servers:
             await server.close()  # 421 to connected clients; a message not yet answered 250 stays theirs
         for task in self._tasks:
@@ -336,6 +336,8 @@ class Service:
                 log.exception("a service task failed while stopping")
         for runner in reversed(self._runners):
             await runner.cleanup()
+        if self.notices is not None:
+            await self.notices.flush_all()  # gathered for a second: queued now, before the queue closes
         if self._engine is not None:
             await self._engine.close(timeout)
         if self._inbound_tasks:
