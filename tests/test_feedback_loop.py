@@ -372,3 +372,36 @@ def test_a_notice_still_gathering_when_the_service_stops_is_sent(tmp_path: Path)
         assert len(receiver.messages) == 1 and b"report-type=delivery-status" in receiver.messages[0][2]
     finally:
         receiver.close()
+
+
+def test_a_message_refused_leaves_nothing_for_the_receive_domains(tmp_path: Path) -> None:
+    # Found by an attack on serve: a message to an FBL address and to a recipient elsewhere that the
+    # queue then refused was told "refused", yet its copy for the FBL address had been kept and read
+    # (and on a retry after a 451, read twice). The relayed part goes first now.
+    data = tmp_path / "data"
+    with served(_config(tmp_path, data, None), data) as svc:
+        host, port = svc.smtp
+
+        async def go() -> bytes:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"EHLO c.example\r\nMAIL FROM:<a@sender.example>\r\nRCPT TO:<fbl@fbl.sender.example>\r\n"
+                         b"RCPT TO:<ok@dest.example>\r\nDATA\r\n")
+            await writer.drain()
+            seen = b""
+            while b"354 " not in seen:
+                seen += await asyncio.wait_for(reader.read(4096), 10)
+            writer.write(b"Subject: a\x00b\r\n\r\nreport\r\n.\r\nQUIT\r\n")  # a NUL: the queue refuses it
+            rest = b""
+            while b"221 " not in rest:
+                chunk = await asyncio.wait_for(reader.read(4096), 10)
+                if not chunk:
+                    break
+                rest += chunk
+            writer.close()
+            return rest
+
+        assert asyncio.run(go()).startswith(b"554 5.6.0")
+        asyncio.run(_deliver(host, port, "", "fbl@fbl.sender.example", b"Subject: later\r\n\r\nx\r\n"))
+        records = svc.wait_accounting(lambda rs: any("inbound_id" in r for r in rs))
+    assert [r.get("diagnostic") for r in records if "inbound_id" in r] == ["later"]  # only the one accepted
+    assert len(list((data / "inbound").rglob("*.eml"))) == 1

@@ -454,11 +454,14 @@ class Service:
         meta.setdefault("via", via)
         try:
             message_id = new_message_id()
-            if inbound:
-                await self._receive(message_id, content, sender, inbound)
+            # The relayed part first: it is what may be refused (bad input, a full queue), and a message
+            # refused must leave nothing behind (its mail for the receive domains was kept and read
+            # once, then again when the client retried).
             if outbound:
                 await self.engine.submit(content, sender, outbound, meta=meta, message_id=message_id, take=take,
                                          room_timeout=room_timeout)
+            if inbound:
+                await self._receive(message_id, content, sender, inbound)
         except InputError:
             self.intake.rejected(via)
             raise
