@@ -257,3 +257,24 @@ def test_sighup_reloads_accounts_without_dropping_a_session(tmp_path: Path) -> N
             assert asyncio.run(session()) == (0, 0)
             svc.wait_accounting(lambda rs: any(x["status"] == "delivered" for x in rs))
             assert "configuration reloaded: users" in serve_log(svc)
+
+
+@pytest.mark.parametrize("damaged", ["suppression.db", "events/events.sqlite", "queue/suspended.json"])
+def test_a_damaged_state_file_stops_the_start_naming_it(tmp_path: Path, damaged: str) -> None:
+    # Found by an attack on serve: a damaged SQLite file of the service's stopped its start with a raw
+    # traceback that named no file. Each refuses the start, with the file and what to do.
+    capture = tmp_path / "capture"
+    data = tmp_path / "data"
+    with capture_sink(capture) as sink:
+        cfg = _write(tmp_path, serve_config(data, sink, serve_extra='[[serve.webhooks]]\nurl = "http://127.0.0.1:9/h"'))
+        with served(cfg, data):
+            pass
+        path = data / damaged
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"garbage" * 100)
+        for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            extra.unlink(missing_ok=True)
+        r = subprocess.run([sys.executable, "-m", "fastmta", "serve", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"cannot start: {path}" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -23,6 +23,10 @@ class FastMTAError(Exception):
     """Base class of every error fastmta raises on purpose."""
 
 
+class DamagedFile(FastMTAError):
+    """A state file (a SQLite database of the service's) cannot be read: it is damaged. Names the file."""
+
+
 class ConfigError(FastMTAError):
     """A configuration value is missing, malformed or inconsistent.
 

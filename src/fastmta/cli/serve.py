@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(config: Any, path: Path) -> int:
     from fastmta.cli.precheck import campaign_checker
-    from fastmta.queue.spool_errors import SpoolLocked
+    from fastmta.errors import DamagedFile
+    from fastmta.queue.spool_errors import SpoolError, SpoolLocked
     from fastmta.serve.service import Service
 
     log = logging.getLogger("fastmta.serve")
@@ -183,7 +184,7 @@ async def _serve(config: Any, path: Path) -> int:
         await service.start()
     except SpoolLocked:
         raise UsageError(f"{config.serve.data_dir} is in use by another fastmta process") from None
-    except OSError as exc:
+    except (OSError, DamagedFile, SpoolError) as exc:  # each names its file
         raise UsageError(f"cannot start: {exc}") from None
     loop = asyncio.get_running_loop()
 

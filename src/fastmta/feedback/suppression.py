@@ -36,6 +36,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from fastmta.errors import DamagedFile
 from fastmta.keyset import row_key
 
 __all__ = [
@@ -178,9 +179,14 @@ class SqliteSuppressionStore:
         # isolation_level=None: autocommit; each statement is its own durable
         # transaction (WAL + synchronous=FULL: on disk when execute returns).
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise DamagedFile(f"{path}: {exc} (the suppression list: restore it from a backup, or "
+                              "import an export of it into a new file)") from None
         # Rows kept before addresses lost their trailing dot: taken to the plain form (a duplicate of a
         # row already there goes), so that they still stop the mail they were made to stop.
         self._db.execute("UPDATE OR IGNORE suppression SET address = rtrim(address, '.') WHERE address LIKE '%.'")

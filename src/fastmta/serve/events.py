@@ -66,6 +66,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
+from fastmta.errors import DamagedFile
 from fastmta.queue.records import Outcome
 
 __all__ = ["EndpointStats", "EventOutbox", "WebhookEndpoint"]
@@ -263,9 +264,12 @@ class EventOutbox:
                 db.execute("INSERT INTO cursors (endpoint, acked) VALUES (?, ?)", (key, last_id))
                 known[key] = (last_id, 0, 0)
             db.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             db.close()
             os.close(lock_fd)
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise DamagedFile(f"{path}: {exc} (the webhook outbox; move it aside to start afresh: "
+                                  "events not yet delivered are then not sent)") from None
             raise
         return db, lock_fd, outbox_id, last_id, {k: known[k] for k in wanted}
 
