@@ -21,7 +21,7 @@ from typing import Any
 
 from fastmta.cli.sinkproc import embedded_sink
 
-__all__ = ["Served", "capture_sink", "serve_config", "served", "start_serve", "stop_serve"]
+__all__ = ["Served", "capture_sink", "raw_smtp_message", "serve_config", "served", "start_serve", "stop_serve"]
 
 
 @dataclass
@@ -150,3 +150,28 @@ def capture_sink(capture: Path, *extra: str) -> Iterator[tuple[str, int]]:
 
 def captured(capture: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted(capture.glob("*.eml"))]
+
+
+async def raw_smtp_message(host: str, port: int, envelope: bytes, content: bytes) -> bytes:
+    """One message over a socket of our own (a client library would tidy bytes a test needs as they are):
+    *envelope* (EHLO ... DATA) until the 354, then *content*, the dot and QUIT; the replies after the 354."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(envelope)
+    await writer.drain()
+    seen = b""
+    while b"354 " not in seen:
+        chunk = await asyncio.wait_for(reader.read(4096), 10)
+        if not chunk:
+            raise AssertionError(f"no 354: {seen!r}")
+        seen += chunk
+    writer.write(content + b".\r\nQUIT\r\n")
+    rest = b""
+    while b"221 " not in rest:
+        chunk = await asyncio.wait_for(reader.read(4096), 10)
+        if not chunk:
+            break
+        rest += chunk
+    writer.close()
+    return rest

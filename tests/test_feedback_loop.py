@@ -20,7 +20,7 @@ import aiosmtplib
 import pytest
 
 from fastmta.message.returnpath import ReturnPath
-from serveproc import capture_sink, captured, serve_config, served
+from serveproc import capture_sink, captured, raw_smtp_message, serve_config, served
 
 pytestmark = pytest.mark.interop
 
@@ -214,6 +214,14 @@ class _Receiver:
         self.thread.join(10)
 
 
+def _relay_config(tmp_path: Path, data: Path, receiver: _Receiver, sink: tuple[str, int]) -> Path:
+    """A service relaying sender.example's mail (its notices) to *receiver*, and the rest to *sink*."""
+    routes = f'[routing.static]\n"sender.example" = ["127.0.0.1:{receiver.port}"]\n"*" = ["{sink[0]}:{sink[1]}"]\n'
+    cfg = tmp_path / "fastmta.toml"
+    cfg.write_text(serve_config(data, None, extra=routes))
+    return cfg
+
+
 def test_relayed_mail_that_bounces_gets_a_dsn_to_its_sender(tmp_path: Path) -> None:
     import time
 
@@ -223,10 +231,7 @@ def test_relayed_mail_that_bounces_gets_a_dsn_to_its_sender(tmp_path: Path) -> N
     receiver = _Receiver()
     try:
         with capture_sink(tmp_path / "capture", "--unknown-recipient", "gone*") as sink:
-            routes = (f'[routing.static]\n"sender.example" = ["127.0.0.1:{receiver.port}"]\n'
-                      f'"*" = ["{sink[0]}:{sink[1]}"]\n')
-            cfg = tmp_path / "fastmta.toml"
-            cfg.write_text(serve_config(data, None, extra=routes))
+            cfg = _relay_config(tmp_path, data, receiver, sink)
             with served(cfg, data) as svc:
                 host, port = svc.smtp
                 msg = (b"From: app@sender.example\r\nTo: x\r\nSubject: order 7\r\nMessage-ID: <o7@sender.example>\r\n"
@@ -348,10 +353,7 @@ def test_a_notice_still_gathering_when_the_service_stops_is_sent(tmp_path: Path)
     receiver = _Receiver()
     try:
         with capture_sink(tmp_path / "capture", "--unknown-recipient", "gone*") as sink:
-            routes = (f'[routing.static]\n"sender.example" = ["127.0.0.1:{receiver.port}"]\n'
-                      f'"*" = ["{sink[0]}:{sink[1]}"]\n')
-            cfg = tmp_path / "fastmta.toml"
-            cfg.write_text(serve_config(data, None, extra=routes))
+            cfg = _relay_config(tmp_path, data, receiver, sink)
             svc = start_serve(cfg, data)
             try:
                 host, port = svc.smtp
@@ -382,25 +384,10 @@ def test_a_message_refused_leaves_nothing_for_the_receive_domains(tmp_path: Path
     with served(_config(tmp_path, data, None), data) as svc:
         host, port = svc.smtp
 
-        async def go() -> bytes:
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(b"EHLO c.example\r\nMAIL FROM:<a@sender.example>\r\nRCPT TO:<fbl@fbl.sender.example>\r\n"
-                         b"RCPT TO:<ok@dest.example>\r\nDATA\r\n")
-            await writer.drain()
-            seen = b""
-            while b"354 " not in seen:
-                seen += await asyncio.wait_for(reader.read(4096), 10)
-            writer.write(b"Subject: a\x00b\r\n\r\nreport\r\n.\r\nQUIT\r\n")  # a NUL: the queue refuses it
-            rest = b""
-            while b"221 " not in rest:
-                chunk = await asyncio.wait_for(reader.read(4096), 10)
-                if not chunk:
-                    break
-                rest += chunk
-            writer.close()
-            return rest
-
-        assert asyncio.run(go()).startswith(b"554 5.6.0")
+        envelope = (b"EHLO c.example\r\nMAIL FROM:<a@sender.example>\r\nRCPT TO:<fbl@fbl.sender.example>\r\n"
+                    b"RCPT TO:<ok@dest.example>\r\nDATA\r\n")
+        refused = asyncio.run(raw_smtp_message(host, port, envelope, b"Subject: a\x00b\r\n\r\nreport\r\n"))  # a NUL
+        assert refused.startswith(b"554 5.6.0")
         asyncio.run(_deliver(host, port, "", "fbl@fbl.sender.example", b"Subject: later\r\n\r\nx\r\n"))
         records = svc.wait_accounting(lambda rs: any("inbound_id" in r for r in rs))
     assert [r.get("diagnostic") for r in records if "inbound_id" in r] == ["later"]  # only the one accepted

@@ -21,7 +21,7 @@ import aiosmtplib
 import pytest
 
 from fastmta.serve.auth import hash_password
-from serveproc import capture_sink, captured, serve_config, serve_log, served, start_serve, stop_serve
+from serveproc import capture_sink, captured, raw_smtp_message, serve_config, serve_log, served, start_serve, stop_serve
 from servers import find_postfix_tool
 
 pytestmark = pytest.mark.interop
@@ -137,21 +137,8 @@ def test_aiosmtplib_smtputf8_and_bad_input_get_clear_answers(tmp_path: Path) -> 
                          b"554 5.6.0 Error: message: a NUL byte at offset "),  # after the Received: added
                     ]
                     for bad, answer in cases:
-                        reader, writer = await asyncio.open_connection(host, port)
-                        writer.write(b"EHLO c.example\r\nMAIL FROM:<app@sender.example>\r\n"
-                                     b"RCPT TO:<ok@dest.example>\r\nDATA\r\n")
-                        await writer.drain()
-                        answers = b""
-                        while answers.count(b"\r\n") < 1 or b"354 " not in answers:
-                            answers += await asyncio.wait_for(reader.read(4096), 10)
-                        writer.write(bad + b".\r\nQUIT\r\n")
-                        rest = b""
-                        while b"221 " not in rest:
-                            chunk = await asyncio.wait_for(reader.read(4096), 10)
-                            if not chunk:
-                                break
-                            rest += chunk
-                        writer.close()
+                        rest = await raw_smtp_message(host, port, b"EHLO c.example\r\nMAIL FROM:<app@sender.example>"
+                                                      b"\r\nRCPT TO:<ok@dest.example>\r\nDATA\r\n", bad)
                         assert rest.startswith(answer), rest
                     # The session goes on. A recipient the engine could not take (found by an attack:
                     # RCPT TO:<postmaster> got 250, then the message was refused for every recipient)
