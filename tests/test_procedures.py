@@ -444,7 +444,11 @@ def test_engine_holds_a_named_sender_domain_without_pausing_the_source() -> None
                 refused = server.stats.faults["mail"]
                 assert 0 < refused <= 8, refused  # one or two per connection, not a retry storm
                 await asyncio.sleep(0.5)
-                assert server.stats.faults["mail"] == refused and connections() == 0
+                # Nothing held is tried. (A retry falling due in this half second may open a connection,
+                # which sets its batch aside without a MAIL and closes again when idle: a race the test had,
+                # seen once in CI.)
+                assert server.stats.faults["mail"] == refused
+                await wait_until(lambda: connections() == 0, 10, "connections kept open for held mail")
                 assert th.suspended_until is None and not th.probing  # the source itself is not paused
                 assert engine.counts[Status.DELIVERED.value] == 0
                 hold = next(e for e in engine.throttle_events if e.kind is EventKind.HOLD)
