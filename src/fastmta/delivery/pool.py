@@ -122,14 +122,12 @@ class SiteQueue:
         suspension, a pause after refused connections), batches beyond two
         rounds of its connections (``allowance``) are *parked*: their untried
         recipients stop counting as the engine's read-ahead (``on_park``).
-        Otherwise a campaign's Gmail half at 10 a second fills the read-ahead and
-        every other site waits for Gmail (measured: 600 recipients of free sites
-        took 49 s behind 600 at 10/s). Parked batches still count against the
-        recipient and byte bounds (the memory), and go back in order as the
-        ready queue drains. The test reads what the throttle's own
-        ``message_wait`` last found (no extra look at shared limits); the
-        adaptive rate, slow start included, parks nothing: a backlog waiting
-        for its connections is the read-ahead, and stays bounded by it.
+        Otherwise a campaign's Gmail half at 10 a second fills the read-ahead and every
+        other site waits (measured: 600 recipients took 49 s behind 600 at 10/s).
+        Parked batches still count against the memory bounds, and go back in order.
+        "Held" is what the throttle's own ``message_wait`` last found (no extra look
+        at shared limits); the adaptive rate parks nothing: a backlog waiting for its
+        connections is the read-ahead, and stays bounded by it.
         """
         if self.gate is not None:
             kept = self.gate(self, batch)
@@ -142,7 +140,7 @@ class SiteQueue:
             held = self._held_back()
             if self.parked or held:
                 # In order behind those parked already; taken off the read-ahead only while held.
-                n = sum(r.status is None for r in batch.recipients) if held else 0
+                n = _untried(batch) if held else 0
                 self.parked.append((batch, n))
                 if n and self.on_park is not None:
                     self.on_park(-n)
@@ -163,9 +161,8 @@ class SiteQueue:
         return self.throttle.held_until > now or self._hold_until > now
 
     def repark(self) -> None:
-        """Park again what is ready beyond the allowance while the site is held: after an operator's
-        change unparked everything (:meth:`unpark`), so that a bounce elsewhere does not put a held
-        site's whole backlog back into the read-ahead until its next timer, maybe hours away."""
+        """Park what is ready beyond the allowance while the site is held: when the limit shows, and after
+        an operator's change unparked it all (else it stayed read-ahead until the site's next timer)."""
         if len(self.ready) > self.allowance and self._held_back():
             self._park_excess()
 
@@ -175,7 +172,7 @@ class SiteQueue:
         gone = 0
         while len(self.ready) > self.allowance:
             batch = self.ready.pop()
-            n = sum(r.status is None for r in batch.recipients)
+            n = _untried(batch)
             self.parked.appendleft((batch, n))
             gone += n
         if gone and self.on_park is not None:
@@ -212,8 +209,8 @@ class SiteQueue:
         if now < self._hold_until:
             return  # pausing after refused connections; the timer kicks again
         pace = self.throttle.message_wait(now)
-        if pace > 0 and len(self.ready) > self.allowance and self._held_back():
-            self._park_excess()
+        if pace > 0:
+            self.repark()
         if pace > 0 and (self.connections or pace > self.limits.idle_timeout):
             # The message rate (or a suspension, a warm-up quota) is what holds
             # us back: another connection would only idle, growing the window
@@ -517,8 +514,7 @@ class SiteQueue:
                 n = len(batch.recipients)
                 wait = self.throttle.message_wait(now, n, batch.message.sender)
                 if wait > 0:
-                    if len(self.ready) > self.allowance and self._held_back():
-                        self._park_excess()
+                    self.repark()
                     if inflight:
                         break  # results will come and may change the answer
                     if wait > limits.idle_timeout:
@@ -636,6 +632,10 @@ class SiteQueue:
         self.ready.clear()
         for batch in batches:
             self.on_result(batch, [(reply, "connect", c)] * len(batch.recipients), delivery)
+
+
+def _untried(batch: Batch) -> int:  # what parking takes off the engine's read-ahead
+    return sum(r.status is None for r in batch.recipients)
 
 
 #: Connection refusals for our pace (421) tolerated before the ready batches
