@@ -126,6 +126,13 @@ class HttpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     listen: str = ""  # empty: no HTTP listener
     tokens: list[TokenConfig] = []
     max_request_size: Size = 50 * 1024 * 1024
+    #: Open connections at once; more get 503 and are closed (nginx's worker_connections).
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
+    #: A connection with no request in progress this long (since it opened, or since its last
+    #: response) is closed: the header and keep-alive deadline (nginx's client_header_timeout).
+    idle_timeout: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    #: A request body must arrive at least this fast (octets a second, averaged over idle_timeout).
+    min_body_rate: Annotated[float, msgspec.Meta(ge=0)] = 1024.0
 
     def __post_init__(self) -> None:
         if self.listen:
@@ -179,6 +186,12 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     users: list[UserConfig] = []
     #: Failed AUTH attempts per connection before it is closed.
     max_auth_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
+    #: Open SMTP connections, all listeners and clients together; more get 421 before the greeting
+    #: (Postfix's default_process_limit bounds its smtpd processes the same way).
+    max_smtp_connections: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    #: Open SMTP connections from one client address; clients in relay_networks are exempt
+    #: (Postfix's smtpd_client_connection_count_limit and its exceptions, $mynetworks).
+    max_smtp_connections_per_ip: Annotated[int, msgspec.Meta(ge=1)] = 50
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     pickup: PickupConfig = msgspec.field(default_factory=PickupConfig)

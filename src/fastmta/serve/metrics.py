@@ -87,6 +87,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "fastmta_injected_messages_total": ("via",),
     "fastmta_injected_recipients_total": ("via",),
     "fastmta_rejected_messages_total": ("via", "reason"),
+    "fastmta_refused_connections_total": ("via", "reason"),
     "fastmta_events_backlog": ("endpoint",),
     "fastmta_events_sent_total": ("endpoint",),
     "fastmta_events_failed_attempts_total": ("endpoint",),
@@ -117,12 +118,13 @@ QUEUE_STATES = ("ready", "scheduled", "in_flight", "held", "routing")
 class IntakeStats:
     """Mail taken in, by path (``via``: smtp, http, pickup, api): the service calls these."""
 
-    __slots__ = ("messages", "recipients", "rejections")
+    __slots__ = ("messages", "recipients", "refused_connections", "rejections")
 
     def __init__(self) -> None:
         self.messages: dict[str, int] = {}
         self.recipients: dict[str, int] = {}
         self.rejections: dict[tuple[str, str], int] = {}
+        self.refused_connections: dict[tuple[str, str], int] = {}
 
     def accepted(self, via: str, recipients: int = 1) -> None:
         """One message accepted (durably queued) for *recipients* recipients."""
@@ -133,6 +135,11 @@ class IntakeStats:
         """One message refused; *reason* is a label: keep it to a few fixed words."""
         key = (via, reason)
         self.rejections[key] = self.rejections.get(key, 0) + 1
+
+    def refused_connection(self, via: str, reason: str) -> None:
+        """One connection turned away or closed by a limit (too many, idle, too slow)."""
+        key = (via, reason)
+        self.refused_connections[key] = self.refused_connections.get(key, 0) + 1
 
 
 class OutcomeCounter:
@@ -452,6 +459,12 @@ class EngineCollector:
         for key, n in sorted(intake.rejections.items()):
             j.add_metric(list(key), n)
         yield j
+        c = CounterMetricFamily("fastmta_refused_connections_total",
+                                "Client connections turned away or closed by a limit, by listener kind and limit.",
+                                labels=["via", "reason"])
+        for key, n in sorted(intake.refused_connections.items()):
+            c.add_metric(list(key), n)
+        yield c
 
     def _events(self, outbox: EventOutbox) -> Iterator[Metric]:
         stats = outbox.stats()

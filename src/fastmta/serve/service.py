@@ -64,7 +64,9 @@ from fastmta.serve.config import ServiceConfig, load_service_config
 from fastmta.serve.events import EventOutbox
 from fastmta.serve.events_redis import RedisStreamSink
 from fastmta.serve.feedback_loop import FeedbackLoop
+from fastmta.serve.gate import ConnectionGate
 from fastmta.serve.http_api import build_api_app
+from fastmta.serve.http_guard import HttpGuard
 from fastmta.serve.metrics import IntakeStats, ServiceMetrics
 from fastmta.serve.pickup import PickupWatcher
 from fastmta.serve.sender_notices import SenderNotices
@@ -119,6 +121,7 @@ class Service:
         self._accounting: AccountingLog | None = None
         self._metrics: ServiceMetrics | None = None
         self._runners: list[web.AppRunner] = []
+        self._http_guard: HttpGuard | None = None
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -226,6 +229,10 @@ class Service:
 
     async def _start_smtp(self) -> None:
         serve = self.config.serve
+        self.smtp_gate = ConnectionGate(
+            serve.max_smtp_connections, serve.max_smtp_connections_per_ip,
+            on_refused=lambda reason: self.intake.refused_connection("smtp", reason),
+        )
         for lc in serve.smtp:
             host, port = lc.address
             sink_config = SinkConfig(
@@ -235,7 +242,7 @@ class Service:
             )
             server = InjectServer(
                 sink_config, service=self, policy=self.policy, accounts=self.accounts, hostname=serve.hostname,
-                max_auth_failures=serve.max_auth_failures,
+                max_auth_failures=serve.max_auth_failures, gate=self.smtp_gate,
             )
             self.smtp_addresses.extend(await server.start())
             self.smtp_servers.append(server)
@@ -248,12 +255,17 @@ class Service:
         if self.unsubscribe is not None and self.feedback is not None:
             # Public, no token: the signed token in the URL is the authorization (RFC 8058).
             add_unsubscribe_routes(app, self.unsubscribe, self.feedback.record_unsubscribe)
+        http = self.config.serve.http
+        guard = HttpGuard(
+            max_connections=http.max_connections, idle_timeout=http.idle_timeout, min_body_rate=http.min_body_rate,
+            on_refused=lambda reason: self.intake.refused_connection("http", reason),
+        )
+        app.middlewares.insert(0, guard.middleware)  # outermost: a handler's whole run counts as busy
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address[0], address[1], reuse_address=False)
-        await site.start()
-        self.http_address = _bound(runner)
+        self._http_guard = guard
+        self.http_address = await guard.start(runner, address[0], address[1])
 
     async def _start_admin(self) -> None:
         admin = self.config.serve.admin
@@ -334,6 +346,8 @@ class Service:
                 pass
             except Exception:
                 log.exception("a service task failed while stopping")
+        if self._http_guard is not None:
+            self._http_guard.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
         if self.notices is not None:

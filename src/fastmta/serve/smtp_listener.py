@@ -30,13 +30,14 @@ import logging
 import random
 import re
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from fastmta.errors import InputError
 from fastmta.message.headers import header_section_error
 from fastmta.queue.records import split_address
 from fastmta.serve.api import ServiceAPI, Unavailable
 from fastmta.serve.auth import Accounts, RelayPolicy
+from fastmta.serve.gate import ConnectionGate
 from fastmta.sink.capture import CaptureWriter
 from fastmta.sink.config import ListenerConfig, SinkConfig
 from fastmta.sink.listener import ListenerRuntime
@@ -99,7 +100,7 @@ def _relay_denied(addr: bytes) -> bytes:
 class InjectProtocol(SinkProtocol):
     """One injection connection. Not for direct use: see :class:`InjectServer`."""
 
-    __slots__ = ("_auth_failures", "_auth_name", "_auth_step", "_helo", "_relay", "_user")
+    __slots__ = ("_admitted", "_auth_failures", "_auth_name", "_auth_step", "_helo", "_relay", "_user")
 
     def __init__(self, server: InjectServer, listener: ListenerRuntime) -> None:
         super().__init__(server, listener)
@@ -109,6 +110,7 @@ class InjectProtocol(SinkProtocol):
         self._auth_step = _AUTH_NONE
         self._auth_name = ""
         self._auth_failures = 0
+        self._admitted: str | None = None  # the address the gate counted this connection under
 
     @property
     def _host(self) -> InjectServer:
@@ -119,13 +121,29 @@ class InjectProtocol(SinkProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         host = self._host
         peer = transport.get_extra_info("peername") or ("", 0)
-        self._relay = host.policy.trusted(str(peer[0]))
+        ip = str(peer[0])
+        self._relay = host.policy.trusted(ip)
+        refusal = host.gate.admit(ip, exempt=self._relay)
+        if refusal is not None:
+            # Before the greeting and before the sink counts it: the client keeps its mail.
+            log.warning("connection from %s refused: %s", ip, refusal[10:].decode().strip())
+            cast(asyncio.Transport, transport).write(refusal)
+            transport.close()
+            return
+        self._admitted = ip
         ready, _ = host.service.ready()
         super().connection_made(transport)
         if not ready:
             # Greeted, then refused at MAIL (451): a client that cannot be
             # served now keeps its mail and retries, and sees why.
             log.debug("connection from %s while not ready", peer[0])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted is None:
+            return  # refused by the gate: never counted as a session
+        self._host.gate.release(self._admitted)
+        self._admitted = None
+        super().connection_lost(exc)
 
     # ------------------------------------------------------------ commands
 
@@ -364,8 +382,11 @@ class InjectServer(SinkServer):
     def __init__(
         self, config: SinkConfig, *, service: ServiceAPI, policy: RelayPolicy, accounts: Accounts,
         hostname: str, max_auth_failures: int = 3, memory_budget: int = 256 * 1024 * 1024,
+        gate: ConnectionGate | None = None,
     ) -> None:
         super().__init__(config)
+        #: Shared by the service's listeners: the caps count connections to all of them.
+        self.gate = gate if gate is not None else ConnectionGate(1000, 50)
         self.service = service
         self.policy = policy
         self.accounts = accounts

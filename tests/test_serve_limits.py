@@ -1,0 +1,184 @@
+"""`fastmta serve` bounds its client connections: SMTP in all and per address, HTTP in all, idle and slow.
+
+A flood of connections, a slowloris or a trickled body must not take the
+service's file descriptors or keep its API from answering. Real sockets on
+loopback against the service as a process; the source addresses 127.0.0.2-4
+stand for other clients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from serveproc import Served, serve_config, served
+from test_serve_e2e import curl, metrics
+
+pytestmark = pytest.mark.interop
+
+TOKEN = "limits-test-token"
+
+
+def _config(tmp_path: Path, serve_extra: str, extra_http: str = "") -> tuple[Path, Path]:
+    data = tmp_path / "data"
+    data.mkdir()
+    text = serve_config(data, ("127.0.0.1", 9), serve_extra=serve_extra,
+                        tokens=[("t", hashlib.sha256(TOKEN.encode()).hexdigest())])
+    text = text.replace('[serve.http]\nlisten = "127.0.0.1:0"', f'[serve.http]\nlisten = "127.0.0.1:0"\n{extra_http}')
+    path = tmp_path / "fastmta.toml"
+    path.write_text(text)
+    return path, data
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    yield opened
+    for s in opened:
+        s.close()
+
+
+def _connect(opened: list[socket.socket], address: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:
+    s = socket.create_connection(address, timeout=10, source_address=(source, 0))
+    opened.append(s)
+    return s
+
+
+def _first_reply(s: socket.socket) -> bytes:
+    """The first line the server sends (b"" when it closed without one)."""
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = s.recv(512)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _closed_by_peer(s: socket.socket, within: float) -> bool:
+    """True once the server closes *s* (EOF or reset) within *within* seconds; what it said is read and dropped."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        s.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            if not s.recv(4096):
+                return True
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+    return False
+
+
+def _refused(svc: Served, via: str, reason: str) -> float:
+    return metrics(svc).get(("fastmta_refused_connections_total", (("reason", reason), ("via", via))), 0.0)
+
+
+def test_smtp_connections_are_capped_per_address_and_in_all(tmp_path: Path, sockets: list[socket.socket]) -> None:
+    config, data = _config(tmp_path, "relay_networks = []\nmax_smtp_connections = 4\nmax_smtp_connections_per_ip = 2")
+    with served(config, data) as svc:
+        first = _connect(sockets, svc.smtp)
+        assert _first_reply(first).startswith(b"220 ")
+        assert _first_reply(_connect(sockets, svc.smtp)).startswith(b"220 ")
+        third = _connect(sockets, svc.smtp)
+        # The third from one address: refused before the greeting, and hung up on.
+        assert _first_reply(third) == b"421 4.7.0 Error: too many connections from 127.0.0.1\r\n"
+        assert _closed_by_peer(third, 10)
+        # Other addresses still get in, up to the total of 4.
+        assert _first_reply(_connect(sockets, svc.smtp, "127.0.0.2")).startswith(b"220 ")
+        assert _first_reply(_connect(sockets, svc.smtp, "127.0.0.3")).startswith(b"220 ")
+        fifth = _connect(sockets, svc.smtp, "127.0.0.4")
+        assert _first_reply(fifth) == b"421 4.7.0 Error: too many connections, try again later\r\n"
+        # A session that ends gives its place back (the refused ones never held one).
+        first.sendall(b"QUIT\r\n")
+        assert _closed_by_peer(first, 10)
+        deadline = time.monotonic() + 10
+        greeting = b""
+        while time.monotonic() < deadline and not greeting.startswith(b"220 "):
+            greeting = _first_reply(_connect(sockets, svc.smtp))
+        assert greeting.startswith(b"220 ")
+        assert _refused(svc, "smtp", "per_ip") >= 1
+        assert _refused(svc, "smtp", "total") >= 1
+
+
+def test_relay_networks_are_exempt_from_the_per_address_cap(tmp_path: Path, sockets: list[socket.socket]) -> None:
+    # The service's own backends (loopback here) may pool many connections, as Postfix exempts $mynetworks.
+    config, data = _config(tmp_path, "max_smtp_connections = 10\nmax_smtp_connections_per_ip = 1")
+    with served(config, data) as svc:
+        for _ in range(4):
+            assert _first_reply(_connect(sockets, svc.smtp)).startswith(b"220 ")
+        assert _refused(svc, "smtp", "per_ip") == 0
+
+
+def _http_address(svc: Served) -> tuple[str, int]:
+    host, port = svc.listening["http"].rsplit(":", 1)
+    return host, int(port)
+
+
+def test_http_idle_slow_headers_and_slow_bodies_are_closed(tmp_path: Path, sockets: list[socket.socket]) -> None:
+    config, data = _config(tmp_path, "", "idle_timeout = 1.0\nmin_body_rate = 1000")
+    with served(config, data) as svc:
+        address = _http_address(svc)
+        idle = _connect(sockets, address)
+        slowloris = _connect(sockets, address)
+        slowloris.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        slow_body = _connect(sockets, address)
+        slow_body.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+        )
+        keepalive = _connect(sockets, address)
+        started = time.monotonic()
+        answered = 0
+        open_ = {"idle": idle, "slowloris": slowloris, "slow body": slow_body}
+        closed_at: dict[str, float] = {}
+        while time.monotonic() - started < 8 and len(closed_at) < 3:
+            # A client that keeps using its connection keeps it.
+            keepalive.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            keepalive.settimeout(5)
+            assert keepalive.recv(4096).startswith(b"HTTP/1.1 200 "), "an active keep-alive connection was closed"
+            answered += 1
+            for name, s in open_.items():
+                if name in closed_at:
+                    continue
+                try:
+                    s.sendall(b" " if name == "slow body" else b"X-More: a\r\n" if name == "slowloris" else b"")
+                except OSError:
+                    closed_at[name] = time.monotonic() - started
+                    continue
+                if _closed_by_peer(s, 0.05):
+                    closed_at[name] = time.monotonic() - started
+            time.sleep(0.2)
+        assert set(closed_at) == {"idle", "slowloris", "slow body"}, closed_at
+        # Not before the idle period, and within its 1.25x plus this loop's step and a loaded machine's slack.
+        assert all(0.9 <= t <= 4.0 for t in closed_at.values()), closed_at
+        assert answered >= 5
+        # The trickled body never became a message.
+        status, body = curl(f"{svc.http}/v1/messages/none", token=TOKEN)
+        assert status == 404, body
+        assert _refused(svc, "http", "idle") >= 2
+        assert _refused(svc, "http", "slow_body") == 1
+
+
+def test_http_connections_over_the_cap_get_503_and_the_api_recovers(tmp_path: Path, sockets: list[socket.socket]) -> None:
+    config, data = _config(tmp_path, "", "max_connections = 3\nidle_timeout = 60")
+    with served(config, data) as svc:
+        address = _http_address(svc)
+        held = [_connect(sockets, address) for _ in range(3)]
+        time.sleep(0.2)  # let the service take all three in
+        over = _connect(sockets, address)
+        assert _first_reply(over).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert _closed_by_peer(over, 10)
+        for s in held:
+            s.close()
+        deadline = time.monotonic() + 10
+        status = 0
+        while time.monotonic() < deadline and status != 200:
+            status, _ = curl(f"{svc.http}/healthz", token=None)
+        assert status == 200
+        assert _refused(svc, "http", "max_connections") >= 1
