@@ -460,20 +460,12 @@ class Engine:
         msg = batch.message
         deferred: list[tuple[Recipient, Classification]] = []
         paced: list[Recipient] = []
+        took_some = any(reply.code // 100 == 2 for reply, _, _ in classified)
         for rcpt, (reply, phase, c) in zip(batch.recipients, classified):
             c = self._record(msg, rcpt, reply, phase, delivery, c)
             if c is None:
                 continue
-            if (
-                c.site_paced
-                and rcpt.attempts <= _PACED_TRIES
-                and not self._closing
-                and asyncio.get_running_loop().time() < msg.deadline
-                and self._queue_paces(batch.source, delivery.site)
-            ):
-                # "Slow down" from the site: the throttle has cut its rate; the
-                # recipient waits for the site's pace in the ready queue rather
-                # than taking an exponential backoff of its own.
+            if self._again_now(c, rcpt, msg, batch.source, delivery.site, took_some):
                 self._emit(msg, rcpt, Status.DEFERRED, reply, delivery, classification=c)
                 paced.append(rcpt)
             else:
@@ -487,11 +479,19 @@ class Engine:
         if deferred:
             self._defer(msg, deferred, delivery)
 
-    def _queue_paces(self, source: str, site: str) -> bool:
-        """Does that queue's throttle slow down on its own (adaptive)? Only then may a
-        "slow down" reply wait in the ready queue; a static one would resend at once."""
+    def _again_now(
+        self, c: Classification, rcpt: Recipient, msg: Message, source: str, site: str, took_some: bool,
+    ) -> bool:
+        """Back to the front of the site's ready queue, not on a retry timer of its own: past the
+        server's recipient limit when it took others of the transaction (the next one carries them),
+        or a "slow down" from a site whose throttle has cut its rate (adaptive only: a static one
+        would resend at once) and whose pace the recipient then waits for."""
+        if rcpt.attempts > _PACED_TRIES or self._closing or asyncio.get_running_loop().time() >= msg.deadline:
+            return False
+        if c.is_recipient_limit and took_some:
+            return True
         queue = self._dispatch.queues.get((source, site))
-        return queue is not None and queue.throttle.adaptive.enabled
+        return c.site_paced and queue is not None and queue.throttle.adaptive.enabled
 
     def _on_expired(self, batch: Batch, why: Reply | None) -> None:
         """*batch* outlived its queue lifetime in a ready queue; *why*: the site's last refusal."""

@@ -148,6 +148,13 @@ class Classification:
         return self.outcome is Outcome.TRANSIENT and self.scope is Scope.SITE
 
     @property
+    def is_recipient_limit(self) -> bool:
+        """The server's limit on recipients per transaction (x.5.3, "too many recipients"): the
+        recipients it refused go in another transaction (RFC 5321 4.5.3.1.10), not on a timer."""
+        return (self.outcome is Outcome.TRANSIENT and self.scope is Scope.MESSAGE
+                and self.category is Category.RATE_LIMITED)
+
+    @property
     def is_hard_bounce(self) -> bool:
         return self.bounce is BounceType.HARD
 
