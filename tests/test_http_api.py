@@ -49,6 +49,7 @@ class LocalService:
         self.readiness: tuple[bool, str] = (True, "")
         self.unavailable: str | None = None  # set: inject refuses as a full disk would
         self.fail_after: int | None = None  # set: only this many more injects succeed
+        self.refusals: list[tuple[str, str]] = []  # what the API counted as refused before inject
         self.registry = prometheus_client.CollectorRegistry()
         self.injected = prometheus_client.Counter(
             "fastmta_injected_messages", "messages accepted", ["via"], registry=self.registry)
@@ -81,6 +82,9 @@ class LocalService:
 
     def ready(self) -> tuple[bool, str]:
         return self.readiness
+
+    def refused(self, via: str, reason: str) -> None:
+        self.refusals.append((via, reason))
 
     def http_principal(self, token: str) -> str | None:
         return {TOKEN: "client-a"}.get(token)
@@ -321,6 +325,11 @@ def test_bad_requests_are_400s_naming_the_field_and_nothing_is_queued(run_uvloop
             assert status == 404 and body_["field"] == "id"
             assert s.engine.counts == {} and s.engine.unfinished == 0
             assert captures(s.capture) == []
+            # What the API refused before inject is counted for the metrics (inject counts its own, and
+            # two cases, the bare CR and the NUL in the content, are the engine's to refuse): every
+            # other case and the five requests after them.
+            assert set(s.service.refusals) == {("http", "invalid")}
+            assert len(s.service.refusals) == len(cases) - 2 + 5
 
     run_uvloop(main())
 
@@ -333,6 +342,7 @@ def test_a_body_over_the_limit_is_413(run_uvloop: Run, tmp_path: Path) -> None:
             assert status == 413 and "4096" in body["error"]
             status, body = await post_json(f"{s.url}/v1/messages", {**big, "content": MESSAGE})
             assert status == 202
+            assert s.service.refusals == [("http", "too_big")]
 
     run_uvloop(main())
 
@@ -349,6 +359,7 @@ def test_not_ready_or_unavailable_is_503_with_retry_after(run_uvloop: Run, tmp_p
                                                f"{s.url}/v1/messages")
             assert status == 503 and int(headers["retry-after"]) > 0
             assert "journal not writable" in json.loads(body)["error"]
+            assert s.service.refusals == [("http", "unavailable")]
             assert (await curl(f"{s.url}/healthz"))[0] == 200  # alive, just not ready
 
             s.service.readiness = (True, "")

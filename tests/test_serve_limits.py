@@ -8,6 +8,7 @@ stand for other clients.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from serveproc import Served, serve_config, served
+from serveproc import Served, raw_smtp_message, serve_config, served
 from test_serve_e2e import curl, metrics
 
 pytestmark = pytest.mark.interop
@@ -182,3 +183,27 @@ def test_http_connections_over_the_cap_get_503_and_the_api_recovers(tmp_path: Pa
             status, _ = curl(f"{svc.http}/healthz", token=None)
         assert status == 200
         assert _refused(svc, "http", "max_connections") >= 1
+
+
+def test_every_refused_message_is_counted_by_way_in_and_reason(tmp_path: Path) -> None:
+    # fastmta_rejected_messages_total counted only what reached the engine: a 552, a 554 for a
+    # header the listener refuses, an HTTP 400 or 413 went unseen by an operator's alert.
+    config, data = _config(tmp_path, "", "max_request_size = 2048")
+    config.write_text(config.read_text().replace('[[serve.smtp]]\nlisten = "127.0.0.1:0"',
+                                                 '[[serve.smtp]]\nlisten = "127.0.0.1:0"\nmax_message_size = 2048'))
+    envelope = b"EHLO client.test\r\nMAIL FROM:<app@sender.example>\r\nRCPT TO:<x@rcv.example>\r\nDATA\r\n"
+    with served(config, data) as svc:
+        host, port = svc.smtp
+        too_big = asyncio.run(raw_smtp_message(host, port, envelope, b"Subject: big\r\n\r\n" + b"x" * 3000 + b"\r\n"))
+        assert too_big.startswith(b"552 "), too_big
+        bare_cr = asyncio.run(raw_smtp_message(host, port, envelope, b"Subject: a\rBcc: e@vil.test\r\n\r\nx\r\n"))
+        assert bare_cr.startswith(b"554 "), bare_cr
+        status, body = curl(f"{svc.http}/v1/messages", "-X", "POST", "-H", "Content-Type: application/json",
+                            token=TOKEN, data=b'{"sender": "a@sender.example",')
+        assert status == 400, body
+        status, body = curl(f"{svc.http}/v1/messages", "-X", "POST", "-H", "Content-Type: application/json",
+                            token=TOKEN, data=b'{"sender": "' + b"a" * 3000 + b'"}')
+        assert status == 413, body
+        rejected = {dict(labels)["via"] + "/" + dict(labels)["reason"]: value
+                    for (name, labels), value in metrics(svc).items() if name == "fastmta_rejected_messages_total"}
+    assert rejected == {"smtp/too_big": 1, "smtp/invalid": 1, "http/invalid": 1, "http/too_big": 1}

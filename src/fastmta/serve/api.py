@@ -54,6 +54,11 @@ class ServiceAPI(Protocol):
         List-Unsubscribe headers ([unsubscribe]) where the template has none."""
         ...
 
+    def refused(self, via: str, reason: str) -> None:
+        """Count one message a front end refused before :meth:`inject` (``fastmta_rejected_messages_total``):
+        *reason* is one of a few fixed words (invalid, too_big, no_memory, unavailable, error)."""
+        ...
+
     def ready(self) -> tuple[bool, str]:
         """(ready, why not): the journal is writable and the engine running."""
         ...

@@ -308,18 +308,25 @@ def _inject_error_field(exc: InputError) -> str | None:
 
 async def _post_message(request: web.Request) -> web.Response:
     service = request.app[_SERVICE]
-    _require_ready(service)
-    if request.content_type == "message/rfc822":
-        content, sender, recipients, meta = await _raw_message(request)
-    else:
-        data = await _json_object(request)
-        _check_keys(data, ("sender", "recipients", "content", "content_base64", "meta"))
-        if "sender" not in data:
-            raise ApiError(400, "missing field sender", field="sender")
-        sender = _address(data["sender"], "sender", "sender")
-        recipients = _recipients(data.get("recipients"))
-        content = _content(data)
-        meta = _meta(data.get("meta"), "meta")
+    try:
+        _require_ready(service)
+        if request.content_type == "message/rfc822":
+            content, sender, recipients, meta = await _raw_message(request)
+        else:
+            data = await _json_object(request)
+            _check_keys(data, ("sender", "recipients", "content", "content_base64", "meta"))
+            if "sender" not in data:
+                raise ApiError(400, "missing field sender", field="sender")
+            sender = _address(data["sender"], "sender", "sender")
+            recipients = _recipients(data.get("recipients"))
+            content = _content(data)
+            meta = _meta(data.get("meta"), "meta")
+    except ApiError as exc:  # refused before inject, which counts its own refusals
+        service.refused("http", "unavailable" if exc.status == 503 else "invalid")
+        raise
+    except web.HTTPRequestEntityTooLarge:
+        service.refused("http", "too_big")
+        raise
     try:
         message_id = await service.inject(content, sender, recipients, via="http", meta=meta or None)
     except InputError as exc:

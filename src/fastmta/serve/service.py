@@ -461,6 +461,7 @@ class Service:
         assert via in INJECTION_PATHS, via
         ready, why = self.ready()
         if not ready:
+            self.intake.rejected(via, "unavailable")
             raise Unavailable(why)
         inbound = [r for r in recipients if self.policy.receive_domains and self.policy.receives(_domain(r))]
         outbound = [r for r in recipients if r not in inbound] if inbound else recipients
@@ -479,7 +480,8 @@ class Service:
         except InputError:
             self.intake.rejected(via)
             raise
-        except EngineClosed as exc:
+        except EngineClosed as exc:  # a full queue (QueueFull) or shutting down
+            self.intake.rejected(via, "unavailable")
             raise Unavailable(str(exc)) from None
         self.intake.accepted(via, len(recipients))
         return message_id
@@ -530,6 +532,9 @@ class Service:
             except ValueError as exc:
                 raise InputError(f"unsubscribe headers: {exc}") from None
         return sender, extra + message
+
+    def refused(self, via: str, reason: str) -> None:
+        self.intake.rejected(via, reason)
 
     def http_principal(self, token: str) -> str | None:
         return self.tokens.principal(token)

@@ -298,19 +298,23 @@ class InjectProtocol(SinkProtocol):
         self._reset_transaction()
         self._capture_overflow = False
         self._messages += 1
+        service = self._host.service
         if size > self._server.config.max_message_size:
             self._stats.rejected_messages += 1
+            service.refused("smtp", "too_big")
             self._send(R_TOO_BIG, 552)
             return
         if content is None or overflow:
             # Over the memory budget of messages being received: a 4xx, the client retries.
             self._stats.rejected_messages += 1
+            service.refused("smtp", "no_memory")
             self._send(R_NO_MEMORY, 452)
             return
         unsafe = header_section_error(content)
         if unsafe is not None:
             # Checked before our Received: header goes on top, so the line number is the client's.
             self._stats.rejected_messages += 1
+            service.refused("smtp", "invalid")
             self._send(format_reply(554, "5.6.0", f"Error: message: {unsafe}"), 554)
             return
         qid = f"{self._qid}{self._messages:04X}"
@@ -351,6 +355,7 @@ class InjectProtocol(SinkProtocol):
         except Exception:  # a bug must cost the client a retry, never the message
             log.exception("accepting a message from %s failed", self._ip)
             self._stats.rejected_messages += 1
+            self._host.service.refused("smtp", "error")
             self._release(R_NOT_READY, 451, False)
             return
         self._stats.messages += 1
