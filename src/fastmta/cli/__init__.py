@@ -65,6 +65,22 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
+    """'host:port', '[v6]:port', 'host' -> (host, port): an argparse type of several commands."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":")
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""
+    if not host:
+        raise argparse.ArgumentTypeError(f"missing host in {value!r}")
+    if port and not port.isdigit():
+        raise argparse.ArgumentTypeError(f"bad port in {value!r}")
+    return host, int(port) if port else default_port
+
+
 def _octal(text: str) -> int:
     try:
         value = int(text, 8)

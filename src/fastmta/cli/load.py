@@ -35,28 +35,13 @@ import json
 import sys
 from typing import Any
 
+from fastmta.cli import parse_hostport
 from fastmta.cli.sinkproc import embedded_sink
 from fastmta.load.driver import run_load
 from fastmta.load.processes import run_load_processes
 from fastmta.load.report import PERCENTILES, PHASES, LoadResult, Progress
 from fastmta.load.spec import DkimOptions, LoadSpec, SizeDistribution
 from fastmta.smtp.protocol import TLSPolicy
-
-
-def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
-    """'host:port', '[v6]:port', 'host' -> (host, port)."""
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest.lstrip(":")
-    elif value.count(":") == 1:
-        host, _, port = value.partition(":")
-    else:
-        host, port = value, ""
-    if not host:
-        raise argparse.ArgumentTypeError(f"missing host in {value!r}")
-    if port and not port.isdigit():
-        raise argparse.ArgumentTypeError(f"bad port in {value!r}")
-    return host, int(port) if port else default_port
 
 
 def _positive(value: str) -> int:
@@ -261,4 +246,4 @@ def _run_loop(coro: Any) -> LoadResult:
     return result
 
 
-__all__ = ["PERCENTILES", "add_arguments", "parse_hostport", "run"]
+__all__ = ["PERCENTILES", "add_arguments", "run"]

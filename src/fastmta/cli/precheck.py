@@ -14,16 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fastmta.check import CheckOptions, Severity, check_campaign
 from fastmta.cli.terminal import safe_text
 from fastmta.delivery.config import Config
 from fastmta.intake.items import Reject
+
+if TYPE_CHECKING:
+    from fastmta.check import CheckOptions
 
 __all__ = ["campaign_checker", "precheck"]
 
 
 def _options(config: Config, relayed: bool) -> CheckOptions:
+    from fastmta.check import CheckOptions  # here, not at the top: see campaign_checker
+
     real_world = not relayed and "*" not in config.routing.static
     return CheckOptions(dns=real_world, smtp_probe=False, spamassassin=False)
 
@@ -31,11 +36,16 @@ def _options(config: Config, relayed: bool) -> CheckOptions:
 def campaign_checker(
     config: Config, *, relayed: bool, force: bool, note: Callable[[str], None]
 ) -> Callable[[Path], str | None]:
-    """A function: campaign job path -> None (may start) or why it is refused. Blocking (DNS)."""
-    options = _options(config, relayed)
+    """A function: campaign job path -> None (may start) or why it is refused. Blocking (DNS).
+
+    The checks (SPF, DKIM and HTML parsers among them) are imported when the first job is
+    checked: a spool of pickup files alone does not pay their ~0.1 s of start-up.
+    """
 
     def check(path: Path) -> str | None:
-        report = check_campaign(path, config, options)
+        from fastmta.check import Severity, check_campaign  # here, not at the top: see above
+
+        report = check_campaign(path, config, _options(config, relayed))
         # A job that does not load, or rows that do not render: the reader reports those itself, per
         # file and row, with the rest of the job still sent; the check is for what it cannot see.
         findings = [f for f in report.findings if f.check != "campaign"]

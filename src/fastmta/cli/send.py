@@ -62,9 +62,8 @@ from typing import Any
 
 import msgspec
 
-from fastmta.cli import UsageError
+from fastmta.cli import UsageError, parse_hostport
 from fastmta.cli.display import Progress
-from fastmta.cli.load import parse_hostport
 from fastmta.cli.precheck import campaign_checker, precheck
 from fastmta.cli.runtime import tune_gc
 from fastmta.cli.sinkproc import embedded_sink
