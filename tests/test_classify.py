@@ -161,6 +161,18 @@ def test_microsoft_codes() -> None:
     assert r.category is Category.INVALID_RECIPIENT and r.is_hard_bounce
     r = c("550 5.7.509 Access denied, sending domain EXAMPLE.COM does not pass DMARC verification", "eod")
     assert r.category is Category.AUTH_FAILURE
+    # 5.7.6xx is the banned-IP range; Exchange's own 5.7.60 is a send-as permission, not a ban of our IP
+    # (it suspended the whole site for an hour; a line from swiftmailer/swiftmailer#1030).
+    r = c("550 5.7.60 SMTP; Client does not have permissions to send as this sender", "mail")
+    assert r.category is not Category.REPUTATION_BLOCK and r.suspend_for is None
+
+
+def test_blocked_is_not_locked() -> None:
+    # "locked" inside "blocked" made a blocked sender an inactive mailbox (Mimecast's wording).
+    r = c("421 Sender address blocked", "mail")
+    assert r.category is not Category.INACTIVE_MAILBOX
+    assert c("550 mailbox locked").category is Category.INACTIVE_MAILBOX
+    assert c("550 5.2.1 The email account that you tried to reach is disabled").category is Category.INACTIVE_MAILBOX
 
 
 def test_security_gateways() -> None:

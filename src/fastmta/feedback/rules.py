@@ -104,7 +104,7 @@ class _EnhPattern:
     cls: int | None
     subject: int | None
     detail: int | None
-    detail_prefix: str | None  # "60*" matches 600-609, 60, 6000...
+    detail_prefix: str | None  # "60*" matches 600-609, 6000..., not 60 (Exchange's 5.7.60 is not 5.7.6xx)
 
     def matches(self, e: EnhancedCode) -> bool:
         if self.cls is not None and self.cls != e.cls:
@@ -112,7 +112,8 @@ class _EnhPattern:
         if self.subject is not None and self.subject != e.subject:
             return False
         if self.detail_prefix is not None:
-            return str(e.detail).startswith(self.detail_prefix)
+            detail = str(e.detail)
+            return len(detail) > len(self.detail_prefix) and detail.startswith(self.detail_prefix)
         return self.detail is None or self.detail == e.detail
 
 
