@@ -167,6 +167,24 @@ def test_microsoft_codes() -> None:
     assert r.category is not Category.REPUTATION_BLOCK and r.suspend_for is None
 
 
+def test_unseen_published_lines_from_the_audit() -> None:
+    # Gmail 4.7.30 / 4.7.40: rate limited *because* authentication failed: the sender's DNS is the
+    # cure, not a slower site (it cut the rate of every source at the site).
+    for line in (
+        "421 4.7.30 Your email has been rate limited because DKIM authentication didn't pass for this message.",
+        "421 4.7.40 Your email has been rate limited because SPF authentication didn't pass for this message.",
+    ):
+        r = c(line, "eod")
+        assert r.category is Category.AUTH_FAILURE and not r.is_throttle_signal, line
+    # AT&T/Prodigy (sendmail): the words say unknown, whatever x.2.1 ("mailbox disabled") says.
+    r = c("550 5.2.1 <x@prodigy.net>... Addressee unknown, relay=[192.0.2.1]")
+    assert r.category is Category.INVALID_RECIPIENT and r.is_hard_bounce
+    # Gmail's idle session cut: the network's, not a policy block.
+    assert c("421 4.7.0 Connection expired, try reconnecting.", "mail").category is Category.NETWORK
+    for line in ("554 5.0.0 MX list for example.com points back to mx.example.com", "554 5.4.6 Loop detected"):
+        assert c(line).category is Category.NETWORK, line
+
+
 def test_blocked_is_not_locked() -> None:
     # "locked" inside "blocked" made a blocked sender an inactive mailbox (Mimecast's wording).
     r = c("421 Sender address blocked", "mail")
