@@ -460,38 +460,40 @@ class Engine:
         msg = batch.message
         deferred: list[tuple[Recipient, Classification]] = []
         paced: list[Recipient] = []
-        took_some = any(reply.code // 100 == 2 for reply, _, _ in classified)
+        over: list[Recipient] = []  # refused at RCPT as "too many recipients" while the server took others
+        took = sum(reply.code // 100 == 2 for reply, _, _ in classified)
+        queue = self._dispatch.queues.get((batch.source, delivery.site))
+        again = not self._closing and asyncio.get_running_loop().time() < msg.deadline  # may go again now
+        # Only an adaptive throttle slows down on its own; a static one would resend a "slow down" at once.
+        paces = again and queue is not None and queue.throttle.adaptive.enabled
         for rcpt, (reply, phase, c) in zip(batch.recipients, classified):
             c = self._record(msg, rcpt, reply, phase, delivery, c)
             if c is None:
                 continue
-            if self._again_now(c, rcpt, msg, batch.source, delivery.site, took_some):
-                self._emit(msg, rcpt, Status.DEFERRED, reply, delivery, classification=c)
+            if again and took and phase == "rcpt" and c.is_recipient_limit:
+                # RFC 5321 4.5.3.1.10: the rest go in further transactions, now; the server never
+                # judged them, so no attempt is counted (nor a retry schedule nor a cap to reach).
+                rcpt.attempts -= 1
+                over.append(rcpt)
+            elif paces and c.site_paced and rcpt.attempts <= _PACED_TRIES:
+                # "Slow down" from the site: the throttle has cut its rate; the recipient waits for the
+                # site's pace in the ready queue rather than taking an exponential backoff of its own.
                 paced.append(rcpt)
             else:
                 deferred.append((rcpt, c))
-        if paced:
-            queue = self._dispatch.queues.get((batch.source, delivery.site))
+                continue
+            self._emit(msg, rcpt, Status.DEFERRED, reply, delivery, classification=c)
+        # Back to the front of the queue, in order: the paced, then the rest of a transaction the
+        # server cut short, in transactions of the size it took (not all again, to be cut again).
+        groups = [paced] if paced else []
+        groups += [over[i : i + took] for i in range(0, len(over), took or 1)]
+        for group in reversed(groups):
             if queue is not None:
-                queue.put(Batch(msg, paced, batch.route, batch.source), front=True)
+                queue.put(Batch(msg, group, batch.route, batch.source), front=True)
             else:  # pragma: no cover - the queue that sent it always exists
-                self._dispatch.route(msg, paced)
+                self._dispatch.route(msg, group)
         if deferred:
             self._defer(msg, deferred, delivery)
-
-    def _again_now(
-        self, c: Classification, rcpt: Recipient, msg: Message, source: str, site: str, took_some: bool,
-    ) -> bool:
-        """Back to the front of the site's ready queue, not on a retry timer of its own: past the
-        server's recipient limit when it took others of the transaction (the next one carries them),
-        or a "slow down" from a site whose throttle has cut its rate (adaptive only: a static one
-        would resend at once) and whose pace the recipient then waits for."""
-        if rcpt.attempts > _PACED_TRIES or self._closing or asyncio.get_running_loop().time() >= msg.deadline:
-            return False
-        if c.is_recipient_limit and took_some:
-            return True
-        queue = self._dispatch.queues.get((source, site))
-        return c.site_paced and queue is not None and queue.throttle.adaptive.enabled
 
     def _on_expired(self, batch: Batch, why: Reply | None) -> None:
         """*batch* outlived its queue lifetime in a ready queue; *why*: the site's last refusal."""

@@ -149,7 +149,8 @@ class Classification:
 
     @property
     def is_recipient_limit(self) -> bool:
-        """The server's limit on recipients per transaction (x.5.3, "too many recipients"): the
+        """The server's limit on recipients per transaction (x.5.3, "too many recipients": the only
+        built-in rules of this scope and category): said at RCPT while others were accepted, the
         recipients it refused go in another transaction (RFC 5321 4.5.3.1.10), not on a timer."""
         return (self.outcome is Outcome.TRANSIENT and self.scope is Scope.MESSAGE
                 and self.category is Category.RATE_LIMITED)
