@@ -91,6 +91,13 @@ class SmtpListenerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     tls_key: str = ""
     max_message_size: Size = 50 * 1024 * 1024
     max_recipients: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    #: Open connections to this listener; more get 421 before the greeting. Per listener, as
+    #: Postfix's master.cf process limit is per service: internet traffic on port 25 (bounces,
+    #: complaints) cannot crowd the backends out of the submission listener.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    #: Open connections to this listener from one client address; clients in relay_networks are
+    #: exempt (Postfix's smtpd_client_connection_count_limit and its exceptions, $mynetworks).
+    max_connections_per_ip: Annotated[int, msgspec.Meta(ge=1)] = 50
 
     def __post_init__(self) -> None:
         _listen(self.listen, "serve.smtp")
@@ -186,12 +193,6 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     users: list[UserConfig] = []
     #: Failed AUTH attempts per connection before it is closed.
     max_auth_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
-    #: Open SMTP connections, all listeners and clients together; more get 421 before the greeting
-    #: (Postfix's default_process_limit bounds its smtpd processes the same way).
-    max_smtp_connections: Annotated[int, msgspec.Meta(ge=1)] = 1000
-    #: Open SMTP connections from one client address; clients in relay_networks are exempt
-    #: (Postfix's smtpd_client_connection_count_limit and its exceptions, $mynetworks).
-    max_smtp_connections_per_ip: Annotated[int, msgspec.Meta(ge=1)] = 50
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     pickup: PickupConfig = msgspec.field(default_factory=PickupConfig)

@@ -6,9 +6,10 @@ and then the HTTP API, the admin socket and the queue's own files fail with
 EMFILE too. Postfix bounds the same two things: ``default_process_limit``
 (smtpd processes, so connections) and ``smtpd_client_connection_count_limit``
 per client, from which ``smtpd_client_event_limit_exceptions`` (by default
-``$mynetworks``) are exempt. So here: the total applies to every client; the
-per-address cap does not apply to the relay networks (the service's own
-backends, which may legitimately pool many connections).
+``$mynetworks``) are exempt. So here, per listener (as master.cf limits each
+service): the total applies to every client; the per-address cap does not
+apply to the relay networks (the service's own backends, which may
+legitimately pool many connections).
 
 A refused client gets ``421 4.7.0`` at once, before the greeting, and the
 connection is closed: it keeps its mail and retries later (RFC 5321 3.8).
@@ -16,6 +17,8 @@ connection is closed: it keeps its mail and retries later (RFC 5321 3.8).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 from fastmta.sink.replies import format_reply
@@ -24,9 +27,9 @@ __all__ = ["ConnectionGate"]
 
 
 class ConnectionGate:
-    """Counts open SMTP connections; shared by every listener of one service."""
+    """Counts the open connections of one SMTP listener."""
 
-    __slots__ = ("by_ip", "max_per_ip", "max_total", "on_refused", "open")
+    __slots__ = ("_logged_at", "_unlogged", "by_ip", "max_per_ip", "max_total", "on_refused", "open")
 
     def __init__(self, max_total: int, max_per_ip: int, on_refused: Callable[[str], None] | None = None) -> None:
         self.max_total = max_total
@@ -35,6 +38,8 @@ class ConnectionGate:
         self.by_ip: dict[str, int] = {}
         #: Told the reason ("total", "per_ip") of each connection turned away (the service's metrics).
         self.on_refused = on_refused
+        self._logged_at = -60.0
+        self._unlogged = 0
 
     def admit(self, ip: str, *, exempt: bool) -> bytes | None:
         """Count a new connection from *ip* and return None, or return the 421 to answer it with.
@@ -63,3 +68,14 @@ class ConnectionGate:
         if self.on_refused is not None:
             self.on_refused(reason)
         return format_reply(421, "4.7.0", text)
+
+    def log_refusal(self, log: logging.Logger, ip: str, reply: bytes) -> None:
+        """A warning at most every 10 s: a flood of refusals is what the caps are for, and must not
+        become a flood of log lines (the metric counts every one)."""
+        now = time.monotonic()
+        if now - self._logged_at < 10.0:
+            self._unlogged += 1
+            return
+        more = f" (and {self._unlogged} more since the last such line)" if self._unlogged else ""
+        log.warning("connection from %s refused: %s%s", ip, reply[10:].decode().strip(), more)
+        self._logged_at, self._unlogged = now, 0

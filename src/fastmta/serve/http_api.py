@@ -125,6 +125,11 @@ async def error_middleware(
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
         return json_response({"error": exc.reason}, exc.status, headers)
+    except ConnectionResetError:
+        # The client went away (or the connection guard closed a body too slow): nothing to answer,
+        # and no bug of ours to log with a traceback.
+        log.debug("%s %s: the client's connection closed", request.method, request.path)
+        return json_response({"error": "connection closed"}, 400)
     except Exception:
         # Logged with its traceback here; the client gets JSON like every other error, without internals.
         log.exception("%s %s failed", request.method, request.path)

@@ -129,6 +129,8 @@ class HttpGuard:
             self._refused("max_connections")
             return _Refuse()
         handler = self._web()
+        if len(self._watch) > 2 * self.max_connections:  # closed ones pile up between sweeps (a flood)
+            self._watch = {h: w for h, w in self._watch.items() if h.transport is not None}
         self._watch[handler] = _Watch(asyncio.get_running_loop().time())  # its header deadline runs from now
         return handler
 
@@ -144,6 +146,8 @@ class HttpGuard:
         open_now = self._web.connections
         self._watch = {h: self._watch_for(h, now) for h in open_now}  # the closed ones are forgotten
         for handler, watch in self._watch.items():
+            if handler.transport is None:
+                continue  # closed already (by us, and still flushing its response): not again
             if not watch.running:
                 if now - watch.waiting_since >= self.idle_timeout:
                     self._close(handler, "idle")

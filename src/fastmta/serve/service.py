@@ -229,10 +229,6 @@ class Service:
 
     async def _start_smtp(self) -> None:
         serve = self.config.serve
-        self.smtp_gate = ConnectionGate(
-            serve.max_smtp_connections, serve.max_smtp_connections_per_ip,
-            on_refused=lambda reason: self.intake.refused_connection("smtp", reason),
-        )
         for lc in serve.smtp:
             host, port = lc.address
             sink_config = SinkConfig(
@@ -242,7 +238,8 @@ class Service:
             )
             server = InjectServer(
                 sink_config, service=self, policy=self.policy, accounts=self.accounts, hostname=serve.hostname,
-                max_auth_failures=serve.max_auth_failures, gate=self.smtp_gate,
+                max_auth_failures=serve.max_auth_failures,
+                gate=ConnectionGate(lc.max_connections, lc.max_connections_per_ip, on_refused=self._refused_smtp),
             )
             self.smtp_addresses.extend(await server.start())
             self.smtp_servers.append(server)
@@ -532,6 +529,9 @@ class Service:
             except ValueError as exc:
                 raise InputError(f"unsubscribe headers: {exc}") from None
         return sender, extra + message
+
+    def _refused_smtp(self, reason: str) -> None:
+        self.intake.refused_connection("smtp", reason)
 
     def refused(self, via: str, reason: str) -> None:
         self.intake.rejected(via, reason)

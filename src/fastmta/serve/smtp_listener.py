@@ -126,7 +126,7 @@ class InjectProtocol(SinkProtocol):
         refusal = host.gate.admit(ip, exempt=self._relay)
         if refusal is not None:
             # Before the greeting and before the sink counts it: the client keeps its mail.
-            log.warning("connection from %s refused: %s", ip, refusal[10:].decode().strip())
+            host.gate.log_refusal(log, ip, refusal)
             cast(asyncio.Transport, transport).write(refusal)
             transport.close()
             return
@@ -390,7 +390,6 @@ class InjectServer(SinkServer):
         gate: ConnectionGate | None = None,
     ) -> None:
         super().__init__(config)
-        #: Shared by the service's listeners: the caps count connections to all of them.
         self.gate = gate if gate is not None else ConnectionGate(1000, 50)
         self.service = service
         self.policy = policy
