@@ -279,3 +279,32 @@ def test_a_killed_intake_process_stops_the_reading_and_the_rerun_sends_the_rest_
     copies = _copies(world_writable_dir)
     assert set(copies) == set(expected)
     assert max(copies.values()) == 1, [r for r, n in copies.items() if n > 1][:5]
+
+
+def test_rows_rejected_before_a_crash_are_still_reported_by_the_rerun(tmp_path: Path) -> None:
+    # A rejected row is marked done in the queue, so no later run reads it again; its report lived only
+    # in memory until exit. Killed after the rows were rejected, the rerun reported nothing and exited 0
+    # (found by a fault-injection attack): bad input silently dropped.
+    spool, queue, acct = tmp_path / "spool", tmp_path / "queue", tmp_path / "acct.jsonl"
+    make_campaign(spool, 3000)
+    lines = (spool / "r.csv").read_text().splitlines()
+    lines[1 + 3] = "not-an-address,Bad,Row,u3,2026-01-01"
+    lines[1 + 5] = lines[1 + 2]  # the same recipient again
+    lines[1 + 7] = "also bad@@x,Bad,Row,u7,2026-01-01"
+    (spool / "r.csv").write_text("\n".join(lines) + "\n")
+    rejects = tmp_path / "rejects.jsonl"
+    with embedded_sink() as (host, port):
+        cmd = send_cmd(spool, queue, acct, host, port) + ["--rejects", str(rejects)]
+        assert _kill_after_commits(cmd, 3) == -signal.SIGKILL
+        final = subprocess.run(cmd + ["--summary-json", str(tmp_path / "s.json")], capture_output=True, text=True,
+                               timeout=300)
+        reported = [json.loads(line) for line in rejects.read_text().splitlines()]
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 3, final.stderr[-3000:]
+    assert sorted((Path(r["file"]).name, r["line"]) for r in reported) == [("r.csv", 5), ("r.csv", 7), ("r.csv", 9)]
+    assert json.loads((tmp_path / "s.json").read_text())["rejected"] == reported
+    # Reported once: the run after the one that reported them has nothing to say.
+    assert again.returncode == 0 and rejects.read_text() == ""
+    delivered = {json.loads(line)["recipient"] for line in acct.read_text().splitlines()
+                 if json.loads(line)["status"] == "delivered"}
+    assert len(delivered) == 3000 - 3 + 1  # every good row (and the pickup file), none of the bad

@@ -85,6 +85,7 @@ from fastmta.intake.reader import (
     SpoolItem,
     SpoolReader,
 )
+from fastmta.intake.rejects import RejectLog
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.spool import Spool
@@ -245,7 +246,8 @@ def _nothing_done(args: argparse.Namespace, queue_dir: Path, fatal: str | None) 
             "paused": [], "guard": None,
             "elapsed_s": 0.0, "recipients_per_s": 0.0, "sites": [], "suspected_filters": [], "interrupted": False,
             "lost": [], "fatal": fatal, "intake_error": None, "peak_rss_bytes": _peak_rss(),
-            "intake_peak_rss_bytes": None, "accounting": str(args.accounting) if args.accounting else None}
+            "intake_peak_rss_bytes": None, "accounting": str(args.accounting) if args.accounting else None,
+            "accounting_unwritten": 0}
 
 
 async def _unresolvable_static_routes(config: Config) -> list[str]:
@@ -293,14 +295,23 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         return _nothing_done(args, queue_dir, f"cannot open the queue: {exc}{hint}")
     if spool.report.damaged:
         progress.note(f"queue recovery: {spool.report}")
+    rejects = RejectLog(queue_dir / "rejects.jsonl", progress.note)
+    if rejects.earlier:
+        progress.note(f"{rejects.earlier:,} input(s) rejected by an earlier run that ended before reporting them: "
+                      "reported below")
+
+    def reject(r: Reject) -> None:
+        progress.reject(r)
+        rejects.add(r)  # before the row is marked taken: a crash cannot lose the report (intake/rejects.py)
+
     tracker = InputProgress(spool)
     refused: set[Path] = set()
     if not args.no_check:
         checker = campaign_checker(config, relayed=args.sink or args.relay is not None, force=args.force,
                                    note=progress.note)
         refused, refusals = await asyncio.to_thread(precheck, args.spool, checker)
-        for reject in refusals:
-            progress.reject(reject)
+        for refusal in refusals:
+            reject(refusal)
     refused_texts = {str(p) for p in refused}
     inline = args.intake == "inline"
     # Inline, costly signatures are left for a thread pool (below); a separate intake process signs them itself.
@@ -392,7 +403,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         except InputError as exc:
             window.release()
             window_held = False
-            progress.reject(Reject(item.source, item.line, exc.reason))
+            reject(Reject(item.source, item.line, exc.reason))
             tracker.taken(item.key, item.row)  # reported: not to be read again
         except EngineClosed:
             pass  # interrupted before it was accepted: a rerun reads it again
@@ -448,7 +459,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
                 elif isinstance(event, InputEnd):
                     tracker.end(event.key)
                 elif isinstance(event, Reject):
-                    progress.reject(event)
+                    reject(event)
                     if event.key:
                         if event.row == 0:
                             # The file or job itself (not one of its rows): keep
@@ -498,6 +509,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
                 accounting_failure = str(exc)
         if suppressions is not None:
             suppressions.close()
+        rejects.close()
         await spool.close()
     elapsed = time.perf_counter() - started
     counts = dict(engine.counts)
@@ -516,7 +528,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         "sunset": sunsets,  # inactive too long (the campaign's sunset policy): recorded, never sent
         "deferrals": counts.get("deferred", 0),
         "unfinished": unfinished,
-        "rejected": [r.as_dict() for r in progress.rejects],
+        "rejected": rejects.all(),  # this run's, and those an earlier run ended before reporting
+        "_reject_log": str(rejects.path),
         "elapsed_s": round(elapsed, 3),
         "recipients_per_s": round(final / elapsed, 1) if elapsed > 0 else 0.0,
         "sites": progress.site_table(engine, limit=None),
@@ -531,6 +544,8 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
             for lost in engine.lost
         ],
         "fatal": str(engine.fatal) if engine.fatal is not None else accounting_failure,
+        # Outcomes with no line in the accounting log (its disk failed): the queue has them, the log does not.
+        "accounting_unwritten": accounting.unwritten if accounting is not None else 0,
         # The spool could not be read to its end (--intake process: the reading process failed).
         "intake_error": intake_failure,
         # Peak resident memory of this process and of its intake process (each counts the pages they share).
@@ -592,12 +607,18 @@ def run(args: argparse.Namespace) -> int:
             summary = go(address)
     else:
         summary = go(None)
+    reject_log = summary.pop("_reject_log", None)  # only a run that read the queue's rejects marks them
     if args.rejects:
         args.rejects.write_text("".join(json.dumps(r) + "\n" for r in summary["rejected"]))
     if args.summary_json:
         args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if reject_log is not None:
+        RejectLog.mark_reported(Path(reject_log))  # printed and written: reported
     if summary["interrupted"] and not summary["messages"] and not summary["resumed_recipients"]:
         return 1
+    if summary.get("accounting_unwritten"):
+        print(f"fastmta send: {summary['accounting_unwritten']:,} outcome(s) in all may have no line in the "
+              f"accounting log (its disk failed); the queue's journal has them", file=sys.stderr)
     if summary.get("fatal"):
         print(f"fastmta send: stopped: the delivery record could not be kept: {safe_text(summary['fatal'])} "
               f"(fix the cause and run again: the queue resumes)", file=sys.stderr)

@@ -255,8 +255,7 @@ class Engine:
         self._ledger.close(EngineClosed)
         if self._flusher is not None:
             self._flusher.cancel()
-        if self.accounting is not None:
-            self.accounting.flush()
+        self._ledger.flush_accounting()
         if self.spool is not None:
             try:
                 await self.spool.sync()  # every state change so far is durable
@@ -629,7 +628,7 @@ class Engine:
         assert self.accounting is not None
         while True:
             await asyncio.sleep(0.25)
-            self.accounting.flush()
+            self._ledger.flush_accounting()
 
     # --- introspection ------------------------------------------------------------
 

@@ -158,11 +158,13 @@ class Ledger:
             if site_counter is None:
                 site_counter = self.site_counts[delivery.site] = Counter()
             site_counter[status.value] += 1
-        if self.fatal is None or self._accounting_failed:
-            try:
-                self._keep_record(outcome, msg, rcpt, status, next_attempt)
-            except (OSError, SpoolError) as exc:
-                self.fail(exc)
+        try:
+            # After the queue itself failed nothing more is journaled; the accounting line is still due
+            # (a delivery in flight then is real) or counted as missing.
+            self._keep_record(outcome, msg, rcpt, status, next_attempt,
+                              journal=self.fatal is None or self._accounting_failed)
+        except (OSError, SpoolError) as exc:
+            self.fail(exc)
         for listener in self.listeners:
             listener(outcome)
         for sub in self._subscribers:
@@ -191,11 +193,25 @@ class Ledger:
             try:
                 self.accounting.write(outcome)
             except OSError as exc:
+                self._accounting_failed = True
                 self.fail(exc)
+        elif self.accounting is not None:
+            self.accounting.unwritten += 1  # not on record there: counted in the report
         for listener in self.listeners:
             listener(outcome)
         for sub in self._subscribers:
             sub.put_nowait(outcome)
+
+    def flush_accounting(self) -> None:
+        """Flush the accounting log now (its timer, the engine's close): a failure (a full disk) is the
+        engine's fatal, reported with the lines it may have lost, not an exception out of a timer."""
+        if self.accounting is None or self._accounting_failed:
+            return
+        try:
+            self.accounting.flush()
+        except OSError as exc:
+            self._accounting_failed = True
+            self.fail(exc)
 
     def _flush_accounting(self) -> None:
         """The spool is about to hand a batch to its writer: the accounting lines of its outcomes go first.
@@ -216,7 +232,8 @@ class Ledger:
             raise
 
     def _keep_record(
-        self, outcome: Outcome, msg: Message, rcpt: Recipient, status: Status, next_attempt: float | None
+        self, outcome: Outcome, msg: Message, rcpt: Recipient, status: Status, next_attempt: float | None,
+        *, journal: bool,
     ) -> None:
         """The accounting line, then the journal record (see _flush_accounting for the order on disk)."""
         if self.accounting is not None and not self._accounting_failed:
@@ -225,7 +242,9 @@ class Ledger:
             except OSError as exc:
                 self._accounting_failed = True
                 self.fail(exc)
-        if self.spool is not None:
+        elif self.accounting is not None:
+            self.accounting.unwritten += 1  # the log failed before: this line is missing from it too
+        if journal and self.spool is not None:
             wall_next = next_attempt if next_attempt is not None else time.time()
             try:
                 self.spool.record(msg.id, rcpt.index, status, attempts=rcpt.attempts, next_attempt=wall_next)
