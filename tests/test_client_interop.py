@@ -6,7 +6,9 @@ Plus a bare scripted server to look at what arrives on the wire.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 import time
 import warnings
 from collections.abc import Callable, Coroutine
@@ -457,6 +459,49 @@ def test_greeting_554_is_a_permanent_session_refusal(run: Run) -> None:
             with pytest.raises(SessionRefused) as info:
                 await SMTPConnection.open("127.0.0.1", server.sockets[0].getsockname()[1], timeouts=QUICK)
         assert info.value.reply.code == 554 and not info.value.transient
+
+    run(main())
+
+
+class ResetOnStartTLS(asyncio.Protocol):
+    """Offers STARTTLS, says 220 to it, then resets the connection (RST) before any handshake."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.write(b"220 reset.test ESMTP\r\n")  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if data.upper().startswith(b"EHLO"):
+            self.transport.write(b"250-reset.test\r\n250 STARTTLS\r\n")  # type: ignore[attr-defined]
+        elif data.upper().startswith(b"STARTTLS"):
+            self.transport.write(b"220 2.0.0 go ahead\r\n")  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_later(0.05, self._reset)
+
+    def _reset(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+
+def test_a_reset_during_the_tls_handshake_is_a_clean_failure(run: Run) -> None:
+    # Found by an interoperability attack: the polite QUIT after the failure was written to a transport
+    # already closed; under uvloop that raised ("Task exception was never retrieved") and the rest of
+    # the teardown, the waiters' results among it, was skipped.
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        unhandled: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+        server = await loop.create_server(ResetOnStartTLS, "127.0.0.1", 0)
+        async with server:
+            with pytest.raises((SessionRefused, ConnectError, OSError)):
+                await SMTPConnection.open("127.0.0.1", server.sockets[0].getsockname()[1], timeouts=QUICK,
+                                          tls=TLSPolicy.OPPORTUNISTIC, tls_context=ssl.create_default_context())
+            await asyncio.sleep(0.2)  # let any orphaned task fail
+        import gc
+
+        gc.collect()  # "never retrieved" is reported when the failed task is collected
+        await asyncio.sleep(0)
+        assert unhandled == []
 
     run(main())
 

@@ -341,8 +341,11 @@ class SMTPConnection(asyncio.Protocol):
                 if not self._ready.done():
                     self._ready.set_exception(SessionRefused(event.reply, event.phase))
                 if self._transport is not None:
-                    # Be polite when the server is still listening (not after 421).
-                    if event.reply.code != 421 and not event.reply.lines[0].startswith("4.4."):
+                    # Be polite when the server is still listening (not after 421), and only on a transport
+                    # still open: one the peer reset mid-handshake raises on write (uvloop), and the waiters
+                    # below were then never resolved.
+                    if (event.reply.code != 421 and not event.reply.lines[0].startswith("4.4.")
+                            and not self._transport.is_closing()):
                         self._transport.write(b"QUIT\r\n")
                     self._transport.close()
             elif isinstance(event, Closed):
