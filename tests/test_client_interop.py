@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -535,5 +535,74 @@ def test_opportunistic_tls_goes_on_in_clear_when_the_handshake_fails(run: Run, t
         assert [o.status for o in outcomes] == [Status.DELIVERED] * 3
         assert sorted(r for m in handler.messages for r in m[1]) == ["r0@x.test", "r1@x.test", "r2@x.test"]
         assert in_clear  # remembered: the next connection does not try the handshake again
+
+    run(main())
+
+
+class RefusesPipeliningAfterData(asyncio.Protocol):
+    """Haraka's rule since 2024 (GHSA-rp4q-8m6x-c43c): it advertises PIPELINING but answers 503 to any
+    command that arrives in the same read as the end of DATA. Stores what it accepts in ``stored``."""
+
+    stored: list[bytes]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.buffer, self.data, self.in_data = b"", b"", False
+        self.transport.write(b"220 haraka.test ESMTP\r\n")
+
+    def data_received(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        out = []
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    return self.transport.write(b"".join(out)) if out else None
+                self.stored.append(self.buffer[:end])
+                rest, self.buffer, self.in_data = self.buffer[end + 5 :], b"", False
+                out.append(b"250 2.0.0 stored\r\n")
+                for _line in rest.split(b"\r\n")[:-1]:
+                    out.append(b"503 5.5.1 Bad sequence of commands - pipelined after end of DATA\r\n")
+                break
+            line, sep, self.buffer = self.buffer.partition(b"\r\n")
+            if not sep:
+                self.buffer = line
+                break
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                out.append(b"250-haraka.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                out.append(b"354 go ahead\r\n")
+                self.in_data = True
+            elif verb == b"QUIT":
+                out.append(b"221 bye\r\n")
+            else:
+                out.append(b"250 2.0.0 ok\r\n")
+        self.transport.write(b"".join(out))
+
+
+def test_a_server_refusing_commands_pipelined_after_data_gets_every_message(run: Run) -> None:
+    # Found by an interoperability attack against Haraka 3.3: the next envelope, sent in the same write
+    # as the end of DATA (RFC 2920 allows it), got 503 and half the recipients were bounced for good
+    # (chasquid drops such commands instead). Now the 503 is retried, and the site gets one transaction
+    # at a time.
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, Status
+
+    async def main() -> None:
+        stored: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: type("P", (RefusesPipeliningAfterData,), {"stored": stored})(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            cfg = config_from_dict({"routing": {"static": {"*": [f"127.0.0.1:{port}"]}}, "smtp": {"tls": "never"},
+                                    "sites": {"*": {"max_connections": 1, "adaptive": {"enabled": False}}},
+                                    "queue": {"retry_initial": 0.5, "retry_max": 2, "retry_jitter": 0.0, "max_lifetime": 60}})
+            async with Engine(cfg) as engine:
+                ids = [await engine.submit(TRICKY, "s@a.test", [f"r{i}@x.test"]) for i in range(8)]
+                outcomes = [o for i in ids for o in await asyncio.wait_for(engine.result(i), 30)]
+        assert [o.status for o in outcomes] == [Status.DELIVERED] * 8
+        assert len(stored) == 8  # each once
 
     run(main())

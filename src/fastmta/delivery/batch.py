@@ -3,13 +3,18 @@ transaction went, and which hosts failed to connect (:mod:`fastmta.delivery.pool
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastmta.delivery.routing import Route
 from fastmta.queue.records import Message, Recipient
+from fastmta.smtp.protocol import Phase
+from fastmta.smtp.reply import Reply
 
-__all__ = ["Batch", "Delivery", "HostHealth", "SiteLimits", "Source"]
+__all__ = ["Batch", "Delivery", "HostHealth", "SiteLimits", "Source", "one_at_a_time"]
+
+log = logging.getLogger("fastmta.delivery.pool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +34,24 @@ class SiteLimits:
     max_recipients_per_transaction: int = 50
     idle_timeout: float = 30.0
     pipeline_depth: int = 2  # transactions in flight per connection
+
+
+def one_at_a_time(limits: SiteLimits, site: str, reply: Reply, phase: Phase) -> SiteLimits:
+    """*limits*, with one transaction in flight per connection if MAIL got *reply* as out of sequence.
+
+    RFC 2920 lets a client send the next envelope right behind the end of DATA, and so does
+    fastmta (one write a message); Haraka (since 2024) refuses such commands with 503, chasquid
+    drops them unanswered until its timeout closes the session (a connection lost waiting for
+    MAIL's reply). Learned for the site for the rest of the run (Postfix's client, which does not
+    pipeline after the dot, never meets it); the refused message is retried (rule
+    "out-of-sequence"), not bounced. A session lost at MAIL for another reason costs the site
+    only its pipelining.
+    """
+    lost = reply.code == 451 and reply.enhanced in ("4.4.1", "4.4.2")
+    if phase is not Phase.MAIL or not (reply.code in (500, 503) or lost) or limits.pipeline_depth == 1:
+        return limits
+    log.warning("%s refused MAIL out of sequence (%s): one transaction at a time from now on", site, reply)
+    return replace(limits, pipeline_depth=1)
 
 
 @dataclass(slots=True)

@@ -7,10 +7,9 @@ times out; failing hosts are marked down for all sites in :class:`HostHealth`),
 then pipelines batches over it until it has carried
 ``max_messages_per_connection`` messages or sat idle ``idle_timeout`` seconds.
 
-Why tasks own connections (not a free-list of idle connections per host):
-the connection count per site is then the number of tasks, which is what
-receivers limit and the throttle steers; and a site that tarpits only blocks
-its own tasks, so no other site can be starved by it.
+Why tasks own connections (not a free-list of idle connections per host): the connection count
+per site is then the number of tasks, which is what receivers limit and the throttle steers; and a
+site that tarpits only blocks its own tasks, so no other site can be starved by it.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source
+from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source, one_at_a_time
 from fastmta.delivery.eai import EnvelopePlan, plan_without_smtputf8
 from fastmta.delivery.routing import Route, RouteHost
 from fastmta.delivery.throttle import EventKind, SiteThrottle, ThrottleEvent
@@ -484,10 +483,9 @@ class SiteQueue:
     ) -> bool:
         """Pipeline ready batches over *conn* as the throttle allows.
 
-        Returns when the connection has carried its share, sat idle, or the
-        throttle holds back for longer than an idle connection should stay
-        open (a suspension, a warm-up quota); True means "more work, open a
-        new connection".
+        Returns when the connection has carried its share, sat idle, or the throttle holds back
+        for longer than an idle connection should stay open (a suspension, a warm-up quota); True
+        means "more work, open a new connection".
         """
         limits = self.limits
         sent = 0
@@ -495,7 +493,7 @@ class SiteQueue:
             while (
                 self.ready
                 and not self._closing  # shutting down: finish what is in flight, start nothing new
-                and len(inflight) < limits.pipeline_depth
+                and len(inflight) < self.limits.pipeline_depth  # may drop to 1 (one_at_a_time)
                 and sent < limits.max_messages_per_connection
                 and conn.is_usable
             ):
@@ -588,6 +586,8 @@ class SiteQueue:
             for (index, _), outcome in zip(plan.recipients, sent):
                 merged[index] = outcome
             sent = merged
+        if sent:
+            self.limits = one_at_a_time(self.limits, self.site, *sent[0])
         for reply, phase in sent:
             ph = CLASSIFY_PHASE[phase]
             if reply.code // 100 == 2:
