@@ -606,3 +606,97 @@ def test_a_server_refusing_commands_pipelined_after_data_gets_every_message(run:
         assert len(stored) == 8  # each once
 
     run(main())
+
+
+class MessagesPerConnection(asyncio.Protocol):
+    """Takes ``limit`` messages a connection, then refuses MAIL: Exim's smtp_accept_max_per_connection
+    ("421 ... too many messages in this connection", and hangs up) or OpenSMTPD's max-mails ("452 4.5.3
+    Too many recipients: Too many messages sent", and stays open). Class attributes are set per test."""
+
+    limit = 3
+    exim = True
+    stored: list[bytes]
+    refused_on_one_connection: list[int]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.buffer, self.in_data, self.taken, self.refused, self.no_mail = b"", False, 0, 0, False
+        self.refused_on_one_connection.append(0)
+        self.transport.write(b"220 limits.test ESMTP\r\n")
+
+    def data_received(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        out = []
+        while not self.transport.is_closing():
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    break
+                self.stored.append(self.buffer[:end])
+                self.buffer, self.in_data = self.buffer[end + 5 :], False
+                self.taken += 1
+                out.append(b"250 2.0.0 queued\r\n")
+                continue
+            line, sep, rest = self.buffer.partition(b"\r\n")
+            if not sep:
+                break
+            self.buffer = rest
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                out.append(b"250-limits.test\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL" and self.taken >= self.limit:
+                self.refused += 1
+                self.refused_on_one_connection[-1] = self.refused
+                if self.exim:
+                    self.transport.write(b"".join(out) + b"421 limits.test too many messages in this connection\r\n")
+                    self.transport.close()
+                    return
+                out.append(b"452 4.5.3 Too many recipients: Too many messages sent\r\n")
+                self.no_mail = True
+            elif verb in (b"RCPT", b"DATA") and self.no_mail:
+                out.append(b"503 5.5.1 Error: need MAIL command\r\n")
+            elif verb == b"DATA":
+                out.append(b"354 go ahead\r\n")
+                self.in_data = True
+            elif verb == b"QUIT":
+                out.append(b"221 bye\r\n")
+            else:
+                self.no_mail = self.no_mail and verb != b"MAIL"
+                out.append(b"250 2.0.0 ok\r\n")
+        if out and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+
+@pytest.mark.parametrize("exim", [True, False], ids=["exim-421", "opensmtpd-452"])
+def test_a_messages_per_connection_limit_means_a_new_connection_not_a_slower_site(run: Run, exim: bool) -> None:
+    # Found by an interoperability attack: read as a rate limit, each refusal halved the site's rate
+    # (Exim, a limit of 3: 120 messages took over 280 s and 21 expired), and OpenSMTPD's refusal left
+    # the connection open to be refused again (20 refused MAILs on one session).
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, Status
+
+    async def main() -> None:
+        stored: list[bytes] = []
+        refusals: list[int] = []
+        attrs = {"stored": stored, "refused_on_one_connection": refusals, "exim": exim}
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: type("P", (MessagesPerConnection,), attrs)(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        started = time.monotonic()
+        async with server:
+            cfg = config_from_dict({"routing": {"static": {"*": [f"127.0.0.1:{port}"]}}, "smtp": {"tls": "never"},
+                                    "sites": {"*": {"max_connections": 1}},  # adaptive throttle on (the default)
+                                    "queue": {"retry_initial": 0.2, "retry_max": 1, "retry_jitter": 0.0,
+                                              "max_lifetime": 120}})
+            async with Engine(cfg) as engine:
+                ids = [await engine.submit(TRICKY, "s@a.test", [f"r{i}@x.test"]) for i in range(30)]
+                outcomes = [o for i in ids for o in await asyncio.wait_for(engine.result(i), 90)]
+                cuts = [e for e in engine.throttle_events
+                        if e.old is not None and e.new is not None and e.new < e.old and e.kind in ("rate", "window")]
+        assert [o.status for o in outcomes] == [Status.DELIVERED] * 30
+        assert len(stored) == 30
+        assert cuts == []  # not a rate limit: nothing slowed down
+        assert max(refusals) <= 2  # the session is left once it says it is done (pipelined: at most 2)
+        assert time.monotonic() - started < 30  # no rate halved ten times over
+
+    run(main())

@@ -26,7 +26,7 @@ from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Sour
 from fastmta.delivery.eai import EnvelopePlan, plan_without_smtputf8
 from fastmta.delivery.routing import Route, RouteHost
 from fastmta.delivery.throttle import EventKind, SiteThrottle, ThrottleEvent
-from fastmta.errors import ConnectError
+from fastmta.errors import ConnectError, Scope
 from fastmta.feedback.appliances import identify_server
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classify import Classifier
@@ -45,8 +45,8 @@ _InFlight = tuple["Batch", int, asyncio.Future[TransactionResult], EnvelopePlan 
 
 #: (batch, per recipient: (reply, classifier phase, classification or None when delivered), delivery)
 ResultCallback = Callable[[Batch, "list[tuple[Reply, str, Classification | None]]", Delivery], None]
-#: Sees every batch put on a ready queue while an operator holds work back: returns what
-#: may go on (None: all of it held). See :mod:`fastmta.delivery.control`.
+#: Sees every batch put on a ready queue while an operator holds work back: returns what may go on
+#: (None: all of it held). See :mod:`fastmta.delivery.control`.
 Gate = Callable[["SiteQueue", Batch], "Batch | None"]
 
 
@@ -179,9 +179,8 @@ class SiteQueue:
 
     def unpark(self, *, refill: bool = False) -> None:
         """Parked batches back onto the ready queue: all of them, or (*refill*) up to ``allowance``.
-
-        An operator's change (a hold, a bounce, a reroute) unparks all first, so
-        it sees one queue, and calls :meth:`repark` after it."""
+        An operator's change (a hold, a bounce, a reroute) unparks all first, so it sees one queue,
+        and calls :meth:`repark` after it."""
         back = 0
         while self.parked and (not refill or len(self.ready) < self.allowance):
             batch, n = self.parked.popleft()
@@ -191,8 +190,8 @@ class SiteQueue:
             self.on_park(back)
 
     def _kick(self) -> None:
-        """Something changed (work arrived, a result, a closed connection): wake a
-        waiting connection, or open another if the throttle allows."""
+        """Something changed (work arrived, a result, a closed connection): wake a waiting connection,
+        or open another if the throttle allows."""
         if self.parked and len(self.ready) < self.allowance:
             self.unpark(refill=True)
         if self._closing or not self.ready:
@@ -544,7 +543,8 @@ class SiteQueue:
                 result = await fut
                 inflight.popleft()
                 self.transactions += 1
-                self._result(batch, ticket, result, delivery, plan)
+                if self._result(batch, ticket, result, delivery, plan):
+                    sent = limits.max_messages_per_connection  # its session is done: a new connection next
                 continue
             if sent >= limits.max_messages_per_connection:
                 return bool(self.ready)
@@ -567,14 +567,11 @@ class SiteQueue:
                 self._idle.remove(waiter)
 
     def _result(
-        self,
-        batch: Batch,
-        ticket: int,
-        result: TransactionResult | None,
-        delivery: Delivery,
+        self, batch: Batch, ticket: int, result: TransactionResult | None, delivery: Delivery,
         plan: EnvelopePlan | None = None,
-    ) -> None:
-        """Classify each recipient's reply once, feed the throttle, hand everything to the engine."""
+    ) -> bool:
+        """Classify each recipient's reply once, feed the throttle, hand everything to the engine.
+        True: the server said this session takes no more (a messages-per-connection limit)."""
         self.sending.pop(id(batch), None)
         now = self._loop.time()
         classified: list[tuple[Reply, str, Classification | None]] = []
@@ -588,6 +585,7 @@ class SiteQueue:
             sent = merged
         if sent:
             self.limits = one_at_a_time(self.limits, self.site, *sent[0])
+        session_done = False
         for reply, phase in sent:
             ph = CLASSIFY_PHASE[phase]
             if reply.code // 100 == 2:
@@ -597,8 +595,10 @@ class SiteQueue:
                 c = self.classifier.classify(reply, ph)
                 classified.append((reply, ph, c))
                 self.throttle.message_result(ticket, c, now, reason=str(reply), sender=batch.message.sender)
+                session_done = session_done or c.scope is Scope.SESSION
         self.on_result(batch, classified, delivery)
         self._kick()
+        return session_done
 
     def _hold(self, batch: Batch, now: float) -> bool:
         """Set the head *batch* aside while the site holds its sender's domain (see ``throttle.sender_wait``)."""
