@@ -202,16 +202,18 @@ class Ledger:
         for sub in self._subscribers:
             sub.put_nowait(outcome)
 
-    def flush_accounting(self) -> None:
+    def flush_accounting(self) -> OSError | None:
         """Flush the accounting log now (its timer, the engine's close): a failure (a full disk) is the
-        engine's fatal, reported with the lines it may have lost, not an exception out of a timer."""
+        engine's fatal, reported with the lines it may have lost, and returned, not raised."""
         if self.accounting is None or self._accounting_failed:
-            return
+            return None
         try:
             self.accounting.flush()
         except OSError as exc:
             self._accounting_failed = True
             self.fail(exc)
+            return exc
+        return None
 
     def _flush_accounting(self) -> None:
         """The spool is about to hand a batch to its writer: the accounting lines of its outcomes go first.
@@ -222,14 +224,9 @@ class Ledger:
         (see GroupCommit._run_hooks): delivered recipients are never sent again.
         """
         assert self.accounting is not None
-        if self._accounting_failed:
-            return
-        try:
-            self.accounting.flush()
-        except OSError as exc:
-            self._accounting_failed = True
-            self.fail(exc)
-            raise
+        failure = self.flush_accounting()
+        if failure is not None:
+            raise failure
 
     def _keep_record(
         self, outcome: Outcome, msg: Message, rcpt: Recipient, status: Status, next_attempt: float | None,
