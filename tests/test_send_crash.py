@@ -122,6 +122,23 @@ def test_rerun_after_completion_sends_nothing(tmp_path: Path) -> None:
     assert len(acct.read_text().splitlines()) == 51
 
 
+def test_a_run_with_nothing_to_do_compacts_without_a_false_warning(tmp_path: Path) -> None:
+    # Found by a fault-injection attack: on a finished queue whose journal is over 64 KB (the row keys
+    # of a large campaign), a run with nothing to do warned "final compaction failed: the committer
+    # has not started", and the journal was never compacted.
+    spool, queue, acct = tmp_path / "spool", tmp_path / "queue", tmp_path / "acct.jsonl"
+    make_campaign(spool, 12_000)
+    with embedded_sink() as (host, port):
+        cmd = send_cmd(spool, queue, acct, host, port)
+        first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr[-2000:]
+        journal = queue / "journal"
+        assert journal.exists() and journal.stat().st_size > 64 * 1024  # the row keys alone
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "compaction failed" not in second.stderr, second.stderr[-2000:]
+
+
 def _kill_after_commits(cmd: list[str], commits: int) -> int:
     """Run *cmd* with the spool told to SIGKILL itself right after its Nth durable commit; its exit status."""
     env = {**os.environ, "FASTMTA_FAULT_KILL_AFTER_COMMITS": str(commits)}

@@ -92,6 +92,9 @@ async def compact_idle(journal: JournalFile, commits: GroupCommit, inputs: Itera
     send`` run. Everything pending is written first, and the batch lock is held
     throughout, so no record can land between the snapshot and the swap.
     """
+    # A run with nothing to do never started the committer: "the committer has not started" was
+    # logged as a failed compaction, and a finished queue's journal was never compacted again.
+    commits.ensure_task()
     await commits.sync()
     async with commits.batch_lock:
         frames = list(idle_frames(inputs))
