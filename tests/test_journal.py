@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastmta.queue.journal import HEADER_SIZE, MAGIC, ScanReport, check_frame, frame, scan
+from fastmta.queue.journal import HEADER_SIZE, MAGIC, ScanReport, check_frame, frame, repair_frame, scan
 
 
 def _log(payloads: list[bytes]) -> tuple[bytes, list[int]]:
@@ -43,6 +43,14 @@ def test_check_frame() -> None:
     bad = bytearray(fr)
     bad[-1] ^= 1
     assert check_frame(bytes(bad)) is None
+    assert repair_frame(bytes(bad), 5) == (b"hello", "payload")
+    for pos, where in [(1, "marker"), (5, "length"), (9, "checksum"), (13, "payload")]:
+        bad = bytearray(fr)
+        bad[pos] ^= 0x40
+        assert check_frame(bytes(bad)) is None and repair_frame(bytes(bad)) == (b"hello", where), pos
+    bad[14] ^= 0x01  # a second bit
+    assert repair_frame(bytes(bad)) is None
+    assert repair_frame(fr, 4) is None and repair_frame(fr[:-1] + b"?") is None
 
 
 def test_truncated_at_every_offset_of_last_record() -> None:
@@ -57,7 +65,14 @@ def test_truncated_at_every_offset_of_last_record() -> None:
         assert report.middle_damage == 0
 
 
-def test_flipped_byte_loses_only_its_record() -> None:
+def _where(pos: int, start: int) -> str:
+    """The part of the frame beginning at *start* that holds byte *pos*."""
+    return ["marker", "length", "checksum"][(pos - start) // 4] if pos - start < HEADER_SIZE else "payload"
+
+
+def test_one_flipped_bit_anywhere_is_repaired() -> None:
+    # The most common damage: a record with one wrong bit is read as it was
+    # written (the checksum confirms it), not lost, and the repair is reported.
     payloads = [b"payload %d " % i * 5 for i in range(50)]
     data, offsets = _log(payloads)
     ends = offsets[1:] + [len(data)]
@@ -67,27 +82,84 @@ def test_flipped_byte_loses_only_its_record() -> None:
             damaged = bytearray(data)
             damaged[pos] ^= bit
             got, report = _scan(bytes(damaged))
-            assert [p for _, p in got] == payloads[:k] + payloads[k + 1 :], (pos, bit)
-            assert report.damaged_regions == [(offsets[k], ends[k] - offsets[k])]
+            assert [p for _, p in got] == payloads, (pos, bit)
+            assert report.repaired == [(offsets[k], _where(pos, offsets[k]))], (pos, bit)
+            assert report.damaged_regions == [] and report.damaged, (pos, bit)
 
 
-def test_huge_length_in_the_middle_resyncs() -> None:
+def test_two_flipped_bits_lose_only_their_record() -> None:
+    payloads = [b"payload %d " % i * 5 for i in range(50)]
+    data, offsets = _log(payloads)
+    ends = offsets[1:] + [len(data)]
+    for pos in range(0, len(data), 5):
+        k = next(i for i, end in enumerate(ends) if pos < end)
+        damaged = bytearray(data)
+        damaged[pos] ^= 0x81
+        got, report = _scan(bytes(damaged))
+        if _where(pos, offsets[k]) == "length":
+            # A damaged length is put right by where the next frame begins, and
+            # confirmed by the checksum, which covers the true length.
+            assert [p for _, p in got] == payloads, pos
+            assert report.repaired == [(offsets[k], "length")]
+            continue
+        assert [p for _, p in got] == payloads[:k] + payloads[k + 1 :], pos
+        assert report.damaged_regions == [(offsets[k], ends[k] - offsets[k])], pos
+        assert report.repaired == [], pos
+
+
+def test_a_repair_needs_the_checksum_to_confirm_it() -> None:
+    payloads = [b"a" * 10, b"b" * 10, b"c" * 10]
+    data, offsets = _log(payloads)
+    # A wrong length with the payload damaged too: two faults, not repaired.
+    damaged = bytearray(data)
+    damaged[offsets[1] + 4] ^= 0x02
+    damaged[offsets[1] + HEADER_SIZE] ^= 0x01
+    got, report = _scan(bytes(damaged))
+    assert [p for _, p in got] == [payloads[0], payloads[2]] and report.repaired == []
+    # A torn last frame is not "repaired" to the end of the file: its checksum covers its full length.
+    for cut in range(offsets[2] + 1, len(data)):
+        got, report = _scan(data[:cut])
+        assert [p for _, p in got] == payloads[:2] and report.repaired == [] and report.torn_tail, cut
+    # A marker one bit off is taken only where a frame must begin, not anywhere in a damaged region.
+    junk = bytes(b ^ 0x01 for b in MAGIC) + b"x" * 30
+    fake = bytearray(frame(b"fake"))
+    fake[0] ^= 0x02
+    got, report = _scan(frame(b"first") + junk + bytes(fake) + frame(b"last"))
+    assert [p for _, p in got] == [b"first", b"last"] and report.repaired == []
+
+
+def test_huge_length_in_the_middle_is_repaired() -> None:
     payloads = [b"a" * 10, b"b" * 10, b"c" * 10]
     data, offsets = _log(payloads)
     damaged = bytearray(data)
     damaged[offsets[1] + 4 : offsets[1] + 8] = (0xFFFFFFF0).to_bytes(4, "little")
     got, report = _scan(bytes(damaged))
-    assert [p for _, p in got] == [payloads[0], payloads[2]]
-    assert report.middle_damage == 1 and report.torn_tail == 0
+    assert [p for _, p in got] == payloads
+    assert report.repaired == [(offsets[1], "length")] and report.middle_damage == 0 and report.torn_tail == 0
 
 
-def test_length_past_end_in_the_middle_resyncs() -> None:
+def test_length_past_end_in_the_middle_is_repaired() -> None:
     payloads = [b"a" * 10, b"b" * 10, b"c" * 10]
     data, offsets = _log(payloads)
     damaged = bytearray(data)
     damaged[offsets[1] + 4 : offsets[1] + 8] = (1000).to_bytes(4, "little")
-    got, _ = _scan(bytes(damaged))
+    got, report = _scan(bytes(damaged))
+    assert [p for _, p in got] == payloads and report.repaired == [(offsets[1], "length")]
+    # ... and in the last frame (it ends at the end of the file).
+    damaged = bytearray(data)
+    damaged[offsets[2] + 4 : offsets[2] + 8] = (1000).to_bytes(4, "little")
+    got, report = _scan(bytes(damaged))
+    assert [p for _, p in got] == payloads and report.repaired == [(offsets[2], "length")]
+
+
+def test_damaged_length_and_marker_resync() -> None:
+    payloads = [b"a" * 10, b"b" * 10, b"c" * 10]
+    data, offsets = _log(payloads)
+    damaged = bytearray(data)
+    damaged[offsets[1] : offsets[1] + 8] = b"\x00" * 8
+    got, report = _scan(bytes(damaged))
     assert [p for _, p in got] == [payloads[0], payloads[2]]
+    assert report.middle_damage == 1 and report.torn_tail == 0 and report.repaired == []
 
 
 def test_garbage_longer_than_a_chunk_and_marker_across_chunks() -> None:

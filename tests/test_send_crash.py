@@ -222,7 +222,7 @@ def test_sigkill_right_after_campaign_commits_takes_each_row_once(tmp_path: Path
 
 
 def test_a_damaged_queued_body_is_reported_lost_not_silently_kept(tmp_path: Path) -> None:
-    # Before: one flipped bit in an undelivered message's body lost it while
+    # Before: damage in an undelivered message's body lost it while
     # the run exited 0 with "not final 0" (the message stayed queued for ever).
     from fastmta.queue.spool import Spool
 
@@ -237,7 +237,7 @@ def test_a_damaged_queued_body_is_reported_lost_not_silently_kept(tmp_path: Path
         s.close_sync()
         segment = queue / "data" / f"{victim.body.seg:08d}.dat"
         data = bytearray(segment.read_bytes())
-        data[victim.body.off + victim.body.size // 2] ^= 0x10  # one bit, inside the body
+        data[victim.body.off + victim.body.size // 2] ^= 0x11  # two bits, inside the body (one is repaired)
         segment.write_bytes(bytes(data))
         out = subprocess.run(cmd + ["--summary-json", str(tmp_path / "s.json")], capture_output=True, text=True,
                              timeout=600)

@@ -386,7 +386,7 @@ def test_truncated_at_sampled_offsets_anywhere(tmp_path: Path) -> None:
         spool.close_sync()
 
 
-def test_flipped_byte_loses_only_that_record(tmp_path: Path) -> None:
+def test_flipped_bits_lose_only_that_record(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _build(src)
     journal = (src / "journal").read_bytes()
@@ -395,12 +395,36 @@ def test_flipped_byte_loses_only_that_record(tmp_path: Path) -> None:
     for pos in list(range(0, len(journal), 23)) + [len(journal) - 1]:
         k = next(i for i, (start, end, _) in enumerate(frames) if start <= pos < end)
         damaged = bytearray(journal)
+        damaged[pos] ^= 0x11  # two bits: beyond repair (one flipped bit is repaired, below)
+        got, spool, caught = _recover_copy(src, tmp_path / "dst", bytes(damaged))
+        assert [w.category for w in caught] == [SpoolRecoveryWarning], pos
+        if 4 <= pos - frames[k][0] < 8:  # the length field: the next frame's start says what it was
+            assert got == _model(records) and spool.report.repaired == [(frames[k][0], "length")], pos
+        else:
+            assert got == _model(records[:k] + records[k + 1 :]), pos
+            assert spool.report.skipped_bytes == frames[k][1] - frames[k][0]
+            assert spool.report.records == len(records) - 1
+        spool.close_sync()
+
+
+def test_a_flipped_bit_is_repaired_and_the_journal_rewritten_clean(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _build(src)
+    journal = (src / "journal").read_bytes()
+    frames = _frames(journal)
+    records = [r for _, _, r in frames]
+    for pos in list(range(0, len(journal), 29)) + [len(journal) - 1]:
+        k = next(i for i, (start, end, _) in enumerate(frames) if start <= pos < end)
+        damaged = bytearray(journal)
         damaged[pos] ^= 0x10
         got, spool, caught = _recover_copy(src, tmp_path / "dst", bytes(damaged))
-        assert got == _model(records[:k] + records[k + 1 :]), pos
-        assert [w.category for w in caught] == [SpoolRecoveryWarning], pos
-        assert spool.report.skipped_bytes == frames[k][1] - frames[k][0]
-        assert spool.report.records == len(records) - 1
+        assert got == _model(records), pos
+        assert [start for start, _ in spool.report.repaired] == [frames[k][0]], pos
+        assert [w.category for w in caught] == [SpoolRecoveryWarning] and "repaired 1 record" in str(caught[0].message)
+        assert spool.report.rewritten and spool.report.lost == []
+        spool.close_sync()
+        got, spool, caught = _recover_copy(src, tmp_path / "dst2", (tmp_path / "dst" / "journal").read_bytes())
+        assert got == _model(records) and caught == [] and not spool.report.damaged, pos
         spool.close_sync()
 
 
@@ -588,7 +612,7 @@ def test_add_implies_input_progress_even_without_progress_records(tmp_path: Path
 def test_taken_row_keys_survive_compaction_in_several_records(
     tmp_path: Path, run: Run[None], monkeypatch: pytest.MonkeyPatch, compact: bool
 ) -> None:
-    # 7 keys a record here (131,072 in use): 50 taken rows are written as 8 records, and read back as one set.
+    # 7 keys a record here (8,000 in use): 50 taken rows are written as 8 records, and read back as one set.
     import fastmta.queue.compaction
     import fastmta.queue.recovery
     import fastmta.queue.spool
@@ -618,6 +642,45 @@ def test_taken_row_keys_survive_compaction_in_several_records(
     taken = spool.input("j").taken  # type: ignore[union-attr]
     assert len(taken) == 50 and all(k in taken for k in keys) and (keys[0] + 1) % 2**64 not in taken
     spool.close_sync()
+
+
+def test_a_flipped_bit_in_a_full_taken_record_keeps_every_key(tmp_path: Path) -> None:
+    # A finished run's journal is its inputs' progress: one bit lost with a
+    # record of taken keys made the next run send all those rows again.
+    from fastmta.queue.journal import MAX_REPAIR
+    from fastmta.queue.journal_records import TAKEN_KEYS_PER_RECORD, InputTake, TakenRecord, record_encoder
+
+    largest = record_encoder.encode(TakenRecord(2**62, bytes(8 * TAKEN_KEYS_PER_RECORD)))
+    assert len(largest) <= MAX_REPAIR  # every record of taken keys can be repaired
+    keys = [(row * 2654435761 + 12345) % 2**64 for row in range(TAKEN_KEYS_PER_RECORD + 500)]
+    spool = _reopen(tmp_path)
+    job = spool.open_input("j", "fp")
+    for row, key in enumerate(keys):
+        spool.add_message_sync(f"c{row}", "s@a.example", ["r@b.example"], b"x", take=InputTake(job.id, row, key),
+                               flush=False)
+    spool.flush_sync()
+    for row in range(len(keys)):
+        spool.record(f"c{row}", 0, Status.DELIVERED)
+    spool.close_sync()
+    spool = _reopen(tmp_path, compact_min_bytes=0)  # compacted at open: the input's state, two records of keys
+    assert spool.report.rewritten
+    spool.close_sync()
+    journal = (tmp_path / "journal").read_bytes()
+    with open(tmp_path / "journal", "rb") as f:
+        taken = [(off, len(p)) for off, p in scan(f, ScanReport()) if isinstance(_decoder.decode(p), TakenRecord)]
+    assert [n > 60000 for _, n in taken] == [True, False]
+    off, n = taken[0]
+    for pos in (off + 12 + 20, off + 12 + n // 2, off + 12 + n - 1):
+        damaged = bytearray(journal)
+        damaged[pos] ^= 0x04
+        (tmp_path / "journal").write_bytes(bytes(damaged))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            spool = _reopen(tmp_path)
+        state = spool.input("j")
+        assert state is not None and len(state.taken) == len(keys) and all(k in state.taken for k in keys), pos
+        assert spool.report.repaired == [(off, "payload")] and "repaired 1 record" in str(caught[0].message)
+        spool.close_sync()
 
 
 def test_input_progress_survives_compaction(tmp_path: Path, run: Run[None]) -> None:

@@ -139,8 +139,11 @@ class ForgetRecord(msgspec.Struct, tag=5, array_like=True, forbid_unknown_fields
     iid: int
 
 
-#: Keys per TakenRecord (1 MB): an input of a million rows is written as several, which recovery adds up.
-TAKEN_KEYS_PER_RECORD = 131072
+#: Keys per TakenRecord: an input of a million rows is written as several, which recovery adds up.
+#: 8,000 keys (64,000 bytes) keep each within the size a flipped bit is repaired in
+#: (fastmta.queue.journal.MAX_REPAIR): one bit lost in a larger record lost the whole input's
+#: progress, and the next run sent every row again.
+TAKEN_KEYS_PER_RECORD = 8000
 
 
 class TakenRecord(msgspec.Struct, tag=6, array_like=True, forbid_unknown_fields=True, gc=False):

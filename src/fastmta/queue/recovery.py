@@ -5,8 +5,9 @@ Two users: opening a spool (every unfinished message comes back, as a
 skipped and lost) and compaction (the live state is written back as a short
 journal by :func:`live_frames`).
 
-Replay never fails on damaged bytes: damaged or torn frames are stepped over
-by the scanner (:mod:`fastmta.queue.journal`), and state records for messages
+Replay never fails on damaged bytes: a frame with one flipped bit is
+repaired by the scanner (:mod:`fastmta.queue.journal`), other damaged or torn
+frames are stepped over, and state records for messages
 no longer in the journal (compacted away as finished) are counted as orphans
 and ignored. What a damaged frame held is read back for the report
 (:mod:`fastmta.queue.salvage`): a message lost with it is named in
@@ -28,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from fastmta.queue.journal import ScanReport, frame, scan
+from fastmta.queue.journal import HEADER_SIZE, ScanReport, frame, scan
 from fastmta.queue.journal_records import (
     DEFERRED_CODE,
     JOURNAL_VERSION,
@@ -119,6 +120,8 @@ class RecoveryReport:
     missing_bodies: list[str] = field(default_factory=list)  # message ids whose body segment is gone
     lost: list[LostMessage] = field(default_factory=list)  # accepted messages that cannot be sent
     damaged_records: list[tuple[int, str]] = field(default_factory=list)  # (offset, record kind) skipped
+    #: (offset, where) of records read after undoing one flipped bit, confirmed by their checksum.
+    repaired: list[tuple[int, str]] = field(default_factory=list)
     version: int = 1  # the journal's format version (1 if it has no header)
     reset: str = ""  # the journal looked reset beside stored bodies, and the open was told to accept it
     rewritten: bool = False  # the journal was rewritten (compacted) at open
@@ -126,7 +129,9 @@ class RecoveryReport:
 
     @property
     def damaged(self) -> bool:
-        return bool(self.skipped_bytes or self.undecodable or self.missing_bodies or self.lost or self.reset)
+        return bool(
+            self.skipped_bytes or self.repaired or self.undecodable or self.missing_bodies or self.lost or self.reset
+        )
 
     def __str__(self) -> str:
         text = (
@@ -137,6 +142,13 @@ class RecoveryReport:
             text += (
                 f"; skipped {self.skipped_bytes} damaged bytes in {len(self.damaged_regions)} region(s)"
                 f" (torn tail {self.torn_tail_bytes} bytes)"
+            )
+        if self.repaired:
+            where = ", ".join(f"{what} at offset {off}" for off, what in self.repaired[:5])
+            more = f" and {len(self.repaired) - 5} more" if len(self.repaired) > 5 else ""
+            text += (
+                f"; repaired {len(self.repaired)} record(s) with one flipped bit, confirmed by their"
+                f" checksum ({where}{more})"
             )
         if self.undecodable:
             text += f"; {self.undecodable} undecodable records"
@@ -198,6 +210,14 @@ def replay(path: Path, stop: int | None = None) -> LiveState:
             try:
                 rec = decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                repaired = st.scan.repaired
+                if repaired and repaired[-1][0] == off:
+                    # A "repair" that reads as no record: more than one bit was
+                    # damaged after all. Damage, like any other.
+                    repaired.pop()
+                    st.scan.damaged_regions.append((off, HEADER_SIZE + len(payload)))
+                    st.scan.frames -= 1
+                    continue
                 raise _unreadable(path, off, payload, exc) from None
             # Most common first: a journal is mostly state records, then adds.
             if isinstance(rec, StateRecord):
@@ -335,6 +355,7 @@ def replay_at_open(
         journal_bytes=st.scan.bytes_scanned,
         skipped_bytes=st.scan.skipped_bytes,
         damaged_regions=list(st.scan.damaged_regions),
+        repaired=list(st.scan.repaired),
         torn_tail_bytes=st.scan.torn_tail,
         undecodable=st.undecodable,
         orphan_records=st.orphans,

@@ -1,18 +1,19 @@
 """Reading what damaged journal bytes held, so that a message lost with them is named.
 
-The scanner (:mod:`fastmta.queue.journal`) steps over every frame whose
-checksum fails; replay never sees it. Most damage is one flipped bit, and the
-rest of the record is still readable: this module reads it back *for the
-report only* (a damaged record is never replayed: any of its values may be
-the wrong one), so recovery can say which message an unreadable ``Add``
-record belonged to, its recipients and meta, instead of losing it silently.
+The scanner (:mod:`fastmta.queue.journal`) repairs a frame with one flipped
+bit, and steps over every other frame whose checksum fails: replay never
+sees those. Often much of such a record is still readable: this module
+reads it back *for the report only* (a damaged record is never replayed:
+any of its values may be the wrong one), so recovery can say which message
+an unreadable ``Add`` record belonged to, its recipients and meta, instead
+of losing it silently.
 
 Each damaged region is split at the frame markers inside it (a region may
 span several frames), and each piece is read four ways, most exact first:
 
 1. confirmed by its checksum: the damage is in the frame header only, or is
-   one flipped bit, which the CRC-32 locates (it tells one-bit errors apart
-   in any record up to 512 MiB; two-bit ones too, in records up to 11 KiB);
+   one flipped bit (which the scanner repairs where it meets a whole frame,
+   not inside a region it could not resynchronise in);
 2. as a whole record of its kind, unconfirmed (a value changed without
    breaking the encoding);
 3. as plain msgpack, recognised by its shape (an Add is
@@ -27,7 +28,6 @@ its add was never acknowledged, so it is not a loss.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
@@ -36,14 +36,15 @@ from typing import Any
 
 import msgspec
 
-from fastmta.queue.journal import HEADER, HEADER_SIZE, MAGIC
+from fastmta.queue.journal import HEADER, HEADER_SIZE, MAGIC, repair_payload
 from fastmta.queue.journal_records import RECORD_TAGS, AddRecord, record_decoder
 
 __all__ = ["Salvaged", "salvage_regions"]
 
+_ZEROED_TAIL = 8  # a frame ending in this many zero bytes may be blocks a crash left unwritten
+
 _ADD_TAG = 1
 _MAX_REGION = 64 << 20  # bytes of one damaged region read back (the rest is counted as unreadable)
-_MAX_REPAIR = 64 << 10  # a flipped bit is searched for in records up to this size
 
 
 @dataclass(slots=True)
@@ -100,7 +101,7 @@ def _salvage_piece(piece: bytes, offset: int, at_end: bool) -> Salvaged:
     body = piece[HEADER_SIZE:]
     candidates = [body[:n], body] if n < len(body) else [body]
     for payload in candidates:
-        fixed = _repair(payload, crc)
+        fixed = repair_payload(payload, crc)
         if fixed is not None:
             found = _whole(fixed, offset, verified=True)
             if found is not None:
@@ -109,53 +110,17 @@ def _salvage_piece(piece: bytes, offset: int, at_end: bool) -> Salvaged:
         found = _whole(payload, offset) or _by_shape(payload, offset)
         if found is not None:
             return found
-    if at_end:
+    if at_end and (len(body) != n or not body.rstrip(b"\0") or body.endswith(bytes(_ZEROED_TAIL))):
         # Unreadable at the very end: an append that never finished (cut
-        # short, or blocks a crash left zeroed), never acknowledged.
+        # short, or blocks a crash left zeroed), never acknowledged. A frame
+        # of its full length that does not end in zeros was written whole:
+        # it is damage, like anywhere else.
         return Salvaged(offset, "torn")
     for payload in candidates:
         found = _by_prefix(payload, offset)
         if found is not None:
             return found
     return Salvaged(offset, "unknown")
-
-
-def _repair(payload: bytes, crc: int) -> bytes | None:
-    """*payload* as its checksum *crc* confirms it, undoing one flipped bit if needed; None if it cannot.
-
-    The damage may be in the header only (marker, length or checksum: the
-    payload is whole), or one bit of the payload, found from the checksum's
-    syndrome: CRC-32 is linear, so flipping bit *b* of byte *i* changes the
-    checksum by a value that depends only on *b* and the distance to the end.
-    """
-    n = len(payload)
-    covered = zlib.crc32(n.to_bytes(4, "little"))
-    syndrome = zlib.crc32(payload, covered) ^ crc
-    if syndrome == 0 or syndrome.bit_count() == 1:
-        return payload
-    if n > _MAX_REPAIR:
-        return None
-    regs = [_CRC_TABLE[1 << b] for b in range(8)]  # the effect of bit b of the last byte
-    for i in range(n - 1, -1, -1):
-        if syndrome in regs:
-            fixed = bytearray(payload)
-            fixed[i] ^= 1 << regs.index(syndrome)
-            return bytes(fixed) if zlib.crc32(fixed, covered) == crc else None
-        regs = [_CRC_TABLE[r & 0xFF] ^ (r >> 8) for r in regs]  # one byte further from the end
-    return None
-
-
-def _crc_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        c = byte
-        for _ in range(8):
-            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc_table()
 
 
 def _whole(payload: bytes, offset: int, verified: bool = False) -> Salvaged | None:

@@ -16,15 +16,19 @@ only touches the write descriptors; everything else runs on the loop thread.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from fastmta.queue.disk import Disk, write_all
-from fastmta.queue.journal import HEADER_SIZE, check_frame, frame
+from fastmta.queue.journal import HEADER_SIZE, check_frame, frame, repair_frame
 from fastmta.queue.journal_records import BodyRef
 from fastmta.queue.spool_errors import BodyDamaged, SpoolError
 
 __all__ = ["BodySegments"]
+
+# Every part of the spool logs as the spool (the logger its documentation names).
+log = logging.getLogger("fastmta.queue.spool")
 
 _MAX_READ_FDS = 64  # segments kept open for reading bodies back
 
@@ -132,6 +136,13 @@ class BodySegments:
             self._read_fds[ref.seg] = fd
         data = os.pread(fd, HEADER_SIZE + ref.size, ref.off)
         payload = check_frame(data, ref.size)
+        if payload is None and (fixed := repair_frame(data, ref.size)) is not None:
+            # One flipped bit, put right and confirmed by the checksum (fastmta.queue.journal).
+            payload, where = fixed
+            log.warning(
+                "%s at %s offset %d: repaired one flipped bit in its frame's %s, confirmed by the checksum",
+                whose, self.path(ref.seg), ref.off, where,
+            )
         if payload is None:
             what = "is damaged (checksum fails)" if len(data) == HEADER_SIZE + ref.size else "is cut short"
             raise BodyDamaged(f"{whose} at {self.path(ref.seg)} offset {ref.off} {what}", message_id)
