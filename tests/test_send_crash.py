@@ -122,6 +122,45 @@ def test_rerun_after_completion_sends_nothing(tmp_path: Path) -> None:
     assert len(acct.read_text().splitlines()) == 51
 
 
+def test_a_finished_queue_whose_input_progress_is_damaged_is_refused_not_sent_again(tmp_path: Path) -> None:
+    # Found by a fault-injection attack: one damaged record of what a finished campaign had taken, and
+    # the next run read it again and sent every row a second time, exit 0. One flipped bit is repaired
+    # now (tests/test_spool_corruption.py); damage beyond that is refused, the queue left as it is.
+    from fastmta.queue.journal import ScanReport, scan
+    from fastmta.queue.journal_records import InputRecord, record_decoder
+    from fastmta.queue.spool import Spool
+
+    spool, queue, acct = tmp_path / "spool", tmp_path / "queue", tmp_path / "acct.jsonl"
+    make_campaign(spool, 300)
+    with embedded_sink() as (host, port):
+        cmd = send_cmd(spool, queue, acct, host, port)
+        first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr[-2000:]
+        Spool(queue, compact_min_bytes=0).close_sync()  # compacted, as a larger run's queue is at its end
+        journal = queue / "journal"
+        with open(journal, "rb") as f:
+            [(off, n)] = [
+                (o, len(p)) for o, p in scan(f, ScanReport())
+                if isinstance(r := record_decoder.decode(p), InputRecord) and r.key.startswith("campaign:")
+            ]
+        damaged = bytearray(journal.read_bytes())
+        damaged[off + 12 : off + 12 + n] = bytes(n)  # a zeroed block: beyond repair
+        journal.write_bytes(bytes(damaged))
+        sent = len(acct.read_text().splitlines())
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert "taken from the inputs" in second.stderr and "--accept-lost-progress" in second.stderr
+        assert journal.read_bytes() == bytes(damaged) and len(acct.read_text().splitlines()) == sent
+        # The operator's choice, said in the help: the campaign is read, and sent, again.
+        third = subprocess.run(cmd + ["--accept-lost-progress", "--summary-json", str(tmp_path / "s.json")],
+                               capture_output=True, text=True, timeout=300)
+    # Exit 1: the unreadable record might have been a message's (its bytes do not say), reported as such.
+    assert third.returncode == 1, third.stderr[-2000:]
+    assert "input progress lost" in third.stderr and "could not be recovered" in third.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["delivered"] == 300 and [lost["message_id"] for lost in summary["lost"]] == [None]
+
+
 def test_a_run_with_nothing_to_do_compacts_without_a_false_warning(tmp_path: Path) -> None:
     # Found by a fault-injection attack: on a finished queue whose journal is over 64 KB (the row keys
     # of a large campaign), a run with nothing to do warned "final compaction failed: the committer

@@ -265,3 +265,38 @@ def test_a_damaged_state_file_stops_the_start_naming_it(tmp_path: Path, damaged:
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"cannot start: {path}" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_damaged_input_progress_stops_the_start_until_accepted(tmp_path: Path) -> None:
+    # The queue's record of which pickup rows were taken, damaged beyond repair: starting would take
+    # them, and send them, again. The start is refused, saying what to do; accepted, it starts.
+    from fastmta.queue.journal import ScanReport, scan
+    from fastmta.queue.journal_records import InputRecord, InputTake, record_decoder
+    from fastmta.queue.records import Status
+    from fastmta.queue.spool import Spool
+
+    capture = tmp_path / "capture"
+    data = tmp_path / "data"
+    queue = data / "queue"
+    spool = Spool(queue)
+    for name in ("pickup:a", "pickup:b"):
+        job = spool.open_input(name, "fp")
+        spool.add_message_sync(name, "s@a.example", ["r@b.example"], b"x", take=InputTake(job.id, 0, 7))
+        spool.record(name, 0, Status.DELIVERED)
+    spool.close_sync()
+    Spool(queue, compact_min_bytes=0).close_sync()  # compacted: the inputs' records are all that is left
+    journal = queue / "journal"
+    with open(journal, "rb") as f:
+        off, n = next((o, len(p)) for o, p in scan(f, ScanReport()) if isinstance(record_decoder.decode(p), InputRecord))
+    damaged = bytearray(journal.read_bytes())
+    damaged[off + 12 : off + 12 + n] = bytes(n)
+    journal.write_bytes(bytes(damaged))
+    with capture_sink(capture) as sink:
+        cfg = _write(tmp_path, serve_config(data, sink))
+        r = subprocess.run([sys.executable, "-m", "fastmta", "serve", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "taken from the inputs" in r.stderr and "--accept-lost-progress" in r.stderr, r.stderr[-2000:]
+        assert journal.read_bytes() == bytes(damaged)
+        with served(cfg, data, args=["--accept-lost-progress"]) as svc:
+            assert "input progress lost" in serve_log(svc)

@@ -435,3 +435,112 @@ def test_compaction_keeps_the_header(tmp_path: Path, run: Run[None]) -> None:
     frames = _frames((tmp_path / "journal").read_bytes())
     assert frames[0][2] == HeaderRecord(JOURNAL_VERSION)
     assert [type(r) for _, _, r in frames].count(HeaderRecord) == 1
+
+
+# --- damaged input progress: refused, not resent -------------------------------------------
+
+
+@pytest.fixture
+def taken(tmp_path: Path) -> Path:
+    """A finished run of inputs "campaign:x" and "campaign:y" (6 rows each), compacted: each one's
+    InputRecord and a TakenRecord of its rows (x's first)."""
+    from fastmta.queue.journal_records import InputTake
+
+    src = tmp_path / "taken"
+    spool = Spool(src, fsync=_nofsync)
+    for name in "xy":
+        job = spool.open_input(f"campaign:{name}", "fp1")
+        for row in range(6):
+            take = InputTake(job.id, row, ord(name) * 1000 + row)
+            mid = f"{name}{row}"
+            spool.add_message_sync(mid, "s@a.example", [f"r{row}@b.example"], b"x", take=take, flush=False)
+        spool.flush_sync()
+        for row in range(6):
+            spool.record(f"{name}{row}", 0, Status.DELIVERED)
+        spool.input_progress(f"campaign:{name}", 6)
+    spool.close_sync()
+    spool = Spool(src, fsync=_nofsync, compact_min_bytes=0)  # compacted at open: just the input's records
+    assert spool.report.rewritten
+    spool.close_sync()
+    return src
+
+
+def _record_of(journal: bytes, kind: type) -> tuple[int, int]:
+    """Where the first record of *kind* is."""
+    return next((a, b) for a, b, r in _frames(journal) if isinstance(r, kind))
+
+
+@pytest.mark.parametrize("what", ["InputRecord", "TakenRecord"])
+@pytest.mark.parametrize("damage", ["zeroed", "two bits"])
+def test_input_progress_damaged_beyond_repair_is_refused_untouched(
+    taken: Path, tmp_path: Path, what: str, damage: str
+) -> None:
+    # Before: the run after such damage read the input again and sent every row a second time, exit 0.
+    from fastmta.queue.journal_records import InputRecord, TakenRecord
+    from fastmta.queue.spool_errors import ProgressDamaged
+
+    journal = (taken / "journal").read_bytes()
+    start, end = _record_of(journal, InputRecord if what == "InputRecord" else TakenRecord)
+    damaged = bytearray(journal)
+    if damage == "zeroed":
+        damaged[start + 12 : end] = bytes(end - start - 12)
+    else:
+        damaged[end - 2] ^= 0x11
+    dst = _copy(taken, tmp_path / "dst", bytes(damaged))
+    with pytest.raises(ProgressDamaged, match="taken from the inputs") as caught:
+        _open(dst)
+    if damage == "two bits":  # readable enough to say whose progress it was
+        assert "input 'campaign:x'" in str(caught.value)
+    assert (dst / "journal").read_bytes() == bytes(damaged)  # untouched: restore it, or accept below
+    # Opened accepting it: the loss is reported, and what is still recorded is kept.
+    spool, texts = _open(dst, accept_lost_progress=True)
+    assert spool.report.lost_progress and "input progress lost" in texts[0]
+    state = spool.input("campaign:x")
+    if what == "TakenRecord":
+        assert state is not None and state.done is False and len(state.taken) == 0
+    else:
+        assert state is None  # its record and with it the rows taken: all read again
+    # Which rows the damage held is unknown: every input is read again, skipping the rows recorded as taken.
+    other = spool.input("campaign:y")
+    assert other is not None and (other.row, other.done, len(other.taken)) == (0, False, 6)
+    spool.close_sync()
+    spool, texts = _open(dst)  # accepted once: the journal is rewritten clean
+    assert texts == []
+    spool.close_sync()
+
+
+def test_damage_elsewhere_in_a_journal_with_inputs_is_not_refused(taken: Path, tmp_path: Path) -> None:
+    from fastmta.queue.journal_records import InputTake
+
+    spool = Spool(taken, fsync=_nofsync)
+    job = spool.input("campaign:x")
+    assert job is not None
+    spool.add_message_sync("late", "s@a.example", ["r@b.example"], b"x", take=InputTake(job.id, 6, 1006))
+    spool.add_message_sync("later", "s@a.example", ["r@b.example"], b"x", take=InputTake(job.id, 7, 1007))
+    spool.close_sync()
+    journal = (taken / "journal").read_bytes()
+    _, end = _record_of(journal, AddRecord)
+    damaged = bytearray(journal)
+    damaged[end - 3] ^= 0x11  # the Add record of a queued message: one message lost, named
+    spool, texts = _open(_copy(taken, tmp_path / "dst", bytes(damaged)))
+    assert [m.id for m in spool.report.lost] == ["late"] and spool.report.lost_progress == []
+    assert "LOST 1 message(s): late" in texts[0] and "input progress" not in texts[0]
+    spool.close_sync()
+
+
+def test_a_zeroed_block_names_every_record_it_may_have_held(built: Path, tmp_path: Path) -> None:
+    # Before: zeroing from m0's record into m2's reported m0 (by its id) and m1 (its later
+    # records), and said nothing of m2: its recipients were lost without a word.
+    journal = (built / "journal").read_bytes()
+    frames = {r.id: (a, b) for a, b, r in _frames(journal) if isinstance(r, AddRecord)}
+    damaged = bytearray(journal)
+    a, b = frames["m0"][0] + 20, frames["m2"][0] + 30
+    damaged[a:b] = bytes(b - a)
+    spool, texts = _open(_copy(built, tmp_path / "dst", bytes(damaged)))
+    assert {m.id for m in spool.take_recovered()} == {"m3", "m4"}
+    lost = spool.report.lost
+    assert [m.id for m in lost if m.id is not None] == ["m0", "m1"]
+    [block] = [m for m in lost if m.id is None]
+    assert block.offset == frames["m0"][1] and "unreadable bytes" in block.reason and "Add record" in block.reason
+    assert "LOST 3 message(s)" in texts[0]
+    spool.close_sync()

@@ -48,7 +48,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import json
 import os
 import resource
@@ -66,6 +65,7 @@ from fastmta.cli import UsageError, parse_hostport
 from fastmta.cli.display import Progress
 from fastmta.cli.precheck import campaign_checker, precheck
 from fastmta.cli.runtime import tune_gc
+from fastmta.cli.send_queue import QueueRefused, open_queue
 from fastmta.cli.sinkproc import embedded_sink
 from fastmta.cli.terminal import safe_text
 from fastmta.delivery.accounting import AccountingLog
@@ -88,8 +88,6 @@ from fastmta.intake.reader import (
 from fastmta.intake.rejects import RejectLog
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
-from fastmta.queue.spool import Spool
-from fastmta.queue.spool_errors import JournalReset, SpoolError, SpoolLocked
 from fastmta.smtp.model import Body
 
 
@@ -127,6 +125,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-journal-reset", action="store_true",
                    help="open a queue whose journal is missing or empty beside stored bodies (they are lost, "
                         "and reported); without it such a queue is refused")
+    p.add_argument("--accept-lost-progress", action="store_true",
+                   help="open a queue whose record of which input rows were taken is damaged beyond repair: every "
+                        "input is read again, and rows no longer recorded as taken are sent again; without it "
+                        "such a queue is refused, untouched")
     p.add_argument("--resume-campaign", action="append", default=[], metavar="ID",
                    help="resume a campaign the reputation guard paused in an earlier run (its figures are counted "
                         "afresh: paused again only if what follows is bad too); repeatable")
@@ -283,16 +285,11 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
     except OSError as exc:
         raise UsageError(f"--accounting {args.accounting}: {exc.strerror or exc}") from None
     try:
-        spool = await asyncio.to_thread(functools.partial(Spool, queue_dir, accept_reset=args.accept_journal_reset))
-    except SpoolLocked:
-        raise UsageError(f"{queue_dir} is in use by another fastmta process") from None
-    except (OSError, SpoolError) as exc:
-        # A read-only or full disk, a queue written by a newer fastmta...:
-        # nothing was taken, the same command works once the cause is fixed.
+        spool = await asyncio.to_thread(open_queue, queue_dir, args.accept_journal_reset, args.accept_lost_progress)
+    except QueueRefused as exc:
         if accounting is not None:
             accounting.close()
-        hint = " (restore the journal, or run with --accept-journal-reset)" if isinstance(exc, JournalReset) else ""
-        return _nothing_done(args, queue_dir, f"cannot open the queue: {exc}{hint}")
+        return _nothing_done(args, queue_dir, str(exc))
     if spool.report.damaged:
         progress.note(f"queue recovery: {spool.report}")
     rejects = RejectLog(queue_dir / "rejects.jsonl", progress.note)

@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="json: one JSON object per line (time, level, logger, message, extra fields)")
+    p.add_argument("--accept-lost-progress", action="store_true",
+                   help="start even if the queue's record of which pickup rows were taken is damaged beyond repair "
+                        "(those rows may be taken, and sent, again); without it the start is refused")
     p.add_argument("--hash-password", action="store_true",
                    help="read a password (stdin or prompt) and print its scrypt hash for [[serve.users]]")
     p.add_argument("--hash-token", action="store_true",
@@ -166,12 +169,12 @@ def run(args: argparse.Namespace) -> int:
 
     tune_gc()
     try:
-        return uvloop.run(_serve(config, args.config))
+        return uvloop.run(_serve(config, args.config, args.accept_lost_progress))
     except ConfigError as exc:
         raise UsageError(f"configuration error: {exc}") from None
 
 
-async def _serve(config: Any, path: Path) -> int:
+async def _serve(config: Any, path: Path, accept_lost_progress: bool) -> int:
     from fastmta.cli.precheck import campaign_checker
     from fastmta.errors import DamagedFile
     from fastmta.queue.spool_errors import SpoolError, SpoolLocked
@@ -179,7 +182,7 @@ async def _serve(config: Any, path: Path) -> int:
 
     log = logging.getLogger("fastmta.serve")
     checker = campaign_checker(config.engine, relayed=False, force=False, note=log.warning)
-    service = Service(config, config_path=path, campaign_check=checker)
+    service = Service(config, config_path=path, campaign_check=checker, accept_lost_progress=accept_lost_progress)
     try:
         await service.start()
     except SpoolLocked:

@@ -28,6 +28,7 @@ from typing import Any, get_args
 
 import msgspec
 
+from fastmta.errors import InputError
 from fastmta.keyset import KeySet
 from fastmta.queue.records import Status
 
@@ -49,6 +50,7 @@ __all__ = [
     "SourceRef",
     "StateRecord",
     "TakenRecord",
+    "encode_record",
     "record_decoder",
     "record_encoder",
 ]
@@ -187,6 +189,15 @@ DEFERRED_CODE = STATUS_CODE[Status.DEFERRED]  # the only status that is not fina
 
 record_decoder = msgspec.msgpack.Decoder(JournalRecord)
 record_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_record(record: JournalRecord, what: str) -> bytes:
+    """*record* for the journal, encoded before the spool changes anything: what cannot be recorded (a lone
+    surrogate) refuses *what* without a trace (a row marked taken first was skipped as sent, never queued)."""
+    try:
+        return record_encoder.encode(record)
+    except (ValueError, TypeError, OverflowError, msgspec.EncodeError) as exc:
+        raise InputError(f"{what}: cannot be recorded: {exc}") from None
 
 
 @dataclass(slots=True)

@@ -48,8 +48,8 @@ from fastmta.queue.journal_records import (
     record_encoder,
 )
 from fastmta.queue.records import Status
-from fastmta.queue.salvage import salvage_regions
-from fastmta.queue.spool_errors import JournalReset, SpoolFormatError
+from fastmta.queue.salvage import Salvaged, salvage_regions
+from fastmta.queue.spool_errors import JournalReset, ProgressDamaged, SpoolFormatError
 
 __all__ = [
     "LiveState",
@@ -122,6 +122,9 @@ class RecoveryReport:
     damaged_records: list[tuple[int, str]] = field(default_factory=list)  # (offset, record kind) skipped
     #: (offset, where) of records read after undoing one flipped bit, confirmed by their checksum.
     repaired: list[tuple[int, str]] = field(default_factory=list)
+    #: Damaged records that said which input rows were taken (or may have): reading those inputs
+    #: again would send rows a second time. Opening refuses (ProgressDamaged) unless told to accept.
+    lost_progress: list[str] = field(default_factory=list)
     version: int = 1  # the journal's format version (1 if it has no header)
     reset: str = ""  # the journal looked reset beside stored bodies, and the open was told to accept it
     rewritten: bool = False  # the journal was rewritten (compacted) at open
@@ -156,6 +159,8 @@ class RecoveryReport:
             text += f"; {len(self.missing_bodies)} message(s) lost their body"
         if self.reset:
             text += f"; {self.reset}"
+        if self.lost_progress:
+            text += f"; input progress lost (rows it said were taken may be sent again): {'; '.join(self.lost_progress)}"
         if self.lost:
             names = ", ".join(m.id or f"unknown message at journal offset {m.offset}" for m in self.lost[:5])
             more = f" and {len(self.lost) - 5} more" if len(self.lost) > 5 else ""
@@ -180,7 +185,7 @@ class PendingMessage:
 class LiveState:
     """The live state of a journal prefix: unfinished messages and inputs."""
 
-    __slots__ = ("by_key", "inputs", "msgs", "orphans", "scan", "strays", "undecodable", "version")
+    __slots__ = ("by_key", "inputs", "msgs", "orphan_inputs", "orphans", "scan", "strays", "undecodable", "version")
 
     def __init__(self) -> None:
         self.msgs: dict[str, PendingMessage] = {}
@@ -193,6 +198,9 @@ class LiveState:
         # After damage: ids of orphan records -> their final recipient indices
         # (None: dropped). They name messages whose Add record was damaged.
         self.strays: dict[str, set[int] | None] = {}
+        # Ids of inputs that records refer to (rows taken, a message's row)
+        # but that have no record of their own: after damage, it was lost.
+        self.orphan_inputs: set[int] = set()
 
 
 def replay(path: Path, stop: int | None = None) -> LiveState:
@@ -247,14 +255,18 @@ def replay(path: Path, stop: int | None = None) -> LiveState:
                     src = rec.src
                     if src is not None:
                         inp = inputs.get(src.input)
-                        if inp is not None and inp.row <= src.row:
+                        if inp is None:
+                            st.orphan_inputs.add(src.input)
+                        elif inp.row <= src.row:
                             inp.row = src.row + 1
                 # Taken even if the message is already gone (a duplicate Add
                 # of a finished one): the row must never be read again.
                 take = rec.take
                 if take is not None:
                     inp = inputs.get(take.input)
-                    if inp is not None:
+                    if inp is None:
+                        st.orphan_inputs.add(take.input)
+                    else:
                         inp.taken.add(take.key)
             elif isinstance(rec, InputRecord):
                 old = inputs.get(rec.iid)
@@ -275,7 +287,9 @@ def replay(path: Path, stop: int | None = None) -> LiveState:
                     st.strays[rec.id] = None
             elif isinstance(rec, TakenRecord):
                 inp = inputs.get(rec.iid)
-                if inp is not None:
+                if inp is None:
+                    st.orphan_inputs.add(rec.iid)
+                else:
                     inp.taken.update_from_bytes(rec.keys)
             elif isinstance(rec, HeaderRecord):
                 if rec.version > JOURNAL_VERSION:
@@ -333,6 +347,7 @@ def replay_at_open(
     segments_on_disk: set[int],
     segment_bytes: Callable[[], int] | None = None,
     accept_reset: bool = False,
+    accept_lost_progress: bool = False,
 ) -> tuple[LiveState, RecoveryReport]:
     """Replay the whole journal (if there is one) and report what was read, skipped and lost.
 
@@ -345,8 +360,13 @@ def replay_at_open(
     starting over would lose those messages, or send them again. That raises
     JournalReset (a SpoolError), unless *accept_reset*: then it is noted in
     the report (and the bodies are deleted as unreferenced). Raises
-    SpoolFormatError for a journal of a newer format. Either error leaves
-    the journal untouched.
+    SpoolFormatError for a journal of a newer format.
+
+    Damage beyond repair to a record of what an input had taken (or bytes
+    that may have been one) raises ProgressDamaged, unless
+    *accept_lost_progress*: a message lost is one message, but an input's
+    progress lost means its rows are read, and sent, again. Each error
+    leaves the journal untouched.
     """
     exists = path.exists()
     st = replay(path) if exists else LiveState()
@@ -374,6 +394,19 @@ def replay_at_open(
             del st.msgs[mid]
     if st.scan.damaged_regions and exists:
         _damaged_records(path, st, report)
+        if report.lost_progress and accept_lost_progress:
+            # Which rows a damaged record held is unknown: every input is read
+            # again from its first row, skipping only the rows still recorded
+            # as taken (a row whose Add record was lost is read, and sent, again).
+            for inp in st.inputs.values():
+                inp.row, inp.done = 0, False
+        elif report.lost_progress:
+            raise ProgressDamaged(
+                f"{path}: damaged beyond repair where it recorded what was taken from the inputs:"
+                f" {'; '.join(report.lost_progress)}. Reading those inputs now would send rows already sent"
+                " a second time. Left untouched: restore the queue directory, or open it accepting the lost"
+                " progress (those inputs are then read again, skipping only the rows still recorded as taken)"
+            )
     return st, report
 
 
@@ -415,6 +448,16 @@ def _damaged_records(path: Path, st: LiveState, report: RecoveryReport) -> None:
         if sv.kind == "torn":
             continue  # an append a crash cut short: never acknowledged
         report.damaged_records.append((sv.offset, sv.kind))
+        _progress_damage(st, sv, report)
+        if sv.kind == "unknown" and sv.several:
+            # Not paired with the messages later records name (below): it may
+            # have held any number of records, of those messages or others.
+            why = (
+                f"{sv.size} unreadable bytes at journal offset {sv.offset} (records whose frame markers are"
+                " damaged too): the message of any Add record among them is lost"
+            )
+            report.lost.append(LostMessage(None, [], {}, why, sv.offset))
+            continue
         if sv.kind == "unknown" and sv.id is None:
             unknown.append(sv.offset)
             continue
@@ -452,11 +495,30 @@ def _damaged_records(path: Path, st: LiveState, report: RecoveryReport) -> None:
     for off in unknown[len(left) :]:  # each of the others may be one of the messages just named
         why = f"an unreadable damaged record at journal offset {off}: if it was an Add record, its message is lost"
         report.lost.append(LostMessage(None, [], {}, why, off))
+    if st.orphan_inputs:
+        ids = ", ".join(map(str, sorted(st.orphan_inputs)[:5]))
+        report.lost_progress.append(f"records refer to input(s) #{ids} whose own record is gone")
+
+
+def _progress_damage(st: LiveState, sv: Salvaged, report: RecoveryReport) -> None:
+    """Note a damaged record that said what an input had taken (or may have: an unreadable one)."""
+    if sv.kind in ("InputRecord", "TakenRecord"):
+        inp = st.inputs.get(sv.iid) if sv.iid is not None else None
+        key = sv.key or (inp.key if inp is not None else None)
+        whose = f"input {key!r}" if key else f"input #{sv.iid}" if sv.iid is not None else "an input"
+        what = "rows taken" if sv.kind == "TakenRecord" else "progress"
+        report.lost_progress.append(f"the {what} of {whose} (journal offset {sv.offset})")
+    elif sv.kind == "unknown" and (st.inputs or st.orphan_inputs):
+        report.lost_progress.append(f"maybe an input's progress: unreadable bytes at journal offset {sv.offset}")
 
 
 def live_frames(st: LiveState) -> Iterable[bytes]:
     """The records that reproduce *st*: inputs still needed, then each live message."""
+    # Every input a live message refers to keeps its record (an input's
+    # record is written before any record that refers to it, so one missing
+    # is damage: recovery tells by LiveState.orphan_inputs).
     referenced = {m.add.src.input for m in st.msgs.values() if m.add.src is not None}
+    referenced |= {m.add.take.input for m in st.msgs.values() if m.add.take is not None}
     latest: dict[str, int] = {}
     for inp in st.inputs.values():
         if latest.get(inp.key, -1) < inp.id:

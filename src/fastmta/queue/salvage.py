@@ -37,13 +37,15 @@ from typing import Any
 import msgspec
 
 from fastmta.queue.journal import HEADER, HEADER_SIZE, MAGIC, repair_payload
-from fastmta.queue.journal_records import RECORD_TAGS, AddRecord, record_decoder
+from fastmta.queue.journal_records import RECORD_TAGS, AddRecord, InputRecord, record_decoder
 
 __all__ = ["Salvaged", "salvage_regions"]
 
 _ZEROED_TAIL = 8  # a frame ending in this many zero bytes may be blocks a crash left unwritten
 
 _ADD_TAG = 1
+_INPUT_TAG = 3
+_INPUT_TAGS = (_INPUT_TAG, 5, 6)  # InputRecord, ForgetRecord, TakenRecord: [tag, iid, ...]
 _MAX_REGION = 64 << 20  # bytes of one damaged region read back (the rest is counted as unreadable)
 
 
@@ -58,6 +60,10 @@ class Salvaged:
     meta: dict[str, Any] | None = None
     exact: bool = False  # the record decoded whole
     verified: bool = False  # and its checksum confirms it (after undoing one flipped bit)
+    iid: int | None = None  # the input an InputRecord or TakenRecord was about, if readable
+    key: str | None = None  # an InputRecord's input key, if readable
+    size: int = 0  # of "unknown": the bytes that could not be read as a record
+    several: bool = False  # of "unknown": the bytes may have held several records (their markers damaged)
 
 
 def salvage_regions(path: Path, regions: list[tuple[int, int]], torn_tail: int) -> list[Salvaged]:
@@ -90,13 +96,23 @@ def _salvage_region(data: bytes, base: int, at_end: bool) -> Iterator[Salvaged]:
     pieces = list(_pieces(data))
     for k, (pos, piece) in enumerate(pieces):
         last = at_end and k == len(pieces) - 1
-        yield _salvage_piece(piece, base + pos, last)
+        found = _salvage_piece(piece, base + pos, last)
+        magic, n, _crc = HEADER.unpack_from(piece, 0) if len(piece) >= HEADER_SIZE else (b"", 0, 0)
+        end = HEADER_SIZE + n
+        if found.kind == "unknown" and magic != MAGIC:
+            found.several = True  # no marker: where its records began and ended is unknown
+        yield found
+        if found.kind != "torn" and magic == MAGIC and end < len(piece) and not last:
+            # Bytes past the end of this frame and before the next marker:
+            # frames whose markers were damaged too (a zeroed block spans
+            # several). What they held is unknown, but they were records.
+            yield Salvaged(base + pos + end, "unknown", size=len(piece) - end, several=True)
 
 
 def _salvage_piece(piece: bytes, offset: int, at_end: bool) -> Salvaged:
     if len(piece) < HEADER_SIZE:
         # A few bytes of a header: at the end, an append that never finished.
-        return Salvaged(offset, "torn" if at_end else "unknown")
+        return Salvaged(offset, "torn" if at_end else "unknown", size=len(piece))
     _magic, n, crc = HEADER.unpack_from(piece, 0)  # the marker may be the damaged part
     body = piece[HEADER_SIZE:]
     candidates = [body[:n], body] if n < len(body) else [body]
@@ -120,7 +136,7 @@ def _salvage_piece(piece: bytes, offset: int, at_end: bool) -> Salvaged:
         found = _by_prefix(payload, offset)
         if found is not None:
             return found
-    return Salvaged(offset, "unknown")
+    return Salvaged(offset, "unknown", size=len(piece))
 
 
 def _whole(payload: bytes, offset: int, verified: bool = False) -> Salvaged | None:
@@ -130,7 +146,10 @@ def _whole(payload: bytes, offset: int, verified: bool = False) -> Salvaged | No
         return None
     if isinstance(rec, AddRecord):
         return Salvaged(offset, "AddRecord", rec.id, list(rec.rcpts), rec.meta, True, verified)
-    return Salvaged(offset, type(rec).__name__, getattr(rec, "id", None), exact=True, verified=verified)
+    return Salvaged(
+        offset, type(rec).__name__, getattr(rec, "id", None), exact=True, verified=verified,
+        iid=getattr(rec, "iid", None), key=rec.key if isinstance(rec, InputRecord) else None,
+    )
 
 
 def _by_shape(payload: bytes, offset: int) -> Salvaged | None:
@@ -138,7 +157,12 @@ def _by_shape(payload: bytes, offset: int) -> Salvaged | None:
         obj = msgspec.msgpack.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if not isinstance(obj, list) or len(obj) < 2 or not isinstance(obj[1], str):
+    if not isinstance(obj, list) or len(obj) < 2:
+        return None
+    if obj[0] in _INPUT_TAGS and isinstance(obj[1], int):  # [tag, iid, (key: str, ...)]
+        key = obj[2] if obj[0] == _INPUT_TAG and len(obj) > 2 and isinstance(obj[2], str) else None
+        return Salvaged(offset, RECORD_TAGS[obj[0]], iid=obj[1], key=key)
+    if not isinstance(obj[1], str):
         return None
     if len(obj) >= 4 and isinstance(obj[2], str) and isinstance(obj[3], list):
         rcpts = [r for r in obj[3] if isinstance(r, str)]
@@ -154,6 +178,8 @@ def _by_prefix(payload: bytes, offset: int) -> Salvaged | None:
     if len(payload) < 3 or not 0x90 <= payload[0] <= 0x9F or payload[1] > 0x7F:
         return None
     kind = RECORD_TAGS.get(payload[1], "unknown")
+    if payload[1] in _INPUT_TAGS:
+        return Salvaged(offset, kind, iid=_uint(payload, 2))
     head = payload[2]
     if 0xA0 <= head <= 0xBF:
         start, size = 3, head & 0x1F
@@ -173,3 +199,14 @@ def _by_prefix(payload: bytes, offset: int) -> Salvaged | None:
     if kind == "unknown" and mid is None:
         return None
     return Salvaged(offset, kind, mid)
+
+
+def _uint(payload: bytes, at: int) -> int | None:
+    """The msgpack unsigned integer at *at*, if it is one and whole."""
+    head = payload[at] if at < len(payload) else 0xC1
+    if head <= 0x7F:
+        return head
+    size = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(head)
+    if size is None or len(payload) < at + 1 + size:
+        return None
+    return int.from_bytes(payload[at + 1 : at + 1 + size], "big")

@@ -39,16 +39,17 @@ Guarantees:
   recovery and tried again (the in-flight window), never lost.
 * Recovery returns every message with a recipient that has no final record,
   with that recipient's last state (deferred: attempts and next attempt
-  time). A torn tail or damaged bytes anywhere are skipped (magic marker +
-  length + crc32 per record, resynchronized at the next good record), warned
-  about (``SpoolRecoveryWarning`` and the ``fastmta.queue.spool`` logger) and
-  counted in :class:`~fastmta.queue.recovery.RecoveryReport`; then the
-  journal is rewritten clean. Damage never loses a message silently: one
-  whose record or body cannot be read is named in ``report.lost`` (or, at
-  sending, :meth:`Spool.read_body` raises ``BodyDamaged``: :meth:`Spool.mark_lost`).
-* A journal missing, empty or without a valid record beside stored bodies is
-  refused (SpoolError) unless ``accept_reset``; one of a newer format
-  (header version, unknown record kind) is refused and left untouched.
+  time). Damage is handled as :mod:`~fastmta.queue.recovery` says: one
+  flipped bit repaired, other damaged bytes and a torn tail skipped, each
+  warned about (``SpoolRecoveryWarning``, the ``fastmta.queue.spool`` logger)
+  and counted in the RecoveryReport; the journal is then rewritten clean. A
+  message whose record or body cannot be read is named in ``report.lost`` (or,
+  at sending, :meth:`Spool.read_body` raises ``BodyDamaged``: :meth:`Spool.mark_lost`).
+* Refused and left untouched: a journal of a newer format; one missing or
+  empty beside stored bodies (``JournalReset``) unless ``accept_reset``; one
+  damaged beyond repair where it said which input rows were taken
+  (``ProgressDamaged``) unless ``accept_lost_progress``: a lost message record
+  is one message, a lost progress record a whole input sent again.
 * A body segment is deleted once every message in it is final and that is on
   disk; the journal is compacted (rewritten with live state only, atomically:
   write, fsync, rename, fsync directory) when it has grown ``compact_ratio``
@@ -71,9 +72,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from fastmta.errors import InputError
 from fastmta.queue.commit import GroupCommit
 from fastmta.queue.compaction import compact_idle, compact_journal, compaction_due
 from fastmta.queue.disk import Disk, SpoolStats, default_fsync
@@ -89,6 +87,7 @@ from fastmta.queue.journal_records import (
     InputTake,
     SourceRef,
     StateRecord,
+    encode_record,
     record_encoder,
 )
 from fastmta.queue.records import Status
@@ -145,6 +144,7 @@ class Spool:
         auto_compact: bool = True,
         fsync: Callable[[int], None] | None = None,
         accept_reset: bool = False,
+        accept_lost_progress: bool = False,
     ) -> None:
         """
         commit_interval: how long the first waiting add may wait for others to
@@ -160,12 +160,16 @@ class Spool:
         accept_reset: open even if the journal is missing, empty or without a
             valid record while ``data/`` holds bodies (SpoolError otherwise):
             warn, report it, and delete those bodies.
+        accept_lost_progress: open even if a record of which input rows were
+            taken is damaged beyond repair (ProgressDamaged otherwise): those
+            rows may be read, and sent, again.
         """
         self.directory = Path(directory)
         self.compact_min_bytes = compact_min_bytes
         self.compact_ratio = compact_ratio
         self.auto_compact = auto_compact
         self._accept_reset = accept_reset
+        self._accept_lost_progress = accept_lost_progress
         self.stats = SpoolStats()
         disk = Disk(fsync or default_fsync, self.stats)
         self._journal = JournalFile(self.directory, disk)
@@ -233,7 +237,9 @@ class Spool:
         started = time.perf_counter()
         self._journal.discard_tmp()  # a compaction died before its rename: the journal is whole
         segments = self._segments.on_disk()
-        st, report = replay_at_open(self._journal.path, segments, self._segments.disk_usage, self._accept_reset)
+        st, report = replay_at_open(
+            self._journal.path, segments, self._segments.disk_usage, self._accept_reset, self._accept_lost_progress
+        )
         # Open state: inputs, per-message counters, segment reference counts.
         for inp in st.inputs.values():
             self._inputs_by_id[inp.id] = inp
@@ -391,7 +397,7 @@ class Spool:
         ref = self._segments.next_ref(len(body)) if body is not None else None
         when = time.time() if queued_at is None else queued_at
         add = AddRecord(message_id, sender, list(recipients), when, ref, source, meta or None, take)
-        record = _encode(add, f"message {message_id}")  # before anything changes
+        record = encode_record(add, f"message {message_id}")  # before anything changes
         seg = -1
         if body is not None:
             seg = self._segments.place(body).seg  # at *ref*: nothing was placed since next_ref()
@@ -477,7 +483,7 @@ class Spool:
         if cur is not None and cur.fingerprint == fingerprint:
             return cur
         inp = InputState(self._next_input_id, key, fingerprint)
-        record = _encode(inp.record(), f"input {key!r}")  # before anything changes
+        record = encode_record(inp.record(), f"input {key!r}")  # before anything changes
         if cur is not None:
             inp.taken = cur.taken
         self._next_input_id += 1
@@ -639,11 +645,3 @@ class Spool:
     def __repr__(self) -> str:
         return f"<Spool {self.directory} live={len(self._live)} journal={self._journal.size}B>"
 
-
-def _encode(record: Any, what: str) -> bytes:
-    """*record* for the journal, encoded before the spool changes anything: what cannot be recorded (a lone
-    surrogate) refuses *what* without a trace (a row marked taken first was skipped as sent, never queued)."""
-    try:
-        return record_encoder.encode(record)
-    except (ValueError, TypeError, OverflowError, msgspec.EncodeError) as exc:
-        raise InputError(f"{what}: cannot be recorded: {exc}") from None

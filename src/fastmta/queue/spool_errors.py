@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from fastmta.errors import FastMTAError
 
-__all__ = ["BodyDamaged", "JournalReset", "SpoolError", "SpoolFormatError", "SpoolLocked", "SpoolRecoveryWarning"]
+__all__ = [
+    "BodyDamaged",
+    "JournalReset",
+    "ProgressDamaged",
+    "SpoolError",
+    "SpoolFormatError",
+    "SpoolLocked",
+    "SpoolRecoveryWarning",
+]
 
 
 class SpoolError(FastMTAError):
@@ -28,6 +36,15 @@ class JournalReset(SpoolError):
 
     Starting over would lose those messages (or send them again): opening
     refuses unless told to accept the reset (``Spool(..., accept_reset=True)``).
+    """
+
+
+class ProgressDamaged(SpoolError):
+    """The journal's record of which input rows were taken is damaged beyond repair.
+
+    Reading those inputs again would send rows a second time (a whole input,
+    if its only record is gone): opening refuses, and leaves the journal
+    untouched, unless told to accept it (``Spool(..., accept_lost_progress=True)``).
     """
 
 

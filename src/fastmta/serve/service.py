@@ -56,7 +56,7 @@ from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.journal_records import InputTake
 from fastmta.queue.records import new_message_id, split_address
 from fastmta.queue.spool import Spool
-from fastmta.queue.spool_errors import SpoolError
+from fastmta.queue.spool_errors import ProgressDamaged, SpoolError
 from fastmta.serve.admin import build_admin_app
 from fastmta.serve.api import INJECTION_PATHS, Unavailable
 from fastmta.serve.auth import Accounts, RelayPolicy, TokenRing
@@ -88,9 +88,11 @@ class Service:
 
     def __init__(
         self, config: ServiceConfig, *, config_path: Path | None = None,
-        campaign_check: Callable[[Path], str | None] | None = None,
+        campaign_check: Callable[[Path], str | None] | None = None, accept_lost_progress: bool = False,
     ) -> None:
         self.config = config
+        #: Open a queue whose input progress is damaged beyond repair (Spool's accept_lost_progress).
+        self.accept_lost_progress = accept_lost_progress
         #: ``fastmta check`` on each campaign dropped in the pickup directory (given by the command line,
         #: which may import the checker: the service may not).
         self.campaign_check = campaign_check
@@ -167,9 +169,12 @@ class Service:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.data_dir / "inbound").mkdir(exist_ok=True, mode=0o700)
         try:
-            self._spool = await asyncio.to_thread(functools.partial(Spool, self.data_dir / "queue"))
+            self._spool = await asyncio.to_thread(functools.partial(
+                Spool, self.data_dir / "queue", accept_lost_progress=self.accept_lost_progress,
+            ))
         except SpoolError as exc:
-            raise ConfigError(f"cannot open the queue in {self.data_dir / 'queue'}: {exc}") from None
+            hint = " (or start with --accept-lost-progress)" if isinstance(exc, ProgressDamaged) else ""
+            raise ConfigError(f"cannot open the queue in {self.data_dir / 'queue'}: {exc}{hint}") from None
         if self._spool.report.damaged:
             log.error("queue recovery: %s", self._spool.report)
         self._accounting = AccountingLog(self.data_dir / "accounting.jsonl")
