@@ -79,3 +79,10 @@ class SMTPTimeout(DeliveryError):
 
 class ConnectError(DeliveryError):
     """The TCP (or TLS) connection could not be established or was lost."""
+
+
+class LocalShortage(ConnectError):
+    """A connection could not be made for want of something on *this* machine: file descriptors
+    (EMFILE, ENFILE), socket buffers or memory. Not the receiver's fault: its host is not marked
+    down, its throttle not cut, and no recipient is charged an attempt; the connection is tried
+    again once something is freed."""

@@ -340,6 +340,9 @@ class SmtpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     tls: str = "opportunistic"
     #: Verify certificates (off by default between MTAs, like Postfix's "may").
     tls_verify: bool = False
+    #: Outbound connections open at once over every site (PowerMTA's max-smtp-out). Default, and
+    #: upper bound: as many as the open-files limit leaves room for (fastmta.delivery.budget).
+    max_connections: PositiveInt | None = None
     timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
 
     def __post_init__(self) -> None:

@@ -46,6 +46,7 @@ from fastmta.delivery.batch import Batch, Delivery
 from fastmta.delivery.dispatch import Dispatcher, Select, Taken, split_batches, split_recipients
 from fastmta.delivery.ledger import Ledger
 from fastmta.delivery.pool import SiteQueue
+from fastmta.delivery.pool_view import describe_site_queue
 from fastmta.delivery.routing import Route
 from fastmta.errors import Scope
 from fastmta.feedback.classification import BounceType, Category, Classification
@@ -471,7 +472,7 @@ class QueueControl:
                 for b in batches:
                     count(r, field, b.message, len(b.recipients), b.recipients if field != "in_flight" else ())
             r["connections"] = q.connections
-            r["throttle"] = q.describe(now, wall - now)
+            r["throttle"] = describe_site_queue(q, now, wall - now)
             if q.throttle.warmup is not None:  # the step, today's figures and why it holds
                 r["throttle"]["warmup"] = {**(r["throttle"]["warmup"] or {}), **q.throttle.warmup.describe()}
         for key, held in self._held.items():
@@ -546,7 +547,7 @@ class QueueControl:
             entry["message_id"] = msg.id
             site = (w[2] if w is not None else None) or self._site_of(rcpt, memo)
             entry["site"] = site
-            entry["throttles"] = [{"source": s, "site": q.site, **q.describe(now, wall - now)}
+            entry["throttles"] = [{"source": s, "site": q.site, **describe_site_queue(q, now, wall - now)}
                                   for (s, _), q in self._dispatch.queues.items() if site is not None and q.site == site]
             entry["suspended_by"] = self._rules_for(msg, rcpt, site)
             entry["reason"] = _explain(entry)

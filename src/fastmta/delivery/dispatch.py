@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source
+from fastmta.delivery.budget import ConnectionBudget, default_connection_limit
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.limits import limits_for
 from fastmta.delivery.pool import Gate, ResultCallback, SiteQueue
@@ -82,6 +83,8 @@ class Dispatcher:
         self._on_result = on_result
         self._on_expired = on_expired
         self._on_park = on_park  # untried recipients parked at a held site (<0) or back (>0): SiteQueue.put
+        # The machine's open-files limit bounds the cap: a configured one can only be lower.
+        self.budget = ConnectionBudget(min(config.smtp.max_connections or 1 << 30, default_connection_limit()))
         self._sources = [Source(s.name, s.address, s.ehlo_name, s.weight) for s in config.sources] or [
             Source("default", None, "localhost")
         ]
@@ -289,6 +292,7 @@ class Dispatcher:
                 source, site, self._limits_for(site), throttle=self.throttles.get(source.name, site, now),
                 classifier=self.classifier, timeouts=self._timeouts, health=self._health,
                 on_result=self._on_result, on_expired=self._on_expired, tls=self._tls, tls_context=self._tls_context,
+                budget=self.budget,
             )
             queue.gate = self.gate
             queue.on_park = self._on_park

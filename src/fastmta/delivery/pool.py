@@ -20,13 +20,13 @@ import math
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source, one_at_a_time
+from fastmta.delivery.budget import SHORTAGE_PAUSE, ConnectionBudget, warn_shortage
 from fastmta.delivery.eai import EnvelopePlan, plan_without_smtputf8
 from fastmta.delivery.routing import Route, RouteHost
-from fastmta.delivery.throttle import EventKind, SiteThrottle, ThrottleEvent
-from fastmta.errors import ConnectError, Scope
+from fastmta.delivery.throttle import SiteThrottle
+from fastmta.errors import ConnectError, LocalShortage, Scope
 from fastmta.feedback.appliances import identify_server
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classify import Classifier
@@ -73,7 +73,9 @@ class SiteQueue:
         on_expired: Callable[[Batch, Reply | None], None],
         tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC,
         tls_context: ssl.SSLContext | None = None,
+        budget: ConnectionBudget | None = None,
     ) -> None:
+        self.budget = budget  # connections open at once over every site (None: no such cap)
         self.source = source
         self.site = site
         self.limits = limits
@@ -220,6 +222,8 @@ class SiteQueue:
             return
         wait = self.throttle.connection_wait(len(self._tasks), now)
         if wait <= 0:
+            if self.budget is not None and not self.budget.take(self._kick):
+                return  # every connection the machine allows is open: kicked again when one closes
             task = asyncio.ensure_future(self._connection_task())
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
@@ -247,29 +251,10 @@ class SiteQueue:
     def sender_held(self, batches: deque[Batch]) -> None:
         self._held = batches
 
-    def describe(self, now: float, offset: float) -> dict[str, Any]:
-        """For an operator: the throttle and connection state, and why (times: loop + *offset* = wall)."""
-        t = self.throttle
-        st = t.status(now)
-        cut = next((e for e in reversed(t.events) if e.kind in (EventKind.SUSPEND, EventKind.HOLD) or (
-            e.kind in (EventKind.WINDOW, EventKind.RATE) and e.old is not None and e.new is not None and e.new < e.old
-        )), None)  # fmt: skip
-        until, route, src = st.suspended_until, self.last_route, self.source.address
-        down = [f"{a}:{h.port}" for h, a in route.targets() if self.health.is_down(src, a, h.port)] if route else []
-
-        def event(e: ThrottleEvent | None) -> dict[str, Any] | None:
-            return None if e is None else {
-                "at": round(e.at + offset, 3), "kind": e.kind.value, "old": e.old, "new": e.new, "reason": e.reason,
-            }  # fmt: skip
-
-        return {
-            "window": st.window, "rate": st.rate, "probing": st.probing,
-            "suspended_until": round(until + offset, 3) if until is not None else None,
-            "suspended_for": round(max(0.0, until - now), 3) if until is not None else 0.0,
-            "warmup": {"quota": st.warmup_quota, "sent": st.warmup_sent} if st.warmup_quota is not None else None,
-            "last_event": event(t.events[-1] if t.events else None), "last_throttle": event(cut),
-            "reconnect_in": round(max(0.0, self._hold_until - now), 3), "hosts_down": down,
-        }  # fmt: skip
+    @property
+    def reconnect_at(self) -> float:
+        """No new connection before this loop time (a pause after refused connections)."""
+        return self._hold_until
 
     def retry_now(self) -> None:
         """An operator says "try now": forget the pause after refused connections and the
@@ -320,6 +305,13 @@ class SiteQueue:
         """One connection's life. The next connection is opened by ``_kick`` (from
         ``_task_done``), so every connection passes the throttle's window, its
         connection rate and any pause, reconnects included."""
+        try:
+            await self._connection()
+        finally:
+            if self.budget is not None:
+                self.budget.give()
+
+    async def _connection(self) -> None:
         try:
             if not self.ready or self._closing:
                 return
@@ -392,6 +384,14 @@ class SiteQueue:
                     # so traffic must not move to the backup MX because of it.
                     self.health.mark_down(src, address, host.port)
                 continue
+            except LocalShortage as exc:
+                # This machine ran out (of file descriptors, most often), not the host: nothing is
+                # marked down, the throttle is not cut, no recipient is charged an attempt. Before,
+                # 24 descriptors for 300 connections made 70,783 deferrals blamed on the receivers.
+                warn_shortage(self.site, exc)
+                self._expire_overdue(Reply.local(451, "4.3.0", str(exc)))
+                self._schedule_reconnect(SHORTAGE_PAUSE)  # a connection closing elsewhere frees one
+                return None, None
             except ConnectError as exc:
                 last, last_host = Reply.local(451, "4.4.1", str(exc)), (host.name, address)
                 self.health.mark_down(src, address, host.port)

@@ -17,13 +17,14 @@ how one connection gets one round trip per message.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union, cast
 
-from fastmta.errors import ConnectError, ProtocolError
+from fastmta.errors import ConnectError, LocalShortage, ProtocolError
 from fastmta.smtp.protocol import (
     ClientProtocol,
     Closed,
@@ -39,6 +40,9 @@ from fastmta.smtp.protocol import (
     TransactionResult,
 )
 from fastmta.smtp.reply import Reply
+
+#: Connect errors that say this machine is short of something, not that the receiver failed.
+_LOCAL_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 #: Called with a transaction's result, from inside the read that completed it.
 ResultCallback = Callable[[TransactionResult], None]
@@ -165,7 +169,8 @@ class SMTPConnection(asyncio.Protocol):
         except OSError as exc:
             # asyncio's message ("Connect call failed ...") hides the reason; errno has it.
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ConnectError(f"connect to {host}:{port} failed: {reason}") from exc
+            kind = LocalShortage if exc.errno in _LOCAL_SHORTAGES else ConnectError
+            raise kind(f"connect to {host}:{port} failed: {reason}") from exc
         try:
             await conn._ready
         except BaseException:
