@@ -615,6 +615,7 @@ class MessagesPerConnection(asyncio.Protocol):
 
     limit = 3
     exim = True
+    hangup = False  # or: answer the limit's last message, and hang up on whatever was pipelined behind it
     stored: list[bytes]
     refused_on_one_connection: list[int]
 
@@ -636,6 +637,10 @@ class MessagesPerConnection(asyncio.Protocol):
                 self.buffer, self.in_data = self.buffer[end + 5 :], False
                 self.taken += 1
                 out.append(b"250 2.0.0 queued\r\n")
+                if self.hangup and self.taken >= self.limit:
+                    self.transport.write(b"".join(out))
+                    self.transport.close()
+                    return
                 continue
             line, sep, rest = self.buffer.partition(b"\r\n")
             if not sep:
@@ -698,5 +703,30 @@ def test_a_messages_per_connection_limit_means_a_new_connection_not_a_slower_sit
         assert cuts == []  # not a rate limit: nothing slowed down
         assert max(refusals) <= 2  # the session is left once it says it is done (pipelined: at most 2)
         assert time.monotonic() - started < 30  # no rate halved ten times over
+
+    run(main())
+
+
+def test_a_message_pipelined_behind_the_last_one_a_server_takes_goes_again_at_once(run: Run) -> None:
+    # Found by an interoperability attack: a server that answers a message's end of data and hangs up
+    # (a limit of messages a connection, said by closing) never answered the MAIL pipelined behind it;
+    # that message went into the retry schedule (60 s, then 120 s) though the server never saw it.
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, Status
+
+    async def main() -> None:
+        stored: list[bytes] = []
+        attrs = {"stored": stored, "refused_on_one_connection": [], "hangup": True, "limit": 2}
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: type("P", (MessagesPerConnection,), attrs)(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            cfg = config_from_dict({"routing": {"static": {"*": [f"127.0.0.1:{port}"]}}, "smtp": {"tls": "never"},
+                                    "sites": {"*": {"max_connections": 1, "adaptive": {"enabled": False}}}})
+            async with Engine(cfg) as engine:
+                ids = [await engine.submit(TRICKY, "s@a.test", [f"r{i}@x.test"]) for i in range(20)]
+                outcomes = [o for i in ids for o in await asyncio.wait_for(engine.result(i), 30)]
+        assert [(o.status, o.attempts) for o in outcomes] == [(Status.DELIVERED, 1)] * 20  # none deferred
+        assert len(stored) == 20
 
     run(main())

@@ -12,7 +12,14 @@ from fastmta.queue.records import Message, Recipient
 from fastmta.smtp.protocol import Phase
 from fastmta.smtp.reply import Reply
 
-__all__ = ["Batch", "Delivery", "HostHealth", "SiteLimits", "Source", "one_at_a_time"]
+__all__ = ["CLASSIFY_PHASE", "Batch", "Delivery", "HostHealth", "SiteLimits", "Source", "one_at_a_time"]
+
+#: protocol phase -> the classifier's name for it
+CLASSIFY_PHASE: dict[Phase, str] = {
+    Phase.GREETING: "connect", Phase.EHLO: "ehlo", Phase.HELO: "helo", Phase.STARTTLS: "starttls",
+    Phase.MAIL: "mail", Phase.RCPT: "rcpt", Phase.DATA: "data", Phase.END_OF_DATA: "eod",
+    Phase.BDAT: "eod", Phase.RSET: "mail", Phase.QUIT: "quit",
+}
 
 log = logging.getLogger("fastmta.delivery.pool")
 
@@ -62,6 +69,11 @@ class Batch:
     recipients: list[Recipient]
     route: Route
     source: str = ""  # name of the egress source whose queue holds it
+
+    @property
+    def untried(self) -> int:
+        """Recipients never tried: what parking the batch takes off the engine's read-ahead."""
+        return sum(r.status is None for r in self.recipients)
 
 
 @dataclass(frozen=True, slots=True)

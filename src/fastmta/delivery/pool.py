@@ -21,7 +21,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source, one_at_a_time
+from fastmta.delivery.batch import CLASSIFY_PHASE, Batch, Delivery, HostHealth, SiteLimits, Source, one_at_a_time
 from fastmta.delivery.budget import SHORTAGE_PAUSE, ConnectionBudget, warn_shortage
 from fastmta.delivery.eai import EnvelopePlan, plan_without_smtputf8
 from fastmta.delivery.routing import Route, RouteHost
@@ -141,7 +141,7 @@ class SiteQueue:
             held = self._held_back()
             if self.parked or held:
                 # In order behind those parked already; taken off the read-ahead only while held.
-                n = _untried(batch) if held else 0
+                n = batch.untried if held else 0
                 self.parked.append((batch, n))
                 if n and self.on_park is not None:
                     self.on_park(-n)
@@ -173,7 +173,7 @@ class SiteQueue:
         gone = 0
         while len(self.ready) > self.allowance:
             batch = self.ready.pop()
-            n = _untried(batch)
+            n = batch.untried
             self.parked.appendleft((batch, n))
             gone += n
         if gone and self.on_park is not None:
@@ -487,7 +487,7 @@ class SiteQueue:
         means "more work, open a new connection".
         """
         limits = self.limits
-        sent = 0
+        sent = answered = requeued = 0
         while True:
             while (
                 self.ready
@@ -543,6 +543,15 @@ class SiteQueue:
                 result = await fut
                 inflight.popleft()
                 self.transactions += 1
+                if result.mail_reply is None and answered and not self._closing and not self.throttle.probing:
+                    # Never answered, behind one that was: the server hung up (or fell silent) and never saw
+                    # it. Again at once, first, on a new connection (before: the retry schedule, 60 s+).
+                    self.limits = one_at_a_time(self.limits, self.site, *result.recipient_results()[0])
+                    self.sending.pop(id(batch), None)
+                    self.ready.insert(requeued, batch)
+                    requeued += 1
+                    continue
+                answered += 1
                 if self._result(batch, ticket, result, delivery, plan):
                     sent = limits.max_messages_per_connection  # its session is done: a new connection next
                 continue
@@ -634,17 +643,6 @@ class SiteQueue:
             self.on_result(batch, [(reply, "connect", c)] * len(batch.recipients), delivery)
 
 
-def _untried(batch: Batch) -> int:  # what parking takes off the engine's read-ahead
-    return sum(r.status is None for r in batch.recipients)
-
-
 #: Connection refusals for our pace (421) tolerated before the ready batches
 #: are deferred (the pauses between them grow: 1 + 2 + 4 + 8 s).
 _PATIENCE = 5
-
-#: protocol phase -> the classifier's name for it
-CLASSIFY_PHASE: dict[Phase, str] = {
-    Phase.GREETING: "connect", Phase.EHLO: "ehlo", Phase.HELO: "helo", Phase.STARTTLS: "starttls",
-    Phase.MAIL: "mail", Phase.RCPT: "rcpt", Phase.DATA: "data", Phase.END_OF_DATA: "eod",
-    Phase.BDAT: "eod", Phase.RSET: "mail", Phase.QUIT: "quit",
-}
