@@ -96,11 +96,11 @@ def test_two_flipped_bits_lose_only_their_record() -> None:
         damaged = bytearray(data)
         damaged[pos] ^= 0x81
         got, report = _scan(bytes(damaged))
-        if _where(pos, offsets[k]) == "length":
-            # A damaged length is put right by where the next frame begins, and
-            # confirmed by the checksum, which covers the true length.
+        if _where(pos, offsets[k]) in ("marker", "length"):
+            # A damaged length is put right by where the next frame begins, a marker by where
+            # the last one ended: both confirmed by the checksum (which covers the true length).
             assert [p for _, p in got] == payloads, pos
-            assert report.repaired == [(offsets[k], "length")]
+            assert report.repaired == [(offsets[k], _where(pos, offsets[k]))]
             continue
         assert [p for _, p in got] == payloads[:k] + payloads[k + 1 :], pos
         assert report.damaged_regions == [(offsets[k], ends[k] - offsets[k])], pos
@@ -120,7 +120,7 @@ def test_a_repair_needs_the_checksum_to_confirm_it() -> None:
     for cut in range(offsets[2] + 1, len(data)):
         got, report = _scan(data[:cut])
         assert [p for _, p in got] == payloads[:2] and report.repaired == [] and report.torn_tail, cut
-    # A marker one bit off is taken only where a frame must begin, not anywhere in a damaged region.
+    # A damaged marker is taken only where a frame must begin, not anywhere in a damaged region.
     junk = bytes(b ^ 0x01 for b in MAGIC) + b"x" * 30
     fake = bytearray(frame(b"fake"))
     fake[0] ^= 0x02
@@ -214,3 +214,32 @@ def test_random_damage_never_crashes_and_keeps_untouched_records(
     assert all(check_frame(frame(p)) == p for _, p in got)
     assert report.frames == len(got)
     assert HEADER_SIZE == 12
+
+
+def test_a_damaged_length_is_repaired_when_the_payload_holds_the_marker() -> None:
+    # Found by a review: the frame was taken to end at the first marker, which was inside its payload.
+    payloads = [b"a" * 10, b"x" + MAGIC + b"y" * 20 + MAGIC + b"z", b"c" * 10]
+    data, offsets = _log(payloads)
+    for last in (False, True):
+        base = data if not last else data[: offsets[2]]
+        expect = payloads if not last else payloads[:2]
+        damaged = bytearray(base)
+        damaged[offsets[1] + 4] ^= 0x40
+        got, report = _scan(bytes(damaged))
+        assert [p for _, p in got] == expect and report.repaired == [(offsets[1], "length")], last
+
+
+def test_a_damaged_marker_is_repaired_where_a_frame_must_begin() -> None:
+    # The marker is outside the checksum: where a frame must begin (right after a good one, or at
+    # the start), a frame whose length and payload check out is taken whatever its marker says.
+    payloads = [b"a" * 10, b"b" * 10, b"c" * 10]
+    data, offsets = _log(payloads)
+    for k in range(3):
+        for marker in (b"\x00\x00\x00\x00", bytes(b ^ 0x81 for b in MAGIC)):
+            damaged = bytearray(data)
+            damaged[offsets[k] : offsets[k] + 4] = marker
+            got, report = _scan(bytes(damaged))
+            assert [p for _, p in got] == payloads and report.repaired == [(offsets[k], "marker")], (k, marker)
+    bad = bytearray(frame(b"hello"))
+    bad[0:4] = bytes(4)
+    assert repair_frame(bytes(bad)) == (b"hello", "marker")

@@ -290,6 +290,61 @@ def test_a_damaged_queued_body_is_reported_lost_not_silently_kept(tmp_path: Path
     assert summary["unfinished"] == 0  # nothing left queued for ever
 
 
+def test_rows_whose_records_a_damaged_queue_lost_are_sent_by_reread_inputs(
+    tmp_path: Path, world_writable_dir: Path
+) -> None:
+    # Found by a fault-injection attack: a campaign message whose Add record was damaged beyond repair
+    # was reported lost, and nothing could send its row again: the row was taken as far as the input's
+    # progress said. `--reread-inputs` reads every input from its first row and sends only the rows not
+    # recorded as taken: exactly those.
+    from fastmta.queue.journal import ScanReport, scan
+    from fastmta.queue.journal_records import AddRecord, record_decoder
+    from fastmta.queue.spool import Spool
+
+    spool, queue, acct = tmp_path / "spool", tmp_path / "queue", tmp_path / "acct.jsonl"
+    expected = make_campaign(spool, 2000)
+    with embedded_sink(["--capture", str(world_writable_dir)]) as (host, port):
+        cmd = send_cmd(spool, queue, acct, host, port)
+        journal = queue / "journal"
+        kills = 0
+        while kills < 5:  # until a kill leaves unsent rows behind the input's recorded progress
+            kills += 1
+            assert _kill_after_commits(cmd, 3) == -signal.SIGKILL
+            s = Spool(queue)
+            arrived = set(_copies(world_writable_dir))
+            victims = {  # campaign rows not sent yet (not in flight at the kill either)
+                m.id for m in s.take_recovered()
+                if m.meta.get("job") and not {r.address for r in m.recipients} & arrived
+            }
+            with open(journal, "rb") as f:
+                adds = [(o, len(p), r) for o, p in scan(f, ScanReport())
+                        if isinstance(r := record_decoder.decode(p), AddRecord) and r.id in victims]
+            # Before the input's recorded progress: a rerun reads on from there, not again from them.
+            frames = [(o, n, r) for o, n, r in adds if r.take is not None
+                      and r.take.row < s.input_by_id(r.take.input).row][:3]  # type: ignore[union-attr]
+            s.close_sync()
+            if len(frames) == 3:
+                break
+        assert len(frames) == 3, len(adds)
+        damaged = bytearray(journal.read_bytes())
+        for off, n, _ in frames:
+            damaged[off + 12 + n // 2] ^= 0x41  # two bits: beyond repair
+        journal.write_bytes(bytes(damaged))
+        lost_rcpts = {r for _, _, rec in frames for r in rec.rcpts}
+        second = subprocess.run(cmd + ["--summary-json", str(tmp_path / "s2.json")], capture_output=True,
+                                text=True, timeout=600)
+        assert second.returncode == 1 and "--reread-inputs" in second.stderr, second.stderr[-3000:]
+        assert len(json.loads((tmp_path / "s2.json").read_text())["lost"]) == 3
+        assert not lost_rcpts & set(_copies(world_writable_dir))  # never sent
+        third = subprocess.run(cmd + ["--reread-inputs", "--summary-json", str(tmp_path / "s3.json")],
+                               capture_output=True, text=True, timeout=600)
+        assert third.returncode == 0, third.stderr[-3000:]
+    assert json.loads((tmp_path / "s3.json").read_text())["delivered"] == 3  # those rows, and no other
+    copies = _copies(world_writable_dir)
+    assert set(copies) == set(expected)
+    assert sum(n - 1 for n in copies.values()) <= kills * IN_FLIGHT_WINDOW  # the kills' in-flight windows
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is *pid* (its intake process)."""
     found = []

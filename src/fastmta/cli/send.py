@@ -65,7 +65,7 @@ from fastmta.cli import UsageError, parse_hostport
 from fastmta.cli.display import Progress
 from fastmta.cli.precheck import campaign_checker, precheck
 from fastmta.cli.runtime import tune_gc
-from fastmta.cli.send_queue import QueueRefused, open_queue
+from fastmta.cli.send_queue import QUEUE_REFUSED, QueueRefused, add_queue_arguments, open_queue
 from fastmta.cli.sinkproc import embedded_sink
 from fastmta.cli.terminal import safe_text
 from fastmta.delivery.accounting import AccountingLog
@@ -111,9 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lifetime", type=float, metavar="SECONDS",
                    help="expire recipients not delivered after this long (default: config, 5 days)")
     p.add_argument("--summary-json", type=Path, metavar="FILE", help="also write the final summary as JSON")
-    p.add_argument("--queue-dir", type=Path, metavar="DIR",
-                   help="durable queue (journal + bodies); a rerun resumes from it "
-                        "(default: SPOOL/.fastmta; with --sink a temporary one)")
+    add_queue_arguments(p)
     p.add_argument("--force", action="store_true",
                    help="send campaigns even when `fastmta check` (run on each before it starts) finds errors")
     p.add_argument("--no-check", action="store_true", help="do not run `fastmta check` on campaigns before sending")
@@ -122,13 +120,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="check every recipient against this suppression list (SQLite, as `fastmta suppress` and "
                         "fastmta serve keep it; default $FASTMTA_SUPPRESSIONS): a suppressed recipient gets an "
                         "accounting record 'suppressed' and is never sent")
-    p.add_argument("--accept-journal-reset", action="store_true",
-                   help="open a queue whose journal is missing or empty beside stored bodies (they are lost, "
-                        "and reported); without it such a queue is refused")
-    p.add_argument("--accept-lost-progress", action="store_true",
-                   help="open a queue whose record of which input rows were taken is damaged beyond repair: every "
-                        "input is read again, and rows no longer recorded as taken are sent again; without it "
-                        "such a queue is refused, untouched")
     p.add_argument("--resume-campaign", action="append", default=[], metavar="ID",
                    help="resume a campaign the reputation guard paused in an earlier run (its figures are counted "
                         "afresh: paused again only if what follows is bad too); repeatable")
@@ -292,6 +283,9 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
         return _nothing_done(args, queue_dir, str(exc))
     if spool.report.damaged:
         progress.note(f"queue recovery: {spool.report}")
+    if args.reread_inputs:
+        progress.note(f"reading {spool.reread_inputs():,} input(s) again from their first rows: the rows not "
+                      "recorded as taken are sent")
     rejects = RejectLog(queue_dir / "rejects.jsonl", progress.note)
     if rejects.earlier:
         progress.note(f"{rejects.earlier:,} input(s) rejected by an earlier run that ended before reporting them: "
@@ -617,7 +611,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastmta send: {summary['accounting_unwritten']:,} outcome(s) in all may have no line in the "
               f"accounting log (its disk failed); the queue's journal has them", file=sys.stderr)
     if summary.get("fatal"):
-        print(f"fastmta send: stopped: the delivery record could not be kept: {safe_text(summary['fatal'])} "
+        fatal = safe_text(summary["fatal"])
+        print(f"fastmta send: {fatal}" if fatal.startswith(QUEUE_REFUSED) else
+              f"fastmta send: stopped: the delivery record could not be kept: {fatal} "
               f"(fix the cause and run again: the queue resumes)", file=sys.stderr)
         return 1
     # Not all read: said first, and the exit status is 1 whatever follows (the rest is read by a rerun).
@@ -627,7 +623,8 @@ def run(args: argparse.Namespace) -> int:
               f"delivered; run again to read the rest)", file=sys.stderr)
     if summary["lost"]:
         print(f"fastmta send: {len(summary['lost'])} accepted message(s) could not be recovered from the queue "
-              f"(accounted with status 'lost')", file=sys.stderr)
+              f"(accounted with status 'lost'); those made from campaign rows or pickup files are sent by "
+              f"`fastmta send --reread-inputs` (it sends only rows not recorded as taken)", file=sys.stderr)
         return 1
     for p in summary["paused"]:
         print(f"fastmta send: campaign {safe_text(p['campaign'])} is paused by the reputation guard; its "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
 
@@ -9,13 +10,32 @@ from fastmta.cli import UsageError
 from fastmta.queue.spool import Spool
 from fastmta.queue.spool_errors import JournalReset, ProgressDamaged, SpoolError, SpoolLocked, SpoolRecoveryWarning
 
-__all__ = ["QueueRefused", "open_queue"]
+__all__ = ["QUEUE_REFUSED", "QueueRefused", "add_queue_arguments", "open_queue"]
+
+QUEUE_REFUSED = "cannot open the queue: "  # how a refusal's text begins (the summary's "fatal")
 
 # What the command line offers for each refusal that an operator may choose to accept.
 _HINTS: dict[type[SpoolError], str] = {
     JournalReset: " (restore the journal, or run with --accept-journal-reset)",
-    ProgressDamaged: " (or run with --accept-lost-progress)",
+    ProgressDamaged: " [--accept-lost-progress]",
 }
+
+
+def add_queue_arguments(p: argparse.ArgumentParser) -> None:
+    """`fastmta send`'s options about its queue."""
+    p.add_argument("--queue-dir", type=Path, metavar="DIR",
+                   help="durable queue (journal + bodies); a rerun resumes from it "
+                        "(default: SPOOL/.fastmta; with --sink a temporary one)")
+    p.add_argument("--accept-journal-reset", action="store_true",
+                   help="open a queue whose journal is missing or empty beside stored bodies (they are lost, "
+                        "and reported); without it such a queue is refused")
+    p.add_argument("--accept-lost-progress", action="store_true",
+                   help="open a queue whose record of which input rows were taken is damaged beyond repair: every "
+                        "input is read again, and rows no longer recorded as taken are sent again; without it "
+                        "such a queue is refused, untouched")
+    p.add_argument("--reread-inputs", action="store_true",
+                   help="read every input again from its first row, sending only the rows not recorded as taken "
+                        "(after a damaged queue lost messages: their rows are sent)")
 
 
 class QueueRefused(Exception):
@@ -34,4 +54,4 @@ def open_queue(queue_dir: Path, accept_reset: bool, accept_lost_progress: bool) 
         raise UsageError(f"{queue_dir} is in use by another fastmta process") from None
     except (OSError, SpoolError) as exc:
         hint = next((text for kind, text in _HINTS.items() if isinstance(exc, kind)), "")
-        raise QueueRefused(f"cannot open the queue: {exc}{hint}") from None
+        raise QueueRefused(f"{QUEUE_REFUSED}{exc}{hint}") from None

@@ -37,7 +37,7 @@ from fastmta.queue.journal_records import (
     TakenRecord,
     record_encoder,
 )
-from fastmta.queue.recovery import live_frames, replay
+from fastmta.queue.recovery import PREFIX_END, live_frames, replay
 
 __all__ = ["compact_idle", "compact_journal", "compaction_due"]
 
@@ -81,6 +81,7 @@ def idle_frames(inputs: Iterable[InputState]) -> Iterator[bytes]:
         yield frame(enc(inp.record()))
         if len(inp.taken):
             yield from (frame(enc(TakenRecord(inp.id, keys))) for keys in inp.taken.chunks(TAKEN_KEYS_PER_RECORD))
+    yield PREFIX_END
 
 
 async def compact_idle(journal: JournalFile, commits: GroupCommit, inputs: Iterable[InputState]) -> None:

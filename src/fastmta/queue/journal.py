@@ -20,7 +20,9 @@ harmless: the checksum rejects the false frame (1 in 2**32 chance otherwise).
 The reader never raises on bad data; it reports what it skipped in a
 :class:`ScanReport` and leaves the policy (warn, rewrite) to the caller.
 
-One flipped bit is repaired, not skipped (:func:`repair_payload`): the most
+One flipped bit is repaired, not skipped (:func:`repair_payload`), and so is
+a damaged frame marker or length field where the checksum confirms the frame
+(it covers the length and the payload, not the marker): the most
 common damage (a bit rotting on disk or in memory) would otherwise lose the
 record, and losing an input's progress record means sending the whole input
 again. A repair is only taken when the checksum confirms it: CRC-32 tells
@@ -45,6 +47,7 @@ HEADER = struct.Struct("<4sII")
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 256 << 20  # a larger length field is damage, not data
 MAX_REPAIR = 64 << 10  # a flipped bit is searched for in payloads up to this size
+_LENGTH_TRIES = 8  # where a frame with a damaged length may end: the next markers (and the end of the file)
 _CHUNK = 1 << 20
 
 __all__ = [
@@ -124,10 +127,6 @@ def repair_payload(payload: bytes, crc: int) -> bytes | None:
     return None
 
 
-def _one_bit_off(magic: bytes) -> bool:
-    return (int.from_bytes(magic, "little") ^ int.from_bytes(MAGIC, "little")).bit_count() == 1
-
-
 def repair_frame(data: bytes, expected_length: int | None = None) -> tuple[bytes, str] | None:
     """The payload of the single frame *data* with one flipped bit undone, and where it was; else None.
 
@@ -143,7 +142,7 @@ def repair_frame(data: bytes, expected_length: int | None = None) -> tuple[bytes
         return None
     payload = data[HEADER_SIZE:]
     if magic != MAGIC:
-        ok = _one_bit_off(magic) and n == true_n and _crc_of(payload, n) == crc
+        ok = n == true_n and _crc_of(payload, n) == crc  # the marker is outside the checksum
         return (payload, "marker") if ok else None
     if n != true_n:
         return (payload, "length") if _crc_of(payload, true_n) == crc else None
@@ -187,11 +186,17 @@ def _repair_at(buf: bytes, pos: int, n: int, crc: int, eof: bool) -> tuple[bytes
     length, confirms it; otherwise one bit of the payload or the checksum.
     """
     start = pos + HEADER_SIZE
-    nxt = buf.find(MAGIC, start)
-    if nxt < 0 and eof:
-        nxt = len(buf)
-    if nxt >= 0 and nxt - start != n and nxt - start <= MAX_REPAIR and _crc_of(buf[start:nxt], nxt - start) == crc:
-        return buf[start:nxt], nxt, "length"
+    limit = min(len(buf), start + MAX_REPAIR)
+    nxt = buf.find(MAGIC, start, limit)
+    for _ in range(_LENGTH_TRIES):  # the marker may occur inside the payload: try the next ones too
+        end = nxt if nxt >= 0 else len(buf) if eof and len(buf) <= limit else -1
+        if end < 0:
+            break
+        if end - start != n and _crc_of(buf[start:end], end - start) == crc:
+            return buf[start:end], end, "length"
+        if nxt < 0:
+            break
+        nxt = buf.find(MAGIC, nxt + 1, limit)
     if n > MAX_REPAIR or len(buf) < start + n:
         return None
     payload = buf[start : start + n]
@@ -237,8 +242,10 @@ def scan(f: BinaryIO, report: ScanReport, start: int = 0, stop: int | None = Non
         if avail < HEADER_SIZE:
             break
         magic, n, crc = HEADER.unpack_from(buf, pos)
-        # A marker one bit off is taken only where a frame must begin (right after a good one).
-        ok = (magic == MAGIC or (bad_from < 0 and _one_bit_off(magic))) and n <= MAX_PAYLOAD
+        # A damaged marker is taken only where a frame must begin (right after a good one): the
+        # checksum, which covers the length and the payload, says whether a frame is there.
+        # (Up to a chunk: a damaged length there must not make it read far ahead.)
+        ok = n <= MAX_PAYLOAD if magic == MAGIC else bad_from < 0 and n <= _CHUNK
         if ok and avail < HEADER_SIZE + n:
             if not eof:
                 buf = buf[pos:] + read(max(_CHUNK, HEADER_SIZE + n - avail))

@@ -13,7 +13,8 @@ Each record is a msgspec Struct encoded as a msgpack array, one frame each
 * :class:`InputRecord`  an input's progress: key (what identifies it), fingerprint
   (its content), rows taken, done. :class:`ForgetRecord` drops it;
   :class:`DropRecord` drops a message. :class:`TakenRecord` keeps the keys of
-  an input's rows taken by messages that compaction removed.
+  an input's rows taken by messages that compaction removed. :class:`PrefixEnd`
+  ends what a rewrite wrote.
 
 :class:`InputState` is the live form of an input's records: what the spool
 keeps in memory and writes back as an :class:`InputRecord`.
@@ -47,6 +48,7 @@ __all__ = [
     "InputState",
     "InputTake",
     "JournalRecord",
+    "PrefixEnd",
     "SourceRef",
     "StateRecord",
     "TakenRecord",
@@ -159,6 +161,15 @@ class TakenRecord(msgspec.Struct, tag=6, array_like=True, forbid_unknown_fields=
     keys: bytes
 
 
+class PrefixEnd(msgspec.Struct, tag=7, array_like=True, forbid_unknown_fields=True, gc=False):
+    """The end of what a rewrite (at open, or compaction) wrote: every record after it was appended.
+
+    A rewrite is installed whole (written aside, fsync'd, renamed over), so
+    no crash leaves a journal that ends before this record: one that does
+    was cut short (a copy, a damaged file system), and lost what followed.
+    """
+
+
 class HeaderRecord(msgspec.Struct, tag=0, array_like=True, forbid_unknown_fields=True, gc=False):
     """The journal's format *version*: the first record of every journal this code writes.
 
@@ -174,10 +185,13 @@ class HeaderRecord(msgspec.Struct, tag=0, array_like=True, forbid_unknown_fields
 #: change an older fastmta would misread (a new record kind, a new field).
 #: 1: the records before headers existed. 2: AddRecord.take and TakenRecord
 #: (an input row consumed in the same record that accepts its message).
-#: Older versions are read and upgraded on the next rewrite.
-JOURNAL_VERSION = 2
+#: 3: PrefixEnd after every rewrite (a journal cut short inside it is told
+#: from a crash). Older versions are read and upgraded on the next rewrite.
+JOURNAL_VERSION = 3
 
-JournalRecord = HeaderRecord | AddRecord | StateRecord | InputRecord | DropRecord | ForgetRecord | TakenRecord
+JournalRecord = (
+    HeaderRecord | AddRecord | StateRecord | InputRecord | DropRecord | ForgetRecord | TakenRecord | PrefixEnd
+)
 #: The record kinds (msgpack tag -> name) this code reads.
 RECORD_TAGS = {int(t.__struct_config__.tag): t.__name__ for t in get_args(JournalRecord)}
 

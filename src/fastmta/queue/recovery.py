@@ -29,6 +29,7 @@ from typing import Any
 
 import msgspec
 
+from fastmta.keyset import KeySet
 from fastmta.queue.journal import HEADER_SIZE, ScanReport, frame, scan
 from fastmta.queue.journal_records import (
     DEFERRED_CODE,
@@ -41,6 +42,7 @@ from fastmta.queue.journal_records import (
     HeaderRecord,
     InputRecord,
     InputState,
+    PrefixEnd,
     SourceRef,
     StateRecord,
     TakenRecord,
@@ -52,6 +54,7 @@ from fastmta.queue.salvage import Salvaged, salvage_regions
 from fastmta.queue.spool_errors import JournalReset, ProgressDamaged, SpoolFormatError
 
 __all__ = [
+    "PREFIX_END",
     "LiveState",
     "LostMessage",
     "PendingMessage",
@@ -125,6 +128,7 @@ class RecoveryReport:
     #: Damaged records that said which input rows were taken (or may have): reading those inputs
     #: again would send rows a second time. Opening refuses (ProgressDamaged) unless told to accept.
     lost_progress: list[str] = field(default_factory=list)
+    rebuilt: list[str] = field(default_factory=list)  # keys of inputs rebuilt from a damaged record's readable id
     version: int = 1  # the journal's format version (1 if it has no header)
     reset: str = ""  # the journal looked reset beside stored bodies, and the open was told to accept it
     rewritten: bool = False  # the journal was rewritten (compacted) at open
@@ -150,8 +154,8 @@ class RecoveryReport:
             where = ", ".join(f"{what} at offset {off}" for off, what in self.repaired[:5])
             more = f" and {len(self.repaired) - 5} more" if len(self.repaired) > 5 else ""
             text += (
-                f"; repaired {len(self.repaired)} record(s) with one flipped bit, confirmed by their"
-                f" checksum ({where}{more})"
+                f"; repaired {len(self.repaired)} record(s) (one flipped bit, or a damaged marker or length),"
+                f" confirmed by their checksum ({where}{more})"
             )
         if self.undecodable:
             text += f"; {self.undecodable} undecodable records"
@@ -159,8 +163,11 @@ class RecoveryReport:
             text += f"; {len(self.missing_bodies)} message(s) lost their body"
         if self.reset:
             text += f"; {self.reset}"
+        if self.rebuilt:
+            text += f"; input(s) {', '.join(map(repr, self.rebuilt[:5]))} rebuilt from a damaged record: read again"
+            text += " from the first row, skipping the rows recorded as taken"
         if self.lost_progress:
-            text += f"; input progress lost (rows it said were taken may be sent again): {'; '.join(self.lost_progress)}"
+            text += f"; input progress lost (rows it said were taken may be sent again): {_some(self.lost_progress)}"
         if self.lost:
             names = ", ".join(m.id or f"unknown message at journal offset {m.offset}" for m in self.lost[:5])
             more = f" and {len(self.lost) - 5} more" if len(self.lost) > 5 else ""
@@ -169,6 +176,9 @@ class RecoveryReport:
 
 
 # --- replay ----------------------------------------------------------------------------
+
+#: The frame that ends every rewrite (see PrefixEnd).
+PREFIX_END = frame(record_encoder.encode(PrefixEnd()))
 
 
 class PendingMessage:
@@ -185,7 +195,10 @@ class PendingMessage:
 class LiveState:
     """The live state of a journal prefix: unfinished messages and inputs."""
 
-    __slots__ = ("by_key", "inputs", "msgs", "orphan_inputs", "orphans", "scan", "strays", "undecodable", "version")
+    __slots__ = (
+        "by_key", "inputs", "msgs", "orphan_keys", "orphan_taken", "orphans", "prefix_ended", "prefix_regions", "scan",
+        "strays", "undecodable", "version",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.msgs: dict[str, PendingMessage] = {}
@@ -198,9 +211,14 @@ class LiveState:
         # After damage: ids of orphan records -> their final recipient indices
         # (None: dropped). They name messages whose Add record was damaged.
         self.strays: dict[str, set[int] | None] = {}
-        # Ids of inputs that records refer to (rows taken, a message's row)
-        # but that have no record of their own: after damage, it was lost.
-        self.orphan_inputs: set[int] = set()
+        # Rows taken (by a TakenRecord or a message's InputTake) of inputs without a record of their
+        # own, by input id: after damage, the input's record may be the lost one (see _progress_damage).
+        self.orphan_keys: dict[int, KeySet] = {}
+        self.orphan_taken: set[int] = set()  # ids of those named by a TakenRecord (never legitimately orphan)
+        # Damaged regions before the first message record: the inputs' records of a compacted journal
+        # (the only place TakenRecords are ever written). -1: no message record seen yet.
+        self.prefix_regions = -1
+        self.prefix_ended = False  # a PrefixEnd was read (format 3: every whole journal has one)
 
 
 def replay(path: Path, stop: int | None = None) -> LiveState:
@@ -250,14 +268,14 @@ def replay(path: Path, stop: int | None = None) -> LiveState:
                     if m.remaining <= 0:
                         del msgs[rec.id]
             elif isinstance(rec, AddRecord):
+                if st.prefix_regions < 0:
+                    st.prefix_regions = len(st.scan.damaged_regions)
                 if rec.id not in msgs:
                     msgs[rec.id] = PendingMessage(rec)
                     src = rec.src
                     if src is not None:
                         inp = inputs.get(src.input)
-                        if inp is None:
-                            st.orphan_inputs.add(src.input)
-                        elif inp.row <= src.row:
+                        if inp is not None and inp.row <= src.row:
                             inp.row = src.row + 1
                 # Taken even if the message is already gone (a duplicate Add
                 # of a finished one): the row must never be read again.
@@ -265,7 +283,7 @@ def replay(path: Path, stop: int | None = None) -> LiveState:
                 if take is not None:
                     inp = inputs.get(take.input)
                     if inp is None:
-                        st.orphan_inputs.add(take.input)
+                        st.orphan_keys.setdefault(take.input, KeySet()).add(take.key)
                     else:
                         inp.taken.add(take.key)
             elif isinstance(rec, InputRecord):
@@ -288,9 +306,14 @@ def replay(path: Path, stop: int | None = None) -> LiveState:
             elif isinstance(rec, TakenRecord):
                 inp = inputs.get(rec.iid)
                 if inp is None:
-                    st.orphan_inputs.add(rec.iid)
+                    st.orphan_keys.setdefault(rec.iid, KeySet()).update_from_bytes(rec.keys)
+                    st.orphan_taken.add(rec.iid)
                 else:
                     inp.taken.update_from_bytes(rec.keys)
+            elif isinstance(rec, PrefixEnd):
+                st.prefix_ended = True
+                if st.prefix_regions < 0:
+                    st.prefix_regions = len(st.scan.damaged_regions)
             elif isinstance(rec, HeaderRecord):
                 if rec.version > JOURNAL_VERSION:
                     raise _newer(path, rec.version)
@@ -394,20 +417,38 @@ def replay_at_open(
             del st.msgs[mid]
     if st.scan.damaged_regions and exists:
         _damaged_records(path, st, report)
-        if report.lost_progress and accept_lost_progress:
+    if st.version >= 3 and st.scan.frames and not st.prefix_ended and not st.scan.middle_damage:
+        _cut_short(st, report)  # (with damage in the middle, the PrefixEnd may be what was damaged)
+    if report.lost_progress:
+        if accept_lost_progress:
             # Which rows a damaged record held is unknown: every input is read
             # again from its first row, skipping only the rows still recorded
             # as taken (a row whose Add record was lost is read, and sent, again).
             for inp in st.inputs.values():
                 inp.row, inp.done = 0, False
-        elif report.lost_progress:
+        else:
             raise ProgressDamaged(
                 f"{path}: damaged beyond repair where it recorded what was taken from the inputs:"
-                f" {'; '.join(report.lost_progress)}. Reading those inputs now would send rows already sent"
-                " a second time. Left untouched: restore the queue directory, or open it accepting the lost"
-                " progress (those inputs are then read again, skipping only the rows still recorded as taken)"
+                f" {_some(report.lost_progress)}. Reading the inputs now would send rows already sent"
+                " a second time. Left untouched: restore the queue directory, or accept the lost progress"
+                " (every input is then read again from its first row, skipping the rows still recorded as taken)"
             )
     return st, report
+
+
+def _cut_short(st: LiveState, report: RecoveryReport) -> None:
+    """The journal ends inside what its last rewrite wrote whole: cut short, not a crash. Say what is lost."""
+    at = st.scan.good_end
+    why = f"the journal is cut short at offset {at}, inside what its last rewrite wrote whole (not a crash)"
+    report.lost.append(LostMessage(None, [], {}, f"{why}: the messages recorded after it are lost", at))
+    # What inputs there were may be among what is lost (a cut right after the header): always refused.
+    report.lost_progress.append(f"{why}: the inputs and rows taken recorded after it are lost")
+
+
+def _some(items: list[str], n: int = 5) -> str:
+    """The first *n* of *items*, and how many more."""
+    more = f"; and {len(items) - n} more" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
 
 
 def _unfinished(m: PendingMessage) -> list[str]:
@@ -444,11 +485,10 @@ def _damaged_records(path: Path, st: LiveState, report: RecoveryReport) -> None:
     strays = st.strays
     unknown: list[int] = []
     named: set[str] = set()
-    for sv in salvage_regions(path, st.scan.damaged_regions, st.scan.torn_tail):
-        if sv.kind == "torn":
-            continue  # an append a crash cut short: never acknowledged
+    salvaged = [sv for sv in salvage_regions(path, st.scan.damaged_regions, st.scan.torn_tail) if sv.kind != "torn"]
+    _progress_damage(st, salvaged, report)  # torn: an append a crash cut short, never acknowledged
+    for sv in salvaged:
         report.damaged_records.append((sv.offset, sv.kind))
-        _progress_damage(st, sv, report)
         if sv.kind == "unknown" and sv.several:
             # Not paired with the messages later records name (below): it may
             # have held any number of records, of those messages or others.
@@ -495,28 +535,68 @@ def _damaged_records(path: Path, st: LiveState, report: RecoveryReport) -> None:
     for off in unknown[len(left) :]:  # each of the others may be one of the messages just named
         why = f"an unreadable damaged record at journal offset {off}: if it was an Add record, its message is lost"
         report.lost.append(LostMessage(None, [], {}, why, off))
-    if st.orphan_inputs:
-        ids = ", ".join(map(str, sorted(st.orphan_inputs)[:5]))
-        report.lost_progress.append(f"records refer to input(s) #{ids} whose own record is gone")
 
 
-def _progress_damage(st: LiveState, sv: Salvaged, report: RecoveryReport) -> None:
-    """Note a damaged record that said what an input had taken (or may have: an unreadable one)."""
-    if sv.kind in ("InputRecord", "TakenRecord"):
-        inp = st.inputs.get(sv.iid) if sv.iid is not None else None
-        key = sv.key or (inp.key if inp is not None else None)
-        whose = f"input {key!r}" if key else f"input #{sv.iid}" if sv.iid is not None else "an input"
-        what = "rows taken" if sv.kind == "TakenRecord" else "progress"
-        report.lost_progress.append(f"the {what} of {whose} (journal offset {sv.offset})")
-    elif sv.kind == "unknown" and (st.inputs or st.orphan_inputs):
-        report.lost_progress.append(f"maybe an input's progress: unreadable bytes at journal offset {sv.offset}")
+def _progress_damage(st: LiveState, salvaged: list[Salvaged], report: RecoveryReport) -> None:
+    """Note the damaged records that lost rows an input had taken (reading it again would resend them).
+
+    Not every damaged input record loses anything: progress records are
+    written again and again, and the rows taken are kept by the messages'
+    own records and by TakenRecords, which are only ever written among the
+    inputs' records at the head of a compacted journal. What is lost: a
+    TakenRecord (damaged, or unreadable bytes among the inputs' records),
+    or an input's only record, when something says it had taken rows. If the
+    damaged record still says which input it was (its id and key), the input
+    is rebuilt from the rows it is still known to have taken: read again
+    from its first row, nothing is sent twice.
+    """
+    regions = st.scan.damaged_regions
+    in_prefix = len(regions) if st.prefix_regions < 0 else st.prefix_regions
+    prefix_end = regions[in_prefix - 1][0] + regions[in_prefix - 1][1] if in_prefix else -1
+    lost = report.lost_progress
+    for sv in salvaged:
+        if sv.kind == "TakenRecord":
+            inp = st.inputs.get(sv.iid) if sv.iid is not None else None
+            lost.append(f"rows taken by input {_input_name(inp.key if inp else None, sv.iid)} (offset {sv.offset})")
+        elif sv.kind == "InputRecord" and (sv.iid is None or sv.iid not in st.inputs):
+            if sv.iid is not None and sv.key is not None:
+                _rebuild_input(st, sv.iid, sv.key)
+                report.rebuilt.append(sv.key)
+            elif sv.iid in st.orphan_keys or (sv.iid is None and st.orphan_keys):
+                lost.append(f"the record of input {_input_name(None, sv.iid)} (offset {sv.offset})")
+        elif sv.kind == "unknown" and sv.offset < prefix_end and (st.inputs or st.orphan_keys):
+            lost.append(f"unreadable bytes among the inputs' records (offset {sv.offset}): maybe rows taken")
+        elif sv.kind == "unknown" and st.orphan_keys.keys() - st.inputs.keys():
+            # Rows taken by an input without a record of its own: these bytes may have been it.
+            ids = ", ".join(f"#{i}" for i in sorted(st.orphan_keys.keys() - st.inputs.keys())[:5])
+            lost.append(f"unreadable bytes at offset {sv.offset}: maybe the record of input {ids}, rows taken by it")
+    for iid in sorted(st.orphan_taken - st.inputs.keys()):
+        lost.append(f"the record of input #{iid}, whose rows taken are kept but not whose they are")
+
+
+def _input_name(key: str | None, iid: int | None) -> str:
+    return repr(key) if key else f"#{iid}" if iid is not None else "(unreadable)"
+
+
+def _rebuild_input(st: LiveState, iid: int, key: str) -> None:
+    """Input *iid* (*key*) from the rows it is still known to have taken: read again from row 0, those skipped."""
+    keys = st.orphan_keys.pop(iid, KeySet())
+    st.orphan_taken.discard(iid)
+    same = st.by_key.get(key)
+    if same is not None:  # another version of it stands: the versions of one key share their rows taken
+        same.taken.update_from_bytes(keys.to_bytes())
+        return
+    state = InputState(iid, key, "", 0, False)  # no fingerprint: every row is read, the taken ones skipped
+    state.taken = keys
+    st.inputs[iid] = state
+    st.by_key[key] = state
 
 
 def live_frames(st: LiveState) -> Iterable[bytes]:
     """The records that reproduce *st*: inputs still needed, then each live message."""
     # Every input a live message refers to keeps its record (an input's
     # record is written before any record that refers to it, so one missing
-    # is damage: recovery tells by LiveState.orphan_inputs).
+    # is damage: see _progress_damage).
     referenced = {m.add.src.input for m in st.msgs.values() if m.add.src is not None}
     referenced |= {m.add.take.input for m in st.msgs.values() if m.add.take is not None}
     latest: dict[str, int] = {}
@@ -537,3 +617,4 @@ def live_frames(st: LiveState) -> Iterable[bytes]:
             for s in m.states:
                 if s is not None:
                     yield frame(enc(s))
+    yield PREFIX_END

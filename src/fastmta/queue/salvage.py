@@ -41,8 +41,6 @@ from fastmta.queue.journal_records import RECORD_TAGS, AddRecord, InputRecord, r
 
 __all__ = ["Salvaged", "salvage_regions"]
 
-_ZEROED_TAIL = 8  # a frame ending in this many zero bytes may be blocks a crash left unwritten
-
 _ADD_TAG = 1
 _INPUT_TAG = 3
 _INPUT_TAGS = (_INPUT_TAG, 5, 6)  # InputRecord, ForgetRecord, TakenRecord: [tag, iid, ...]
@@ -122,16 +120,17 @@ def _salvage_piece(piece: bytes, offset: int, at_end: bool) -> Salvaged:
             found = _whole(fixed, offset, verified=True)
             if found is not None:
                 return found
+    if at_end and (len(body) != n or body.endswith(b"\0")):
+        # Unconfirmed at the very end: an append that never finished (cut
+        # short, or ending in blocks a crash left zeroed, whose first bytes may
+        # still read as a record), never acknowledged. A frame of its full
+        # length that does not end in zeros was written whole: it is damage,
+        # like anywhere else (a one-bit error was repaired by the scanner).
+        return Salvaged(offset, "torn")
     for payload in candidates:
         found = _whole(payload, offset) or _by_shape(payload, offset)
         if found is not None:
             return found
-    if at_end and (len(body) != n or not body.rstrip(b"\0") or body.endswith(bytes(_ZEROED_TAIL))):
-        # Unreadable at the very end: an append that never finished (cut
-        # short, or blocks a crash left zeroed), never acknowledged. A frame
-        # of its full length that does not end in zeros was written whole:
-        # it is damage, like anywhere else.
-        return Salvaged(offset, "torn")
     for payload in candidates:
         found = _by_prefix(payload, offset)
         if found is not None:

@@ -215,22 +215,6 @@ class Spool:
 
     # The settings live with the part that uses them; read-only here.
 
-    @property
-    def commit_interval(self) -> float:
-        return self._commits.commit_interval
-
-    @property
-    def flush_interval(self) -> float:
-        return self._commits.flush_interval
-
-    @property
-    def flush_records(self) -> int:
-        return self._commits.flush_records
-
-    @property
-    def segment_size(self) -> int:
-        return self._segments.segment_size
-
     # --- opening and recovery ---------------------------------------------------
 
     def _open(self) -> RecoveryReport:
@@ -505,6 +489,15 @@ class Spool:
         if not inp.done:
             inp.done = True
             self._write_input(inp)
+
+    def reread_inputs(self) -> int:
+        """Every input is read again from its first row, skipping the rows recorded as taken: the rows whose
+        record a damaged journal lost are read, and sent (batched, as input_done). Returns how many inputs."""
+        for inp in self._inputs.values():
+            if inp.row or inp.done:
+                inp.row, inp.done = 0, False
+                self._write_input(inp)
+        return len(self._inputs)
 
     def forget_input(self, key: str) -> None:
         """Stop remembering input *key* (e.g. its file was removed after it was done)."""

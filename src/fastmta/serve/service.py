@@ -172,9 +172,9 @@ class Service:
             self._spool = await asyncio.to_thread(functools.partial(
                 Spool, self.data_dir / "queue", accept_lost_progress=self.accept_lost_progress,
             ))
-        except SpoolError as exc:
-            hint = " (or start with --accept-lost-progress)" if isinstance(exc, ProgressDamaged) else ""
-            raise ConfigError(f"cannot open the queue in {self.data_dir / 'queue'}: {exc}{hint}") from None
+        except SpoolError as exc:  # not the configuration's fault: the command says "cannot start"
+            hint = " [--accept-lost-progress]" if isinstance(exc, ProgressDamaged) else ""
+            raise type(exc)(f"cannot open the queue in {self.data_dir / 'queue'}: {exc}{hint}") from None
         if self._spool.report.damaged:
             log.error("queue recovery: %s", self._spool.report)
         self._accounting = AccountingLog(self.data_dir / "accounting.jsonl")
