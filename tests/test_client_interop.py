@@ -730,3 +730,25 @@ def test_a_message_pipelined_behind_the_last_one_a_server_takes_goes_again_at_on
         assert len(stored) == 20
 
     run(main())
+
+
+def test_a_session_every_host_refuses_is_deferred_in_words_that_agree(run: Run) -> None:
+    # Found by an interoperability attack: TLS required, a server without STARTTLS: the deferral said
+    # "451 5.7.10 STARTTLS required" (enhanced 4.7.10): a transient code beside a permanent text.
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, Status
+
+    async def main() -> None:
+        server, port = await aiosmtpd_server(Collect())
+        async with server:
+            cfg = config_from_dict({"routing": {"static": {"*": [f"127.0.0.1:{port}"]}}, "smtp": {"tls": "required"},
+                                    "queue": {"max_lifetime": 2, "retry_initial": 0.3, "retry_jitter": 0.0}})
+            async with Engine(cfg) as engine:
+                mid = await engine.submit(TRICKY, "s@a.test", ["r@x.test"])
+                [outcome] = await asyncio.wait_for(engine.result(mid), 30)
+        assert outcome.status is Status.EXPIRED
+        reply = outcome.reply
+        assert reply.code == 451 and reply.enhanced == "4.7.10" and reply.lines[0].startswith("4.7.10 ")
+        assert "530 5.7.10 STARTTLS required but not offered by the server" in reply.lines[0]  # its words, quoted
+
+    run(main())

@@ -426,8 +426,10 @@ class SiteQueue:
         if reply.is_permanent:
             # A 5xx greeting from every MX is still a session-level refusal;
             # the recipients may be fine tomorrow (RFC 5321 4.5.4.1 lets a
-            # client treat connection-level 5xx as transient).
-            reply = Reply(451, reply.lines, reply.enhanced and "4" + reply.enhanced[1:])
+            # client treat connection-level 5xx as transient). Said so, the server's words quoted:
+            # its 5.x.y code beside our 451 read as a contradiction in the accounting log.
+            enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.0.0"
+            reply = Reply.local(451, enhanced, f"no host would take the session ({reply}): tried again later")
         self._fail_ready(reply, last_host)
         return None, None
 
