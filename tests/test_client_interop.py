@@ -750,5 +750,26 @@ def test_a_session_every_host_refuses_is_deferred_in_words_that_agree(run: Run) 
         reply = outcome.reply
         assert reply.code == 451 and reply.enhanced == "4.7.10" and reply.lines[0].startswith("4.7.10 ")
         assert "530 5.7.10 STARTTLS required but not offered by the server" in reply.lines[0]  # its words, quoted
+        assert outcome.site == f"127.0.0.1:{port}"
 
     run(main())
+
+
+def test_mail_expired_waiting_for_a_site_that_says_421_names_the_site(run: Run) -> None:
+    # Found by an interoperability attack: mail that expired while every connection got 421 (the
+    # batches held ready for the site's pace) was accounted with no site at all.
+    from fastmta.cli.sinkproc import embedded_sink
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, Status
+
+    async def main(host: str, port: int) -> None:
+        cfg = config_from_dict({"routing": {"static": {"*": [f"{host}:{port}"]}}, "smtp": {"tls": "never"},
+                                "queue": {"max_lifetime": 2, "retry_initial": 0.3, "retry_jitter": 0.0}})
+        async with Engine(cfg) as engine:
+            mid = await engine.submit(TRICKY, "s@a.test", ["r@x.test"])
+            [outcome] = await asyncio.wait_for(engine.result(mid), 30)
+        assert outcome.status is Status.EXPIRED and outcome.reply.code == 421
+        assert outcome.site == f"{host}:{port}"
+
+    with embedded_sink(["--fault", "connect:1:421", "--no-starttls"]) as (host, port):
+        run(main(host, port))

@@ -496,9 +496,10 @@ class Engine:
 
     def _on_expired(self, batch: Batch, why: Reply | None) -> None:
         """*batch* outlived its queue lifetime in a ready queue; *why*: the site's last refusal."""
+        where = Delivery(batch.route.site, None, None, None)  # the site it waited for (the accounting's "site")
         for rcpt in batch.recipients:
             reply = why or rcpt.last_reply or Reply.local(451, "4.4.7", "message expired in queue before an attempt")
-            self._emit(batch.message, rcpt, Status.EXPIRED, reply, None)
+            self._emit(batch.message, rcpt, Status.EXPIRED, reply, where)
 
     def _record_group(self, msg: Message, rcpts: list[Recipient], reply: Reply, delivery: Delivery | None) -> None:
         deferred: list[tuple[Recipient, Classification]] = []
