@@ -244,6 +244,7 @@ def test_sighup_reloads_accounts_without_dropping_a_session(tmp_path: Path) -> N
             assert asyncio.run(session()) == (0, 0)
             svc.wait_accounting(lambda rs: any(x["status"] == "delivered" for x in rs))
             assert "configuration reloaded: users" in serve_log(svc)
+            assert "restart needed" not in serve_log(svc)  # nothing else changed (the outbound cap neither)
 
 
 @pytest.mark.parametrize("damaged", ["suppression.db", "events/events.sqlite", "queue/suspended.json"])
@@ -300,3 +301,21 @@ def test_damaged_input_progress_stops_the_start_until_accepted(tmp_path: Path) -
         assert journal.read_bytes() == bytes(damaged)
         with served(cfg, data, args=["--accept-lost-progress"]) as svc:
             assert "input progress lost" in serve_log(svc)
+
+
+def test_outbound_connections_leave_the_listeners_their_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine caps its connections by what the open-files limit leaves free; the service's own
+    # listeners take descriptors from the same limit, so their caps come out of it (half at least).
+    import fastmta.serve.service as service_module
+    from fastmta.serve.config import load_service_config
+    from fastmta.serve.service import Service
+
+    cfg = _write(tmp_path, '[serve]\ndata_dir = "d"\n[[serve.smtp]]\nlisten = "127.0.0.1:0"\nmax_connections = 300\n'
+                           '[serve.http]\nlisten = "127.0.0.1:0"\nmax_connections = 100\n[smtp]\nmax_connections = 5000\n')
+    config = load_service_config(cfg)
+    for free, want in [(10_000, 5000), (3000, 2600), (600, 300), (1, 1)]:
+        monkeypatch.setattr(service_module, "default_connection_limit", lambda free=free: free)
+        service = Service(config)
+        assert service._outbound_capped(config.engine).smtp.max_connections == want, free

@@ -43,9 +43,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from fastmta.delivery.accounting import AccountingLog
+from fastmta.delivery.budget import default_connection_limit
+from fastmta.delivery.config import Config as EngineConfig
 from fastmta.delivery.engine import Engine, EngineClosed
 from fastmta.delivery.reconfigure import reconfigure
 from fastmta.errors import ConfigError, InputError
@@ -93,6 +96,7 @@ class Service:
         self.config = config
         #: Open a queue whose input progress is damaged beyond repair (Spool's accept_lost_progress).
         self.accept_lost_progress = accept_lost_progress
+        self._outbound_room: int | None = None  # outbound connections the descriptors allow (at start)
         #: ``fastmta check`` on each campaign dropped in the pickup directory (given by the command line,
         #: which may import the checker: the service may not).
         self.campaign_check = campaign_check
@@ -164,6 +168,18 @@ class Service:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def _outbound_capped(self, engine: EngineConfig) -> EngineConfig:
+        """*engine* with its outbound connections capped to leave the inbound ones their descriptors:
+        the listeners' caps come out of what the open-files limit left free at start."""
+        if self._outbound_room is None:
+            serve = self.config.serve
+            inbound = sum(listener.max_connections for listener in serve.smtp) + serve.http.max_connections
+            free = default_connection_limit()  # (the listeners' caps are maxima: half of it at least)
+            self._outbound_room = max(1, free // 2, free - inbound)
+        room = self._outbound_room
+        smtp = msgspec.structs.replace(engine.smtp, max_connections=min(engine.smtp.max_connections or room, room))
+        return msgspec.structs.replace(engine, smtp=smtp)
+
     async def start(self) -> None:
         serve = self.config.serve
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -178,7 +194,7 @@ class Service:
         if self._spool.report.damaged:
             log.error("queue recovery: %s", self._spool.report)
         self._accounting = AccountingLog(self.data_dir / "accounting.jsonl")
-        engine = Engine(self.config.engine, accounting=self._accounting, spool=self._spool)
+        engine = Engine(self._outbound_capped(self.config.engine), accounting=self._accounting, spool=self._spool)
         self._engine = engine
         await engine.start()
         if engine.recovered:
@@ -417,7 +433,7 @@ class Service:
         if self.notices is not None:
             self.notices.policy = self.policy
         if self._engine is not None:
-            changed.extend(reconfigure(self._engine, new.engine))
+            changed.extend(reconfigure(self._engine, self._outbound_capped(new.engine)))
         restart = [
             key for key in ("smtp", "http", "data_dir", "pickup", "webhooks", "hostname")
             if getattr(new.serve, key) != getattr(old.serve, key)
