@@ -728,3 +728,39 @@ def test_a_message_that_cannot_be_recorded_is_refused_without_a_trace(tmp_path: 
     assert msg.body is not None and spool.read_body(msg.body) == b"body one"
     assert 11 in spool.input("pickup").taken  # type: ignore[union-attr]
     spool.close_sync()
+
+
+def test_reread_inputs_survives_a_crash_before_the_rows_are_read(tmp_path: Path) -> None:
+    # Found by a review: the reset to row 0 was an input record under the same fingerprint, and replay
+    # keeps the furthest progress of one fingerprint: after a crash the input went on from row 10 again,
+    # and the row whose record was lost (5) was never read.
+    from fastmta.intake.progress import resume_from
+    from fastmta.queue.journal_records import InputTake
+
+    spool = _reopen(tmp_path)
+    job = spool.open_input("campaign:x", "fp")
+    for row in [r for r in range(10) if r != 5]:  # row 5's record was lost
+        spool.add_message_sync(f"c{row}", "s@a.example", ["r@b.example"], b"x", take=InputTake(job.id, row, row))
+        spool.record(f"c{row}", 0, Status.DELIVERED)
+    spool.input_progress("campaign:x", 10)
+    spool.input_done("campaign:x")
+    spool.close_sync()
+    spool = _reopen(tmp_path)
+    assert resume_from(spool)("campaign:x", "fp") is None  # done: nothing to read
+    assert spool.reread_inputs() == 1
+    point = resume_from(spool)("campaign:x", "fp")
+    assert point is not None and point.row == 0 and 5 not in point.taken and all(r in point.taken for r in (0, 9))
+    spool.open_input("campaign:x", "fp")  # the run starts it, reads rows 0..2, and is killed
+    spool.input_progress("campaign:x", 3)
+    spool.close_sync()
+    spool = _reopen(tmp_path)
+    point = resume_from(spool)("campaign:x", "fp")
+    assert point is not None and point.row == 3 and 5 not in point.taken  # row 5 is still read
+    spool.close_sync()
+    spool = _reopen(tmp_path)  # killed even before the run started it: from row 0 again
+    spool.reread_inputs()
+    spool.close_sync()
+    spool = _reopen(tmp_path)
+    point = resume_from(spool)("campaign:x", "fp")
+    assert point is not None and point.row == 0
+    spool.close_sync()

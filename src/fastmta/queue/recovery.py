@@ -417,7 +417,9 @@ def replay_at_open(
             del st.msgs[mid]
     if st.scan.damaged_regions and exists:
         _damaged_records(path, st, report)
-    if st.version >= 3 and st.scan.frames and not st.prefix_ended and not st.scan.middle_damage:
+    if exists and not st.scan.frames and not report.reset:
+        _cut_short(st, report)  # a journal is created whole (renamed into place): none without a frame
+    elif st.version >= 3 and st.scan.frames and not st.prefix_ended and not st.scan.middle_damage:
         _cut_short(st, report)  # (with damage in the middle, the PrefixEnd may be what was damaged)
     if report.lost_progress:
         if accept_lost_progress:
@@ -546,12 +548,13 @@ def _progress_damage(st: LiveState, salvaged: list[Salvaged], report: RecoveryRe
     inputs' records at the head of a compacted journal. What is lost: a
     TakenRecord (damaged, or unreadable bytes among the inputs' records),
     or an input's only record, when something says it had taken rows. If the
-    damaged record still says which input it was (its id and key), the input
-    is rebuilt from the rows it is still known to have taken: read again
-    from its first row, nothing is sent twice.
+    damaged record still says which input it was (its id and key, confirmed
+    by its checksum), the input is rebuilt from the rows it is still known to
+    have taken: read again from its first row, nothing is sent twice.
     """
     regions = st.scan.damaged_regions
     in_prefix = len(regions) if st.prefix_regions < 0 else st.prefix_regions
+    in_prefix = min(in_prefix, len(regions) - (1 if st.scan.torn_tail else 0))  # a crash's tail is no part of it
     prefix_end = regions[in_prefix - 1][0] + regions[in_prefix - 1][1] if in_prefix else -1
     lost = report.lost_progress
     for sv in salvaged:
@@ -559,10 +562,10 @@ def _progress_damage(st: LiveState, salvaged: list[Salvaged], report: RecoveryRe
             inp = st.inputs.get(sv.iid) if sv.iid is not None else None
             lost.append(f"rows taken by input {_input_name(inp.key if inp else None, sv.iid)} (offset {sv.offset})")
         elif sv.kind == "InputRecord" and (sv.iid is None or sv.iid not in st.inputs):
-            if sv.iid is not None and sv.key is not None:
+            if sv.verified and sv.iid is not None and sv.key is not None:  # an unconfirmed key may be wrong
                 _rebuild_input(st, sv.iid, sv.key)
                 report.rebuilt.append(sv.key)
-            elif sv.iid in st.orphan_keys or (sv.iid is None and st.orphan_keys):
+            elif sv.iid in st.orphan_keys or (sv.iid is None and st.orphan_keys) or sv.iid in st.orphan_taken:
                 lost.append(f"the record of input {_input_name(None, sv.iid)} (offset {sv.offset})")
         elif sv.kind == "unknown" and sv.offset < prefix_end and (st.inputs or st.orphan_keys):
             lost.append(f"unreadable bytes among the inputs' records (offset {sv.offset}): maybe rows taken")

@@ -492,12 +492,13 @@ class Spool:
 
     def reread_inputs(self) -> int:
         """Every input is read again from its first row, skipping the rows recorded as taken: the rows whose
-        record a damaged journal lost are read, and sent (batched, as input_done). Returns how many inputs."""
-        for inp in self._inputs.values():
-            if inp.row or inp.done:
-                inp.row, inp.done = 0, False
-                self._write_input(inp)
-        return len(self._inputs)
+        record a damaged journal lost are read, and sent. Each starts again under no fingerprint (rows taken
+        kept), which no input matches, until a run opens it under its own: a crash before that reads it from
+        row 0 again (progress only moves forward under one fingerprint). Returns how many inputs."""
+        keys = list(self._inputs)
+        for key in keys:
+            self.open_input(key, "")
+        return len(keys)
 
     def forget_input(self, key: str) -> None:
         """Stop remembering input *key* (e.g. its file was removed after it was done)."""
