@@ -502,9 +502,9 @@ def test_input_progress_damaged_beyond_repair_is_refused_untouched(
         assert state is not None and state.done is False and len(state.taken) == 0
     else:
         assert state is None  # its record, and with it whose rows its TakenRecord holds: all read again
-    # Which rows the damage held is unknown: every input is read again, skipping the rows recorded as taken.
+    # Nothing else is reset: an input whose own record stands goes on from where it was.
     other = spool.input("campaign:y")
-    assert other is not None and (other.row, other.done, len(other.taken)) == (0, False, 6)
+    assert other is not None and (other.row, other.done, len(other.taken)) == (6, False, 6)
     spool.close_sync()
     spool, texts = _open(dst)  # accepted once: the journal is rewritten clean
     assert texts == []
@@ -631,4 +631,29 @@ def test_a_crash_tail_after_a_format_2_queue_of_inputs_is_not_lost_progress(tmp_
     (tmp_path / "q" / "journal").write_bytes(old + tail)
     spool, _ = _open(tmp_path / "q")
     assert spool.report.lost_progress == [] and spool.input("campaign:x") is not None
+    spool.close_sync()
+
+
+def test_rows_taken_before_a_damaged_first_input_record_stay_taken(tmp_path: Path) -> None:
+    # Found by a fault-injection attack: a run's first record of an input damaged, a later one intact:
+    # the rows its messages took in between were dropped with the orphan records, and the next run
+    # sent them again (9,000 recipients, exit 0).
+    from fastmta.queue.journal_records import InputRecord, InputTake
+
+    spool = Spool(tmp_path / "q", fsync=_nofsync)
+    job = spool.open_input("pickup:files", "fp")
+    for row in range(20):
+        spool.add_message_sync(f"p{row}", "s@a.example", ["r@b.example"], b"x", take=InputTake(job.id, row, 500 + row))
+        spool.record(f"p{row}", 0, Status.DELIVERED)
+    spool.input_progress("pickup:files", 20)  # its second record
+    spool.close_sync()
+    journal = (tmp_path / "q" / "journal").read_bytes()
+    start, end = _record_of(journal, InputRecord)  # the first
+    damaged = bytearray(journal)
+    damaged[start + 12 : end] = bytes(end - start - 12)
+    (tmp_path / "q" / "journal").write_bytes(bytes(damaged))
+    spool, _ = _open(tmp_path / "q")
+    state = spool.input("pickup:files")
+    assert state is not None and all(500 + row in state.taken for row in range(20))
+    assert spool.report.lost_progress == []
     spool.close_sync()

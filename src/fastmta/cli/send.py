@@ -623,7 +623,7 @@ def run(args: argparse.Namespace) -> int:
               f"delivered; run again to read the rest)", file=sys.stderr)
     if summary["lost"]:
         print(f"fastmta send: {len(summary['lost'])} accepted message(s) could not be recovered from the queue "
-              f"(accounted with status 'lost'); those made from campaign rows or pickup files are sent by "
+              f"(accounted with status 'lost'); those lost with their record (not their body) are sent by "
               f"`fastmta send --reread-inputs` (it sends only rows not recorded as taken)", file=sys.stderr)
         return 1
     for p in summary["paused"]:

@@ -30,9 +30,9 @@ def add_queue_arguments(p: argparse.ArgumentParser) -> None:
                    help="open a queue whose journal is missing or empty beside stored bodies (they are lost, "
                         "and reported); without it such a queue is refused")
     p.add_argument("--accept-lost-progress", action="store_true",
-                   help="open a queue whose record of which input rows were taken is damaged beyond repair: every "
-                        "input is read again, and rows no longer recorded as taken are sent again; without it "
-                        "such a queue is refused, untouched")
+                   help="open a queue whose record of which input rows were taken is damaged beyond repair: the "
+                        "rows no longer recorded as taken are sent again if their input is read again (an input "
+                        "whose own record is lost: all of it); without it such a queue is refused, untouched")
     p.add_argument("--reread-inputs", action="store_true",
                    help="read every input again from its first row, sending only the rows not recorded as taken "
                         "(after a damaged queue lost messages: their rows are sent)")

@@ -298,6 +298,10 @@ def replay(path: Path, stop: int | None = None) -> LiveState:
                 state = InputState(rec.iid, rec.key, rec.fp, row, rec.done)
                 if same_key is not None:
                     state.taken = same_key.taken
+                if st.orphan_keys and (early := st.orphan_keys.pop(rec.iid, None)) is not None:
+                    # Rows it took before this record, after its first one was damaged: still its own.
+                    state.taken.update_from_bytes(early.to_bytes())
+                    st.orphan_taken.discard(rec.iid)
                 inputs[rec.iid] = state
                 st.by_key[rec.key] = state
             elif isinstance(rec, DropRecord):
@@ -421,20 +425,16 @@ def replay_at_open(
         _cut_short(st, report)  # a journal is created whole (renamed into place): none without a frame
     elif st.version >= 3 and st.scan.frames and not st.prefix_ended and not st.scan.middle_damage:
         _cut_short(st, report)  # (with damage in the middle, the PrefixEnd may be what was damaged)
-    if report.lost_progress:
-        if accept_lost_progress:
-            # Which rows a damaged record held is unknown: every input is read
-            # again from its first row, skipping only the rows still recorded
-            # as taken (a row whose Add record was lost is read, and sent, again).
-            for inp in st.inputs.values():
-                inp.row, inp.done = 0, False
-        else:
-            raise ProgressDamaged(
-                f"{path}: damaged beyond repair where it recorded what was taken from the inputs:"
-                f" {_some(report.lost_progress)}. Reading the inputs now would send rows already sent"
-                " a second time. Left untouched: restore the queue directory, or accept the lost progress"
-                " (every input is then read again from its first row, skipping the rows still recorded as taken)"
-            )
+    if report.lost_progress and not accept_lost_progress:
+        # Accepted, nothing is reset: an input whose own record stands goes on from where it says (its
+        # lost rows taken matter only if it is read again, edited); one whose record is lost is read as
+        # new. (`fastmta send --reread-inputs` reads every input again, for the rows of lost messages.)
+        raise ProgressDamaged(
+            f"{path}: damaged beyond repair where it recorded what was taken from the inputs:"
+            f" {_some(report.lost_progress)}. Reading the inputs now could send rows already sent a second"
+            " time. Left untouched: restore the queue directory, or accept the lost progress (the rows no"
+            " longer recorded as taken are sent again if their input is read again)"
+        )
     return st, report
 
 
