@@ -41,7 +41,6 @@ from fastmta.queue.journal_records import RECORD_TAGS, AddRecord, InputRecord, r
 
 __all__ = ["Salvaged", "salvage_regions"]
 
-_ADD_TAG = 1
 _INPUT_TAG = 3
 _INPUT_TAGS = (_INPUT_TAG, 5, 6)  # InputRecord, ForgetRecord, TakenRecord: [tag, iid, ...]
 _MAX_REGION = 64 << 20  # bytes of one damaged region read back (the rest is counted as unreadable)
