@@ -254,6 +254,26 @@ def test_lone_lf_message_verifies_on_the_wire(keys: Keys) -> None:
     assert sorted(verdicts(signed, keys)) == [(b"example.com/ed1", True), (b"example.com/rsa1", True)]
 
 
+def test_an_8bit_body_is_signed_in_its_7bit_form(keys: Keys) -> None:
+    # RFC 6376 5.3: a server without 8BITMIME on the way makes the sending client convert the body
+    # (RFC 6152), which broke a signature made over the 8-bit octets. Signed converted, the message
+    # needs no conversion later: what any client sends is what was signed.
+    from fastmta.smtp.model import Body
+
+    message = msg(b"From: alice@example.com\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                  b"Content-Transfer-Encoding: 8bit", "Gr\u00fc\u00dfe aus K\u00f6ln\r\n".encode())
+    result = policy_from(keys, DUAL).sign_result(message)
+    assert result.signed == 2
+    _, start = core.split_header_fields(result.message)
+    assert result.message[start:] == b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln\r\n"
+    assert b"Content-Transfer-Encoding: quoted-printable" in result.message
+    assert sorted(verdicts(result.message, keys)) == [(b"example.com/ed1", True), (b"example.com/rsa1", True)]
+    assert Body(result.message).seven_bit.raw == result.message  # nothing left for a client to convert
+    # Someone else's signature covers the 8-bit octets: they are left as they are.
+    theirs = b"DKIM-Signature: v=1; a=rsa-sha256; d=other.example; s=x; h=from; bh=x; b=x\r\n" + message
+    assert policy_from(keys, DUAL).sign_result(theirs).message.endswith(theirs)
+
+
 def test_tampering_breaks_the_policy_signature(keys: Keys) -> None:
     signed = policy_from(keys, RSA_ONLY).sign(msg(b"From: alice@example.com"))
     assert verdicts(signed.replace(b"Hello.", b"Howdy."), keys) == [(b"example.com/rsa1", False)]

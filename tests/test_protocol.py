@@ -221,6 +221,41 @@ def test_eight_bit_body_declared() -> None:
     assert b" BODY=8BITMIME\r\n" in p.data_to_send()
 
 
+EIGHT_BIT = Body(b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                 b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xc3\xa9 cr\xc3\xa8me\r\n.dot\r\n")
+
+
+@pytest.mark.parametrize("ehlo", [b"250-mx\r\n250-PIPELINING\r\n250 SIZE 100000\r\n",
+                                  b"250-mx\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 CHUNKING\r\n"])
+def test_eight_bit_body_to_a_server_without_8bitmime_goes_converted(ehlo: bytes) -> None:
+    # RFC 6152 3: no 8-bit octets to a server that did not offer 8BITMIME (before: sent as they were).
+    p = ready(ehlo)
+    p.start_transaction(txn("a@x.test", body=EIGHT_BIT))
+    converted = EIGHT_BIT.seven_bit
+    assert converted is not EIGHT_BIT and converted.raw.isascii()
+    assert b"caf=C3=A9 cr=C3=A8me\r\n=2Edot\r\n" in converted.raw
+    out = p.data_to_send()
+    assert out.startswith(b"MAIL FROM:<s@a.test> SIZE=%d\r\n" % converted.size)  # its size, no BODY=
+    if b"CHUNKING" in ehlo:
+        assert out.endswith(converted.bdat_wire)
+    else:
+        p.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        assert p.data_to_send() == converted.data_wire
+    assert out.isascii()
+    # The transaction keeps its own body: another server, with 8BITMIME, gets the original.
+    q = ready()
+    q.start_transaction(txn("a@x.test", body=EIGHT_BIT))
+    assert b" BODY=8BITMIME\r\n" in q.data_to_send()
+    q.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert q.data_to_send() == EIGHT_BIT.data_wire
+
+
+def test_seven_bit_body_is_its_own_seven_bit_form() -> None:
+    assert BODY.seven_bit is BODY
+    utf8_header_only = Body("Subject: caf\u00e9\r\n\r\nplain\r\n".encode())
+    assert utf8_header_only.seven_bit is utf8_header_only  # SMTPUTF8's business, not a conversion's
+
+
 @pytest.mark.parametrize("bad", ["a\r\nRCPT TO:<evil@x>", "a\nb@x", "a\x00b@x", "a>b@x", "<a@x"])
 def test_addresses_cannot_inject_commands(bad: str) -> None:
     with pytest.raises(InputError):

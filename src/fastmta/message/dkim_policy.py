@@ -44,7 +44,7 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from fastmta.errors import ConfigError
-from fastmta.message import core
+from fastmta.message import core, downgrade
 from fastmta.message.dkim import (
     DEFAULT_SIGNED_HEADERS,
     MIN_RSA_BITS,
@@ -402,6 +402,11 @@ class DkimPolicy:
             chosen = tuple(keep)
             if not chosen:
                 return SignResult(message, 0, f"already signed by {', '.join(skipped)}")
+        if not existing and downgrade.body_is_8bit(message):
+            # RFC 6376 5.3: sign the 7-bit form, so that no server without 8BITMIME on the way (whose
+            # client must then convert, RFC 6152) can break the signature. Meaning kept; a message
+            # someone else signed already keeps its octets (their signature covers them).
+            message = downgrade.seven_bit(message)
         signed = self._signer(chosen).sign(message, timestamp=timestamp)
         return SignResult(signed, len(chosen), f"already signed by {', '.join(skipped)}" if skipped else None)
 

@@ -201,11 +201,13 @@ cdef class _Txn:
     cdef public object result
     cdef public bint use_bdat
     cdef public Py_ssize_t rcpt_sent
+    cdef public object body  # what goes after DATA: the transaction's, or its 7-bit form (no 8BITMIME)
 
     def __init__(self, result):
         self.result = result
         self.use_bdat = False
         self.rcpt_sent = 0
+        self.body = result.transaction.body
 
     cdef bint any_rcpt_accepted(self):
         for r in self.result.rcpt_replies:
@@ -440,6 +442,9 @@ cdef class ProtocolCore:
             self._finish_local(txn, Reply.local(553, "5.6.7", "non-ASCII address and the server does not offer SMTPUTF8"))
             return
         cdef bint use_bdat = self.allow_bdat and self._ext_chunking
+        if not self._ext_8bit and body.eight_bit:
+            body = body.seven_bit  # RFC 6152 3: never 8-bit octets to a server that did not offer 8BITMIME
+            txn.body = body
         cdef Py_ssize_t size = body.size
         limit = self._size_limit
         if self._has_size and limit and size > limit:
@@ -472,7 +477,7 @@ cdef class ProtocolCore:
 
     cdef void _send_data_command(self, _Txn txn) except *:
         if txn.use_bdat:
-            payload = txn.result.transaction.body.bdat_wire
+            payload = txn.body.bdat_wire
             self._expect_txn(b"BDAT %d LAST\r\n" % len(payload), P_BDAT, txn, 0)
             self._out += payload
         else:
@@ -507,7 +512,7 @@ cdef class ProtocolCore:
             if reply[0] == 354:
                 # Content, dot and (via _pump) the next envelope: one write.
                 if txn.any_rcpt_accepted():
-                    self._out += result.transaction.body.data_wire
+                    self._out += txn.body.data_wire
                 else:
                     self._out += b".\r\n"  # a broken server said 354 with no recipients: end it empty
                 self._expect.append((P_END_OF_DATA, txn, 0))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from fastmta.errors import ProtocolError
 from fastmta.smtp.model import (
+    Body,
     Event,
     Extensions,
     Phase,
@@ -39,6 +40,11 @@ class _Txn:
     result: TransactionResult
     use_bdat: bool = False
     rcpt_sent: int = 0
+    body: Body | None = None  # what goes after DATA: the transaction's, or its 7-bit form (no 8BITMIME)
+
+    @property
+    def wire_body(self) -> Body:
+        return self.result.transaction.body if self.body is None else self.body
 
     @property
     def any_rcpt_accepted(self) -> bool:
@@ -218,7 +224,11 @@ class ProtocolCore:
             self._finish_local(txn, Reply.local(553, "5.6.7", "non-ASCII address and the server does not offer SMTPUTF8"))
             return
         use_bdat = self.allow_bdat and ext.chunking
-        size = t.body.size
+        body = t.body
+        if not ext.eightbitmime and body.eight_bit:
+            body = body.seven_bit  # RFC 6152 3: never 8-bit octets to a server that did not offer 8BITMIME
+        txn.body = body
+        size = body.size
         if ext.size and size > ext.size:
             self._finish_local(txn, Reply.local(552, "5.3.4", f"message size {size} exceeds the server's SIZE limit {ext.size}"))
             return
@@ -230,7 +240,7 @@ class ProtocolCore:
         params = b""
         if ext.size is not None:
             params += b" SIZE=%d" % size
-        if t.body.eight_bit and ext.eightbitmime:
+        if body.eight_bit and ext.eightbitmime:
             params += b" BODY=8BITMIME"
         if utf8:
             params += b" SMTPUTF8"
@@ -248,7 +258,7 @@ class ProtocolCore:
 
     def _send_data_command(self, txn: _Txn) -> None:
         if txn.use_bdat:
-            payload = txn.result.transaction.body.bdat_wire
+            payload = txn.wire_body.bdat_wire
             self._expect_txn(b"BDAT %d LAST\r\n" % len(payload), Phase.BDAT, txn)
             self._out += payload
         else:
@@ -280,7 +290,7 @@ class ProtocolCore:
             if reply.code == 354:
                 # Content, dot and (via _pump) the next envelope: one write.
                 if txn.any_rcpt_accepted:
-                    self._out += result.transaction.body.data_wire
+                    self._out += txn.wire_body.data_wire
                 else:
                     self._out += b".\r\n"  # a broken server said 354 with no recipients: end it empty
                 self._expect.append((Phase.END_OF_DATA, txn, 0))

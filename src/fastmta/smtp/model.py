@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from fastmta.errors import InputError
-from fastmta.message import core
+from fastmta.message import core, downgrade
 from fastmta.smtp.reply import Reply
 
 
@@ -84,7 +84,7 @@ class Body:
     transaction keeps that work off the hot path.
     """
 
-    __slots__ = ("_bdat_wire", "_data_wire", "_eight_bit", "_size", "_utf8_headers", "raw")
+    __slots__ = ("_bdat_wire", "_data_wire", "_eight_bit", "_seven_bit", "_size", "_utf8_headers", "raw")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
@@ -93,6 +93,7 @@ class Body:
         self._eight_bit: bool | None = None
         self._utf8_headers: bool | None = None
         self._size: int | None = None
+        self._seven_bit: Body | None = None
 
     @property
     def data_wire(self) -> bytes:
@@ -126,6 +127,18 @@ class Body:
         if self._eight_bit is None:
             self._eight_bit = not self.raw.isascii()
         return self._eight_bit
+
+    @property
+    def seven_bit(self) -> Body:
+        """This body as it may go to a server that did not offer 8BITMIME (itself if its body is 7-bit).
+
+        Its 8-bit MIME parts re-encoded (:mod:`fastmta.message.downgrade`); made
+        once, on the first transaction that needs it, and kept with the body.
+        """
+        if self._seven_bit is None:
+            converted = downgrade.seven_bit(self.raw) if self.eight_bit else self.raw
+            self._seven_bit = self if converted is self.raw else Body(converted)
+        return self._seven_bit
 
     @property
     def utf8_headers(self) -> bool:
