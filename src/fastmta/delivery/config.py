@@ -331,6 +331,9 @@ class TimeoutsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     end_of_data: Seconds = 600.0
     rset: Seconds = 120.0
     quit: Seconds = 60.0
+    #: The reply to a MAIL pipelined after a transaction, until the connection has answered one
+    #: (a server that drops such commands costs this, once a site; fastmta.smtp.connection.Timeouts).
+    mail_after_data: Seconds = 15.0
 
 
 class SmtpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

@@ -68,6 +68,12 @@ class Timeouts:
     end_of_data: float = 600.0
     rset: float = 120.0
     quit: float = 60.0
+    #: The reply to a MAIL sent after a transaction on the same connection (right behind the end of
+    #: data, RFC 2920), until the connection has answered one: some servers (chasquid) drop commands
+    #: that arrive with the end of data and never answer them, and waiting ``mail`` (300 s) for that
+    #: stalled the site. Cut short, the session fails at MAIL, the site gets one transaction at a time
+    #: (``fastmta.delivery.batch.one_at_a_time``) and the message goes again at once.
+    mail_after_data: float = 15.0
 
     def for_phase(self, phase: Phase) -> float:
         if phase is Phase.HELO:
@@ -83,7 +89,7 @@ class Timeouts:
     @classmethod
     def uniform(cls, seconds: float) -> Timeouts:
         """Every phase the same (tests, load generation)."""
-        return cls(*([seconds] * 11))
+        return cls(*([seconds] * 12))
 
 
 class SMTPConnection(asyncio.Protocol):
@@ -117,6 +123,8 @@ class SMTPConnection(asyncio.Protocol):
         self._timer_at = 0.0  # when self._timer fires
         self._deadline = 0.0
         self._deadline_replies = -1  # protocol.replies_received when the deadline was set
+        self._guarding_mail = False  # the deadline is Timeouts.mail_after_data's
+        self._mail_answered = False  # a MAIL after a transaction was answered here: the guard is off
         self._write_paused = False
         self._write_paused_since = 0.0
         self._tls_handshake = False
@@ -422,7 +430,14 @@ class SMTPConnection(asyncio.Protocol):
         elif phase is not None:
             replies = self.protocol.replies_received
             if replies != self._deadline_replies or not self._deadline:
-                self._deadline = self._loop.time() + self._phase_timeouts[phase]
+                timeout = self._phase_timeouts[phase]
+                if self._guarding_mail:  # a reply came: the guarded MAIL's (it was the oldest awaited)
+                    self._guarding_mail = False
+                    self._mail_answered = True
+                elif phase is Phase.MAIL and self.transactions and not self._mail_answered:
+                    timeout = min(timeout, self.timeouts.mail_after_data)
+                    self._guarding_mail = True
+                self._deadline = self._loop.time() + timeout
                 self._deadline_replies = replies
         if not self._deadline:
             return
@@ -445,6 +460,9 @@ class SMTPConnection(asyncio.Protocol):
         phase = self.protocol.waiting_for
         if self._write_paused:
             what, seconds = "data block write", self.timeouts.data_block
+        elif self._guarding_mail:
+            what, seconds = "mail sent after the last transaction (commands pipelined after DATA dropped?)", \
+                self.timeouts.mail_after_data
         else:
             what = phase.value if phase else "reply"
             seconds = self.timeouts.for_phase(phase) if phase else 0.0
