@@ -352,3 +352,83 @@ def test_endpoint_config_from_toml_values() -> None:
             msgspec.convert(bad, WebhookEndpoint)
     with pytest.raises(ValueError, match="distinct names"):
         EventOutbox(Path("/nonexistent-never-created"), [ep, ep])
+
+
+def test_an_outcome_on_disk_always_has_its_event_stored(run_uvloop: Run, tmp_path: Path) -> None:
+    # Found by kill -9 against fastmta serve: the outbox stored its records every flush_interval (50 ms),
+    # while the outcomes went to the journal in their own batches; killed in between, the outcomes were
+    # on disk (never delivered again) and their events gone for good. Now the spool's writer stores the
+    # pending events before each journal batch. The interval here is long, so the window is certain:
+    # the database is read as a crash would leave it (no close).
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine
+    from fastmta.queue.spool import Spool
+    from fastmta.sink import SinkServer
+
+    async def main() -> tuple[int, list[dict[str, Any]]]:
+        rx = await Receiver().start()
+        await rx.stop()  # the endpoint is down: nothing is acknowledged, every event stays in the database
+        async with SinkServer() as sink:
+            host, port = sink.addresses[0]
+            spool = Spool(tmp_path / "queue")
+            outbox = EventOutbox(tmp_path / "events", [endpoint(rx.url)], flush_interval=30.0)
+            await outbox.start()
+            cfg = config_from_dict({"routing": {"static": {"*": [f"{host}:{port}"]}}, "smtp": {"tls": "never"}})
+            try:
+                async with Engine(cfg, spool=spool) as engine:
+                    engine.add_listener(outbox.on_outcome)
+                    spool.before_commit.append(outbox.before_journal)
+                    ids = [await engine.submit(b"Subject: x\r\n\r\nhi\r\n", "s@a.test", [f"r{i}@b.test"])
+                           for i in range(40)]
+                    delivered = [o for i in ids for o in await asyncio.wait_for(engine.result(i), 20)]
+                    await spool.sync()  # the outcomes are on disk now
+                    with sqlite3.connect(tmp_path / "events" / "events.sqlite") as db:  # what a crash leaves
+                        stored = [msgspec.json.decode(b) for (b,) in db.execute("SELECT body FROM events ORDER BY id")]
+            finally:
+                await outbox.close(timeout=0.2)
+                await spool.close()
+        return len(delivered), stored
+
+    n, stored = run_uvloop(main())
+    assert n == 40
+    assert sorted(e["recipient"] for e in stored if e["status"] == "delivered") == sorted(f"r{i}@b.test" for i in range(40))
+
+
+def test_events_stored_for_the_journal_keep_their_order_when_a_write_fails(run: Run, tmp_path: Path) -> None:
+    # A batch the database refused goes back to memory; a later batch stored for the next journal write
+    # must wait for it (a sender's cursor moves past every id below what it read: stored first, the
+    # earlier ones would never be sent).
+    class FailsOnce:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db, self.failed = db, False
+
+        def executemany(self, sql: str, rows: Any) -> Any:
+            if not self.failed:
+                self.failed = True
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.db.executemany(sql, rows)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.db, name)
+
+    async def main() -> list[int]:
+        rx = await Receiver().start()
+        outbox = EventOutbox(tmp_path, [endpoint(rx.url)], flush_interval=0.5)
+        await outbox.start()
+        outbox._db = FailsOnce(outbox._db)  # type: ignore[assignment]
+        try:
+            for i in range(10):
+                outbox.put(record(i))
+            first = outbox.before_journal()
+            for i in range(10, 20):
+                outbox.put(record(i))
+            second = outbox.before_journal()
+            assert first is not None and second is not None
+            await asyncio.wait_for(asyncio.wrap_future(second), 5)
+            await until(lambda: len(rx.accepted()) == 20, what="all 20")
+        finally:
+            await outbox.close(timeout=2)
+            await rx.stop()
+        return [e["n"] for e in rx.accepted()]
+
+    assert run(main()) == list(range(20))

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -45,6 +45,8 @@ __all__ = ["COMMIT_TIMINGS", "CommitTimings", "GroupCommit"]
 # Every part of the spool logs as the spool (the logger its documentation names).
 log = logging.getLogger("fastmta.queue.spool")
 
+#: How long the writer waits for what a before-batch hook started (a stuck hook must not stop the journal).
+HOOK_WAIT = 10.0
 #: Test-only fault injection (tests/test_send_crash.py): SIGKILL this process
 #: right after the Nth batch commit is durable. Unset in any real run.
 _KILL_AFTER_COMMITS = int(os.environ.get("FASTMTA_FAULT_KILL_AFTER_COMMITS", "0") or 0)
@@ -114,7 +116,10 @@ class GroupCommit:
         self._after_batch = after_batch
         #: Called on the loop thread just before a batch goes to the writer
         #: (the engine flushes its accounting log there: lines before states).
-        self.before_batch: list[Callable[[], None]] = []
+        #: A hook may return a future of work it started on another thread (the
+        #: webhook outbox storing its events): the writer waits for it, at most
+        #: HOOK_WAIT seconds, before it writes the batch.
+        self.before_batch: list[Callable[[], Future[None] | None]] = []
 
         # Pending (not yet handed to the writer) work: built on the loop thread.
         self._p_journal: list[bytes] = []
@@ -235,10 +240,10 @@ class GroupCommit:
             journal, data, waiters, finished = self._p_journal, self._p_data, self._p_waiters, self._p_finished
             self._p_journal, self._p_data, self._p_waiters, self._p_finished = [], [], [], []
             active = self._segments.active
-            self._run_hooks()
+            before = self._run_hooks()
             try:
                 async with self._io_lock:
-                    await loop.run_in_executor(self._executor, self._write_batch, journal, data, active)
+                    await loop.run_in_executor(self._executor, self._write_batch, journal, data, active, before)
             except BaseException as exc:
                 # The logical offsets no longer match the files: refuse further work.
                 self.failed = exc
@@ -260,8 +265,8 @@ class GroupCommit:
                 self._segments.release(finished)
             self._after_batch()
 
-    def _run_hooks(self) -> None:
-        """What must be written before each batch (the accounting lines of its outcomes).
+    def _run_hooks(self) -> list[Future[None]]:
+        """What must be written before each batch (the accounting lines of its outcomes, their events).
 
         A hook that fails (the accounting log's disk is full) does not stop the
         batch: its owner reports the failure and stops taking work, but the
@@ -270,14 +275,27 @@ class GroupCommit:
         8,000). A missing accounting line is a gap in a report, named as such; a
         second delivery cannot be taken back.
         """
+        before: list[Future[None]] = []
         for hook in self.before_batch:
             try:
-                hook()
+                work = hook()
             except Exception as exc:
                 log.error("spool %s: before the batch: %s (the batch is written all the same)", self.directory, exc)
+                continue
+            if work is not None:
+                before.append(work)
+        return before
 
-    def _write_batch(self, journal: list[bytes], data: list[tuple[int, bytes]], active: int) -> None:
-        """Writer thread: bodies first (fsync), then the journal records (fsync)."""
+    def _write_batch(
+        self, journal: list[bytes], data: list[tuple[int, bytes]], active: int, before: list[Future[None]] | None = None,
+    ) -> None:
+        """Writer thread: what the hooks started, then bodies (fsync), then the journal records (fsync)."""
+        for work in before or ():
+            try:
+                work.result(HOOK_WAIT)
+            except Exception as exc:  # a hook's own failure is its owner's to report, as above
+                log.error("spool %s: before the batch: %s (the batch is written all the same)", self.directory,
+                          exc or "timed out")
         started = time.perf_counter()
         if data:
             self._segments.write(data, active)
@@ -302,8 +320,7 @@ class GroupCommit:
         journal, data, finished = self._p_journal, self._p_data, self._p_finished
         self._p_journal, self._p_data, self._p_finished = [], [], []
         if journal or data:
-            self._run_hooks()
-            self._write_batch(journal, data, self._segments.active)
+            self._write_batch(journal, data, self._segments.active, self._run_hooks())
         if finished:
             self._segments.release(finished)
 

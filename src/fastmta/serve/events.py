@@ -23,9 +23,13 @@ for the life of the database, never reused), and each request the header
 of the same batch. A receiver that keeps the ids it has seen gets every
 record exactly once. (A record's own ``event_id`` key, if any, is replaced.)
 
-What a crash can lose: records still in memory, i.e. at most the last
-``flush_interval`` (plus the time a write takes); a committed transaction
-survives a process crash. With ``fsync=False`` (SQLite's
+What a crash can lose: no outcome's record whose outcome is on disk. ``serve``
+hooks :meth:`EventOutbox.before_journal` to the spool, whose writer stores the
+pending records before each journal batch (the engine puts an outcome's record
+in the same call that queues its journal record); an outcome not yet journaled
+is delivered again after a restart, and makes a new record. Other records (what
+came back: complaints, unsubscribes) wait at most ``flush_interval``, or the
+next journal batch. A committed transaction survives a process crash. With ``fsync=False`` (SQLite's
 ``synchronous=NORMAL``, the default) a power loss or kernel crash may also
 roll back the transactions since the last WAL checkpoint; ``fsync=True``
 (``synchronous=FULL``) syncs every transaction instead. Every record is also
@@ -57,17 +61,16 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
 
 from fastmta.errors import DamagedFile
 from fastmta.queue.records import Outcome
+from fastmta.serve.webhooks import EndpointStats, WebhookEndpoint
 
 __all__ = ["EndpointStats", "EventOutbox", "WebhookEndpoint"]
 
@@ -75,74 +78,8 @@ log = logging.getLogger("fastmta.serve.events")
 
 T = TypeVar("T")
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
-Seconds = Annotated[float, msgspec.Meta(ge=0)]
-
 #: Statuses that mean "try again later", not "this request is wrong".
 _TRANSIENT_4XX = frozenset({408, 429})
-
-
-class WebhookEndpoint(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
-    """``[[serve.webhooks]]``: one HTTP endpoint that receives every record."""
-
-    url: str
-    #: The endpoint's name in stats, metrics and logs, and the key of its
-    #: cursor; default: the URL without credentials or query.
-    name: str | None = None
-    #: Sent as ``Authorization: Bearer <token>``.
-    token: str | None = None
-    #: Extra request headers (e.g. a shared secret under another name).
-    headers: dict[str, str] = {}
-    #: Only records with one of these ``status`` values; None: every record.
-    statuses: list[str] | None = None
-    #: Records per request at most.
-    batch_size: PositiveInt = 100
-    #: A batch that is not full waits this long after its oldest record for more.
-    max_batch_delay: Seconds = 1.0
-    #: Seconds one request may take in all.
-    timeout: PositiveSeconds = 10.0
-    #: The first retry's delay; it doubles with every failure up to max_backoff.
-    initial_backoff: PositiveSeconds = 1.0
-    max_backoff: PositiveSeconds = 300.0
-
-    def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"webhook url {self.url!r}: an http:// or https:// URL with a host is needed")
-        for key, value in self.headers.items():
-            if not key or any(c in key + value for c in "\r\n\0") or ":" in key:
-                raise ValueError(f"webhook {self.label}: bad header {key!r}")
-        if self.token is not None and any(c in self.token for c in "\r\n\0"):
-            raise ValueError(f"webhook {self.label}: the token has a control character")
-        if self.max_backoff < self.initial_backoff:
-            raise ValueError(f"webhook {self.label}: max_backoff is less than initial_backoff")
-
-    @property
-    def label(self) -> str:
-        """The name, or the URL without what may be secret (user info, query)."""
-        if self.name:
-            return self.name
-        p = urlsplit(self.url)
-        host = p.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{p.scheme}://{host}{f':{p.port}' if p.port else ''}{p.path}"
-
-
-@dataclass(slots=True)
-class EndpointStats:
-    """What one endpoint's sender did (``sent`` and ``dropped`` survive restarts)."""
-
-    sent: int = 0  # records acknowledged with a 2xx
-    batches: int = 0  # requests answered with a 2xx (this process)
-    failed_attempts: int = 0  # requests that failed (this process)
-    rejected: int = 0  # of those: answered with a 4xx other than 408/429
-    dropped: int = 0  # records deleted by max_rows / max_age before this endpoint took them
-    backlog: int = 0  # records after its cursor (an upper bound with a statuses filter)
-    last_error: str | None = None
-    last_error_at: float | None = None  # wall clock
-    last_success_at: float | None = None
 
 
 class _Row(msgspec.Struct, array_like=True, frozen=True):
@@ -213,6 +150,8 @@ class EventOutbox:
         self._stop: asyncio.Event | None = None
         self._flushed = asyncio.Event()  # set once the final flush is done
         self._flusher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dropped_below = 0  # records up to this id were dropped from memory (the database failing)
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
         # One thread owns every SQLite call after __init__: ordered, and off the loop.
@@ -296,6 +235,20 @@ class EventOutbox:
         if (n == 1 or n >= self.flush_records) and self._wake is not None:
             self._wake.set()  # the first starts the flush_interval clock; a full batch goes now
 
+    def before_journal(self) -> Future[None] | None:
+        """A spool hook (``Spool.before_commit``): store the records put so far before the journal batch.
+
+        The engine puts an outcome's record here in the same call that queues its
+        journal record, so every outcome in the batch has its event stored first:
+        a crash can no longer leave an outcome on disk without its event (a kill -9
+        lost the events of the last ``flush_interval``, outcomes journaled). The
+        spool's writer thread waits for this insert, not the event loop.
+        """
+        if not self._pending or self._closing or self._loop is None:
+            return None
+        batch, self._pending = self._pending, []
+        return self._executor.submit(self._insert_or_return, batch, self._loop, self._dropped_below)
+
     def on_outcome(self, outcome: Outcome) -> None:
         """An :meth:`Engine.add_listener` callback: queue the outcome's accounting record."""
         self.put(outcome.as_record())
@@ -320,6 +273,7 @@ class EventOutbox:
         if self._closed:
             raise RuntimeError("event outbox is closed")
         self._started = True
+        self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._session = aiohttp.ClientSession()
@@ -418,19 +372,41 @@ class EventOutbox:
             return True
         batch, self._pending = self._pending, []
         try:
-            await self._run(self._insert, batch)
+            await self._run(self._insert, batch, self._dropped_below)
         except (sqlite3.Error, OSError) as exc:
-            self._pending[:0] = batch
-            excess = len(self._pending) - self.max_rows  # memory is bounded too
-            if excess > 0:
-                del self._pending[:excess]
-                self.unstored += excess
-                log.error("event outbox: %d records dropped from memory (the database cannot be written)", excess)
+            self._return(batch)
             log.error("event outbox %s: cannot store records: %s", self.directory, exc)
             return False
+        self._wake_senders()
+        return True
+
+    def _return(self, batch: list[tuple[int, float, str | None, bytes]]) -> None:
+        """Loop thread: *batch* could not be stored; back into memory, in id order, for the next try."""
+        self._pending = sorted(batch + self._pending, key=lambda row: row[0])
+        excess = len(self._pending) - self.max_rows  # memory is bounded too
+        if excess > 0:
+            self._dropped_below = self._pending[excess - 1][0]
+            del self._pending[:excess]
+            self.unstored += excess
+            log.error("event outbox: %d records dropped from memory (the database cannot be written)", excess)
+        if self._wake is not None:
+            self._wake.set()  # the flusher's retry clock
+
+    def _wake_senders(self) -> None:
         for s in self._senders:
             s.wake.set()
-        return True
+
+    def _insert_or_return(
+        self, batch: list[tuple[int, float, str | None, bytes]], loop: asyncio.AbstractEventLoop, dropped_below: int,
+    ) -> None:
+        """Worker thread, for :meth:`before_journal`: store *batch*, or hand it back to the loop (never raises)."""
+        try:
+            self._insert(batch, dropped_below)
+        except (sqlite3.Error, OSError) as exc:
+            log.error("event outbox %s: cannot store records: %s", self.directory, exc)
+            loop.call_soon_threadsafe(self._return, batch)
+            return
+        loop.call_soon_threadsafe(self._wake_senders)
 
     async def _upkeep_now(self) -> None:
         try:
@@ -439,8 +415,17 @@ class EventOutbox:
         except (sqlite3.Error, OSError) as exc:
             log.error("event outbox %s: upkeep failed: %s", self.directory, exc)
 
-    def _insert(self, batch: list[tuple[int, float, str | None, bytes]]) -> None:
-        """Worker thread: append *batch* in one transaction."""
+    def _insert(self, batch: list[tuple[int, float, str | None, bytes]], dropped_below: int = 0) -> None:
+        """Worker thread: append *batch* in one transaction.
+
+        Ids go in without a gap: a sender's cursor moves past every id below the
+        ones it read, so a batch whose predecessor failed (and went back to
+        memory) must wait for it, not be stored first. (The one gap allowed:
+        records up to *dropped_below*, dropped from memory by its bound.)
+        """
+        expected = max(self._stored_id, dropped_below) + 1
+        if batch[0][0] != expected:
+            raise sqlite3.OperationalError(f"records {expected}..{batch[0][0] - 1} are not stored yet")
         db = self._db
         db.execute("BEGIN")
         try:
@@ -456,7 +441,7 @@ class EventOutbox:
         if self._pending:
             batch, self._pending = self._pending, []
             try:
-                self._insert(batch)
+                self._insert(batch, self._dropped_below)
             except (sqlite3.Error, OSError) as exc:
                 self.unstored += len(batch)
                 log.error("event outbox %s: %d records could not be stored at close: %s", self.directory, len(batch), exc)

@@ -209,6 +209,7 @@ class Service:
             self.outbox = EventOutbox(self.data_dir / "events", list(serve.webhooks))
             await self.outbox.start()
             engine.add_listener(self.outbox.on_outcome)
+            self._spool.before_commit.append(self.outbox.before_journal)  # events stored before their outcomes
         shared = None
         if cluster.active and cluster.suppression:  # one list for the cluster, a copy on each node
             shared = RedisSuppressionStore(self.data_dir / "suppression.db", cluster.redis, prefix=cluster.prefix,
