@@ -376,6 +376,49 @@ def test_a_notice_still_gathering_when_the_service_stops_is_sent(tmp_path: Path)
         receiver.close()
 
 
+def test_a_notice_owed_when_the_service_is_killed_is_sent_after_the_restart(tmp_path: Path) -> None:
+    # Found by kill -9 against serve: a notice gathers its message's bounces for a second before it is
+    # queued; killed in that second, the bounces were on disk (never tried again) and the notice was
+    # lost for good. What it will say is now stored before the bounces are journaled.
+    import signal
+    import time
+
+    from serveproc import start_serve, stop_serve
+
+    data = tmp_path / "data"
+    receiver = _Receiver()
+    try:
+        with capture_sink(tmp_path / "capture", "--unknown-recipient", "gone*") as sink:
+            cfg = _relay_config(tmp_path, data, receiver, sink)
+            svc = start_serve(cfg, data)
+            try:
+                host, port = svc.smtp
+                msg = b"From: app@sender.example\r\nTo: x\r\nSubject: order 9\r\n\r\nhi\r\n"
+
+                async def go() -> None:
+                    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=20) as smtp:
+                        await smtp.sendmail("app@sender.example", [f"gone{i}@dest.example" for i in range(3)], msg)
+
+                asyncio.run(go())
+                # Accounting lines are flushed just before the journal batch that holds the bounces.
+                svc.wait_accounting(lambda rs: sum(r["status"] == "bounced" for r in rs) >= 3)
+                time.sleep(0.3)  # that batch is on disk; the notice is still gathering (1 s)
+            finally:
+                stop_serve(svc, sig=signal.SIGKILL)
+            assert not receiver.messages
+            with served(cfg, data):
+                deadline = time.monotonic() + 20
+                while not receiver.messages and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                time.sleep(1.5)  # a second notice, if one were (wrongly) sent, has time to arrive
+        assert len(receiver.messages) == 1, receiver.messages
+        notice = receiver.messages[0][2]
+        assert b"report-type=delivery-status" in notice
+        assert notice.count(b"Final-Recipient: rfc822; gone") == 3
+    finally:
+        receiver.close()
+
+
 def test_a_message_refused_leaves_nothing_for_the_receive_domains(tmp_path: Path) -> None:
     # Found by an attack on serve: a message to an FBL address and to a recipient elsewhere that the
     # queue then refused was told "refused", yet its copy for the FBL address had been kept and read

@@ -29,6 +29,7 @@ import email.utils
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Any
 
 from fastmta.delivery.engine import Engine, EngineClosed
@@ -36,6 +37,7 @@ from fastmta.errors import InputError
 from fastmta.feedback.suppression import SqliteSuppressionStore
 from fastmta.queue.records import Outcome, Status, new_message_id
 from fastmta.serve.auth import RelayPolicy
+from fastmta.serve.notice_store import NoticeStore, Row, encode
 
 log = logging.getLogger("fastmta.serve.dsn")
 
@@ -59,6 +61,7 @@ class SenderNotices:
     def __init__(
         self, engine: Engine, *, hostname: str, policy: RelayPolicy, store: SqliteSuppressionStore | None,
         delay_warning_time: float = 0.0, per_sender: int = 20, per_seconds: float = 600.0,
+        owed: NoticeStore | None = None,
     ) -> None:
         self.engine = engine
         self.hostname = hostname
@@ -67,7 +70,11 @@ class SenderNotices:
         self.delay_warning_time = delay_warning_time
         self.per_sender = per_sender
         self.per_seconds = per_seconds
-        self._pending: dict[str, tuple[str, list[Outcome], bytes, bool]] = {}
+        # "<message id>:f" (or ":d") -> (notice key, sender, outcomes, headers, delayed), for a second
+        self._pending: dict[str, tuple[str, str, list[Outcome], bytes, bool]] = {}
+        #: Where notices wait on disk until queued (None: in memory only, lost with the process).
+        self.owed = owed
+        self._unsaved: list[Row] = []  # for the next journal batch (before_journal)
         self._warned: OrderedDict[str, None] = OrderedDict()
         self._sent_at: dict[str, list[float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -92,19 +99,56 @@ class SenderNotices:
             self._gather(outcome, delayed=True)
 
     def _gather(self, outcome: Outcome, *, delayed: bool) -> None:
-        key = f"{outcome.message_id}:{'d' if delayed else 'f'}"
-        entry = self._pending.get(key)
+        gathering = f"{outcome.message_id}:{'d' if delayed else 'f'}"
+        entry = self._pending.get(gathering)
         if entry is None:
+            # The notice's own key, and its message id once queued: unique (a message's later failures
+            # make a notice of their own) and kept on disk, so a notice queued again after a crash
+            # that is still in the queue is refused as a duplicate instead of going twice.
+            key = f"{outcome.message_id}-dsn{'d' if delayed else 'f'}{time.time_ns() // 1000:x}"
             msg = self.engine.message(outcome.message_id)  # still tracked: listeners run before it is let go
             headers = b""
             if msg is not None:
                 raw = msg.body.raw
                 end = raw.find(b"\r\n\r\n")
                 headers = raw[: end + 2 if end >= 0 else min(len(raw), _MAX_HEADERS)][:_MAX_HEADERS]
-            self._pending[key] = (outcome.sender or "", [outcome], headers, delayed)
-            asyncio.get_running_loop().call_later(_GATHER, self._flush, key)
+            self._pending[gathering] = (key, outcome.sender or "", [outcome], headers, delayed)
+            asyncio.get_running_loop().call_later(_GATHER, self._flush, gathering)
+            if self.owed is not None:
+                self._unsaved.append((key, outcome.sender or "", headers, delayed))
         else:
-            entry[1].append(outcome)
+            key = entry[0]
+            entry[2].append(outcome)
+        if self.owed is not None:
+            self._unsaved.append((key, encode(outcome)))
+
+    def before_journal(self) -> Future[None] | None:
+        """A spool hook (``Spool.before_commit``): store what the notices gathering will say, before
+        the journal batch that holds the outcomes they report (the engine calls :meth:`on_outcome` in
+        the same call that queues an outcome's journal record)."""
+        if self.owed is None or not self._unsaved:
+            return None
+        rows, self._unsaved = self._unsaved, []
+        return self.owed.add(rows)
+
+    def resume(self) -> int:
+        """Queue the notices a crash left owed (at start, before any new outcome); how many."""
+        if self.owed is None:
+            return 0
+        owed = self.owed.owed()
+        for n in owed:
+            if n.delayed:
+                self._warned[n.outcomes[0].message_id] = None  # one delay warning a message, across a restart too
+            self._start(self._send(n.key, n.sender, n.outcomes, n.headers, n.delayed))
+        if owed:
+            log.info("%d delivery status notice(s) left owed by the last run: queued now", len(owed))
+        return len(owed)
+
+    def _forget(self, key: str) -> None:
+        """The notice *key* is queued, or none goes: nothing is owed for it any more."""
+        if self.owed is not None:
+            self._unsaved = [row for row in self._unsaved if row[0] != key]
+            self.owed.remove(key)
 
     async def flush_all(self) -> None:
         """Queue every notice still gathering, and wait until each is queued (the service is stopping:
@@ -114,11 +158,14 @@ class SenderNotices:
         if self._tasks:
             await asyncio.wait(set(self._tasks))
 
-    def _flush(self, key: str) -> None:
-        entry = self._pending.pop(key, None)
+    def _flush(self, gathering: str) -> None:
+        entry = self._pending.pop(gathering, None)
         if entry is None:
             return
-        task = asyncio.ensure_future(self._send(*entry))
+        self._start(self._send(*entry))
+
+    def _start(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -141,18 +188,25 @@ class SenderNotices:
             self._sent_at = {s: ts for s, ts in self._sent_at.items() if ts and now - ts[-1] < self.per_seconds}
         return None
 
-    async def _send(self, sender: str, outcomes: list[Outcome], headers: bytes, delayed: bool) -> None:
+    async def _send(self, key: str, sender: str, outcomes: list[Outcome], headers: bytes, delayed: bool) -> None:
         why_not = self._allowed(sender)
         if why_not is not None:
             self.limited += 1
             log.warning("no delivery status notice to %r for message %s: %s", sender, outcomes[0].message_id, why_not)
+            self._forget(key)
             return
         notice = self.build(sender, outcomes, headers, delayed)
         try:
-            await self.engine.submit(notice, "", [sender], meta={"via": "dsn", "dsn_for": outcomes[0].message_id})
-        except (InputError, EngineClosed) as exc:
-            log.warning("delivery status notice to %r not queued: %s", sender, exc)
+            await self.engine.submit(notice, "", [sender], meta={"via": "dsn", "dsn_for": outcomes[0].message_id},
+                                     message_id=key)
+        except EngineClosed as exc:  # stopping: owed still, queued by the next start
+            log.warning("delivery status notice to %r not queued now (%s): owed to the next start", sender, exc)
             return
+        except InputError as exc:
+            log.warning("delivery status notice to %r not queued: %s", sender, exc)
+            self._forget(key)
+            return
+        self._forget(key)
         self.sent += 1
 
     def build(self, sender: str, outcomes: list[Outcome], headers: bytes, delayed: bool) -> bytes:

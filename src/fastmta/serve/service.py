@@ -71,6 +71,7 @@ from fastmta.serve.gate import ConnectionGate
 from fastmta.serve.http_api import build_api_app
 from fastmta.serve.http_guard import HttpGuard
 from fastmta.serve.metrics import IntakeStats, ServiceMetrics
+from fastmta.serve.notice_store import NoticeStore
 from fastmta.serve.pickup import PickupWatcher
 from fastmta.serve.sender_notices import SenderNotices
 from fastmta.serve.smtp_listener import InjectServer
@@ -230,8 +231,11 @@ class Service:
             self.notices = SenderNotices(
                 engine, hostname=serve.hostname, policy=self.policy, store=self.feedback.store,
                 delay_warning_time=serve.delay_warning_time, per_sender=serve.dsn_per_sender,
+                owed=NoticeStore(self.data_dir / "notices"),
             )
             engine.add_listener(self.notices.on_outcome)
+            self._spool.before_commit.append(self.notices.before_journal)  # owed notices stored before their bounces
+            self.notices.resume()  # what a crash left owed
         self._metrics = ServiceMetrics(engine, intake=self.intake, spool=self._spool, outbox=self.outbox)
         self.started_at = time.time()
         try:
@@ -385,6 +389,8 @@ class Service:
             self._accounting.close()
         if self._spool is not None:
             await self._spool.close()
+        if self.notices is not None and self.notices.owed is not None:
+            self.notices.owed.close()  # after the spool's last batch, which may still owe notices
         if self.admin_socket is not None:
             try:
                 self.admin_socket.unlink()

@@ -1,0 +1,150 @@
+"""Delivery status notices owed to senders, on disk until the notice itself is queued.
+
+A notice gathers a message's failed recipients for a second before it is
+queued as mail (one notice a message, not one a recipient). A ``kill -9`` in
+that second lost it for good: the bounces it reports were on disk (never tried
+again), the sender was never told. So what a notice will say is stored first,
+by the spool's writer before the journal batch that holds those bounces
+(:meth:`fastmta.serve.sender_notices.SenderNotices.before_journal`), and
+deleted once the notice is queued (durably: ``Engine.submit`` returned), or
+once it is decided that none goes (a rate limit, a suppressed sender). What a
+start finds here is queued then. A crash between the queueing and the delete
+sends a notice twice, as a message in flight may be.
+
+SQLite (WAL, ``synchronous=NORMAL``: a committed write survives a process
+crash), every call on one worker thread (``concurrent.futures`` executor).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import msgspec
+
+from fastmta.errors import DamagedFile
+from fastmta.queue.records import Outcome, Status
+from fastmta.smtp.reply import Reply
+
+__all__ = ["NoticeStore", "OwedNotice"]
+
+log = logging.getLogger("fastmta.serve.dsn")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS notices (key TEXT PRIMARY KEY, sender TEXT NOT NULL, headers BLOB NOT NULL,
+                                    delayed INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outcomes (id INTEGER PRIMARY KEY, key TEXT NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS outcomes_key ON outcomes (key);
+"""
+
+
+class _Stored(msgspec.Struct, array_like=True):
+    """What a notice says of one recipient (the fields ``SenderNotices.build`` reads)."""
+
+    message_id: str
+    recipient: str
+    status: str
+    code: int
+    lines: list[str]
+    enhanced: str | None
+    queued_at: float
+    time: float
+    mx_host: str | None
+
+
+class OwedNotice(NamedTuple):
+    key: str
+    sender: str
+    outcomes: list[Outcome]
+    headers: bytes
+    delayed: bool
+
+
+#: (key, sender, headers, delayed) of a new notice, or (key, encoded outcome) of one more recipient.
+Row = tuple[str, str, bytes, bool] | tuple[str, bytes]
+
+
+def encode(outcome: Outcome) -> bytes:
+    r = outcome.reply
+    return msgspec.json.encode(_Stored(outcome.message_id, outcome.recipient, outcome.status.value, r.code,
+                                       list(r.lines), r.enhanced, outcome.queued_at, outcome.time, outcome.mx_host))
+
+
+def _decode(body: bytes) -> Outcome:
+    s = msgspec.json.decode(body, type=_Stored)
+    return Outcome(s.message_id, s.recipient, Status(s.status), Reply(s.code, tuple(s.lines), s.enhanced), 0,
+                   s.queued_at, s.time, mx_host=s.mx_host)
+
+
+class NoticeStore:
+    """The notices owed, in ``directory/notices.sqlite``."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = directory / "notices.sqlite"
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastmta-notices")
+        self._db: sqlite3.Connection = self._executor.submit(self._open).result()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise DamagedFile(f"{self.path}: {exc}") from None
+        return db
+
+    def add(self, rows: list[Row]) -> Future[None]:
+        """Store *rows* (on the worker thread); the future is done once they are committed."""
+        return self._executor.submit(self._add, rows)
+
+    def _add(self, rows: list[Row]) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for row in rows:
+                if len(row) == 4:
+                    db.execute("INSERT OR IGNORE INTO notices VALUES (?, ?, ?, ?)", row)
+                else:
+                    db.execute("INSERT INTO outcomes (key, body) VALUES (?, ?)", row)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def remove(self, key: str) -> Future[None]:
+        """Forget the notice *key* (queued, or not to be sent): after every add submitted before."""
+        return self._executor.submit(self._remove, key)
+
+    def _remove(self, key: str) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        db.execute("DELETE FROM outcomes WHERE key = ?", (key,))
+        db.execute("DELETE FROM notices WHERE key = ?", (key,))
+        db.execute("COMMIT")
+
+    def owed(self) -> list[OwedNotice]:
+        """Every notice stored and not removed (what a crash left), oldest first."""
+        return self._executor.submit(self._owed).result()
+
+    def _owed(self) -> list[OwedNotice]:
+        out = []
+        for key, sender, headers, delayed in self._db.execute("SELECT key, sender, headers, delayed FROM notices"):
+            bodies = self._db.execute("SELECT body FROM outcomes WHERE key = ? ORDER BY id", (key,)).fetchall()
+            outcomes = []
+            for (body,) in bodies:
+                try:
+                    outcomes.append(_decode(body))
+                except (msgspec.DecodeError, ValueError) as exc:  # the notice says what the others say
+                    log.error("%s: notice %s: a damaged recipient row left out: %s", self.path, key, exc)
+            if outcomes:
+                out.append(OwedNotice(key, sender, outcomes, bytes(headers), bool(delayed)))
+        return out
+
+    def close(self) -> None:
+        self._executor.submit(self._db.close).result()
+        self._executor.shutdown(wait=True)
