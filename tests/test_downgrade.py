@@ -154,3 +154,59 @@ def test_lines_stay_within_smtp_limits_and_dots_cannot_end_data() -> None:
     out = assert_converted(message)
     assert max(len(line) for line in out.split(b"\r\n")) <= 78
     assert b"\r\n.\r\n" not in out
+
+
+# --- found by an attack on the first version ----------------------------------------------------
+
+
+def test_a_forwarded_message_with_8bit_headers_stays_a_message() -> None:
+    # Its header octets cannot be encoded (RFC 2046 5.2.1 forbids base64 on message/rfc822, which it got).
+    forwarded = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=F\r\n\r\n--F\r\n"
+                 b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+                 b"Subject: caf\xc3\xa9\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nna\xc3\xafve\r\n--F--\r\n")
+    out = seven_bit(forwarded)
+    assert b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\nSubject: caf\xc3\xa9\r\n" in out
+    assert b"na=C3=AFve" in out and b"base64" not in out
+    assert parts_of(out) == parts_of(forwarded)
+
+
+def test_signed_and_encrypted_multiparts_are_never_touched() -> None:
+    # RFC 1847: converting inside breaks the S/MIME or PGP signature (openssl smime -verify failed).
+    for kind in (b"signed; protocol=\"application/pkcs7-signature\"", b"encrypted; protocol=\"application/pgp-encrypted\""):
+        message = (b"MIME-Version: 1.0\r\nContent-Type: multipart/" + kind + b"; boundary=S\r\n\r\n--S\r\n"
+                   b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\ncaf\xc3\xa9\r\n"
+                   b"--S\r\nContent-Type: application/octet-stream\r\n\r\nsig\r\n--S--\r\n")
+        assert seven_bit(message) == message
+
+
+def test_a_delivery_report_keeps_its_fields() -> None:
+    # message/delivery-status is fields, not a message: no Content-Transfer-Encoding inserted, nothing encoded.
+    report = (b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=R\r\n\r\n"
+              b"--R\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.test\r\n\r\n"
+              b"Final-Recipient: rfc822; a@b.test\r\nDiagnostic-Code: smtp; 550 M\xc3\xbcller unknown\r\n--R--\r\n")
+    assert seven_bit(report) == report
+
+
+def test_parts_without_a_header_section_and_cr_line_ends_are_converted() -> None:
+    no_head = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nhello caf\xc3\xa9\r\n--B--\r\n"
+    out = assert_converted(no_head)
+    assert b"hello caf=C3=A9" in out
+    cr_only = b"MIME-Version: 1.0\rContent-Type: text/plain; charset=utf-8\r\rcaf\xc3\xa9\r"
+    assert body_is_8bit(cr_only)
+    assert assert_converted(cr_only).endswith(b"\r\n\r\ncaf=C3=A9\r\n")
+
+
+def test_two_delimiters_in_a_row_make_no_new_part() -> None:
+    message = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n--B\r\n"
+               b"Content-Type: text/plain; charset=utf-8\r\n\r\ncaf\xc3\xa9\r\n--B--\r\n")
+    assert_converted(message)
+
+
+def test_a_quoted_printable_part_with_raw_octets_is_encoded_again_within_line_limits() -> None:
+    text = b"\xc3\xa9" * 400 + b" =3D end\r\n"
+    message = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n" + text
+    out = assert_converted(message)
+    assert max(len(line) for line in out.split(b"\r\n")) <= 76
+    binary = b"MIME-Version: 1.0\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n%PDF\xe2\xe3=0D=0A\r\n"
+    out = assert_converted(binary)
+    assert b"Content-Transfer-Encoding: base64" in out and b"quoted-printable" not in out

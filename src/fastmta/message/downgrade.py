@@ -8,25 +8,32 @@ octets under an identity encoding (``7bit``, ``8bit``, ``binary`` or none) is
 re-encoded, ``text/*`` as quoted-printable (still readable, ~1-3x the 8-bit
 octets), anything else as base64; its Content-Transfer-Encoding field is
 replaced. Multipart bodies are walked by their boundary and ``message/*``
-parts recursively (RFC 2046 5.2.1: a message part is never encoded itself,
-its insides are). Every other byte is kept: header fields, preambles and
-epilogues (but their 8-bit octets, which no reader shows, become ``?``), and
-every part that was 7-bit already, so a converted message differs from the
-original only where it had to.
+parts (``message/rfc822``, ``message/global``, ``message/news``) recursively
+(RFC 2046 5.2.1: a message part is never encoded itself, its insides are).
+Every other byte is kept: header fields, preambles and epilogues (but their
+8-bit octets, which no reader shows, become ``?``), and every part that was
+7-bit already, so a converted message differs from the original only where it
+had to.
+
+Left as they are, 8-bit or not: ``multipart/signed`` and
+``multipart/encrypted`` (RFC 1847: a conversion inside breaks the S/MIME or
+PGP signature; sendmail leaves them too), other ``message/*`` types (a
+delivery report's fields are not a message's), and 8-bit octets in header
+fields, the inner headers of a forwarded message included (no encoding is
+allowed there; raw UTF-8 in the top-level header needs SMTPUTF8, RFC 6532,
+which the client asks for and refuses the message without).
 
 Malformed input still comes out 7-bit, with its decoded meaning kept where
-there is one: a part labelled quoted-printable that holds raw 8-bit octets
-gets them escaped (``=E9``: decoders passed them through as they are); a part
-labelled base64 loses them (decoders skip anything outside the alphabet); a
-multipart without a boundary it can find is encoded as text. A body outside
+there is one: a part labelled quoted-printable that holds raw 8-bit octets is
+decoded (decoders pass such octets through as they are) and encoded again; a
+part labelled base64 loses them (decoders skip anything outside the
+alphabet); a multipart without a boundary it can find is encoded as text; a
+part whose first line is not a header field has no header section (as
+Python's parser reads it). A body outside
 MIME (no MIME-Version) gets MIME-Version, and, having no Content-Type, says
 ``text/plain; charset=utf-8`` when its octets are UTF-8 and ``unknown-8bit``
 (RFC 1428) when not: what quoted-printable then decodes to is the original's
 octets either way.
-
-Not converted: 8-bit octets in header fields. Raw UTF-8 there needs SMTPUTF8
-(RFC 6532), which the client asks for (and refuses the message without);
-this module never touches a header value.
 
 Signing: a DKIM signature covers the body's octets, so a conversion on the way
 breaks it (RFC 6376 5.3). Mail fastmta signs is converted before signing
@@ -39,6 +46,7 @@ on a 7-bit path may be mangled or refused outright.
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -47,20 +55,25 @@ from fastmta.message import core
 
 __all__ = ["body_is_8bit", "seven_bit"]
 
-# Deeper nesting than this is read as one leaf (a hostile message could nest
-# thousands of multiparts to make the walk recurse without end).
-MAX_DEPTH = 32
-_IDENTITY = frozenset({"", "7bit", "8bit", "binary"})
-_HIGH = re.compile(rb"[\x80-\xff]")
+# Deeper nesting than this is read as one leaf: a hostile message could nest
+# multiparts to make the walk recurse (and copy) without end.
+MAX_DEPTH = 16
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
+# A header field's first line: a name of printable ASCII but the colon, then the colon.
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+_HIGH = bytes(range(0x80, 0x100))
+_HIGH_TO_QUESTION = bytes.maketrans(_HIGH, b"?" * 0x80)
+_NEVER_INSIDE = frozenset({"multipart/signed", "multipart/encrypted"})
+_MESSAGES = frozenset({"message/rfc822", "message/global", "message/news"})
 
 
 def body_is_8bit(message: bytes) -> bool:
     """Whether *message* has 8-bit octets after its header section (what a conversion changes)."""
     if message.isascii():
         return False
-    _fields, start = core.split_header_fields(message)
-    return not message[start:].isascii()
+    data = core.normalize_crlf(message)  # lone CRs end lines too, on the wire
+    _fields, start = _split_head(data)
+    return not data[start:].isascii()
 
 
 def seven_bit(message: bytes) -> bytes:
@@ -73,17 +86,40 @@ def seven_bit(message: bytes) -> bytes:
     return _entity(core.normalize_crlf(message), "text/plain", 0, top=True)
 
 
+def _split_head(data: bytes) -> tuple[list[bytes], int]:
+    """(header fields, where the body starts) as Python's parser reads them: the header section ends
+    at the empty line, or before the first line that is neither a field nor a field's continuation."""
+    fields: list[bytes] = []
+    pos, n = 0, len(data)
+    while pos < n:
+        end = data.find(b"\r\n", pos)
+        end = n if end < 0 else end + 2
+        line = data[pos:end]
+        if line == b"\r\n":
+            return fields, end
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1] += line
+        elif _FIELD.match(line):
+            fields.append(line)
+        else:
+            return fields, pos
+        pos = end
+    return fields, n
+
+
 def _entity(data: bytes, default_type: str, depth: int, *, top: bool = False) -> bytes:
-    fields, start = core.split_header_fields(data)
+    fields, start = _split_head(data)
     body = data[start:]
     if body.isascii():
         return data
-    head = _HEADER_PARSER.parsebytes(data[:start])
+    head = _HEADER_PARSER.parsebytes(b"".join(fields) + b"\r\n")
     head.set_default_type(default_type)
     ctype = head.get_content_type()
     cte = str(head.get("content-transfer-encoding", "")).strip().lower()
-    blank = data[sum(map(len, fields)):start]  # the empty line (none if the data ends in the headers)
+    blank = data[sum(map(len, fields)):start]  # the empty line (none if the body starts without one)
     maintype = ctype.partition("/")[0]
+    if ctype in _NEVER_INSIDE or (maintype == "message" and ctype not in _MESSAGES):
+        return data
     if depth < MAX_DEPTH:
         if maintype == "multipart":
             boundary = head.get_boundary()
@@ -92,8 +128,9 @@ def _entity(data: bytes, default_type: str, depth: int, *, top: bool = False) ->
                 return _head(fields, "7bit" if cte in ("8bit", "binary") else None) + blank + parts
         elif maintype == "message":
             inner = _entity(body, "text/plain", depth + 1)
-            if inner.isascii():
-                return _head(fields, "7bit" if cte in ("8bit", "binary") else None) + blank + inner
+            # 8-bit octets left in the inner message's header fields: it stays 8bit (no encoding is allowed)
+            relabel = "7bit" if cte in ("8bit", "binary") and inner.isascii() else None
+            return _head(fields, relabel) + blank + inner
     new_body, new_cte = _leaf(body, cte, maintype == "text" or maintype == "multipart")
     extra = b""
     if top and "mime-version" not in head:
@@ -106,17 +143,18 @@ def _entity(data: bytes, default_type: str, depth: int, *, top: bool = False) ->
 
 def _leaf(body: bytes, cte: str, text: bool) -> tuple[bytes, str | None]:
     """(7-bit body, the new Content-Transfer-Encoding or None to keep the field)."""
-    if cte == "quoted-printable":
-        return _HIGH.sub(lambda m: b"=%02X" % m[0][0], body), None
     if cte == "base64":
-        return _HIGH.sub(b"", body), None
+        return body.translate(None, _HIGH), None  # decoders skip what is not in the alphabet
     # The CRLF before a boundary belongs to the boundary (RFC 2046 5.1.1): a body
     # without a final line end must come back without one.
     ends_line = body.endswith(b"\r\n")
-    if text:
-        encoded, name = core.quoted_printable(body), "quoted-printable"
+    name: str | None
+    if cte == "quoted-printable":
+        body = binascii.a2b_qp(body)  # what it decodes to: raw octets pass through
+        name = None if text else "base64"
     else:
-        encoded, name = base64.encodebytes(body).replace(b"\n", b"\r\n"), "base64"
+        name = "quoted-printable" if text else "base64"
+    encoded = core.quoted_printable(body) if text else base64.encodebytes(body).replace(b"\n", b"\r\n")
     if not ends_line and encoded.endswith(b"\r\n"):
         encoded = encoded[:-2]
     return encoded, name
@@ -142,9 +180,10 @@ def _multipart(body: bytes, boundary: str, digest: bool, depth: int) -> bytes | 
             out.append(_no_high(body[m.end():]))
             break
         end = matches[i + 1].start() if i + 1 < len(matches) else len(body)
-        content = body[m.end() + 2: end]  # after the delimiter line's CRLF
-        out.append(body[m.end(): m.end() + 2])
-        out.append(_entity(content, default, depth + 1))
+        line_end = min(m.end() + 2, end)  # the delimiter line's CRLF, unless the next delimiter has it
+        out.append(body[m.end(): line_end])
+        if line_end < end:
+            out.append(_entity(body[line_end:end], default, depth + 1))
     return b"".join(out)
 
 
@@ -158,7 +197,7 @@ def _head(fields: list[bytes], cte: str | None) -> bytes:
 
 def _no_high(data: bytes) -> bytes:
     # Preamble and epilogue: no reader shows them (RFC 2046 5.1.1).
-    return data if data.isascii() else _HIGH.sub(b"?", data)
+    return data.translate(_HIGH_TO_QUESTION)
 
 
 def _is_utf8(data: bytes) -> bool:
