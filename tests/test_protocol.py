@@ -94,6 +94,33 @@ def converse(p: ClientProtocol, steps: list[tuple[bytes, bytes]]) -> list[Event]
     return events
 
 
+def test_which_mail_rides_behind_an_end_of_data() -> None:
+    # What the connection's short wait for a MAIL (Timeouts.mail_after_data) keys on: only a MAIL sent
+    # right behind another transaction's dot, never one on an idle connection nor over CHUNKING.
+    p = ready()
+    p.start_transaction(txn("a@x.test"))
+    p.start_transaction(txn("b@x.test"))
+    assert p.data_to_send().startswith(b"MAIL FROM:<s@a.test>")
+    assert not p.awaited_behind_dot
+    p.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert p.data_to_send().endswith(b".\r\nMAIL FROM:<s@a.test> SIZE=%d\r\nRCPT TO:<b@x.test>\r\nDATA\r\n"
+                                     % BODY.size)
+    assert not p.awaited_behind_dot  # the end of data's reply comes first
+    p.receive_data(b"250 2.0.0 queued\r\n")
+    assert p.awaited_behind_dot and p.dot_mails_answered == 0
+    p.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert p.dot_mails_answered == 1 and not p.awaited_behind_dot
+    p.data_to_send()
+    p.receive_data(b"250 2.0.0 queued\r\n")
+    p.start_transaction(txn("c@x.test"))  # on an idle connection
+    assert p.waiting_for is Phase.MAIL and not p.awaited_behind_dot
+    q = ready(b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+    q.start_transaction(txn("a@x.test"))
+    q.start_transaction(txn("b@x.test"))
+    q.receive_data(b"250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n")
+    assert q.waiting_for is Phase.MAIL and not q.awaited_behind_dot  # BDAT: the next went after the outcome
+
+
 def test_lock_step_without_pipelining() -> None:
     p = ready(EHLO_PLAIN)
     p.start_transaction(txn("a@x.test", "b@x.test"))

@@ -247,7 +247,8 @@ def test_sighup_reloads_accounts_without_dropping_a_session(tmp_path: Path) -> N
             assert "restart needed" not in serve_log(svc)  # nothing else changed (the outbound cap neither)
 
 
-@pytest.mark.parametrize("damaged", ["suppression.db", "events/events.sqlite", "queue/suspended.json"])
+@pytest.mark.parametrize("damaged", ["suppression.db", "events/events.sqlite", "queue/suspended.json",
+                                     "notices/notices.sqlite"])
 def test_a_damaged_state_file_stops_the_start_naming_it(tmp_path: Path, damaged: str) -> None:
     # Found by an attack on serve: a damaged SQLite file of the service's stopped its start with a raw
     # traceback that named no file. Each refuses the start, with the file and what to do.

@@ -287,9 +287,12 @@ def _qp_line(line: bytes) -> list[bytes]:
             tokens.append(bytes((b,)))
         else:
             tokens.append(b"=%02X" % b)
-    # A line-initial '.' is encoded so that no relay can mangle dot-stuffing.
+    # A line-initial '.' is encoded so that no relay can mangle dot-stuffing, and a '-': a soft
+    # break must never put a text's "--boundary" at the start of a line (it would end the part).
     if tokens[:1] == [b"."]:
         tokens[0] = b"=2E"
+    elif tokens[:1] == [b"-"]:
+        tokens[0] = b"=2D"
     out: list[bytes] = []
     cur = b""
     for tok in tokens:
@@ -298,6 +301,8 @@ def _qp_line(line: bytes) -> list[bytes]:
             cur = b""
             if tok == b".":
                 tok = b"=2E"
+            elif tok == b"-":
+                tok = b"=2D"
         cur += tok
     out.append(cur)
     return out

@@ -228,7 +228,7 @@ def quoted_printable(bytes data not None):
                 if c == 13 and i < n and s[i] == 10:
                     i += 1
                 continue
-            if 33 <= c <= 126 and c != 61 and cur < 75 and not (c == 46 and cur == 0):
+            if 33 <= c <= 126 and c != 61 and cur < 75 and not ((c == 46 or c == 45) and cur == 0):
                 # Fast path: a plain printable byte that fits on the line.
                 out[o] = c
                 o += 1
@@ -248,9 +248,10 @@ def quoted_printable(bytes data not None):
                 out[o + 2] = 10
                 o += 3
                 cur = 0
-            if literal and c == 46 and cur == 0:
+            if literal and (c == 46 or c == 45) and cur == 0:
                 # A line-initial '.' is encoded so that no relay can mangle
-                # dot-stuffing.
+                # dot-stuffing, and a '-': a soft break must never put a text's
+                # "--boundary" at the start of a line (it would end the part).
                 literal = False
                 toklen = 3
             if literal:

@@ -27,9 +27,10 @@ Malformed input still comes out 7-bit, with its decoded meaning kept where
 there is one: a part labelled quoted-printable that holds raw 8-bit octets is
 decoded (decoders pass such octets through as they are) and encoded again; a
 part labelled base64 loses them (decoders skip anything outside the
-alphabet); a multipart without a boundary it can find is encoded as text; a
-part whose first line is not a header field has no header section (as
-Python's parser reads it). A body outside
+alphabet); a part whose first line is not a header field has no header
+section (as Python's parser reads it). A multipart whose boundary is nowhere
+in its body, or nested deeper than MAX_DEPTH, is left as it is (it may not be
+encoded whole). A body outside
 MIME (no MIME-Version) gets MIME-Version, and, having no Content-Type, says
 ``text/plain; charset=utf-8`` when its octets are UTF-8 and ``unknown-8bit``
 (RFC 1428) when not: what quoted-printable then decodes to is the original's
@@ -55,7 +56,7 @@ from fastmta.message import core
 
 __all__ = ["body_is_8bit", "seven_bit"]
 
-# Deeper nesting than this is read as one leaf: a hostile message could nest
+# Deeper nesting than this is left as it is: a hostile message could nest
 # multiparts to make the walk recurse (and copy) without end.
 MAX_DEPTH = 16
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
@@ -120,18 +121,23 @@ def _entity(data: bytes, default_type: str, depth: int, *, top: bool = False) ->
     maintype = ctype.partition("/")[0]
     if ctype in _NEVER_INSIDE or (maintype == "message" and ctype not in _MESSAGES):
         return data
-    if depth < MAX_DEPTH:
-        if maintype == "multipart":
-            boundary = head.get_boundary()
-            parts = None if boundary is None else _multipart(body, boundary, ctype == "multipart/digest", depth)
-            if parts is not None:
-                return _head(fields, "7bit" if cte in ("8bit", "binary") else None) + blank + parts
-        elif maintype == "message":
+    if maintype in ("multipart", "message"):
+        # Never encoded whole (RFC 2045 6.4, RFC 2046 5.2.1): walked inside, or left as it is (too deep,
+        # or a multipart whose boundary is nowhere to be found).
+        if depth >= MAX_DEPTH:
+            return data
+        if maintype == "message":
             inner = _entity(body, "text/plain", depth + 1)
             # 8-bit octets left in the inner message's header fields: it stays 8bit (no encoding is allowed)
             relabel = "7bit" if cte in ("8bit", "binary") and inner.isascii() else None
             return _head(fields, relabel) + blank + inner
-    new_body, new_cte = _leaf(body, cte, maintype == "text" or maintype == "multipart")
+        boundary = head.get_boundary()
+        parts = None if boundary is None else _multipart(body, boundary, ctype == "multipart/digest", depth)
+        if parts is None:
+            return data
+        # Relabelled 7bit only if nothing 8-bit is left inside (a signed part).
+        return _head(fields, "7bit" if cte in ("8bit", "binary") and parts.isascii() else None) + blank + parts
+    new_body, new_cte = _leaf(body, cte, maintype == "text")
     extra = b""
     if top and "mime-version" not in head:
         extra += b"MIME-Version: 1.0\r\n"

@@ -289,16 +289,16 @@ class GroupCommit:
     def _write_batch(
         self, journal: list[bytes], data: list[tuple[int, bytes]], active: int, before: list[Future[None]] | None = None,
     ) -> None:
-        """Writer thread: what the hooks started, then bodies (fsync), then the journal records (fsync)."""
-        for work in before or ():
-            try:
-                work.result(HOOK_WAIT)
-            except Exception as exc:  # a hook's own failure is its owner's to report, as above
-                log.error("spool %s: before the batch: %s (the batch is written all the same)", self.directory,
-                          exc or "timed out")
+        """Writer thread: bodies (fsync), what the hooks started, then the journal records (fsync)."""
         started = time.perf_counter()
         if data:
             self._segments.write(data, active)
+        for work in before or ():  # after the bodies: their fsync and the hooks' writes overlap
+            try:
+                work.result(HOOK_WAIT)
+            except Exception as exc:  # a hook's own failure is its owner's to report, as above
+                why = f"not done in {HOOK_WAIT:g} s" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+                log.error("spool %s: before the batch: %s (the batch is written all the same)", self.directory, why)
         if journal:
             blob = b"".join(journal)
             self._journal.append(blob)

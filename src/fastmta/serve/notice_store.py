@@ -83,23 +83,29 @@ class NoticeStore:
     """The notices owed, in ``directory/notices.sqlite``."""
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = directory / "notices.sqlite"
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastmta-notices")
-        self._db: sqlite3.Connection = self._executor.submit(self._open).result()
-
-    def _open(self) -> sqlite3.Connection:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Opened here, used only on the worker thread after this (started by the first call).
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
-            db = sqlite3.connect(self.path, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise DamagedFile(f"{self.path}: {exc}") from None
-        return db
+            db.close()
+            raise DamagedFile(f"{self.path}: {exc} (delivery status notices owed; move it aside to start afresh: "
+                              "the notices it holds are then not sent)") from None
+        self._db = db
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastmta-notices")
+        self._closed = False
 
-    def add(self, rows: list[Row]) -> Future[None]:
-        """Store *rows* (on the worker thread); the future is done once they are committed."""
+    def add(self, rows: list[Row]) -> Future[None] | None:
+        """Store *rows* (on the worker thread); the future is done once they are committed.
+
+        None once closed (the rows are lost with the process: logged)."""
+        if self._closed:
+            log.error("%s closed: %d row(s) of notices owed not stored", self.path, len(rows))
+            return None
         return self._executor.submit(self._add, rows)
 
     def _add(self, rows: list[Row]) -> None:
@@ -116,9 +122,10 @@ class NoticeStore:
             db.execute("ROLLBACK")
             raise
 
-    def remove(self, key: str) -> Future[None]:
+    def remove(self, key: str) -> None:
         """Forget the notice *key* (queued, or not to be sent): after every add submitted before."""
-        return self._executor.submit(self._remove, key)
+        if not self._closed:  # closed: a notice queued after the service stopped is owed still, sent again
+            self._executor.submit(self._remove, key)
 
     def _remove(self, key: str) -> None:
         db = self._db
@@ -133,7 +140,8 @@ class NoticeStore:
 
     def _owed(self) -> list[OwedNotice]:
         out = []
-        for key, sender, headers, delayed in self._db.execute("SELECT key, sender, headers, delayed FROM notices"):
+        notices = self._db.execute("SELECT key, sender, headers, delayed FROM notices ORDER BY rowid").fetchall()
+        for key, sender, headers, delayed in notices:
             bodies = self._db.execute("SELECT body FROM outcomes WHERE key = ? ORDER BY id", (key,)).fetchall()
             outcomes = []
             for (body,) in bodies:
@@ -146,5 +154,8 @@ class NoticeStore:
         return out
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._executor.submit(self._db.close).result()
         self._executor.shutdown(wait=True)

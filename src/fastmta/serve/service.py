@@ -182,7 +182,6 @@ class Service:
         return msgspec.structs.replace(engine, smtp=smtp)
 
     async def start(self) -> None:
-        serve = self.config.serve
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.data_dir / "inbound").mkdir(exist_ok=True, mode=0o700)
         try:
@@ -197,6 +196,41 @@ class Service:
         self._accounting = AccountingLog(self.data_dir / "accounting.jsonl")
         engine = Engine(self._outbound_capped(self.config.engine), accounting=self._accounting, spool=self._spool)
         self._engine = engine
+        try:
+            await self._start_engine(engine)
+            await self._start_smtp()
+            await self._start_http()
+            await self._start_admin()
+            self._start_pickup()
+        except BaseException:
+            await self.stop()  # what started is stopped: the queue closed, the accounting flushed
+            raise
+        log.info(
+            "fastmta serve ready: smtp %s, http %s, admin %s",
+            ", ".join(f"{h}:{p}" for h, p in self.smtp_addresses) or "-",
+            f"{self.http_address[0]}:{self.http_address[1]}" if self.http_address else "-",
+            self.admin_socket or "-",
+        )
+
+    async def _start_engine(self, engine: Engine) -> None:
+        """The engine, and what listens to its outcomes; what a crash left owed goes out."""
+        serve = self.config.serve
+        assert self._spool is not None
+        # What must see every outcome, and store it before the journal does (a kill -9 then loses
+        # none), is in place before the engine starts: recovered mail may bounce while the rest starts.
+        if serve.webhooks:
+            self.outbox = EventOutbox(self.data_dir / "events", list(serve.webhooks))
+            await self.outbox.start()
+            engine.add_listener(self.outbox.on_outcome)
+            self._spool.before_commit.append(self.outbox.before_journal)  # events stored before their outcomes
+        if serve.dsn:
+            self.notices = SenderNotices(
+                engine, hostname=serve.hostname, policy=self.policy, store=None,
+                delay_warning_time=serve.delay_warning_time, per_sender=serve.dsn_per_sender,
+                owed=NoticeStore(self.data_dir / "notices"),
+            )
+            engine.add_listener(self.notices.on_outcome)
+            self._spool.before_commit.append(self.notices.before_journal)  # owed notices stored before their bounces
         await engine.start()
         if engine.recovered:
             log.info("resumed %d unfinished recipient(s) from the queue", engine.recovered)
@@ -206,11 +240,6 @@ class Service:
             self.redis_events = RedisStreamSink(cluster.redis, key=cluster.prefix + "events")
             await self.redis_events.start()
             engine.add_listener(self.redis_events.on_outcome)
-        if serve.webhooks:
-            self.outbox = EventOutbox(self.data_dir / "events", list(serve.webhooks))
-            await self.outbox.start()
-            engine.add_listener(self.outbox.on_outcome)
-            self._spool.before_commit.append(self.outbox.before_journal)  # events stored before their outcomes
         shared = None
         if cluster.active and cluster.suppression:  # one list for the cluster, a copy on each node
             shared = RedisSuppressionStore(self.data_dir / "suppression.db", cluster.redis, prefix=cluster.prefix,
@@ -227,31 +256,11 @@ class Service:
         engine.guard.on_event = self._emit_record
         engine.set_suppression(self.feedback.store)  # every way in is checked against the list
         engine.add_listener(self.feedback.on_outcome)
-        if serve.dsn:
-            self.notices = SenderNotices(
-                engine, hostname=serve.hostname, policy=self.policy, store=self.feedback.store,
-                delay_warning_time=serve.delay_warning_time, per_sender=serve.dsn_per_sender,
-                owed=NoticeStore(self.data_dir / "notices"),
-            )
-            engine.add_listener(self.notices.on_outcome)
-            self._spool.before_commit.append(self.notices.before_journal)  # owed notices stored before their bounces
+        if self.notices is not None:
+            self.notices.store = self.feedback.store  # no notice to a suppressed sender
             self.notices.resume()  # what a crash left owed
         self._metrics = ServiceMetrics(engine, intake=self.intake, spool=self._spool, outbox=self.outbox)
         self.started_at = time.time()
-        try:
-            await self._start_smtp()
-            await self._start_http()
-            await self._start_admin()
-            self._start_pickup()
-        except BaseException:
-            await self.stop()
-            raise
-        log.info(
-            "fastmta serve ready: smtp %s, http %s, admin %s",
-            ", ".join(f"{h}:{p}" for h, p in self.smtp_addresses) or "-",
-            f"{self.http_address[0]}:{self.http_address[1]}" if self.http_address else "-",
-            self.admin_socket or "-",
-        )
 
     async def _start_smtp(self) -> None:
         serve = self.config.serve

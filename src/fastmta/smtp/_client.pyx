@@ -202,12 +202,14 @@ cdef class _Txn:
     cdef public bint use_bdat
     cdef public Py_ssize_t rcpt_sent
     cdef public object body  # what goes after DATA: the transaction's, or its 7-bit form (no 8BITMIME)
+    cdef public bint behind_dot  # its MAIL went right behind another transaction's end of data
 
     def __init__(self, result):
         self.result = result
         self.use_bdat = False
         self.rcpt_sent = 0
         self.body = result.transaction.body
+        self.behind_dot = False
 
     cdef bint any_rcpt_accepted(self):
         for r in self.result.rcpt_replies:
@@ -234,6 +236,9 @@ cdef class ProtocolCore:
     # Complete replies taken so far: the connection restarts its reply timer
     # only when this moves, so a peer trickling bytes cannot extend it.
     cdef readonly Py_ssize_t replies_received
+    # Replies to a MAIL sent right behind an end of data (RFC 2920): some servers drop such
+    # commands; the connection waits less for the first one (SMTPConnection, Timeouts.mail_after_data).
+    cdef readonly Py_ssize_t dot_mails_answered
     cdef object _open
     cdef bint _rset_needed
     cdef bint _rset_waiting  # without PIPELINING: an RSET written, its reply not in yet
@@ -268,8 +273,17 @@ cdef class ProtocolCore:
         self._rset_waiting = False
         self._bdat_active = 0
         self._quit_requested = False
+        self.dot_mails_answered = 0
 
     # --- queries ------------------------------------------------------------
+
+    @property
+    def awaited_behind_dot(self):
+        """Whether the oldest reply awaited is to a MAIL sent right behind an end of data."""
+        if not self._expect:
+            return False
+        phase, txn, _ = self._expect[0]
+        return phase is P_MAIL and txn is not None and (<_Txn>txn).behind_dot
 
     @property
     def extensions(self):
@@ -451,6 +465,9 @@ cdef class ProtocolCore:
             self._finish_local(txn, Reply.local(552, "5.3.4", f"message size {size} exceeds the server's SIZE limit {limit}"))
             return
         txn.use_bdat = use_bdat
+        # Another transaction still awaits its final reply: this MAIL rides behind its end of data
+        # (_pump begins one only once no DATA awaits its 354, and never behind a BDAT).
+        txn.behind_dot = len(self._active) > 0
         self._bdat_active += use_bdat
         if self._rset_needed:
             self._send(b"RSET\r\n", P_RSET)
@@ -489,6 +506,8 @@ cdef class ProtocolCore:
         cdef bint positive = _positive(reply)
         if phase is P_MAIL:
             result.mail_reply = reply
+            if txn.behind_dot:
+                self.dot_mails_answered += 1
             if not self._pipelining():
                 if positive:
                     self._send_rcpt(txn, 0)

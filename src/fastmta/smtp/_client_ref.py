@@ -41,6 +41,7 @@ class _Txn:
     use_bdat: bool = False
     rcpt_sent: int = 0
     body: Body | None = None  # what goes after DATA: the transaction's, or its 7-bit form (no 8BITMIME)
+    behind_dot: bool = False  # its MAIL went right behind another transaction's end of data
 
     @property
     def wire_body(self) -> Body:
@@ -77,8 +78,19 @@ class ProtocolCore:
         self._rset_waiting = False  # without PIPELINING: an RSET written, its reply not in yet
         self._bdat_active = 0  # BDAT transactions in self._active
         self._quit_requested = False
+        # Replies to a MAIL sent right behind an end of data (RFC 2920): some servers drop such
+        # commands; the connection waits less for the first one (SMTPConnection, Timeouts.mail_after_data).
+        self.dot_mails_answered = 0
 
     # --- queries ------------------------------------------------------------
+
+    @property
+    def awaited_behind_dot(self) -> bool:
+        """Whether the oldest reply awaited is to a MAIL sent right behind an end of data."""
+        if not self._expect:
+            return False
+        phase, txn, _ = self._expect[0]
+        return phase is Phase.MAIL and txn is not None and txn.behind_dot
 
     @property
     def waiting_for(self) -> Phase | None:
@@ -233,6 +245,9 @@ class ProtocolCore:
             self._finish_local(txn, Reply.local(552, "5.3.4", f"message size {size} exceeds the server's SIZE limit {ext.size}"))
             return
         txn.use_bdat = use_bdat
+        # Another transaction still awaits its final reply: this MAIL rides behind its end of data
+        # (_pump begins one only once no DATA awaits its 354, and never behind a BDAT).
+        txn.behind_dot = bool(self._active)
         self._bdat_active += use_bdat
         if self._rset_needed:
             self._send(b"RSET\r\n", Phase.RSET)
@@ -269,6 +284,8 @@ class ProtocolCore:
         result = txn.result
         if phase is Phase.MAIL:
             result.mail_reply = reply
+            if txn.behind_dot:
+                self.dot_mails_answered += 1
             if not self.pipelining:
                 if reply.is_positive:
                     self._send_rcpt(txn, 0)

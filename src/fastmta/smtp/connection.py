@@ -69,7 +69,7 @@ class Timeouts:
     rset: float = 120.0
     quit: float = 60.0
     #: The reply to a MAIL pipelined right behind the end of DATA (RFC 2920), until the connection
-    #: has answered one (a second transaction done): some servers (chasquid) drop commands that
+    #: has answered one: some servers (chasquid) drop commands that
     #: arrive with the end of data and never answer them, and waiting ``mail`` (300 s) for that
     #: stalled the site. Cut short, the session fails at MAIL, the site gets one transaction at a time
     #: (``fastmta.delivery.batch.one_at_a_time``) and the message goes again at once. A server merely
@@ -125,8 +125,6 @@ class SMTPConnection(asyncio.Protocol):
         self._deadline = 0.0
         self._deadline_replies = -1  # protocol.replies_received when the deadline was set
         self._guarding_mail = False  # the deadline is Timeouts.mail_after_data's
-        self._data_done = False  # a transaction's content was answered here: later MAILs follow one
-        self._mails_answered = 0  # transactions done here whose MAIL was answered (2: the guard is off)
         self._write_paused = False
         self._write_paused_since = 0.0
         self._tls_handshake = False
@@ -342,11 +340,6 @@ class SMTPConnection(asyncio.Protocol):
         for event in events:
             if isinstance(event, TransactionDone):
                 self.transactions += 1
-                result = event.result
-                if result.final_reply is not None:
-                    self._data_done = True
-                if result.mail_reply is not None:
-                    self._mails_answered += 1
                 waiter = self._waiters.pop(id(event.result.transaction), None)
                 if waiter is not None:
                     done.append((waiter[1], event.result))
@@ -438,10 +431,13 @@ class SMTPConnection(asyncio.Protocol):
             replies = self.protocol.replies_received
             if replies != self._deadline_replies or not self._deadline:
                 timeout = self._phase_timeouts[phase]
-                self._guarding_mail = False
-                if phase is Phase.MAIL and self._data_done and self._mails_answered < 2 and self._mail_follows_dot():
+                # A MAIL right behind an end of data, before this connection has answered one: see
+                # Timeouts.mail_after_data. (Never over CHUNKING nor without PIPELINING: nothing
+                # rides behind a dot there; nor a MAIL on an idle connection.)
+                self._guarding_mail = (phase is Phase.MAIL and not self.protocol.dot_mails_answered
+                                       and self.protocol.awaited_behind_dot)
+                if self._guarding_mail:
                     timeout = min(timeout, self.timeouts.mail_after_data)
-                    self._guarding_mail = True
                 self._deadline = self._loop.time() + timeout
                 self._deadline_replies = replies
         if not self._deadline:
@@ -452,17 +448,6 @@ class SMTPConnection(asyncio.Protocol):
         if self._timer is None:
             self._timer_at = self._deadline
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
-
-    def _mail_follows_dot(self) -> bool:
-        """Whether the MAIL awaited went out right behind the end of DATA (see Timeouts.mail_after_data).
-
-        Not over CHUNKING: MAIL, RCPT and ``BDAT LAST`` go in one write, and a
-        server may answer MAIL only once it has taken the whole message (Postfix
-        with a slow end-of-message check does): cut short, it was sent twice.
-        Not without PIPELINING: nothing is sent before its turn.
-        """
-        p = self.protocol
-        return bool(p.pipelining) and not (p.allow_bdat and p.extensions.chunking)
 
     def _on_timer(self) -> None:
         self._timer = None
