@@ -753,3 +753,30 @@ def test_reread_inputs_survives_a_crash_before_the_rows_are_read(tmp_path: Path)
     point = resume_from(spool)("campaign:x", "fp")
     assert point is not None and point.row == 0
     spool.close_sync()
+
+
+def test_a_stuck_before_batch_hook_delays_one_batch_not_every_one(tmp_path: Path, run: Run[None]) -> None:
+    # Found by an attack on serve: another process holding the webhook outbox's database locked made
+    # every journal batch wait for the outbox's insert (10 s each): SMTP clients waited 15 s for their
+    # 250, 5 messages accepted in 15 s. The writer now waits HOOK_WAIT once, then goes on without it.
+    from concurrent.futures import Future
+
+    from fastmta.queue import commit
+
+    async def main() -> None:
+        spool = Spool(tmp_path / "q")
+        never: Future[None] = Future()  # what a stuck hook hands the writer
+        spool.before_commit.append(lambda: never)
+        took = []
+        try:
+            for i in range(4):
+                started = time.monotonic()
+                await spool.add_message(f"m{i}", "s@a.test", ["r@b.test"], b"Subject: x\r\n\r\nhi\r\n")
+                took.append(time.monotonic() - started)
+        finally:
+            never.set_result(None)
+            await spool.close()
+        assert commit.HOOK_WAIT - 0.2 < took[0] < commit.HOOK_WAIT + 2  # the first batch waited for it
+        assert max(took[1:]) < commit.HOOK_WAIT / 2, took  # the others did not
+
+    run(main())

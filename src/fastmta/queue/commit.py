@@ -45,8 +45,11 @@ __all__ = ["COMMIT_TIMINGS", "CommitTimings", "GroupCommit"]
 # Every part of the spool logs as the spool (the logger its documentation names).
 log = logging.getLogger("fastmta.queue.spool")
 
-#: How long the writer waits for what a before-batch hook started (a stuck hook must not stop the journal).
-HOOK_WAIT = 10.0
+#: How long the writer waits for what a before-batch hook started (a stuck hook must not stop the
+#: journal: a locked events database held every batch, and every SMTP client's 250, for 15 s)...
+HOOK_WAIT = 2.0
+#: ... and once it has waited in vain, how long it does not wait for that hook again (logged).
+HOOK_SKIP = 30.0
 #: Test-only fault injection (tests/test_send_crash.py): SIGKILL this process
 #: right after the Nth batch commit is durable. Unset in any real run.
 _KILL_AFTER_COMMITS = int(os.environ.get("FASTMTA_FAULT_KILL_AFTER_COMMITS", "0") or 0)
@@ -120,6 +123,7 @@ class GroupCommit:
         #: webhook outbox storing its events): the writer waits for it, at most
         #: HOOK_WAIT seconds, before it writes the batch.
         self.before_batch: list[Callable[[], Future[None] | None]] = []
+        self._hook_skip_until: dict[int, float] = {}  # writer thread: hook index -> monotonic time
 
         # Pending (not yet handed to the writer) work: built on the loop thread.
         self._p_journal: list[bytes] = []
@@ -265,7 +269,7 @@ class GroupCommit:
                 self._segments.release(finished)
             self._after_batch()
 
-    def _run_hooks(self) -> list[Future[None]]:
+    def _run_hooks(self) -> list[tuple[int, Future[None]]]:
         """What must be written before each batch (the accounting lines of its outcomes, their events).
 
         A hook that fails (the accounting log's disk is full) does not stop the
@@ -275,30 +279,39 @@ class GroupCommit:
         8,000). A missing accounting line is a gap in a report, named as such; a
         second delivery cannot be taken back.
         """
-        before: list[Future[None]] = []
-        for hook in self.before_batch:
+        before: list[tuple[int, Future[None]]] = []
+        for i, hook in enumerate(self.before_batch):
             try:
                 work = hook()
             except Exception as exc:
                 log.error("spool %s: before the batch: %s (the batch is written all the same)", self.directory, exc)
                 continue
             if work is not None:
-                before.append(work)
+                before.append((i, work))
         return before
 
     def _write_batch(
-        self, journal: list[bytes], data: list[tuple[int, bytes]], active: int, before: list[Future[None]] | None = None,
+        self, journal: list[bytes], data: list[tuple[int, bytes]], active: int,
+        before: list[tuple[int, Future[None]]] | None = None,
     ) -> None:
         """Writer thread: bodies (fsync), what the hooks started, then the journal records (fsync)."""
         started = time.perf_counter()
         if data:
             self._segments.write(data, active)
-        for work in before or ():  # after the bodies: their fsync and the hooks' writes overlap
+        now = time.monotonic()
+        for i, work in before or ():  # after the bodies: their fsync and the hooks' writes overlap
+            if now < self._hook_skip_until.get(i, 0.0):
+                continue  # it was stuck: not waited for a while (its writes still happen, later)
             try:
                 work.result(HOOK_WAIT)
+            except TimeoutError:
+                self._hook_skip_until[i] = now + HOOK_SKIP
+                log.error("spool %s: what must be written before the batch (%s) took over %g s: the journal goes on "
+                          "without waiting for it for %g s (a crash then may lose those records)",
+                          self.directory, getattr(self.before_batch[i], "__qualname__", "a hook"), HOOK_WAIT, HOOK_SKIP)
             except Exception as exc:  # a hook's own failure is its owner's to report, as above
-                why = f"not done in {HOOK_WAIT:g} s" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
-                log.error("spool %s: before the batch: %s (the batch is written all the same)", self.directory, why)
+                log.error("spool %s: before the batch: %s (the batch is written all the same)", self.directory,
+                          str(exc) or repr(exc))
         if journal:
             blob = b"".join(journal)
             self._journal.append(blob)

@@ -280,6 +280,10 @@ class Spool:
             log.info("spool %s: recovered %s", self.directory, report)
         return report
 
+    def recovered_ids(self) -> set[str]:
+        """The ids of the unfinished messages found at open, until :meth:`take_recovered` takes them."""
+        return {m.id for m in self._recovered}
+
     def take_recovered(self) -> list[RecoveredMessage]:
         """The unfinished messages found at open (once; later calls return [])."""
         out, self._recovered = self._recovered, []

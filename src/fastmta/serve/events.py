@@ -152,6 +152,7 @@ class EventOutbox:
         self._flusher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dropped_below = 0  # records up to this id were dropped from memory (the database failing)
+        self._quiet_until = 0.0  # worker thread: no "cannot store" line before this (monotonic)
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
         # One thread owns every SQLite call after __init__: ordered, and off the loop.
@@ -309,7 +310,11 @@ class EventOutbox:
             self._closed = True
             # Whatever is still in memory (the flusher was cut short, or never ran),
             # then delete what every endpoint has (the next start begins small).
-            await self._run(self._store_final)
+            # Batches the journal's hook handed the worker are done, and any that failed is back in
+            # memory (its _return ran on this loop) before what is in memory is taken.
+            await self._run(lambda: None)
+            await asyncio.sleep(0)
+            await self._run(self._store_final, self._take_pending())
             await self._upkeep_now()
         finally:
             self._closed = True
@@ -402,8 +407,11 @@ class EventOutbox:
         """Worker thread, for :meth:`before_journal`: store *batch*, or hand it back to the loop (never raises)."""
         try:
             self._insert(batch, dropped_below)
-        except (sqlite3.Error, OSError) as exc:
-            log.error("event outbox %s: cannot store records: %s", self.directory, exc)
+        except Exception as exc:  # whatever it is, the records go back to memory: never lost here
+            now = time.monotonic()
+            if now >= self._quiet_until:  # one line in 10 s: this runs before every journal batch
+                self._quiet_until = now + 10.0
+                log.error("event outbox %s: cannot store records (kept in memory, tried again): %s", self.directory, exc)
             loop.call_soon_threadsafe(self._return, batch)
             return
         loop.call_soon_threadsafe(self._wake_senders)
@@ -437,9 +445,13 @@ class EventOutbox:
             raise
         self._stored_id = batch[-1][0]
 
-    def _store_final(self) -> None:
-        if self._pending:
-            batch, self._pending = self._pending, []
+    def _take_pending(self) -> list[tuple[int, float, str | None, bytes]]:
+        batch, self._pending = self._pending, []
+        return batch
+
+    def _store_final(self, batch: list[tuple[int, float, str | None, bytes]]) -> None:
+        """Worker thread, at close: store *batch* (what was in memory), or count it as unstored."""
+        if batch:
             try:
                 self._insert(batch, self._dropped_below)
             except (sqlite3.Error, OSError) as exc:

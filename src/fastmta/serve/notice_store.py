@@ -17,8 +17,10 @@ crash), every call on one worker thread (``concurrent.futures`` executor).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -109,17 +111,25 @@ class NoticeStore:
         return self._executor.submit(self._add, rows)
 
     def _add(self, rows: list[Row]) -> None:
-        db = self._db
-        db.execute("BEGIN")
-        try:
+        with self._transaction() as db:
             for row in rows:
                 if len(row) == 4:
                     db.execute("INSERT OR IGNORE INTO notices VALUES (?, ?, ?, ?)", row)
                 else:
                     db.execute("INSERT INTO outcomes (key, body) VALUES (?, ?)", row)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, rolled back on any failure: a failed write (a locked or full database)
+        must not leave the connection inside a transaction, where every later one fails too."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     def remove(self, key: str) -> None:
@@ -128,11 +138,13 @@ class NoticeStore:
             self._executor.submit(self._remove, key)
 
     def _remove(self, key: str) -> None:
-        db = self._db
-        db.execute("BEGIN")
-        db.execute("DELETE FROM outcomes WHERE key = ?", (key,))
-        db.execute("DELETE FROM notices WHERE key = ?", (key,))
-        db.execute("COMMIT")
+        try:
+            with self._transaction() as db:
+                db.execute("DELETE FROM outcomes WHERE key = ?", (key,))
+                db.execute("DELETE FROM notices WHERE key = ?", (key,))
+        except (sqlite3.Error, OSError) as exc:
+            # Still on disk: the next start forgets it if it is still queued (its id is the key), else sends it again.
+            log.error("%s: notice %s could not be removed: %s", self.path, key, exc)
 
     def owed(self) -> list[OwedNotice]:
         """Every notice stored and not removed (what a crash left), oldest first."""

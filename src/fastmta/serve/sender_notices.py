@@ -37,7 +37,7 @@ from fastmta.errors import InputError
 from fastmta.feedback.suppression import SqliteSuppressionStore
 from fastmta.queue.records import Outcome, Status, new_message_id
 from fastmta.serve.auth import RelayPolicy
-from fastmta.serve.notice_store import NoticeStore, Row, encode
+from fastmta.serve.notice_store import NoticeStore, OwedNotice, Row, encode
 
 log = logging.getLogger("fastmta.serve.dsn")
 
@@ -75,6 +75,7 @@ class SenderNotices:
         #: Where notices wait on disk until queued (None: in memory only, lost with the process).
         self.owed = owed
         self._unsaved: list[Row] = []  # for the next journal batch (before_journal)
+        self._owed: list[OwedNotice] = []  # read at start (load_owed), queued by resume()
         self._warned: OrderedDict[str, None] = OrderedDict()
         self._sent_at: dict[str, list[float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -131,14 +132,30 @@ class SenderNotices:
         rows, self._unsaved = self._unsaved, []
         return self.owed.add(rows)
 
-    def resume(self) -> int:
-        """Queue the notices a crash left owed (at start, before any new outcome); how many."""
+    def load_owed(self, queued: set[str]) -> int:
+        """Read the notices a crash left owed, before the engine starts; how many are to be sent.
+
+        *queued*: the ids of the messages the queue recovered. A notice among them
+        was queued before the crash (its id is its key), only its row was not yet
+        removed: it is forgotten, not queued again (once the engine has started
+        it may be delivered, and untracked, before :meth:`resume` runs).
+        """
         if self.owed is None:
             return 0
-        owed = self.owed.owed()
-        for n in owed:
+        self._owed = []
+        for n in self.owed.owed():
+            if n.key in queued:
+                self._forget(n.key)
+                continue
             if n.delayed:
                 self._warned[n.outcomes[0].message_id] = None  # one delay warning a message, across a restart too
+            self._owed.append(n)
+        return len(self._owed)
+
+    def resume(self) -> int:
+        """Queue what :meth:`load_owed` read (once the engine has started); how many."""
+        owed, self._owed = self._owed, []
+        for n in owed:
             self._start(self._send(n.key, n.sender, n.outcomes, n.headers, n.delayed))
         if owed:
             log.info("%d delivery status notice(s) left owed by the last run: queued now", len(owed))

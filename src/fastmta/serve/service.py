@@ -57,7 +57,7 @@ from fastmta.intake.items import SpoolItem
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.journal_records import InputTake
-from fastmta.queue.records import new_message_id, split_address
+from fastmta.queue.records import Outcome, new_message_id, split_address
 from fastmta.queue.spool import Spool
 from fastmta.queue.spool_errors import ProgressDamaged, SpoolError
 from fastmta.serve.admin import build_admin_app
@@ -231,6 +231,18 @@ class Service:
             )
             engine.add_listener(self.notices.on_outcome)
             self._spool.before_commit.append(self.notices.before_journal)  # owed notices stored before their bounces
+            self.notices.load_owed(self._spool.recovered_ids())
+        # Suppressions from hard bounces: the feedback loop starts later; what comes before waits for it.
+        early: list[Outcome] = []
+        started: list[FeedbackLoop] = []
+
+        def to_feedback(outcome: Outcome) -> None:
+            if started:
+                started[0].on_outcome(outcome)
+            else:
+                early.append(outcome)
+
+        engine.add_listener(to_feedback)
         await engine.start()
         if engine.recovered:
             log.info("resumed %d unfinished recipient(s) from the queue", engine.recovered)
@@ -255,7 +267,10 @@ class Service:
         # Campaign pauses, sources out of rotation: on record and to the webhooks like any outcome.
         engine.guard.on_event = self._emit_record
         engine.set_suppression(self.feedback.store)  # every way in is checked against the list
-        engine.add_listener(self.feedback.on_outcome)
+        for outcome in early:  # outcomes of recovered mail while the loop started
+            self.feedback.on_outcome(outcome)
+        early.clear()
+        started.append(self.feedback)
         if self.notices is not None:
             self.notices.store = self.feedback.store  # no notice to a suppressed sender
             self.notices.resume()  # what a crash left owed
