@@ -27,9 +27,13 @@ What a crash can lose: no outcome's record whose outcome is on disk. ``serve``
 hooks :meth:`EventOutbox.before_journal` to the spool, whose writer stores the
 pending records before each journal batch (the engine puts an outcome's record
 in the same call that queues its journal record); an outcome not yet journaled
-is delivered again after a restart, and makes a new record. Other records (what
-came back: complaints, unsubscribes) wait at most ``flush_interval``, or the
-next journal batch. A committed transaction survives a process crash. With ``fsync=False`` (SQLite's
+is delivered again after a restart, and makes a new record. The one exception:
+a database that cannot be written in time (locked by another process, a disk
+that stalls) is waited for ``commit.HOOK_WAIT`` once, then the journal goes on
+without it for ``commit.HOOK_SKIP`` (logged): mail keeps flowing, and a crash in
+that time may lose those events. Other records (what came back: complaints,
+unsubscribes) wait at most ``flush_interval``, or the next journal batch. A
+committed transaction survives a process crash. With ``fsync=False`` (SQLite's
 ``synchronous=NORMAL``, the default) a power loss or kernel crash may also
 roll back the transactions since the last WAL checkpoint; ``fsync=True``
 (``synchronous=FULL``) syncs every transaction instead. Every record is also

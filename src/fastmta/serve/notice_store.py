@@ -8,8 +8,11 @@ by the spool's writer before the journal batch that holds those bounces
 (:meth:`fastmta.serve.sender_notices.SenderNotices.before_journal`), and
 deleted once the notice is queued (durably: ``Engine.submit`` returned), or
 once it is decided that none goes (a rate limit, a suppressed sender). What a
-start finds here is queued then. A crash between the queueing and the delete
-sends a notice twice, as a message in flight may be.
+start finds here is queued then, unless the queue holds it already (a crash
+between the queueing and the delete: its message id is its key). A store that
+cannot be written in time is not waited for a while (see
+:mod:`fastmta.serve.events`, which shares the rule), and a crash then may lose
+a notice.
 
 SQLite (WAL, ``synchronous=NORMAL``: a committed write survives a process
 crash), every call on one worker thread (``concurrent.futures`` executor).
