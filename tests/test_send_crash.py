@@ -419,3 +419,44 @@ def test_rows_rejected_before_a_crash_are_still_reported_by_the_rerun(tmp_path: 
     delivered = {json.loads(line)["recipient"] for line in acct.read_text().splitlines()
                  if json.loads(line)["status"] == "delivered"}
     assert len(delivered) == 3000 - 3 + 1  # every good row (and the pickup file), none of the bad
+
+
+def test_a_queued_message_that_cannot_be_read_now_is_not_final_and_waits(tmp_path: Path) -> None:
+    # Found by reading the resume path: an I/O error reading a queued message's body (not damage: an
+    # EIO, an EACCES) stopped the start with a traceback (a read's OSError), or was logged and skipped
+    # (an open's), the run ending with exit 0 and nothing "not final" while the message sat in the
+    # queue. It is now counted as not final (exit 1), and the next run sends it.
+    import asyncio
+
+    from fastmta.cli.sinkproc import embedded_sink
+    from fastmta.queue.spool import Spool
+    from test_send import fastmta
+
+    queue = tmp_path / "q"
+
+    async def add() -> None:
+        spool = Spool(queue)
+        await spool.add_message("m1", "s@a.test", ["r@b.test"], b"Subject: x\r\n\r\nhi\r\n")
+        await spool.close()
+
+    asyncio.run(add())
+    [segment] = [p for p in (queue / "data").iterdir() if p.is_file()]
+    saved = segment.read_bytes()
+    segment.unlink()
+    segment.mkdir()  # reading it fails with EISDIR (as root, a mode cannot make it fail)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    with embedded_sink(["--no-starttls"]) as (host, port):
+        cfg = tmp_path / "fastmta.toml"
+        cfg.write_text(f'[routing.static]\n"*" = ["{host}:{port}"]\n[smtp]\ntls = "never"\n')
+        acct = tmp_path / "acct.jsonl"
+        args = ("send", str(spool_dir), "--config", str(cfg), "--queue-dir", str(queue), "--accounting", str(acct))
+        first = fastmta(*args, timeout=60)
+        assert first.returncode == 1, first.stderr
+        assert "1 recipient(s) did not reach a final state" in first.stderr
+        assert "message m1 cannot be read now" in first.stderr
+        segment.rmdir()
+        segment.write_bytes(saved)
+        second = fastmta(*args, timeout=60)
+    assert second.returncode == 0, second.stderr
+    assert [json.loads(line)["status"] for line in acct.read_text().splitlines()] == ["delivered"]

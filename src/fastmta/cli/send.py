@@ -484,7 +484,7 @@ async def _deliver(args: argparse.Namespace, config: Config, progress: Progress,
                       if r["kind"] == "campaign"]
             guard = _guard_summary(engine, guard_events)
         # Read after close(): it finished the transactions that were in flight.
-        unfinished = engine.unfinished
+        unfinished = engine.unfinished + engine.unresumed
     finally:
         if intake is not None:
             await intake.close()

@@ -92,10 +92,9 @@ class Engine:
         self.classifier = classifier or self.config.classify.classifier()  # [classify] rules, else built-in
         self.dkim = self.config.dkim_policy()  # [[dkim]]: signs every message but campaigns' (they have their keys)
         self.screen: Screen | None = None  # the suppression check at intake (set_suppression)
-        #: When set, accepted messages and every recipient state change are
-        #: journaled, and unfinished work found in it is resumed at start.
-        self.spool = spool
+        self.spool = spool  # if set: accepted messages and every state change journaled, unfinished work resumed
         self.recovered = 0  # recipients resumed from the spool at start
+        self.unresumed = 0  # recipients of messages the spool could not read at start (left in it; not final)
         self.lost: list[LostMessage] = []  # messages the spool could not recover (accounted as lost)
         q = self.config.queue
         self.retry = RetryPolicy(q.retry_initial, q.retry_factor, q.retry_max, q.retry_jitter, q.max_lifetime)
@@ -177,17 +176,17 @@ class Engine:
         loop = asyncio.get_running_loop()
         now_wall, now_loop = time.time(), loop.time()
         for rec in spool.take_recovered():
-            if rec.body is None:
-                log.error("message %s has no stored body (campaign reference); it cannot be resumed", rec.id)
-                continue
             try:
+                if rec.body is None:
+                    raise SpoolError("no stored body (a campaign reference)")
                 body = spool.read_body(rec.body, rec.id)
             except BodyDamaged as exc:
                 # Never silently queued for ever nor dropped: accounted as lost.
                 spool.mark_lost(rec, str(exc))
                 continue
-            except SpoolError as exc:
-                log.error("message %s: %s", rec.id, exc)
+            except (SpoolError, OSError) as exc:  # an I/O error: not lost, not sent, counted as not final
+                self.unresumed += len(rec.recipients)
+                log.error("message %s cannot be read now (left in the queue for the next start): %s", rec.id, exc)
                 continue
             rcpts: list[Recipient] = []
             due_now: list[Recipient] = []
