@@ -223,3 +223,23 @@ def test_a_soft_line_break_never_starts_a_line_with_the_boundary() -> None:
                b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + b"a" * 75 + b"--XYZ caf\xc3\xa9\r\n--XYZ--\r\n")
     out = assert_converted(message)
     assert b"\r\n=2D-XYZ" in out
+
+
+def test_headers_are_read_as_pythons_parser_reads_them() -> None:
+    # Found by a second attack: a digest part without a header section lost its message wrapper (the
+    # inner message's new fields became the part's); a part whose first line is ":" is a header field
+    # to Python (it was read as body); "Content-Type : x" is not one; the last part of a multipart
+    # without its close delimiter gained a line end; a field folded over many lines is read in linear time.
+    digest = (b"MIME-Version: 1.0\r\nContent-Type: multipart/digest; boundary=D\r\n\r\n--D\r\nhello caf\xc3\xa9\r\n"
+              b"--D--\r\n")
+    assert_converted(digest)
+    colon = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n:\r\n"
+             b"Content-Type: image/png\r\n\r\n\x89PNG\r\n--B--\r\n")
+    assert b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n" in assert_converted(colon)
+    spaced = b"MIME-Version: 1.0\r\nContent-Type : application/octet-stream\r\n\r\n\xff\xfe\r\n"
+    assert assert_converted(spaced).count(b"Content-Transfer-Encoding") == 1
+    unclosed = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+                b"Content-Type: application/octet-stream\r\n\r\n\x00\xff\xfe\r\n")
+    assert_converted(unclosed)
+    folded = b"MIME-Version: 1.0\r\nX-Long: a\r\n" + b" b\r\n" * 50_000 + b"Content-Type: text/plain\r\n\r\ncaf\xc3\xa9\r\n"
+    assert seven_bit(folded).endswith(b"\r\n\r\ncaf=C3=A9\r\n")

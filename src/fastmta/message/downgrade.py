@@ -60,8 +60,9 @@ __all__ = ["body_is_8bit", "seven_bit"]
 # multiparts to make the walk recurse (and copy) without end.
 MAX_DEPTH = 16
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
-# A header field's first line: a name of printable ASCII but the colon, then the colon.
-_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+# A header field's first line as Python's parser knows one (email.feedparser.headerRE): a name of
+# printable ASCII but the colon (even none), the colon; or an mbox "From " line.
+_FIELD = re.compile(rb"From |[!-9;-~]*:")
 _HIGH = bytes(range(0x80, 0x100))
 _HIGH_TO_QUESTION = bytes.maketrans(_HIGH, b"?" * 0x80)
 _NEVER_INSIDE = frozenset({"multipart/signed", "multipart/encrypted"})
@@ -90,22 +91,27 @@ def seven_bit(message: bytes) -> bytes:
 def _split_head(data: bytes) -> tuple[list[bytes], int]:
     """(header fields, where the body starts) as Python's parser reads them: the header section ends
     at the empty line, or before the first line that is neither a field nor a field's continuation."""
-    fields: list[bytes] = []
+    starts: list[int] = []  # where each field begins; a field runs to the next one's start
     pos, n = 0, len(data)
+    body = n
     while pos < n:
         end = data.find(b"\r\n", pos)
         end = n if end < 0 else end + 2
-        line = data[pos:end]
-        if line == b"\r\n":
-            return fields, end
-        if fields and line[:1] in (b" ", b"\t"):
-            fields[-1] += line
-        elif _FIELD.match(line):
-            fields.append(line)
+        if end - pos == 2 and data[pos:end] == b"\r\n":  # the empty line
+            body = end
+            break
+        if data[pos] in (32, 9):  # a continuation line (of nothing, first: Python keeps it in the header)
+            if not starts:
+                starts.append(pos)
+        elif _FIELD.match(data, pos):
+            starts.append(pos)
         else:
-            return fields, pos
+            body = pos
+            break
         pos = end
-    return fields, n
+    ends = [*starts[1:], pos] if starts else []  # the last field ends where the loop stopped
+    # Sliced once each (a field folded over many lines is not copied once a line: that was quadratic).
+    return [data[a:b] for a, b in zip(starts, ends, strict=True)], body
 
 
 def _entity(data: bytes, default_type: str, depth: int, *, top: bool = False) -> bytes:
@@ -130,7 +136,7 @@ def _entity(data: bytes, default_type: str, depth: int, *, top: bool = False) ->
             inner = _entity(body, "text/plain", depth + 1)
             # 8-bit octets left in the inner message's header fields: it stays 8bit (no encoding is allowed)
             relabel = "7bit" if cte in ("8bit", "binary") and inner.isascii() else None
-            return _head(fields, relabel) + blank + inner
+            return _head(fields, relabel) + (blank or b"\r\n") + inner
         boundary = head.get_boundary()
         parts = None if boundary is None else _multipart(body, boundary, ctype == "multipart/digest", depth)
         if parts is None:
@@ -185,11 +191,14 @@ def _multipart(body: bytes, boundary: str, digest: bool, depth: int) -> bytes | 
         if m[1] is not None:  # the close delimiter: the rest is the epilogue
             out.append(_no_high(body[m.end():]))
             break
-        end = matches[i + 1].start() if i + 1 < len(matches) else len(body)
+        last = i + 1 == len(matches)  # and no close delimiter: the part runs to the end...
+        end = len(body) - 2 * body.endswith(b"\r\n") if last else matches[i + 1].start()
         line_end = min(m.end() + 2, end)  # the delimiter line's CRLF, unless the next delimiter has it
         out.append(body[m.end(): line_end])
         if line_end < end:
             out.append(_entity(body[line_end:end], default, depth + 1))
+        if last:
+            out.append(body[max(end, line_end):])  # ...but for its last line end (as Python's parser reads it)
     return b"".join(out)
 
 
