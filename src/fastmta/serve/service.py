@@ -233,14 +233,13 @@ class Service:
             self._spool.before_commit.append(self.notices.before_journal)  # owed notices stored before their bounces
             self.notices.load_owed(self._spool.recovered_ids())
         # Suppressions from hard bounces: the feedback loop starts later; what comes before waits for it.
-        early: list[Outcome] = []
-        started: list[FeedbackLoop] = []
+        early: list[Outcome] | None = []  # None once the loop has them all
 
         def to_feedback(outcome: Outcome) -> None:
-            if started:
-                started[0].on_outcome(outcome)
-            else:
+            if early is not None:
                 early.append(outcome)
+            elif self.feedback is not None:
+                self.feedback.on_outcome(outcome)
 
         engine.add_listener(to_feedback)
         await engine.start()
@@ -267,10 +266,9 @@ class Service:
         # Campaign pauses, sources out of rotation: on record and to the webhooks like any outcome.
         engine.guard.on_event = self._emit_record
         engine.set_suppression(self.feedback.store)  # every way in is checked against the list
-        for outcome in early:  # outcomes of recovered mail while the loop started
+        waited, early = early or [], None
+        for outcome in waited:  # outcomes of recovered mail while the loop started
             self.feedback.on_outcome(outcome)
-        early.clear()
-        started.append(self.feedback)
         if self.notices is not None:
             self.notices.store = self.feedback.store  # no notice to a suppressed sender
             self.notices.resume()  # what a crash left owed

@@ -208,7 +208,7 @@ cdef class _Txn:
         self.result = result
         self.use_bdat = False
         self.rcpt_sent = 0
-        self.body = result.transaction.body
+        self.body = None  # set by _begin
         self.behind_dot = False
 
     cdef bint any_rcpt_accepted(self):
@@ -458,7 +458,7 @@ cdef class ProtocolCore:
         cdef bint use_bdat = self.allow_bdat and self._ext_chunking
         if not self._ext_8bit and body.eight_bit:
             body = body.seven_bit  # RFC 6152 3: never 8-bit octets to a server that did not offer 8BITMIME
-            txn.body = body
+        txn.body = body
         cdef Py_ssize_t size = body.size
         limit = self._size_limit
         if self._has_size and limit and size > limit:

@@ -16,7 +16,7 @@ every test of the client protocol runs against both.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastmta.errors import ProtocolError
 from fastmta.smtp.model import (
@@ -40,12 +40,9 @@ class _Txn:
     result: TransactionResult
     use_bdat: bool = False
     rcpt_sent: int = 0
-    body: Body | None = None  # what goes after DATA: the transaction's, or its 7-bit form (no 8BITMIME)
+    # What goes after DATA: the transaction's, or its 7-bit form (no 8BITMIME); set by _begin.
+    body: Body = field(init=False)
     behind_dot: bool = False  # its MAIL went right behind another transaction's end of data
-
-    @property
-    def wire_body(self) -> Body:
-        return self.result.transaction.body if self.body is None else self.body
 
     @property
     def any_rcpt_accepted(self) -> bool:
@@ -273,7 +270,7 @@ class ProtocolCore:
 
     def _send_data_command(self, txn: _Txn) -> None:
         if txn.use_bdat:
-            payload = txn.wire_body.bdat_wire
+            payload = txn.body.bdat_wire
             self._expect_txn(b"BDAT %d LAST\r\n" % len(payload), Phase.BDAT, txn)
             self._out += payload
         else:
@@ -307,7 +304,7 @@ class ProtocolCore:
             if reply.code == 354:
                 # Content, dot and (via _pump) the next envelope: one write.
                 if txn.any_rcpt_accepted:
-                    self._out += txn.wire_body.data_wire
+                    self._out += txn.body.data_wire
                 else:
                     self._out += b".\r\n"  # a broken server said 354 with no recipients: end it empty
                 self._expect.append((Phase.END_OF_DATA, txn, 0))
