@@ -806,3 +806,41 @@ def test_mail_expired_waiting_for_a_site_that_says_421_names_the_site(run: Run) 
 
     with embedded_sink(["--fault", "connect:1:421", "--no-starttls"]) as (host, port):
         run(main(host, port))
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_the_engines_tls_context_verifies_only_when_asked(run: Run, tmp_path: Path, verify: bool) -> None:
+    # Opportunistic TLS that does not verify (the default, Postfix's "may") loads no trust store and
+    # still encrypts to a self-signed server; tls_verify = true refuses that certificate (a transient
+    # 4.7.5, the mail deferred, nothing sent in clear under "required").
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, Status
+
+    cert, key = make_cert(tmp_path)
+    over_tls: list[bool] = []
+
+    class Recording(Collect):
+        async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+            over_tls.append(session.ssl is not None)
+            return await super().handle_DATA(server, session, envelope)
+
+    async def main() -> None:
+        handler = Recording()
+        server, port = await aiosmtpd_server(handler, tls_context=server_context(cert, key))
+        async with server:
+            cfg = config_from_dict({"routing": {"static": {"*": [f"127.0.0.1:{port}"]}},
+                                    "smtp": {"tls": "required" if verify else "opportunistic", "tls_verify": verify},
+                                    "queue": {"max_lifetime": 3}})
+            async with Engine(cfg) as engine:
+                ctx = engine._dispatch._tls_context
+                mid = await engine.submit(TRICKY, "s@a.test", ["r@x.test"])
+                outcome, = await asyncio.wait_for(engine.result(mid), 15)
+        if verify:
+            assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname
+            assert outcome.status is not Status.DELIVERED and outcome.reply.enhanced == "4.7.5"
+            assert handler.messages == []
+        else:
+            assert ctx.verify_mode is ssl.CERT_NONE and ctx.cert_store_stats()["x509_ca"] == 0
+            assert outcome.status is Status.DELIVERED and over_tls == [True]
+
+    run(main())
