@@ -75,6 +75,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "fastmta_filter_held_recipients": (),
     "fastmta_recovered_recipients": (),
     "fastmta_lost_messages": (),
+    "fastmta_unresumed_recipients": (),
     "fastmta_engine_fatal": (),
     "fastmta_engine_start_time_seconds": (),
     "fastmta_uptime_seconds": (),
@@ -413,6 +414,11 @@ class EngineCollector:
                                 value=e.recovered)
         yield GaugeMetricFamily("fastmta_lost_messages", "Messages the queue could not recover at start.",
                                 value=len(e.lost))
+        # Not lost (the body may be readable later: an I/O error, a permission) and not being sent:
+        # they wait in the queue for the next start, which nothing else in a scrape would show.
+        yield GaugeMetricFamily("fastmta_unresumed_recipients",
+                                "Recipients of queued messages that could not be read at start (left for the next).",
+                                value=e.unresumed)
         yield GaugeMetricFamily("fastmta_engine_fatal",
                                 "1 when the engine stopped keeping its record (journal or accounting failed).",
                                 value=1 if e.fatal is not None else 0)
