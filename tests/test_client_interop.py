@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -22,7 +22,7 @@ from fastmta.errors import ConnectError
 from fastmta.message import core
 from fastmta.smtp.connection import SessionRefused, SMTPConnection, Timeouts
 from fastmta.smtp.protocol import Body, TLSPolicy, Transaction, TransactionResult
-from scripted import ScriptedSMTP
+from scripted import ScriptedSMTP, StoringSMTP
 from servers import free_port, postfix_smtp_sink
 from tlsutil import client_context_trusting, make_cert, server_context
 
@@ -539,47 +539,17 @@ def test_opportunistic_tls_goes_on_in_clear_when_the_handshake_fails(run: Run, t
     run(main())
 
 
-class RefusesPipeliningAfterData(asyncio.Protocol):
+class RefusesPipeliningAfterData(StoringSMTP):
     """Haraka's rule since 2024 (GHSA-rp4q-8m6x-c43c): it advertises PIPELINING but answers 503 to any
     command that arrives in the same read as the end of DATA. Stores what it accepts in ``stored``."""
 
-    stored: list[bytes]
+    greeting = b"220 haraka.test ESMTP\r\n"
     drop = False  # chasquid's way instead: such commands are dropped, never answered
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.buffer, self.data, self.in_data = b"", b"", False
-        self.transport.write(b"220 haraka.test ESMTP\r\n")
-
-    def data_received(self, chunk: bytes) -> None:
-        self.buffer += chunk
-        out = []
-        while True:
-            if self.in_data:
-                end = self.buffer.find(b"\r\n.\r\n")
-                if end < 0:
-                    return self.transport.write(b"".join(out)) if out else None
-                self.stored.append(self.buffer[:end])
-                rest, self.buffer, self.in_data = self.buffer[end + 5 :], b"", False
-                out.append(b"250 2.0.0 stored\r\n")
-                for _line in rest.split(b"\r\n")[:-1] if not self.drop else []:
-                    out.append(b"503 5.5.1 Bad sequence of commands - pipelined after end of DATA\r\n")
-                break
-            line, sep, self.buffer = self.buffer.partition(b"\r\n")
-            if not sep:
-                self.buffer = line
-                break
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                out.append(b"250-haraka.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-            elif verb == b"DATA":
-                out.append(b"354 go ahead\r\n")
-                self.in_data = True
-            elif verb == b"QUIT":
-                out.append(b"221 bye\r\n")
-            else:
-                out.append(b"250 2.0.0 ok\r\n")
-        self.transport.write(b"".join(out))
+    def message_done(self) -> bytes:
+        rest, self.buffer = self.buffer, b""
+        refused = 0 if self.drop else len(rest.split(b"\r\n")) - 1
+        return b"250 2.0.0 stored\r\n" + b"503 5.5.1 Bad sequence of commands - pipelined after end of DATA\r\n" * refused
 
 
 def test_a_server_refusing_commands_pipelined_after_data_gets_every_message(run: Run) -> None:
@@ -641,68 +611,43 @@ def test_a_server_dropping_commands_pipelined_after_data_costs_seconds_not_minut
     assert took < 10, f"took {took:.1f} s"
 
 
-class MessagesPerConnection(asyncio.Protocol):
+class MessagesPerConnection(StoringSMTP):
     """Takes ``limit`` messages a connection, then refuses MAIL: Exim's smtp_accept_max_per_connection
     ("421 ... too many messages in this connection", and hangs up) or OpenSMTPD's max-mails ("452 4.5.3
     Too many recipients: Too many messages sent", and stays open). Class attributes are set per test."""
 
+    greeting = b"220 limits.test ESMTP\r\n"
+    ehlo = b"250-limits.test\r\n250 PIPELINING\r\n"
     limit = 3
     exim = True
     hangup = False  # or: answer the limit's last message, and hang up on whatever was pipelined behind it
-    stored: list[bytes]
     refused_on_one_connection: list[int]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.buffer, self.in_data, self.taken, self.refused, self.no_mail = b"", False, 0, 0, False
+        self.taken, self.refused, self.no_mail = 0, 0, False
         self.refused_on_one_connection.append(0)
-        self.transport.write(b"220 limits.test ESMTP\r\n")
+        super().connection_made(transport)
 
-    def data_received(self, chunk: bytes) -> None:
-        self.buffer += chunk
-        out = []
-        while not self.transport.is_closing():
-            if self.in_data:
-                end = self.buffer.find(b"\r\n.\r\n")
-                if end < 0:
-                    break
-                self.stored.append(self.buffer[:end])
-                self.buffer, self.in_data = self.buffer[end + 5 :], False
-                self.taken += 1
-                out.append(b"250 2.0.0 queued\r\n")
-                if self.hangup and self.taken >= self.limit:
-                    self.transport.write(b"".join(out))
-                    self.transport.close()
-                    return
-                continue
-            line, sep, rest = self.buffer.partition(b"\r\n")
-            if not sep:
-                break
-            self.buffer = rest
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                out.append(b"250-limits.test\r\n250 PIPELINING\r\n")
-            elif verb == b"MAIL" and self.taken >= self.limit:
-                self.refused += 1
-                self.refused_on_one_connection[-1] = self.refused
-                if self.exim:
-                    self.transport.write(b"".join(out) + b"421 limits.test too many messages in this connection\r\n")
-                    self.transport.close()
-                    return
-                out.append(b"452 4.5.3 Too many recipients: Too many messages sent\r\n")
-                self.no_mail = True
-            elif verb in (b"RCPT", b"DATA") and self.no_mail:
-                out.append(b"503 5.5.1 Error: need MAIL command\r\n")
-            elif verb == b"DATA":
-                out.append(b"354 go ahead\r\n")
-                self.in_data = True
-            elif verb == b"QUIT":
-                out.append(b"221 bye\r\n")
-            else:
-                self.no_mail = self.no_mail and verb != b"MAIL"
-                out.append(b"250 2.0.0 ok\r\n")
-        if out and not self.transport.is_closing():
-            self.transport.write(b"".join(out))
+    def message_done(self) -> bytes:
+        self.taken += 1
+        if self.hangup and self.taken >= self.limit:
+            self.hang_up(b"250 2.0.0 queued\r\n")
+            return b""
+        return b"250 2.0.0 queued\r\n"
+
+    def command(self, verb: bytes) -> bytes | None:
+        if verb == b"MAIL" and self.taken >= self.limit:
+            self.refused += 1
+            self.refused_on_one_connection[-1] = self.refused
+            if self.exim:
+                self.hang_up(b"421 limits.test too many messages in this connection\r\n")
+                return None
+            self.no_mail = True
+            return b"452 4.5.3 Too many recipients: Too many messages sent\r\n"
+        if verb in (b"RCPT", b"DATA") and self.no_mail:
+            return b"503 5.5.1 Error: need MAIL command\r\n"
+        self.no_mail = self.no_mail and verb != b"MAIL"
+        return super().command(verb)
 
 
 @pytest.mark.parametrize("exim", [True, False], ids=["exim-421", "opensmtpd-452"])

@@ -20,11 +20,12 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from postfix_private import HOLD_SETTING, private_postfix
+from scripted import StoringSMTP
 from test_send import fastmta
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -105,63 +106,32 @@ def test_a_server_answering_mail_after_the_whole_chunked_message_gets_each_messa
     assert [json.loads(line)["status"] for line in acct.read_text().splitlines()] == ["delivered"] * 3
 
 
-class SlowAtThirdMail(asyncio.Protocol):
+class SlowAtThirdMail(StoringSMTP):
     """PIPELINING, no CHUNKING; answers everything at once but the third MAIL, which takes 1.5 s."""
 
-    stored: list[bytes]
+    greeting = b"220 slow.test ESMTP\r\n"
     connections: list[int]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
         self.connections.append(1)
-        self.buffer, self.in_data, self.mails, self.paused = b"", False, 0, False
-        self.transport.write(b"220 slow.test ESMTP\r\n")
+        self.mails = 0
+        super().connection_made(transport)
 
-    def data_received(self, chunk: bytes) -> None:
-        self.buffer += chunk
-        if not self.paused:
-            self._answer()
+    def command(self, verb: bytes) -> bytes | None:
+        if verb == b"MAIL":
+            self.mails += 1
+            if self.mails == 3:
+                self.held = True
+                asyncio.get_running_loop().call_later(1.5, self._resume)
+                return None
+            return b"250 2.1.0 ok\r\n"
+        return super().command(verb)
 
     def _resume(self) -> None:
-        self.paused = False
-        if not self.transport.is_closing():
-            self.transport.write(b"250 2.1.0 ok (late)\r\n")
-            self._answer()
-
-    def _answer(self) -> None:
-        out = []
-        while True:
-            if self.in_data:
-                end = self.buffer.find(b"\r\n.\r\n")
-                if end < 0:
-                    break
-                self.stored.append(self.buffer[:end])
-                self.buffer, self.in_data = self.buffer[end + 5:], False
-                out.append(b"250 2.0.0 stored\r\n")
-                continue
-            line, sep, rest = self.buffer.partition(b"\r\n")
-            if not sep:
-                break
-            self.buffer = rest
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                out.append(b"250-slow.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-            elif verb == b"MAIL":
-                self.mails += 1
-                if self.mails == 3:
-                    self.paused = True
-                    asyncio.get_running_loop().call_later(1.5, self._resume)
-                    break
-                out.append(b"250 2.1.0 ok\r\n")
-            elif verb == b"DATA":
-                out.append(b"354 go ahead\r\n")
-                self.in_data = True
-            elif verb == b"QUIT":
-                out.append(b"221 bye\r\n")
-            else:
-                out.append(b"250 2.0.0 ok\r\n")
-        if out:
-            self.transport.write(b"".join(out))
+        self.held = False
+        if not self.t.is_closing():
+            self.t.write(b"250 2.1.0 ok (late)\r\n")
+            self.answer()
 
 
 def test_a_slow_mail_after_mails_were_answered_behind_the_dot_keeps_its_connection(run: Run) -> None:
