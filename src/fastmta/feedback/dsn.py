@@ -39,7 +39,7 @@ from fastmta.feedback.dsn_codes import ADDRESS, codes_in, is_address
 from fastmta.feedback.dsn_fields import STATUS_TYPES, from_part, from_text
 from fastmta.feedback.dsn_formats import FORMATS
 from fastmta.feedback.dsn_prose import COMMON_END, Found, compile_formats, html_to_text, read_prose, to_records, unquote
-from fastmta.feedback.dsn_record import SUCCESS_ACTIONS, DSNRecipient, make_recipient
+from fastmta.feedback.dsn_record import SUCCESS_ACTIONS, DSNRecipient, make_recipient, refined_status
 from fastmta.feedback.ses import ses_notification
 
 __all__ = ["DSNRecipient", "classify_dsn", "parse_dsn"]
@@ -63,6 +63,9 @@ _GENERIC_DELAY = re.compile(r"has been delayed|will (?:continue to )?(?:be )?ret
 _HEADERISH = re.compile(r"^\s*(?:From|To|Cc|Reply-To|Sender|Return-Path|Errors-To|Message-I[dD]|Subject|Date)\s*:", re.IGNORECASE)
 _GENERATED = re.compile(r"\((?:ultimately )?(?:generated|expanded) from:? <?(" + ADDRESS.pattern + r")>?\)")
 _DAEMONS = ("mailer-daemon@", "postmaster@", "mail-daemon@", "mailerdaemon@")
+#: A recipient's own reason saying its message was given up: OpenSMTPD (6.x) reports the expiry of an
+#: envelope it has dropped in a notice that says "Action: delayed" and "kept in the queue".
+_EXPIRED = re.compile(r"\b(?:envelope|message|delivery time) (?:has )?expired\b", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def _with_diagnostic(rec: DSNRecipient, text: str) -> DSNRecipient:
         rec,
         diagnostic=" ".join(text.split()),
         reply_code=rec.reply_code if rec.reply_code is not None else code,
-        status=rec.status or enh,
+        status=refined_status(rec.status, enh),
     )
 
 
@@ -339,6 +342,8 @@ def parse_dsn(raw: bytes | str | Message) -> list[DSNRecipient]:
         except (LookupError, ValueError, TypeError, AttributeError, IndexError):  # a malformed message is not a bounce
             recs = []
         for rec in recs:
+            if rec.action == "delayed" and _EXPIRED.search(rec.diagnostic):
+                rec = dataclasses.replace(rec, action="failed")  # a warning about mail no longer queued: final
             if rec.recipient not in seen:
                 seen.add(rec.recipient)
                 out.append(rec)

@@ -100,7 +100,9 @@ def _part_text(part: Message) -> str:
     blocks = []
     for m in payload:
         if isinstance(m, Message):
-            text = "\n".join(f"{k}: {_utf8(v)}" for k, v in m.items())
+            # raw_items: items() turns a field holding 8-bit octets (Haraka writes a UTF-8
+            # Final-Recipient into a plain delivery-status part) into a Header that prints U+FFFD.
+            text = "\n".join(f"{k}: {_utf8(v)}" for k, v in m.raw_items())
             body = _body(m) if not m.is_multipart() else ""
             if body.strip():
                 text = f"{text}\n\n{body}" if text else body
@@ -129,7 +131,11 @@ def from_blocks(blocks: list[dict[str, str]], *, source: str) -> list[DSNRecipie
         original = _address(block.get("original-recipient"))
         if final is None and original is None:
             continue
-        if "action" not in block and "status" not in block and "diagnostic-code" not in block:
+        if "action" not in block and "status" not in block and "diagnostic-code" not in block and source != "rfc3464":
+            # Fields quoted in prose need more than an address to be a report. A delivery-status
+            # part that names a recipient and nothing else (Haraka's, for recipients refused at
+            # RCPT; RFC 3464 2.3 requires Action and Status) still reports it: a failure of
+            # unknown cause, which no rule reads as a hard bounce.
             continue
         rcpt = final or original or ""
         if not is_address(rcpt):

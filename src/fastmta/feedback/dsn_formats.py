@@ -142,6 +142,7 @@ FORMATS: tuple[ProseFormat, ...] = (
             r"A message is delayed for more than",
         ),
         rcpt=(r"^\s*<?(?P<a>ADDR)>?:\s*(?P<d>.*)$",),
+        end=(r"^\s*Please note that this is only a temporary failure report",),  # a delay notice's boilerplate
         delayed=r"A message is delayed for more than|only a temporary failure report",
     ),
     ProseFormat(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from fastmta.feedback.dsn_codes import codes_in
 
-__all__ = ["FAILURE_ACTIONS", "SUCCESS_ACTIONS", "DSNRecipient", "make_recipient"]
+__all__ = ["FAILURE_ACTIONS", "SUCCESS_ACTIONS", "DSNRecipient", "make_recipient", "refined_status"]
 
 SUCCESS_ACTIONS = frozenset({"delivered", "relayed", "expanded", "deliverable"})
 FAILURE_ACTIONS = frozenset({"failed", "delayed", "undeliverable"})
@@ -74,6 +74,22 @@ def status_field(value: str | None) -> str | None:
     return f"{m.group(1)}.{int(m.group(2))}.{int(m.group(3))}" if m else None
 
 
+def refined_status(status: str | None, found: str | None) -> str | None:
+    """*status* (a Status field's), or the more specific code *found* in the diagnostic.
+
+    A field of X.0.0 says only "failed" or "delayed" (OpenSMTPD writes 5.0.0 or
+    4.0.0 whatever the receiver answered); the receiver's own code of the same
+    class, written in the diagnostic, says why. A code of another class stays
+    out: the field's class is the report's verdict (a 4xx retried until it
+    expired is a failure).
+    """
+    if status is None:
+        return found
+    if found is not None and status.endswith(".0.0") and found[0] == status[0] and not found.endswith(".0.0"):
+        return found
+    return status
+
+
 def normalize_action(value: str | None) -> str | None:
     if not value:
         return None
@@ -102,8 +118,7 @@ def make_recipient(
     status = status_field(status)
     if status is not None and (status[0] == "2") != success:
         status = None  # a failure's 2.x.x (or a success's 5.x.x) is not believable
-    if status is None:
-        status = enh
+    status = refined_status(status, enh)
     return DSNRecipient(
         recipient=recipient.strip().lower(),
         action=action,
