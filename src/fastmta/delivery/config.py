@@ -57,6 +57,7 @@ __all__ = [
     "DkimEntry",
     "DnsConfig",
     "HostPort",
+    "MtaStsConfig",
     "QueueConfig",
     "ReturnPathConfig",
     "RoutingConfig",
@@ -336,6 +337,16 @@ class TimeoutsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     mail_after_data: Seconds = 15.0
 
 
+class MtaStsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[smtp.mta_sts]``: honour the MTA-STS policies domains publish (RFC 8461; ``fastmta.delivery.mta_sts``)."""
+
+    enabled: bool = True
+    #: Seconds a policy fetch (HTTPS) may take in all.
+    timeout: Seconds = 10.0
+    #: Where policies are fetched: RFC 8461's 443, moved only for a test or an operator's proxy.
+    https_port: Port = 443
+
+
 class SmtpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """``[smtp]``: how the client talks to MX hosts."""
 
@@ -343,6 +354,10 @@ class SmtpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     tls: str = "opportunistic"
     #: Verify certificates (off by default between MTAs, like Postfix's "may").
     tls_verify: bool = False
+    #: PEM certificates trusted besides the system's when a certificate is verified (tls_verify, an
+    #: MTA-STS policy and its fetch); "" trusts the system's only.
+    tls_ca_file: str = ""
+    mta_sts: MtaStsConfig = msgspec.field(default_factory=MtaStsConfig)
     #: Outbound connections open at once over every site (PowerMTA's max-smtp-out). Default, and
     #: upper bound: as many as the open-files limit leaves room for (fastmta.delivery.budget).
     max_connections: PositiveInt | None = None
@@ -512,6 +527,12 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: s
             for e in config.dkim
         ]
         config = msgspec.structs.replace(config, dkim=dkim)
+    ca_file = config.smtp.tls_ca_file
+    if ca_file and base_dir is not None and not Path(ca_file).is_absolute():
+        config = msgspec.structs.replace(
+            config, smtp=msgspec.structs.replace(config.smtp, tls_ca_file=str(Path(base_dir) / ca_file)))
+    if config.smtp.tls_ca_file and not Path(config.smtp.tls_ca_file).is_file():
+        raise ConfigError(f"{source}: smtp.tls_ca_file: no such file: {config.smtp.tls_ca_file}")
     try:
         config.classify.classifier()  # the rules are checked now, not at the first reply
         config.dkim_policy()  # and the keys: a missing or wrong one is a start-up error

@@ -28,6 +28,7 @@ from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Sour
 from fastmta.delivery.budget import ConnectionBudget, default_connection_limit
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.limits import limits_for
+from fastmta.delivery.mta_sts import is_verified_site
 from fastmta.delivery.pool import Gate, ResultCallback, SiteQueue
 from fastmta.delivery.routing import Route, RouteFailure, Router
 from fastmta.delivery.throttle import Throttles
@@ -92,7 +93,8 @@ class Dispatcher:
         smtp = config.smtp
         self._timeouts = Timeouts(**{f: getattr(smtp.timeouts, f) for f in Timeouts.__dataclass_fields__})
         self._tls = TLSPolicy(smtp.tls)
-        self._tls_context = _tls_context(smtp.tls_verify)
+        self._tls_context = _tls_context(smtp.tls_verify, smtp.tls_ca_file)
+        self._verifying: ssl.SSLContext | None = None  # for sites under an MTA-STS policy, made when first needed
         self._health: HostHealth | None = None
         #: The ready queue of every (source name, site) sent to so far.
         self.queues: dict[tuple[str, str], SiteQueue] = {}
@@ -288,10 +290,15 @@ class Dispatcher:
         if queue is None:
             assert self._health is not None
             now = asyncio.get_running_loop().time()
+            tls, context = self._tls, self._tls_context
+            if is_verified_site(site):  # an MTA-STS "enforce" domain: verified TLS or nothing
+                if self._verifying is None:
+                    self._verifying = _tls_context(True, self.config.smtp.tls_ca_file)
+                tls, context = TLSPolicy.REQUIRED, self._verifying
             queue = SiteQueue(
                 source, site, self._limits_for(site), throttle=self.throttles.get(source.name, site, now),
                 classifier=self.classifier, timeouts=self._timeouts, health=self._health,
-                on_result=self._on_result, on_expired=self._on_expired, tls=self._tls, tls_context=self._tls_context,
+                on_result=self._on_result, on_expired=self._on_expired, tls=tls, tls_context=context,
                 budget=self.budget,
             )
             queue.gate = self.gate
@@ -338,7 +345,7 @@ def split_recipients(
     return rest
 
 
-def _tls_context(verify: bool) -> ssl.SSLContext:
+def _tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
     """Opportunistic TLS between MTAs does not verify certificates by default
     (Postfix's ``may`` level): an unverified encrypted channel beats plain text,
     and most MX certificates would not match anyway.
@@ -349,7 +356,7 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
     protocol defaults (TLS 1.2 at least, secure ciphers) are the same: they
     come from ``SSLContext`` itself."""
     if verify:
-        return ssl.create_default_context()
+        return ssl.create_default_context(cafile=ca_file or None)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE

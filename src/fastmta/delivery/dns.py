@@ -53,6 +53,7 @@ __all__ = [
     "MxRecord",
     "Resolver",
     "Status",
+    "TxtAnswer",
 ]
 
 
@@ -96,6 +97,17 @@ class AddressAnswer:
     expires: float
 
 
+@dataclass(frozen=True, slots=True)
+class TxtAnswer:
+    """The TXT records of ``name``, each record's strings joined (RFC 7208 3.3, RFC 8461 3.1)."""
+
+    query: str
+    name: str
+    status: Status
+    texts: tuple[str, ...]
+    expires: float
+
+
 class DnsTemporaryError(DeliveryError):
     """A lookup could not be completed now (SERVFAIL, timeout, ...); try later."""
 
@@ -132,7 +144,7 @@ def _negative_ttl(response: dns.message.Message | None) -> int | None:
 
 
 _Key = tuple[str, int]
-_Answer = MxAnswer | AddressAnswer
+_Answer = MxAnswer | AddressAnswer | TxtAnswer
 
 
 class DnsResolver:
@@ -188,6 +200,12 @@ class DnsResolver:
         rdtype = dns.rdatatype.A if family == 4 else dns.rdatatype.AAAA
         answer, _ = await self._cache.get_or_load((host, rdtype), lambda: self._load(host, rdtype))
         assert isinstance(answer, AddressAnswer)
+        return answer
+
+    async def txt(self, name: str) -> TxtAnswer:
+        """TXT records of *name* (MTA-STS's ``_mta-sts.DOMAIN``); undecodable octets replaced."""
+        answer, _ = await self._cache.get_or_load((name, dns.rdatatype.TXT), lambda: self._load(name, dns.rdatatype.TXT))
+        assert isinstance(answer, TxtAnswer)
         return answer
 
     # ------------------------------------------------------------ loading
@@ -262,6 +280,9 @@ class DnsResolver:
                 )
             )
             return MxAnswer(query, name, status, records, expires)
+        if rdtype == dns.rdatatype.TXT:
+            texts = tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in rdatas)  # type: ignore[attr-defined]
+            return TxtAnswer(query, name, status, texts, expires)
         family = 4 if rdtype == dns.rdatatype.A else 6
         addrs = tuple(sorted({str(rd.address) for rd in rdatas}))  # type: ignore[attr-defined]
         return AddressAnswer(query, name, family, status, addrs, expires)

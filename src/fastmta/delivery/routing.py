@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from typing import Literal
 from fastmta.delivery.config import Config, HostPort, normalize_domain
 from fastmta.delivery.dns import AddressAnswer, DnsResolver, DnsTemporaryError, MxAnswer, Resolver, Status
 from fastmta.delivery.dns_cache import TTLCache
+from fastmta.delivery.mta_sts import VERIFIED_SITE, Policy, PolicyCache, mx_allowed
 from fastmta.errors import DeliveryError, Scope
 from fastmta.smtp.reply import Reply
 
@@ -63,6 +65,8 @@ __all__ = [
 ]
 
 RouteSource = Literal["mx", "implicit", "static"]
+
+log = logging.getLogger("fastmta.delivery.routing")
 
 #: How long a static route whose hosts are all IP literals stays memoized;
 #: it cannot change, the bound only keeps the memo an LRU like the rest.
@@ -195,6 +199,10 @@ class Router:
         # expires: the hot path (a recipient batch asking where to go) is
         # one dict lookup plus, for equal MX preferences, a shuffle.
         self._memo: TTLCache[str, Route | RouteFailure] = TTLCache(config.dns.cache_size, self._clock)
+        #: MTA-STS policies (RFC 8461), for routes from MX records: needs the resolver's TXT lookups.
+        self.mta_sts: PolicyCache | None = None
+        if config.smtp.mta_sts.enabled and isinstance(self._resolver, DnsResolver):
+            self.mta_sts = PolicyCache(config.smtp.mta_sts, self._resolver, ca_file=config.smtp.tls_ca_file)
 
     @property
     def resolver(self) -> Resolver:
@@ -202,6 +210,8 @@ class Router:
 
     async def aclose(self) -> None:
         await self._memo.aclose()
+        if self.mta_sts is not None:
+            await self.mta_sts.aclose()
         if self._owned and isinstance(self._resolver, DnsResolver):
             await self._resolver.aclose()
 
@@ -270,7 +280,36 @@ class Router:
             mx = await self._resolver.mx(domain)
         except DnsTemporaryError as exc:
             return self._ttl(self._fail(domain, 451, "4.4.3", f"MX lookup for {domain} failed: {exc.reason}", self._clock()))
-        return self._ttl(await self._from_mx(domain, mx))
+        route = await self._from_mx(domain, mx)
+        if self.mta_sts is not None and isinstance(route, Route):
+            route = self._under_policy(route, await self.mta_sts.policy(domain))
+        return self._ttl(route)
+
+    def _under_policy(self, route: Route, policy: Policy | None) -> Route | RouteFailure:
+        """*route* as *policy* (MTA-STS) allows it.
+
+        ``enforce``: only the MX hosts the policy lists, in a site of their own
+        whose connections require STARTTLS and a certificate valid for the
+        host's name (``mta_sts.VERIFIED_SITE``); none listed defers the mail
+        (the policy is looked up again before each retry, never bounced on
+        that alone: RFC 8461 5.1). ``testing``: the route as it is, the
+        mismatch logged.
+        """
+        if policy is None:
+            return route
+        hosts = tuple(h for h in route.hosts if mx_allowed(h.name, policy.mx))
+        if policy.mode != "enforce":
+            if len(hosts) < len(route.hosts):
+                log.warning("MTA-STS policy of %s (testing, id %s) does not list MX %s", route.domain, policy.id,
+                            ", ".join(h.name for h in route.hosts if h not in hosts))
+            return route
+        if not hosts:
+            names = ", ".join(h.name for h in route.hosts)
+            return self._fail(route.domain, 451, "4.7.5",
+                              f"MTA-STS policy of {route.domain} (enforce, id {policy.id}) lists none of its MX "
+                              f"hosts ({names})", self._clock())
+        site = site_name(((h.name, h.port) for h in hosts), self._mx_port) + "," + VERIFIED_SITE
+        return Route(route.domain, site, hosts, route.source, route.expires)
 
     async def _from_mx(self, domain: str, mx: MxAnswer) -> Route | RouteFailure:
         if mx.status is Status.NXDOMAIN:
