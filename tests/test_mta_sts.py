@@ -10,8 +10,10 @@ trusted through ``[smtp] tls_ca_file``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import ssl
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from dnsserver import DNSServer
 from fastmta.delivery.config import config_from_dict
 from fastmta.delivery.engine import Engine, Status
 from fastmta.delivery.mta_sts import PolicyError, is_verified_site, mx_allowed, parse_policy, parse_record
+from fastmta.queue.spool import Spool
 from fastmta.smtp.tlscert import make_self_signed, server_context
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -76,6 +79,21 @@ DOMAINS = {
 }
 
 
+@contextlib.asynccontextmanager
+async def https_server(handler: Any, context: ssl.SSLContext) -> AsyncIterator[int]:
+    """aiohttp serving *handler* at the policy path over HTTPS on a bound loopback port (yielded)."""
+    app = web.Application()
+    app.router.add_get("/.well-known/mta-sts.txt", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
 class Collect:
     def __init__(self) -> None:
         self.got: list[tuple[str, bool]] = []  # (recipient, over TLS)
@@ -117,7 +135,7 @@ def world(tmp_path: Path) -> Iterator[tuple[DNSServer, Path, dict[str, tuple[byt
         assert ns.errors == []
 
 
-def test_policies_are_obeyed_where_published(run: Run, world: tuple[DNSServer, Path, Any]) -> None:
+def test_policies_are_obeyed_where_published(run: Run, world: tuple[DNSServer, Path, Any], tmp_path: Path) -> None:
     ns, bundle, certs = world
 
     async def policy(request: web.Request) -> web.Response:
@@ -128,14 +146,11 @@ def test_policies_are_obeyed_where_published(run: Run, world: tuple[DNSServer, P
         return web.Response(text=f"version: STSv1\n{body}max_age: 86400\n", content_type="text/plain")
 
     async def main() -> tuple[dict[str, Any], list[tuple[str, bool]], dict[str, str], int]:
-        app = web.Application()
-        app.router.add_get("/.well-known/mta-sts.txt", policy)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        https = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=_sni_context(
-            {n: c for n, c in certs.items() if n.startswith("mta-sts.")}, "mta-sts.good.test"))
-        await https.start()
-        https_port = https._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        policies = _sni_context({n: c for n, c in certs.items() if n.startswith("mta-sts.")}, "mta-sts.good.test")
+        async with https_server(policy, policies) as https_port:
+            return await deliver(https_port)
+
+    async def deliver(https_port: int) -> tuple[dict[str, Any], list[tuple[str, bool]], dict[str, str], int]:
         collect = Collect()
         loop = asyncio.get_running_loop()
         mx_tls = _sni_context({n: c for n, c in certs.items() if not n.startswith("mta-sts.")}, "wrong.test")
@@ -148,16 +163,17 @@ def test_policies_are_obeyed_where_published(run: Run, world: tuple[DNSServer, P
             "sites": {"*": {"adaptive": {"enabled": False}}},
         })
         try:
-            async with Engine(cfg) as engine:
+            spool = Spool(tmp_path / "queue")
+            async with Engine(cfg, spool=spool) as engine:
                 ids = {d: await engine.submit(BODY, "s@sender.test", [f"r@{d}"]) for d in DOMAINS}
                 outcomes = {d: (await asyncio.wait_for(engine.result(i), 20))[0] for d, i in ids.items()}
                 router = engine._dispatch._router
                 assert router is not None
                 sites = {d: r.site for d in DOMAINS if (r := router.route_cached(d)) is not None and hasattr(r, "site")}
                 fetches = router.mta_sts.fetches if router.mta_sts is not None else 0
+            await spool.close()
         finally:
             smtp.close()
-            await runner.cleanup()
         return outcomes, collect.got, sites, fetches
 
     outcomes, got, sites, fetches = run(main())
@@ -179,6 +195,8 @@ def test_policies_are_obeyed_where_published(run: Run, world: tuple[DNSServer, P
     # every retry: its policy is looked up again before each, RFC 8461 5.1, and found cached).
     assert fetches == 5
     assert ns.count("_mta-sts.plain.test", "TXT") == 1
+    kept = json.loads((tmp_path / "queue" / "mta-sts.json").read_text())  # beside the queue, for the next start
+    assert sorted(p["domain"] for p in kept) == ["badcert.test", "good.test", "testing.test", "unlisted.test"]
 
 
 def test_a_cached_policy_outlives_a_missing_record_and_a_failed_fetch(run_uvloop: Run, tmp_path: Path) -> None:
@@ -201,13 +219,10 @@ def test_a_cached_policy_outlives_a_missing_record_and_a_failed_fetch(run_uvloop
         return "\n".join(["@ MX 10 mx", "mx A 127.0.0.1", "mta-sts A 127.0.0.1"] + ([f'_mta-sts TXT "{txt}"'] if txt else []))
 
     async def main(ns: DNSServer) -> list[tuple[str | None, int]]:
-        app = web.Application()
-        app.router.add_get("/.well-known/mta-sts.txt", policy)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        https = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pair.cert_pem, pair.key_pem))
-        await https.start()
-        port = https._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        async with https_server(policy, server_context(pair.cert_pem, pair.key_pem)) as port:
+            return await steps(ns, port)
+
+    async def steps(ns: DNSServer, port: int) -> list[tuple[str | None, int]]:
         resolver = DnsResolver(DnsConfig(nameservers=[ns.nameserver], min_ttl=0, negative_min_ttl=0, negative_max_ttl=0))
         cache = PolicyCache(MtaStsConfig(https_port=port), resolver, ca_file=str(bundle), clock=lambda: now[0])
         seen = []
@@ -232,7 +247,6 @@ def test_a_cached_policy_outlives_a_missing_record_and_a_failed_fetch(run_uvloop
         finally:
             await cache.aclose()
             await resolver.aclose()
-            await runner.cleanup()
         return seen
 
     with DNSServer({"c.test": zone("v=STSv1; id=1")}, default_ttl=0) as ns:
@@ -245,3 +259,52 @@ def test_a_missing_ca_file_is_named_at_start() -> None:
 
     with pytest.raises(ConfigError, match="smtp.tls_ca_file: no such file: /nonexistent/ca.pem"):
         config_from_dict({"smtp": {"tls_ca_file": "/nonexistent/ca.pem"}})
+
+
+def test_policies_are_kept_beside_the_queue_across_a_restart(
+    run_uvloop: Run, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # RFC 8461 10.2: the policy cache is what stops an attacker who strips the TXT record and blocks the
+    # fetch; a restart that forgot it would reopen that window. With a durable queue, the policies
+    # fetched are kept in its directory; a damaged file is reported and fetched again, not trusted.
+    from fastmta.delivery.config import DnsConfig, MtaStsConfig
+    from fastmta.delivery.dns import DnsResolver
+    from fastmta.delivery.mta_sts import POLICY_FILE, PolicyCache
+
+    pair = make_self_signed("mta-sts.k.test")
+    bundle = tmp_path / "trusted.pem"
+    bundle.write_bytes(pair.cert_pem)
+    kept = tmp_path / POLICY_FILE
+    up = [True]
+
+    async def policy(request: web.Request) -> web.Response:
+        if not up[0]:
+            return web.Response(status=503)
+        return web.Response(text="version: STSv1\nmode: enforce\nmx: mx.k.test\nmax_age: 86400\n",
+                            content_type="text/plain")
+
+    async def lookup(ns: DNSServer, port: int) -> tuple[str | None, int]:
+        resolver = DnsResolver(DnsConfig(nameservers=[ns.nameserver]))
+        cache = PolicyCache(MtaStsConfig(https_port=port), resolver, ca_file=str(bundle))
+        cache.keep_in(kept)
+        try:
+            p = await cache.policy("k.test")
+            return (p.mode if p else None), cache.fetches
+        finally:
+            await cache.aclose()
+            await resolver.aclose()
+
+    async def main(ns: DNSServer, record: bool) -> tuple[str | None, int]:
+        async with https_server(policy, server_context(pair.cert_pem, pair.key_pem)) as port:
+            if not record:
+                ns.add_zone("k.test", "mta-sts A 127.0.0.1")
+            return await lookup(ns, port)
+
+    with DNSServer({"k.test": 'mta-sts A 127.0.0.1\n_mta-sts TXT "v=STSv1; id=1"'}) as ns:
+        assert run_uvloop(main(ns, True)) == ("enforce", 1)
+        assert json.loads(kept.read_text())[0]["mx"] == ["mx.k.test"]
+        up[0] = False
+        assert run_uvloop(main(ns, False)) == ("enforce", 0)  # a new process: the record stripped, no fetch
+        kept.write_text("{not json")
+        assert run_uvloop(main(ns, False)) == (None, 0)  # damaged: nothing trusted from it
+    assert f"MTA-STS policies in {kept} not read" in caplog.text  # and said so

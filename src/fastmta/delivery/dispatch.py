@@ -22,13 +22,14 @@ import random
 import ssl
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source
 from fastmta.delivery.budget import ConnectionBudget, default_connection_limit
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.limits import limits_for
-from fastmta.delivery.mta_sts import is_verified_site
+from fastmta.delivery.mta_sts import POLICY_FILE, is_verified_site
 from fastmta.delivery.pool import Gate, ResultCallback, SiteQueue
 from fastmta.delivery.routing import Route, RouteFailure, Router
 from fastmta.delivery.throttle import Throttles
@@ -109,10 +110,16 @@ class Dispatcher:
         #: guard (fastmta.delivery.brakes); True for a source out of rotation may spend its probe.
         self.source_filter: Callable[[str, str], bool] | None = None
 
-    def start(self) -> None:
-        """Bind to the running loop: make the router (unless one was given) and the host-health record."""
+    def start(self, state_dir: Path | None = None) -> None:
+        """Bind to the running loop: make the router (unless one was given) and the host-health record.
+
+        *state_dir* (a durable queue's directory) keeps what routing learns across restarts: the
+        MTA-STS policies fetched.
+        """
         if self._router is None:
             self._router = Router(self.config, rng=self._rng)
+        if state_dir is not None and self._router.mta_sts is not None:
+            self._router.mta_sts.keep_in(state_dir / POLICY_FILE)
         self._health = HostHealth(self.config.queue.host_down_time, asyncio.get_running_loop().time)
 
     async def aclose(self) -> None:

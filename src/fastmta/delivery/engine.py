@@ -156,7 +156,7 @@ class Engine:
             return
         self.control.start()  # the operator's suspensions, before anything is routed
         loop = self._loop = asyncio.get_running_loop()
-        self._dispatch.start()
+        self._dispatch.start(self.spool.directory if self.spool is not None else None)
         if self.cluster is not None:
             await self.cluster.start()  # Redis unreachable: degraded mode, not an error
         self._due = DueQueue(self._on_due, loop)

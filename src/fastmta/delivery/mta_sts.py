@@ -15,9 +15,10 @@ What a domain publishes, and how it is read here:
 again only when the TXT ``id`` changes or the policy expires. Neither a
 missing record nor a failed fetch drops a policy still cached (RFC 8461 5.1:
 an attacker on the path may remove both); with none cached, the domain is
-mailed as if it had no policy, as the RFC says. Cached in memory for the
-life of the process: after a restart the first contact trusts DNS again
-(the RFC's SHOULD persist is not done).
+mailed as if it had no policy, as the RFC says. With a durable queue the
+policies are also kept beside it (:data:`POLICY_FILE`, rewritten whenever
+one is fetched), so a restart does not open the window an attacker who
+strips the record needs (RFC 8461 10.2: a first contact trusts DNS).
 
 What a policy does to a route (``Router``, for routes from MX records only:
 a static route is the operator's own choice) is :func:`mx_allowed` and the
@@ -26,13 +27,16 @@ site marker :data:`VERIFIED_SITE`, explained where they are used.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastmta.delivery.dns import DnsResolver, DnsTemporaryError, Status
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
     from fastmta.delivery.config import MtaStsConfig
 
 __all__ = [
+    "POLICY_FILE",
     "VERIFIED_SITE",
     "Policy",
     "PolicyCache",
@@ -60,6 +65,9 @@ log = logging.getLogger("fastmta.delivery.mta_sts")
 #: domains on the same MX hosts without a policy keep their opportunistic connections; the marker is
 #: not a host name, so per-host limit patterns ("*.google.com") still match the site.
 VERIFIED_SITE = "(mta-sts)"
+
+#: Where a durable queue keeps the policies fetched (in its directory).
+POLICY_FILE = "mta-sts.json"
 
 MAX_POLICY = 64 * 1024  # RFC 8461 3.2: senders may refuse larger bodies
 MAX_AGE = 31_557_600  # RFC 8461 3.2: at most a year
@@ -156,6 +164,37 @@ class PolicyCache:
         self._policies: dict[str, tuple[Policy, float]] = {}  # domain -> (policy, expires on *clock*)
         self._session: aiohttp.ClientSession | None = None
         self.fetches = 0  # policy bodies fetched (observability, tests)
+        self._path: Path | None = None
+
+    def keep_in(self, path: Path) -> None:
+        """Load the policies kept in *path* (those not expired) and keep every new one there.
+
+        A damaged file is reported and replaced at the next fetch: it holds
+        nothing that cannot be fetched again.
+        """
+        self._path = path
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+            now = self._clock()
+            for e in entries:
+                policy = Policy(e["domain"], e["id"], e["mode"], tuple(e["mx"]), int(e["max_age"]))
+                if float(e["expires"]) > now:
+                    self._policies[policy.domain] = (policy, float(e["expires"]))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("MTA-STS policies in %s not read (fetched again as needed): %s", path, exc)
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        entries = [{**asdict(p), "expires": expires} for p, expires in self._policies.values()]
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(entries), encoding="utf-8")
+            os.replace(tmp, self._path)
+        except OSError as exc:  # the policies stay in memory; only a restart would forget them
+            log.warning("MTA-STS policies not saved to %s: %s", self._path, exc)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -190,6 +229,7 @@ class PolicyCache:
                         "the cached one stands" if cached else "mailed as without a policy")
             return _active(cached)
         self._policies[domain] = (policy, self._clock() + policy.max_age)
+        self._save()
         return _active(policy)
 
     async def _fetch(self, domain: str) -> str:
