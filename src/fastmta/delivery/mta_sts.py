@@ -191,7 +191,9 @@ class PolicyCache:
         entries = [{**asdict(p), "expires": expires} for p, expires in self._policies.values()]
         tmp = self._path.with_name(self._path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(entries), encoding="utf-8")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private, as the queue's files
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(entries))
             os.replace(tmp, self._path)
         except OSError as exc:  # the policies stay in memory; only a restart would forget them
             log.warning("MTA-STS policies not saved to %s: %s", self._path, exc)
