@@ -40,3 +40,16 @@ def test_readme_library_example_type_checks_under_mypy_strict() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Success: no issues found" in out.stdout
+
+
+def test_readme_configuration_example_loads(tmp_path: Path) -> None:
+    # Found by an attack on MTA-STS: a table added in the middle of [smtp] in the example moved the
+    # keys after it under the new table ("smtp.mta_sts.max_connections: unknown key").
+    from fastmta.delivery.config import parse_config
+
+    text = README.read_text(encoding="utf-8")
+    start = text.index("### Configuration (TOML, `--config`)")
+    block = text[text.index("```toml\n", start) + len("```toml\n"): text.index("```\n", text.index("```toml\n", start) + 8)]
+    (tmp_path / "classify-rules.toml").write_text("")  # the example names a rule file of the operator's
+    config = parse_config(block, "README example", base_dir=tmp_path)
+    assert config.smtp.max_connections == 2000 and config.smtp.mta_sts.enabled

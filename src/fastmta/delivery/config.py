@@ -531,14 +531,26 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: s
     if ca_file and base_dir is not None and not Path(ca_file).is_absolute():
         config = msgspec.structs.replace(
             config, smtp=msgspec.structs.replace(config.smtp, tls_ca_file=str(Path(base_dir) / ca_file)))
-    if config.smtp.tls_ca_file and not Path(config.smtp.tls_ca_file).is_file():
-        raise ConfigError(f"{source}: smtp.tls_ca_file: no such file: {config.smtp.tls_ca_file}")
+    if config.smtp.tls_ca_file:
+        _check_ca_file(config.smtp.tls_ca_file, source)
     try:
         config.classify.classifier()  # the rules are checked now, not at the first reply
         config.dkim_policy()  # and the keys: a missing or wrong one is a start-up error
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def _check_ca_file(path: str, source: str) -> None:
+    """Load *path* as trusted certificates now: a file that holds none would fail every verification."""
+    import ssl
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{source}: smtp.tls_ca_file: no such file: {path}")
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{source}: smtp.tls_ca_file: {path} holds no usable certificate ({exc})") from None
 
 
 def parse_config(text: str | bytes, source: str = "<config>", base_dir: str | Path | None = None) -> Config:

@@ -29,7 +29,7 @@ from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Sour
 from fastmta.delivery.budget import ConnectionBudget, default_connection_limit
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.limits import limits_for
-from fastmta.delivery.mta_sts import POLICY_FILE, is_verified_site
+from fastmta.delivery.mta_sts import POLICY_FILE, is_verified_site, verifying_context
 from fastmta.delivery.pool import Gate, ResultCallback, SiteQueue
 from fastmta.delivery.routing import Route, RouteFailure, Router
 from fastmta.delivery.throttle import Throttles
@@ -363,7 +363,7 @@ def _tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
     protocol defaults (TLS 1.2 at least, secure ciphers) are the same: they
     come from ``SSLContext`` itself."""
     if verify:
-        return ssl.create_default_context(cafile=ca_file or None)
+        return verifying_context(ca_file)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE

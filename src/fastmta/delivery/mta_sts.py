@@ -27,6 +27,7 @@ site marker :data:`VERIFIED_SITE`, explained where they are used.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ __all__ = [
     "mx_allowed",
     "parse_policy",
     "parse_record",
+    "verifying_context",
 ]
 
 log = logging.getLogger("fastmta.delivery.mta_sts")
@@ -73,6 +75,10 @@ MAX_POLICY = 64 * 1024  # RFC 8461 3.2: senders may refuse larger bodies
 MAX_AGE = 31_557_600  # RFC 8461 3.2: at most a year
 MODES = ("enforce", "testing", "none")
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
+_STS_RECORD = re.compile(r"v=STSv1[ \t]*;")
+#: Policies fetched at once (beyond, a fetch waits before its timeout starts: a burst of new domains
+#: at a restart must not time its own fetches out and mail them as without a policy).
+MAX_FETCHES = 16
 
 
 class PolicyError(ValueError):
@@ -97,7 +103,7 @@ def is_verified_site(site: str) -> bool:
 
 def parse_record(texts: Sequence[str]) -> str | None:
     """The policy id of a domain's ``_mta-sts`` TXT records; None unless exactly one valid STS record."""
-    records = [t for t in texts if t.startswith("v=STSv1")]
+    records = [t for t in texts if _STS_RECORD.match(t)]  # others are discarded first (3.1)
     if len(records) != 1:
         return None  # RFC 8461 3.1: none, or several (a policy in transition): no policy
     fields: dict[str, str] = {}
@@ -119,13 +125,14 @@ def parse_policy(domain: str, text: str, policy_id: str) -> Policy:
         if not sep:
             raise PolicyError(f"line {n} is not 'key: value'")
         fields.setdefault(key.strip(), []).append(value.strip())
-    if fields.get("version") != ["STSv1"]:
-        raise PolicyError(f"version is {fields.get('version')}, not STSv1")
+    version = (fields.get("version") or [""])[0]  # of a repeated key other than mx, the first counts (3.2)
+    if version != "STSv1":
+        raise PolicyError(f"version is {version!r}, not STSv1")
     mode = (fields.get("mode") or [""])[0]
     if mode not in MODES:
         raise PolicyError(f"mode {mode!r} is not enforce, testing or none")
     age = (fields.get("max_age") or [""])[0]
-    if not age.isdigit() or len(age) > 10:
+    if not (age.isascii() and age.isdigit()) or len(age) > 10:
         raise PolicyError(f"max_age {age!r} is not a number of seconds")
     mx = tuple(p.lower().rstrip(".") for p in fields.get("mx", []) if p)
     if not mx and mode != "none":
@@ -165,6 +172,7 @@ class PolicyCache:
         self._session: aiohttp.ClientSession | None = None
         self.fetches = 0  # policy bodies fetched (observability, tests)
         self._path: Path | None = None
+        self._fetching = asyncio.Semaphore(MAX_FETCHES)
 
     def keep_in(self, path: Path) -> None:
         """Load the policies kept in *path* (those not expired) and keep every new one there.
@@ -188,7 +196,8 @@ class PolicyCache:
     def _save(self) -> None:
         if self._path is None:
             return
-        entries = [{**asdict(p), "expires": expires} for p, expires in self._policies.values()]
+        now = self._clock()
+        entries = [{**asdict(p), "expires": expires} for p, expires in self._policies.values() if expires > now]
         tmp = self._path.with_name(self._path.name + ".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private, as the queue's files
@@ -212,6 +221,11 @@ class PolicyCache:
             return None
         return entry[0]
 
+    def _stale(self, policy: Policy) -> bool:
+        """Past half its life: fetched again even under the same id (RFC 8461 5.1: refresh before it
+        expires, so a policy in force never lapses into the window before its next fetch)."""
+        return self._policies[policy.domain][1] - self._clock() < policy.max_age / 2
+
     async def policy(self, domain: str) -> Policy | None:
         """The policy *domain* has now (None: none, or mode none)."""
         cached = self.cached(domain)
@@ -222,7 +236,7 @@ class PolicyCache:
                      "the cached policy stands" if cached else "mailed as without a policy")
             return _active(cached)
         policy_id = parse_record(answer.texts) if answer.status is Status.FOUND else None
-        if policy_id is None or (cached is not None and cached.id == policy_id):
+        if policy_id is None or (cached is not None and cached.id == policy_id and not self._stale(cached)):
             return _active(cached)  # RFC 8461 5.1: a record gone does not end a cached policy
         try:
             policy = parse_policy(domain, await self._fetch(domain), policy_id)
@@ -241,28 +255,43 @@ class PolicyCache:
         host = "mta-sts." + domain
         url = f"https://{host}{'' if port == 443 else f':{port}'}/.well-known/mta-sts.txt"
         if self._session is None:
-            context = ssl.create_default_context(cafile=self._ca_file or None)
-            connector = aiohttp.TCPConnector(resolver=_engine_dns(self._resolver), ssl=context, limit=16)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=self._config.timeout))
+            try:
+                context = verifying_context(self._ca_file)
+            except (OSError, ssl.SSLError) as exc:  # checked with the configuration; changed since?
+                raise PolicyError(f"smtp.tls_ca_file {self._ca_file}: {exc}") from None
+            connector = aiohttp.TCPConnector(resolver=_engine_dns(self._resolver), ssl=context, limit=MAX_FETCHES)
+            self._session = aiohttp.ClientSession(connector=connector)
         self.fetches += 1
-        try:
-            async with self._session.get(url, allow_redirects=False) as response:
-                if response.status != 200:
-                    raise PolicyError(f"{url} answered HTTP {response.status}")
-                if response.content_type != "text/plain":
-                    raise PolicyError(f"{url} is {response.content_type}, not text/plain")
-                body = await response.content.read(MAX_POLICY + 1)
-        except PolicyError:
-            raise
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-            raise PolicyError(f"fetching {url} failed: {exc or type(exc).__name__}") from None
-        if len(body) > MAX_POLICY:
-            raise PolicyError(f"{url} is over {MAX_POLICY} bytes")
+        async with self._fetching:
+            try:
+                async with self._session.get(url, allow_redirects=False,
+                                             timeout=aiohttp.ClientTimeout(total=self._config.timeout)) as response:
+                    if response.status != 200:
+                        raise PolicyError(f"{url} answered HTTP {response.status}")
+                    if response.content_type != "text/plain":
+                        raise PolicyError(f"{url} is {response.content_type}, not text/plain")
+                    body = bytearray()
+                    # To its end (a short body is an error, not a policy: aiohttp raises), within the cap.
+                    async for chunk in response.content.iter_chunked(16384):
+                        body += chunk
+                        if len(body) > MAX_POLICY:
+                            raise PolicyError(f"{url} is over {MAX_POLICY} bytes")
+            except PolicyError:
+                raise
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                raise PolicyError(f"fetching {url} failed: {str(exc) or type(exc).__name__}") from None
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError:
             raise PolicyError(f"{url} is not UTF-8 text") from None
+
+
+def verifying_context(ca_file: str = "") -> ssl.SSLContext:
+    """A client context that verifies certificates: the system's CAs, and *ca_file*'s besides."""
+    context = ssl.create_default_context()  # with cafile= it would load that file *instead* of the system's
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
 
 
 def _active(policy: Policy | None) -> Policy | None:
@@ -278,17 +307,19 @@ def _engine_dns(resolver: DnsResolver) -> aiohttp.abc.AbstractResolver:
         async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET,
                           ) -> list[ResolveResult]:
             out: list[ResolveResult] = []
+            failed: list[str] = []
             for version, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
                 if family not in (socket.AF_UNSPEC, af):
                     continue
                 try:
                     answer = await resolver.addresses(host, version)
-                except DnsTemporaryError as exc:
-                    raise OSError(f"{host}: {exc.reason}") from None
+                except DnsTemporaryError as exc:  # the other family may still answer, as in routing
+                    failed.append(exc.reason)
+                    continue
                 out += [ResolveResult(hostname=host, host=a, port=port, family=af, proto=0,
                                       flags=socket.AI_NUMERICHOST) for a in answer.addresses]
             if not out:
-                raise OSError(f"{host} has no address")
+                raise OSError(f"{host}: {'; '.join(failed) or 'no address'}")
             return out
 
         async def close(self) -> None:

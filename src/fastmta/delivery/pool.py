@@ -378,10 +378,10 @@ class SiteQueue:
                     self.health.mark_tls_broken(src, address, host.port)
                     tries.appendleft((host, address, TLSPolicy.NEVER))
                     continue
-                if exc.reply.code != 421:
-                    # A 421 at the greeting is usually "too many connections
-                    # from you": the host is up, it is the pace that is wrong,
-                    # so traffic must not move to the backup MX because of it.
+                unmet_tls = tls is TLSPolicy.REQUIRED and (exc.reply.enhanced or "").startswith("4.7.")
+                if exc.reply.code != 421 and not unmet_tls:
+                    # A 421 at the greeting: "too many connections from you", the pace is wrong; a host without
+                    # the TLS a site requires (MTA-STS) is not down for others: no move to the backup MX for that.
                     self.health.mark_down(src, address, host.port)
                 continue
             except LocalShortage as exc:
