@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -789,3 +789,58 @@ def test_the_engines_tls_context_verifies_only_when_asked(run: Run, tmp_path: Pa
             assert outcome.status is Status.DELIVERED and over_tls == [True]
 
     run(main())
+
+
+def test_a_tls_session_ended_by_a_421_frees_the_servers_connection_at_once(run: Run, tmp_path: Path) -> None:
+    # Found by an interoperability attack against Exim: after its 421 "too many messages in this
+    # connection" it neither closes nor answers a TLS close_notify, and the client's TLS layer waited
+    # 30 s for one, the TCP connection open: each such session held one of Exim's per-host slots, new
+    # connections were refused, and 50 of 300 messages expired. The client now drops it after 2 s.
+    cert, key = make_cert(tmp_path)
+
+    class ExitsWith421(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = cast(asyncio.Transport, transport)
+            self.buf = b""
+            self.t.write(b"220 exim.test ESMTP\r\n")
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while b"\r\n" in self.buf:
+                line, self.buf = self.buf.split(b"\r\n", 1)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    self.t.write(b"250-exim.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+                elif verb == b"STAR":
+                    self.t.write(b"220 go ahead\r\n")
+                    self.upgrading = asyncio.ensure_future(self.upgrade())
+                    return
+                elif verb == b"MAIL":
+                    self.t.write(b"421 exim.test too many messages in this connection\r\n")
+                    self.t.pause_reading()  # as Exim: no close, no close_notify answered
+                    return
+
+        async def upgrade(self) -> None:
+            loop = asyncio.get_running_loop()
+            self.t = cast(asyncio.Transport, await loop.start_tls(self.t, self, server_context(cert, key),
+                                                                   server_side=True))
+
+    async def main() -> tuple[TransactionResult, float]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(ExitsWith421, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            conn = await SMTPConnection.open("127.0.0.1", port, helo_name="client.test", timeouts=QUICK,
+                                             tls=TLSPolicy.REQUIRED, tls_context=client_context_trusting(cert),
+                                             server_hostname="localhost")
+            result = await conn.send(Transaction("s@a.test", ["r@x.test"], Body(b"Subject: x\r\n\r\nhi\r\n")))
+            failed_at = time.monotonic()
+            for _ in range(150):  # bounded: 15 s
+                if conn._transport is None:  # the client's socket is closed (connection_lost came)
+                    return result, time.monotonic() - failed_at
+                await asyncio.sleep(0.1)
+        return result, float("inf")
+
+    result, freed_after = run(main())
+    assert result.error is not None and result.error.code == 421
+    assert freed_after < 5.0, f"the server's connection stayed open {freed_after:.1f}s after its 421"
