@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,3 +88,62 @@ def test_a_server_that_takes_one_recipient_at_a_time_gets_them_all_now(tmp_path:
     assert sorted(r["recipient"] for r in delivered) == rcpts
     assert {r["attempts"] for r in delivered} == {1}
     assert sum(r["status"] == "deferred" for r in records) == 49  # each refused once, then sent alone
+
+
+def test_a_server_refusing_the_whole_transaction_over_its_limit_gets_it_in_smaller_ones(run_uvloop: Any) -> None:
+    # Found by an interoperability attack against Exim (recipients_max = 20, recipients_max_reject):
+    # RCPT 21+ get "552 too many recipients", then the whole transaction "554 Too many recipients" at
+    # DATA. Every recipient was deferred and the same 25-recipient transaction retried until all
+    # expired. Those it accepted at RCPT tell its limit: all go again now in transactions of 20, not
+    # counted as attempts, and the site's later messages are split at 20 from the start.
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP, Envelope, Session
+
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine, Status
+
+    class EximRejectsOverLimit:
+        def __init__(self) -> None:
+            self.delivered: list[list[str]] = []
+            self.refused = 0
+
+        async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                              options: list[str]) -> str:
+            session.too_many = False  # type: ignore[attr-defined]
+            envelope.mail_from = address
+            return "250 OK"
+
+        async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                              options: list[str]) -> str:
+            if len(envelope.rcpt_tos) >= 20:
+                session.too_many = True  # type: ignore[attr-defined]
+                return "552 too many recipients"
+            envelope.rcpt_tos.append(address)
+            return "250 Accepted"
+
+        async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+            if getattr(session, "too_many", False):
+                self.refused += 1
+                return "554 Too many recipients"
+            self.delivered.append(list(envelope.rcpt_tos))
+            return "250 OK id=1"
+
+    async def main() -> tuple[EximRejectsOverLimit, list[Any]]:
+        handler = EximRejectsOverLimit()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: SMTP(handler), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = config_from_dict({"routing": {"static": {"*": [f"127.0.0.1:{port}"]}}, "smtp": {"tls": "never"},
+                                "queue": {"retry_initial": 300}, "sites": {"*": {"adaptive": {"enabled": False}}}})
+        outcomes = []
+        async with server, Engine(cfg) as engine:
+            for m in range(2):
+                mid = await engine.submit(b"Subject: x\r\n\r\nhi\r\n", "s@a.test", [f"u{m}-{i:02d}@x.test" for i in range(25)])
+                outcomes += await asyncio.wait_for(engine.result(mid), 20)
+        return handler, outcomes
+
+    handler, outcomes = run_uvloop(main())
+    assert [o.status for o in outcomes] == [Status.DELIVERED] * 50 and {o.attempts for o in outcomes} == {1}
+    assert [len(d) for d in handler.delivered] == [20, 5, 20, 5]  # each recipient once
+    assert handler.refused == 1  # the second message was split before it was sent

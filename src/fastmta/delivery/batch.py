@@ -4,13 +4,17 @@ transaction went, and which hosts failed to connect (:mod:`fastmta.delivery.pool
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from fastmta.delivery.routing import Route
 from fastmta.queue.records import Message, Recipient
 from fastmta.smtp.protocol import Phase
 from fastmta.smtp.reply import Reply
+
+if TYPE_CHECKING:
+    from fastmta.feedback.classification import Classification
 
 __all__ = ["CLASSIFY_PHASE", "Batch", "Delivery", "HostHealth", "SiteLimits", "Source", "one_at_a_time"]
 
@@ -59,6 +63,35 @@ def one_at_a_time(limits: SiteLimits, site: str, reply: Reply, phase: Phase) -> 
         return limits
     log.warning("%s refused MAIL out of sequence (%s): one transaction at a time from now on", site, reply)
     return replace(limits, pipeline_depth=1)
+
+
+def recipient_limit(classified: Sequence[tuple[Reply, str, Classification | None]]) -> tuple[int, bool]:
+    """(how many recipients a transaction may carry, as this one's replies show, 0: not shown; whether
+    every recipient goes again, not only those refused at RCPT).
+
+    "Too many recipients" (452, or 552 as RFC 5321 4.5.3.1.10 says to read it) at RCPT while others
+    were accepted: those went, the refused go again in transactions of the size it took. Exim with
+    ``recipients_max_reject`` then refuses the whole transaction ("554 Too many recipients" at
+    DATA): the recipients it accepted at RCPT tell its limit, and all of them go again (before,
+    the same transaction was retried until every recipient expired).
+    """
+    if not any(ph == "rcpt" and c is not None and c.is_recipient_limit for _, ph, c in classified):
+        return 0, False
+    took = sum(reply.code // 100 == 2 for reply, _, _ in classified)
+    if took:
+        return took, False
+    accepted = sum(ph != "rcpt" for _, ph, _ in classified)
+    return accepted, accepted > 0
+
+
+def fewer_recipients(limits: SiteLimits, site: str, took: int) -> SiteLimits:
+    """*limits* with the site's recipients per transaction cut to *took*, the limit its server showed
+    (for the messages queued from now on: each would otherwise meet the limit, and Exim's
+    rejecting one, costing a refused transaction each)."""
+    if not 0 < took < limits.max_recipients_per_transaction:
+        return limits
+    log.warning("%s takes %d recipients a transaction: no more from now on", site, took)
+    return replace(limits, max_recipients_per_transaction=took)
 
 
 @dataclass(slots=True)

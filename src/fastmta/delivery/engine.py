@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastmta.delivery.accounting import AccountingLog
-from fastmta.delivery.batch import Batch, Delivery
+from fastmta.delivery.batch import Batch, Delivery, fewer_recipients, recipient_limit
 from fastmta.delivery.brakes import Guard
 from fastmta.delivery.cluster import Cluster
 from fastmta.delivery.config import Config, SiteConfig
@@ -457,10 +457,11 @@ class Engine:
     ) -> None:
         msg = batch.message
         deferred: list[tuple[Recipient, Classification]] = []
-        paced: list[Recipient] = []
-        over: list[Recipient] = []  # refused at RCPT as "too many recipients" while the server took others
-        took = sum(reply.code // 100 == 2 for reply, _, _ in classified)
+        paced, over = [], []  # over: refused as "too many recipients" (batch.recipient_limit)
+        took, whole = recipient_limit(classified)  # the server's recipients per transaction, if it said
         queue = self._dispatch.queues.get((batch.source, delivery.site))
+        if took and queue is not None:
+            queue.limits = fewer_recipients(queue.limits, delivery.site, took)
         again = not self._closing and asyncio.get_running_loop().time() < msg.deadline  # may go again now
         # Only an adaptive throttle slows down on its own; a static one would resend a "slow down" at once.
         paces = again and queue is not None and queue.throttle.adaptive.enabled
@@ -468,7 +469,7 @@ class Engine:
             c = self._record(msg, rcpt, reply, phase, delivery, c)
             if c is None:
                 continue
-            if again and took and phase == "rcpt" and c.is_recipient_limit:
+            if again and took and (phase == "rcpt" or whole) and c.is_recipient_limit:
                 # RFC 5321 4.5.3.1.10: the rest go in further transactions, now; the server never
                 # judged them, so no attempt is counted (nor a retry schedule nor a cap to reach).
                 rcpt.attempts -= 1
