@@ -70,3 +70,25 @@ def test_fields_quoted_in_prose_still_need_more_than_an_address() -> None:
     raw = (b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: notes\r\n\r\n"
            b"The header is written like this:\r\n\r\nFinal-Recipient: rfc822; carol@example.com\r\n")
     assert parse_dsn(raw) == []
+
+
+def test_an_exim_delay_warnings_boilerplate_is_not_its_reason() -> None:
+    # Without a Diagnostic-Code (a host refusing connections, a repeated warning) the reason came from
+    # the prose, and it was the paragraph "No action is required on your part...": the category of the
+    # same reply drifted between warnings.
+    [first] = parse_dsn((BOUNCES / "exim-delay-conn-refused.eml").read_bytes())
+    assert (first.recipient, first.action, first.diagnostic) == ("down.user+tag@remote3.test", "delayed", "")
+    [second] = parse_dsn((BOUNCES / "exim-delay-second-warning.eml").read_bytes())
+    assert second.action == "delayed" and second.diagnostic.startswith("Delay reason: ")
+    assert "No action is required" not in second.diagnostic
+
+
+def test_an_exim_text_bounce_names_the_forwarded_address_and_decodes_octal_escapes() -> None:
+    # Exim's text alone: "(generated from X)" under the address that failed names the one we sent to,
+    # kept as the original recipient (the inbound reader verifies the return path against it); a
+    # UTF-8 address written as octal escapes came out as the invented "274b2@remote.test".
+    [fwd] = parse_dsn((BOUNCES / "exim-text-only-forwarded.eml").read_bytes())
+    assert (fwd.recipient, fwd.original_recipient, fwd.status) == (
+        "r550-fwded-fwd-b2@remote.test", "fwd-b2@rcv.test", "5.1.1")
+    [utf8] = parse_dsn((BOUNCES / "exim-text-only-utf8.eml").read_bytes())
+    assert (utf8.recipient, utf8.action, utf8.status) == ("r550-\u00fcb2@remote.test", "failed", "5.1.1")

@@ -61,6 +61,7 @@ _GENERIC_FAILURE = re.compile(
 )
 _GENERIC_DELAY = re.compile(r"has been delayed|will (?:continue to )?(?:be )?retr|THIS IS A WARNING|not yet been delivered", re.IGNORECASE)
 _HEADERISH = re.compile(r"^\s*(?:From|To|Cc|Reply-To|Sender|Return-Path|Errors-To|Message-I[dD]|Subject|Date)\s*:", re.IGNORECASE)
+_OCTAL_UTF8 = re.compile(r"\\[23][0-7]{2}(?:\\2[0-7]{2})+")
 _GENERATED = re.compile(r"\((?:ultimately )?(?:generated|expanded) from:? <?(" + ADDRESS.pattern + r")>?\)")
 _DAEMONS = ("mailer-daemon@", "postmaster@", "mail-daemon@", "mailerdaemon@")
 #: A recipient's own reason saying its message was given up: OpenSMTPD (6.x) reports the expiry of an
@@ -156,8 +157,26 @@ def _report_text(parts: list[Message]) -> str:
     return unquote(text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
+def _octal_utf8(text: str) -> str:
+    """Exim writes the octets of a non-ASCII address as octal escapes ("r\\303\\274b@..."): read back.
+
+    Only a UTF-8 lead byte's escape followed by its continuation bytes' is
+    read, so a backslash and digits in other text stay as they are.
+    """
+    if "\\" not in text:
+        return text
+
+    def one(m: re.Match[str]) -> str:
+        try:
+            return bytes(int(o, 8) for o in m.group(0).split("\\")[1:]).decode("utf-8")
+        except UnicodeDecodeError:
+            return m.group(0)
+
+    return _OCTAL_UTF8.sub(one, text)
+
+
 def _header_addresses(msg: Message, *names: str) -> list[str]:
-    values = [str(v) for name in names for v in (msg.get_all(name) or [])]
+    values = [_octal_utf8(str(v)) for name in names for v in (msg.get_all(name) or [])]
     return [a.lower() for _, a in email.utils.getaddresses(values) if is_address(a)]
 
 
@@ -286,7 +305,7 @@ def _parse_message(msg: Message, depth: int = 0) -> list[DSNRecipient]:
     for part in parts:
         if part.get_content_type() in STATUS_TYPES:
             fields.extend(from_part(part))
-    text = _report_text(parts)
+    text = _octal_utf8(_report_text(parts))
     if not fields:
         fields = from_text(text)
     xfr = _header_addresses(msg, "X-Failed-Recipients")
@@ -301,7 +320,10 @@ def _parse_message(msg: Message, depth: int = 0) -> list[DSNRecipient]:
         family, delayed, found = prose
         if found:
             full = text + "\n" + "\n".join(m.as_string() for m in _attached(msg))
-            return to_records(family, delayed, found, _resolve(found, xfr, full))
+            # Exim names the address that failed, then "(generated from X)": X is the one we sent to,
+            # forwarded there, kept as the original recipient (what a return path is verified against).
+            originals = [g.group(1).lower() if (g := _GENERATED.search(" ".join(f.diag))) else None for f in found]
+            return to_records(family, delayed, found, _resolve(found, xfr, full), originals)
         return []  # a family's success notice
     delayed = bool(_GENERIC_DELAY.search(text))
     if xfr:

@@ -62,6 +62,7 @@ FORMATS: tuple[ProseFormat, ...] = (
             r"^ {0,2}<(?P<a>ADDR)>:\s*(?P<d>\S.*)$",  # "  <bob@example.org>: 550 5.1.1 ..."
             r"^ {2}(?P<a>(?:pipe|save|file) to .*|[^\s@<>:\"]+|an undisclosed address)\s*$",  # named by local part, command, or hidden
         ),
+        end=(r"^\s*No action is required on your part",),  # a delay warning's boilerplate, not a reason
         delayed=r"has not yet been delivered|Delay reason:",
     ),
     ProseFormat(

@@ -225,11 +225,15 @@ def read_prose(text: str, formats: tuple[_Compiled, ...]) -> tuple[str, bool, li
     return None
 
 
-def to_records(family: str, delayed: bool, found: list[Found], addresses: list[str | None]) -> list[DSNRecipient]:
-    """Records of *found* with the addresses resolved by the caller (None: dropped)."""
+def to_records(
+    family: str, delayed: bool, found: list[Found], addresses: list[str | None],
+    originals: list[str | None] | None = None,
+) -> list[DSNRecipient]:
+    """Records of *found* with the addresses resolved by the caller (None: dropped), and the
+    addresses they were forwarded from where the report says (*originals*)."""
     out: list[DSNRecipient] = []
     seen: set[str] = set()
-    for f, addr in zip(found, addresses):
+    for f, addr, original in zip(found, addresses, originals or [None] * len(found)):
         if addr is None or addr in seen:
             continue
         seen.add(addr)
@@ -241,6 +245,7 @@ def to_records(family: str, delayed: bool, found: list[Found], addresses: list[s
                 diagnostic=" ".join(f.diag),
                 standard=False,
                 source=family,
+                original_recipient=original if original != addr else None,
             )
         )
     return out
