@@ -51,5 +51,7 @@ def test_readme_configuration_example_loads(tmp_path: Path) -> None:
     start = text.index("### Configuration (TOML, `--config`)")
     block = text[text.index("```toml\n", start) + len("```toml\n"): text.index("```\n", text.index("```toml\n", start) + 8)]
     (tmp_path / "classify-rules.toml").write_text("")  # the example names a rule file of the operator's
+    (tmp_path / "relay.pass").write_text("secret\n")  # and a relay's password file
     config = parse_config(block, "README example", base_dir=tmp_path)
     assert config.smtp.max_connections == 2000 and config.smtp.mta_sts.enabled
+    assert config.routing.credentials()["127.0.0.1:2525"].password == "secret"

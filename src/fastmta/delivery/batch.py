@@ -22,7 +22,7 @@ __all__ = ["CLASSIFY_PHASE", "Batch", "Delivery", "HostHealth", "SiteLimits", "S
 CLASSIFY_PHASE: dict[Phase, str] = {
     Phase.GREETING: "connect", Phase.EHLO: "ehlo", Phase.HELO: "helo", Phase.STARTTLS: "starttls",
     Phase.MAIL: "mail", Phase.RCPT: "rcpt", Phase.DATA: "data", Phase.END_OF_DATA: "eod",
-    Phase.BDAT: "eod", Phase.RSET: "mail", Phase.QUIT: "quit",
+    Phase.BDAT: "eod", Phase.RSET: "mail", Phase.QUIT: "quit", Phase.AUTH: "connect",
 }
 
 log = logging.getLogger("fastmta.delivery.pool")

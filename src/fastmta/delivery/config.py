@@ -51,6 +51,9 @@ from fastmta.errors import ConfigError
 from fastmta.feedback.classify import Classifier, default_classifier
 from fastmta.message.dkim_policy import DkimEntry, DkimPolicy
 
+if typing.TYPE_CHECKING:
+    from fastmta.smtp.protocol import Credentials
+
 __all__ = [
     "ClassifyConfig",
     "Config",
@@ -59,6 +62,7 @@ __all__ = [
     "HostPort",
     "MtaStsConfig",
     "QueueConfig",
+    "RelayAuthConfig",
     "ReturnPathConfig",
     "RoutingConfig",
     "SiteConfig",
@@ -216,6 +220,17 @@ class DnsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
         return [parse_hostport(ns, 53) for ns in self.nameservers]
 
 
+class RelayAuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """``[routing.auth."HOST"]``: log in at this relay (SMTP AUTH, RFC 4954: PLAIN, else LOGIN)."""
+
+    username: str
+    #: The password alone in a file, kept out of the configuration (a relative path: from the
+    #: configuration file's directory). Read at start; a missing or empty file is a start-up error.
+    password_file: str
+    #: Send the credentials without TLS. Off: a relay that offers no STARTTLS gets none (the mail waits).
+    allow_plaintext: bool = False
+
+
 class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """``[routing]``: where mail for a domain goes."""
 
@@ -226,6 +241,23 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     #: subdomains, ``*`` everything else. A host may be a name (looked up
     #: as A/AAAA, never MX) or an IP literal. Port defaults to smtp_port.
     static: dict[str, list[str]] = {}
+    #: ``host`` or ``host:port`` of a relay (as in ``static``) -> how to log in there.
+    auth: dict[str, RelayAuthConfig] = {}
+
+    def credentials(self) -> dict[str, Credentials]:
+        """Each relay's credentials, keyed ``host`` or ``host:port`` (lower case); reads the password files."""
+        from fastmta.smtp.protocol import Credentials
+
+        out: dict[str, Credentials] = {}
+        for host, entry in self.auth.items():
+            try:
+                password = Path(entry.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"routing.auth.{host}.password_file: {exc}") from None
+            if not password:
+                raise ConfigError(f"routing.auth.{host}.password_file: {entry.password_file} is empty")
+            out[host.lower()] = Credentials(entry.username, password, entry.allow_plaintext)
+        return out
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
@@ -527,6 +559,10 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: s
             for e in config.dkim
         ]
         config = msgspec.structs.replace(config, dkim=dkim)
+    if base_dir is not None and config.routing.auth:
+        auth = {h: a if Path(a.password_file).is_absolute() else msgspec.structs.replace(
+                    a, password_file=str(Path(base_dir) / a.password_file)) for h, a in config.routing.auth.items()}
+        config = msgspec.structs.replace(config, routing=msgspec.structs.replace(config.routing, auth=auth))
     ca_file = config.smtp.tls_ca_file
     if ca_file and base_dir is not None and not Path(ca_file).is_absolute():
         config = msgspec.structs.replace(
@@ -534,6 +570,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: s
     if config.smtp.tls_ca_file:
         _check_ca_file(config.smtp.tls_ca_file, source)
     try:
+        config.routing.credentials()  # the relays' password files, read now
         config.classify.classifier()  # the rules are checked now, not at the first reply
         config.dkim_policy()  # and the keys: a missing or wrong one is a start-up error
     except ConfigError as exc:

@@ -96,6 +96,7 @@ class Dispatcher:
         self._tls = TLSPolicy(smtp.tls)
         self._tls_context = _tls_context(smtp.tls_verify, smtp.tls_ca_file)
         self._verifying: ssl.SSLContext | None = None  # for sites under an MTA-STS policy, made when first needed
+        self._credentials = config.routing.credentials()  # [routing.auth]: the relays' logins
         self._health: HostHealth | None = None
         #: The ready queue of every (source name, site) sent to so far.
         self.queues: dict[tuple[str, str], SiteQueue] = {}
@@ -310,6 +311,7 @@ class Dispatcher:
             )
             queue.gate = self.gate
             queue.on_park = self._on_park
+            queue.credentials = self._credentials
             self.queues[key] = queue
         return queue
 

@@ -19,7 +19,7 @@ import logging
 import math
 import ssl
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from fastmta.delivery.batch import CLASSIFY_PHASE, Batch, Delivery, HostHealth, SiteLimits, Source, one_at_a_time
 from fastmta.delivery.budget import SHORTAGE_PAUSE, ConnectionBudget, warn_shortage
@@ -31,7 +31,7 @@ from fastmta.feedback.appliances import identify_server
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classify import Classifier
 from fastmta.smtp.connection import SessionRefused, SMTPConnection, Timeouts
-from fastmta.smtp.protocol import Phase, TLSPolicy, Transaction, TransactionResult
+from fastmta.smtp.protocol import Credentials, Phase, TLSPolicy, Transaction, TransactionResult
 from fastmta.smtp.reply import Reply
 
 log = logging.getLogger("fastmta.delivery.pool")
@@ -57,7 +57,10 @@ class SiteQueue:
     may be open (``connection_wait``) and when the next transaction may start (``message_wait``);
     every connection result and reply is fed back to it. A wait with an end is honoured by a
     timer; an open-ended one (``inf``) is asked again at the next result or closed connection.
+    ``credentials``: the relays' logins (``[routing.auth]``), set by the dispatcher.
     """
+
+    credentials: Mapping[str, Credentials] = {}
 
     def __init__(
         self,
@@ -104,14 +107,10 @@ class SiteQueue:
         self._connecting = 0  # connection attempts in progress
         self._hold_until = 0.0  # no new connection before this (loop time)
         self.connections = 0  # currently open
-        self.max_seen_connections = 0
-        self.connections_opened = 0
-        self.transactions = 0
+        self.max_seen_connections = self.connections_opened = self.transactions = 0
         self._closing = False
-        #: Operator holds (None: none, the usual case: one attribute test per batch put).
-        self.gate: Gate | None = None
-        #: Batches in an open transaction, by id(): what an operator cannot recall any more.
-        self.sending: dict[int, Batch] = {}
+        self.gate: Gate | None = None  # operator holds (None: none, the usual case: one test per batch put)
+        self.sending: dict[int, Batch] = {}  # batches in an open transaction, by id(): an operator can't recall
         self.last_route: Route | None = None  # the route the last connection was opened for
 
     # --- feeding --------------------------------------------------------------
@@ -368,7 +367,7 @@ class SiteQueue:
                 conn = await SMTPConnection.open(
                     address, host.port, helo_name=self.source.ehlo_name, source_address=src, timeouts=self.timeouts,
                     tls=tls, tls_context=self.tls_context, server_hostname=host.name,
-                )
+                    credentials=self.credentials.get(f"{host.name}:{host.port}") or self.credentials.get(host.name))
             except SessionRefused as exc:
                 last, last_host = exc.reply, (host.name, address)
                 if tls is TLSPolicy.OPPORTUNISTIC and exc.reply.enhanced == "4.7.5":

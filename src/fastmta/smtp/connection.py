@@ -28,6 +28,7 @@ from fastmta.errors import ConnectError, LocalShortage, ProtocolError
 from fastmta.smtp.protocol import (
     ClientProtocol,
     Closed,
+    Credentials,
     Event,
     Extensions,
     Phase,
@@ -80,7 +81,7 @@ class Timeouts:
     mail_after_data: float = 15.0
 
     def for_phase(self, phase: Phase) -> float:
-        if phase is Phase.HELO:
+        if phase is Phase.HELO or phase is Phase.AUTH:
             return self.ehlo
         if phase is Phase.BDAT:
             return self.end_of_data
@@ -156,6 +157,7 @@ class SMTPConnection(asyncio.Protocol):
         tls: TLSPolicy = TLSPolicy.NEVER,
         tls_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        credentials: Credentials | None = None,
     ) -> SMTPConnection:
         """Connect, read the greeting, say EHLO (and STARTTLS); return when ready.
 
@@ -167,7 +169,7 @@ class SMTPConnection(asyncio.Protocol):
         timeouts = timeouts or Timeouts()
         if tls is not TLSPolicy.NEVER and tls_context is None:
             tls_context = ssl.create_default_context()
-        proto = ClientProtocol(helo_name, pipelining=pipelining, use_bdat=use_bdat, tls=tls)
+        proto = ClientProtocol(helo_name, pipelining=pipelining, use_bdat=use_bdat, tls=tls, credentials=credentials)
         conn = cls(proto, timeouts, loop, tls_context, server_hostname or host)
         local_addr = (source_address, 0) if source_address else None
         try:
@@ -273,10 +275,11 @@ class SMTPConnection(asyncio.Protocol):
         (50 of 300 messages expired where plain text delivered all in 1 s).
         """
         transport = self._transport
-        if transport is None:
-            return
+        if transport is None or transport.is_closing():
+            return  # closed before (over TLS, its drop scheduled then): asyncio's TLS transport fails after
+        tls = transport.get_extra_info("ssl_object") is not None
         transport.close()
-        if transport.get_extra_info("ssl_object") is not None:
+        if tls:
             self._loop.call_later(TLS_CLOSE_GRACE, self._abort_if_open, transport)
 
     def _abort_if_open(self, transport: asyncio.Transport) -> None:

@@ -32,6 +32,7 @@ class Phase(str, Enum):
     BDAT = "bdat"
     RSET = "rset"
     QUIT = "quit"
+    AUTH = "auth"
 
 
 class TLSPolicy(str, Enum):

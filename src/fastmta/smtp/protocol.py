@@ -25,6 +25,8 @@ that arrives when nothing was asked, or bytes that are not a reply, raise
 
 from __future__ import annotations
 
+import base64
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastmta._native import select_implementation
@@ -63,6 +65,7 @@ __all__ = [
     "Body",
     "ClientProtocol",
     "Closed",
+    "Credentials",
     "Event",
     "Extensions",
     "Phase",
@@ -79,6 +82,23 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What to log in with at a relay that asks for it (RFC 4954 SMTP AUTH, PLAIN or LOGIN)."""
+
+    username: str
+    password: str = ""
+    #: Send them without TLS (never, unless the operator says so: a relay on a private network).
+    allow_plaintext: bool = False
+
+    def __repr__(self) -> str:  # never the password, in a log or a traceback
+        return f"Credentials(username={self.username!r}, allow_plaintext={self.allow_plaintext})"
+
+
+def _b64(text: str) -> bytes:
+    return base64.b64encode(text.encode("utf-8"))
+
+
 class ClientProtocol(ProtocolCore):
     """The client side of one SMTP session, as a state machine over bytes.
 
@@ -93,12 +113,17 @@ class ClientProtocol(ProtocolCore):
         pipelining: bool = True,
         use_bdat: bool = True,
         tls: TLSPolicy = TLSPolicy.NEVER,
+        credentials: Credentials | None = None,
     ) -> None:
         if any(ch < " " or ch == "\x7f" for ch in helo_name) or not helo_name:
             raise InputError(f"invalid EHLO name {helo_name!r}")
         super().__init__(pipelining, use_bdat)
         self.helo_name = helo_name
         self.tls_policy = tls
+        self.credentials = credentials
+        self.authenticated = False
+        self._auth_steps: list[bytes] = []  # AUTH LOGIN's answers to come, in order
+        self._hello: Reply | None = None  # the EHLO reply the session becomes ready with
         #: The server's greeting (kept: it names the server, e.g. a filtering appliance).
         self.greeting: Reply | None = None
 
@@ -159,6 +184,8 @@ class ClientProtocol(ProtocolCore):
                 self._fail_session(reply, phase)
             else:
                 self._become_ready(reply)
+        elif phase is Phase.AUTH:
+            self._on_auth_reply(reply)
         elif phase is Phase.RSET:
             pass  # nothing depends on it; a failing RSET shows up on the next MAIL
         elif phase is Phase.QUIT:
@@ -174,8 +201,47 @@ class ClientProtocol(ProtocolCore):
             self._send(b"STARTTLS\r\n", Phase.STARTTLS)
         elif want_tls and self.tls_policy is TLSPolicy.REQUIRED:
             self._fail_session(Reply.local(530, "5.7.10", "STARTTLS required but not offered by the server"), Phase.EHLO)
+        elif self.credentials is not None and not self.authenticated:
+            self._authenticate(reply, self.credentials)
         else:
             self._become_ready(reply)
+
+    def _authenticate(self, hello: Reply, credentials: Credentials) -> None:
+        """Log in (RFC 4954) after EHLO (and STARTTLS): PLAIN with its initial response, else LOGIN."""
+        self._hello = hello
+        if not self.tls_active and not credentials.allow_plaintext:
+            self._fail_auth(Reply.local(454, "4.7.0", "no TLS to send the relay's credentials over (STARTTLS not "
+                                                      "offered or not used): not sent in clear"))
+            return
+        mechanisms = self.extensions.keywords.get("AUTH", "").upper().split()
+        if "PLAIN" in mechanisms:
+            token = _b64(f"\0{credentials.username}\0{credentials.password}")
+            self._send(b"AUTH PLAIN " + token + b"\r\n", Phase.AUTH)
+        elif "LOGIN" in mechanisms:
+            self._auth_steps = [_b64(credentials.username), _b64(credentials.password)]
+            self._send(b"AUTH LOGIN\r\n", Phase.AUTH)
+        else:
+            offered = " ".join(mechanisms) or "none"
+            self._fail_auth(Reply.local(454, "4.7.0", f"the relay offers no AUTH mechanism fastmta speaks "
+                                                      f"(PLAIN, LOGIN; offered: {offered})"))
+
+    def _on_auth_reply(self, reply: Reply) -> None:
+        if reply.code == 334 and self._auth_steps:
+            self._send(self._auth_steps.pop(0) + b"\r\n", Phase.AUTH)
+        elif reply.code == 235:
+            self.authenticated = True
+            self._auth_steps.clear()
+            assert self._hello is not None
+            self._become_ready(self._hello)
+        else:
+            self._auth_steps.clear()
+            self._fail_auth(Reply.local(454, "4.7.0", f"the relay refused our login: {reply}"))
+
+    def _fail_auth(self, reply: Reply) -> None:
+        # Always transient, whatever the relay said (535 included): a login refused is the sender's
+        # configuration, not the recipients' address, and must not bounce them (Postfix's
+        # smtp_sasl_auth_soft_bounce, on by default). The mail waits for the fix.
+        self._fail_session(reply, Phase.AUTH)
 
     def _become_ready(self, reply: Reply) -> None:
         self._state = SessionState.READY
