@@ -184,6 +184,9 @@ def test_envelope_phase_ends_at_the_354_read_not_after_the_content_write(run: Ru
         def get_extra_info(self, name: str, default: Any = None) -> Any:
             return default
 
+        def is_closing(self) -> bool:
+            return False
+
         def close(self) -> None:
             pass
 

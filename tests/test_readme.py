@@ -54,4 +54,4 @@ def test_readme_configuration_example_loads(tmp_path: Path) -> None:
     (tmp_path / "relay.pass").write_text("secret\n")  # and a relay's password file
     config = parse_config(block, "README example", base_dir=tmp_path)
     assert config.smtp.max_connections == 2000 and config.smtp.mta_sts.enabled
-    assert config.routing.credentials()["127.0.0.1:2525"].password == "secret"
+    assert config.routing.credentials()[("127.0.0.1", 2525)].password == "secret"

@@ -147,3 +147,50 @@ def test_a_server_refusing_the_whole_transaction_over_its_limit_gets_it_in_small
     assert [o.status for o in outcomes] == [Status.DELIVERED] * 50 and {o.attempts for o in outcomes} == {1}
     assert [len(d) for d in handler.delivered] == [20, 5, 20, 5]  # each recipient once
     assert handler.refused == 1  # the second message was split before it was sent
+
+
+def test_a_recipient_rate_limit_is_not_learned_as_a_transaction_size(run_uvloop: Any) -> None:
+    # Found by an attack on the learning above: Postfix's smtpd_client_recipient_rate_limit says
+    # "450 4.7.1 Error: too many recipients from <ip>" once a client's budget for the period is
+    # spent. That is a rate, not a size: the site kept 3 recipients a transaction for good.
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP, Envelope, Session
+
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine
+
+    class RecipientRate:
+        def __init__(self) -> None:
+            self.budget = 3
+
+        async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                              options: list[str]) -> str:
+            if self.budget <= 0:
+                return "450 4.7.1 Error: too many recipients from 127.0.0.1"
+            self.budget -= 1
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 Ok"
+
+        async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+            return "250 2.0.0 Ok"
+
+    async def main() -> int:
+        handler = RecipientRate()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: SMTP(handler), "127.0.0.1", 0)
+        cfg = config_from_dict({"routing": {"static": {"*": [f"127.0.0.1:{server.sockets[0].getsockname()[1]}"]}},
+                                "smtp": {"tls": "never"}, "queue": {"retry_initial": 300},
+                                "sites": {"*": {"adaptive": {"enabled": False}}}})
+        async with server, Engine(cfg) as engine:
+            mid = await engine.submit(b"Subject: x\r\n\r\nhi\r\n", "s@a.test", [f"a{i}@x.test" for i in range(10)])
+            for _ in range(100):  # bounded: 10 s, until the 3 are delivered and the rest deferred
+                if sum(engine.counts.values()) >= 10:
+                    break
+                await asyncio.sleep(0.1)
+            assert engine.counts["delivered"] == 3
+            del mid
+            [queue] = engine._dispatch.queues.values()
+            return queue.limits.max_recipients_per_transaction
+
+    assert run_uvloop(main()) == 50  # the default: a rate says nothing of a transaction's size

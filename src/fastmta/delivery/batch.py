@@ -4,7 +4,8 @@ transaction went, and which hosts failed to connect (:mod:`fastmta.delivery.pool
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from fastmta.smtp.reply import Reply
 
 if TYPE_CHECKING:
     from fastmta.feedback.classification import Classification
+    from fastmta.smtp.protocol import Credentials
 
 __all__ = ["CLASSIFY_PHASE", "Batch", "Delivery", "HostHealth", "SiteLimits", "Source", "one_at_a_time"]
 
@@ -65,6 +67,14 @@ def one_at_a_time(limits: SiteLimits, site: str, reply: Reply, phase: Phase) -> 
     return replace(limits, pipeline_depth=1)
 
 
+_RATE_WORDS = re.compile(r"\b(?:from|rate|per|hour|minute|day|ip|client|later)\b", re.IGNORECASE)
+
+
+def login_for(table: Mapping[tuple[str, int | None], Credentials], host: str, port: int) -> Credentials | None:
+    """The login ``[routing.auth]`` gives for *host*:*port* (a key without a port: any port)."""
+    return table.get((host, port)) or table.get((host, None)) if table else None
+
+
 def recipient_limit(classified: Sequence[tuple[Reply, str, Classification | None]]) -> tuple[int, bool]:
     """(how many recipients a transaction may carry, as this one's replies show, 0: not shown; whether
     every recipient goes again, not only those refused at RCPT).
@@ -84,11 +94,21 @@ def recipient_limit(classified: Sequence[tuple[Reply, str, Classification | None
     return accepted, accepted > 0
 
 
-def fewer_recipients(limits: SiteLimits, site: str, took: int) -> SiteLimits:
+def fewer_recipients(
+    limits: SiteLimits, site: str, took: int, classified: Sequence[tuple[Reply, str, Classification | None]],
+) -> SiteLimits:
     """*limits* with the site's recipients per transaction cut to *took*, the limit its server showed
     (for the messages queued from now on: each would otherwise meet the limit, and Exim's
-    rejecting one, costing a refused transaction each)."""
-    if not 0 < took < limits.max_recipients_per_transaction:
+    rejecting one, costing a refused transaction each).
+
+    Only a limit per transaction is learned (x.5.3, or "too many recipients" without a code and
+    without a word of rate): Postfix's ``smtpd_client_recipient_rate_limit`` says "450 4.7.1 Error:
+    too many recipients from <ip>", a budget per client and time that refills, not a size.
+    """
+    per_transaction = any(
+        ph == "rcpt" and c is not None and c.is_recipient_limit
+        and (r.enhanced[2:] == "5.3" if r.enhanced else not _RATE_WORDS.search(r.text)) for r, ph, c in classified)
+    if not per_transaction or not 0 < took < limits.max_recipients_per_transaction:
         return limits
     log.warning("%s takes %d recipients a transaction: no more from now on", site, took)
     return replace(limits, max_recipients_per_transaction=took)

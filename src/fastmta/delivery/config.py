@@ -244,19 +244,33 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     #: ``host`` or ``host:port`` of a relay (as in ``static``) -> how to log in there.
     auth: dict[str, RelayAuthConfig] = {}
 
-    def credentials(self) -> dict[str, Credentials]:
-        """Each relay's credentials, keyed ``host`` or ``host:port`` (lower case); reads the password files."""
+    def credentials(self) -> dict[tuple[str, int | None], Credentials]:
+        """Each relay's credentials by (host, port; None: any port), the keys read as static route hosts
+        are (``[v6]:port``, a U-label, a trailing dot); reads the password files. A key that names no
+        static route host is an error: its relay would be mailed without the login it needs."""
         from fastmta.smtp.protocol import Credentials
 
-        out: dict[str, Credentials] = {}
-        for host, entry in self.auth.items():
+        routed = [hp for hosts in self.static_routes().values() for hp in hosts]
+        out: dict[tuple[str, int | None], Credentials] = {}
+        for key, entry in self.auth.items():
+            where = f"routing.auth.{key}"
             try:
-                password = Path(entry.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+                hp = parse_hostport(key, 0)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            port = hp.port or None
+            if not any(r.host == hp.host and port in (None, r.port) for r in routed):
+                raise ConfigError(f"{where}: names no host of [routing.static] (its login would never be used)")
+            try:  # utf-8-sig: a BOM an editor wrote is not part of the password
+                password = Path(entry.password_file).read_text(encoding="utf-8-sig").rstrip("\r\n")
             except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"routing.auth.{host}.password_file: {exc}") from None
+                raise ConfigError(f"{where}.password_file: {exc}") from None
             if not password:
-                raise ConfigError(f"routing.auth.{host}.password_file: {entry.password_file} is empty")
-            out[host.lower()] = Credentials(entry.username, password, entry.allow_plaintext)
+                raise ConfigError(f"{where}.password_file: {entry.password_file} is empty")
+            if "\0" in password or "\0" in entry.username or not entry.username:
+                raise ConfigError(f"{where}: an empty username, or a NUL in it or the password (AUTH PLAIN "
+                                  "separates its fields with NUL)")
+            out[(hp.host, port)] = Credentials(entry.username, password, entry.allow_plaintext)
         return out
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import itertools
 import logging
 import random
@@ -25,7 +26,7 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source
+from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source, login_for
 from fastmta.delivery.budget import ConnectionBudget, default_connection_limit
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.limits import limits_for
@@ -311,7 +312,7 @@ class Dispatcher:
             )
             queue.gate = self.gate
             queue.on_park = self._on_park
-            queue.credentials = self._credentials
+            queue.login = functools.partial(login_for, self._credentials)
             self.queues[key] = queue
         return queue
 

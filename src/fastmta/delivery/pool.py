@@ -19,7 +19,7 @@ import logging
 import math
 import ssl
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 
 from fastmta.delivery.batch import CLASSIFY_PHASE, Batch, Delivery, HostHealth, SiteLimits, Source, one_at_a_time
 from fastmta.delivery.budget import SHORTAGE_PAUSE, ConnectionBudget, warn_shortage
@@ -57,10 +57,8 @@ class SiteQueue:
     may be open (``connection_wait``) and when the next transaction may start (``message_wait``);
     every connection result and reply is fed back to it. A wait with an end is honoured by a
     timer; an open-ended one (``inf``) is asked again at the next result or closed connection.
-    ``credentials``: the relays' logins (``[routing.auth]``), set by the dispatcher.
+    ``login(host, port)``: a relay's credentials (``[routing.auth]``), set by the dispatcher.
     """
-
-    credentials: Mapping[str, Credentials] = {}
 
     def __init__(
         self,
@@ -90,6 +88,7 @@ class SiteQueue:
         self.on_expired = on_expired
         self.tls = tls
         self.tls_context = tls_context
+        self.login: Callable[[str, int], Credentials | None] = lambda host, port: None
         self.ready: deque[Batch] = deque()
         #: Batches set aside while the site holds mail back (see :meth:`put`), with how many recipients
         #: each took off the read-ahead (``on_park``).
@@ -358,19 +357,21 @@ class SiteQueue:
         last: Reply | None = None
         last_host: tuple[str, str] | None = None
         src = self.source.address
-        opportunistic = self.tls is TLSPolicy.OPPORTUNISTIC
-        tries = deque((h, a, TLSPolicy.NEVER if opportunistic and self.health.tls_broken(src, a, h.port) else self.tls)
-                      for h, a in candidates)
+        # Never in clear by the "TLS broken" memory where a relay's login goes: one handshake an attacker
+        # breaks would get it (allow_plaintext is for a relay that offers no STARTTLS at all).
+        fallback = self.tls is TLSPolicy.OPPORTUNISTIC
+        tries = deque((h, a, TLSPolicy.NEVER if fallback and not self.login(h.name, h.port)
+                       and self.health.tls_broken(src, a, h.port) else self.tls) for h, a in candidates)
         while tries:
             host, address, tls = tries.popleft()
+            login = self.login(host.name, host.port)
             try:
                 conn = await SMTPConnection.open(
                     address, host.port, helo_name=self.source.ehlo_name, source_address=src, timeouts=self.timeouts,
-                    tls=tls, tls_context=self.tls_context, server_hostname=host.name,
-                    credentials=self.credentials.get(f"{host.name}:{host.port}") or self.credentials.get(host.name))
+                    tls=tls, tls_context=self.tls_context, server_hostname=host.name, credentials=login)
             except SessionRefused as exc:
                 last, last_host = exc.reply, (host.name, address)
-                if tls is TLSPolicy.OPPORTUNISTIC and exc.reply.enhanced == "4.7.5":
+                if tls is TLSPolicy.OPPORTUNISTIC and exc.reply.enhanced == "4.7.5" and login is None:
                     # A failed STARTTLS handshake: opportunistic TLS goes on in clear, at once and for a while
                     # (RFC 7435, Postfix's "may"); before, every try was deferred until the mail expired.
                     log.warning("%s %s: %s; sending in clear", host.name, address, exc.reply)

@@ -122,7 +122,9 @@ class ClientProtocol(ProtocolCore):
         self.tls_policy = tls
         self.credentials = credentials
         self.authenticated = False
-        self._auth_steps: list[bytes] = []  # AUTH LOGIN's answers to come, in order
+        self._auth_steps: list[bytes] = []  # answers to the relay's 334 challenges to come, in order
+        self._auth_refusal: Reply | None = None  # a challenge we could not answer (the login was cancelled)
+        self._mechanisms: list[str] = []  # SASL mechanisms offered and not tried yet
         self._hello: Reply | None = None  # the EHLO reply the session becomes ready with
         #: The server's greeting (kept: it names the server, e.g. a filtering appliance).
         self.greeting: Reply | None = None
@@ -182,8 +184,8 @@ class ClientProtocol(ProtocolCore):
                 self._events.append(StartTLS())
             elif self.tls_policy is TLSPolicy.REQUIRED:
                 self._fail_session(reply, phase)
-            else:
-                self._become_ready(reply)
+            else:  # refused: on in clear, as if it was not offered (a relay's login is not sent in clear)
+                self._proceed(self._hello or reply)
         elif phase is Phase.AUTH:
             self._on_auth_reply(reply)
         elif phase is Phase.RSET:
@@ -196,46 +198,70 @@ class ClientProtocol(ProtocolCore):
         return self.helo_name.encode("idna") if not self.helo_name.isascii() else self.helo_name.encode("ascii")
 
     def _after_hello(self, reply: Reply) -> None:
+        self._hello = reply
         want_tls = self.tls_policy is not TLSPolicy.NEVER and not self.tls_active
         if want_tls and self.extensions.starttls:
             self._send(b"STARTTLS\r\n", Phase.STARTTLS)
         elif want_tls and self.tls_policy is TLSPolicy.REQUIRED:
             self._fail_session(Reply.local(530, "5.7.10", "STARTTLS required but not offered by the server"), Phase.EHLO)
-        elif self.credentials is not None and not self.authenticated:
-            self._authenticate(reply, self.credentials)
         else:
-            self._become_ready(reply)
+            self._proceed(reply)
 
-    def _authenticate(self, hello: Reply, credentials: Credentials) -> None:
+    def _proceed(self, hello: Reply) -> None:
+        """After EHLO (and STARTTLS, or its refusal): log in if a relay's credentials are given, else ready."""
+        if self.credentials is not None and not self.authenticated:
+            self._authenticate(self.credentials)
+        else:
+            self._become_ready(hello)
+
+    def _authenticate(self, credentials: Credentials) -> None:
         """Log in (RFC 4954) after EHLO (and STARTTLS): PLAIN with its initial response, else LOGIN."""
-        self._hello = hello
         if not self.tls_active and not credentials.allow_plaintext:
             self._fail_auth(Reply.local(454, "4.7.0", "no TLS to send the relay's credentials over (STARTTLS not "
                                                       "offered or not used): not sent in clear"))
             return
-        mechanisms = self.extensions.keywords.get("AUTH", "").upper().split()
-        if "PLAIN" in mechanisms:
-            token = _b64(f"\0{credentials.username}\0{credentials.password}")
-            self._send(b"AUTH PLAIN " + token + b"\r\n", Phase.AUTH)
-        elif "LOGIN" in mechanisms:
-            self._auth_steps = [_b64(credentials.username), _b64(credentials.password)]
-            self._send(b"AUTH LOGIN\r\n", Phase.AUTH)
-        else:
+        keywords = self.extensions.keywords
+        # "AUTH=LOGIN PLAIN": the form some servers still advertise, from before RFC 2554 (Postfix reads it).
+        offered = " ".join([keywords.get("AUTH", "")] + [k[5:] + " " + v for k, v in keywords.items()
+                                                          if k.startswith("AUTH=")])
+        mechanisms = offered.upper().split()
+        self._mechanisms = [m for m in ("PLAIN", "LOGIN") if m in mechanisms]
+        if not self._start_auth(credentials):
             offered = " ".join(mechanisms) or "none"
             self._fail_auth(Reply.local(454, "4.7.0", f"the relay offers no AUTH mechanism fastmta speaks "
                                                       f"(PLAIN, LOGIN; offered: {offered})"))
 
+    def _start_auth(self, credentials: Credentials) -> bool:
+        """AUTH with the next mechanism left to try; False when none is."""
+        if not self._mechanisms:
+            return False
+        if self._mechanisms.pop(0) == "PLAIN":
+            token = _b64(f"\0{credentials.username}\0{credentials.password}")
+            self._auth_steps = [token]  # again after a "334 " from a server that ignores an initial response
+            self._send(b"AUTH PLAIN " + token + b"\r\n", Phase.AUTH)
+        else:
+            self._auth_steps = [_b64(credentials.username), _b64(credentials.password)]
+            self._send(b"AUTH LOGIN\r\n", Phase.AUTH)
+        return True
+
     def _on_auth_reply(self, reply: Reply) -> None:
         if reply.code == 334 and self._auth_steps:
             self._send(self._auth_steps.pop(0) + b"\r\n", Phase.AUTH)
-        elif reply.code == 235:
+        elif reply.code == 334 and self._auth_refusal is None:
+            # A challenge with nothing left to answer: cancel (RFC 4954 4: "*"); its 501 ends the login.
+            self._auth_refusal = reply
+            self._send(b"*\r\n", Phase.AUTH)
+        elif reply.code == 504 and self._auth_refusal is None and self.credentials is not None and \
+                self._start_auth(self.credentials):
+            pass  # that mechanism is not taken after all: the next one
+        elif reply.code == 235 and self._auth_refusal is None:
             self.authenticated = True
             self._auth_steps.clear()
             assert self._hello is not None
             self._become_ready(self._hello)
         else:
             self._auth_steps.clear()
-            self._fail_auth(Reply.local(454, "4.7.0", f"the relay refused our login: {reply}"))
+            self._fail_auth(Reply.local(454, "4.7.0", f"the relay refused our login: {self._auth_refusal or reply}"))
 
     def _fail_auth(self, reply: Reply) -> None:
         # Always transient, whatever the relay said (535 included): a login refused is the sender's
