@@ -246,7 +246,8 @@ def test_a_cached_policy_outlives_a_missing_record_and_a_failed_fetch(run_uvloop
             served.update(status=200, body="version: STSv1\nmode: testing\nmx: mx.c.test\nmax_age: 600\n")
             await step()  # fetched under the new id
             now[0] += 301
-            await step()  # past half its life: fetched again under the same id, and renewed
+            await step()  # past half its life: the cached one answers, fetched again in the background
+            await asyncio.sleep(0.5)  # (the refresh: one loopback fetch)
             ns.add_zone("c.test", zone(None))
             now[0] += 599
             await step()  # the renewed policy still stands, the record gone
@@ -259,7 +260,7 @@ def test_a_cached_policy_outlives_a_missing_record_and_a_failed_fetch(run_uvloop
 
     with DNSServer({"c.test": zone("v=STSv1; id=1")}, default_ttl=0) as ns:
         seen = run_uvloop(main(ns))
-    assert seen == [("enforce", 1), ("enforce", 1), ("enforce", 1), ("enforce", 2), ("testing", 3), ("testing", 4),
+    assert seen == [("enforce", 1), ("enforce", 1), ("enforce", 1), ("enforce", 2), ("testing", 3), ("testing", 3),
                     ("testing", 4), (None, 4)]
 
 
@@ -314,6 +315,52 @@ def test_policies_are_kept_beside_the_queue_across_a_restart(
         assert json.loads(kept.read_text())[0]["mx"] == ["mx.k.test"]
         up[0] = False
         assert run_uvloop(main(ns, False)) == ("enforce", 0)  # a new process: the record stripped, no fetch
-        kept.write_text("{not json")
-        assert run_uvloop(main(ns, False)) == (None, 0)  # damaged: nothing trusted from it
+        good = json.loads(kept.read_text())[0]
+        for damaged in ("{not json", json.dumps([{**good, "domain": "other.test"}, {**good, "mx": "mx.k.test"}]),
+                        json.dumps([good, {**good, "domain": "x.test", "mode": "strict"}])):
+            kept.write_text(damaged)  # not JSON; a string where a list is; a mode that does not exist
+            assert run_uvloop(main(ns, False)) == (None, 0)  # damaged: nothing in it trusted, good entries neither
     assert f"MTA-STS policies in {kept} not read" in caplog.text  # and said so
+
+
+def test_an_mx_without_starttls_under_enforce_defers_and_stays_up_for_the_others(
+    run_uvloop: Run, tmp_path: Path,
+) -> None:
+    # Found by reading the change again: only a 4.7.x refusal kept the host up, and an MX that does not
+    # offer STARTTLS fails a required session with 5.7.10: the enforce domain's tries marked the host
+    # down for every domain on it, which then went to a backup MX if it had one.
+    pair = make_self_signed("mta-sts.strict.test")
+    bundle = tmp_path / "trusted.pem"
+    bundle.write_bytes(pair.cert_pem)
+
+    async def policy(request: web.Request) -> web.Response:
+        return web.Response(text="version: STSv1\nmode: enforce\nmx: mx.strict.test\nmax_age: 86400\n",
+                            content_type="text/plain")
+
+    async def main(ns: DNSServer) -> tuple[Any, Any, bool]:
+        collect = Collect()
+        loop = asyncio.get_running_loop()
+        smtp = await loop.create_server(lambda: SMTP(collect), "127.0.0.1", 0)  # no STARTTLS offered
+        smtp_port = smtp.sockets[0].getsockname()[1]
+        async with https_server(policy, server_context(pair.cert_pem, pair.key_pem)) as https_port:
+            cfg = config_from_dict({
+                "dns": {"nameservers": [ns.nameserver], "timeout": 3}, "routing": {"smtp_port": smtp_port},
+                "smtp": {"tls_ca_file": str(bundle), "mta_sts": {"https_port": https_port}},
+                "queue": {"max_lifetime": 3, "retry_initial": 1}, "sites": {"*": {"adaptive": {"enabled": False}}},
+            })
+            async with Engine(cfg) as engine:
+                strict = await engine.submit(BODY, "s@sender.test", ["r@strict.test"])
+                [refused] = await asyncio.wait_for(engine.result(strict), 20)
+                health = engine._dispatch._health
+                down = health is not None and health.is_down(None, "127.0.0.1", smtp_port)
+                plain = await engine.submit(BODY, "s@sender.test", ["r@plain.test"])
+                [delivered] = await asyncio.wait_for(engine.result(plain), 20)
+        smtp.close()
+        return refused, delivered, down
+
+    zones = {"strict.test": '@ MX 10 mx\nmx A 127.0.0.1\nmta-sts A 127.0.0.1\n_mta-sts TXT "v=STSv1; id=1"',
+             "plain.test": "@ MX 10 mx.strict.test."}
+    with DNSServer(zones) as ns:
+        refused, delivered, down = run_uvloop(main(ns))
+    assert refused.status is Status.EXPIRED and delivered.status is Status.DELIVERED
+    assert not down  # the enforce domain's refusals did not mark the shared host down

@@ -50,13 +50,19 @@ class Relay:
 
 
 def deliver(run: Run, tmp_path: Path, *, tls: bool, auth: dict[str, Any], key: str = "127.0.0.1",
-            password: str = PASSWORD, server_class: type[SMTP] = SMTP, **smtp_kw: Any) -> tuple[Relay, Any]:
+            password: str = PASSWORD, server_class: type[SMTP] = SMTP, trust: bool = True,
+            **smtp_kw: Any) -> tuple[Relay, Any]:
+    """One message through the relay. Its certificate (for 127.0.0.1, as the route names it) is
+    trusted through [smtp] tls_ca_file unless *trust* is False."""
     relay = Relay()
     (tmp_path / "relay.pass").write_text(password + "\n", encoding="utf-8")
     kw: dict[str, Any] = {"authenticator": relay.authenticate, "auth_require_tls": tls, **smtp_kw}
+    smtp: dict[str, Any] = {"tls": "opportunistic"}
     if tls:
         cert, keyfile = make_cert(tmp_path)
         kw["tls_context"] = server_context(cert, keyfile)
+        if trust:
+            smtp["tls_ca_file"] = str(cert)
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()
@@ -65,7 +71,7 @@ def deliver(run: Run, tmp_path: Path, *, tls: bool, auth: dict[str, Any], key: s
         cfg = config_from_dict({
             "routing": {"static": {"*": [f"127.0.0.1:{port}"]},
                         "auth": {key.replace("PORT", str(port)): {"password_file": "relay.pass", **auth}}},
-            "smtp": {"tls": "opportunistic"}, "queue": {"max_lifetime": 3, "retry_initial": 1},
+            "smtp": smtp, "queue": {"max_lifetime": 3, "retry_initial": 1},
         }, base_dir=tmp_path)
         async with server, Engine(cfg) as engine:
             mid = await engine.submit(BODY, "app@sender.test", ["r@x.test"])
@@ -231,3 +237,33 @@ def test_sasl_dialogues_off_the_common_path(run: Run) -> None:
     assert seen[5] == b"*" and "454 4.7.0" in refused and "334 T1RQOg==" in refused
     assert run(login(relay(b"334 \r\n", [b"235 2.7.0 ok\r\n"]))) == "logged in"
     assert seen[1:3] == [plain, base64.b64encode(b"\0app\0pw")]
+
+
+def test_the_login_waits_for_a_certificate_it_can_verify(run: Run, tmp_path: Path) -> None:
+    # Found by reading the change again: opportunistic TLS does not verify, so anyone on the path could
+    # answer STARTTLS with any certificate and read the password. A relay's sessions now verify its
+    # certificate (tls_verify = false for one nothing can verify, on a network of one's own).
+    relay, outcome = deliver(run, tmp_path, tls=True, auth={"username": "app"}, trust=False)
+    assert outcome.status is Status.EXPIRED and relay.logins == [] and outcome.reply.enhanced == "4.7.5"
+    unverified, delivered = deliver(run, tmp_path, tls=True, auth={"username": "app", "tls_verify": False},
+                                    trust=False)
+    assert delivered.status is Status.DELIVERED and unverified.logins == [("PLAIN", "app", PASSWORD)]
+
+
+def test_relay_and_sink_keep_only_the_logins_of_their_target(tmp_path: Path) -> None:
+    # Found by reading the change again: `fastmta send --relay/--sink` replaced the static routes and
+    # kept every [routing.auth] entry, which then named no route: a traceback at start.
+    import argparse
+
+    from fastmta.cli.send import _effective_config
+
+    (tmp_path / "p").write_text("pw\n")
+    (tmp_path / "c.toml").write_text(  # each login names a host of the file's own routes
+        '[routing.static]\n"*" = ["smarthost.test:587"]\n"b.test" = ["relay.test:25"]\n'
+        '[routing.auth."smarthost.test:587"]\nusername = "u"\npassword_file = "p"\n'
+        '[routing.auth."relay.test"]\nusername = "v"\npassword_file = "p"\n')
+    args = argparse.Namespace(config=str(tmp_path / "c.toml"), relay=("relay.test", 2525), max_lifetime=None)
+    config = _effective_config(args, None)
+    assert config.routing.static == {"*": ["relay.test:2525"]}
+    assert list(config.routing.credentials()) == [("relay.test", None)]  # the one for --relay's host kept
+    assert not _effective_config(args, ("127.0.0.1", 9)).routing.auth  # the sink: none of them

@@ -70,6 +70,7 @@ from fastmta.cli.sinkproc import embedded_sink
 from fastmta.cli.terminal import safe_text
 from fastmta.delivery.accounting import AccountingLog
 from fastmta.delivery.config import Config, load_config
+from fastmta.delivery.config import parse_hostport as route_hostport
 from fastmta.delivery.engine import Engine, EngineClosed
 from fastmta.delivery.routing import Router
 from fastmta.errors import ConfigError, InputError
@@ -164,6 +165,11 @@ def _effective_config(args: argparse.Namespace, sink: tuple[str, int] | None) ->
         host, port = sink if sink is not None else args.relay
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         data["routing"]["static"] = {"*": [target]}
+        # The relays' logins that name this target stay ([routing.auth] for --relay's host); the others
+        # would name no route any more.
+        to = route_hostport(target, 25)
+        data["routing"]["auth"] = {k: v for k, v in data["routing"].get("auth", {}).items()
+                                   if (hp := route_hostport(k, 0)).host == to.host and hp.port in (0, to.port)}
     if args.max_lifetime is not None:
         data["queue"]["max_lifetime"] = args.max_lifetime
     if sink is not None:

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
     from fastmta.feedback.classification import Classification
     from fastmta.smtp.protocol import Credentials
 
-__all__ = ["CLASSIFY_PHASE", "Batch", "Delivery", "HostHealth", "SiteLimits", "Source", "one_at_a_time"]
+__all__ = [
+    "CLASSIFY_PHASE", "Batch", "Delivery", "HostHealth", "SiteLimits", "Source", "fewer_recipients", "login_for",
+    "one_at_a_time", "recipient_limit",
+]
 
 #: protocol phase -> the classifier's name for it
 CLASSIFY_PHASE: dict[Phase, str] = {
@@ -80,12 +83,19 @@ def recipient_limit(classified: Sequence[tuple[Reply, str, Classification | None
     every recipient goes again, not only those refused at RCPT).
 
     "Too many recipients" (452, or 552 as RFC 5321 4.5.3.1.10 says to read it) at RCPT while others
-    were accepted: those went, the refused go again in transactions of the size it took. Exim with
-    ``recipients_max_reject`` then refuses the whole transaction ("554 Too many recipients" at
-    DATA): the recipients it accepted at RCPT tell its limit, and all of them go again (before,
-    the same transaction was retried until every recipient expired).
+    were accepted: those went, the refused go again now in transactions of the size it took. Exim
+    with ``recipients_max_reject`` then refuses the whole transaction ("554 Too many recipients" at
+    DATA): the recipients it accepted at RCPT tell its limit, and all of them go again (before, the
+    same transaction was retried until every recipient expired).
+
+    Only a limit per transaction counts (x.5.3, or the words without a code and without a word of
+    rate): Postfix's ``smtpd_client_recipient_rate_limit`` says "450 4.7.1 Error: too many
+    recipients from <ip>", a budget per client and period that refills, not a size; resent at
+    once, those would only be refused again: they wait for their retry.
     """
-    if not any(ph == "rcpt" and c is not None and c.is_recipient_limit for _, ph, c in classified):
+    if not any(ph == "rcpt" and c is not None and c.is_recipient_limit
+               and (r.enhanced[2:] == "5.3" if r.enhanced else not _RATE_WORDS.search(r.text))
+               for r, ph, c in classified):
         return 0, False
     took = sum(reply.code // 100 == 2 for reply, _, _ in classified)
     if took:
@@ -94,21 +104,11 @@ def recipient_limit(classified: Sequence[tuple[Reply, str, Classification | None
     return accepted, accepted > 0
 
 
-def fewer_recipients(
-    limits: SiteLimits, site: str, took: int, classified: Sequence[tuple[Reply, str, Classification | None]],
-) -> SiteLimits:
+def fewer_recipients(limits: SiteLimits, site: str, took: int) -> SiteLimits:
     """*limits* with the site's recipients per transaction cut to *took*, the limit its server showed
-    (for the messages queued from now on: each would otherwise meet the limit, and Exim's
-    rejecting one, costing a refused transaction each).
-
-    Only a limit per transaction is learned (x.5.3, or "too many recipients" without a code and
-    without a word of rate): Postfix's ``smtpd_client_recipient_rate_limit`` says "450 4.7.1 Error:
-    too many recipients from <ip>", a budget per client and time that refills, not a size.
-    """
-    per_transaction = any(
-        ph == "rcpt" and c is not None and c.is_recipient_limit
-        and (r.enhanced[2:] == "5.3" if r.enhanced else not _RATE_WORDS.search(r.text)) for r, ph, c in classified)
-    if not per_transaction or not 0 < took < limits.max_recipients_per_transaction:
+    (:func:`recipient_limit`), for the messages queued from now on: each would otherwise meet it,
+    and Exim's rejecting one, costing a refused transaction each."""
+    if not 0 < took < limits.max_recipients_per_transaction:
         return limits
     log.warning("%s takes %d recipients a transaction: no more from now on", site, took)
     return replace(limits, max_recipients_per_transaction=took)

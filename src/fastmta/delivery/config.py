@@ -52,6 +52,8 @@ from fastmta.feedback.classify import Classifier, default_classifier
 from fastmta.message.dkim_policy import DkimEntry, DkimPolicy
 
 if typing.TYPE_CHECKING:
+    import ssl
+
     from fastmta.smtp.protocol import Credentials
 
 __all__ = [
@@ -229,6 +231,10 @@ class RelayAuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, 
     password_file: str
     #: Send the credentials without TLS. Off: a relay that offers no STARTTLS gets none (the mail waits).
     allow_plaintext: bool = False
+    #: Verify the relay's certificate (the system's CAs and ``[smtp] tls_ca_file``) before the login goes:
+    #: unverified, an attacker on the path answers STARTTLS and reads the password. Off only for a relay
+    #: with a certificate nothing can verify, on a network of your own.
+    tls_verify: bool = True
 
 
 class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -244,10 +250,11 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     #: ``host`` or ``host:port`` of a relay (as in ``static``) -> how to log in there.
     auth: dict[str, RelayAuthConfig] = {}
 
-    def credentials(self) -> dict[tuple[str, int | None], Credentials]:
+    def credentials(self, verifying: ssl.SSLContext | None = None) -> dict[tuple[str, int | None], Credentials]:
         """Each relay's credentials by (host, port; None: any port), the keys read as static route hosts
         are (``[v6]:port``, a U-label, a trailing dot); reads the password files. A key that names no
-        static route host is an error: its relay would be mailed without the login it needs."""
+        static route host is an error: its relay would be mailed without the login it needs.
+        *verifying*: the TLS context of the sessions of a relay whose certificate is verified."""
         from fastmta.smtp.protocol import Credentials
 
         routed = [hp for hosts in self.static_routes().values() for hp in hosts]
@@ -270,7 +277,8 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             if "\0" in password or "\0" in entry.username or not entry.username:
                 raise ConfigError(f"{where}: an empty username, or a NUL in it or the password (AUTH PLAIN "
                                   "separates its fields with NUL)")
-            out[(hp.host, port)] = Credentials(entry.username, password, entry.allow_plaintext)
+            context = verifying if entry.tls_verify else None
+            out[(hp.host, port)] = Credentials(entry.username, password, entry.allow_plaintext, context)
         return out
 
     def __post_init__(self) -> None:
@@ -599,7 +607,7 @@ def _check_ca_file(path: str, source: str) -> None:
     if not Path(path).is_file():
         raise ConfigError(f"{source}: smtp.tls_ca_file: no such file: {path}")
     try:
-        ssl.create_default_context().load_verify_locations(cafile=path)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)  # not the system's: not needed
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"{source}: smtp.tls_ca_file: {path} holds no usable certificate ({exc})") from None
 

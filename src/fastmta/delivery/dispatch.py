@@ -96,8 +96,11 @@ class Dispatcher:
         self._timeouts = Timeouts(**{f: getattr(smtp.timeouts, f) for f in Timeouts.__dataclass_fields__})
         self._tls = TLSPolicy(smtp.tls)
         self._tls_context = _tls_context(smtp.tls_verify, smtp.tls_ca_file)
-        self._verifying: ssl.SSLContext | None = None  # for sites under an MTA-STS policy, made when first needed
-        self._credentials = config.routing.credentials()  # [routing.auth]: the relays' logins
+        # The one context that verifies (tls_verify's own, or made when first needed: MTA-STS sites, logins).
+        self._verifying: ssl.SSLContext | None = self._tls_context if smtp.tls_verify else None
+        # [routing.auth]: the relays' logins, their sessions verifying the relay's certificate unless told not to.
+        verified = any(a.tls_verify for a in config.routing.auth.values())
+        self._credentials = config.routing.credentials(self._verified() if verified else None)
         self._health: HostHealth | None = None
         #: The ready queue of every (source name, site) sent to so far.
         self.queues: dict[tuple[str, str], SiteQueue] = {}
@@ -301,9 +304,7 @@ class Dispatcher:
             now = asyncio.get_running_loop().time()
             tls, context = self._tls, self._tls_context
             if is_verified_site(site):  # an MTA-STS "enforce" domain: verified TLS or nothing
-                if self._verifying is None:
-                    self._verifying = _tls_context(True, self.config.smtp.tls_ca_file)
-                tls, context = TLSPolicy.REQUIRED, self._verifying
+                tls, context = TLSPolicy.REQUIRED, self._verified()
             queue = SiteQueue(
                 source, site, self._limits_for(site), throttle=self.throttles.get(source.name, site, now),
                 classifier=self.classifier, timeouts=self._timeouts, health=self._health,
@@ -315,6 +316,11 @@ class Dispatcher:
             queue.login = functools.partial(login_for, self._credentials)
             self.queues[key] = queue
         return queue
+
+    def _verified(self) -> ssl.SSLContext:
+        if self._verifying is None:
+            self._verifying = _tls_context(True, self.config.smtp.tls_ca_file)
+        return self._verifying
 
     def _limits_for(self, site: str) -> SiteLimits:
         limits = self._limits_cache.get(site)

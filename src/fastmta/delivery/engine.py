@@ -461,7 +461,7 @@ class Engine:
         took, whole = recipient_limit(classified)  # the server's recipients per transaction, if it said
         queue = self._dispatch.queues.get((batch.source, delivery.site))
         if took and queue is not None:
-            queue.limits = fewer_recipients(queue.limits, delivery.site, took, classified)
+            queue.limits = fewer_recipients(queue.limits, delivery.site, took)
         again = not self._closing and asyncio.get_running_loop().time() < msg.deadline  # may go again now
         # Only an adaptive throttle slows down on its own; a static one would resend a "slow down" at once.
         paces = again and queue is not None and queue.throttle.adaptive.enabled

@@ -11,8 +11,9 @@ What a domain publishes, and how it is read here:
    ``text/plain``, names resolved by the engine's own resolver (so ``[dns]
    nameservers`` is obeyed there too).
 
-:class:`PolicyCache` keeps a fetched policy until its ``max_age`` and fetches
-again only when the TXT ``id`` changes or the policy expires. Neither a
+:class:`PolicyCache` keeps a fetched policy until its ``max_age``; it fetches
+again when the TXT ``id`` changes, and, in the background while the cached
+one still serves, once the policy is past half its life (RFC 8461 5.1). Neither a
 missing record nor a failed fetch drops a policy still cached (RFC 8461 5.1:
 an attacker on the path may remove both); with none cached, the domain is
 mailed as if it had no policy, as the RFC says. With a durable queue the
@@ -28,7 +29,6 @@ site marker :data:`VERIFIED_SITE`, explained where they are used.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -36,9 +36,11 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from fastmta.delivery.dns import DnsResolver, DnsTemporaryError, Status
 
@@ -158,7 +160,10 @@ class PolicyCache:
 
     A call comes once per domain per route lifetime (the router memoizes
     routes for their DNS TTL), so the TXT lookup is one DNS query per domain
-    per TTL, itself cached by the resolver.
+    per TTL, itself cached by the resolver. A policy past half its life is
+    fetched again in the background (one fetch per domain at a time), the
+    cached one answering meanwhile: a policy server that is down never holds
+    up a route that has a valid policy.
     """
 
     def __init__(
@@ -173,41 +178,52 @@ class PolicyCache:
         self.fetches = 0  # policy bodies fetched (observability, tests)
         self._path: Path | None = None
         self._fetching = asyncio.Semaphore(MAX_FETCHES)
+        self._refreshing: dict[str, asyncio.Task[Policy | None]] = {}  # background refreshes, by domain
 
     def keep_in(self, path: Path) -> None:
         """Load the policies kept in *path* (those not expired) and keep every new one there.
 
-        A damaged file is reported and replaced at the next fetch: it holds
-        nothing that cannot be fetched again.
+        All or nothing: a file that does not decode, entry by entry and type
+        by type, is reported and none of it trusted (a policy read wrong would
+        defer its domain's mail until it expired); the next fetches replace it.
         """
         self._path = path
         try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
-            now = self._clock()
-            for e in entries:
-                policy = Policy(e["domain"], e["id"], e["mode"], tuple(e["mx"]), int(e["max_age"]))
-                if float(e["expires"]) > now:
-                    self._policies[policy.domain] = (policy, float(e["expires"]))
+            saved = msgspec.json.decode(path.read_bytes(), type=list[_SavedPolicy])
+            for e in saved:
+                if e.mode not in MODES:
+                    raise ValueError(f"{e.domain}: mode {e.mode!r}")
         except FileNotFoundError:
             return
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, msgspec.DecodeError) as exc:  # msgspec's ValidationError is a DecodeError
             log.warning("MTA-STS policies in %s not read (fetched again as needed): %s", path, exc)
+            return
+        now = self._clock()
+        self._policies.update({e.domain: (Policy(e.domain, e.id, e.mode, tuple(e.mx), e.max_age), e.expires)
+                               for e in saved if e.expires > now})
 
     def _save(self) -> None:
         if self._path is None:
             return
         now = self._clock()
-        entries = [{**asdict(p), "expires": expires} for p, expires in self._policies.values() if expires > now]
+        entries = [_SavedPolicy(p.domain, p.id, p.mode, list(p.mx), p.max_age, expires)
+                   for p, expires in self._policies.values() if expires > now]
         tmp = self._path.with_name(self._path.name + ".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private, as the queue's files
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(entries))
+            with os.fdopen(fd, "wb") as f:
+                f.write(msgspec.json.encode(entries))
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not outlive its content (a power cut: an empty file)
             os.replace(tmp, self._path)
         except OSError as exc:  # the policies stay in memory; only a restart would forget them
             log.warning("MTA-STS policies not saved to %s: %s", self._path, exc)
 
     async def aclose(self) -> None:
+        for task in self._refreshing.values():
+            task.cancel()
+        if self._refreshing:
+            await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -236,17 +252,27 @@ class PolicyCache:
                      "the cached policy stands" if cached else "mailed as without a policy")
             return _active(cached)
         policy_id = parse_record(answer.texts) if answer.status is Status.FOUND else None
-        if policy_id is None or (cached is not None and cached.id == policy_id and not self._stale(cached)):
+        if policy_id is None:
             return _active(cached)  # RFC 8461 5.1: a record gone does not end a cached policy
+        if cached is not None and cached.id == policy_id:
+            if self._stale(cached) and domain not in self._refreshing:
+                task = asyncio.ensure_future(self._renew(domain, policy_id, cached))
+                self._refreshing[domain] = task
+                task.add_done_callback(lambda _t: self._refreshing.pop(domain, None))
+            return _active(cached)
+        return _active(await self._renew(domain, policy_id, cached))
+
+    async def _renew(self, domain: str, policy_id: str, cached: Policy | None) -> Policy | None:
+        """Fetch *domain*'s policy under *policy_id* and keep it; on failure, *cached* stands."""
         try:
             policy = parse_policy(domain, await self._fetch(domain), policy_id)
         except PolicyError as exc:
             log.warning("MTA-STS policy of %s not used: %s (%s)", domain, exc,
                         "the cached one stands" if cached else "mailed as without a policy")
-            return _active(cached)
+            return cached
         self._policies[domain] = (policy, self._clock() + policy.max_age)
         self._save()
-        return _active(policy)
+        return policy
 
     async def _fetch(self, domain: str) -> str:
         import aiohttp
@@ -292,6 +318,17 @@ def verifying_context(ca_file: str = "") -> ssl.SSLContext:
     if ca_file:
         context.load_verify_locations(cafile=ca_file)
     return context
+
+
+class _SavedPolicy(msgspec.Struct, frozen=True):
+    """One policy as kept in :data:`POLICY_FILE`."""
+
+    domain: str
+    id: str
+    mode: str
+    mx: list[str]
+    max_age: int
+    expires: float
 
 
 def _active(policy: Policy | None) -> Policy | None:

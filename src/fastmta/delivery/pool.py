@@ -358,7 +358,7 @@ class SiteQueue:
         last_host: tuple[str, str] | None = None
         src = self.source.address
         # Never in clear by the "TLS broken" memory where a relay's login goes: one handshake an attacker
-        # breaks would get it (allow_plaintext is for a relay that offers no STARTTLS at all).
+        # breaks would get it (allow_plaintext is for a relay that offers or takes no STARTTLS).
         fallback = self.tls is TLSPolicy.OPPORTUNISTIC
         tries = deque((h, a, TLSPolicy.NEVER if fallback and not self.login(h.name, h.port)
                        and self.health.tls_broken(src, a, h.port) else self.tls) for h, a in candidates)
@@ -378,7 +378,7 @@ class SiteQueue:
                     self.health.mark_tls_broken(src, address, host.port)
                     tries.appendleft((host, address, TLSPolicy.NEVER))
                     continue
-                unmet_tls = tls is TLSPolicy.REQUIRED and (exc.reply.enhanced or "").startswith("4.7.")
+                unmet_tls = tls is TLSPolicy.REQUIRED and (exc.reply.enhanced or "")[1:3] == ".7"  # 4.7.5, 5.7.10
                 if exc.reply.code != 421 and not unmet_tls:
                     # A 421 at the greeting: "too many connections from you", the pace is wrong; a host without
                     # the TLS a site requires (MTA-STS) is not down for others: no move to the backup MX for that.

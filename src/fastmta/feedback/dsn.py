@@ -61,7 +61,7 @@ _GENERIC_FAILURE = re.compile(
 )
 _GENERIC_DELAY = re.compile(r"has been delayed|will (?:continue to )?(?:be )?retr|THIS IS A WARNING|not yet been delivered", re.IGNORECASE)
 _HEADERISH = re.compile(r"^\s*(?:From|To|Cc|Reply-To|Sender|Return-Path|Errors-To|Message-I[dD]|Subject|Date)\s*:", re.IGNORECASE)
-_OCTAL_UTF8 = re.compile(r"\\[23][0-7]{2}(?:\\2[0-7]{2})+")
+_OCTAL_UTF8 = re.compile(r"\\3[0-7]{2}(?:\\2[0-7]{2})+")
 _GENERATED = re.compile(r"\((?:ultimately )?(?:generated|expanded) from:? <?(" + ADDRESS.pattern + r")>?\)")
 _DAEMONS = ("mailer-daemon@", "postmaster@", "mail-daemon@", "mailerdaemon@")
 #: A recipient's own reason saying its message was given up: OpenSMTPD (6.x) reports the expiry of an

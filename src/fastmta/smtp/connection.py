@@ -167,6 +167,8 @@ class SMTPConnection(asyncio.Protocol):
         """
         loop = asyncio.get_running_loop()
         timeouts = timeouts or Timeouts()
+        if credentials is not None and credentials.tls_context is not None:
+            tls_context = credentials.tls_context  # a relay's login: its certificate verified
         if tls is not TLSPolicy.NEVER and tls_context is None:
             tls_context = ssl.create_default_context()
         proto = ClientProtocol(helo_name, pipelining=pipelining, use_bdat=use_bdat, tls=tls, credentials=credentials)

@@ -26,7 +26,8 @@ that arrives when nothing was asked, or bytes that are not a reply, raise
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastmta._native import select_implementation
@@ -90,6 +91,10 @@ class Credentials:
     password: str = ""
     #: Send them without TLS (never, unless the operator says so: a relay on a private network).
     allow_plaintext: bool = False
+    #: The TLS context of a session that carries them, when it must differ from the site's (the
+    #: connection's business, not the protocol's): one that verifies the relay's certificate, so the
+    #: password goes to the relay and not to whoever answered STARTTLS.
+    tls_context: ssl.SSLContext | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:  # never the password, in a log or a traceback
         return f"Credentials(username={self.username!r}, allow_plaintext={self.allow_plaintext})"
