@@ -228,23 +228,13 @@ class PolicyCache:
             await self._session.close()
             self._session = None
 
-    def cached(self, domain: str) -> Policy | None:
-        entry = self._policies.get(domain)
-        if entry is None:
-            return None
-        if entry[1] <= self._clock():
-            del self._policies[domain]
-            return None
-        return entry[0]
-
-    def _stale(self, policy: Policy) -> bool:
-        """Past half its life: fetched again even under the same id (RFC 8461 5.1: refresh before it
-        expires, so a policy in force never lapses into the window before its next fetch)."""
-        return self._policies[policy.domain][1] - self._clock() < policy.max_age / 2
-
     async def policy(self, domain: str) -> Policy | None:
         """The policy *domain* has now (None: none, or mode none)."""
-        cached = self.cached(domain)
+        cached, expires = self._policies.get(domain, (None, 0.0))
+        now = self._clock()
+        if cached is not None and expires <= now:
+            del self._policies[domain]
+            cached = None
         try:
             answer = await self._resolver.txt("_mta-sts." + domain)
         except DnsTemporaryError as exc:
@@ -255,7 +245,9 @@ class PolicyCache:
         if policy_id is None:
             return _active(cached)  # RFC 8461 5.1: a record gone does not end a cached policy
         if cached is not None and cached.id == policy_id:
-            if self._stale(cached) and domain not in self._refreshing:
+            # Past half its life: fetched again under the same id (RFC 8461 5.1: refresh before it
+            # expires, so a policy in force never lapses into the window before its next fetch).
+            if expires - now < cached.max_age / 2 and domain not in self._refreshing:
                 task = asyncio.ensure_future(self._renew(domain, policy_id, cached))
                 self._refreshing[domain] = task
                 task.add_done_callback(lambda _t: self._refreshing.pop(domain, None))

@@ -357,14 +357,14 @@ class SiteQueue:
         last: Reply | None = None
         last_host: tuple[str, str] | None = None
         src = self.source.address
-        # Never in clear by the "TLS broken" memory where a relay's login goes: one handshake an attacker
-        # breaks would get it (allow_plaintext is for a relay that offers or takes no STARTTLS).
-        fallback = self.tls is TLSPolicy.OPPORTUNISTIC
-        tries = deque((h, a, TLSPolicy.NEVER if fallback and not self.login(h.name, h.port)
-                       and self.health.tls_broken(src, a, h.port) else self.tls) for h, a in candidates)
+        tries: deque[tuple[RouteHost, str, TLSPolicy, Credentials | None]] = deque()
+        # A relay's login never goes in clear by the "TLS broken" memory (one broken handshake would give it).
+        for h, a in candidates:
+            login = self.login(h.name, h.port)
+            broken = self.tls is TLSPolicy.OPPORTUNISTIC and login is None and self.health.tls_broken(src, a, h.port)
+            tries.append((h, a, TLSPolicy.NEVER if broken else self.tls, login))
         while tries:
-            host, address, tls = tries.popleft()
-            login = self.login(host.name, host.port)
+            host, address, tls, login = tries.popleft()
             try:
                 conn = await SMTPConnection.open(
                     address, host.port, helo_name=self.source.ehlo_name, source_address=src, timeouts=self.timeouts,
@@ -376,7 +376,7 @@ class SiteQueue:
                     # (RFC 7435, Postfix's "may"); before, every try was deferred until the mail expired.
                     log.warning("%s %s: %s; sending in clear", host.name, address, exc.reply)
                     self.health.mark_tls_broken(src, address, host.port)
-                    tries.appendleft((host, address, TLSPolicy.NEVER))
+                    tries.appendleft((host, address, TLSPolicy.NEVER, None))
                     continue
                 unmet_tls = tls is TLSPolicy.REQUIRED and (exc.reply.enhanced or "")[1:3] == ".7"  # 4.7.5, 5.7.10
                 if exc.reply.code != 421 and not unmet_tls:

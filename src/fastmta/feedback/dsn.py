@@ -224,17 +224,19 @@ def _merge_fields_and_prose(recs: list[DSNRecipient], prose: list[Found], xfr: l
     return out
 
 
-def _resolve(found: list[Found], xfr: list[str], full_text: str) -> list[str | None]:
-    """Addresses for the recipients prose named otherwise (a local part, a pipe): X-Failed-Recipients, or the original's headers."""
+def _resolve(
+    found: list[Found], generated: list[str | None], xfr: list[str], full_text: str,
+) -> list[str | None]:
+    """Addresses for the recipients prose named otherwise (a local part, a pipe): the address each was
+    "generated from" (*generated*), X-Failed-Recipients, or the original's headers."""
     used = {f.address for f in found if f.address}
     spare = [a for a in xfr if a not in used]
     out: list[str | None] = []
-    for f in found:
-        generated = _GENERATED.search(" ".join(f.diag)) if f.address is None else None
+    for f, origin in zip(found, generated):
         if f.address:
             out.append(f.address)
-        elif generated is not None:
-            out.append(generated.group(1).lower())
+        elif origin is not None:
+            out.append(origin)
         elif spare:
             out.append(spare.pop(0))
         else:
@@ -323,7 +325,7 @@ def _parse_message(msg: Message, depth: int = 0) -> list[DSNRecipient]:
             # Exim names the address that failed, then "(generated from X)": X is the one we sent to,
             # forwarded there, kept as the original recipient (what a return path is verified against).
             originals = [g.group(1).lower() if (g := _GENERATED.search(" ".join(f.diag))) else None for f in found]
-            return to_records(family, delayed, found, _resolve(found, xfr, full), originals)
+            return to_records(family, delayed, found, _resolve(found, originals, xfr, full), originals)
         return []  # a family's success notice
     delayed = bool(_GENERIC_DELAY.search(text))
     if xfr:
