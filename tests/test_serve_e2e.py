@@ -184,6 +184,41 @@ def test_http_api_with_curl(tmp_path: Path) -> None:
     assert b"Subject: Hi Three" in campaign_msg and b"Hello Three." in campaign_msg
 
 
+def test_a_suppression_the_operator_adds_stops_the_running_service_s_mail(tmp_path: Path) -> None:
+    """`fastmta suppress --config` beside a running `fastmta serve` (no restart, no signal): the next
+    message to that address is recorded suppressed and never reaches the receiver."""
+    from fastmta.feedback.suppression import FOLLOW_INTERVAL
+
+    capture, data = tmp_path / "capture", tmp_path / "data"
+
+    def send(svc: Served, rcpt: str, i: int) -> None:
+        status, body = post_json(f"{svc.http}/v1/messages", {"sender": "app@sender.example", "recipients": [rcpt],
+                                                             "content": MSG.format(rcpt=rcpt, i=i)})
+        assert status == 202, body
+
+    with capture_sink(capture) as sink:
+        cfg = _write(tmp_path, serve_config(data, sink, tokens=[("backend", TOKEN_SHA)]))
+        with served(cfg, data) as svc:
+            send(svc, "phone@dest.example", 1)
+            assert svc.wait_accounting(lambda rs: len(delivered(rs)) == 1, timeout=20), serve_log(svc)
+            added = subprocess.run([sys.executable, "-m", "fastmta", "suppress", "--config", str(cfg), "add",
+                                    "Phone@dest.example", "--reason", "asked by phone"],
+                                   capture_output=True, text=True, timeout=60)
+            assert added.returncode == 0, added.stderr
+            time.sleep(FOLLOW_INTERVAL + 0.5)
+            send(svc, "phone@dest.example", 2)
+            send(svc, "other@dest.example", 3)
+            records = svc.wait_accounting(
+                lambda rs: len(rs) >= 3 and any(r["recipient"] == "other@dest.example" for r in delivered(rs)),
+                timeout=20)
+    statuses = [(r["recipient"], r["status"]) for r in records]
+    assert statuses.count(("phone@dest.example", "delivered")) == 1, statuses
+    assert ("phone@dest.example", "suppressed") in statuses, statuses
+    hit = next(r for r in records if r["status"] == "suppressed")
+    assert "asked by phone" in hit["text"], hit
+    assert sorted(receivers(capture)) == ["other@dest.example", "phone@dest.example"]
+
+
 def test_metrics_and_health_after_deliveries(tmp_path: Path) -> None:
     capture = tmp_path / "capture"
     data = tmp_path / "data"

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from fastmta.errors import Scope as ReplyScope
 from fastmta.feedback.classification import BounceType, Category, Classification, Outcome
@@ -114,3 +115,42 @@ def test_a_trailing_dot_on_the_domain_is_the_same_address(tmp_path: Path) -> Non
     assert store.check("old@example.net") is not None
     assert [s.address for s in store.entries("old@example.net")] == ["old@example.net"]
     store.close()
+
+
+def test_a_store_sees_what_another_process_added(tmp_path: Path, monkeypatch: Any) -> None:
+    """`fastmta serve` holds the store open while `fastmta suppress add` writes through another connection:
+    the running store's in-memory filter (a certain "no" until then) must learn the new address."""
+
+    path = tmp_path / "s.db"
+    running = SqliteSuppressionStore(path)
+    assert running.check("late@example.com") is None  # the filter said "no"
+    operator = SqliteSuppressionStore(path)  # another connection, as another process has
+    operator.add(Suppression("Late@Example.com", Scope.GLOBAL, "", "asked by phone", "operator", 1.0))
+    operator.close()
+    running.follow_changes()  # what the hot path does at most every FOLLOW_INTERVAL
+    hit = running.check("late@example.com")
+    assert hit is not None and hit.reason == "asked by phone"
+    # The hot path looks by itself once the interval has passed.
+    other = SqliteSuppressionStore(path)
+    other.add(Suppression("later@example.com", Scope.LIST, "weekly", "unsubscribed", "operator", 2.0))
+    other.close()
+    monkeypatch.setattr(running, "_next_follow", 0.0)
+    assert running.maybe("later@example.com")
+    assert running.check("later@example.com", list_tag="weekly") is not None
+    running.close()
+
+
+def test_a_store_that_fell_behind_the_kept_changes_reads_the_whole_list(tmp_path: Path, monkeypatch: Any) -> None:
+    import fastmta.feedback.suppression as suppression
+
+    monkeypatch.setattr(suppression, "CHANGES_KEPT", 2)
+    path = tmp_path / "s.db"
+    running = SqliteSuppressionStore(path)
+    for i in range(5):
+        writer = SqliteSuppressionStore(path)  # each opening trims the changes to the last 2
+        writer.add(Suppression(f"u{i}@example.com", Scope.GLOBAL, "", "hard bounce", "import", 1.0))
+        writer.close()
+    assert SqliteSuppressionStore(path)._db.execute("SELECT MIN(seq) FROM suppression_change").fetchone()[0] > 1
+    running.follow_changes()
+    assert all(running.check(f"u{i}@example.com") is not None for i in range(5))
+    running.close()

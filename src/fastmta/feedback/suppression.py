@@ -167,11 +167,39 @@ CREATE TABLE IF NOT EXISTS soft_bounce (
     at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS soft_bounce_address ON soft_bounce (address, at);
+-- Every address a suppression row is written for, in commit order: how a store open in one process
+-- (fastmta serve's) learns the suppressions another (fastmta suppress, an import) added since.
+-- AUTOINCREMENT: a number is never given twice, so "after n" misses nothing.
+CREATE TABLE IF NOT EXISTS suppression_change (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    address TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS suppression_added AFTER INSERT ON suppression
+BEGIN INSERT INTO suppression_change (address) VALUES (new.address); END;
+CREATE TRIGGER IF NOT EXISTS suppression_renamed AFTER UPDATE OF address ON suppression
+BEGIN INSERT INTO suppression_change (address) VALUES (new.address); END;
 """
+
+#: How often a store looks for suppressions other processes added (seconds): an operator's
+#: ``fastmta suppress add`` stops a running service's mail within this.
+FOLLOW_INTERVAL = 1.0
+#: Changes kept for stores that were not looking (each opening trims the older ones); a store that
+#: fell further behind reads the whole list again.
+CHANGES_KEPT = 100_000
 
 
 class SqliteSuppressionStore:
-    """Suppressions and recipient history in one SQLite file (WAL; every change committed at once)."""
+    """Suppressions and recipient history in one SQLite file (WAL; every change committed at once).
+
+    The in-memory filter follows what other processes add: at most every :data:`FOLLOW_INTERVAL`
+    seconds the hot path asks SQLite whether another connection committed (``PRAGMA
+    data_version``, no disk read) and, if one did, notes the addresses of ``suppression_change``
+    past the last one it read. Without this a running ``fastmta serve`` never saw an operator's
+    ``fastmta suppress add`` (the filter answered a certain "no") until it was restarted.
+    """
+
+    #: Whether the filter follows ``suppression_change`` (the Redis store has its own feed).
+    follows_changes = True
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = path
@@ -193,6 +221,11 @@ class SqliteSuppressionStore:
         self._db.execute("DELETE FROM suppression WHERE address LIKE '%.'")
         path.chmod(0o600)
         self._clock = clock
+        # Read before the filter is built: what is committed in between is noted twice, never missed.
+        (self._seen_change,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM suppression_change").fetchone()
+        self._db.execute("DELETE FROM suppression_change WHERE seq <= ?", (self._seen_change - CHANGES_KEPT,))
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        self._next_follow = time.monotonic() + FOLLOW_INTERVAL
         self._filter = self._load_filter()
 
     def _load_filter(self) -> AddressFilter:
@@ -203,10 +236,34 @@ class SqliteSuppressionStore:
             self._filter = self._load_filter()  # grown past its size: rebuilt twice as large
         self._filter.add(address)
 
+    def follow_changes(self) -> None:
+        """Note the suppressions other connections committed since the last look."""
+        self._next_follow = time.monotonic() + FOLLOW_INTERVAL
+        (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        if version == self._data_version:
+            return  # nobody else committed anything (this connection's own adds are noted as made)
+        self._data_version = version
+        rows = self._db.execute("SELECT seq, address FROM suppression_change WHERE seq > ? ORDER BY seq",
+                                (self._seen_change,))
+        first = rows.fetchone()
+        if first is None:
+            return
+        if first[0] != self._seen_change + 1:  # trimmed past what this store had read: read the whole list
+            (self._seen_change,) = self._db.execute("SELECT MAX(seq) FROM suppression_change").fetchone()
+            self._filter = self._load_filter()
+            return
+        last, address = first
+        self._note(address)
+        for last, address in rows:  # noqa: B007 - the last number read is kept after the loop
+            self._note(address)
+        self._seen_change = last
+
     # --- the hot path -----------------------------------------------------------
 
     def maybe(self, address: str) -> bool:
         """Could *address* be suppressed in some scope? False is certain; True asks :meth:`check`."""
+        if self.follows_changes and time.monotonic() >= self._next_follow:
+            self.follow_changes()
         return self._filter.count > 0 and address in self._filter
 
     def note_suppressed(self, address: str) -> None:
@@ -214,7 +271,7 @@ class SqliteSuppressionStore:
         self._note(address)
 
     def check(self, address: str, sender_domain: str = "", list_tag: str = "") -> Suppression | None:
-        if address not in self._filter:
+        if not self.maybe(address):
             return None  # the common case: one hash and two bit tests in memory
         now = self._clock()
         rows = self._db.execute(

@@ -209,6 +209,8 @@ class RedisSuppressionStore(SqliteSuppressionStore):
     :meth:`sync` and :meth:`push` do the same work in the caller's thread.
     """
 
+    follows_changes = False  # other processes' suppressions come through Redis (sync), not the local file
+
     def __init__(
         self, path: Path, url: str, *, prefix: str = "fastmta:", timeout: float = 0.5, retry: float = 1.0,
         clock: Callable[[], float] = time.time, client: Any = None,
