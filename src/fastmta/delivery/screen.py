@@ -59,6 +59,7 @@ class Screen:
         self, message_id: str, sender: str, recipients: Sequence[str], raw: bytes, meta: dict[str, Any] | None,
     ) -> Sequence[str]:
         """The recipients that may be queued; each other one is recorded as suppressed."""
+        self.store.follow_if_due()  # what another process (fastmta suppress) added meanwhile
         maybe = self.store.maybe
         for r in recipients:  # a plain loop: no generator frame on the path every recipient takes
             if maybe(r):

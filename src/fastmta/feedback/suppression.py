@@ -260,10 +260,16 @@ class SqliteSuppressionStore:
 
     # --- the hot path -----------------------------------------------------------
 
-    def maybe(self, address: str) -> bool:
-        """Could *address* be suppressed in some scope? False is certain; True asks :meth:`check`."""
+    def follow_if_due(self) -> None:
+        """:meth:`follow_changes` if the last look is :data:`FOLLOW_INTERVAL` old (once per message, not
+        per recipient: :meth:`maybe` stays two bit tests)."""
         if self.follows_changes and time.monotonic() >= self._next_follow:
             self.follow_changes()
+
+    def maybe(self, address: str) -> bool:
+        """Could *address* be suppressed in some scope? False is certain; True asks :meth:`check`.
+
+        As current as the last :meth:`follow_if_due` (which :meth:`check` calls)."""
         return self._filter.count > 0 and address in self._filter
 
     def note_suppressed(self, address: str) -> None:
@@ -271,7 +277,8 @@ class SqliteSuppressionStore:
         self._note(address)
 
     def check(self, address: str, sender_domain: str = "", list_tag: str = "") -> Suppression | None:
-        if not self.maybe(address):
+        self.follow_if_due()
+        if address not in self._filter:
             return None  # the common case: one hash and two bit tests in memory
         now = self._clock()
         rows = self._db.execute(

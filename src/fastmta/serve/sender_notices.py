@@ -192,7 +192,7 @@ class SenderNotices:
         domain = sender.rpartition("@")[2]
         if self.policy.receives(domain):
             return "the sender is one of our own bounce/feedback addresses"
-        if self.store is not None and self.store.maybe(sender) and self.store.check(sender) is not None:
+        if self.store is not None and self.store.check(sender) is not None:
             return "the sender is suppressed"
         now = time.monotonic()
         times = [t for t in self._sent_at.get(sender, []) if now - t < self.per_seconds]
