@@ -82,9 +82,14 @@ def test_targets_parse() -> None:
     assert parse_target("127.0.0.1:2525") == ("any", "127.0.0.1:2525")  # a static route's site, not a prefix
     assert parse_target(" gmail.com ") == ("any", "gmail.com")
     assert parse_target("campaign:spring sale") == ("campaign", "spring sale")
+    assert parse_target("localhost:2525") == ("any", "localhost:2525")  # host:port
     for bad in ("", "  ", "site:", "a b", "x\ny"):
         with pytest.raises(ValueError):
             parse_target(bad)
+    # A kind fastmta does not know is refused: taken as a bare word it was a rule that held nothing.
+    for unknown in ("source:ip1", "Pool:marketing", "vmta:x"):
+        with pytest.raises(ValueError, match="kind"):
+            parse_target(unknown)
 
 
 def test_deleted_is_a_final_status_the_journal_and_the_csv_know() -> None:
@@ -259,6 +264,23 @@ def test_suspended_campaign_is_held_and_others_flow(run: Run) -> None:
     run(main())
 
 
+def test_a_kept_rule_of_an_unknown_kind_can_still_be_resumed(run: Run, tmp_path: Path) -> None:
+    """Before unknown kinds were refused, `suspend source:ip1` was kept as a bare word: it must not be stuck."""
+    async def main() -> None:
+        (tmp_path / "q").mkdir(mode=0o700)
+        (tmp_path / "q" / SUSPEND_FILE).write_text('[{"kind": "any", "value": "source:ip1", "since": 1.0}]')
+        spool = Spool(tmp_path / "q")
+        async with Engine(config({}), spool=spool) as engine:
+            assert [r["rule"] for r in engine.control.rules()] == ["source:ip1"]
+            with pytest.raises(ValueError, match="unknown kind"):
+                engine.control.suspend("source:ip2")
+            assert engine.control.resume("source:ip1")["resumed"] is True
+            assert engine.control.rules() == []
+        await spool.close()
+
+    run(main())
+
+
 def test_suspension_persists_across_restarts_and_delete_is_final(run: Run, tmp_path: Path) -> None:
     async def main() -> None:
         sink, site = await start_sink()
@@ -331,6 +353,29 @@ def test_retry_moves_scheduled_mail_to_now(run: Run) -> None:
                 outcomes = [o for i in ids for o in await engine.result(i)]
                 assert [o.attempts for o in outcomes] == [2, 2, 2]
                 assert engine.control.retry(f"site:{site}")["retried"] == 0
+        finally:
+            await sink.close()
+
+    run(main())
+
+
+def test_retry_a_campaign_moves_only_its_scheduled_mail(run: Run) -> None:
+    async def main() -> None:
+        sink, site = await start_sink(FaultConfig(greylist=True))
+        try:
+            async with Engine(config({"g.test": site})) as engine:
+                spring = await submit_all(engine, ["a@g.test", "b@g.test"], meta={"job": "spring"})
+                other = await submit_all(engine, ["c@g.test"], meta={"job": "autumn"})
+                await until(lambda: engine.counts["deferred"] == 3)
+                out = engine.control.retry("campaign:spring")
+                assert (out["target"], out["retried"], out["messages"], out["cleared"]) == ("campaign:spring", 2, 2, [])
+                await until(lambda: engine.counts["delivered"] == 2)
+                assert [o.status.value for i in spring for o in await engine.result(i)] == ["delivered"] * 2
+                assert row(engine.control.summary(), site)["scheduled"] == 1  # autumn's still waits
+                assert engine.control.retry("campaign:spring")["retried"] == 0
+                assert engine.control.retry("campaign:autumn")["retried"] == 1
+                assert await engine.drain(10)
+                assert [o.status.value for o in await engine.result(other[0])] == ["delivered"]
         finally:
             await sink.close()
 

@@ -87,6 +87,12 @@ def test_the_command_line_adds_lists_exports_and_imports(tmp_path: Path) -> None
     assert fastmta("suppress", "--db", db, "add", "not an address").returncode == 2
     listed = [json.loads(x) for x in fastmta("suppress", "--db", db, "list", "--json").stdout.splitlines()]
     assert [(e["address"], e["reason"], e["source"]) for e in listed] == [("x@y.example", "asked by phone", "operator")]
+    # The plain listing is tab-separated (cut -f, a spreadsheet), a reason's escape codes made visible.
+    assert fastmta("suppress", "--db", db, "add", "t@y.example", "--reason", "red \x1b[31m\tend").returncode == 0
+    rows = [line.split("\t") for line in fastmta("suppress", "--db", db, "list").stdout.splitlines()]
+    assert [r[:2] for r in rows] == [["t@y.example", "global"], ["x@y.example", "global"]] and len(rows[0]) == 7
+    assert "\x1b" not in rows[0][3] and rows[0][3].startswith("red ") and rows[1][3] == "asked by phone"
+    assert fastmta("suppress", "--db", db, "remove", "t@y.example").returncode == 0
     exported = fastmta("suppress", "--db", db, "export").stdout
     rows = list(csv.DictReader(io.StringIO(exported)))
     assert rows[0]["address"] == "x@y.example" and rows[0]["scope"] == "global"

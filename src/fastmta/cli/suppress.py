@@ -126,7 +126,7 @@ def _act(store: SqliteSuppressionStore, args: argparse.Namespace) -> int:
                                   "reason": s.reason, "source": s.source, "created": s.created,
                                   "expires": s.expires}))
             else:
-                print(safe_text("\t".join(s.as_row())))
+                print("\t".join(safe_text(cell) for cell in s.as_row()))  # each cell escaped, the tabs kept
         return 0
     if args.action == "import":
         try:

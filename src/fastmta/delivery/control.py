@@ -102,6 +102,11 @@ def parse_target(target: str) -> tuple[str, str]:
         kind = kind.lower()
         if not value:
             raise ValueError(f"target {target!r} names no {kind}")
+    elif sep and kind.isalpha() and not value.isdigit():
+        # "source:ip1": a kind this queue does not know. As a bare word it was a rule holding nothing,
+        # answered "suspended". (A bare word with a colon is a host:port site, "localhost:2525".)
+        raise ValueError(f"target {target!r}: unknown kind {kind!r} (site:NAME, domain:NAME, campaign:ID, "
+                         "message:ID, or a bare site or domain name)")
     else:
         kind, value = "any", text  # e.g. a static route's site "127.0.0.1:2525"
     if any(ord(c) < 32 or c == "\x7f" or (c.isspace() and kind != "campaign") for c in value):
@@ -247,7 +252,12 @@ class QueueControl:
 
     def resume(self, target: str) -> dict[str, Any]:
         """End a suspension (a bare word ends ``site:``/``domain:`` rules of that name too); its work goes on."""
-        kind, value = parse_target(target)
+        try:
+            kind, value = parse_target(target)
+        except ValueError:
+            if not (isinstance(target, str) and target.strip() in self._rules):
+                raise
+            kind, value = "any", target.strip()  # a rule kept from before unknown kinds were refused
         keys = [k for k in ((value, f"site:{value}", f"domain:{value}") if kind == "any" else (f"{kind}:{value}",))
                 if k in self._rules]
         if not keys:
@@ -315,7 +325,7 @@ class QueueControl:
     def retry(self, target: str) -> dict[str, Any]:
         """Move matching scheduled work to now; for a site or domain, also end its host-down marks,
         reconnect pause and throttle suspension (the adaptive rate stays)."""
-        kind, value = self._resolve(target, ("site", "domain", "message", "any"))
+        kind, value = self._resolve(target, ("site", "domain", "campaign", "message", "any"))
         match = self._matcher(kind, value)
         moved = self._take_scheduled(match)
         groups: dict[int, tuple[Message, list[Recipient]]] = {}
@@ -325,7 +335,7 @@ class QueueControl:
             for msg, rcpts in groups.values():
                 self._dispatch.route(msg, rcpts)
         cleared = []
-        if kind != "message":
+        if kind not in ("message", "campaign"):  # a campaign's sites are shared: their marks stay
             route = self._dispatch.cached_route(value) if kind != "site" else None
             sites = {route.site} if isinstance(route, Route) else set()
             for (src, site), q in self._dispatch.queues.items():
