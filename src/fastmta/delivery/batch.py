@@ -52,6 +52,20 @@ class SiteLimits:
     pipeline_depth: int = 2  # transactions in flight per connection
 
 
+def retuned(configured: SiteLimits, learned: SiteLimits, new: SiteLimits) -> SiteLimits:
+    """*new* configured limits for a site running on *learned* ones (a SIGHUP while it is busy): what
+    the site taught (one transaction in flight, fewer recipients) stays where it is lower than *new*."""
+    return SiteLimits(
+        new.max_connections, new.max_messages_per_connection,
+        min(new.max_recipients_per_transaction, learned.max_recipients_per_transaction)
+        if learned.max_recipients_per_transaction < configured.max_recipients_per_transaction
+        else new.max_recipients_per_transaction,
+        new.idle_timeout,
+        min(new.pipeline_depth, learned.pipeline_depth)
+        if learned.pipeline_depth < configured.pipeline_depth else new.pipeline_depth,
+    )
+
+
 def one_at_a_time(limits: SiteLimits, site: str, reply: Reply, phase: Phase) -> SiteLimits:
     """*limits*, with one transaction in flight per connection if MAIL got *reply* as out of sequence.
 

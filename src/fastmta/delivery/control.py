@@ -48,6 +48,7 @@ from fastmta.delivery.ledger import Ledger
 from fastmta.delivery.pool import SiteQueue
 from fastmta.delivery.pool_view import describe_site_queue
 from fastmta.delivery.routing import Route
+from fastmta.delivery.targets import parse_target
 from fastmta.errors import Scope
 from fastmta.feedback.classification import BounceType, Category, Classification
 from fastmta.feedback.classification import Outcome as ReplyOutcome
@@ -57,7 +58,7 @@ from fastmta.queue.spool import Spool
 from fastmta.queue.spool_errors import SpoolError
 from fastmta.smtp.reply import Reply
 
-__all__ = ["HISTORY_KEPT", "SUSPEND_FILE", "QueueControl", "Rule"]
+__all__ = ["HISTORY_KEPT", "SUSPEND_FILE", "QueueControl", "Rule", "parse_target"]
 
 log = logging.getLogger("fastmta.delivery.control")
 
@@ -66,7 +67,6 @@ SUSPEND_FILE = "suspended.json"
 #: Failed attempts remembered per recipient.
 HISTORY_KEPT = 5
 _INTERNED_MAX = 4096
-_KINDS = ("site", "domain", "campaign", "message")
 
 Due = DueQueue[tuple[Message, list[Recipient]]]
 Match = Select
@@ -89,31 +89,6 @@ class Rule(msgspec.Struct, frozen=True):
     @property
     def key(self) -> str:
         return _key(self.kind, self.value)
-
-
-def parse_target(target: str) -> tuple[str, str]:
-    """(kind, value) of a target; kind "any" for a bare word. ValueError when empty, or with control
-    characters or spaces (a campaign id may have spaces)."""
-    if not isinstance(target, str) or not target.strip():
-        raise ValueError("empty target (expected site:NAME, domain:NAME, campaign:ID or a message id)")
-    text = target.strip()
-    kind, sep, value = text.partition(":")
-    if sep and kind.lower() in _KINDS:
-        kind = kind.lower()
-        if not value:
-            raise ValueError(f"target {target!r} names no {kind}")
-    elif sep and kind.isalpha() and not value.isdigit():
-        # "source:ip1": a kind this queue does not know. As a bare word it was a rule holding nothing,
-        # answered "suspended". (A bare word with a colon is a host:port site, "localhost:2525".)
-        raise ValueError(f"target {target!r}: unknown kind {kind!r} (site:NAME, domain:NAME, campaign:ID, "
-                         "message:ID, or a bare site or domain name)")
-    else:
-        kind, value = "any", text  # e.g. a static route's site "127.0.0.1:2525"
-    if any(ord(c) < 32 or c == "\x7f" or (c.isspace() and kind != "campaign") for c in value):
-        raise ValueError(f"target {target!r} has spaces or control characters")
-    if kind in ("site", "domain", "any"):
-        value = value.lower().rstrip(".") or value
-    return kind, value
 
 
 def _site_has(site: str, value: str) -> bool:

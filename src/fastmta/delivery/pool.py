@@ -79,7 +79,7 @@ class SiteQueue:
         self.budget = budget  # connections open at once over every site (None: no such cap)
         self.source = source
         self.site = site
-        self.limits = limits
+        self.limits = self.configured = limits  # .limits: then as the site taught them (one_at_a_time...)
         self.throttle = throttle
         self.classifier = classifier
         self.timeouts = timeouts
