@@ -834,3 +834,44 @@ def test_yahoo_deferrals_without_their_tss_token_suspend_the_site() -> None:
     long = cl.classify_text("421 4.7.1 Messages from 203.0.113.5 permanently deferred", phase="mail")
     assert short.category is long.category is Category.REPUTATION_BLOCK
     assert short.suspend_for is not None and long.suspend_for is not None and long.suspend_for > short.suspend_for
+
+
+# Found on replies providers and appliances publish (collected by a held-out attack; kept out of the
+# repository, these lines are written here in their forms). (category, bounce, scope, outcome, phase, reply)
+@pytest.mark.parametrize(("category", "bounce", "scope", "outcome", "phase", "raw"), [
+    # Real unknown users: a hard bounce.
+    ("invalid_recipient", "hard", "recipient", "permanent", "rcpt", "550 5.7.1 No such user!"),  # Yandex
+    ("invalid_recipient", "hard", "recipient", "permanent", "eod",
+     "550 Message was not accepted -- invalid mailbox. Local mailbox ann@mail.example is unavailable: "
+     "user not found"),  # mail.ru answers at the end of DATA
+    ("invalid_recipient", "hard", "recipient", "permanent", "rcpt", "550 Mailbox not found or access denied."),  # QQ
+    ("invalid_recipient", "hard", "recipient", "permanent", "rcpt", "550 User <sales> unknown"),
+    # One recipient's state is not the site's.
+    ("mailbox_full", "soft", "recipient", "transient", "rcpt",
+     "552 5.2.2 Mailbox is full / Blocks limit exceeded / Inode limit exceeded"),  # cPanel's Dovecot
+    ("remote_system", "soft", "recipient", "transient", "rcpt",
+     "451 Internal resource temporarily unavailable - https://mimecast.example/docs#451"),  # its greylisting
+    ("rate_limited", "soft", "recipient", "transient", "rcpt",
+     "450 4.2.1 The recipient's mailbox received too much email in a short period of time (G30)"),
+    ("inactive_mailbox", "soft", "recipient", "permanent", "rcpt",
+     "552 5.2.2 The recipient's inbox is out of storage space and inactive."),  # Gmail: not retried for days
+    # Deferrals that pace the site, not one message.
+    ("rate_limited", "soft", "site", "transient", "mail", "421 4.7.0 Try again later, closing connection. (EHLO)"),
+    ("rate_limited", "soft", "site", "transient", "mail", "421 4.7.0 [GL01] Message from (192.0.2.7) temporarily deferred"),
+    ("auth_failure", "soft", "site", "transient", "rcpt",
+     "451 4.7.23 The sending IP does not have a PTR record. Messages without one are rate limited."),
+    ("policy", "soft", "site", "transient", "eod", "421 4.7.29 Your email was rate limited: it was not sent over TLS."),
+    ("reputation_block", "soft", "site", "transient", "connect", "421 4.7.0 Your IP address has been suspended"),
+    ("reputation_block", "soft", "site", "permanent", "rcpt", "554 Message rejected: found on one or more RBLs"),
+    # About us, never the recipient: no hard bounce, no count toward a suppression.
+    ("sender_rejected", "soft", "message", "permanent", "rcpt",
+     "550 5.7.1 <news@sender.example>: Sender address rejected: mailbox disabled"),
+    ("sender_rejected", "soft", "message", "permanent", "rcpt", "550 5.1.7 Invalid address"),
+    ("sender_rejected", "soft", "message", "permanent", "rcpt", "550 5.1.8 Domain does not exist"),
+    ("auth_failure", "soft", "site", "permanent", "ehlo", "550 Your HELO hostname does not exist"),
+    ("auth_failure", "soft", "message", "permanent", "rcpt", "550 Helo command rejected: need fully-qualified hostname"),
+])
+def test_published_replies_held_out(category: str, bounce: str, scope: str, outcome: str, phase: str, raw: str) -> None:
+    got = default_classifier().classify_text(raw, phase=phase)
+    assert (got.category.value, got.bounce.value, got.scope.value, got.outcome.value) == (
+        category, bounce, scope, outcome), got.rule
