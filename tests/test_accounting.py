@@ -85,6 +85,7 @@ def test_jsonl_records_unchanged(tmp_path: Path) -> None:
     None, {}, {"job": "spring"},
     # Meta keys named like record fields: a field that is set wins, one that is unset lets the meta value through.
     {"status": "forged", "next_attempt": 1.0, "bounce_reason": "m", "x": [1, {"y": None}], "text": "t"},
+    {"source": "meta-source", "tls_version": "m", "tls_cipher": "c", "site": "s"},
 ])
 @pytest.mark.parametrize("status", list(Status))
 def test_jsonl_lines_are_as_record_byte_for_byte(meta: dict[str, Any] | None, status: Status) -> None:
@@ -95,7 +96,9 @@ def test_jsonl_lines_are_as_record_byte_for_byte(meta: dict[str, Any] | None, st
     encoder = msgspec.json.Encoder()
     reply = Reply(554, ("no enhanced code", "second line"), None)
     for o in (outcome(7, status, reply, meta=meta), outcome(8, status, reply, meta=meta, reason="suspected_filter",
-                                                           sender="", size=None, site=None, next_attempt=T0 + 0.12345)):
+                                                           sender="", size=None, site=None, next_attempt=T0 + 0.12345),
+              outcome(9, status, reply, meta=meta, source="ip2", tls_version="TLSv1.3",
+                      tls_cipher="TLS_AES_256_GCM_SHA384")):
         o.meta = meta  # the helper puts a default meta in place of None
         assert jsonl_line(o, encoder) == encoder.encode(o.as_record()) + b"\n"
 
@@ -138,7 +141,8 @@ def test_csv_header_and_rows_match_outcomes(tmp_path: Path) -> None:
         outcome(3, Status.EXPIRED, category="expired", bounce="soft"),
         outcome(4, Status.BOUNCED, Reply(550, ("no such user",)), meta={}, mx_host=None, mx_ip=None,
                 source_ip=None, site=None),
-        outcome(5, meta={"job": "j5", "size": 12345, "sender": "bounce@example.org", "file": "a.csv", "row": 7}),
+        outcome(5, meta={"job": "j5", "size": 12345, "sender": "bounce@example.org", "file": "a.csv", "row": 7},
+                source="ip2", tls_version="TLSv1.3", tls_cipher="TLS_AES_128_GCM_SHA256"),
     ]
     path = tmp_path / "acct.csv"
     with AccountingLog(path) as log:
@@ -171,6 +175,8 @@ def test_csv_header_and_rows_match_outcomes(tmp_path: Path) -> None:
         assert r["jobId"] == meta.get("job", "")
         extra = {k: v for k, v in meta.items() if k not in ("job", "size", "sender")}
         assert (json.loads(r["meta"]) if r["meta"] else {}) == extra
+        assert (r["vmta"], r["dlvTlsProtocol"], r["dlvTlsCipher"]) == (
+            o.source or "", o.tls_version or "", o.tls_cipher or "")
         if o.next_attempt is None:
             assert r["timeNextAttempt"] == ""
         else:

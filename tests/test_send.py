@@ -344,6 +344,32 @@ def test_a_read_only_queue_disk_is_one_clear_error(tmp_path: Path, small_fs: Any
     assert "Read-only" in json.loads(summary.read_text())["fatal"]
 
 
+def test_accounting_names_the_source_and_the_session_s_tls(tmp_path: Path) -> None:
+    """PowerMTA's vmta and dlvTls* fields, KumoMTA's egress_source and TLS ones: which source sent each
+    recipient, and whether its session was encrypted (the sink offers STARTTLS unless told not to)."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for i in range(4):
+        (spool / f"m{i}.eml").write_bytes(b"X-Sender: a@sender.example\r\nX-Receiver: r%d@dest.example\r\n"
+                                          b"From: a@sender.example\r\nSubject: s\r\n\r\nbody\r\n" % i)
+    cfg = tmp_path / "fastmta.toml"
+    cfg.write_text('[[sources]]\nname = "blue"\naddress = "127.0.0.1"\nehlo_name = "blue.sender.example"\n')
+    for flags, tls in (((), True), (("--no-starttls",), False)):
+        acct = tmp_path / f"acct-{tls}.jsonl"
+        with embedded_sink(flags) as (host, port):
+            out = fastmta("send", str(spool), "--relay", f"{host}:{port}", "--quiet", "--config", str(cfg),
+                          "--queue-dir", str(tmp_path / f"q-{tls}"), "--accounting", str(acct))
+        assert out.returncode == 0, out.stderr[-2000:]
+        records = [json.loads(x) for x in acct.read_text().splitlines()]
+        assert len(records) == 4 and {r["status"] for r in records} == {"delivered"}
+        assert {r["source"] for r in records} == {"blue"}
+        if tls:
+            assert {r["tls_version"] for r in records} <= {"TLSv1.2", "TLSv1.3"}
+            assert all(r["tls_cipher"] for r in records)
+        else:
+            assert not any("tls_version" in r or "tls_cipher" in r for r in records)
+
+
 def test_queue_and_accounting_are_private_by_default(tmp_path: Path) -> None:
     import stat
 

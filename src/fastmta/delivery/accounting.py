@@ -83,6 +83,9 @@ CSV_COLUMNS: tuple[str, ...] = (
     "site",
     "mxHost",
     "timeNextAttempt",  # deferred only
+    "vmta",  # the egress source's name (PowerMTA's field: its virtual MTA)
+    "dlvTlsProtocol",  # the session's TLS version, empty in clear (PowerMTA's field)
+    "dlvTlsCipher",
     "meta",
 )
 
@@ -216,6 +219,9 @@ def csv_row(outcome: Outcome, *, iso_times: bool = True) -> list[str]:
         outcome.site or "",
         outcome.mx_host or "",
         format_time(outcome.next_attempt, iso_times) if outcome.next_attempt is not None else "",
+        outcome.source or "",
+        outcome.tls_version or "",
+        outcome.tls_cipher or "",
         msgspec.json.encode(rest).decode() if rest else "",
     ]
     # One scan of the whole row (the usual case: nothing to clean) is several

@@ -153,6 +153,8 @@ class Delivery:
     source_ip: str | None
     #: The filtering appliance the host names itself as (MX name, greeting, EHLO), if any.
     appliance: str | None = None
+    source: str | None = None  # the egress source's name
+    tls: tuple[str, str] | None = None  # the session's (TLS version, cipher), if it had TLS
 
 
 class HostHealth:

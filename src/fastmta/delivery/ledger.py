@@ -151,6 +151,7 @@ class Ledger:
             classification.category.value if classification else None,
             classification.bounce.value if classification else None,
             msg.sender, len(msg.body.raw), (classification.reason or None) if classification else None,
+            delivery.source if delivery else None, *(delivery.tls if delivery and delivery.tls else (None, None)),
         )
         self.counts[status.value] += 1
         if delivery is not None:

@@ -178,9 +178,8 @@ class SiteQueue:
             self.on_park(-gone)
 
     def unpark(self, *, refill: bool = False) -> None:
-        """Parked batches back onto the ready queue: all of them, or (*refill*) up to ``allowance``.
-        An operator's change (a hold, a bounce, a reroute) unparks all first, so it sees one queue,
-        and calls :meth:`repark` after it."""
+        """Parked batches back onto the ready queue: all, or (*refill*) up to ``allowance``. An operator's
+        change (a hold, a bounce, a reroute) unparks all first, so it sees one queue, then :meth:`repark`s."""
         back = 0
         while self.parked and (not refill or len(self.ready) < self.allowance):
             batch, n = self.parked.popleft()
@@ -255,9 +254,8 @@ class SiteQueue:
         return self._hold_until
 
     def retry_now(self) -> None:
-        """An operator says "try now": forget the pause after refused connections and the
-        hosts marked down, and end the throttle's suspension (its probe goes at once; the
-        adaptive rate stays where the replies put it)."""
+        """An operator says "try now": forget the pause after refused connections and the hosts marked
+        down, end the throttle's suspension (its probe goes at once; the adaptive rate stays)."""
         now = self._loop.time()
         self._hold_until = 0.0
         self._connect_failures = 0
@@ -456,7 +454,8 @@ class SiteQueue:
         """Use *conn* until it is done; True when the task should open another connection."""
         peer_ip = conn.peer[0] if conn.peer else None
         appliance = identify_server(mx_host, conn.greeting, conn.ehlo_reply)
-        delivery = Delivery(self.site, mx_host, peer_ip, conn.local[0] if conn.local else None, appliance)
+        delivery = Delivery(self.site, mx_host, peer_ip, conn.local[0] if conn.local else None, appliance,
+                            self.source.name, conn.tls_session())
         inflight: deque[_InFlight] = deque()
         try:
             keep_going = await self._send_batches(conn, delivery, inflight)
@@ -635,7 +634,8 @@ class SiteQueue:
         self._kick()
 
     def _fail_ready(self, reply: Reply, host: tuple[str, str] | None) -> None:
-        delivery = Delivery(self.site, host[0] if host else None, host[1] if host else None, self.source.address)
+        mx_host, mx_ip = host or (None, None)
+        delivery = Delivery(self.site, mx_host, mx_ip, self.source.address, source=self.source.name)
         c = self.classifier.classify(reply, "connect")
         # A snapshot: the engine may put batches back into this very queue.
         self.unpark()  # the parked ones too: the site cannot be reached

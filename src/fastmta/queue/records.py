@@ -146,6 +146,9 @@ class Outcome:
     sender: str | None = None  # envelope sender ("" is the null sender)
     size: int | None = None  # message size in bytes
     reason: str | None = None  # why the bounce type is what it is, when reviewed (e.g. suspected_filter)
+    source: str | None = None  # the egress source's name ([[sources]]; PowerMTA's vmta, KumoMTA's egress_source)
+    tls_version: str | None = None  # the session's TLS, when there was one ("TLSv1.3")
+    tls_cipher: str | None = None
 
     def record_fields(self) -> RecordFields:
         """The accounting record's own fields (``as_record`` without the meta keys)."""
@@ -155,24 +158,25 @@ class Outcome:
             reply.text, self.attempts, round(self.queued_at, 6), round(self.time - self.queued_at, 6), self.sender,
             self.size, self.category, self.bounce, self.site, self.mx_host, self.mx_ip, self.source_ip,
             None if self.next_attempt is None else round(self.next_attempt, 3), self.reason or None,
+            self.source, self.tls_version, self.tls_cipher,
         )
 
     def meta_extra(self) -> dict[str, Any]:
         """The meta keys the record has no field of its own for (a field left out lets its meta key in)."""
         if not self.meta:
             return {}
-        taken = _RECORD_FIELDS if self.next_attempt is not None else _RECORD_FIELDS - {"next_attempt"}
-        if not self.reason:
-            taken = taken - {"bounce_reason"}
+        unset = [name for name, value in (("next_attempt", self.next_attempt), ("bounce_reason", self.reason),
+                                          ("source", self.source), ("tls_version", self.tls_version),
+                                          ("tls_cipher", self.tls_cipher)) if not value]
+        taken = _RECORD_FIELDS.difference(unset) if unset else _RECORD_FIELDS
         return {k: v for k, v in self.meta.items() if k not in taken}
 
     def as_record(self) -> dict[str, Any]:
         """The accounting record (one JSON line): its fields, then the message's other meta keys."""
         record = msgspec.structs.asdict(self.record_fields())
-        if record["next_attempt"] is None:
-            del record["next_attempt"]
-        if record["bounce_reason"] is None:
-            del record["bounce_reason"]
+        for name in _OPTIONAL_FIELDS:
+            if record[name] is None:
+                del record[name]
         record.update(self.meta_extra())
         return record
 
@@ -204,6 +208,10 @@ class RecordFields(msgspec.Struct, omit_defaults=True, gc=False):
     source_ip: str | None
     next_attempt: float | None = None
     bounce_reason: str | None = None
+    source: str | None = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
 
 
 _RECORD_FIELDS = frozenset(RecordFields.__struct_fields__)
+_OPTIONAL_FIELDS = ("next_attempt", "bounce_reason", "source", "tls_version", "tls_cipher")

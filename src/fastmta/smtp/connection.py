@@ -284,6 +284,14 @@ class SMTPConnection(asyncio.Protocol):
         if tls:
             self._loop.call_later(TLS_CLOSE_GRACE, self._abort_if_open, transport)
 
+    def tls_session(self) -> tuple[str, str] | None:
+        """(TLS version, cipher) of the session now, or None in clear (for the accounting record)."""
+        ssl_object = self._transport.get_extra_info("ssl_object") if self._transport is not None else None
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return ssl_object.version() or "", cipher[0] if cipher else ""
+
     def _abort_if_open(self, transport: asyncio.Transport) -> None:
         if self._transport is transport:  # connection_lost has not come: the peer is not closing
             transport.abort()
