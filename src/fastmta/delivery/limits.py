@@ -88,9 +88,14 @@ class ThrottleConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     #: New connections per (source, site), e.g. "30/min".
     connection_rate: str | None = None
     adaptive: AdaptiveConfig = msgspec.field(default_factory=AdaptiveConfig)
+    #: Connections open at once per source to every site this entry matches, together (a provider's
+    #: tenants, each a site of its own; fastmta.delivery.provider_limits). None: no shared cap.
+    provider_max_connections: PosInt | None = None
+    #: Message rates per source shared by every site this entry matches, e.g. ["300/s"].
+    provider_rate: list[str] = []
 
     def __post_init__(self) -> None:
-        for spec in self.rate:
+        for spec in (*self.rate, *self.provider_rate):
             parse_rate(spec)  # raises with the reason
         if self.connection_rate is not None:
             parse_rate(self.connection_rate)

@@ -73,6 +73,7 @@ from typing import Protocol
 from fastmta.delivery.dial import Dial
 from fastmta.delivery.limits import PROVIDERS, Provider, SourceLimits, ThrottleConfig, limits_for
 from fastmta.delivery.procedures import PROCEDURES, LimitKey, Match, Procedures, SenderHolds, sender_domain
+from fastmta.delivery.provider_limits import Lease, ProviderLimits
 from fastmta.delivery.ratelimit import Gcra, parse_rate
 from fastmta.delivery.warmup import Warmup, WarmupConfig, WarmupDecision, WarmupState
 from fastmta.errors import Scope
@@ -137,16 +138,6 @@ class Limiter(Protocol):
     def wait(self, now: float, n: int = 1) -> float: ...
 
     def take(self, now: float, n: int = 1) -> None: ...
-
-
-class Lease(Protocol):
-    """A cap on connections kept elsewhere: may one more open (0.0) or when to ask again."""
-
-    def wait(self, now: float) -> float: ...
-
-    def started(self) -> None: ...
-
-    def closed(self) -> None: ...
 
 
 class ClusterHooks(Protocol):
@@ -326,7 +317,6 @@ class SiteThrottle:
 
     def message_wait(self, now: float, n: int = 1, sender: str | None = None) -> float:
         """May a transaction of *n* recipients start now (0.0), in some seconds, or after a result (inf)?
-
         *sender* (the envelope sender): for limits per sender domain, when there are any."""
         self._tick(now)
         if self.suspended_until is not None:
@@ -372,10 +362,8 @@ class SiteThrottle:
         self, ticket: int, result: Classification | None, now: float, reason: str = "", sender: str | None = None
     ) -> None:
         """One reply to the transaction *ticket* (call once per recipient or once per transaction).
-
-        *reason*: the reply as text; *sender*: the envelope sender, given only
-        by a caller that honours :meth:`sender_wait` (see the class notes).
-        """
+        *reason*: the reply as text; *sender*: the envelope sender, given only by a caller that honours
+        :meth:`sender_wait` (see the class notes)."""
         if self.warmup is not None:
             if result is None or result.outcome is Outcome.DELIVERED:
                 self.warmup.record(now + self._wall, delivered=1)
@@ -607,6 +595,7 @@ class Throttles:
         self.sender_holds: dict[str, SenderHolds] = {}
         self._throttles: dict[tuple[str, str], SiteThrottle] = {}
         self._source_limiters: dict[str, list[Gcra]] = {}
+        self.provider = ProviderLimits()  # caps and rates the sites of one pattern or provider share
         #: Shared limits and connection leases of a cluster (fastmta.delivery.cluster); None: one node.
         self.cluster: ClusterHooks | None = None
         #: Wall time minus the ``now`` clock's time (warm-up counts calendar days).
@@ -625,12 +614,14 @@ class Throttles:
                 shared = self._source_limiters[source] = [Gcra.from_spec(parse_rate(s)) for s in src.rate]
             cluster = self.cluster
             dials = cluster.shared_state(source, site) if cluster is not None and cfg.adaptive.enabled else None
-            limiters: Sequence[Limiter] = shared if cluster is None else [*shared, *cluster.limiters(source, site, origin)]
+            limiters: Sequence[Limiter] = [*shared, *self.provider.limiters(source, origin, cfg),
+                                           *(cluster.limiters(source, site, origin) if cluster else ())]
             throttle = SiteThrottle(
                 source, site, cfg, now, source_limiters=limiters, warmup=src.warmup,
                 warmup_state=self.saved_warmups.get(key), wall_offset=self.wall_offset, on_event=self.on_event,
                 procedures=self.procedures, sender_holds=self.sender_holds.setdefault(site, SenderHolds()),
-                lease=cluster.lease(site) if cluster else None, sender_limiters=cluster.sender_limiters if cluster else None,
+                lease=self.provider.lease(source, origin, cfg, cluster.lease(site) if cluster else None),
+                sender_limiters=cluster.sender_limiters if cluster else None,
                 shared=dials,
             )
             self._throttles[key] = throttle
