@@ -18,7 +18,7 @@ import pytest
 from dnsserver import DNSServer
 from fastmta.delivery.config import Config, config_from_dict
 from fastmta.delivery.engine import Engine, EngineClosed
-from fastmta.errors import InputError
+from fastmta.errors import ConfigError, InputError
 from fastmta.queue.records import Outcome, Status
 from fastmta.sink import SinkServer
 from fastmta.sink.config import FaultConfig, ListenerConfig, PhaseFault, SinkConfig
@@ -302,6 +302,56 @@ def test_egress_sources_bind_their_addresses(run: Run) -> None:
     assert a + b == 400 and 2 < b / a < 4.5  # weights 1:3
     # Limits are per source: each source had its own 2 connections.
     assert sink.stats.max_concurrent_connections <= 4
+
+
+def test_egress_pools_keep_their_mail_on_their_sources(run: Run) -> None:
+    """PowerMTA's virtual-mta-pool, KumoMTA's egress_pool: transactional mail never leaves from the marketing
+    addresses, nor the other way round. A message's pool: its meta's "pool", else its sender domain's
+    (routing.pool_by_sender), else the default pool (the sources without pools)."""
+    async def main() -> SinkServer:
+        sink = await start_sink("127.0.0.12")
+        cfg = engine_config(
+            None, 25, routing={"static": {"*": [f"127.0.0.12:{sink.addresses[0][1]}"]},
+                               "pool_by_sender": {"News.Sender.test": "marketing"}},
+            sources=[{"name": "tx", "address": "127.0.0.21"},
+                     {"name": "m1", "address": "127.0.0.22", "pools": ["marketing"]},
+                     {"name": "m2", "address": "127.0.0.23", "pools": ["marketing", "bulk"]}],
+        )
+        try:
+            async with Engine(cfg, rng=random.Random(5)) as engine:
+                ids = {}
+                for i in range(60):
+                    ids[await engine.submit(BODY, "app@sender.test", [f"t{i}@d.test"])] = {"127.0.0.21"}
+                    ids[await engine.submit(BODY, "news@news.sender.test", [f"n{i}@d.test"])] = {
+                        "127.0.0.22", "127.0.0.23"}
+                    ids[await engine.submit(BODY, "app@sender.test", [f"b{i}@d.test"], meta={"pool": "bulk"})] = {
+                        "127.0.0.23"}
+                with pytest.raises(InputError, match="meta.pool: no source is in pool 'bulkk'"):
+                    await engine.submit(BODY, "app@sender.test", ["x@d.test"], meta={"pool": "bulkk"})
+                seen: dict[str, set[str]] = {}
+                for mid, allowed in ids.items():
+                    for o in await asyncio.wait_for(engine.result(mid), 30):
+                        assert o.status is Status.DELIVERED and o.source_ip in allowed, (o.recipient, o.source_ip)
+                        seen.setdefault(o.recipient[0], set()).add(o.source_ip or "")
+                assert seen == {"t": {"127.0.0.21"}, "n": {"127.0.0.22", "127.0.0.23"}, "b": {"127.0.0.23"}}
+                assert {o.source for mid in ids for o in await engine.result(mid)} == {"tx", "m1", "m2"}
+        finally:
+            await sink.close()
+        return sink
+
+    run(main())
+
+
+def test_pool_configuration_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="pool_by_sender.*no source is in pool 'bulk'"):
+        config_from_dict({"sources": [{"name": "a"}], "routing": {"pool_by_sender": {"x.test": "bulk"}}})
+    with pytest.raises(ConfigError, match="none is in the default pool"):
+        config_from_dict({"sources": [{"name": "a", "pools": ["marketing"]}]})
+    with pytest.raises(ConfigError, match="pool name"):
+        config_from_dict({"sources": [{"name": "a", "pools": ["two words"]}]})
+    cfg = config_from_dict({"sources": [{"name": "a"}, {"name": "b", "pools": ["default", "marketing"]}]})
+    from fastmta.delivery.source_config import source_pools
+    assert source_pools(cfg.sources) == {"default": ["a", "b"], "marketing": ["b"]}
 
 
 # ----------------------------------------------------------------- retries

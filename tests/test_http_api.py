@@ -295,6 +295,8 @@ def test_bad_requests_are_400s_naming_the_field_and_nothing_is_queued(run_uvloop
         ({**good, "content": "Subject: \ud800\r\n\r\nx\r\n"}, "content", "not valid Unicode"),
         ({**good, "content": "Subject: a\x00b\r\n\r\nx\r\n"}, "content", "NUL"),
         ({**good, "meta": {"k": "\ud800"}}, "meta.k", "not valid Unicode"),
+        # An egress pool no source is in: refused, never sent from another pool's addresses.
+        ({**good, "meta": {"pool": "marketingg"}}, "meta.pool", "no source is in pool 'marketingg'"),
     ]
 
     async def main() -> None:
@@ -326,10 +328,10 @@ def test_bad_requests_are_400s_naming_the_field_and_nothing_is_queued(run_uvloop
             assert s.engine.counts == {} and s.engine.unfinished == 0
             assert captures(s.capture) == []
             # What the API refused before inject is counted for the metrics (inject counts its own, and
-            # two cases, the bare CR and the NUL in the content, are the engine's to refuse): every
-            # other case and the five requests after them.
+            # three cases, the bare CR and the NUL in the content and the unknown pool, are the engine's
+            # to refuse): every other case and the five requests after them.
             assert set(s.service.refusals) == {("http", "invalid")}
-            assert len(s.service.refusals) == len(cases) - 2 + 5
+            assert len(s.service.refusals) == len(cases) - 3 + 5
 
     run_uvloop(main())
 

@@ -313,13 +313,14 @@ def test_the_dispatcher_steers_around_a_source_out_of_rotation() -> None:
     d = Dispatcher(cfg, router=None, throttles=Throttles(), classifier=cast(Any, None), rng=random.Random(1),
                    spawn=lambda c: None, closing=lambda: False, on_unroutable=lambda *a: None,
                    on_result=lambda *a: None, on_expired=lambda *a: None)
-    ip1 = d._sources[0]
-    assert d._steer(ip1, "mx.example") is ip1  # no filter
+    ip1, pool = d._sources[0], d._sources  # one pool, the default: every source
+    assert d._steer(ip1, "mx.example", pool) is ip1  # no filter
     d.source_filter = lambda name, site: name != "ip1" or site != "mx.example"
-    picked = {d._steer(ip1, "mx.example").name for _ in range(50)}
-    assert picked == {"ip2", "ip3"} and d._steer(ip1, "other.example") is ip1
+    picked = {d._steer(ip1, "mx.example", pool).name for _ in range(50)}
+    assert picked == {"ip2", "ip3"} and d._steer(ip1, "other.example", pool) is ip1
+    assert d._steer(ip1, "mx.example", pool[:1] + pool[2:]).name == "ip3"  # only within its pool
     d.source_filter = lambda name, site: False  # nobody left: the source it was
-    assert d._steer(ip1, "mx.example") is ip1
+    assert d._steer(ip1, "mx.example", pool) is ip1
 
 
 def test_hard_bounces_reach_the_warmup_of_their_source() -> None:

@@ -45,8 +45,8 @@ import msgspec
 from fastmta.delivery.cluster.config import ClusterConfig
 from fastmta.delivery.guard_config import GuardConfig
 from fastmta.delivery.limits import ThrottleConfig
+from fastmta.delivery.source_config import DEFAULT_POOL, SourceConfig, source_pools
 from fastmta.delivery.unsubscribe_config import UnsubscribeConfig
-from fastmta.delivery.warmup import WarmupConfig
 from fastmta.errors import ConfigError
 from fastmta.feedback.classify import Classifier, default_classifier
 from fastmta.message.dkim_policy import DkimEntry, DkimPolicy
@@ -249,6 +249,8 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     static: dict[str, list[str]] = {}
     #: ``host`` or ``host:port`` of a relay (as in ``static``) -> how to log in there.
     auth: dict[str, RelayAuthConfig] = {}
+    #: Envelope sender domain -> the egress pool of its mail (when the message's meta names none).
+    pool_by_sender: dict[str, str] = {}
 
     def credentials(self, verifying: ssl.SSLContext | None = None) -> dict[tuple[str, int | None], Credentials]:
         """Each relay's credentials by (host, port; None: any port), the keys read as static route hosts
@@ -305,30 +307,6 @@ class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
             normalize_route_pattern(pattern): [parse_hostport(h, self.smtp_port) for h in hosts]
             for pattern, hosts in self.static.items()
         }
-
-
-class SourceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
-    """``[[sources]]``: an egress source (local address + EHLO name)."""
-
-    name: str
-    #: Local IP address to bind; omitted: the OS chooses.
-    address: str | None = None
-    ehlo_name: str = "localhost"
-    #: Share of messages given to this source (weighted random per message).
-    weight: PositiveInt = 1
-    #: Static message rates for this source across all sites, e.g. ["100/s"].
-    rate: list[str] = []
-    #: Warm-up schedule for a new address (per site); omitted: already warm.
-    warmup: WarmupConfig | None = None
-
-    def __post_init__(self) -> None:
-        if self.address is not None:
-            try:
-                ipaddress.ip_address(self.address)
-            except ValueError:
-                raise ValueError(f"source {self.name!r}: address {self.address!r} is not an IP address") from None
-        if not self.ehlo_name or any(c <= " " or c == "\x7f" for c in self.ehlo_name):
-            raise ValueError(f"source {self.name!r}: invalid ehlo_name {self.ehlo_name!r}")
 
 
 class SiteConfig(ThrottleConfig, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -514,6 +492,13 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate source name(s): {', '.join(dupes)}")
+        pools = source_pools(self.sources)
+        for domain, pool in self.routing.pool_by_sender.items():
+            if pool not in pools:
+                raise ValueError(f"routing.pool_by_sender.{domain}: no source is in pool {pool!r}")
+        if DEFAULT_POOL not in pools:
+            raise ValueError("sources: none is in the default pool (mail that names no pool would have no source): "
+                             'leave one without pools, or give it pools = ["default", ...]')
         if self.unsubscribe.active and not (self.unsubscribe.secret_file or self.return_path.secret_file):
             raise ValueError("unsubscribe.base_url needs unsubscribe.secret_file or return_path.secret_file")
 

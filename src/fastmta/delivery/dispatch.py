@@ -33,7 +33,9 @@ from fastmta.delivery.limits import limits_for
 from fastmta.delivery.mta_sts import POLICY_FILE, is_verified_site, verifying_context
 from fastmta.delivery.pool import Gate, ResultCallback, SiteQueue
 from fastmta.delivery.routing import Route, RouteFailure, Router
+from fastmta.delivery.source_config import DEFAULT_POOL, source_pools
 from fastmta.delivery.throttle import Throttles
+from fastmta.errors import InputError
 from fastmta.feedback.classify import Classifier
 from fastmta.queue.records import Message, Recipient
 from fastmta.smtp.connection import Timeouts
@@ -91,7 +93,14 @@ class Dispatcher:
         self._sources = [Source(s.name, s.address, s.ehlo_name, s.weight) for s in config.sources] or [
             Source("default", None, "localhost")
         ]
-        self._source_cum = list(itertools.accumulate(s.weight for s in self._sources))
+        by_name = {s.name: s for s in self._sources}
+        #: Egress pool -> its sources and their cumulative weights (PowerMTA's virtual-mta-pool).
+        self._pools: dict[str, tuple[list[Source], list[int]]] = {}
+        for pool, names in source_pools(config.sources).items():
+            members = [by_name[n] for n in names]
+            self._pools[pool] = (members, list(itertools.accumulate(m.weight for m in members)))
+        self._pool_by_sender = {d.lower().rstrip("."): p for d, p in config.routing.pool_by_sender.items()}
+        self._pools_gone: set[str] = set()  # pools named by queued mail that the configuration no longer has
         smtp = config.smtp
         self._timeouts = Timeouts(**{f: getattr(smtp.timeouts, f) for f in Timeouts.__dataclass_fields__})
         self._tls = TLSPolicy(smtp.tls)
@@ -166,11 +175,30 @@ class Dispatcher:
     def source_names(self) -> list[str]:
         return [s.name for s in self._sources]
 
-    def _pick_source(self) -> Source:
-        if len(self._sources) == 1:
-            return self._sources[0]
-        x = self._rng.random() * self._source_cum[-1]
-        return self._sources[bisect.bisect_right(self._source_cum, x)]
+    def check_pool(self, meta: dict[str, Any] | None) -> None:
+        """InputError unless the pool *meta* names (if any) has a source: before a message is accepted."""
+        pool = meta.get("pool") if meta else None
+        if pool is not None and (not isinstance(pool, str) or pool not in self._pools):
+            raise InputError(f"meta.pool: no source is in pool {pool!r} (pools: {', '.join(sorted(self._pools))})")
+
+    def _pool(self, msg: Message) -> tuple[list[Source], list[int]]:
+        """The sources *msg* may go from: its meta's pool, else its sender domain's, else the default."""
+        name = msg.meta.get("pool") if msg.meta else None
+        if name is None and self._pool_by_sender:
+            name = self._pool_by_sender.get(msg.sender.rpartition("@")[2].lower())
+        pool = self._pools.get(name or DEFAULT_POOL)
+        if pool is None:  # queued under a configuration that had the pool: sent, not stranded
+            if name not in self._pools_gone:
+                self._pools_gone.add(str(name))
+                log.warning("queued mail names pool %r, which no source is in now: sent from the default pool", name)
+            pool = self._pools[DEFAULT_POOL]
+        return pool
+
+    def _pick_source(self, pool: tuple[list[Source], list[int]]) -> Source:
+        members, cum = pool
+        if len(members) == 1:
+            return members[0]
+        return members[bisect.bisect_right(cum, self._rng.random() * cum[-1])]
 
     def route(self, msg: Message, rcpts: list[Recipient]) -> None:
         """Queue *rcpts* of *msg*: at once where the route is known, else after its lookup."""
@@ -217,7 +245,8 @@ class Dispatcher:
             self._route_groups(msg, by_domain, {**(known or {}), domain: result})
 
     def _enqueue(self, msg: Message, by_domain: dict[str, list[Recipient]], routes: Sequence[Route | RouteFailure]) -> None:
-        source = self._pick_source()
+        pool = self._pool(msg)
+        source = self._pick_source(pool)
         by_site: dict[str, tuple[Route, list[Recipient]]] = {}
         for group, route in zip(by_domain.values(), routes):
             if isinstance(route, RouteFailure):
@@ -231,7 +260,7 @@ class Dispatcher:
         if self._closing():
             return
         for site, (route, group) in by_site.items():
-            queue = self._queue_for(self._steer(self._warm_source(source, site, len(group)), site), site)
+            queue = self._queue_for(self._steer(self._warm_source(source, site, len(group), pool[0]), site, pool[0]), site)
             step = queue.limits.max_recipients_per_transaction
             for i in range(0, len(group), step):
                 queue.put(Batch(msg, group[i : i + step], route, queue.source.name))
@@ -249,19 +278,19 @@ class Dispatcher:
             })
         return out
 
-    def _warm_source(self, source: Source, site: str, n: int) -> Source:
+    def _warm_source(self, source: Source, site: str, n: int, pool: list[Source]) -> Source:
         """*source*, unless it is warming up at *site*, over today's quota, and may overflow.
 
-        Then the first other source that may send now (warm, or within its own
+        Then the first other source of its *pool* that may send now (warm, or within its own
         quota) takes the mail; with none, it waits for *source*'s next quota.
         """
-        if len(self._sources) == 1:
+        if len(pool) == 1:
             return source
         now = asyncio.get_running_loop().time()
         decision = self.throttles.get(source.name, site, now).warmup_check(now, n)
         if decision is None or decision.allowed or not decision.overflow:
             return source
-        for other in self._sources:
+        for other in pool:
             if other is source:
                 continue
             d = self.throttles.get(other.name, site, now).warmup_check(now, n)
@@ -269,13 +298,13 @@ class Dispatcher:
                 return other
         return source
 
-    def _steer(self, source: Source, site: str) -> Source:
-        """*source*, unless the source filter has it out of rotation at *site*: then another source it
-        allows (a weighted random order, so at most one probe is spent); with none, *source* still."""
+    def _steer(self, source: Source, site: str, pool: list[Source]) -> Source:
+        """*source*, unless the source filter has it out of rotation at *site*: then another source of its
+        *pool* it allows (a weighted random order, so at most one probe is spent); with none, *source* still."""
         allowed = self.source_filter
-        if allowed is None or len(self._sources) == 1 or allowed(source.name, site):
+        if allowed is None or len(pool) == 1 or allowed(source.name, site):
             return source
-        others = sorted((s for s in self._sources if s is not source),
+        others = sorted((s for s in pool if s is not source),
                         key=lambda s: self._rng.random() ** (1.0 / s.weight), reverse=True)
         return next((s for s in others if allowed(s.name, site)), source)
 

@@ -338,11 +338,10 @@ class Engine:
         if not self._started:
             raise RuntimeError("Engine not started: use `async with Engine(...)`")
         if self._closing or not self._accepting:
-            raise EngineClosed(
-                f"engine stopped: {self.fatal}" if self.fatal else "engine is closing; no new messages"
-            )
+            raise EngineClosed(f"engine stopped: {self.fatal}" if self.fatal else "engine is closing; no new messages")
         if not recipients:
             raise InputError("a message needs at least one recipient")
+        self._dispatch.check_pool(meta)  # a pool no source is in (meta["pool"]): refused, never sent from another
         if sender:
             sender = split_address(sender, "sender")[0]
         rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(recipients)]

@@ -302,7 +302,8 @@ def _meta(value: Any, field: str) -> dict[str, str]:
 def _inject_error_field(exc: InputError) -> str | None:
     """Which request field an InputError from inject is about (addresses were checked before)."""
     reason = exc.reason.lower()
-    for prefix, field in (("sender", "sender"), ("recipient", "recipients"), ("message", "content")):
+    for prefix, field in (("sender", "sender"), ("recipient", "recipients"), ("message", "content"),
+                          ("meta.pool", "meta.pool")):
         if reason.startswith(prefix):
             return field
     return None
