@@ -219,6 +219,46 @@ def test_a_suppression_the_operator_adds_stops_the_running_service_s_mail(tmp_pa
     assert sorted(receivers(capture)) == ["other@dest.example", "phone@dest.example"]
 
 
+def test_smtp_mail_tagged_by_its_headers_gets_a_job_and_a_pool(tmp_path: Path) -> None:
+    """[serve] meta_headers: PowerMTA's X-Job and X-Virtual-MTA for mail that comes by SMTP (swaks here): the
+    campaign and the egress pool in the accounting, the headers taken out unless the client's DKIM covers them."""
+    capture, data = tmp_path / "capture", tmp_path / "data"
+    extra = ('[[sources]]\nname = "tx"\n\n[[sources]]\nname = "bulk"\npools = ["marketing"]\n')
+    serve_extra = 'meta_headers = {"X-Job" = "job", "X-Virtual-MTA" = "pool"}'
+
+    def swaks(rcpt: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["swaks", "--timeout", "10", "--server", f"{svc.smtp[0]}:{svc.smtp[1]}",
+                               "--from", "app@sender.example", "--to", rcpt, *args],
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+    with capture_sink(capture) as sink:
+        cfg = _write(tmp_path, serve_config(data, sink, extra=extra, serve_extra=serve_extra))
+        with served(cfg, data) as svc:
+            sent = swaks("tagged@dest.example", "--add-header", "X-Job: spring-sale",
+                         "--add-header", "X-Virtual-MTA: marketing")
+            assert sent.returncode == 0, sent.stdout[-2000:]
+            signed = ("DKIM-Signature: v=1; a=rsa-sha256; d=sender.example; s=s1;\r\n h=from:to:x-job; bh=x; b=y\r\n"
+                      "From: app@sender.example\r\nTo: signed@dest.example\r\nX-Job: autumn\r\nSubject: s\r\n\r\nhi\r\n")
+            sent = swaks("signed@dest.example", "--data", signed)
+            assert sent.returncode == 0, sent.stdout[-2000:]
+            sent = swaks("plain@dest.example")
+            assert sent.returncode == 0, sent.stdout[-2000:]
+            refused = swaks("bad@dest.example", "--add-header", "X-Virtual-MTA: " + "m" * 300)
+            assert refused.returncode != 0 and "554 5.6.0" in refused.stdout and "X-Virtual-MTA" in refused.stdout
+            unknown = swaks("lost@dest.example", "--add-header", "X-Virtual-MTA: marketting")
+            assert unknown.returncode != 0 and "no source is in pool 'marketting'" in unknown.stdout
+            records = svc.wait_accounting(lambda rs: len(delivered(rs)) == 3, timeout=20)
+    by_rcpt = {r["recipient"]: r for r in delivered(records)}
+    assert set(by_rcpt) == {"tagged@dest.example", "signed@dest.example", "plain@dest.example"}
+    assert (by_rcpt["tagged@dest.example"]["job"], by_rcpt["tagged@dest.example"]["pool"]) == ("spring-sale", "marketing")
+    assert by_rcpt["tagged@dest.example"]["source"] == "bulk"
+    assert by_rcpt["signed@dest.example"]["job"] == "autumn" and by_rcpt["signed@dest.example"]["source"] == "tx"
+    assert "job" not in by_rcpt["plain@dest.example"] and by_rcpt["plain@dest.example"]["source"] == "tx"
+    mail = {m.split(b"X-Receiver: ", 1)[1].split(b"\r\n", 1)[0].decode(): m for m in captured(capture)}
+    assert b"X-Job" not in mail["tagged@dest.example"] and b"X-Virtual-MTA" not in mail["tagged@dest.example"]
+    assert b"X-Job: autumn" in mail["signed@dest.example"]  # its signature covers it: left as it was
+
+
 def test_metrics_and_health_after_deliveries(tmp_path: Path) -> None:
     capture = tmp_path / "capture"
     data = tmp_path / "data"

@@ -182,6 +182,11 @@ class PickupConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     check: bool = True
 
 
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext
+_META_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_SERVICE_META = frozenset({"via", "auth"})  # how and by whom it came in: never the client's to say
+
+
 class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     hostname: str = "localhost"
     data_dir: str = "/var/lib/fastmta"
@@ -208,10 +213,21 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     #: How long an injection (SMTP, HTTP) waits for room in a full queue before it is refused with
     #: 451 / 503 to try again later; never accepted after that (the client retries: no second copy).
     max_queue_wait: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    #: Header -> meta key, read from mail injected over SMTP or by pickup (fastmta.serve.meta_headers):
+    #: {"X-Job" = "job", "X-Virtual-MTA" = "pool"}, PowerMTA's process-x-job and X-Virtual-MTA.
+    meta_headers: dict[str, str] = {}
+    #: Take those headers out before the mail goes on (never one a DKIM signature of the client covers).
+    strip_meta_headers: bool = True
 
     def __post_init__(self) -> None:
         if not _HOSTNAME.match(self.hostname):
             raise ValueError(f"serve.hostname: not a host name: {self.hostname!r}")
+        for header, key in self.meta_headers.items():
+            if not _HEADER_NAME.fullmatch(header):
+                raise ValueError(f"serve.meta_headers: not a header name: {header!r}")
+            if not _META_KEY.fullmatch(key) or key in _SERVICE_META:
+                raise ValueError(f"serve.meta_headers.{header}: meta key {key!r}: 1-64 characters of A-Z a-z 0-9 _ . -, "
+                                 f"not one the service sets ({', '.join(sorted(_SERVICE_META))})")
         for net in self.relay_networks:
             try:
                 ipaddress.ip_network(net, strict=False)

@@ -70,6 +70,7 @@ from fastmta.serve.feedback_loop import FeedbackLoop
 from fastmta.serve.gate import ConnectionGate
 from fastmta.serve.http_api import build_api_app
 from fastmta.serve.http_guard import HttpGuard
+from fastmta.serve.meta_headers import MetaHeaders
 from fastmta.serve.metrics import IntakeStats, ServiceMetrics
 from fastmta.serve.notice_store import NoticeStore
 from fastmta.serve.pickup import PickupWatcher
@@ -105,6 +106,7 @@ class Service:
         serve = config.serve
         self.data_dir = Path(serve.data_dir)
         self.policy = RelayPolicy(serve.relay_networks, self._receive_domains(config))
+        self.meta_headers = MetaHeaders(serve.meta_headers, strip=serve.strip_meta_headers)
         self.accounts = Accounts((u.name, u.password_hash) for u in serve.users)
         self.tokens = TokenRing((t.name, t.sha256) for t in serve.http.tokens)
         self.admin_tokens = TokenRing((t.name, t.sha256) for t in serve.admin.tokens)
@@ -520,8 +522,11 @@ class Service:
             # refused must leave nothing behind (its mail for the receive domains was kept and read
             # once, then again when the client retried).
             if outbound:
-                await self.engine.submit(content, sender, outbound, meta=meta, message_id=message_id, take=take,
-                                         room_timeout=room_timeout)
+                # [serve] meta_headers: X-Job and the like (HTTP callers say it in the request); InputError: a
+                # header that is not a tag. The mail kept for the receive domains stays as it came.
+                relayed, tags = self.meta_headers.take(content) if via != "http" else (content, {})
+                await self.engine.submit(relayed, sender, outbound, meta={**tags, **meta}, message_id=message_id,
+                                         take=take, room_timeout=room_timeout)
             if inbound:
                 await self._receive(message_id, content, sender, inbound)
         except InputError:
