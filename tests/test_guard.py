@@ -22,6 +22,9 @@ import asyncio
 import datetime
 import json
 import shutil
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -327,6 +330,27 @@ def test_queue_summary_shows_the_warmup_step_and_why_it_holds(run_uvloop: Run, t
     warm = run_uvloop(main())
     assert warm["step"] == 0 and warm["quota"] == 50 and warm["steps"] == 2 and warm["today"]["sent"] == 1
     assert warm["verdict"].startswith("warm-up held") and "hard bounces over 2.0%" in warm["verdict"]
+
+
+# ------------------------------------------------------------- a campaign's own lifetime
+
+
+def test_a_campaign_s_max_lifetime_expires_its_deferred_mail_sooner(tmp_path: Path) -> None:
+    """[campaign] max_lifetime: an offer that ends tonight is not retried for five days."""
+    write_campaign(tmp_path / "s", ["a@x.example", "b@y.example"], "max_lifetime = 2\n")
+    assert [i.meta for i in Campaign.load(tmp_path / "s" / "welcome.toml").items() if isinstance(i, SpoolItem)] == [
+        {"job": "welcome-2026-11", "max_lifetime": 2.0}] * 2
+    acct = tmp_path / "a.jsonl"
+    with embedded_sink(["--no-starttls", "--fault", "rcpt:1.0:451 4.3.0 try later"]) as (host, port):
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "fastmta", "send", str(tmp_path / "s"), "--relay", f"{host}:{port}",
+                              "--quiet", "--queue-dir", str(tmp_path / "q"), "--accounting", str(acct)],
+                             capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+    assert out.returncode == 0, out.stderr[-2000:]
+    final = finals(acct)
+    assert {r: [x["status"] for x in v] for r, v in final.items()} == {"a@x.example": ["expired"], "b@y.example": ["expired"]}
+    assert took < 30, took  # not the queue's five days, nor its first retry at 60 s
 
 
 # ------------------------------------------------------------- sunset

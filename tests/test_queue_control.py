@@ -21,6 +21,7 @@ from fastmta.delivery.accounting import AccountingLog, csv_row
 from fastmta.delivery.config import Config, config_from_dict
 from fastmta.delivery.control import HISTORY_KEPT, SUSPEND_FILE, parse_target
 from fastmta.delivery.engine import Engine
+from fastmta.errors import InputError
 from fastmta.queue.journal_records import DEFERRED_CODE, STATUS_CODE
 from fastmta.queue.records import Outcome, Status
 from fastmta.queue.spool import Spool
@@ -430,6 +431,32 @@ def test_in_flight_recipients_are_not_recalled(run: Run) -> None:
                 assert (out["recipients"], out["in_flight"]) == (0, 1)
                 assert (await asyncio.wait_for(engine.result(mid), 10))[0].status is Status.DELIVERED
                 assert sink.stats.messages == 1
+        finally:
+            await sink.close()
+
+    run(main())
+
+
+def test_a_message_s_own_lifetime_expires_it_sooner(run: Run) -> None:
+    """meta max_lifetime (HTTP meta, [campaign] max_lifetime): a one-time code is worthless in an hour,
+    not in five days. At most the queue's own max_lifetime; anything but a number of seconds is refused."""
+    async def main() -> None:
+        sink, site = await start_sink(FaultConfig(replies=(DEFER,)))
+        try:
+            async with Engine(config({"d.test": site}, max_lifetime=3600)) as engine:
+                short = await engine.submit(BODY, SENDER, ["otp@d.test"], meta={"max_lifetime": "0.5"})
+                long = await engine.submit(BODY, SENDER, ["news@d.test"], meta={"max_lifetime": 86400})
+                plain = await engine.submit(BODY, SENDER, ["plain@d.test"])
+                for bad in ("soon", "0", "-5", "nan", "inf", True):
+                    with pytest.raises(InputError, match="meta.max_lifetime"):
+                        await engine.submit(BODY, SENDER, ["x@d.test"], meta={"max_lifetime": bad})
+                outcomes = await asyncio.wait_for(engine.result(short), 10)
+                assert [o.status for o in outcomes] == [Status.EXPIRED]
+                assert outcomes[0].time - outcomes[0].queued_at < 5
+                assert engine.unfinished == 2  # the others wait for their retry
+                long_msg, plain_msg = engine._ledger.message(long), engine._ledger.message(plain)
+                assert long_msg is not None and plain_msg is not None
+                assert abs(long_msg.deadline - plain_msg.deadline) < 1.0  # capped at the queue's 3600
         finally:
             await sink.close()
 

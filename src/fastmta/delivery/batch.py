@@ -4,10 +4,11 @@ transaction went, and which hosts failed to connect (:mod:`fastmta.delivery.pool
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastmta.delivery.routing import Route
 from fastmta.queue.records import Message, Recipient
@@ -50,6 +51,25 @@ class SiteLimits:
     max_recipients_per_transaction: int = 50
     idle_timeout: float = 30.0
     pipeline_depth: int = 2  # transactions in flight per connection
+
+
+def lifetime_of(meta: dict[str, Any] | None, default: float, *, strict: bool = False) -> float:
+    """How long a message may stay queued: its meta's ``max_lifetime`` (seconds; a one-time password's
+    minutes, KumoMTA's per-message expiry, PowerMTA's bounce-after), at most *default* (``[queue]
+    max_lifetime``: the operator's ceiling). One that is not a positive number: ValueError if *strict*
+    (at intake), else *default* (a queued message is never stranded by its meta)."""
+    value = meta.get("max_lifetime") if meta else None
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (0 < seconds < math.inf) or isinstance(value, bool):
+        if not strict:
+            return default
+        raise ValueError(f"meta.max_lifetime: {value!r} is not a number of seconds above 0")
+    return min(seconds, default)
 
 
 def retuned(configured: SiteLimits, learned: SiteLimits, new: SiteLimits) -> SiteLimits:

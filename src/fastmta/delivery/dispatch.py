@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source, login_for
+from fastmta.delivery.batch import Batch, Delivery, HostHealth, SiteLimits, Source, lifetime_of, login_for
 from fastmta.delivery.budget import ConnectionBudget, default_connection_limit
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.limits import limits_for
@@ -175,11 +175,18 @@ class Dispatcher:
     def source_names(self) -> list[str]:
         return [s.name for s in self._sources]
 
-    def check_pool(self, meta: dict[str, Any] | None) -> None:
-        """InputError unless the pool *meta* names (if any) has a source: before a message is accepted."""
-        pool = meta.get("pool") if meta else None
+    def check_meta(self, meta: dict[str, Any] | None) -> None:
+        """InputError unless what *meta* says of the delivery can be done (before a message is accepted):
+        a pool some source is in, a ``max_lifetime`` that is a number of seconds."""
+        if not meta:
+            return
+        pool = meta.get("pool")
         if pool is not None and (not isinstance(pool, str) or pool not in self._pools):
             raise InputError(f"meta.pool: no source is in pool {pool!r} (pools: {', '.join(sorted(self._pools))})")
+        try:
+            lifetime_of(meta, 1.0, strict=True)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
 
     def _pool(self, msg: Message) -> tuple[list[Source], list[int]]:
         """The sources *msg* may go from: its meta's pool, else its sender domain's, else the default."""

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastmta.delivery.accounting import AccountingLog
-from fastmta.delivery.batch import Batch, Delivery, fewer_recipients, recipient_limit
+from fastmta.delivery.batch import Batch, Delivery, fewer_recipients, lifetime_of, recipient_limit
 from fastmta.delivery.brakes import Guard
 from fastmta.delivery.cluster import Cluster
 from fastmta.delivery.config import Config, SiteConfig
@@ -200,7 +200,7 @@ class Engine:
                 else:
                     later.setdefault(rr.next_attempt, []).append(r)
             msg = Message(rec.id, rec.sender, Body(body), rcpts, queued_at=rec.queued_at, meta=rec.meta)
-            msg.deadline = now_loop + self.retry.max_lifetime - max(0.0, now_wall - rec.queued_at)
+            msg.deadline = now_loop + lifetime_of(rec.meta, self.retry.max_lifetime) - max(0.0, now_wall - rec.queued_at)
             self._ledger.track(msg)
             self._room.unfinished += len(rcpts)
             self._room.untried += sum(r.status is None for r in rcpts)
@@ -341,7 +341,7 @@ class Engine:
             raise EngineClosed(f"engine stopped: {self.fatal}" if self.fatal else "engine is closing; no new messages")
         if not recipients:
             raise InputError("a message needs at least one recipient")
-        self._dispatch.check_pool(meta)  # a pool no source is in (meta["pool"]): refused, never sent from another
+        self._dispatch.check_meta(meta)  # a pool no source is in, a max_lifetime that is no number: refused
         if sender:
             sender = split_address(sender, "sender")[0]
         rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(recipients)]
@@ -389,7 +389,7 @@ class Engine:
             except BaseException:
                 self._release(len(rcpts), cost)
                 raise
-        msg.deadline = loop.time() + self.retry.max_lifetime
+        msg.deadline = loop.time() + lifetime_of(meta, self.retry.max_lifetime)
         self._ledger.track(msg)
         self._room.untried += len(rcpts)
         self._dispatch.route(msg, rcpts)

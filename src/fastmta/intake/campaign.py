@@ -79,6 +79,8 @@ class CampaignSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
     sunset_days: Annotated[int, msgspec.Meta(ge=1)] | None = None
     #: ... or send them one campaign in this many instead of never.
     sunset_every: Annotated[int, msgspec.Meta(ge=2)] | None = None
+    #: Seconds each message may stay queued (at most the queue's max_lifetime): an offer that ends tonight.
+    max_lifetime: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
     def __post_init__(self) -> None:
         if self.sunset_every is not None and self.sunset_days is None:
@@ -248,7 +250,9 @@ class Campaign:
         field = self.job.campaign.address_field
         sender = self.job.campaign.sender
         duplicates_allowed = self.job.campaign.allow_duplicates
-        meta = {"job": self.id}
+        meta: dict[str, Any] = {"job": self.id}
+        if self.job.campaign.max_lifetime is not None:
+            meta["max_lifetime"] = self.job.campaign.max_lifetime
         seen = KeySet()  # keys met in this reading (8 bytes a row, not a set of strings)
         check_taken = not isinstance(taken, (frozenset, KeySet)) or len(taken) > 0  # a first run: nothing taken
         if self._has_list_unsubscribe:

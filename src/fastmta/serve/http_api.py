@@ -303,7 +303,7 @@ def _inject_error_field(exc: InputError) -> str | None:
     """Which request field an InputError from inject is about (addresses were checked before)."""
     reason = exc.reason.lower()
     for prefix, field in (("sender", "sender"), ("recipient", "recipients"), ("message", "content"),
-                          ("meta.pool", "meta.pool")):
+                          ("meta.pool", "meta.pool"), ("meta.max_lifetime", "meta.max_lifetime")):
         if reason.startswith(prefix):
             return field
     return None
