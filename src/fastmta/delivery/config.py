@@ -324,6 +324,17 @@ class SiteConfig(ThrottleConfig, kw_only=True, forbid_unknown_fields=True, froze
     idle_timeout: Seconds = 30.0
     #: Transactions in flight per connection (2 lets the next envelope ride with the content).
     pipeline_depth: PositiveInt = 2
+    #: TLS at these sites instead of [smtp] tls: "opportunistic", "required" or "never" (Postfix's
+    #: smtp_tls_policy_maps, PowerMTA's use-starttls / require-starttls). None: [smtp]'s.
+    tls: str | None = None
+    #: Verify these sites' certificates (None: [smtp] tls_verify). True here also makes TLS required
+    #: unless ``tls`` says otherwise (Postfix's "verify" level). An MTA-STS policy verifies anyway.
+    tls_verify: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tls is not None and self.tls not in ("opportunistic", "required", "never"):
+            raise ValueError(f"tls must be 'opportunistic', 'required' or 'never', not {self.tls!r}")
 
 
 class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

@@ -107,6 +107,7 @@ class Dispatcher:
         self._tls_context = _tls_context(smtp.tls_verify, smtp.tls_ca_file)
         # The one context that verifies (tls_verify's own, or made when first needed: MTA-STS sites, logins).
         self._verifying: ssl.SSLContext | None = self._tls_context if smtp.tls_verify else None
+        self._unverifying: ssl.SSLContext | None = None  # a site's tls_verify = false under [smtp] tls_verify
         # [routing.auth]: the relays' logins, their sessions verifying the relay's certificate unless told not to.
         verified = any(a.tls_verify for a in config.routing.auth.values())
         self._credentials = config.routing.credentials(self._verified() if verified else None)
@@ -338,7 +339,7 @@ class Dispatcher:
         if queue is None:
             assert self._health is not None
             now = asyncio.get_running_loop().time()
-            tls, context = self._tls, self._tls_context
+            tls, context = self._site_tls(site)
             if is_verified_site(site):  # an MTA-STS "enforce" domain: verified TLS or nothing
                 tls, context = TLSPolicy.REQUIRED, self._verified()
             queue = SiteQueue(
@@ -352,6 +353,20 @@ class Dispatcher:
             queue.login = functools.partial(login_for, self._credentials)
             self.queues[key] = queue
         return queue
+
+    def _site_tls(self, site: str) -> tuple[TLSPolicy, ssl.SSLContext]:
+        """The TLS policy and context of *site*: its [sites] entry's tls / tls_verify, else [smtp]'s."""
+        _, cfg = limits_for(site, self.config.sites, default=SiteConfig())
+        if not isinstance(cfg, SiteConfig) or (cfg.tls is None and cfg.tls_verify is None):
+            return self._tls, self._tls_context
+        verify = self.config.smtp.tls_verify if cfg.tls_verify is None else cfg.tls_verify
+        if cfg.tls_verify:  # asked for this site: Postfix's "verify" level, never in clear after a failed check
+            return TLSPolicy(cfg.tls or "required"), self._verified()
+        if verify:
+            return TLSPolicy(cfg.tls) if cfg.tls else self._tls, self._verified()
+        if self._unverifying is None:
+            self._unverifying = self._tls_context if not self.config.smtp.tls_verify else _tls_context(False)
+        return TLSPolicy(cfg.tls) if cfg.tls else self._tls, self._unverifying
 
     def _verified(self) -> ssl.SSLContext:
         if self._verifying is None:
