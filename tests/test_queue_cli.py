@@ -182,12 +182,8 @@ def test_the_tcp_admin_port_needs_an_admin_token(run_uvloop: Run, tmp_path: Path
 
 
 def test_suspend_holds_a_domain_and_resume_releases_it(run_uvloop: Run, tmp_path: Path, sock_dir: Path) -> None:
-    """Needs engine.control (fastmta.delivery.control)."""
-
     async def main() -> None:
         async with service_stack(tmp_path) as s, admin_socket(s, sock_dir / "admin.sock") as sock:
-            if getattr(s.engine, "control", None) is None:
-                pytest.skip("engine.control (fastmta.delivery.control) is not there yet")
             await delivered(s, "first@held.test")
             code, out, err = await cli("--socket", str(sock), "--json", "suspend", "domain:held.test")
             assert code == 0, err
@@ -210,13 +206,35 @@ def test_suspend_holds_a_domain_and_resume_releases_it(run_uvloop: Run, tmp_path
     run_uvloop(main())
 
 
-def test_bounce_and_delete_end_queued_recipients(run_uvloop: Run, tmp_path: Path, sock_dir: Path) -> None:
-    """Needs engine.control (fastmta.delivery.control)."""
+def test_a_suspension_for_a_time_ends_by_itself_and_says_why(run_uvloop: Run, tmp_path: Path, sock_dir: Path) -> None:
+    """`suspend --for 1s --reason ...` (kcli suspend --duration): a forgotten suspension does not hold mail for ever."""
 
     async def main() -> None:
         async with service_stack(tmp_path) as s, admin_socket(s, sock_dir / "admin.sock") as sock:
-            if getattr(s.engine, "control", None) is None:
-                pytest.skip("engine.control (fastmta.delivery.control) is not there yet")
+            code, out, err = await cli("--socket", str(sock), "--json", "suspend", "domain:later.test", "--for", "1.5s",
+                                       "--reason", "partner asked: maintenance")
+            assert code == 0, err
+            [rule] = json.loads(out)["rules"]
+            assert rule["reason"] == "partner asked: maintenance" and rule["until"] - rule["since"] == pytest.approx(1.5, abs=0.1)
+            message_id = await s.service.inject(MESSAGE.encode(), "a@sender.test", ["x@later.test"], via="api")
+            code, out, err = await cli("--socket", str(sock), "summary")
+            assert code == 0 and "partner asked: maintenance" in out and "until" in out, out
+            await asyncio.sleep(0.5)
+            assert s.engine._ledger.message(message_id) is not None  # still held
+            outcomes = await asyncio.wait_for(s.engine.result(message_id), TIMEOUT)  # no resume: its time ran out
+            assert [o.status.value for o in outcomes] == ["delivered"]
+            assert s.engine.control.rules() == []
+            code, _, err = await cli("--socket", str(sock), "suspend", "domain:later.test", "--for", "soon")
+            assert code == 2 and "not a duration" in err
+            code, _, err = await cli("--socket", str(sock), "retry", "domain:later.test", "--reason", "x")
+            assert code == 2  # --reason is for bounce and suspend
+
+    run_uvloop(main())
+
+
+def test_bounce_and_delete_end_queued_recipients(run_uvloop: Run, tmp_path: Path, sock_dir: Path) -> None:
+    async def main() -> None:
+        async with service_stack(tmp_path) as s, admin_socket(s, sock_dir / "admin.sock") as sock:
             code, _, err = await cli("--socket", str(sock), "suspend", "domain:gone.test")
             assert code == 0, err
             bounced = await s.service.inject(MESSAGE.encode(), "a@sender.test", ["b@gone.test"], via="api")

@@ -461,3 +461,31 @@ def test_a_message_s_own_lifetime_expires_it_sooner(run: Run) -> None:
             await sink.close()
 
     run(main())
+
+
+def test_a_suspension_for_a_time_survives_a_restart_and_ends_at_its_time(run: Run, tmp_path: Path) -> None:
+    async def main() -> None:
+        sink, site = await start_sink()
+        cfg = config({"p.test": site})
+        try:
+            spool = Spool(tmp_path / "q")
+            async with Engine(cfg, spool=spool) as engine:
+                out = engine.control.suspend("domain:p.test", duration=1.0, reason="maintenance\r\nwindow")
+                assert out["rules"][0]["reason"] == "maintenance window"  # one printable line
+                with pytest.raises(ValueError, match="duration"):
+                    engine.control.suspend("domain:q.test", duration=0)
+                await submit_all(engine, ["a@p.test"])
+            await spool.close()
+            saved = json.loads((tmp_path / "q" / SUSPEND_FILE).read_text())
+            assert saved[0]["until"] is not None and saved[0]["reason"] == "maintenance window"
+            await asyncio.sleep(1.1)  # its time runs out while the engine is stopped
+            spool = Spool(tmp_path / "q")
+            async with Engine(cfg, spool=spool) as engine:
+                await until(lambda: engine.counts.get("delivered", 0) == 1, what="released at start")
+                assert engine.control.rules() == []
+            await spool.close()
+            assert json.loads((tmp_path / "q" / SUSPEND_FILE).read_text()) == []
+        finally:
+            await sink.close()
+
+    run(main())

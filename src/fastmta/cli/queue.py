@@ -3,7 +3,9 @@
   fastmta queue summary                      per source and site: ready, scheduled, in flight, connections,
                                              window/rate, why it waits, age of the oldest
   fastmta queue show ID                      one message: each recipient's state, attempts, last reply
-  fastmta queue suspend TARGET               stop delivering TARGET (mail stays queued)
+  fastmta queue suspend TARGET [--for 2h] [--reason R]
+                                             stop delivering TARGET (mail stays queued), until
+                                             resumed or for a time
   fastmta queue resume TARGET                deliver TARGET again
   fastmta queue retry TARGET                 try TARGET's deferred recipients now
   fastmta queue bounce TARGET [--reason R]   give up on TARGET: its queued recipients end bounced
@@ -80,7 +82,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             s.add_argument(argument[0], help=argument[1])
         if name == "bounce":
             s.add_argument("--reason", help="why (in the bounce reply and the accounting record)")
+        if name == "suspend":
+            s.add_argument("--for", dest="duration", type=_duration, metavar="DURATION",
+                           help="end the suspension by itself after this long: 90s, 30m, 2h, 1d (default: "
+                                "until resumed)")
+            s.add_argument("--reason", help="why (kept with the suspension, shown by summary)")
         _connection_options(s, suppress=True)
+
+
+def _duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h``, ``1d`` or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (90s, 30m, 2h, 1d)") from None
+    if not 0 < seconds < 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (above 0, under ten years)")
+    return seconds
 
 
 def _connection_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -129,8 +149,10 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]
     if action == "why":
         return "GET", f"/v1/queue/why?target={quote(args.target, safe='')}", None
     body: dict[str, Any] = {"target": args.target}
-    if action == "bounce" and args.reason:
+    if action in ("bounce", "suspend") and args.reason:
         body["reason"] = args.reason
+    if action == "suspend" and args.duration is not None:
+        body["duration"] = args.duration
     return "POST", f"/v1/queue/{action}", body
 
 
@@ -255,6 +277,10 @@ def _print_summary(console: Console, rows: list[Any]) -> None:
         for rule in total.get("suspensions") or []:
             if isinstance(rule, dict) and "rule" in rule:
                 text = f"{rule['rule']} since {_scalar('since_at', rule.get('since'))}, holding {_cell(rule.get('held'))}"
+                if rule.get("until") is not None:
+                    text += f", until {_scalar('since_at', rule['until'])}"
+                if rule.get("reason"):
+                    text += f": {rule['reason']}"
             else:
                 text = json.dumps(rule)
             console.print(plain(f"suspended: {text}"))

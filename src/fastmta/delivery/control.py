@@ -33,14 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from enum import StrEnum
 from typing import Any, cast
-
-import msgspec
 
 from fastmta.delivery.batch import Batch, Delivery
 from fastmta.delivery.dispatch import Dispatcher, Select, Taken, split_batches, split_recipients
@@ -48,6 +45,7 @@ from fastmta.delivery.ledger import Ledger
 from fastmta.delivery.pool import SiteQueue
 from fastmta.delivery.pool_view import describe_site_queue
 from fastmta.delivery.routing import Route
+from fastmta.delivery.suspensions import SUSPEND_FILE, Rule, load_rules, rule_key, save_rules
 from fastmta.delivery.targets import parse_target
 from fastmta.errors import Scope
 from fastmta.feedback.classification import BounceType, Category, Classification
@@ -55,15 +53,12 @@ from fastmta.feedback.classification import Outcome as ReplyOutcome
 from fastmta.queue.records import Message, Recipient, Status
 from fastmta.queue.scheduler import DueQueue
 from fastmta.queue.spool import Spool
-from fastmta.queue.spool_errors import SpoolError
 from fastmta.smtp.reply import Reply
 
 __all__ = ["HISTORY_KEPT", "SUSPEND_FILE", "QueueControl", "Rule", "parse_target"]
 
 log = logging.getLogger("fastmta.delivery.control")
 
-#: Operator suspensions, beside the spool's journal.
-SUSPEND_FILE = "suspended.json"
 #: Failed attempts remembered per recipient.
 HISTORY_KEPT = 5
 _INTERNED_MAX = 4096
@@ -77,18 +72,6 @@ Where = tuple[str, "str | None", "str | None", "float | None", "str | None"]
 class _Admin(StrEnum):
     # The classifier's categories describe replies; an operator's act is none of them.
     ADMIN = "admin"
-
-
-class Rule(msgspec.Struct, frozen=True):
-    """One operator suspension: *kind* site / domain / campaign / any (a bare word), since *since* (wall)."""
-
-    kind: str
-    value: str
-    since: float
-
-    @property
-    def key(self) -> str:
-        return _key(self.kind, self.value)
 
 
 def _site_has(site: str, value: str) -> bool:
@@ -116,6 +99,7 @@ class QueueControl:
         self._campaigns: dict[str, str] = {}
         self._site_hit: dict[str, str | None] = {}  # site -> rule key holding it (memo)
         self._held: dict[str, list[Batch]] = {}  # rule key -> batches it holds
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # rule key -> the end of a suspension for a time
         self._interned: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         #: Extra figures for the summary's total row (the reputation guard's KPIs and brakes), if set.
         self.guard_summary: Callable[[], dict[str, Any]] | None = None
@@ -124,16 +108,10 @@ class QueueControl:
 
     def start(self) -> None:
         """Load the suspensions kept beside the spool (before the engine resumes its work)."""
-        path = self._spool.directory / SUSPEND_FILE if self._spool is not None else None
-        if path is None or not path.exists():
-            return
-        try:
-            rules = msgspec.json.decode(path.read_bytes(), type=list[Rule])
-        except msgspec.DecodeError as exc:
-            # Starting without them would send what an operator held back: refuse.
-            raise SpoolError(f"{path}: unreadable queue suspensions ({exc}); fix or remove the file") from None
+        rules = load_rules(self._spool.directory) if self._spool is not None else []
         for rule in rules:
             self._rules[rule.key] = rule
+            self._arm(rule)  # one whose time ran out while stopped ends at once
         self._reindex()
         if rules:
             log.warning("queue suspensions in force: %s", ", ".join(self._rules))
@@ -197,23 +175,33 @@ class QueueControl:
 
     # --- suspend / resume -------------------------------------------------------------
 
-    def suspend(self, target: str) -> dict[str, Any]:
-        """Hold matching work until :meth:`resume`; persists. Returns what it holds now."""
+    def suspend(self, target: str, *, duration: float | None = None, reason: str = "") -> dict[str, Any]:
+        """Hold matching work until :meth:`resume`, or for *duration* seconds (``kcli suspend --duration``:
+        a forgotten suspension held mail for ever); persists, with the operator's *reason*. Suspending a
+        suspended target again with a duration or a reason replaces them. Returns what it holds now."""
         kind, value = parse_target(target)
         if kind == "message":
             raise ValueError("suspend takes site:NAME, domain:NAME, campaign:ID or a site or domain name")
-        rule = Rule(kind, value, time.time())
-        already = rule.key in self._rules
-        if not already:
-            self._save([*self._rules.values(), rule])  # durable first: a failure changes nothing
+        if duration is not None and not 0 < duration < 10 * 365 * 86400:
+            raise ValueError(f"duration {duration!r}: a number of seconds above 0")
+        why = " ".join("".join(c if c.isprintable() else " " for c in reason).split())[:200]
+        now = time.time()
+        old = self._rules.get(rule_key(kind, value))
+        rule = Rule(kind, value, old.since if old else now, now + duration if duration else None, why)
+        already = old is not None
+        if not already or ((duration or why) and rule != old):
+            self._save([*(r for r in self._rules.values() if r.key != rule.key), rule])  # durable first
             self._rules[rule.key] = rule
+            self._arm(rule)
+        if not already:
             self._reindex()
             for q in self._dispatch.queues.values():  # what is ready already goes aside too
                 q.unpark()
                 q.ready = self._pass(q, q.ready)
                 q.sender_held = self._pass(q, q.sender_held)
                 q.repark()
-            log.warning("queue suspended: %s", rule.key)
+            log.warning("queue suspended: %s%s%s", rule.key, f" for {duration:g} s" if duration else "",
+                        f" ({why})" if why else "")
         match = self._matcher(kind, value)
         return {
             "target": rule.key, "suspended": True, "already": already,
@@ -237,7 +225,29 @@ class QueueControl:
                 if k in self._rules]
         if not keys:
             return {"target": target.strip(), "resumed": False, "released": 0, "rules": self.rules()}
+        return self._end(keys)
+
+    def _arm(self, rule: Rule) -> None:
+        """A timer that ends *rule* at its ``until`` (replacing one set before)."""
+        timer = self._timers.pop(rule.key, None)
+        if timer is not None:
+            timer.cancel()
+        if rule.until is not None:
+            delay = max(0.0, rule.until - time.time())
+            self._timers[rule.key] = asyncio.get_running_loop().call_later(delay, self._expire, rule.key, rule.until)
+
+    def _expire(self, key: str, until: float) -> None:
+        rule = self._rules.get(key)
+        if rule is not None and rule.until == until and not self._closing():  # else: the next start ends it
+            log.warning("queue suspension ended (its time is up): %s", key)
+            self._end([key])
+
+    def _end(self, keys: list[str]) -> dict[str, Any]:
         ended = [self._rules[k] for k in keys]
+        for k in keys:
+            timer = self._timers.pop(k, None)
+            if timer is not None:
+                timer.cancel()
         self._save([r for k, r in self._rules.items() if k not in keys])
         for k in keys:
             del self._rules[k]
@@ -272,28 +282,12 @@ class QueueControl:
     def rules(self) -> list[dict[str, Any]]:
         """The suspensions in force, with what each holds now."""
         return [{"rule": k, "kind": r.kind, "value": r.value, "since": round(r.since, 3),
+                 "until": None if r.until is None else round(r.until, 3), "reason": r.reason,
                  "held": sum(len(b.recipients) for b in self._held.get(k, ()))} for k, r in self._rules.items()]
 
     def _save(self, rules: list[Rule]) -> None:
-        if self._spool is None:
-            return
-        path = self._spool.directory / SUSPEND_FILE
-        tmp = path.with_suffix(".tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, msgspec.json.encode(rules))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            fd = os.open(path.parent, os.O_RDONLY)  # the rename itself durable
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise SpoolError(f"{path}: cannot keep the queue suspensions: {exc}") from exc
+        if self._spool is not None:
+            save_rules(self._spool.directory, rules)
 
     # --- retry / bounce / delete --------------------------------------------------
 
@@ -318,7 +312,7 @@ class QueueControl:
                         r.domain == value for b in q.waiting() for r in b.recipients):
                     q.retry_now()
                     cleared.append({"source": src, "site": site})
-        return {"target": _key(kind, value), "retried": len(moved), "messages": len(groups), "cleared": cleared}
+        return {"target": rule_key(kind, value), "retried": len(moved), "messages": len(groups), "cleared": cleared}
 
     def bounce(self, target: str, reason: str = "") -> dict[str, Any]:
         """Bounce every matching unfinished recipient now (not in flight): one record each."""
@@ -350,8 +344,8 @@ class QueueControl:
                        classification=c)
         if done:
             log.warning("queue %s: %d recipient(s) of %d message(s), target %s", status.value, done, len(messages),
-                        _key(kind, value))
-        return {"target": _key(kind, value), "status": status.value, "recipients": done,
+                        rule_key(kind, value))
+        return {"target": rule_key(kind, value), "status": status.value, "recipients": done,
                 "messages": len(messages), "in_flight": self._in_flight(match)}
 
     def _resolve(self, target: str, kinds: tuple[str, ...]) -> tuple[str, str]:
@@ -584,8 +578,6 @@ class QueueControl:
 # --- formatting ---------------------------------------------------------------------------
 
 
-def _key(kind: str, value: str) -> str:
-    return value if kind == "any" else f"{kind}:{value}"
 
 
 def _reply(reply: Reply | None) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ Endpoints (JSON in, JSON out; errors ``{"error": ...}`` with 400, 404, 501)::
     POST /v1/queue/suspend|resume|retry|delete   {"target": T}
     POST /v1/queue/override                      {"target": "campaign:ID"}  (a campaign the reputation guard paused)
     POST /v1/queue/bounce               {"target": T, "reason": "..."}
+    POST /v1/queue/suspend              {"target": T, "duration": SECONDS, "reason": "..."} (both optional)
                                         -> what engine.control did (e.g. how many recipients)
     GET  /v1/queue/why?target=ADDRESS_OR_ID -> why it is (not) moving
 
@@ -124,14 +125,18 @@ async def _act(request: web.Request) -> web.Response:
     if not isinstance(target, str) or not target.strip():
         raise ApiError(400, "missing field target (site:NAME, domain:NAME, campaign:ID, a message id)",
                        field="target")
-    reason = data.get("reason")
+    reason, duration = data.get("reason"), data.get("duration")
     if reason is not None and not isinstance(reason, str):
         raise ApiError(400, "reason must be a string", field="reason")
+    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))):
+        raise ApiError(400, "duration must be a number of seconds", field="duration")
     for key in data:
-        if key not in ("target", "reason"):
-            raise ApiError(400, f"unknown field {key!r} (expected: target, reason)", field=key)
-    if reason is not None and action != "bounce":
-        raise ApiError(400, f"reason is for bounce only, not {action}", field="reason")
+        if key not in ("target", "reason", "duration"):
+            raise ApiError(400, f"unknown field {key!r} (expected: target, reason, duration)", field=key)
+    if reason is not None and action not in ("bounce", "suspend"):
+        raise ApiError(400, f"reason is for bounce and suspend only, not {action}", field="reason")
+    if duration is not None and action != "suspend":
+        raise ApiError(400, f"duration is for suspend only, not {action}", field="duration")
     control = _control(request)
     who = bearer_principal(request, request.app[_SERVICE].admin_principal) or "local socket"
     # Operator actions change what happens to mail: on record, with who did it.
@@ -145,6 +150,8 @@ async def _act(request: web.Request) -> web.Response:
     method = getattr(control, action)
     if action == "bounce" and reason is not None:
         result = await _call(method, target, reason=reason)
+    elif action == "suspend":
+        result = await _call(method, target, duration=duration, reason=reason or "")
     else:
         result = await _call(method, target)
     return json_response(result)
