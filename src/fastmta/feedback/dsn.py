@@ -66,6 +66,7 @@ _GENERATED = re.compile(r"\((?:ultimately )?(?:generated|expanded) from:? <?(" +
 _DAEMONS = ("mailer-daemon@", "postmaster@", "mail-daemon@", "mailerdaemon@")
 #: A recipient's own reason saying its message was given up: OpenSMTPD (6.x) reports the expiry of an
 #: envelope it has dropped in a notice that says "Action: delayed" and "kept in the queue".
+_NULLMAILER = re.compile(r"^This is the nullmailer delivery system", re.MULTILINE)
 _EXPIRED = re.compile(r"\b(?:envelope|message|delivery time) (?:has )?expired\b", re.IGNORECASE)
 
 
@@ -217,7 +218,7 @@ def _merge_fields_and_prose(recs: list[DSNRecipient], prose: list[Found], xfr: l
     for rec in recs:
         if not is_address(rec.recipient) and spare:
             rec = dataclasses.replace(rec, recipient=spare.pop(0))
-        found = by_addr.get(rec.recipient)
+        found = by_addr.get(rec.recipient) or (by_addr.get(rec.original_recipient) if rec.original_recipient else None)
         if found is not None and not rec.diagnostic and found.diag:
             rec = _with_diagnostic(rec, " ".join(found.diag))
         out.append(rec)
@@ -317,6 +318,11 @@ def _parse_message(msg: Message, depth: int = 0) -> list[DSNRecipient]:
             return _ses_records(doc)
     prose = read_prose(text, _FORMATS)
     if fields:
+        if _NULLMAILER.search(text):
+            # nullmailer writes a notice only when it gives a message up (its queue lifetime), yet after a
+            # 4xx says "Action: delayed", "a final DSN will be generated": none comes. A failure.
+            fields = [dataclasses.replace(r, action="failed", status="4.4.7") if r.action == "delayed" else r
+                      for r in fields]
         return _merge_fields_and_prose(fields, prose[2] if prose else [], xfr)
     if prose is not None:
         family, delayed, found = prose

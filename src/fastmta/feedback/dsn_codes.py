@@ -34,7 +34,9 @@ _UNITS = re.compile(
     re.IGNORECASE,
 )
 # What may stand right before a bare reply code inside a line.
-_LEADS = (":", "'", '"', "(", "said", "returned", "reason", "error", "code", "response", "reply", "status")
+_LEADS = (":", "'", '"', "(", "said", "returned", "reason", "error", "code", "response", "reply", "status",
+          # the SMTP step a reply answered (chasquid "MAIL+RCPT 550 ...", "DATA closing 554 ...")
+          "rcpt", "data", "closing")
 # Names of numbers that are not replies ("Size: 222", "Port: 465").
 _QUANTITIES = frozenset({"size", "bytes", "length", "port", "lines", "count", "number", "attempts", "id", "pid", "uid"})
 # Characters that, touching a number, make it part of something else: a word,
@@ -100,6 +102,8 @@ def _colon_reply_ok(text: str, i: int) -> bool:
     word = text[k + 1 : j + 1]
     if word.lower() in _QUANTITIES:
         return False
+    if word.lower() == "to" and text[: k + 1].rstrip().lower().endswith("rcpt"):
+        return True  # "did not like our RCPT TO: 550 ..." (dma)
     return len(word) >= 3 and not all(ch in "abcdefABCDEF" for ch in word)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import quopri
 import re
 from email.message import Message
@@ -162,6 +163,32 @@ def from_blocks(blocks: list[dict[str, str]], *, source: str) -> list[DSNRecipie
                 out[seen[key]] = rec
             continue
         seen[key] = len(out)
+        out.append(rec)
+    return _unborrowed(out)
+
+
+_BRACKETED = re.compile(r"<([^<>\s]+@[^<>\s]+)>")
+
+
+def _unborrowed(recs: list[DSNRecipient]) -> list[DSNRecipient]:
+    """Records whose reason names, in angle brackets, another recipient of the report and not their own
+    lose that reason: it is the other's. nullmailer stops at the first refused RCPT and copies that one
+    reply (and its 5.1.1) into the block of every recipient of the message, those never tried too:
+    believed, each was a hard bounce of an address nobody had refused. The failure stays, its cause
+    unknown (the status's class only): never a reason to suppress.
+    """
+    if len(recs) < 2:
+        return recs
+    names = {r.recipient for r in recs} | {r.original_recipient for r in recs if r.original_recipient}
+    out = []
+    for rec in recs:
+        named = {m.lower() for m in _BRACKETED.findall(rec.diagnostic)}
+        own = {rec.recipient, rec.original_recipient}
+        other = sorted(named & names)
+        if other and not named & own:
+            cls = str(rec.status_class or 5)
+            rec = dataclasses.replace(rec, status=f"{cls}.0.0", reply_code=None,
+                                      diagnostic=f"no reason of its own (the report repeats that of {other[0]})")
         out.append(rec)
     return out
 

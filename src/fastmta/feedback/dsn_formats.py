@@ -77,8 +77,27 @@ FORMATS: tuple[ProseFormat, ...] = (
             r"^\s*(?P<a>ADDR)\s*$",
             r"^(?P<d>\d{3}(?:[ -]\d\.\d{1,3}\.\d{1,3})? <(?P<a>ADDR)>\.\.\.\s.*)$",  # transcript: 550 5.1.1 <bob@...>... User unknown
             r"^(?P<a>ADDR)\s+\[(?P<d>[^\]]*)\]",  # "bob@example.org [User unknown]"
+            r"^<?(?P<a>ADDR)>?\.\.\.\s+(?P<d>\S.*)$",  # transcript: <bob@...>... Deferred: 421 4.3.2 ...
+        ),
+        end=(  # a warning's closing lines, not a reason
+            r"^\s*(?:Warning: message still undelivered|Will keep trying until|Message could not be delivered for"
+            r"|Message will be deleted from queue)",
         ),
         delayed=r"transient non-fatal errors|Warning: could not send message for past|THIS IS A WARNING MESSAGE ONLY",
+    ),
+    ProseFormat(
+        name="courier",  # Courier-MTA: "<addr>:" then the session's lines, sections ruled off with dashes
+        markers=(r"running the Courier mail server",),
+        begin=r"(?:the following (?:recipients|addresses)(?: only)?|further delivery notices for the following "
+              r"addresses)\s*:\s*$",
+        rcpt=(r"^<(?P<a>ADDR)>:\s*$",),
+        end=(r"^-{20,}\s*$",),
+        delayed=r"DELAYS IN DELIVERING YOUR MESSAGE|This is an\s+advisory notice",
+    ),
+    ProseFormat(
+        name="dovecot",  # Dovecot LDA/LMTP (Sieve reject, quota): "Your message to <addr> was automatically rejected:"
+        markers=(r"Your message to <[^>]+> was automatically rejected:",),
+        rcpt=(r"^Your message to <(?P<a>ADDR)> was automatically rejected:\s*(?P<d>.*)$",),
     ),
     ProseFormat(
         name="gmail",  # Gmail (and the MTAs that copy its sentence)

@@ -20,6 +20,7 @@ __all__ = ["FAILURE_ACTIONS", "SUCCESS_ACTIONS", "DSNRecipient", "make_recipient
 
 SUCCESS_ACTIONS = frozenset({"delivered", "relayed", "expanded", "deliverable"})
 FAILURE_ACTIONS = frozenset({"failed", "delayed", "undeliverable"})
+_SUCCESS_REPLY = re.compile(r"\s*2\d\d(?![\d.])")
 _STATUS_FIELD = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
 
@@ -78,14 +79,20 @@ def refined_status(status: str | None, found: str | None) -> str | None:
     """*status* (a Status field's), or the more specific code *found* in the diagnostic.
 
     A field of X.0.0 says only "failed" or "delayed" (OpenSMTPD writes 5.0.0 or
-    4.0.0 whatever the receiver answered); the receiver's own code of the same
-    class, written in the diagnostic, says why. A code of another class stays
-    out: the field's class is the report's verdict (a 4xx retried until it
-    expired is a failure).
+    4.0.0 whatever the receiver answered), one of X.Y.0 only its subject; the
+    receiver's own code of the same class, written in the diagnostic, says why.
+    A code of another class stays out: the field's class is the report's
+    verdict (a 4xx retried until it expired is a failure).
     """
     if status is None:
         return found
-    if found is not None and status.endswith(".0.0") and found[0] == status[0] and not found.endswith(".0.0"):
+    if found is None or found[0] != status[0] or found == status or found.endswith(".0"):
+        return status
+    if status.endswith(".0.0"):
+        return found
+    if status.endswith(".0") and status.split(".")[1] != "4":
+        # X.Y.0 is "other or undefined" within its subject (Sendmail's 5.5.0 for the receiver's 554 5.7.1):
+        # the receiver's code names the cause. (X.4.0 stays: routing trouble says more than a last reply.)
         return found
     return status
 
@@ -118,7 +125,15 @@ def make_recipient(
     status = status_field(status)
     if status is not None and (status[0] == "2") != success:
         status = None  # a failure's 2.x.x (or a success's 5.x.x) is not believable
+    if not success and _SUCCESS_REPLY.match(diagnostic):
+        # Sendmail writes the last reply of the session (its QUIT's "221 2.0.0 Bye" after a 421 greeting):
+        # not the reason; the report's prose (its transcript) gives it, or nothing does.
+        diagnostic, code, enh = "", None, None
     status = refined_status(status, enh)
+    if action == "failed" and code is not None and code // 100 == 4 and (status is None or status.endswith(".0.0")):
+        # Given up after a temporary refusal (Courier, Sendmail: "Status: 5.0.0" and the receiver's last
+        # 452): the queue's lifetime ended, not a permanent verdict on the address (RFC 3463 4.4.7).
+        status = "4.4.7"
     return DSNRecipient(
         recipient=recipient.strip().lower(),
         action=action,
