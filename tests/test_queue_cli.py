@@ -196,6 +196,11 @@ def test_suspend_holds_a_domain_and_resume_releases_it(run_uvloop: Run, tmp_path
             assert code == 0, err
             code, out, err = await cli("--socket", str(sock), "summary")
             assert code == 0, err
+            code, out, err = await cli("--socket", str(sock), "shape")  # Postfix's qshape: T, then by age
+            assert code == 0, err
+            lines = out.splitlines()
+            assert lines[0].split() == ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+"]
+            assert lines[-1].split() == ["TOTAL", "1", "1", "0", "0", "0", "0", "0", "0", "0", "0", "0"], out
             code, out, err = await cli("--socket", str(sock), "resume", "domain:held.test")
             assert code == 0, err
             outcomes = await asyncio.wait_for(s.engine.result(message_id), TIMEOUT)

@@ -489,3 +489,24 @@ def test_a_suspension_for_a_time_survives_a_restart_and_ends_at_its_time(run: Ru
             await sink.close()
 
     run(main())
+
+
+def test_summary_counts_unfinished_recipients_by_age_as_qshape(run: Run) -> None:
+    async def main() -> None:
+        sink, site = await start_sink(FaultConfig(replies=(DEFER,)))
+        try:
+            async with Engine(config({"d.test": site})) as engine:
+                ids = await submit_all(engine, ["new@d.test", "hour@d.test", "days@d.test"])
+                await until(lambda: engine.counts["deferred"] == 3)
+                for mid, age in zip(ids, (0, 3600, 3 * 86400), strict=True):
+                    msg = engine._ledger.message(mid)
+                    assert msg is not None
+                    msg.queued_at -= age
+                rows = engine.control.summary()
+                # 5 10 20 40 80 160 320 640 1280 1280+ minutes: now, an hour (under 80), three days (over 1280)
+                assert row(rows, site)["ages"] == [1, 0, 0, 0, 1, 0, 0, 0, 0, 1]
+                assert rows[-1]["kind"] == "total" and rows[-1]["ages"] == [1, 0, 0, 0, 1, 0, 0, 0, 0, 1]
+        finally:
+            await sink.close()
+
+    run(main())

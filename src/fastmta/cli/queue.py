@@ -1,5 +1,6 @@
 """Look into the queue of a running `fastmta serve` and act on it (its admin API).
 
+  fastmta queue shape                        unfinished recipients per site by age (minutes), as qshape
   fastmta queue summary                      per source and site: ready, scheduled, in flight, connections,
                                              window/rate, why it waits, age of the oldest
   fastmta queue show ID                      one message: each recipient's state, attempts, last reply
@@ -58,6 +59,7 @@ from fastmta.serve.admin import DEFAULT_ADMIN_SOCKET
 #: (sub-command, help, its argument's name and help, or None)
 _SUBCOMMANDS: tuple[tuple[str, str, tuple[str, str] | None], ...] = (
     ("summary", "the queue per source and site", None),
+    ("shape", "unfinished recipients per site by age, as Postfix's qshape", None),
     ("show", "one message and each recipient's state", ("id", "a message id")),
     ("suspend", "stop delivering a target (mail stays queued)", ("target", "site:NAME, domain:NAME, campaign:ID or an id")),
     ("resume", "deliver a suspended target again", ("target", "site:NAME, domain:NAME, campaign:ID or an id")),
@@ -135,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         console.width = 200  # piped or captured: whole cells rather than rich's 80-column ellipses
     if args.action == "summary":
         _print_summary(console, data.get("queues", []) if isinstance(data, dict) else [])
+    elif args.action == "shape":
+        _print_shape(console, data.get("queues", []) if isinstance(data, dict) else [])
     else:
         _print_value(console, data)
     return 0
@@ -142,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
     action = args.action
-    if action == "summary":
+    if action in ("summary", "shape"):
         return "GET", "/v1/queue/summary", None
     if action == "show":
         return "GET", f"/v1/queue/messages/{quote(args.id, safe='')}", None
@@ -258,6 +262,27 @@ _SUMMARY_COLUMNS: tuple[tuple[str, bool, Callable[[dict[str, Any]], Any]], ...] 
     ("why", False, _why_waiting),
     ("oldest", True, lambda r: _age(r["oldest_age"]) if r.get("oldest_age") is not None else None),
 )
+
+
+_SHAPE_HEADERS = ("5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+")  # minutes, as qshape
+
+
+def _print_shape(console: Console, rows: list[Any]) -> None:
+    """qshape's table: a row per site (or domain) and the total, T then the recipients by age in minutes."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("")
+    for header in ("T", *_SHAPE_HEADERS):
+        table.add_column(header, justify="right")
+    for row in rows:
+        ages = row.get("ages") if isinstance(row, dict) else None
+        if not isinstance(ages, list) or (not sum(ages) and row.get("kind") != "total"):
+            continue
+        name = "TOTAL" if row.get("kind") == "total" else row.get("site") or row.get("domain") or "(routing)"
+        if row.get("kind") == "site" and row.get("source") not in (None, "default", "*"):
+            name = f"{name} ({row['source']})"
+        table.add_row(plain(name), *(plain(str(n)) for n in (sum(ages), *ages)),
+                      style="bold" if row.get("kind") == "total" else None)
+    console.print(table)
 
 
 def _print_summary(console: Console, rows: list[Any]) -> None:

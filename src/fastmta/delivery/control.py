@@ -32,6 +32,7 @@ empty until one fails), in memory only.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import Counter, deque
@@ -55,10 +56,13 @@ from fastmta.queue.scheduler import DueQueue
 from fastmta.queue.spool import Spool
 from fastmta.smtp.reply import Reply
 
-__all__ = ["HISTORY_KEPT", "SUSPEND_FILE", "QueueControl", "Rule", "parse_target"]
+__all__ = ["AGE_EDGES", "HISTORY_KEPT", "SUSPEND_FILE", "QueueControl", "Rule", "parse_target"]
 
 log = logging.getLogger("fastmta.delivery.control")
 
+#: Upper bounds (seconds) of the age buckets of ``summary``'s ``ages`` (Postfix's qshape: 5, 10, 20 ... 1280
+#: minutes, and older): unfinished recipients per bucket of time since their message was queued.
+AGE_EDGES = tuple(60.0 * m for m in (5, 10, 20, 40, 80, 160, 320, 640, 1280))
 #: Failed attempts remembered per recipient.
 HISTORY_KEPT = 5
 _INTERNED_MAX = 4096
@@ -428,7 +432,7 @@ class QueueControl:
                 r = rows[k] = {"kind": kind, "source": src, "site": site, "domain": domain, "ready": 0,
                                "scheduled": 0, "in_flight": 0, "held": 0, "sender_held": 0, "routing": 0,
                                "connections": 0, "suspended": False, "suspended_by": [], "throttle": None,
-                               "oldest_age": None, "top_reply": None}
+                               "oldest_age": None, "top_reply": None, "ages": [0] * (len(AGE_EDGES) + 1)}
                 rule = self._site_rule(site) if site is not None else None
                 if rule is not None:
                     r["suspended"], r["suspended_by"] = True, [rule]
@@ -438,6 +442,7 @@ class QueueControl:
 
         def count(r: dict[str, Any], field: str, msg: Message, n: int, rcpts: Iterable[Recipient] = ()) -> None:
             r[field] += n
+            r["ages"][bisect.bisect_right(AGE_EDGES, wall - msg.queued_at)] += n  # qshape's buckets
             k = (r["source"], r["site"], r["domain"])
             oldest[k] = min(oldest.get(k, msg.queued_at), msg.queued_at)
             for rcpt in rcpts:  # what the receivers said last, for the row's most common answer
@@ -481,6 +486,7 @@ class QueueControl:
         fields = ("ready", "scheduled", "in_flight", "held", "sender_held", "routing", "connections")
         total: dict[str, Any] = {"kind": "total", **{f: sum(r[f] for r in out) for f in fields}}
         total["oldest_age"] = max((r["oldest_age"] for r in out if r["oldest_age"] is not None), default=None)
+        total["ages"] = [sum(col) for col in zip(*(r["ages"] for r in out))] if out else [0] * (len(AGE_EDGES) + 1)
         total["unfinished"] = self._unfinished()
         total["other"] = total["unfinished"] - sum(total[f] for f in fields if f != "connections")
         if self.guard_summary is not None:
