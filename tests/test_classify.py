@@ -870,6 +870,13 @@ def test_yahoo_deferrals_without_their_tss_token_suspend_the_site() -> None:
     ("sender_rejected", "soft", "message", "permanent", "rcpt", "550 5.1.8 Domain does not exist"),
     ("auth_failure", "soft", "site", "permanent", "ehlo", "550 Your HELO hostname does not exist"),
     ("auth_failure", "soft", "message", "permanent", "rcpt", "550 Helo command rejected: need fully-qualified hostname"),
+    # QQ's "not found or access denied" is an unknown user only when nothing says block (a review found
+    # these four made hard bounces, the rule being tried before the reputation and spam verdicts).
+    ("reputation_block", "soft", "site", "permanent", "rcpt", "550 User not found or access denied: your IP is blacklisted"),
+    ("reputation_block", "soft", "site", "permanent", "rcpt",
+     "550 Mailbox not found or access denied. Your IP 192.0.2.4 is listed in Spamhaus"),
+    ("policy", "soft", "message", "permanent", "rcpt", "550 5.7.1 Mailbox not found or access denied"),
+    ("spam_or_virus", "soft", "message", "permanent", "eod", "550 Recipient unknown or access denied - message rejected as spam"),
 ])
 def test_published_replies_held_out(category: str, bounce: str, scope: str, outcome: str, phase: str, raw: str) -> None:
     got = default_classifier().classify_text(raw, phase=phase)

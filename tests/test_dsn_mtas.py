@@ -163,3 +163,13 @@ def test_dovecot_rejections_give_their_reason() -> None:
     [sieve] = parse_dsn((BOUNCES / "dovecot-sieve-reject.eml").read_bytes())
     assert sieve.source == "dovecot" and sieve.diagnostic.startswith("I do not accept messages from strangers")
     assert classify_dsn(sieve).bounce.value == "soft"  # a recipient's refusal of us, never a reason to suppress
+
+
+def test_a_generic_status_gives_way_only_where_it_says_nothing_of_its_own() -> None:
+    from fastmta.feedback.dsn_record import refined_status
+
+    assert refined_status("5.0.0", "5.7.0") == "5.7.0"  # the receiver's block (then the B2B caution: soft)
+    assert refined_status("5.5.0", "5.7.1") == "5.7.1"  # Sendmail's protocol "other" for a 554 5.7.1
+    assert refined_status("5.7.0", "5.1.1") == "5.7.0"  # a policy verdict stays: never a hard bounce by a quote
+    assert refined_status("4.4.0", "4.7.1") == "4.4.0"
+    assert refined_status("5.0.0", "4.2.2") == "5.0.0"  # another class: the report's verdict stays

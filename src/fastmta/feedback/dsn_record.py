@@ -86,13 +86,15 @@ def refined_status(status: str | None, found: str | None) -> str | None:
     """
     if status is None:
         return found
-    if found is None or found[0] != status[0] or found == status or found.endswith(".0"):
+    if found is None or found[0] != status[0] or found == status or found.endswith(".0.0"):
         return status
     if status.endswith(".0.0"):
-        return found
-    if status.endswith(".0") and status.split(".")[1] != "4":
+        return found  # the receiver's X.Y.0 too (OpenSMTPD's 5.0.0 for a 550 5.7.0: a block, not unknown)
+    subject = status.split(".")[1]
+    if status.endswith(".0") and subject not in ("4", "7") and not found.endswith(".0"):
         # X.Y.0 is "other or undefined" within its subject (Sendmail's 5.5.0 for the receiver's 554 5.7.1):
-        # the receiver's code names the cause. (X.4.0 stays: routing trouble says more than a last reply.)
+        # the receiver's code names the cause. X.7.0 stays (a policy verdict: a quoted "5.1.1 user unknown"
+        # must not make a block a hard bounce), and X.4.0 (routing trouble says more than a last reply).
         return found
     return status
 
