@@ -110,7 +110,8 @@ def test_the_shared_cap_is_per_source_and_group() -> None:
     b = limits.lease("ip1", "*.outlook.com", cfg, None)
     other_source = limits.lease("ip2", "*.outlook.com", cfg, None)
     assert a is b and isinstance(a, SharedConnections) and other_source is not a
-    assert limits.lease("ip1", "gmail", ThrottleConfig(), None) is None  # no cap configured
+    uncapped = limits.lease("ip1", "gmail", ThrottleConfig(), None)  # no cap configured: counted only
+    assert isinstance(uncapped, SharedConnections) and uncapped.cap is None
     assert a.wait(0.0) == 0.0 and b.wait(0.0) == 0.0  # two "go"s, counted before their connections start
     assert a.wait(0.0) > 0 and other_source.wait(0.0) == 0.0
     a.started()
@@ -124,3 +125,31 @@ def test_the_shared_cap_is_per_source_and_group() -> None:
         ThrottleConfig(provider_rate=["fast"])
 
 
+def test_a_reload_changes_the_group_s_cap_and_rates_for_the_sites_that_hold_them() -> None:
+    limits = ProviderLimits()
+    lease = limits.lease("ip1", "outlook", ThrottleConfig(), None)  # no cap yet: counted only
+    [rates] = limits.limiters("ip1", "outlook", ThrottleConfig())
+    assert all(lease.wait(0.0) == 0.0 for _ in range(10)) and rates.wait(0.0, 5) == 0.0
+    limits.retune("ip1", "outlook", ThrottleConfig(provider_max_connections=1, provider_rate=["1/s"]))
+    assert lease.wait(5.0) == 0.0 and lease.wait(5.0) > 0  # the same object the busy sites hold
+    rates.take(5.0)
+    assert rates.wait(5.0) > 0
+    # A site made after the reload brings the group's cap too (its idle siblings were made again).
+    assert limits.lease("ip1", "outlook", ThrottleConfig(provider_max_connections=3), None) is lease and lease.cap == 3
+
+
+def test_a_go_the_cluster_refuses_is_given_back() -> None:
+    class FullCluster:
+        def wait(self, now: float) -> float:
+            return 0.25
+
+        def started(self) -> None: ...
+
+        def closed(self) -> None: ...
+
+    limits = ProviderLimits()
+    cfg = ThrottleConfig(provider_max_connections=2)
+    site_a = limits.lease("ip1", "g", cfg, FullCluster())
+    for _ in range(4):
+        assert site_a.wait(0.0) > 0  # the cluster's lease is full: polled
+    assert limits.lease("ip1", "g", cfg, None).wait(0.0) == 0.0  # another site of the group is not starved

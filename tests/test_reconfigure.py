@@ -94,3 +94,28 @@ def test_an_idle_site_is_made_again_with_the_new_limits(run: Run) -> None:
             await sink.close()
 
     run(main())
+
+
+def test_a_reload_lowers_a_busy_group_s_shared_cap_and_sets_a_busy_site_s_tls(run: Run) -> None:
+    async def main() -> None:
+        sink, site = await start_sink(FaultConfig(delays=(("eod", 0.02),)))
+        limits = {"max_connections": 4, "max_messages_per_connection": 5, "pipeline_depth": 1,
+                  "provider_max_connections": 3}
+        try:
+            async with Engine(config({"busy.test": site}, site=limits)) as engine:
+                await submit_all(engine, [f"r{i}@busy.test" for i in range(120)])
+                await until(lambda: sink.stats.active_connections == 3, what="3 connections (the shared cap)")
+                queue = next(iter(engine._dispatch.queues.values()))
+                reconfigure(engine, config({"busy.test": site}, site={**limits, "provider_max_connections": 1,
+                                                                      "tls": "never"}))
+                await until(lambda: sink.stats.active_connections <= 1, timeout=10, what="down to 1")
+                for _ in range(10):
+                    await asyncio.sleep(0.05)
+                    assert sink.stats.active_connections <= 1
+                assert queue.tls.value == "never"
+                assert await engine.drain(30)
+                assert engine.counts["delivered"] == 120
+        finally:
+            await sink.close()
+
+    run(main())

@@ -10,8 +10,9 @@ Live, without dropping a connection or a message:
   retuned in place (:func:`_retune`, :func:`retuned`): its
   throttle is not swapped (that would mix the tickets of two throttles'
   slow-start windows) but keeps its learned window and rate within the new
-  bounds, and each connection takes the new per-connection limits at its
-  next session. An operator lowering Microsoft's connections in the middle
+  bounds, and each connection takes the new per-connection limits (and the
+  site's TLS policy) at its next session; the caps and rates a pattern's
+  sites share (``provider_max_connections``, ``provider_rate``) change at once. An operator lowering Microsoft's connections in the middle
   of a campaign (the site busy from start to end) gets it at once; before,
   the old limits ran until the queue went idle, for a busy site never.
 
@@ -32,6 +33,7 @@ import msgspec
 from fastmta.delivery.batch import retuned
 from fastmta.delivery.config import Config, SiteConfig
 from fastmta.delivery.limits import ThrottleConfig, limits_for
+from fastmta.delivery.mta_sts import is_verified_site
 from fastmta.delivery.ratelimit import Gcra, parse_rate
 from fastmta.delivery.throttle import EventKind, SiteThrottle
 
@@ -77,14 +79,17 @@ def _apply_sites(engine: Engine, old: Config, new: Config) -> list[str]:
     busy: list[str] = []
     for (source, site), queue in list(dispatch.queues.items()):
         _, was = limits_for(site, old.sites, providers=throttles.providers, default=default)
-        _, cfg = limits_for(site, new.sites, providers=throttles.providers, default=default)
+        group, cfg = limits_for(site, new.sites, providers=throttles.providers, default=default)
         if was == cfg:
             continue
+        throttles.provider.retune(source, group, cfg)  # the cap and rates the group's sites share
         if queue.connections or queue.ready or queue.busy:
             busy.append(site)
             limits = dispatch._limits_for(site)
             queue.limits, queue.configured = retuned(queue.configured, queue.limits, limits), limits
             queue.allowance = 2 * limits.max_connections * limits.pipeline_depth
+            if not is_verified_site(site):  # an MTA-STS site keeps its verified TLS whatever [sites] says
+                queue.tls, queue.tls_context = dispatch._site_tls(site)  # from its next connection
             throttle = throttles._throttles.get((source, site))
             if throttle is not None:
                 _retune(throttle, cfg, asyncio.get_running_loop().time())
