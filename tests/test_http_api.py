@@ -297,6 +297,8 @@ def test_bad_requests_are_400s_naming_the_field_and_nothing_is_queued(run_uvloop
         ({**good, "meta": {"k": "\ud800"}}, "meta.k", "not valid Unicode"),
         # An egress pool no source is in: refused, never sent from another pool's addresses.
         ({**good, "meta": {"pool": "marketingg"}}, "meta.pool", "no source is in pool 'marketingg'"),
+        # The accounting's own fields: a caller's "tls_version" would claim TLS for mail sent in clear.
+        ({**good, "meta": {"tls_version": "TLSv1.3"}}, "meta.tls_version", "accounting's own field"),
     ]
 
     async def main() -> None:
@@ -328,10 +330,10 @@ def test_bad_requests_are_400s_naming_the_field_and_nothing_is_queued(run_uvloop
             assert s.engine.counts == {} and s.engine.unfinished == 0
             assert captures(s.capture) == []
             # What the API refused before inject is counted for the metrics (inject counts its own, and
-            # three cases, the bare CR and the NUL in the content and the unknown pool, are the engine's
-            # to refuse): every other case and the five requests after them.
+            # four cases, the bare CR and the NUL in the content, the unknown pool and the reserved meta
+            # key, are the engine's to refuse): every other case and the five requests after them.
             assert set(s.service.refusals) == {("http", "invalid")}
-            assert len(s.service.refusals) == len(cases) - 3 + 5
+            assert len(s.service.refusals) == len(cases) - 4 + 5
 
     run_uvloop(main())
 

@@ -51,3 +51,12 @@ def test_a_value_that_is_not_a_tag_refuses_the_message_naming_the_header(value: 
 def test_the_configuration_refuses_keys_a_client_must_not_set(mapping: dict[str, str], words: str) -> None:
     with pytest.raises(ValueError, match=words):
         ServeConfig(meta_headers=mapping)
+
+
+def test_the_body_is_never_read_and_a_bare_cr_is_not_a_line_end() -> None:
+    body = b"X-Job: in the body\r\n" * 100_000
+    out, meta = TAGS.take(b"X-Job: real\r\nSubject: s\r\n\r\n" + body)
+    assert meta == {"job": "real"} and out == b"Subject: s\r\n\r\n" + body
+    with pytest.raises(InputError, match="header X-Job"):  # "X-Job: a<CR>b": one line, with a control character
+        TAGS.take(b"X-Job: a\rb\r\nFrom: x@y.example\r\n\r\nbody\r\n")
+    assert TAGS.take(b"From: x@y.example\r\nX-Job: last") == (b"From: x@y.example\r\n", {"job": "last"})

@@ -472,12 +472,17 @@ def test_a_suspension_for_a_time_survives_a_restart_and_ends_at_its_time(run: Ru
             async with Engine(cfg, spool=spool) as engine:
                 out = engine.control.suspend("domain:p.test", duration=1.0, reason="maintenance\r\nwindow")
                 assert out["rules"][0]["reason"] == "maintenance window"  # one printable line
+                until_ = out["rules"][0]["until"]
+                again = engine.control.suspend("domain:p.test", reason="still down")  # a reason alone
+                assert (again["rules"][0]["until"], again["rules"][0]["reason"]) == (until_, "still down")
+                again = engine.control.suspend("domain:p.test")  # neither: both kept
+                assert (again["rules"][0]["until"], again["rules"][0]["reason"]) == (until_, "still down")
                 with pytest.raises(ValueError, match="duration"):
                     engine.control.suspend("domain:q.test", duration=0)
                 await submit_all(engine, ["a@p.test"])
             await spool.close()
             saved = json.loads((tmp_path / "q" / SUSPEND_FILE).read_text())
-            assert saved[0]["until"] is not None and saved[0]["reason"] == "maintenance window"
+            assert saved[0]["until"] is not None and saved[0]["reason"] == "still down"
             await asyncio.sleep(1.1)  # its time runs out while the engine is stopped
             spool = Spool(tmp_path / "q")
             async with Engine(cfg, spool=spool) as engine:

@@ -24,6 +24,7 @@ SITES = {
     "never.test": ("127.0.0.4", True, {"tls": "never"}),
     "required.test": ("127.0.0.3", False, {"tls": "required"}),
     "verify.test": ("127.0.0.5", True, {"tls_verify": True}),  # the sink's own certificate: nobody can verify it
+    "verify-clear.test": ("127.0.0.6", False, {"tls_verify": True}),  # no STARTTLS: never in clear instead
 }
 
 
@@ -47,9 +48,9 @@ def test_each_site_gets_its_own_tls_policy(run: Run) -> None:
                 await asyncio.sleep(0.5)
                 assert done["default.test"].status is Status.DELIVERED and done["default.test"].tls_version
                 assert done["never.test"].status is Status.DELIVERED and done["never.test"].tls_version is None
-                assert engine.counts["deferred"] == 2  # required in clear; a certificate that cannot be verified
+                assert engine.counts["deferred"] == 3  # required in clear; a certificate that cannot be verified, or none
             assert {d: s.stats.messages for d, s in sinks.items()} == {
-                "default.test": 1, "never.test": 1, "required.test": 0, "verify.test": 0}
+                "default.test": 1, "never.test": 1, "required.test": 0, "verify.test": 0, "verify-clear.test": 0}
             assert sinks["never.test"].stats.tls_sessions == 0 and sinks["default.test"].stats.tls_sessions == 1
         finally:
             for sink in sinks.values():

@@ -158,7 +158,9 @@ def test_a_store_that_fell_behind_the_kept_changes_reads_the_whole_list(tmp_path
         writer = SqliteSuppressionStore(path)  # each opening trims the changes to the last 2
         writer.add(Suppression(f"u{i}@example.com", Scope.GLOBAL, "", "hard bounce", "import", 1.0))
         writer.close()
-    assert SqliteSuppressionStore(path)._db.execute("SELECT MIN(seq) FROM suppression_change").fetchone()[0] > 1
+    trimmed = SqliteSuppressionStore(path)
+    assert trimmed._db.execute("SELECT MIN(seq) FROM suppression_change").fetchone()[0] > 1
+    trimmed.close()
     running.follow_changes()
     assert all(running.check(f"u{i}@example.com") is not None for i in range(5))
     running.close()

@@ -191,7 +191,8 @@ class QueueControl:
         why = " ".join("".join(c if c.isprintable() else " " for c in reason).split())[:200]
         now = time.time()
         old = self._rules.get(rule_key(kind, value))
-        rule = Rule(kind, value, old.since if old else now, now + duration if duration else None, why)
+        until = now + duration if duration else old.until if old else None  # a reason alone keeps the time
+        rule = Rule(kind, value, old.since if old else now, until, why or (old.reason if old else ""))
         already = old is not None
         if not already or ((duration or why) and rule != old):
             self._save([*(r for r in self._rules.values() if r.key != rule.key), rule])  # durable first
@@ -582,8 +583,6 @@ class QueueControl:
 
 
 # --- formatting ---------------------------------------------------------------------------
-
-
 
 
 def _reply(reply: Reply | None) -> dict[str, Any] | None:

@@ -37,7 +37,7 @@ from fastmta.delivery.source_config import DEFAULT_POOL, source_pools
 from fastmta.delivery.throttle import Throttles
 from fastmta.errors import InputError
 from fastmta.feedback.classify import Classifier
-from fastmta.queue.records import Message, Recipient
+from fastmta.queue.records import RESERVED_META, Message, Recipient
 from fastmta.smtp.connection import Timeouts
 from fastmta.smtp.protocol import TLSPolicy
 from fastmta.smtp.reply import Reply
@@ -181,6 +181,8 @@ class Dispatcher:
         a pool some source is in, a ``max_lifetime`` that is a number of seconds."""
         if not meta:
             return
+        for key in RESERVED_META.intersection(meta):
+            raise InputError(f"meta.{key}: the accounting's own field (where and how the mail went), not a caller's")
         pool = meta.get("pool")
         if pool is not None and (not isinstance(pool, str) or pool not in self._pools):
             raise InputError(f"meta.pool: no source is in pool {pool!r} (pools: {', '.join(sorted(self._pools))})")

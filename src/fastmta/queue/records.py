@@ -165,9 +165,11 @@ class Outcome:
         """The meta keys the record has no field of its own for (a field left out lets its meta key in)."""
         if not self.meta:
             return {}
-        unset = [name for name, value in (("next_attempt", self.next_attempt), ("bounce_reason", self.reason),
-                                          ("source", self.source), ("tls_version", self.tls_version),
-                                          ("tls_cipher", self.tls_cipher)) if not value]
+        # A meta key named like an unset field goes through (the HTTP API's callers had such keys before
+        # the fields existed), except the session's: a caller's "tls_version" would claim TLS for mail sent
+        # in clear (the HTTP API refuses these keys; see RESERVED_META).
+        unset = [name for name, value in (("next_attempt", self.next_attempt), ("bounce_reason", self.reason))
+                 if not value]
         taken = _RECORD_FIELDS.difference(unset) if unset else _RECORD_FIELDS
         return {k: v for k, v in self.meta.items() if k not in taken}
 
@@ -215,3 +217,5 @@ class RecordFields(msgspec.Struct, omit_defaults=True, gc=False):
 
 _RECORD_FIELDS = frozenset(RecordFields.__struct_fields__)
 _OPTIONAL_FIELDS = ("next_attempt", "bounce_reason", "source", "tls_version", "tls_cipher")
+#: Meta keys a caller may not set: the accounting record's fields of where and how the mail went.
+RESERVED_META = frozenset({"source", "tls_version", "tls_cipher"})

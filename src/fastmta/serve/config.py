@@ -48,6 +48,7 @@ import msgspec
 
 from fastmta.delivery.config import Config, config_from_dict
 from fastmta.errors import ConfigError
+from fastmta.queue.records import RESERVED_META
 from fastmta.serve.events import WebhookEndpoint
 
 __all__ = [
@@ -184,7 +185,8 @@ class PickupConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
 
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext
 _META_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_SERVICE_META = frozenset({"via", "auth"})  # how and by whom it came in: never the client's to say
+# How and by whom it came in, where and how it went: never the client's to say.
+_SERVICE_META = frozenset({"via", "auth"}) | RESERVED_META
 
 
 class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

@@ -302,8 +302,9 @@ def _meta(value: Any, field: str) -> dict[str, str]:
 def _inject_error_field(exc: InputError) -> str | None:
     """Which request field an InputError from inject is about (addresses were checked before)."""
     reason = exc.reason.lower()
-    for prefix, field in (("sender", "sender"), ("recipient", "recipients"), ("message", "content"),
-                          ("meta.pool", "meta.pool"), ("meta.max_lifetime", "meta.max_lifetime")):
+    if reason.startswith("meta."):  # "meta.pool: ...": what the engine said of a meta key
+        return reason.split(":", 1)[0]
+    for prefix, field in (("sender", "sender"), ("recipient", "recipients"), ("message", "content")):
         if reason.startswith(prefix):
             return field
     return None

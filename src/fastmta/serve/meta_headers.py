@@ -23,7 +23,26 @@ __all__ = ["MetaHeaders"]
 
 _MAX_VALUE = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_LINE_END = re.compile(rb"\r?\n")
+_SPACES = re.compile(" {2,}")
 _H_TAG = re.compile(rb"(?:^|;)\s*h\s*=\s*([^;]*)", re.I)
+
+
+def _header_end(content: bytes) -> int:
+    """The length of the header section: up to the empty line (CRLF or LF), the whole message without one."""
+    if content.startswith((b"\r\n", b"\n")):
+        return 0
+    ends = [i + 1 for i in (content.find(b"\n\r\n"), content.find(b"\n\n")) if i >= 0]
+    return min(ends) if ends else len(content)
+
+
+def _lines(head: bytes) -> list[bytes]:
+    """*head*'s lines, each with its LF (the last without one if the message has no body)."""
+    lines = [line + b"\n" for line in head.split(b"\n")]
+    last = lines.pop()
+    if last != b"\n":
+        lines.append(last[:-1])
+    return lines
 
 
 class MetaHeaders:
@@ -37,16 +56,13 @@ class MetaHeaders:
         """(*content* without the headers read, unless signed; meta key -> value)."""
         if not self._keys:
             return content, {}
+        end = _header_end(content)  # the body is never split: an 18 MB message costs what its header does
         fields: list[tuple[bytes, bytes]] = []  # (lowercase name, the whole field: its lines as they are)
-        end = 0
-        for line in content.splitlines(keepends=True):  # CRLF, or LF in a pickup file
-            if not line.strip(b"\r\n"):
-                break  # the empty line: the body follows
+        for line in _lines(content[:end]):  # CRLF, or LF in a pickup file; a bare CR stays in its line
             if line[:1] in (b" ", b"\t") and fields:
                 fields[-1] = (fields[-1][0], fields[-1][1] + line)
             else:
                 fields.append((line.split(b":", 1)[0].strip().lower(), line))
-            end += len(line)
         if not any(name in self._keys for name, _ in fields):
             return content, {}
         meta: dict[str, str] = {}
@@ -54,7 +70,10 @@ class MetaHeaders:
             key = self._keys.get(name)
             if key is None or key in meta:
                 continue
-            value = b" ".join(field.split(b":", 1)[1].split()).decode("utf-8", "replace") if b":" in field else ""
+            # Unfolded (line ends out, tabs as spaces) before the check: a bare CR or a NUL is refused, not
+            # taken for spacing as bytes.split() would.
+            raw = _LINE_END.sub(b"", field.split(b":", 1)[1]).replace(b"\t", b" ") if b":" in field else b""
+            value = _SPACES.sub(" ", raw.decode("utf-8", "replace")).strip()
             if not value or len(value) > _MAX_VALUE or _CONTROL.search(value) or "\ufffd" in value:
                 header = field.split(b":", 1)[0].decode("ascii", "replace").strip()
                 raise InputError(f"message: header {header}: not a tag (1-{_MAX_VALUE} characters of UTF-8 on one line)")

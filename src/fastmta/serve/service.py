@@ -456,6 +456,9 @@ class Service:
             self.admin_tokens = TokenRing((t.name, t.sha256) for t in new.serve.admin.tokens)
             changed.append("admin tokens")
         receive = self._receive_domains(new)
+        if (new.serve.meta_headers, new.serve.strip_meta_headers) != (old.serve.meta_headers, old.serve.strip_meta_headers):
+            self.meta_headers = MetaHeaders(new.serve.meta_headers, strip=new.serve.strip_meta_headers)
+            changed.append("meta headers")
         if new.serve.relay_networks != old.serve.relay_networks or receive != self._receive_domains(old):
             self.policy = RelayPolicy(new.serve.relay_networks, receive)
             changed.append("relay networks / receive domains")
@@ -524,7 +527,7 @@ class Service:
             if outbound:
                 # [serve] meta_headers: X-Job and the like (HTTP callers say it in the request); InputError: a
                 # header that is not a tag. The mail kept for the receive domains stays as it came.
-                relayed, tags = self.meta_headers.take(content) if via != "http" else (content, {})
+                relayed, tags = self.meta_headers.take(content) if via in ("smtp", "pickup") else (content, {})
                 await self.engine.submit(relayed, sender, outbound, meta={**tags, **meta}, message_id=message_id,
                                          take=take, room_timeout=room_timeout)
             if inbound:
