@@ -49,8 +49,8 @@ def check_ptr(lookup: Lookup, ips: list[tuple[str, str]], report: Report) -> Non
             report.ok("ptr", f"{ip} -> {confirmed[0]} -> {ip} (forward-confirmed)", where, "ptr")
         else:
             report.error("ptr", f"the PTR name {names[0]} of {ip} does not resolve back to {ip}", where, "ptr")
-        if helo and helo.lower() == "localhost":
-            report.warning("ptr", f"the source with {ip} says EHLO localhost: set [[sources]] ehlo_name to its "
+        if helo and (helo.lower() == "localhost" or helo.lower().endswith(".localdomain")):
+            report.warning("ptr", f"the source with {ip} says EHLO {helo}: set [[sources]] ehlo_name to its "
                            f"PTR name", "configuration")
         elif helo and confirmed and helo.lower().rstrip(".") not in confirmed:
             report.warning("ptr", f"the EHLO name {helo} of {ip} is not its PTR name {confirmed[0]}", "configuration")

@@ -33,7 +33,7 @@ from fastmta.delivery.limits import limits_for
 from fastmta.delivery.mta_sts import POLICY_FILE, is_verified_site, verifying_context
 from fastmta.delivery.pool import Gate, ResultCallback, SiteQueue
 from fastmta.delivery.routing import Route, RouteFailure, Router
-from fastmta.delivery.source_config import DEFAULT_POOL, source_pools
+from fastmta.delivery.source_config import DEFAULT_POOL, default_ehlo_name, source_pools
 from fastmta.delivery.throttle import Throttles
 from fastmta.errors import InputError
 from fastmta.feedback.classify import Classifier
@@ -91,7 +91,7 @@ class Dispatcher:
         # The machine's open-files limit bounds the cap: a configured one can only be lower.
         self.budget = ConnectionBudget(min(config.smtp.max_connections or 1 << 30, default_connection_limit()))
         self._sources = [Source(s.name, s.address, s.ehlo_name, s.weight) for s in config.sources] or [
-            Source("default", None, "localhost")
+            Source("default", None, default_ehlo_name())
         ]
         by_name = {s.name: s for s in self._sources}
         #: Egress pool -> its sources and their cumulative weights (PowerMTA's virtual-mta-pool).

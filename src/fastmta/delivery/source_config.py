@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -14,9 +15,23 @@ import msgspec
 
 from fastmta.delivery.warmup import WarmupConfig
 
-__all__ = ["DEFAULT_POOL", "SourceConfig", "source_pools"]
+__all__ = ["DEFAULT_POOL", "SourceConfig", "default_ehlo_name", "source_pools"]
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+_HOST_LABELS = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def default_ehlo_name() -> str:
+    """The machine's host name, as Postfix's ``myhostname`` defaults (``localdomain`` added to a name
+    without a dot): not "localhost", which receivers checking HELO refuse (Postfix's
+    ``reject_non_fqdn_helo_hostname`` answered 504 to every message). No DNS lookup is made for it.
+    Set ``ehlo_name`` to the source address's PTR name (``fastmta check`` compares them)."""
+    name = socket.gethostname().strip().rstrip(".")
+    if not _HOST_LABELS.fullmatch(name) or name.lower().startswith("localhost"):
+        name = "localhost"
+    return name if "." in name else f"{name}.localdomain"
+
 
 DEFAULT_POOL = "default"
 _POOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -38,7 +53,7 @@ class SourceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     name: str
     #: Local IP address to bind; omitted: the OS chooses.
     address: str | None = None
-    ehlo_name: str = "localhost"
+    ehlo_name: str = msgspec.field(default_factory=default_ehlo_name)
     #: Share of messages given to this source (weighted random per message).
     weight: PositiveInt = 1
     #: Static message rates for this source across all sites, e.g. ["100/s"].
