@@ -174,7 +174,9 @@ cdef class ReplyParser:
             self._code = code
             self._first_text = buf[start + 4:start + 4 + tn]
         elif code != self._code:
-            raise ProtocolError(f"reply code changed inside a multi-line reply: {self._code} then {code}")
+            # postscreen's "220-..." then "521 5.3.2 ...": the last code is the reply's (see reply.py).
+            self._code = code
+            self._first_text = buf[start + 4:start + 4 + tn]
         if len(self._lines) >= _MAX_LINES:
             raise ProtocolError(f"reply longer than {MAX_LINES} lines")
         self._lines.append(_decode(t, tn))
