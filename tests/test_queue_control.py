@@ -515,3 +515,33 @@ def test_summary_counts_unfinished_recipients_by_age_as_qshape(run: Run) -> None
             await sink.close()
 
     run(main())
+
+
+def test_tries_at_a_site_s_pace_do_not_grow_the_backoff(run: Run) -> None:
+    """A site answering "slow down" to a recipient: its tries at the site's pace (10, each counted as an
+    attempt) are not failures of the exponential backoff. Found by an attack with Postfix's anvil:
+    recipients waited 3 to 4 hours while the site kept taking mail."""
+    from fastmta.delivery.batch import Delivery
+    from fastmta.feedback.classify import default_classifier
+    from fastmta.queue.records import Message, Recipient
+    from fastmta.smtp.protocol import Body
+
+    async def main() -> None:
+        slow = default_classifier().classify_text("450 4.7.1 Error: too much mail from 192.0.2.7", phase="rcpt")
+        block = default_classifier().classify_text("450 4.7.1 <x@d.test>: Recipient address rejected: policy",
+                                                   phase="rcpt")
+        assert slow.site_paced and not block.site_paced
+        async with Engine(config({}, retry_initial=60, retry_max=14400)) as engine:
+            loop = asyncio.get_running_loop()
+            waits = {}
+            for name, c in (("paced", slow), ("other", block)):
+                rcpt = Recipient(f"{name}@d.test", "d.test", attempts=11)
+                msg = Message(f"m-{name}", SENDER, Body(BODY), [rcpt], meta={})
+                msg.deadline = loop.time() + 86400
+                engine._defer(msg, [(rcpt, c)], Delivery("d.test", None, None, None))
+                waits[name] = max(when for when, (m, _) in engine._due.entries() if m is msg) - loop.time()
+            assert waits["paced"] < 200, waits  # 60 s and the rule's hint, not 4 h
+            assert waits["other"] > 3600, waits  # eleven real failures keep their backoff
+            await engine.drain(0.1)
+
+    run(main())

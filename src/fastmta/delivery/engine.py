@@ -543,7 +543,8 @@ class Engine:
         """
         assert self._due is not None
         now = asyncio.get_running_loop().time()
-        delay = self.retry.delay(max(r.attempts for r, _ in rcpts), self._rng)
+        # Tries at a site's pace (its "slow down") are not failures of the backoff: 10 made it 4 hours.
+        delay = self.retry.delay(max(r.attempts - _PACED_TRIES * c.site_paced for r, c in rcpts), self._rng)
         hinted = [c.retry_after for _, c in rcpts if c.retry_after is not None]
         if hinted:
             floor = max(hinted) * (1.0 + self._rng.uniform(0, self.retry.jitter))
