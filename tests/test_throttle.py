@@ -184,6 +184,12 @@ def test_recipient_transients_do_not_shrink() -> None:
     for t in tickets:
         th.message_result(t, MAILBOX_FULL, 1.0)
         th.message_result(t, GREYLISTED, 1.0)
+    # Nothing went through: no cut (the site did not ask us to slow down), and no growth either (a round of
+    # greylisted recipients says nothing of the capacity: it had grown the rate to 1e7 a second).
+    assert th.rate == 10.0 and events == []
+    tickets = saturate(th, 1.0)
+    for i, t in enumerate(tickets):
+        th.message_result(t, GREYLISTED if i % 2 else None, 2.0)  # half of them delivered
     assert th.rate == 20.0  # a clean round as far as the site is concerned
     assert all(e.reason.startswith("slow start") for e in events)
 
@@ -407,3 +413,29 @@ def test_closed_loop_goodput_and_reconvergence() -> None:
 def test_gcra_pacer_is_the_rate() -> None:
     g = Gcra(0.1)
     assert g.try_take(0.0) == 0.0 and g.try_take(0.0) == pytest.approx(0.1)
+
+
+def test_refused_sessions_do_not_grow_the_window() -> None:
+    """postscreen dropping every session ("220-" then "521", read as a protocol error, no throttle signal):
+    the window went 2 -> 4 -> 8 -> 10 with no connection ever working. A round grows only when something
+    went through."""
+    th, events = make(initial_connections=2)
+    refused = CLS.classify_local("protocol_error", "reply code changed inside a multi-line reply")
+    assert not refused.is_throttle_signal
+    now = 0.0
+    for _ in range(5):
+        opened = 0
+        while th.connection_wait(opened, now) == 0.0:
+            ticket = th.connection_started(now)
+            opened += 1
+            th.connection_result(ticket, refused, now + 0.5)
+            th.connection_closed()
+        now += 1.0
+    assert th.window == 2 and not [e for e in events if e.kind.value == "window"]
+    opened = 0
+    while th.connection_wait(opened, now) == 0.0:  # then connections that work: slow start as before
+        th.connection_result(th.connection_started(now), None, now + 0.5)
+        opened += 1
+    th.connection_wait(opened, now + 1.0)
+    th.message_result(th.message_started(now + 1.0), None, now + 1.5)
+    assert th.window > 2

@@ -41,6 +41,7 @@ class Dial:
         self.round_t0 = -math.inf
         self.limited = False
         self.signalled = False
+        self.succeeded = False  # a connection opened (window) or a message taken (rate) in this round
         self.cut_seq = 0
         self.cut_t = -math.inf
 
@@ -52,14 +53,18 @@ class Dial:
 
     def new_round(self, seq: int, now: float) -> None:
         self.round_seq, self.round_t0 = seq, now
-        self.limited = self.signalled = False
+        self.limited = self.signalled = self.succeeded = False
 
     def round_over(self, ticket: int, now: float, round_min: float) -> bool:
         return ticket >= self.round_seq and now - self.round_t0 >= round_min
 
     def grow(self) -> str | None:
-        """End of a clean round: the new value's reason, or None if unchanged."""
-        if not self.limited or self.signalled:
+        """End of a clean round: the new value's reason, or None if unchanged.
+
+        Clean means limited by this dial, no throttle signal, and something went through: a round of
+        greylisted recipients or refused greetings says nothing of the capacity (it grew the rate to
+        1e7 a second and the window to its ceiling with no connection ever working)."""
+        if not self.limited or self.signalled or not self.succeeded:
             return None
         v = self.value
         if self.probe and v > self.good * self.reset_above:

@@ -431,6 +431,8 @@ class SiteThrottle:
             return
         if not a.enabled or self.suspended_until is not None or self.probing:
             return
+        if result is None or result.outcome is Outcome.DELIVERED:  # a delivery shows the connections work too
+            dial.succeeded = self._window.succeeded = True
         if signal:
             if ticket > dial.cut_seq and now - dial.cut_t >= a.round_min:
                 self._cut(dial, kind, now, why)
