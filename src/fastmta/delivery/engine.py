@@ -473,9 +473,9 @@ class Engine:
                 # judged them, so no attempt is counted (nor a retry schedule nor a cap to reach).
                 rcpt.attempts -= 1
                 over.append(rcpt)
-            elif paces and c.site_paced and rcpt.attempts <= _PACED_TRIES:
-                # "Slow down" from the site: the throttle has cut its rate; the recipient waits for the
-                # site's pace in the ready queue rather than taking an exponential backoff of its own.
+            elif paces and c.site_paced and phase != "connect" and rcpt.attempts <= _PACED_TRIES:
+                # "Slow down" to a transaction: the recipient waits for the site's pace in the ready queue, not
+                # a backoff of its own. (A refused greeting is no pace: it took a record a minute before.)
                 paced.append(rcpt)
             else:
                 deferred.append((rcpt, c))
