@@ -126,7 +126,9 @@ class SharedRates:
             self.specs, self.gcras = list(specs), [Gcra.from_spec(parse_rate(spec)) for spec in specs]
 
     def wait(self, now: float, n: int = 1) -> float:
-        return max((g.wait(now, n) for g in self.gcras), default=0.0)
+        if not self.gcras:
+            return 0.0  # the usual case, asked for every message: no generator
+        return max(g.wait(now, n) for g in self.gcras)
 
     def take(self, now: float, n: int = 1) -> None:
         for g in self.gcras:
