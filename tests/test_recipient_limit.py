@@ -194,3 +194,41 @@ def test_a_recipient_rate_limit_is_not_learned_as_a_transaction_size(run_uvloop:
             return queue.limits.max_recipients_per_transaction
 
     assert run_uvloop(main()) == 50  # the default: a rate says nothing of a transaction's size
+
+
+def test_each_deferred_recipient_waits_as_long_as_its_own_reason_asks(run_uvloop: Any) -> None:
+    # One transaction, two reasons: a full mailbox (its rule: try again in 4 hours) and greylisting (7
+    # minutes). Scheduled together, the greylisted recipients waited the full mailbox's 4 hours.
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP, Envelope, Session
+
+    from fastmta.delivery.config import config_from_dict
+    from fastmta.delivery.engine import Engine
+
+    class Mixed:
+        async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                              options: list[str]) -> str:
+            if address.startswith("full"):
+                return "452 4.2.2 Mailbox full"
+            return "451 4.7.1 Greylisted, please try again later"
+
+    async def main() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: SMTP(Mixed()), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = config_from_dict({"routing": {"static": {"*": [f"127.0.0.1:{port}"]}}, "smtp": {"tls": "never"},
+                                "queue": {"retry_initial": 60, "retry_jitter": 0.0, "retry_max": 14400},
+                                "sites": {"*": {"adaptive": {"enabled": False}}}})
+        async with server, Engine(cfg) as engine:
+            await engine.submit(b"Subject: x\r\n\r\nhi\r\n", "s@a.test", ["grey1@x.test", "full@x.test", "grey2@x.test"])
+            deadline = loop.time() + 20
+            while engine.counts.get("deferred", 0) < 3 and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert engine._due is not None
+            return {r.address: when - loop.time() for when, (_, rcpts) in engine._due.entries() for r in rcpts}
+
+    waits = run_uvloop(main())
+    assert set(waits) == {"grey1@x.test", "full@x.test", "grey2@x.test"}
+    assert waits["grey1@x.test"] < 900 and waits["grey2@x.test"] < 900, waits  # greylisting's ~7 minutes
+    assert waits["full@x.test"] > 3600, waits  # a full mailbox's hours

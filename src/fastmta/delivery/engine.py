@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastmta.delivery.accounting import AccountingLog
-from fastmta.delivery.batch import Batch, Delivery, fewer_recipients, lifetime_of, recipient_limit
+from fastmta.delivery.batch import Batch, Delivery, by_retry_hint, fewer_recipients, lifetime_of, recipient_limit
 from fastmta.delivery.brakes import Guard
 from fastmta.delivery.cluster import Cluster
 from fastmta.delivery.config import Config, SiteConfig
@@ -490,8 +490,8 @@ class Engine:
                 queue.put(Batch(msg, group, batch.route, batch.source), front=True)
             else:  # pragma: no cover - the queue that sent it always exists
                 self._dispatch.route(msg, group)
-        if deferred:
-            self._defer(msg, deferred, delivery)
+        for same_hint in by_retry_hint(deferred):  # each reason its own wait: not a full mailbox's 4 h for all
+            self._defer(msg, same_hint, delivery)
 
     def _on_expired(self, batch: Batch, why: Reply | None) -> None:
         """*batch* outlived its queue lifetime in a ready queue; *why*: the site's last refusal."""
