@@ -78,6 +78,11 @@ class _Admin(StrEnum):
     ADMIN = "admin"
 
 
+def _one_line(reason: str) -> str:
+    """An operator's reason as one printable line of at most 200 characters (it lands in replies and logs)."""
+    return " ".join("".join(c if c.isprintable() else " " for c in reason).split())[:200]
+
+
 def _site_has(site: str, value: str) -> bool:
     return site == value or value in site.split(",")
 
@@ -188,7 +193,7 @@ class QueueControl:
             raise ValueError("suspend takes site:NAME, domain:NAME, campaign:ID or a site or domain name")
         if duration is not None and not 0 < duration < 10 * 365 * 86400:
             raise ValueError(f"duration {duration!r}: a number of seconds above 0")
-        why = " ".join("".join(c if c.isprintable() else " " for c in reason).split())[:200]
+        why = _one_line(reason)
         now = time.time()
         old = self._rules.get(rule_key(kind, value))
         until = now + duration if duration else old.until if old else None  # a reason alone keeps the time
@@ -321,7 +326,7 @@ class QueueControl:
 
     def bounce(self, target: str, reason: str = "") -> dict[str, Any]:
         """Bounce every matching unfinished recipient now (not in flight): one record each."""
-        why = " ".join("".join(c if c.isprintable() else " " for c in reason).split())[:200]
+        why = _one_line(reason)
         reply = Reply.local(550, "5.0.0", f"bounced by the operator: {why}" if why else "bounced by the operator")
         return self._finish(target, Status.BOUNCED, reply, "bounced by the operator")
 
