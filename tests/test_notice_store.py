@@ -17,7 +17,7 @@ def outcome(rcpt: str) -> Outcome:
 
 def test_what_is_stored_comes_back_until_removed(tmp_path: Path) -> None:
     store = NoticeStore(tmp_path / "notices")
-    future = store.add([("k1", "s@a.test", b"Subject: hi\r\n", False), ("k1", encode(outcome("a@b.test"))),
+    future = store.add([("k1", "s@a.test", b"Subject: hi\r\n", 0), ("k1", encode(outcome("a@b.test"))),
                         ("k1", encode(outcome("c@b.test")))])
     assert future is not None
     future.result(5)
@@ -25,7 +25,7 @@ def test_what_is_stored_comes_back_until_removed(tmp_path: Path) -> None:
     again = NoticeStore(tmp_path / "notices")  # a new process
     try:
         [owed] = again.owed()
-        assert (owed.key, owed.sender, owed.headers, owed.delayed) == ("k1", "s@a.test", b"Subject: hi\r\n", False)
+        assert (owed.key, owed.sender, owed.headers, owed.kind) == ("k1", "s@a.test", b"Subject: hi\r\n", "failed")
         assert [(o.recipient, o.reply.code, o.reply.enhanced, o.mx_host) for o in owed.outcomes] == [
             ("a@b.test", 550, "5.1.1", "mx.b.test"), ("c@b.test", 550, "5.1.1", "mx.b.test")]
         again.remove("k1")
@@ -42,15 +42,15 @@ def test_a_failed_write_does_not_wedge_the_store(tmp_path: Path) -> None:
     other = sqlite3.connect(tmp_path / "notices" / "notices.sqlite", timeout=0.1, isolation_level=None)
     try:
         store._db.execute("PRAGMA busy_timeout = 100")
-        add = store.add([("k1", "s@a.test", b"", False), ("k1", encode(outcome("a@b.test")))])
+        add = store.add([("k1", "s@a.test", b"", 0), ("k1", encode(outcome("a@b.test")))])
         assert add is not None
         add.result(5)
         other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
         store.remove("k1")  # fails (logged), rolled back
-        late = store.add([("k2", "s@a.test", b"", False), ("k2", encode(outcome("b@b.test")))])
+        late = store.add([("k2", "s@a.test", b"", 0), ("k2", encode(outcome("b@b.test")))])
         assert late is not None and late.exception(5) is not None
         other.execute("ROLLBACK")
-        again = store.add([("k3", "s@a.test", b"", False), ("k3", encode(outcome("c@b.test")))])
+        again = store.add([("k3", "s@a.test", b"", 0), ("k3", encode(outcome("c@b.test")))])
         assert again is not None
         again.result(5)  # the store works again
         store.remove("k1")
@@ -72,7 +72,7 @@ def test_a_notice_the_queue_already_holds_is_not_queued_again(tmp_path: Path) ->
 
     store = NoticeStore(tmp_path / "notices")
     for key in ("m1-dsnf1", "m2-dsnf2"):
-        added = store.add([(key, "s@a.test", b"", False), (key, encode(outcome("a@b.test")))])
+        added = store.add([(key, "s@a.test", b"", 0), (key, encode(outcome("a@b.test")))])
         assert added is not None
         added.result(5)
     notices = SenderNotices(Engine(config_from_dict({})), hostname="mta.test", policy=RelayPolicy([], []),
@@ -82,3 +82,26 @@ def test_a_notice_the_queue_already_holds_is_not_queued_again(tmp_path: Path) ->
         assert [n.key for n in store.owed()] == ["m2-dsnf2"]
     finally:
         store.close()
+
+
+def test_a_success_notice_and_the_dsn_parameters_survive_a_restart(tmp_path: Path) -> None:
+    # What the client asked over SMTP (ENVID, ORCPT) is printed in the notice: a notice queued after a
+    # crash must print it too, and still be the kind it was (a success notice is no failure notice).
+    meta = {"via": "smtp", "dsn": {"envid": "order 9", "orcpt": {"a@b.test": "rfc822;A@b.test"}}}
+    delivered = Outcome("m1", "a@b.test", Status.DELIVERED, Reply(250, ("2.0.0 ok",), "2.0.0"), 1, 10.0, 11.0,
+                        mx_host="mx.b.test", meta=meta)
+    store = NoticeStore(tmp_path / "notices")
+    added = store.add([("k1", "s@a.test", b"Subject: hi\r\n", 2), ("k1", encode(delivered)),
+                       ("k1", encode(outcome("c@b.test")))])
+    assert added is not None
+    added.result(5)
+    store.close()
+    again = NoticeStore(tmp_path / "notices")
+    try:
+        [owed] = again.owed()
+        assert owed.kind == "relayed"
+        first, second = owed.outcomes
+        assert first.meta == {"dsn": {"envid": "order 9", "orcpt": {"a@b.test": "rfc822;A@b.test"}}}
+        assert second.meta is None  # stored without parameters: none come back
+    finally:
+        again.close()

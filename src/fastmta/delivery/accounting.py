@@ -40,6 +40,7 @@ from typing import IO, Any, Literal, Self
 import msgspec
 
 from fastmta.queue.records import Outcome, Status
+from fastmta.smtp.dsn_params import DSN_META, dsn_fields
 
 Format = Literal["jsonl", "csv"]
 
@@ -194,6 +195,8 @@ def csv_row(outcome: Outcome, *, iso_times: bool = True) -> list[str]:
     else:
         dsn_mta = outcome.mx_host or outcome.mx_ip or ""
     rest = {k: v for k, v in meta.items() if k not in _META_COLUMNS}
+    if DSN_META in rest:
+        rest.update(dsn_fields(rest.pop(DSN_META), outcome.recipient))
     cells = [
         RECORD_TYPE[status],
         format_time(outcome.time, iso_times),

@@ -17,6 +17,7 @@ import msgspec
 
 from fastmta.errors import InputError
 from fastmta.smtp.address import mailbox_error
+from fastmta.smtp.dsn_params import DSN_META, dsn_fields
 from fastmta.smtp.protocol import Body, check_address
 from fastmta.smtp.reply import Reply
 
@@ -171,7 +172,10 @@ class Outcome:
         unset = [name for name, value in (("next_attempt", self.next_attempt), ("bounce_reason", self.reason))
                  if not value]
         taken = _RECORD_FIELDS.difference(unset) if unset else _RECORD_FIELDS
-        return {k: v for k, v in self.meta.items() if k not in taken}
+        extra = {k: v for k, v in self.meta.items() if k not in taken}
+        if DSN_META in extra:
+            extra.update(dsn_fields(extra.pop(DSN_META), self.recipient))
+        return extra
 
     def as_record(self) -> dict[str, Any]:
         """The accounting record (one JSON line): its fields, then the message's other meta keys."""

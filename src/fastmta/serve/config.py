@@ -50,6 +50,7 @@ from fastmta.delivery.config import Config, config_from_dict
 from fastmta.errors import ConfigError
 from fastmta.queue.records import RESERVED_META
 from fastmta.serve.events import WebhookEndpoint
+from fastmta.smtp.dsn_params import DSN_META
 
 __all__ = [
     "AdminConfig",
@@ -186,7 +187,7 @@ class PickupConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext
 _META_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # How and by whom it came in, where and how it went: never the client's to say.
-_SERVICE_META = frozenset({"via", "auth"}) | RESERVED_META
+_SERVICE_META = frozenset({"via", "auth", DSN_META}) | RESERVED_META
 
 
 class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

@@ -26,15 +26,16 @@ import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
 from fastmta.errors import DamagedFile
 from fastmta.queue.records import Outcome, Status
+from fastmta.smtp.dsn_params import DSN_META, dsn_of, orcpt_of
 from fastmta.smtp.reply import Reply
 
-__all__ = ["NoticeStore", "OwedNotice"]
+__all__ = ["KINDS", "NoticeStore", "OwedNotice"]
 
 log = logging.getLogger("fastmta.serve.dsn")
 
@@ -58,30 +59,47 @@ class _Stored(msgspec.Struct, array_like=True):
     queued_at: float
     time: float
     mx_host: str | None
+    # Added with DSN (RFC 3461): absent in rows stored before, which had none.
+    envid: str | None = None
+    orcpt: str | None = None
+
+
+#: What a notice tells: a failure, a delay, or a relay (NOTIFY=SUCCESS), stored as its index (column
+#: "delayed": 0 and 1 were its two values before success notices came).
+KINDS = ("failed", "delayed", "relayed")
 
 
 class OwedNotice(NamedTuple):
     key: str
     sender: str
     outcomes: list[Outcome]
-    headers: bytes
-    delayed: bool
+    headers: bytes  # what is returned of the message: its header section, or all of it (RET=FULL)
+    kind: str  # one of KINDS
 
 
-#: (key, sender, headers, delayed) of a new notice, or (key, encoded outcome) of one more recipient.
-Row = tuple[str, str, bytes, bool] | tuple[str, bytes]
+#: (key, sender, returned content, KINDS index) of a new notice, or (key, encoded outcome) of one more recipient.
+Row = tuple[str, str, bytes, int] | tuple[str, bytes]
 
 
 def encode(outcome: Outcome) -> bytes:
     r = outcome.reply
-    return msgspec.json.encode(_Stored(outcome.message_id, outcome.recipient, outcome.status.value, r.code,
-                                       list(r.lines), r.enhanced, outcome.queued_at, outcome.time, outcome.mx_host))
+    dsn = dsn_of(outcome.meta)
+    return msgspec.json.encode(_Stored(
+        outcome.message_id, outcome.recipient, outcome.status.value, r.code, list(r.lines), r.enhanced,
+        outcome.queued_at, outcome.time, outcome.mx_host, dsn.get("envid") if dsn else None,
+        orcpt_of(outcome.meta, outcome.recipient),
+    ))
 
 
 def _decode(body: bytes) -> Outcome:
     s = msgspec.json.decode(body, type=_Stored)
+    dsn: dict[str, Any] = {}
+    if s.envid is not None:
+        dsn["envid"] = s.envid
+    if s.orcpt is not None:
+        dsn["orcpt"] = {s.recipient: s.orcpt}
     return Outcome(s.message_id, s.recipient, Status(s.status), Reply(s.code, tuple(s.lines), s.enhanced), 0,
-                   s.queued_at, s.time, mx_host=s.mx_host)
+                   s.queued_at, s.time, mx_host=s.mx_host, meta={DSN_META: dsn} if dsn else None)
 
 
 class NoticeStore:
@@ -156,7 +174,7 @@ class NoticeStore:
     def _owed(self) -> list[OwedNotice]:
         out = []
         notices = self._db.execute("SELECT key, sender, headers, delayed FROM notices ORDER BY rowid").fetchall()
-        for key, sender, headers, delayed in notices:
+        for key, sender, headers, kind in notices:
             bodies = self._db.execute("SELECT body FROM outcomes WHERE key = ? ORDER BY id", (key,)).fetchall()
             outcomes = []
             for (body,) in bodies:
@@ -165,7 +183,10 @@ class NoticeStore:
                 except (msgspec.DecodeError, ValueError) as exc:  # the notice says what the others say
                     log.error("%s: notice %s: a damaged recipient row left out: %s", self.path, key, exc)
             if outcomes:
-                out.append(OwedNotice(key, sender, outcomes, bytes(headers), bool(delayed)))
+                if kind not in (0, 1, 2):  # a damaged row: the notice still goes, as the failure it most likely is
+                    log.error("%s: notice %s: unknown kind %r, sent as a failure notice", self.path, key, kind)
+                    kind = 0
+                out.append(OwedNotice(key, sender, outcomes, bytes(headers), KINDS[kind]))
         return out
 
     def close(self) -> None:

@@ -19,7 +19,15 @@ Rules (Postfix's, mostly):
   auto-replied``, returning the original's headers (``text/rfc822-headers``),
   not its content;
 * optional delay warnings (``delay_warning_time``, as Postfix's): one per
-  message, ``Action: delayed``, when a recipient is still deferred after it.
+  message, ``Action: delayed``, when a recipient is still deferred after it;
+* what the client asked for over SMTP (DSN, RFC 3461): ``NOTIFY=NEVER`` and a
+  ``NOTIFY`` without ``FAILURE`` (``DELAY``) silence the failure (delay)
+  notice of that recipient, ``NOTIFY=SUCCESS`` asks for one when the next hop
+  takes it (``Action: relayed``: fastmta does not pass the request on, so
+  that hop will not report the final delivery), ``RET=FULL`` returns the
+  whole message in a failure notice (up to :data:`MAX_RETURNED`, else its
+  headers, as with ``RET=HDRS`` or none), and ``ENVID``/``ORCPT`` come back
+  as ``Original-Envelope-Id``/``Original-Recipient`` (RFC 3464).
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ from fastmta.errors import InputError
 from fastmta.feedback.suppression import SqliteSuppressionStore
 from fastmta.queue.records import Outcome, Status, new_message_id
 from fastmta.serve.auth import RelayPolicy
-from fastmta.serve.notice_store import NoticeStore, OwedNotice, Row, encode
+from fastmta.serve.notice_store import KINDS, NoticeStore, OwedNotice, Row, encode
+from fastmta.smtp.dsn_params import dsn_of, notify_of, orcpt_of
 
 log = logging.getLogger("fastmta.serve.dsn")
 
@@ -47,6 +56,16 @@ __all__ = ["SenderNotices"]
 _GATHER = 1.0
 #: Returned headers are capped: a notice is about the message, it does not carry it back.
 _MAX_HEADERS = 32 * 1024
+#: RET=FULL returns a message up to this size whole; a larger one, its headers (Postfix's bounce_size_limit).
+MAX_RETURNED = 50_000
+_SUBJECTS = {"failed": "Undelivered Mail Returned to Sender", "delayed": "Delayed Mail (still being retried)",
+             "relayed": "Successful Mail Delivery Report"}
+_SAYS = {
+    "failed": "Your message could not be delivered to the recipient(s) below.",
+    "delayed": "Your message has not been delivered yet to the recipient(s) below; it is still being retried.",
+    "relayed": ("Your message was handed to the mail server of the recipient(s) below. You may still be told of "
+                "errors by other systems after it."),
+}
 _RELAYED = frozenset({"smtp", "http", "pickup", "api"})
 
 
@@ -70,8 +89,8 @@ class SenderNotices:
         self.delay_warning_time = delay_warning_time
         self.per_sender = per_sender
         self.per_seconds = per_seconds
-        # "<message id>:f" (or ":d") -> (notice key, sender, outcomes, headers, delayed), for a second
-        self._pending: dict[str, tuple[str, str, list[Outcome], bytes, bool]] = {}
+        # "<message id>:f" (":d", ":r") -> (notice key, sender, outcomes, returned content, kind), for a second
+        self._pending: dict[str, tuple[str, str, list[Outcome], bytes, str]] = {}
         #: Where notices wait on disk until queued (None: in memory only, lost with the process).
         self.owed = owed
         self._unsaved: list[Row] = []  # for the next journal batch (before_journal)
@@ -88,35 +107,44 @@ class SenderNotices:
         meta = outcome.meta or {}
         if meta.get("via") not in _RELAYED or "job" in meta or not outcome.sender:
             return
+        notify = notify_of(meta, outcome.recipient)  # None: not said; the default is failures and delays
         if outcome.status in (Status.BOUNCED, Status.EXPIRED):
-            self._gather(outcome, delayed=False)
+            if notify is None or "FAILURE" in notify:
+                self._gather(outcome, "failed")
+        elif outcome.status is Status.DELIVERED:
+            if notify is not None and "SUCCESS" in notify:
+                self._gather(outcome, "relayed")
         elif (
-            outcome.status is Status.DEFERRED and self.delay_warning_time > 0
+            outcome.status is Status.DEFERRED and self.delay_warning_time > 0 and (notify is None or "DELAY" in notify)
             and outcome.time - outcome.queued_at >= self.delay_warning_time and outcome.message_id not in self._warned
         ):
             self._warned[outcome.message_id] = None
             if len(self._warned) > 100_000:
                 self._warned.popitem(last=False)
-            self._gather(outcome, delayed=True)
+            self._gather(outcome, "delayed")
 
-    def _gather(self, outcome: Outcome, *, delayed: bool) -> None:
-        gathering = f"{outcome.message_id}:{'d' if delayed else 'f'}"
+    def _gather(self, outcome: Outcome, kind: str) -> None:
+        gathering = f"{outcome.message_id}:{kind[0]}"
         entry = self._pending.get(gathering)
         if entry is None:
             # The notice's own key, and its message id once queued: unique (a message's later failures
             # make a notice of their own) and kept on disk, so a notice queued again after a crash
             # that is still in the queue is refused as a duplicate instead of going twice.
-            key = f"{outcome.message_id}-dsn{'d' if delayed else 'f'}{time.time_ns() // 1000:x}"
+            key = f"{outcome.message_id}-dsn{kind[0]}{time.time_ns() // 1000:x}"
             msg = self.engine.message(outcome.message_id)  # still tracked: listeners run before it is let go
-            headers = b""
+            returned = b""
             if msg is not None:
                 raw = msg.body.raw
-                end = raw.find(b"\r\n\r\n")
-                headers = raw[: end + 2 if end >= 0 else min(len(raw), _MAX_HEADERS)][:_MAX_HEADERS]
-            self._pending[gathering] = (key, outcome.sender or "", [outcome], headers, delayed)
+                dsn = dsn_of(outcome.meta)
+                if kind == "failed" and dsn and dsn.get("ret") == "FULL" and len(raw) <= MAX_RETURNED:
+                    returned = raw  # RFC 3461 4.3: the whole message, in failure notices only
+                else:
+                    end = raw.find(b"\r\n\r\n")
+                    returned = raw[: end + 2 if end >= 0 else min(len(raw), _MAX_HEADERS)][:_MAX_HEADERS]
+            self._pending[gathering] = (key, outcome.sender or "", [outcome], returned, kind)
             asyncio.get_running_loop().call_later(_GATHER, self._flush, gathering)
             if self.owed is not None:
-                self._unsaved.append((key, outcome.sender or "", headers, delayed))
+                self._unsaved.append((key, outcome.sender or "", returned, KINDS.index(kind)))
         else:
             key = entry[0]
             entry[2].append(outcome)
@@ -147,7 +175,7 @@ class SenderNotices:
             if n.key in queued:
                 self._forget(n.key)
                 continue
-            if n.delayed:
+            if n.kind == "delayed":
                 self._warned[n.outcomes[0].message_id] = None  # one delay warning a message, across a restart too
             self._owed.append(n)
         return len(self._owed)
@@ -156,7 +184,7 @@ class SenderNotices:
         """Queue what :meth:`load_owed` read (once the engine has started); how many."""
         owed, self._owed = self._owed, []
         for n in owed:
-            self._start(self._send(n.key, n.sender, n.outcomes, n.headers, n.delayed))
+            self._start(self._send(n.key, n.sender, n.outcomes, n.headers, n.kind))
         if owed:
             log.info("%d delivery status notice(s) left owed by the last run: queued now", len(owed))
         return len(owed)
@@ -205,14 +233,14 @@ class SenderNotices:
             self._sent_at = {s: ts for s, ts in self._sent_at.items() if ts and now - ts[-1] < self.per_seconds}
         return None
 
-    async def _send(self, key: str, sender: str, outcomes: list[Outcome], headers: bytes, delayed: bool) -> None:
+    async def _send(self, key: str, sender: str, outcomes: list[Outcome], returned: bytes, kind: str) -> None:
         why_not = self._allowed(sender)
         if why_not is not None:
             self.limited += 1
             log.warning("no delivery status notice to %r for message %s: %s", sender, outcomes[0].message_id, why_not)
             self._forget(key)
             return
-        notice = self.build(sender, outcomes, headers, delayed)
+        notice = self.build(sender, outcomes, returned, kind)
         try:
             await self.engine.submit(notice, "", [sender], meta={"via": "dsn", "dsn_for": outcomes[0].message_id},
                                      message_id=key)
@@ -226,17 +254,21 @@ class SenderNotices:
         self._forget(key)
         self.sent += 1
 
-    def build(self, sender: str, outcomes: list[Outcome], headers: bytes, delayed: bool) -> bytes:
-        """The RFC 3464 report (multipart/report; report-type=delivery-status)."""
+    def build(self, sender: str, outcomes: list[Outcome], returned: bytes, kind: str) -> bytes:
+        """The RFC 3464 report (multipart/report; report-type=delivery-status) of *kind* (see KINDS).
+
+        *returned*: the original's header section, or the whole message (RET=FULL), told apart by
+        the blank line that ends the headers (a header section is stored without it).
+        """
         boundary = f"fastmta-{new_message_id()}"
         first = outcomes[0]
         date = email.utils.formatdate(usegmt=True)
         arrival = email.utils.formatdate(first.queued_at, usegmt=True)
-        subject = "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
+        delayed = kind == "delayed"
         lines = [
             f"From: Mail Delivery System <MAILER-DAEMON@{self.hostname}>",
             f"To: <{_clean(sender)}>",
-            f"Subject: {subject}",
+            f"Subject: {_SUBJECTS[kind]}",
             f"Date: {date}",
             f"Message-ID: <{new_message_id()}@{self.hostname}>",
             "Auto-Submitted: auto-replied",
@@ -248,21 +280,28 @@ class SenderNotices:
             "",
             f"This is the mail system at host {self.hostname}.",
             "",
-            ("Your message has not been delivered yet to the recipient(s) below; it is still being retried."
-             if delayed else "Your message could not be delivered to the recipient(s) below."),
+            _SAYS[kind],
             "",
         ]
         for o in outcomes:
             lines.append(f"<{_clean(o.recipient)}>: {_clean(' '.join(o.reply.lines) or o.reply.text)}")
-        lines += ["", f"--{boundary}", "Content-Type: message/delivery-status", "",
-                  f"Reporting-MTA: dns; {self.hostname}", f"X-Fastmta-Queue-ID: {first.message_id}",
+        lines += ["", f"--{boundary}", "Content-Type: message/delivery-status", ""]
+        dsn = dsn_of(first.meta)
+        if dsn and isinstance(dsn.get("envid"), str):
+            lines.append(f"Original-Envelope-Id: {_clean(dsn['envid'])}")
+        lines += [f"Reporting-MTA: dns; {self.hostname}", f"X-Fastmta-Queue-ID: {first.message_id}",
                   f"Arrival-Date: {arrival}", ""]
         for o in outcomes:
-            status = o.reply.enhanced or ("4.0.0" if delayed else "5.0.0")
+            if kind == "relayed":
+                status = o.reply.enhanced or "2.0.0"
+            else:
+                status = o.reply.enhanced or ("4.0.0" if delayed else "5.0.0")
             if o.status is Status.EXPIRED and status.startswith("4"):
                 status = "4.4.7"  # RFC 3463: delivery time expired (a failure, still classed 4)
-            lines += [f"Final-Recipient: rfc822; {_clean(o.recipient)}",
-                      f"Action: {'delayed' if delayed else 'failed'}", f"Status: {status}"]
+            orcpt = orcpt_of(o.meta, o.recipient)
+            if orcpt is not None:
+                lines.append(f"Original-Recipient: {_clean(orcpt)}")
+            lines += [f"Final-Recipient: rfc822; {_clean(o.recipient)}", f"Action: {kind}", f"Status: {status}"]
             if o.mx_host:
                 lines.append(f"Remote-MTA: dns; {_clean(o.mx_host)}")
             if o.reply.code:
@@ -270,6 +309,8 @@ class SenderNotices:
             lines.append(f"Last-Attempt-Date: {email.utils.formatdate(o.time, usegmt=True)}")
             lines.append("")
         body = "\r\n".join(lines).encode("utf-8")
-        if headers:
-            body += f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n".encode() + headers + b"\r\n"
+        if returned:
+            part = "message/rfc822" if b"\r\n\r\n" in returned else "text/rfc822-headers"
+            # Then the CRLF that belongs to the delimiter (RFC 2046 5.1.1): the content stays as it was.
+            body += f"--{boundary}\r\nContent-Type: {part}\r\n\r\n".encode() + returned + b"\r\n"
         return body + f"--{boundary}--\r\n".encode()

@@ -19,6 +19,10 @@ module subclasses it instead of writing a second one. It adds:
   order is kept.
 * A ``Received:`` header (RFC 5321 4.4) whose client-given parts (the HELO
   name) are reduced to safe characters, so a client cannot add a header.
+* **DSN** (RFC 3461): ``RET``/``ENVID`` at MAIL, ``NOTIFY``/``ORCPT`` at RCPT,
+  checked here (501 for a bad one, as Postfix answers) and kept in the
+  message's meta (:mod:`fastmta.smtp.dsn_params`) for the notices
+  :mod:`fastmta.serve.sender_notices` sends or leaves unsent.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ from fastmta.sink.replies import (
     format_reply,
 )
 from fastmta.sink.server import SinkServer
-from fastmta.sink.syntax import PathError, split_path
+from fastmta.sink.syntax import PathError, split_param, split_path
+from fastmta.smtp.dsn_params import DSN_META, DsnSyntaxError, parse_envid, parse_notify, parse_orcpt, parse_ret
 
 log = logging.getLogger("fastmta.serve.smtp")
 
@@ -78,6 +83,11 @@ R_CONTINUE = b"334 \r\n"
 #: What may appear of a client's HELO name in our Received: header.
 _UNSAFE_HELO = re.compile(rb"[^A-Za-z0-9.:\[\]_-]")
 _AUTH_NONE, _AUTH_PLAIN, _AUTH_LOGIN_USER, _AUTH_LOGIN_PASS = 0, 1, 2, 3
+#: The DSN parameters of each command, and how each is read (RFC 3461 4.1-4.4).
+_DSN_PARAMS: dict[bytes, dict[bytes, Callable[[bytes | None], str]]] = {
+    b"MAIL": {b"RET": parse_ret, b"ENVID": parse_envid},
+    b"RCPT": {b"NOTIFY": parse_notify, b"ORCPT": parse_orcpt},
+}
 
 
 def _unusable_recipient(addr: bytes) -> str | None:
@@ -100,7 +110,7 @@ def _relay_denied(addr: bytes) -> bytes:
 class InjectProtocol(SinkProtocol):
     """One injection connection. Not for direct use: see :class:`InjectServer`."""
 
-    __slots__ = ("_admitted", "_auth_failures", "_auth_name", "_auth_step", "_helo", "_relay", "_user")
+    __slots__ = ("_admitted", "_auth_failures", "_auth_name", "_auth_step", "_dsn", "_helo", "_relay", "_user")
 
     def __init__(self, server: InjectServer, listener: ListenerRuntime) -> None:
         super().__init__(server, listener)
@@ -111,6 +121,8 @@ class InjectProtocol(SinkProtocol):
         self._auth_name = ""
         self._auth_failures = 0
         self._admitted: str | None = None  # the address the gate counted this connection under
+        #: The DSN parameters of the transaction under way, as kept in its meta (DSN_META).
+        self._dsn: dict[str, Any] = {}
 
     @property
     def _host(self) -> InjectServer:
@@ -162,10 +174,53 @@ class InjectProtocol(SinkProtocol):
         if not self._host.service.ready()[0]:
             self._send(R_NOT_READY, 451)
             return
+        dsn = self._dsn_params(line)
+        if dsn is None:
+            return
+        line, given = dsn
+        open_before = self._sender is not None
         SinkProtocol._mail(self, line)
+        if not open_before and self._sender is not None:  # taken: a new transaction, with only its own
+            self._dsn = {k.decode("ascii").lower(): v for k, v in given.items()}
+
+    def _dsn_params(self, line: bytes) -> tuple[bytes, dict[bytes, str]] | None:
+        """(*line* without its DSN parameters, for the sink's checks; those parameters read), or None when
+        one is refused (answered here). A line that does not parse is left for the sink to answer."""
+        verb = line[:4].upper()
+        start = 10 if verb == b"MAIL" else 8
+        try:
+            addr, params = split_path(line[start:])
+        except PathError:
+            return line, {}
+        readers = _DSN_PARAMS[verb]
+        given: dict[bytes, str] = {}
+        rest = []
+        for param in params:
+            key, value = split_param(param)
+            reader = readers.get(key)
+            if reader is None:
+                rest.append(param)
+                continue
+            if not self._esmtp:
+                return line, {}  # the sink refuses any parameter after HELO
+            if key in given:
+                self._error(format_reply(501, "5.5.4", f"Error: Duplicate {key.decode()} parameter"), 501)
+                return None
+            try:
+                given[key] = reader(value)
+            except DsnSyntaxError as exc:
+                self._error(format_reply(501, "5.5.4", f"Error: {exc}"), 501)
+                return None
+        if not given:
+            return line, given
+        return b" ".join([line[:start] + b"<" + addr + b">", *rest]), given
 
     def _rcpt_cmd(self, line: bytes) -> None:
         if self._sender is not None and line[:8].upper() == b"RCPT TO:":
+            dsn = self._dsn_params(line)
+            if dsn is None:
+                return
+            line, given = dsn
             try:
                 addr, _ = split_path(line[8:])
             except PathError:
@@ -181,6 +236,14 @@ class InjectProtocol(SinkProtocol):
                     # (RCPT TO:<postmaster> got 250, and then every recipient lost the message).
                     self._send(format_reply(553, "5.1.3", why), 553)
                     return
+                taken = len(self._rcpts)
+                SinkProtocol._rcpt(self, line)
+                if given and len(self._rcpts) > taken:
+                    # By the address as the engine will name it (the notice's recipient): unusable ones were refused.
+                    address = split_address(addr.decode("utf-8"))[0]
+                    for key, value in given.items():
+                        self._dsn.setdefault(key.decode("ascii").lower(), {})[address] = value
+                return
         SinkProtocol._rcpt(self, line)
 
     # ---------------------------------------------------------------- AUTH
@@ -294,6 +357,7 @@ class InjectProtocol(SinkProtocol):
     def _finish_message(self, size: int, content: bytes | None) -> None:
         sender = self._sender if self._sender is not None else b""
         rcpts = self._rcpts
+        dsn, self._dsn = self._dsn, {}
         overflow = self._capture_overflow
         self._reset_transaction()
         self._capture_overflow = False
@@ -319,7 +383,7 @@ class InjectProtocol(SinkProtocol):
             return
         qid = f"{self._qid}{self._messages:04X}"
         self._hold()
-        self._host.track(self._accept(qid, sender, rcpts, self._received(qid) + content))
+        self._host.track(self._accept(qid, sender, rcpts, self._received(qid) + content, dsn))
 
     def _received(self, qid: str) -> bytes:
         protocol = "ESMTP" if self._esmtp else "SMTP"
@@ -334,10 +398,13 @@ class InjectProtocol(SinkProtocol):
             f"id {qid};\r\n\t{date}\r\n"
         ).encode("ascii")
 
-    async def _accept(self, qid: str, sender: bytes, rcpts: list[bytes], content: bytes) -> None:
+    async def _accept(self, qid: str, sender: bytes, rcpts: list[bytes], content: bytes,
+                      dsn: dict[str, Any]) -> None:
         meta: dict[str, Any] = {}
         if self._user is not None:
             meta["auth"] = self._user
+        if dsn:
+            meta[DSN_META] = dsn
         try:
             message_id = await self._host.service.inject(
                 content, sender.decode("utf-8"), [r.decode("utf-8") for r in rcpts], via="smtp", meta=meta or None
@@ -424,7 +491,7 @@ class InjectServer(SinkServer):
         listener = super().make_listener(lc, rng, clock)
         keywords = [
             "PIPELINING", f"SIZE {self.config.max_message_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
-            "CHUNKING",
+            "CHUNKING", "DSN",
         ]
         first = f"{listener.hostname}"
         tls = self.ssl_context is not None

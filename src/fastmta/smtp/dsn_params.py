@@ -1,0 +1,147 @@
+"""The DSN extension's envelope parameters (RFC 3461): what a client asks to be told, and how it is kept.
+
+A client that hands mail to ``fastmta serve`` may say, per recipient, which
+notices it wants (``NOTIFY=NEVER`` or any of ``SUCCESS,FAILURE,DELAY``) and
+the address as it first gave it (``ORCPT=rfc822;...``), and per message how
+much of it a failure notice returns (``RET=FULL|HDRS``) and an id of its own
+to find it by (``ENVID=...``). Postfix, Exim and Sendmail relay these; a
+sending backend uses ``NOTIFY=NEVER`` for mail whose bounces it reads from
+its own logs, and ``ENVID`` to match a notice to what it sent.
+
+They travel with the message in its meta, under :data:`DSN_META` (journaled
+with it, so a restart keeps them), as one dict: ``{"ret": "FULL", "envid":
+"...", "notify": {address: "SUCCESS,FAILURE"}, "orcpt": {address:
+"rfc822;..."}}``, each part present only when given. Values are kept decoded
+(xtext undone) and were checked to be printable US-ASCII: a notice prints
+them in header fields, where a CR or LF would be a header of the client's.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = [
+    "DSN_META",
+    "DsnSyntaxError",
+    "dsn_fields",
+    "dsn_of",
+    "notify_of",
+    "orcpt_of",
+    "parse_envid",
+    "parse_notify",
+    "parse_orcpt",
+    "parse_ret",
+    "xtext_decode",
+    "xtext_encode",
+]
+
+#: The meta key the DSN parameters of a message are kept under.
+DSN_META = "dsn"
+
+#: RFC 3461 4.4 and 4.2: the longest ENVID and ORCPT values, as sent (xtext).
+_MAX_ENVID = 100
+_MAX_ORCPT = 500
+_NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+# xtext (RFC 3461 4): "!" to "~" but "+" and "=", or "+" and two upper-case hex digits.
+# Lower-case hex digits are taken too: be liberal in what is accepted, it changes nothing decoded.
+_XTEXT = re.compile(rb"(?:[!-*,-<>-~]|\+[0-9A-Fa-f]{2})*")
+_HEX = re.compile(rb"\+([0-9A-Fa-f]{2})")
+# RFC 6533's utf-8-addr-xtext: UTF-8 as it is, "\x{HEX}" for what may not be written so.
+_UTF8_HEX = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+_ADDR_TYPE = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+
+
+class DsnSyntaxError(ValueError):
+    """A DSN parameter that is not what RFC 3461 allows; the message is the reply text (without the code)."""
+
+
+def xtext_decode(value: bytes, name: str) -> str:
+    """*value* (xtext) decoded; printable US-ASCII (space too) or :class:`DsnSyntaxError`."""
+    if not _XTEXT.fullmatch(value):
+        raise DsnSyntaxError(f"Bad {name} parameter syntax")
+    out = _HEX.sub(lambda m: bytes((int(m.group(1), 16),)), value)
+    if any(b < 0x20 or b > 0x7E for b in out):
+        # RFC 3461 4.2 and 4.4: printable characters only. A CR or LF decoded
+        # here would end the header field a notice prints it in.
+        raise DsnSyntaxError(f"Bad {name} parameter syntax: not printable US-ASCII")
+    return out.decode("ascii")
+
+
+def xtext_encode(text: str) -> str:
+    """*text* as xtext (for a next hop that takes DSN parameters)."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}" for c in text)
+
+
+def parse_notify(value: bytes | None) -> str:
+    """``NOTIFY=`` -> "NEVER" or the words asked for, comma-separated, in the RFC's order."""
+    words = value.upper().split(b",") if value else []
+    names = {w.decode("ascii", "replace") for w in words}
+    if not words or len(names) != len(words) or (names != {"NEVER"} and not names <= _NOTIFY_WORDS):
+        raise DsnSyntaxError("Bad NOTIFY parameter syntax")
+    return "NEVER" if names == {"NEVER"} else ",".join(w for w in ("SUCCESS", "FAILURE", "DELAY") if w in names)
+
+
+def parse_orcpt(value: bytes | None) -> str:
+    """``ORCPT=addr-type;xtext`` -> "addr-type;address" (decoded)."""
+    addr_type, semi, address = (value or b"").partition(b";")
+    if not semi or not address or len(value or b"") > _MAX_ORCPT or not _ADDR_TYPE.fullmatch(addr_type):
+        raise DsnSyntaxError("Bad ORCPT parameter syntax")
+    kind = addr_type.decode("ascii").lower()
+    if kind != "utf-8":
+        return f"{kind};{xtext_decode(address, 'ORCPT')}"
+    # An SMTPUTF8 client's (RFC 6533 3): refused with 501 it would keep the whole message back.
+    try:
+        text = _UTF8_HEX.sub(lambda m: chr(int(m.group(1), 16)), address.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, OverflowError):
+        raise DsnSyntaxError("Bad ORCPT parameter syntax") from None
+    if not text.isprintable():
+        raise DsnSyntaxError("Bad ORCPT parameter syntax: not printable")
+    return f"utf-8;{text}"
+
+
+def parse_ret(value: bytes | None) -> str:
+    ret = (value or b"").upper()
+    if ret not in (b"FULL", b"HDRS"):
+        raise DsnSyntaxError("Bad RET parameter syntax")
+    return ret.decode("ascii")
+
+
+def parse_envid(value: bytes | None) -> str:
+    if not value or len(value) > _MAX_ENVID:
+        raise DsnSyntaxError("Bad ENVID parameter syntax")
+    return xtext_decode(value, "ENVID")
+
+
+def dsn_of(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The DSN parameters kept in *meta*, if any were given."""
+    dsn = meta.get(DSN_META) if meta else None
+    return dsn if isinstance(dsn, dict) else None
+
+
+def notify_of(meta: dict[str, Any] | None, recipient: str) -> str | None:
+    """What *recipient*'s client asked to be told (None: not said, the MTA's default: failures and delays)."""
+    dsn = dsn_of(meta)
+    notify = dsn.get("notify") if dsn else None
+    return notify.get(recipient) if isinstance(notify, dict) else None
+
+
+def orcpt_of(meta: dict[str, Any] | None, recipient: str) -> str | None:
+    dsn = dsn_of(meta)
+    orcpt = dsn.get("orcpt") if dsn else None
+    return orcpt.get(recipient) if isinstance(orcpt, dict) else None
+
+
+def dsn_fields(dsn: Any, recipient: str) -> dict[str, str]:
+    """What an accounting record says of *dsn* (the meta value) for *recipient*: the message's ``envid``
+    and the recipient's ``orcpt`` (PowerMTA's envId and orcpt), not the whole message's parameters
+    on every recipient's line."""
+    if not isinstance(dsn, dict):
+        return {}
+    out = {}
+    if isinstance(dsn.get("envid"), str):
+        out["envid"] = dsn["envid"]
+    orcpt = dsn.get("orcpt")
+    if isinstance(orcpt, dict) and isinstance(orcpt.get(recipient), str):
+        out["orcpt"] = orcpt[recipient]
+    return out

@@ -1,0 +1,178 @@
+"""DSN parameters (RFC 3461) given to `fastmta serve` over SMTP: checked, kept, and obeyed in the notices.
+
+A real client (aiosmtplib) sends NOTIFY/ORCPT/RET/ENVID to a real `fastmta serve`
+child, which relays to a capturing `fastmta sink` that refuses some recipients;
+the notices go to an aiosmtpd server (the sender's mail server), where they
+are read with fastmta's own DSN parser and the standard library's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import time
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from fastmta.feedback.dsn import parse_dsn
+from fastmta.smtp.dsn_params import (
+    DsnSyntaxError,
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
+    parse_ret,
+    xtext_decode,
+    xtext_encode,
+)
+from serveproc import capture_sink, serve_config, served
+from test_feedback_loop import _Receiver, _relay_config
+
+MSG = (b"From: app@sender.example\r\nTo: x\r\nSubject: order 9\r\nMessage-ID: <o9@sender.example>\r\n\r\n"
+       b"the body line\r\n")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (b"NEVER", "NEVER"), (b"never", "NEVER"), (b"DELAY,SUCCESS", "SUCCESS,DELAY"), (b"Failure", "FAILURE"),
+])
+def test_notify_values(value: bytes, expected: str) -> None:
+    assert parse_notify(value) == expected
+
+
+@pytest.mark.parametrize("value", [None, b"", b"NEVER,SUCCESS", b"SUCCESS,SUCCESS", b"ALWAYS", b"SUCCESS,"])
+def test_notify_refused(value: bytes | None) -> None:
+    with pytest.raises(DsnSyntaxError):
+        parse_notify(value)
+
+
+def test_xtext_both_ways_and_the_printable_rule() -> None:
+    assert xtext_decode(b"a+2Bb+3Dc", "ENVID") == "a+b=c"
+    assert xtext_decode(xtext_encode("id 7=+x").encode(), "ENVID") == "id 7=+x"
+    for bad in (b"a+0D+0Ab", b"a=b", b"a+2", b"a+GG", b"\xc3\xa9"):
+        with pytest.raises(DsnSyntaxError):
+            xtext_decode(bad, "ENVID")
+    assert parse_orcpt(b"RFC822;Orig+2Bx@a.example") == "rfc822;Orig+x@a.example"
+    assert parse_orcpt("utf-8;jö\\x{E9}@a.example".encode()) == "utf-8;jöé@a.example"
+    for bad in (b"rfc822", b"rfc822;", b";a@b", b"rfc 822;a@b", b"rfc822;a+0A@b", b"utf-8;a\x01@b"):
+        with pytest.raises(DsnSyntaxError):
+            parse_orcpt(bad)
+    assert parse_ret(b"hdrs") == "HDRS"
+    with pytest.raises(DsnSyntaxError):
+        parse_ret(b"BODY")
+    with pytest.raises(DsnSyntaxError):
+        parse_envid(b"x" * 101)
+
+
+async def _send(host: str, port: int, ehlo: bool, mail: list[str], rcpts: list[tuple[str, list[str]]]) -> list[int]:
+    """One transaction; the codes of MAIL, each RCPT, and DATA (0: not reached)."""
+    codes = []
+    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=20) as smtp:
+        if ehlo:
+            await smtp.ehlo()
+            assert smtp.supports_extension("dsn")
+        else:
+            await smtp.helo()
+        r = await smtp.execute_command(b"MAIL", b"FROM:<app@sender.example>", *(o.encode() for o in mail))
+        codes.append(r.code)
+        if r.code != 250:
+            return codes
+        for rcpt, options in rcpts:
+            r = await smtp.execute_command(b"RCPT", f"TO:<{rcpt}>".encode(), *(o.encode() for o in options))
+            codes.append(r.code)
+        if 250 not in codes[1:]:
+            await smtp.rset()
+            return codes
+        r = await smtp.data(MSG)
+        codes.append(r.code)
+    return codes
+
+
+def test_notify_orcpt_ret_and_envid_are_obeyed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    receiver = _Receiver()
+    try:
+        with capture_sink(tmp_path / "capture", "--unknown-recipient", "gone*") as sink:
+            cfg = _relay_config(tmp_path, data, receiver, sink)
+            with served(cfg, data) as svc:
+                host, port = svc.smtp
+
+                async def go() -> list[list[int]]:
+                    return [
+                        await _send(host, port, True, ["RET=FULL", "ENVID=order+2B9"], [
+                            ("gone1@dest.example", ["NOTIFY=NEVER"]),
+                            ("gone2@dest.example", ["NOTIFY=FAILURE", "ORCPT=rfc822;Gone2+2Bx@dest.example"]),
+                            ("ok1@dest.example", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;ok1@dest.example"]),
+                            ("ok2@dest.example", []),  # no notice asked for a delivery: none
+                        ]),
+                        # No parameters: the default (a failure notice, the headers only).
+                        await _send(host, port, True, [], [("gone3@dest.example", [])]),
+                        # NOTIFY=DELAY only: no failure notice.
+                        await _send(host, port, True, [], [("gone4@dest.example", ["NOTIFY=DELAY"])]),
+                        # Refused, each with what is wrong, and nothing of them queued.
+                        await _send(host, port, True, ["RET=FULL", "RET=HDRS"], []),
+                        await _send(host, port, True, ["ENVID=" + "x" * 101], []),
+                        await _send(host, port, True, ["ENVID=a+0D+0AX-Evil:+201"], []),
+                        await _send(host, port, True, [], [("gone5@dest.example", ["NOTIFY=NEVER,SUCCESS"]),
+                                                           ("gone6@dest.example", ["ORCPT=rfc822;a+0Ab"])]),
+                        await _send(host, port, False, ["RET=FULL"], []),  # HELO: no ESMTP parameters
+                    ]
+
+                codes = asyncio.run(go())
+                records = svc.wait_accounting(lambda rs: len(rs) >= 6)
+                deadline = time.monotonic() + 30
+                while len(receiver.messages) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                time.sleep(2.0)  # a notice that should not go has time to arrive
+        assert codes[:3] == [[250, 250, 250, 250, 250, 250], [250, 250, 250], [250, 250, 250]]
+        assert codes[3:] == [[501], [501], [501], [250, 501, 501], [555]]
+        assert sorted((r["recipient"], r["status"]) for r in records) == [
+            ("gone1@dest.example", "bounced"), ("gone2@dest.example", "bounced"), ("gone3@dest.example", "bounced"),
+            ("gone4@dest.example", "bounced"), ("ok1@dest.example", "delivered"), ("ok2@dest.example", "delivered")]
+        by_rcpt = {r["recipient"]: r for r in records}
+        # The accounting line names the client's envelope id and this recipient's original address only.
+        assert by_rcpt["gone2@dest.example"]["envid"] == "order+9"
+        assert by_rcpt["gone2@dest.example"]["orcpt"] == "rfc822;Gone2+x@dest.example"
+        assert "orcpt" not in by_rcpt["ok2@dest.example"] and all("dsn" not in r for r in records)
+
+        notices = [email.message_from_bytes(m[2]) for m in receiver.messages]
+        assert all(m[0] in ("", "<>") and m[1] == ["app@sender.example"] for m in receiver.messages)
+        reports = {tuple(sorted((r.recipient, r.action) for r in parse_dsn(m[2]))): m[2] for m in receiver.messages}
+        assert sorted(reports) == [
+            (("gone2@dest.example", "failed"),), (("gone3@dest.example", "failed"),),
+            (("ok1@dest.example", "relayed"),)], [n["Subject"] for n in notices]
+        failed = reports[(("gone2@dest.example", "failed"),)]
+        assert b"Original-Envelope-Id: order+9\r\n" in failed
+        assert b"Original-Recipient: rfc822;Gone2+x@dest.example\r\n" in failed
+        # RET=FULL: the whole message comes back, as a message/rfc822 part the library reads whole.
+        returned = [p for p in email.message_from_bytes(failed).walk() if p.get_content_type() == "message/rfc822"]
+        assert len(returned) == 1
+        inner = returned[0].get_payload()[0]
+        assert inner["Message-ID"] == "<o9@sender.example>" and inner.get_payload().strip() == "the body line"
+        plain = reports[(("gone3@dest.example", "failed"),)]
+        assert b"Content-Type: text/rfc822-headers" in plain and b"the body line" not in plain
+        assert b"Original-Envelope-Id" not in plain and b"Original-Recipient" not in plain
+        relayed = reports[(("ok1@dest.example", "relayed"),)]
+        assert b"Subject: Successful Mail Delivery Report" in relayed and b"Status: 2.0.0" in relayed
+        assert b"Original-Recipient: rfc822;ok1@dest.example" in relayed and b"the body line" not in relayed
+    finally:
+        receiver.close()
+
+
+def test_http_callers_may_not_set_the_dsn_meta_key(tmp_path: Path) -> None:
+    import hashlib
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = tmp_path / "data"
+    cfg = tmp_path / "fastmta.toml"
+    cfg.write_text(serve_config(data, ("127.0.0.1", 9), tokens=[("app", hashlib.sha256(b"t0ken").hexdigest())]))
+    with served(cfg, data) as svc:
+        body = {"sender": "a@sender.example", "recipients": ["b@dest.example"], "content": "Subject: x\r\n\r\nhi\r\n",
+                "meta": {"dsn": "NEVER"}}
+        req = urllib.request.Request(f"{svc.http}/v1/messages", json.dumps(body).encode(),
+                                     {"Authorization": "Bearer t0ken", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=20)
+        assert err.value.code == 400 and "meta.dsn is reserved" in err.value.read().decode()
