@@ -793,6 +793,30 @@ def test_documented_provider_replies(expected: str, phase: str | None, raw: str)
         _never_hard(r)
 
 
+PROVIDER_REPLIES_2 = PROVIDER_REPLIES.with_name("provider_replies_2.txt")
+
+
+def _provider_cases_2() -> list[tuple[list[str], str | None, str, str, str]]:
+    cases = []
+    for line in PROVIDER_REPLIES_2.read_text("utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            expected, phase, outcome, bounce, raw, _source = line.split("|", 5)
+            cases.append((expected.split("/"), phase or None, outcome, bounce, raw))
+    return cases
+
+
+@pytest.mark.parametrize(("expected", "phase", "outcome", "bounce", "raw"), _provider_cases_2())
+def test_documented_provider_replies_second_set(
+    expected: list[str], phase: str | None, outcome: str, bounce: str, raw: str,
+) -> None:
+    """tests/data/classify/provider_replies_2.txt: the category, whether it is retried, and hard only when
+    the address itself is bad (a reply read from a bounce's text, as the bounce processor reads it)."""
+    r = default_classifier().classify_text(raw, phase=phase)
+    assert r.category.value in expected, (raw, r)
+    assert r.outcome.value in {"T": ("transient",), "P": ("permanent",)}.get(outcome, ("transient", "permanent")), (raw, r)
+    assert r.bounce.value == bounce, (raw, r)
+
+
 @pytest.mark.parametrize("line, phase", [
     ("554 5.7.1 This server does not accept mail from dynamic IP addresses", "connect"),
     ("554 mx.example.com does not accept mail from 203.0.113.5 - blocked by policy", "connect"),
