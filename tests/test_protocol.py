@@ -253,6 +253,29 @@ def test_smtputf8_needed_but_not_offered() -> None:
     assert q.data_to_send().startswith("MAIL FROM:<s@a.test> SMTPUTF8\r\nRCPT TO:<jos\u00e9@x.test>".encode())
 
 
+def test_dsn_parameters_go_only_to_a_server_that_offers_dsn() -> None:
+    from fastmta.smtp.dsn_params import envelope_dsn
+
+    meta = {"dsn": {"ret": "HDRS", "envid": "id 7", "notify": {"a@x.test": "SUCCESS,FAILURE"},
+                    "orcpt": {"a@x.test": "rfc822;A+1@x.test"}}}
+    dsn = envelope_dsn(meta, ["a@x.test", "b@x.test"])
+    p = ready(b"250-mx\r\n250-PIPELINING\r\n250 DSN\r\n")
+    p.start_transaction(Transaction("s@a.test", ["a@x.test", "b@x.test"], BODY, dsn=dsn))
+    assert p.data_to_send() == (b"MAIL FROM:<s@a.test> RET=HDRS ENVID=id+207\r\n"
+                                b"RCPT TO:<a@x.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+2B1@x.test\r\n"
+                                b"RCPT TO:<b@x.test>\r\nDATA\r\n")
+    q = ready(b"250-mx\r\n250 PIPELINING\r\n")  # RFC 3461 4: never to a server without DSN
+    q.start_transaction(Transaction("s@a.test", ["a@x.test", "b@x.test"], BODY, dsn=dsn))
+    assert q.data_to_send() == b"MAIL FROM:<s@a.test>\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n"
+    r = ready(b"250-mx\r\n250 DSN\r\n")  # without PIPELINING: each RCPT after its reply, still with its own
+    r.start_transaction(Transaction("s@a.test", ["a@x.test", "b@x.test"], BODY, dsn=dsn))
+    assert r.data_to_send() == b"MAIL FROM:<s@a.test> RET=HDRS ENVID=id+207\r\n"
+    r.receive_data(b"250 ok\r\n")
+    assert r.data_to_send() == b"RCPT TO:<a@x.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+2B1@x.test\r\n"
+    r.receive_data(b"250 ok\r\n")
+    assert r.data_to_send() == b"RCPT TO:<b@x.test>\r\n"
+
+
 def test_eight_bit_body_declared() -> None:
     p = ready()
     p.start_transaction(txn("a@x.test", body=Body(b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n")))

@@ -176,3 +176,46 @@ def test_http_callers_may_not_set_the_dsn_meta_key(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=20)
         assert err.value.code == 400 and "meta.dsn is reserved" in err.value.read().decode()
+
+
+def test_the_parameters_go_on_to_a_next_hop_that_offers_dsn(tmp_path: Path) -> None:
+    # Postfix's smtp-sink offers DSN (as Postfix does) and writes each transaction's MAIL and RCPT
+    # arguments into its dump: what it got is what a real next hop would act on. A recipient that
+    # asked NOTIFY=SUCCESS gets no "relayed" notice from us then: that hop reports the delivery.
+    import tempfile
+
+    from servers import postfix_smtp_sink
+
+    data = tmp_path / "data"
+    receiver = _Receiver()
+    # smtp-sink writes as nobody, who cannot reach pytest's directories (mode 0700): one of its own.
+    with tempfile.TemporaryDirectory(prefix="fastmta-dsn-") as where:
+        dump = Path(where)
+        dump.chmod(0o777)
+        try:
+            with postfix_smtp_sink("-d", f"{where}/%M.") as sink:
+                cfg = _relay_config(tmp_path, data, receiver, sink.address)
+                with served(cfg, data) as svc:
+                    host, port = svc.smtp
+
+                    async def go() -> list[int]:
+                        return await _send(host, port, True, ["RET=HDRS", "ENVID=order+2B9"], [
+                            ("ok1@dest.example", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;Ok1+2Bx@dest.example"]),
+                            ("ok2@dest.example", []),
+                        ])
+
+                    codes = asyncio.run(go())
+                    records = svc.wait_accounting(lambda rs: len(rs) >= 2)
+                    time.sleep(2.0)  # a notice that should not go has time to arrive
+        finally:
+            receiver.close()
+        assert codes == [250, 250, 250, 250]
+        assert sorted((r["recipient"], r["status"]) for r in records) == [
+            ("ok1@dest.example", "delivered"), ("ok2@dest.example", "delivered")], records
+        [dumped] = [p.read_bytes() for p in dump.iterdir()]
+    args = [line for line in dumped.split(b"\n") if line.startswith((b"X-Mail-Args:", b"X-Rcpt-Args:"))]
+    assert args[0].startswith(b"X-Mail-Args: <app@sender.example> ")  # after SIZE=, BODY=
+    assert args[0].endswith(b" RET=HDRS ENVID=order+2B9")
+    assert args[1:] == [b"X-Rcpt-Args: <ok1@dest.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Ok1+2Bx@dest.example",
+                        b"X-Rcpt-Args: <ok2@dest.example>"]
+    assert receiver.messages == []  # the next hop took the request: no "relayed" notice from us

@@ -185,6 +185,7 @@ class Delivery:
     appliance: str | None = None
     source: str | None = None  # the egress source's name
     tls: tuple[str, str] | None = None  # the session's (TLS version, cipher), if it had TLS
+    dsn: bool = False  # the server offered DSN: a transaction's DSN parameters went to it (RFC 3461)
 
 
 class HostHealth:

@@ -73,3 +73,15 @@ def plan_without_smtputf8(sender: str, recipients: Sequence[str], body: Body) ->
         else:
             plan.recipients.append((index, written))
     return plan
+
+
+def envelope_for(
+    sender: str, recipients: list[str], body: Body, smtputf8: bool,
+) -> tuple[EnvelopePlan | None, str, list[str], list[str]]:
+    """One transaction's envelope for a server that does (*smtputf8*) or does not offer SMTPUTF8:
+    (the plan, if one was needed; the sender and recipients to send; those recipients as the
+    message names them, for what is kept by address, such as their DSN parameters)."""
+    if smtputf8 or (sender.isascii() and all(a.isascii() for a in recipients) and not body.utf8_headers):
+        return None, sender, recipients, recipients
+    plan = plan_without_smtputf8(sender, recipients, body)
+    return plan, plan.sender, [a for _, a in plan.recipients], [recipients[i] for i, _ in plan.recipients]

@@ -143,6 +143,7 @@ class Ledger:
     ) -> bool:
         """Record *rcpt*'s new *status*; True when that made every recipient of *msg* final."""
         rcpt.status = status
+        tls = delivery.tls if delivery and delivery.tls else (None, None)
         outcome = Outcome(
             msg.id, rcpt.address, status, reply, rcpt.attempts, msg.queued_at, time.time(),
             delivery.site if delivery else None, delivery.mx_host if delivery else None,
@@ -151,7 +152,7 @@ class Ledger:
             classification.category.value if classification else None,
             classification.bounce.value if classification else None,
             msg.sender, len(msg.body.raw), (classification.reason or None) if classification else None,
-            delivery.source if delivery else None, *(delivery.tls if delivery and delivery.tls else (None, None)),
+            delivery.source if delivery else None, tls[0], tls[1], delivery.dsn if delivery else False,
         )
         self.counts[status.value] += 1
         if delivery is not None:

@@ -1,11 +1,10 @@
 """Per-(egress source, site) ready queues and the connections that drain them.
 
-A :class:`SiteQueue` holds the batches ready to go to one site from one egress
-source, and runs up to ``max_connections`` connection tasks for it. Each task
-connects to the site's first usable MX host (the next one when it refuses or
-times out; failing hosts are marked down for all sites in :class:`HostHealth`),
-then pipelines batches over it until it has carried
-``max_messages_per_connection`` messages or sat idle ``idle_timeout`` seconds.
+A :class:`SiteQueue` holds the batches ready to go to one site from one egress source, and runs up to
+``max_connections`` connection tasks for it. Each task connects to the site's first usable MX host (the
+next one when it refuses or times out; failing hosts are marked down for all sites in :class:`HostHealth`),
+then pipelines batches over it until it has carried ``max_messages_per_connection`` messages or sat idle
+``idle_timeout`` seconds.
 
 Why tasks own connections (not a free-list of idle connections per host): the connection count
 per site is then the number of tasks, which is what receivers limit and the throttle steers; and a
@@ -23,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 from fastmta.delivery.batch import CLASSIFY_PHASE, Batch, Delivery, HostHealth, SiteLimits, Source, one_at_a_time
 from fastmta.delivery.budget import SHORTAGE_PAUSE, ConnectionBudget, warn_shortage
-from fastmta.delivery.eai import EnvelopePlan, plan_without_smtputf8
+from fastmta.delivery.eai import EnvelopePlan, envelope_for
 from fastmta.delivery.routing import Route, RouteHost
 from fastmta.delivery.throttle import SiteThrottle
 from fastmta.errors import ConnectError, LocalShortage, Scope
@@ -31,6 +30,7 @@ from fastmta.feedback.appliances import identify_server
 from fastmta.feedback.classification import Classification
 from fastmta.feedback.classify import Classifier
 from fastmta.smtp.connection import SessionRefused, SMTPConnection, Timeouts
+from fastmta.smtp.dsn_params import DSN_META, envelope_dsn
 from fastmta.smtp.protocol import Credentials, Phase, TLSPolicy, Transaction, TransactionResult
 from fastmta.smtp.reply import Reply
 
@@ -455,7 +455,7 @@ class SiteQueue:
         peer_ip = conn.peer[0] if conn.peer else None
         appliance = identify_server(mx_host, conn.greeting, conn.ehlo_reply)
         delivery = Delivery(self.site, mx_host, peer_ip, conn.local[0] if conn.local else None, appliance,
-                            self.source.name, conn.tls_session())
+                            self.source.name, conn.tls_session(), "DSN" in conn.extensions.keywords)
         inflight: deque[_InFlight] = deque()
         try:
             keep_going = await self._send_batches(conn, delivery, inflight)
@@ -525,17 +525,13 @@ class SiteQueue:
                 ticket = self.throttle.message_started(now, n, batch.message.sender)
                 message = batch.message
                 rcpts = [r.address for r in batch.recipients]
-                plan: EnvelopePlan | None = None
-                if not conn.extensions.smtputf8 and (
-                    not message.sender.isascii() or not all(a.isascii() for a in rcpts) or message.body.utf8_headers
-                ):
-                    plan = plan_without_smtputf8(message.sender, rcpts, message.body)
-                    if not plan.recipients:  # nothing this server can take: no transaction
-                        self._result(batch, ticket, None, delivery, plan)
-                        continue
-                    fut = conn.send(Transaction(plan.sender, [a for _, a in plan.recipients], message.body, batch))
-                else:
-                    fut = conn.send(Transaction(message.sender, rcpts, message.body, batch))
+                plan, sender, sent_to, asked_for = envelope_for(message.sender, rcpts, message.body,
+                                                                conn.extensions.smtputf8)
+                if plan is not None and not plan.recipients:  # nothing this server can take: no transaction
+                    self._result(batch, ticket, None, delivery, plan)
+                    continue
+                dsn = envelope_dsn(message.meta, asked_for) if DSN_META in message.meta else None
+                fut = conn.send(Transaction(sender, sent_to, message.body, batch, dsn))
                 inflight.append((batch, ticket, fut, plan))
                 self.sending[id(batch)] = batch
                 sent += 1

@@ -150,6 +150,8 @@ class Outcome:
     source: str | None = None  # the egress source's name ([[sources]]; PowerMTA's vmta, KumoMTA's egress_source)
     tls_version: str | None = None  # the session's TLS, when there was one ("TLSv1.3")
     tls_cipher: str | None = None
+    #: The next hop offered DSN and was given the client's DSN parameters (it reports on from there).
+    next_hop_dsn: bool = False
 
     def record_fields(self) -> RecordFields:
         """The accounting record's own fields (``as_record`` without the meta keys)."""

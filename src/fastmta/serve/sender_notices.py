@@ -23,8 +23,9 @@ Rules (Postfix's, mostly):
 * what the client asked for over SMTP (DSN, RFC 3461): ``NOTIFY=NEVER`` and a
   ``NOTIFY`` without ``FAILURE`` (``DELAY``) silence the failure (delay)
   notice of that recipient, ``NOTIFY=SUCCESS`` asks for one when the next hop
-  takes it (``Action: relayed``: fastmta does not pass the request on, so
-  that hop will not report the final delivery), ``RET=FULL`` returns the
+  takes it (``Action: relayed``), unless that hop offered DSN: the
+  parameters are passed on to such a hop (as Postfix does), which then
+  reports from there (RFC 3461 6.2.1), ``RET=FULL`` returns the
   whole message in a failure notice (up to :data:`MAX_RETURNED`, else its
   headers, as with ``RET=HDRS`` or none), and ``ENVID``/``ORCPT`` come back
   as ``Original-Envelope-Id``/``Original-Recipient`` (RFC 3464).
@@ -112,7 +113,8 @@ class SenderNotices:
             if notify is None or "FAILURE" in notify:
                 self._gather(outcome, "failed")
         elif outcome.status is Status.DELIVERED:
-            if notify is not None and "SUCCESS" in notify:
+            # Given to a server that takes DSN, the request went with it: that server reports the delivery.
+            if notify is not None and "SUCCESS" in notify and not outcome.next_hop_dsn:
                 self._gather(outcome, "relayed")
         elif (
             outcome.status is Status.DEFERRED and self.delay_warning_time > 0 and (notify is None or "DELAY" in notify)

@@ -252,6 +252,7 @@ cdef class ProtocolCore:
     cdef bint _ext_utf8
     cdef bint _ext_chunking
     cdef bint _has_size  # SIZE offered (then " SIZE=n" goes on MAIL)
+    cdef bint _ext_dsn  # DSN offered (then a transaction's DSN parameters go on MAIL and RCPT)
     cdef object _size_limit  # its value: a Python int, any size (0: no limit)
 
     def __cinit__(self, *args, **kwargs):
@@ -399,6 +400,7 @@ cdef class ProtocolCore:
         self._ext_utf8 = extensions.smtputf8
         self._ext_chunking = extensions.chunking
         self._has_size = extensions.size is not None
+        self._ext_dsn = "DSN" in extensions.keywords
         self._size_limit = extensions.size  # may exceed any C integer ("SIZE 99999999999999999999")
 
     def _fail_session(self, reply, phase):
@@ -481,6 +483,8 @@ cdef class ProtocolCore:
             params += b" BODY=8BITMIME"
         if utf8:
             params += b" SMTPUTF8"
+        if self._ext_dsn and t.dsn is not None:  # RFC 3461: only to a server that offers DSN
+            params += <bytes>t.dsn.mail
         self._active.append(txn)
         self._expect_txn(b"MAIL FROM:<" + (<str>t.sender).encode() + b">" + params + b"\r\n", P_MAIL, txn, 0)
         cdef Py_ssize_t i
@@ -490,8 +494,13 @@ cdef class ProtocolCore:
             self._send_data_command(txn)
 
     cdef void _send_rcpt(self, _Txn txn, Py_ssize_t index) except *:
-        rcpt = txn.result.transaction.recipients[index]
-        self._expect_txn(b"RCPT TO:<" + (<str>rcpt).encode() + b">\r\n", P_RCPT, txn, index)
+        t = txn.result.transaction
+        rcpt = t.recipients[index]
+        if self._ext_dsn and t.dsn is not None:
+            self._expect_txn(b"RCPT TO:<" + (<str>rcpt).encode() + b">" + <bytes>t.dsn.rcpts[index] + b"\r\n",
+                             P_RCPT, txn, index)
+        else:
+            self._expect_txn(b"RCPT TO:<" + (<str>rcpt).encode() + b">\r\n", P_RCPT, txn, index)
         txn.rcpt_sent = index + 1
 
     cdef void _send_data_command(self, _Txn txn) except *:

@@ -256,6 +256,8 @@ class ProtocolCore:
             params += b" BODY=8BITMIME"
         if utf8:
             params += b" SMTPUTF8"
+        if t.dsn is not None and "DSN" in ext.keywords:  # RFC 3461: only to a server that offers DSN
+            params += t.dsn.mail
         self._active.append(txn)
         self._expect_txn(b"MAIL FROM:<" + t.sender.encode() + b">" + params + b"\r\n", Phase.MAIL, txn)
         if self.pipelining:
@@ -264,8 +266,9 @@ class ProtocolCore:
             self._send_data_command(txn)
 
     def _send_rcpt(self, txn: _Txn, index: int) -> None:
-        rcpt = txn.result.transaction.recipients[index]
-        self._expect_txn(b"RCPT TO:<" + rcpt.encode() + b">\r\n", Phase.RCPT, txn, index)
+        t = txn.result.transaction
+        dsn = t.dsn.rcpts[index] if t.dsn is not None and "DSN" in self.extensions.keywords else b""
+        self._expect_txn(b"RCPT TO:<" + t.recipients[index].encode() + b">" + dsn + b"\r\n", Phase.RCPT, txn, index)
         txn.rcpt_sent = index + 1
 
     def _send_data_command(self, txn: _Txn) -> None:

@@ -19,13 +19,16 @@ them in header fields, where a CR or LF would be a header of the client's.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 __all__ = [
     "DSN_META",
     "DsnSyntaxError",
+    "EnvelopeDsn",
     "dsn_fields",
     "dsn_of",
+    "envelope_dsn",
     "notify_of",
     "orcpt_of",
     "parse_envid",
@@ -145,3 +148,46 @@ def dsn_fields(dsn: Any, recipient: str) -> dict[str, str]:
     if isinstance(orcpt, dict) and isinstance(orcpt.get(recipient), str):
         out["orcpt"] = orcpt[recipient]
     return out
+
+
+class EnvelopeDsn(NamedTuple):
+    """The DSN parameters of one transaction, as written on the wire to a server that offers DSN."""
+
+    mail: bytes  # after MAIL FROM's path: b" RET=FULL ENVID=..." (or b"")
+    rcpts: tuple[bytes, ...]  # after each RCPT TO's path, in the transaction's order
+
+
+def envelope_dsn(meta: dict[str, Any] | None, recipients: Sequence[str]) -> EnvelopeDsn | None:
+    """What a transaction of *recipients* passes on of the DSN parameters kept in *meta* (Postfix relays
+    them too): the next hop then reports, or keeps quiet, as the client asked. None: nothing to pass."""
+    dsn = dsn_of(meta)
+    if not dsn:
+        return None
+    mail = b""
+    if dsn.get("ret") in ("FULL", "HDRS"):
+        mail += b" RET=" + dsn["ret"].encode()
+    if isinstance(dsn.get("envid"), str):
+        mail += b" ENVID=" + xtext_encode(dsn["envid"]).encode()
+    rcpts = []
+    for rcpt in recipients:
+        params = b""
+        notify = notify_of(meta, rcpt)
+        if isinstance(notify, str):
+            params += b" NOTIFY=" + notify.encode()
+        orcpt = orcpt_of(meta, rcpt)
+        if isinstance(orcpt, str):
+            params += b" ORCPT=" + _orcpt_wire(orcpt)
+        rcpts.append(params)
+    if not mail and not any(rcpts):
+        return None
+    return EnvelopeDsn(mail, tuple(rcpts))
+
+
+def _orcpt_wire(value: str) -> bytes:
+    """ "type;address" as ORCPT's value: xtext, or for "utf-8" RFC 6533's utf-8-addr-xtext (ASCII only, so it
+    goes to a server without SMTPUTF8 too)."""
+    kind, _, address = value.partition(";")
+    if kind != "utf-8":
+        return f"{kind};{xtext_encode(address)}".encode()
+    text = "".join(c if " " < c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address)
+    return f"utf-8;{text}".encode()

@@ -15,6 +15,7 @@ from enum import Enum, IntEnum
 
 from fastmta.errors import InputError
 from fastmta.message import core, downgrade
+from fastmta.smtp.dsn_params import EnvelopeDsn
 from fastmta.smtp.reply import Reply
 
 
@@ -179,6 +180,9 @@ class Transaction:
     recipients: Sequence[str]
     body: Body
     tag: object = None
+    #: DSN parameters (RFC 3461) to pass on when the server offers DSN: what goes after MAIL FROM's
+    #: path, and after each recipient's (``fastmta.smtp.dsn_params.envelope_dsn``). None: none asked.
+    dsn: EnvelopeDsn | None = None
 
     def __post_init__(self) -> None:
         if not self.recipients:
