@@ -117,6 +117,7 @@ def test_which_mail_rides_behind_an_end_of_data() -> None:
     q = ready(b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
     q.start_transaction(txn("a@x.test"))
     q.start_transaction(txn("b@x.test"))
+    q.data_to_send()
     q.receive_data(b"250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n")
     assert q.waiting_for is Phase.MAIL and not q.awaited_behind_dot  # BDAT: the next went after the outcome
 
@@ -276,6 +277,46 @@ def test_dsn_parameters_go_only_to_a_server_that_offers_dsn() -> None:
     assert r.data_to_send() == b"RCPT TO:<b@x.test>\r\n"
 
 
+EHLO_CHUNKING = b"250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 ENHANCEDSTATUSCODES\r\n"
+
+
+def test_a_stray_reply_is_never_credited_to_a_command_not_yet_written() -> None:
+    # Found by a fault-injection attack: one extra "250" after a BDAT's reply, in the same read, was
+    # credited to the next transaction's MAIL (begun, not yet written, by the reply before it): every
+    # later reply was then one off, a refused message recorded delivered and a stored one bounced.
+    p = ready(EHLO_CHUNKING)
+    p.start_transaction(txn("r1@x.test"))
+    p.start_transaction(txn("r2@x.test"))
+    assert p.data_to_send().count(b"MAIL FROM") == 1
+    with pytest.raises(ProtocolError, match="before its command was sent"):
+        p.receive_data(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n554 5.7.1 rejected\r\n250 2.0.0 stray\r\n")
+    done = results(p.abort(Reply.local(451, "4.5.0", "protocol error")))
+    first, second = (d.result for d in done)
+    assert first.final_reply is not None and first.final_reply.code == 554  # its own verdict, taken
+    assert second.final_reply is None and second.error is not None  # never judged: deferred, not delivered
+    assert not second.delivered
+    # A greeting with a reply glued to it: not the answer to the EHLO that was not yet written.
+    q = ClientProtocol("client.test")
+    with pytest.raises(ProtocolError, match="before its command was sent"):
+        q.receive_data(b"220 mx.test ESMTP\r\n250 mx.test\r\n")
+
+
+def test_replies_before_garbage_in_the_same_read_still_count() -> None:
+    # Found by the same attack: "250 queued" then a line that is no reply, in one read, threw the 250
+    # away with it: the message was deferred and sent again (25 duplicates of 25).
+    for garbage in (b"\x00 not a reply\r\n", b"x" * (MAX_LINE + 10)):
+        p = ready()
+        p.start_transaction(txn("a@x.test"))
+        p.data_to_send()
+        p.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        p.data_to_send()
+        with pytest.raises(ProtocolError):
+            p.receive_data(b"250 2.0.0 queued as 123\r\n" + garbage)
+        [done] = results(p.abort(Reply.local(451, "4.5.0", "protocol error")))
+        assert done.result.delivered and done.result.final_reply is not None
+        assert done.result.final_reply.text == "queued as 123"
+
+
 def test_eight_bit_body_declared() -> None:
     p = ready()
     p.start_transaction(txn("a@x.test", body=Body(b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n")))
@@ -354,6 +395,7 @@ def test_starttls_flow() -> None:
 def test_starttls_required_but_not_offered_fails() -> None:
     p = ClientProtocol("client.test", tls=TLSPolicy.REQUIRED)
     p.receive_data(b"220 mx\r\n")
+    p.data_to_send()
     events = p.receive_data(EHLO_PIPE)
     assert isinstance(events[0], SessionFailed) and events[0].reply.enhanced == "5.7.10"
 
@@ -378,7 +420,9 @@ def test_a_reply_the_command_cannot_have_is_a_protocol_error(replies: bytes, why
     p.start_transaction(txn("a@x.test"))
     p.data_to_send()
     with pytest.raises(ProtocolError, match=why):
-        p.receive_data(replies)
+        for line in replies.splitlines(keepends=True):  # each after what it answers was written
+            p.receive_data(line)
+            p.data_to_send()
     # What the connection then does: the session fails, the transaction with a transient reply, never delivered.
     [done] = results(p.abort(Reply.local(451, "4.5.0", "protocol error")))
     assert done.result.delivered == [] and [r.code for r in done.result.recipient_replies()] == [451]

@@ -8,6 +8,7 @@ next MX, throttle, bounce) never has to guess from the exception type alone.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 
 class Scope(str, Enum):
@@ -66,6 +67,9 @@ class DeliveryError(FastMTAError):
 
 class ProtocolError(DeliveryError):
     """The peer broke the SMTP protocol (garbage, oversized reply, bad sequence)."""
+
+    #: Replies a reply parser completed in the same read before the garbage: still the server's word.
+    replies: list[Any] = []  # noqa: RUF012 - never mutated: each raise sets its own list
 
 
 class SMTPTimeout(DeliveryError):

@@ -125,21 +125,25 @@ cdef class ReplyParser:
         cdef const unsigned char* nl
         cdef list out = []
         cdef object reply
-        while start < n:
-            nl = <const unsigned char*>memchr(p + start, 10, n - start)
-            if nl == NULL:
-                break
-            end = nl - p
-            length = end - start
-            if length and p[end - 1] == 13:
-                length -= 1
-            reply = self._line(buf, start, length)
-            if reply is not None:
-                out.append(reply)
-            start = end + 1
-        self._buf = buf[start:] if start < n else b""
-        if PyBytes_GET_SIZE(self._buf) > _MAX_LINE:
-            raise ProtocolError(f"reply line longer than {MAX_LINE} octets", scope=Scope.SESSION)
+        try:
+            while start < n:
+                nl = <const unsigned char*>memchr(p + start, 10, n - start)
+                if nl == NULL:
+                    break
+                end = nl - p
+                length = end - start
+                if length and p[end - 1] == 13:
+                    length -= 1
+                reply = self._line(buf, start, length)
+                if reply is not None:
+                    out.append(reply)
+                start = end + 1
+            self._buf = buf[start:] if start < n else b""
+            if PyBytes_GET_SIZE(self._buf) > _MAX_LINE:
+                raise ProtocolError(f"reply line longer than {MAX_LINE} octets", scope=Scope.SESSION)
+        except ProtocolError as exc:
+            exc.replies = out  # the reference's feed says why: the replies before the garbage stand
+            raise
         return out
 
     cdef object _line(self, bytes buf, Py_ssize_t start, Py_ssize_t n):
@@ -244,6 +248,7 @@ cdef class ProtocolCore:
     cdef object _open
     cdef bint _rset_needed
     cdef bint _rset_waiting  # without PIPELINING: an RSET written, its reply not in yet
+    cdef Py_ssize_t _unsent  # of _expect, how many (the last) await commands still in _out, not yet written
     cdef Py_ssize_t _bdat_active
     cdef object _extensions
     # The extension flags the hot path reads, copied out of the Extensions record.
@@ -329,14 +334,26 @@ cdef class ProtocolCore:
     # --- input and output ---------------------------------------------------
 
     def receive_data(self, data):
-        """Feed bytes from the server; return the events they caused."""
-        cdef list replies = self._parser._feed(bytes(data))
+        """Feed bytes from the server; return the events they caused (see the reference's)."""
+        cdef list replies
+        try:
+            replies = self._parser._feed(bytes(data))
+        except ProtocolError as exc:
+            self._take(exc.replies)
+            raise
+        self._take(replies)
+        events = self._events
+        self._events = []
+        return events
+
+    cdef void _take(self, list replies) except *:
         cdef tuple expected
         cdef object phase, txn
         self.replies_received += len(replies)
         for reply in replies:
-            if not self._expect:
-                raise ProtocolError(f"unsolicited reply: {reply}")
+            if len(self._expect) <= self._unsent:  # the reference's _take says why
+                raise ProtocolError(f"unsolicited reply: {reply}" if not self._expect
+                                    else f"reply before its command was sent: {reply}")
             expected = self._expect.popleft()
             phase = expected[0]
             txn = expected[1]
@@ -355,9 +372,6 @@ cdef class ProtocolCore:
                 if (code != 354 and code < 400) if phase is P_DATA else code // 100 == 3:
                     raise ProtocolError(f"reply {code} to {phase.value}: not a reply that command can have")
                 self._on_txn_reply(reply, phase, <_Txn?>txn, expected[2])
-        events = self._events
-        self._events = []
-        return events
 
     def start_transaction(self, transaction):
         """Queue a transaction; its result arrives later as TransactionDone."""
@@ -376,6 +390,7 @@ cdef class ProtocolCore:
             return b""
         out = bytes(self._out)
         self._out = bytearray()
+        self._unsent = 0
         return out
 
     # --- for the session half (ClientProtocol) --------------------------------
@@ -392,6 +407,7 @@ cdef class ProtocolCore:
         """Write a session command (EHLO, STARTTLS, QUIT, ...) and await its reply."""
         self._out += line
         self._expect.append((phase, None, 0))
+        self._unsent += 1
 
     def _set_extensions(self, extensions):
         self._extensions = extensions
@@ -406,6 +422,7 @@ cdef class ProtocolCore:
     def _fail_session(self, reply, phase):
         self._state = ST_CLOSED
         self._expect.clear()
+        self._unsent = 0
         self._open = None
         pending = list(self._active) + list(self._queue)
         self._active.clear()
@@ -451,6 +468,7 @@ cdef class ProtocolCore:
     cdef inline void _expect_txn(self, bytes line, object phase, _Txn txn, Py_ssize_t index) except *:
         self._out += line
         self._expect.append((phase, txn, index))
+        self._unsent += 1
 
     cdef void _begin(self, _Txn txn) except *:
         t = txn.result.transaction
@@ -546,6 +564,7 @@ cdef class ProtocolCore:
                 else:
                     self._out += b".\r\n"  # a broken server said 354 with no recipients: end it empty
                 self._expect.append((P_END_OF_DATA, txn, 0))
+                self._unsent += 1
             else:
                 mail = result.mail_reply
                 if mail is not None and _positive(mail):

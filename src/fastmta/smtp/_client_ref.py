@@ -66,6 +66,7 @@ class ProtocolCore:
         self._events: list[Event] = []
         # FIFO of (phase, transaction or None, recipient index): one per reply we await.
         self._expect: deque[tuple[Phase, _Txn | None, int]] = deque([(Phase.GREETING, None, 0)])
+        self._unsent = 0  # of them, how many (the last) await commands still in _out, not yet written
         self._queue: deque[_Txn] = deque()  # accepted by start_transaction, envelope not yet sent
         self._active: deque[_Txn] = deque()  # envelope sent, final reply pending
         # The transaction whose envelope is out but whose content is not; while it
@@ -121,13 +122,27 @@ class ProtocolCore:
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes from the server; return the events they caused.
 
-        Raises ProtocolError on garbage or an unsolicited reply.
+        Raises ProtocolError on garbage or an unsolicited reply; the events of the replies before it
+        are then :meth:`abort`'s to return.
         """
-        replies = self._parser.feed(data)
+        try:
+            replies = self._parser.feed(data)
+        except ProtocolError as exc:
+            self._take(exc.replies)  # what the server said before the garbage stands
+            raise
+        self._take(replies)
+        return self._drain()
+
+    def _take(self, replies: list[Reply]) -> None:
         self.replies_received += len(replies)
         for reply in replies:
-            if not self._expect:
-                raise ProtocolError(f"unsolicited reply: {reply}")
+            if len(self._expect) <= self._unsent:
+                # Nothing written awaits a reply. A reply credited to a command still unwritten (the next
+                # transaction's, begun by the reply before it in the same read) shifted every later reply
+                # by one: a refused message recorded delivered, an accepted one bounced (on BDAT, where no
+                # reply looks out of place).
+                raise ProtocolError(f"unsolicited reply: {reply}" if not self._expect
+                                    else f"reply before its command was sent: {reply}")
             phase, txn, index = self._expect.popleft()
             if reply.code == 421 and phase is not Phase.QUIT:
                 # 421: the server is closing the channel (RFC 5321 3.8). Whatever
@@ -143,7 +158,6 @@ class ProtocolCore:
                 if not _fits_phase(reply.code, phase):
                     raise ProtocolError(f"reply {reply.code} to {phase.value}: not a reply that command can have")
                 self._on_txn_reply(reply, phase, txn, index)
-        return self._drain()
 
     def start_transaction(self, transaction: Transaction) -> list[Event]:
         """Queue a transaction; its result arrives later as TransactionDone."""
@@ -160,6 +174,7 @@ class ProtocolCore:
             return b""
         out = bytes(self._out)
         self._out.clear()
+        self._unsent = 0
         return out
 
     # --- for the session half (ClientProtocol) --------------------------------
@@ -176,6 +191,7 @@ class ProtocolCore:
         """Write a session command (EHLO, STARTTLS, QUIT, ...) and await its reply."""
         self._out += line
         self._expect.append((phase, None, 0))
+        self._unsent += 1
 
     def _set_extensions(self, extensions: Extensions) -> None:
         self.extensions = extensions
@@ -183,6 +199,7 @@ class ProtocolCore:
     def _fail_session(self, reply: Reply, phase: Phase) -> None:
         self._state = SessionState.CLOSED
         self._expect.clear()
+        self._unsent = 0
         self._open = None
         pending = list(self._active) + list(self._queue)
         self._active.clear()
@@ -223,6 +240,7 @@ class ProtocolCore:
     def _expect_txn(self, line: bytes, phase: Phase, txn: _Txn, index: int = 0) -> None:
         self._out += line
         self._expect.append((phase, txn, index))
+        self._unsent += 1
 
     def _begin(self, txn: _Txn) -> None:
         """Write the envelope of *txn* (all of it if pipelining), or refuse it locally."""
@@ -311,6 +329,7 @@ class ProtocolCore:
                 else:
                     self._out += b".\r\n"  # a broken server said 354 with no recipients: end it empty
                 self._expect.append((Phase.END_OF_DATA, txn, 0))
+                self._unsent += 1
             else:
                 if result.mail_reply is not None and result.mail_reply.is_positive:
                     self._rset_needed = True

@@ -114,21 +114,27 @@ class ReplyParser:
         buf += data
         out: list[Reply] = []
         start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            line = bytes(buf[start:nl])
-            start = nl + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            reply = self._line(line)
-            if reply is not None:
-                out.append(reply)
-        if start:
-            del buf[:start]
-        if len(buf) > MAX_LINE:
-            raise ProtocolError(f"reply line longer than {MAX_LINE} octets", scope=Scope.SESSION)
+        try:
+            while True:
+                nl = buf.find(b"\n", start)
+                if nl < 0:
+                    break
+                line = bytes(buf[start:nl])
+                start = nl + 1
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                reply = self._line(line)
+                if reply is not None:
+                    out.append(reply)
+            if start:
+                del buf[:start]
+            if len(buf) > MAX_LINE:
+                raise ProtocolError(f"reply line longer than {MAX_LINE} octets", scope=Scope.SESSION)
+        except ProtocolError as exc:
+            # The replies before the garbage go with it (a 250 to an end of data was dropped with the
+            # line after it, and the message sent again): the caller takes them, then fails the session.
+            exc.replies = out
+            raise
         return out
 
     def _line(self, line: bytes) -> Reply | None:
