@@ -317,6 +317,27 @@ def test_replies_before_garbage_in_the_same_read_still_count() -> None:
         assert done.result.final_reply.text == "queued as 123"
 
 
+def test_a_transaction_says_whether_its_mail_went_behind_a_dot() -> None:
+    # What tells a server that drops a MAIL pipelined behind an end of data (chasquid) from a connection
+    # reset at any MAIL: only the former may cost a site its pipelining (batch.one_at_a_time).
+    from fastmta.delivery.batch import SiteLimits, one_at_a_time
+
+    p = ready()
+    p.start_transaction(txn("a@x.test"))
+    p.start_transaction(txn("b@x.test"))
+    p.data_to_send()
+    p.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    p.data_to_send()
+    [first] = results(p.receive_data(b"250 2.0.0 queued\r\n"))
+    [second] = results(p.abort(Reply.local(451, "4.4.2", "connection lost: reset by peer")))
+    assert not first.result.behind_dot and second.result.behind_dot
+    lost = Reply.local(451, "4.4.2", "connection lost: reset by peer")
+    limits = SiteLimits()
+    assert one_at_a_time(limits, "x.test", lost, Phase.MAIL, True).pipeline_depth == 1
+    assert one_at_a_time(limits, "x.test", lost, Phase.MAIL, False) is limits  # a first MAIL: a plain fault
+    assert one_at_a_time(limits, "x.test", Reply(503, ("5.5.1 AUTH first",), "5.5.1"), Phase.MAIL, False) is limits
+
+
 def test_eight_bit_body_declared() -> None:
     p = ready()
     p.start_transaction(txn("a@x.test", body=Body(b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n")))

@@ -96,7 +96,7 @@ def retuned(configured: SiteLimits, learned: SiteLimits, new: SiteLimits) -> Sit
     )
 
 
-def one_at_a_time(limits: SiteLimits, site: str, reply: Reply, phase: Phase) -> SiteLimits:
+def one_at_a_time(limits: SiteLimits, site: str, reply: Reply, phase: Phase, behind_dot: bool) -> SiteLimits:
     """*limits*, with one transaction in flight per connection if MAIL got *reply* as out of sequence.
 
     RFC 2920 lets a client send the next envelope right behind the end of DATA, and so does
@@ -104,11 +104,13 @@ def one_at_a_time(limits: SiteLimits, site: str, reply: Reply, phase: Phase) -> 
     drops them unanswered until its timeout closes the session (a connection lost waiting for
     MAIL's reply). Learned for the site for the rest of the run (Postfix's client, which does not
     pipeline after the dot, never meets it); the refused message is retried (rule
-    "out-of-sequence"), not bounced. A session lost at MAIL for another reason costs the site
-    only its pipelining.
+    "out-of-sequence"), not bounced. Only a MAIL that went *behind_dot* tells: a connection reset
+    or a timeout waiting for the first MAIL of a session, or a 503 to it (AUTH first, HELO first),
+    says nothing of pipelining (one RST made every later message of a site cost two round trips).
     """
     lost = reply.code == 451 and reply.enhanced in ("4.4.1", "4.4.2")
-    if phase is not Phase.MAIL or not (reply.code in (500, 503) or lost) or limits.pipeline_depth == 1:
+    if (phase is not Phase.MAIL or not behind_dot or not (reply.code in (500, 503) or lost)
+            or limits.pipeline_depth == 1):
         return limits
     log.warning("%s refused MAIL out of sequence (%s): one transaction at a time from now on", site, reply)
     return replace(limits, pipeline_depth=1)

@@ -543,7 +543,8 @@ class SiteQueue:
                 if result.mail_reply is None and answered and not self._closing and not self.throttle.probing:
                     # Never answered, behind one that was: the server hung up (or fell silent) and never saw
                     # it. Again at once, first, on a new connection (before: the retry schedule, 60 s+).
-                    self.limits = one_at_a_time(self.limits, self.site, *result.recipient_results()[0])
+                    self.limits = one_at_a_time(self.limits, self.site, *result.recipient_results()[0],
+                                                result.behind_dot)
                     self.sending.pop(id(batch), None)
                     self.ready.insert(requeued, batch)
                     requeued += 1
@@ -590,7 +591,7 @@ class SiteQueue:
                 merged[index] = outcome
             sent = merged
         if sent:
-            self.limits = one_at_a_time(self.limits, self.site, *sent[0])
+            self.limits = one_at_a_time(self.limits, self.site, *sent[0], result is not None and result.behind_dot)
         session_done = False
         for reply, phase in sent:
             ph = CLASSIFY_PHASE[phase]

@@ -490,6 +490,8 @@ cdef class ProtocolCore:
         # Another transaction still awaits its final reply: this MAIL rides behind its end of data
         # (_pump begins one only once no DATA awaits its 354, and never behind a BDAT).
         txn.behind_dot = len(self._active) > 0
+        if txn.behind_dot:
+            txn.result.behind_dot = True
         self._bdat_active += use_bdat
         if self._rset_needed:
             self._send(b"RSET\r\n", P_RSET)

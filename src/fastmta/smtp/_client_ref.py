@@ -262,7 +262,7 @@ class ProtocolCore:
         txn.use_bdat = use_bdat
         # Another transaction still awaits its final reply: this MAIL rides behind its end of data
         # (_pump begins one only once no DATA awaits its 354, and never behind a BDAT).
-        txn.behind_dot = bool(self._active)
+        txn.behind_dot = txn.result.behind_dot = bool(self._active)
         self._bdat_active += use_bdat
         if self._rset_needed:
             self._send(b"RSET\r\n", Phase.RSET)

@@ -215,6 +215,7 @@ class TransactionResult:
     final_reply: Reply | None = None  # the reply to the end of data or BDAT LAST
     error: Reply | None = None
     error_phase: Phase | None = None  # what the session was waiting for when ``error`` happened
+    behind_dot: bool = False  # its MAIL went right behind another transaction's end of data (RFC 2920)
 
     def recipient_replies(self) -> list[Reply]:
         """The reply that decides each recipient's fate, in recipient order."""
