@@ -274,6 +274,48 @@ def test_a_tarpitting_site_does_not_stall_the_others(run: Run, ns: DNSServer) ->
     run(main())
 
 
+def test_close_does_not_wait_for_a_greeting_when_nothing_is_left_to_carry(run: Run) -> None:
+    # Found by a fault-injection attack: one connection of a site stuck before the greeting (a tarpit)
+    # while the others delivered everything in 0.3 s held `fastmta send`'s exit for close's 30 s.
+    async def main() -> None:
+        sink = await start_sink("127.0.0.12")
+        held: list[asyncio.StreamWriter] = []
+
+        async def front(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if not held:  # the first connection: accepted, never greeted
+                held.append(writer)
+                await reader.read()
+                return
+            up_r, up_w = await asyncio.open_connection(*sink.addresses[0][:2])
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                while data := await src.read(65536):
+                    dst.write(data)
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)
+
+        server = await asyncio.start_server(front, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = engine_config(None, 25, routing={"static": {"*": [f"127.0.0.1:{port}"]}},
+                            smtp={"tls": "never", "timeouts": {"greeting": 60}}, sites={"*": {"max_connections": 2}})
+        try:
+            engine = Engine(cfg)
+            await engine.start()
+            out = await deliver_all(engine, [f"u{i}@a.example.test" for i in range(20)])
+            assert Counter(o.status for o in out) == {Status.DELIVERED: 20} and held  # one connection is held
+            t0 = time.monotonic()
+            await engine.close(timeout=30)
+            assert time.monotonic() - t0 < 5 and engine.unfinished == 0
+        finally:
+            for writer in held:
+                writer.close()
+            server.close()
+            await sink.close()
+
+    run(main())
+
+
 # ----------------------------------------------------------------- sources
 
 

@@ -103,7 +103,7 @@ class SiteQueue:
         self._held: deque[Batch] = deque()
         self._release_timer: asyncio.TimerHandle | None = None
         self._connect_failures = 0  # consecutive failed connection attempts
-        self._connecting = 0  # connection attempts in progress
+        self._connecting: set[asyncio.Task[None] | None] = set()  # the tasks making a connection attempt
         self._hold_until = 0.0  # no new connection before this (loop time)
         self.connections = 0  # currently open
         self.max_seen_connections = self.connections_opened = self.transactions = 0
@@ -288,6 +288,9 @@ class SiteQueue:
         for waiter in self._idle:
             if not waiter.done():
                 waiter.set_result(None)
+        if not self.ready and not self.parked and not self._held:  # nothing to carry: no wait for a greeting
+            for task in filter(None, list(self._connecting)):  # (a tarpit's held the exit for 30 s)
+                task.cancel()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in pending:
@@ -339,13 +342,13 @@ class SiteQueue:
             # in preference order (a host may be back before its mark expires).
             candidates = route.targets()
         ticket = self.throttle.connection_started(self._loop.time())
-        self._connecting += 1
+        self._connecting.add(task := asyncio.current_task())
         conn: SMTPConnection | None = None
         try:
             conn, host = await self._try_hosts(candidates, ticket)
             return conn, host
         finally:
-            self._connecting -= 1
+            self._connecting.discard(task)
             if conn is None:
                 self.throttle.connection_closed()  # its lease (cluster) goes back
 
@@ -409,7 +412,7 @@ class SiteQueue:
             # Attempts that were in parallel with this one count once.
             self._connect_failures += 1
             self._schedule_reconnect(min(2.0 ** (self._connect_failures - 1), 60.0))
-        if self.connections or self._connecting > 1:
+        if self.connections or len(self._connecting) > 1:
             return None, None  # another connection of this queue is up (or coming): it carries the work
         self._expire_overdue(last)
         paced = last.code == 421 or c.site_paced
