@@ -232,6 +232,22 @@ def test_csv_hostile_texts_stay_one_row(tmp_path: Path) -> None:
         assert r["type"] == "b"
 
 
+def test_what_a_terminal_would_act_on_never_reaches_the_logs_raw(tmp_path: Path) -> None:
+    # Found by a fault-injection attack: a reply's DEL, C1 CSI (U+009B: an escape sequence to a terminal
+    # showing the log) and right-to-left override went raw into both logs. JSON keeps them as escapes
+    # (the same string read back), CSV as spaces, as it does C0 controls.
+    text = "5.7.1 x\x7f y\x9b31m z\u202eevil\u2066 w\u2028 \u00e9"
+    o = outcome(0, Status.BOUNCED, Reply(550, (text,), "5.7.1"), meta={"note": "a\x9bb"})
+    for name in ("acct.jsonl", "acct.csv"):
+        with AccountingLog(tmp_path / name) as log:
+            log.write(o)
+        raw = (tmp_path / name).read_bytes().decode("utf-8")
+        assert not any(0x7F <= ord(c) <= 0x9F or c in "\u202e\u2066\u2028" for c in raw), (name, raw)
+        assert "\u00e9" in raw  # other text as it was
+    [record] = [json.loads(line) for line in (tmp_path / "acct.jsonl").read_text().splitlines()]
+    assert record["text"] == text.split(" ", 1)[1] and record["note"] == "a\x9bb"
+
+
 def test_csv_formula_guard(tmp_path: Path) -> None:
     with AccountingLog(tmp_path / "acct.csv", guard_formulas=True) as log:
         log.write(outcome(0, meta={"job": "=HYPERLINK(1)"}))

@@ -52,7 +52,20 @@ def jsonl_line(outcome: Outcome, encoder: msgspec.json.Encoder) -> bytes:
     extra = outcome.meta_extra()
     if extra:
         line = line[:-1] + b"," + encoder.encode(extra)[1:]
+    if _JSON_UNSAFE.search(line) is not None:  # rare: one scan of the line finds none
+        line = _JSON_UNSAFE.sub(_json_escape, line)
     return line + b"\n"
+
+
+# What JSON may carry raw but a terminal acts on (``less`` or ``cat`` of the log): DEL, the C1 controls
+# (U+009B is a CSI), and the characters that reorder or break the line shown (bidi overrides, isolates,
+# line separators), as UTF-8. A server's reply holds what its writer wants: written as \u escapes, the
+# same string to any JSON reader.
+_JSON_UNSAFE = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\x8e\x8f\xa8-\xae]|\xe2\x81[\xa6-\xa9]")
+
+
+def _json_escape(match: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(match.group().decode("utf-8"))
 
 #: The CSV columns, in order. Up to ``jobId`` they are PowerMTA accounting
 #: fields (same name, same meaning); after it, fastmta's own, in camelCase to
@@ -148,8 +161,10 @@ _META_COLUMNS = frozenset({"job", "size", "sender"})
 # halves, would then see half a record); NUL trips some CSV readers. Quoting
 # alone would keep the csv module itself correct, but not `wc -l`, `tail`,
 # `grep` or the torn-tail check below, so they are removed at the source.
-_CONTROL_TO_SPACE = {c: " " for c in (*range(0x20), 0x7F)}
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
+# Controls (C0, DEL, C1) and the characters that reorder or break a line shown (see _JSON_UNSAFE).
+_CONTROL_TO_SPACE = {c: " " for c in (*range(0x20), *range(0x7F, 0xA0), 0x200E, 0x200F, 0x2028, 0x2029,
+                                      *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 # Cells a spreadsheet would evaluate as a formula start with one of these.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
