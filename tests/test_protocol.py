@@ -338,6 +338,24 @@ def test_a_transaction_says_whether_its_mail_went_behind_a_dot() -> None:
     assert one_at_a_time(limits, "x.test", Reply(503, ("5.5.1 AUTH first",), "5.5.1"), Phase.MAIL, False) is limits
 
 
+@pytest.mark.parametrize("ehlo", [EHLO_PIPE, EHLO_CHUNKING])
+def test_a_session_lost_after_the_end_of_data_says_the_message_may_have_gone(ehlo: bytes) -> None:
+    # Found by a fault-injection attack: "connection lost" read the same after a dot (a duplicate possible)
+    # as at MAIL (none possible); Postfix says "message may be sent more than once".
+    p = ready(ehlo)
+    p.start_transaction(txn("a@x.test"))
+    p.start_transaction(txn("b@x.test"))
+    p.data_to_send()
+    if ehlo is EHLO_PIPE:
+        p.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        p.data_to_send()
+    lost = Reply.local(451, "4.4.2", "connection lost: reset by peer")
+    done = [d.result for d in results(p.abort(lost))]
+    assert done[0].error is not None and done[0].error.code == 451
+    assert done[0].error.text.endswith("after the end of data (the message may have been delivered: it goes again)")
+    assert done[1].error is lost  # its content never went: nothing may have been delivered
+
+
 def test_eight_bit_body_declared() -> None:
     p = ready()
     p.start_transaction(txn("a@x.test", body=Body(b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n")))

@@ -528,6 +528,7 @@ cdef class ProtocolCore:
             payload = txn.body.bdat_wire
             self._expect_txn(b"BDAT %d LAST\r\n" % len(payload), P_BDAT, txn, 0)
             self._out += payload
+            txn.result.content_sent = True
         else:
             self._expect_txn(b"DATA\r\n", P_DATA, txn, 0)
             self._open = txn
@@ -563,6 +564,7 @@ cdef class ProtocolCore:
                 # Content, dot and (via _pump) the next envelope: one write.
                 if txn.any_rcpt_accepted():
                     self._out += txn.body.data_wire
+                    result.content_sent = True
                 else:
                     self._out += b".\r\n"  # a broken server said 354 with no recipients: end it empty
                 self._expect.append((P_END_OF_DATA, txn, 0))

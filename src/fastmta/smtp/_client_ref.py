@@ -294,6 +294,7 @@ class ProtocolCore:
             payload = txn.body.bdat_wire
             self._expect_txn(b"BDAT %d LAST\r\n" % len(payload), Phase.BDAT, txn)
             self._out += payload
+            txn.result.content_sent = True
         else:
             self._expect_txn(b"DATA\r\n", Phase.DATA, txn)
             self._open = txn
@@ -326,6 +327,7 @@ class ProtocolCore:
                 # Content, dot and (via _pump) the next envelope: one write.
                 if txn.any_rcpt_accepted:
                     self._out += txn.body.data_wire
+                    result.content_sent = True
                 else:
                     self._out += b".\r\n"  # a broken server said 354 with no recipients: end it empty
                 self._expect.append((Phase.END_OF_DATA, txn, 0))

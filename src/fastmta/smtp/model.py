@@ -216,6 +216,7 @@ class TransactionResult:
     error: Reply | None = None
     error_phase: Phase | None = None  # what the session was waiting for when ``error`` happened
     behind_dot: bool = False  # its MAIL went right behind another transaction's end of data (RFC 2920)
+    content_sent: bool = False  # its content and end of data went out (a lost session may have delivered it)
 
     def recipient_replies(self) -> list[Reply]:
         """The reply that decides each recipient's fate, in recipient order."""

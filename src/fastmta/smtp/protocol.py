@@ -156,7 +156,16 @@ class ClientProtocol(ProtocolCore):
         """The connection failed (lost, timeout, protocol error): fail what is pending."""
         if self._state != SessionState.CLOSED:
             self._fail_session(reply, phase or self.waiting_for or Phase.QUIT)
-        return self._drain()
+        events = self._drain()
+        after_dot = Reply.local(reply.code, reply.enhanced or "4.4.2", f"{reply.text} after the end of data "
+                                "(the message may have been delivered: it goes again)")
+        for event in events:
+            # Postfix's "-- message may be sent more than once": an operator reconciling duplicates
+            # tells these from a session lost at MAIL, where none is possible.
+            if isinstance(event, TransactionDone) and event.result.content_sent \
+                    and event.result.final_reply is None and event.result.error is reply:
+                event.result.error = after_dot
+        return events
 
     # --- session replies (the core hands over every reply without a transaction) ---
 
