@@ -488,6 +488,8 @@ def test_a_full_accounting_disk_stops_the_run_and_nothing_is_sent_twice(
         assert again.returncode == 0, again.stderr[-2000:]
         s2 = json.loads(summary.read_text())
         assert s1["delivered"] + s2["delivered"] == n and s2["resumed_recipients"] == s1["unfinished"]
+        # The table says where the delivered came from ("recipients 0" beside "delivered 1,394" did not).
+        assert re.search(rf"resumed from the last run\W+{s2['resumed_recipients']:,}\b", again.stdout), again.stdout
     received = Counter(m.group(1) for f in world_writable_dir.iterdir()
                        if (m := re.search(rb"^To: (\S+)$", f.read_bytes(), re.M)))
     assert len(received) == n and set(received.values()) == {1}  # every recipient once: none twice

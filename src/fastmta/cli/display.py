@@ -187,6 +187,8 @@ class Progress:
             ("spool", s["spool"]),
             ("messages accepted", f"{s['messages']:,}"),
             ("recipients", f"{s['recipients']:,}"),
+            # Taken up again from the queue a run left (a crash): beside "recipients 0" they explain the rest.
+            *([("resumed from the last run", f"{s['resumed_recipients']:,}")] if s.get("resumed_recipients") else []),
             ("delivered", f"{s['delivered']:,}"),
             ("bounced", f"{s['bounced']:,}"),
             ("  of them suspected filter", f"{sum(f['suspected'] for f in s.get('suspected_filters', [])):,}"),
