@@ -52,7 +52,7 @@ def jsonl_line(outcome: Outcome, encoder: msgspec.json.Encoder) -> bytes:
     extra = outcome.meta_extra()
     if extra:
         line = line[:-1] + b"," + encoder.encode(extra)[1:]
-    if _JSON_UNSAFE.search(line) is not None:  # rare: one scan of the line finds none
+    if (not line.isascii() or b"\x7f" in line) and _JSON_UNSAFE.search(line) is not None:  # (the regex: 1 µs)
         line = _JSON_UNSAFE.sub(_json_escape, line)
     return line + b"\n"
 
