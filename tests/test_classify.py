@@ -793,6 +793,26 @@ def test_documented_provider_replies(expected: str, phase: str | None, raw: str)
         _never_hard(r)
 
 
+@pytest.mark.parametrize(("raw", "phase", "category", "bounce"), [
+    # The words the second set of replies taught (a ban, a harvest, relaying refused, an organisation's
+    # quota) do not win over a reply that says the address is bad or the mailbox full (found by review).
+    ("550 5.1.1 Recipient <x@y.test> is banned from receiving mail", "rcpt", "invalid_recipient", "hard"),
+    ("550 5.1.1 Address is banned: no such user", "rcpt", "invalid_recipient", "hard"),
+    ("550 No such user (dictionary attack protection)", "rcpt", "invalid_recipient", "hard"),
+    ("550 5.1.1 Relay recipient rejected: mailbox does not exist", "rcpt", "invalid_recipient", "hard"),
+    ("550 RCPT TO rejected: relaying rejected, user not found", "rcpt", "invalid_recipient", "hard"),
+    ("550 unrouteable address: relay rejected", "rcpt", "invalid_domain", "hard"),
+    ("550 5.1.1 unknown user. This server accepts mail for local users only", "rcpt", "invalid_recipient", "hard"),
+    ("552 5.2.2 User is over quota; organization quota reached", "rcpt", "mailbox_full", "soft"),
+    ("452 4.2.2 Organization storage quota exceeded", "rcpt", "mailbox_full", "soft"),
+    ("554 The domain example.test is banned", "mail", "reputation_block", "soft"),
+    ("553 Requested action not taken: Local user only", "rcpt", "relay_denied", "soft"),
+])
+def test_new_wordings_do_not_override_an_address_verdict(raw: str, phase: str, category: str, bounce: str) -> None:
+    r = default_classifier().classify_text(raw, phase=phase)
+    assert (r.category.value, r.bounce.value) == (category, bounce), r
+
+
 PROVIDER_REPLIES_2 = PROVIDER_REPLIES.with_name("provider_replies_2.txt")
 
 
