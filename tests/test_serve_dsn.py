@@ -219,3 +219,30 @@ def test_the_parameters_go_on_to_a_next_hop_that_offers_dsn(tmp_path: Path) -> N
     assert args[1:] == [b"X-Rcpt-Args: <ok1@dest.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Ok1+2Bx@dest.example",
                         b"X-Rcpt-Args: <ok2@dest.example>"]
     assert receiver.messages == []  # the next hop took the request: no "relayed" notice from us
+
+
+def test_utf8_original_recipients_stay_ascii_in_notices_and_on_the_wire() -> None:
+    # Found by review: a notice's message/delivery-status part printed "utf-8;rö@x" raw (8-bit in an ASCII
+    # part), and an address escaped past RFC 3461's 500 characters would get a strict next hop's 501.
+    from fastmta.smtp.dsn_params import envelope_dsn, orcpt_text
+
+    assert orcpt_text("utf-8;rö@x.example") == "utf-8;r\\x{F6}@x.example"
+    assert orcpt_text("rfc822;r+1@x.example") == "rfc822;r+1@x.example"  # RFC 3464 prints it as it is
+    meta = {"dsn": {"notify": {"a@x.example": "NEVER"}, "orcpt": {"a@x.example": "utf-8;" + "é" * 90 + "@x"}}}
+    assert envelope_dsn(meta, ["a@x.example"]) == (b"", (b" NOTIFY=NEVER",))  # the NOTIFY goes, not the ORCPT
+
+
+def test_success_notices_do_not_use_up_the_failures_allowance() -> None:
+    # Found by review: with NOTIFY=SUCCESS on every message, 20 success notices in 10 minutes left the
+    # sender's next failure notice unsent ("more than 20 notices").
+    from fastmta.serve.auth import RelayPolicy
+    from fastmta.serve.sender_notices import SenderNotices
+
+    notices = SenderNotices(None, hostname="mx.test", policy=RelayPolicy([], []), store=None,  # type: ignore[arg-type]
+                            per_sender=2)
+    assert notices._allowed("app@sender.example", "relayed") is None
+    assert notices._allowed("app@sender.example", "relayed") is None
+    assert "more than 2 success notices" in (notices._allowed("app@sender.example", "relayed") or "")
+    assert notices._allowed("app@sender.example", "failed") is None
+    assert notices._allowed("app@sender.example", "delayed") is None
+    assert notices._allowed("app@sender.example", "failed") is not None  # failures and delays share theirs

@@ -47,7 +47,7 @@ from fastmta.feedback.suppression import SqliteSuppressionStore
 from fastmta.queue.records import Outcome, Status, new_message_id
 from fastmta.serve.auth import RelayPolicy
 from fastmta.serve.notice_store import KINDS, NoticeStore, OwedNotice, Row, encode
-from fastmta.smtp.dsn_params import dsn_of, notify_of, orcpt_of
+from fastmta.smtp.dsn_params import dsn_of, notify_of, orcpt_of, orcpt_text
 
 log = logging.getLogger("fastmta.serve.dsn")
 
@@ -97,7 +97,9 @@ class SenderNotices:
         self._unsaved: list[Row] = []  # for the next journal batch (before_journal)
         self._owed: list[OwedNotice] = []  # read at start (load_owed), queued by resume()
         self._warned: OrderedDict[str, None] = OrderedDict()
-        self._sent_at: dict[str, list[float]] = {}
+        # (sender, a success notice?) -> when notices went: successes have an allowance of their own (a client
+        # asking NOTIFY=SUCCESS for each of many messages must not use up the failures' one).
+        self._sent_at: dict[tuple[str, bool], list[float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.sent = 0
         self.limited = 0
@@ -218,25 +220,26 @@ class SenderNotices:
 
     # ---------------------------------------------------------------- sending
 
-    def _allowed(self, sender: str) -> str | None:
+    def _allowed(self, sender: str, kind: str) -> str | None:
         domain = sender.rpartition("@")[2]
         if self.policy.receives(domain):
             return "the sender is one of our own bounce/feedback addresses"
         if self.store is not None and self.store.check(sender) is not None:
             return "the sender is suppressed"
         now = time.monotonic()
-        times = [t for t in self._sent_at.get(sender, []) if now - t < self.per_seconds]
+        key = (sender, kind == "relayed")
+        times = [t for t in self._sent_at.get(key, []) if now - t < self.per_seconds]
         if len(times) >= self.per_sender:
-            self._sent_at[sender] = times
-            return f"more than {self.per_sender} notices to this sender in {self.per_seconds:g}s"
+            self._sent_at[key] = times
+            return f"more than {self.per_sender} {'success ' if key[1] else ''}notices to this sender in {self.per_seconds:g}s"
         times.append(now)
-        self._sent_at[sender] = times
+        self._sent_at[key] = times
         if len(self._sent_at) > 100_000:  # forget senders quiet for a whole period
             self._sent_at = {s: ts for s, ts in self._sent_at.items() if ts and now - ts[-1] < self.per_seconds}
         return None
 
     async def _send(self, key: str, sender: str, outcomes: list[Outcome], returned: bytes, kind: str) -> None:
-        why_not = self._allowed(sender)
+        why_not = self._allowed(sender, kind)
         if why_not is not None:
             self.limited += 1
             log.warning("no delivery status notice to %r for message %s: %s", sender, outcomes[0].message_id, why_not)
@@ -302,7 +305,7 @@ class SenderNotices:
                 status = "4.4.7"  # RFC 3463: delivery time expired (a failure, still classed 4)
             orcpt = orcpt_of(o.meta, o.recipient)
             if orcpt is not None:
-                lines.append(f"Original-Recipient: {_clean(orcpt)}")
+                lines.append(f"Original-Recipient: {_clean(orcpt_text(orcpt))}")
             lines += [f"Final-Recipient: rfc822; {_clean(o.recipient)}", f"Action: {kind}", f"Status: {status}"]
             if o.mx_host:
                 lines.append(f"Remote-MTA: dns; {_clean(o.mx_host)}")

@@ -31,6 +31,7 @@ __all__ = [
     "envelope_dsn",
     "notify_of",
     "orcpt_of",
+    "orcpt_text",
     "parse_envid",
     "parse_notify",
     "parse_orcpt",
@@ -175,8 +176,9 @@ def envelope_dsn(meta: dict[str, Any] | None, recipients: Sequence[str]) -> Enve
         if isinstance(notify, str):
             params += b" NOTIFY=" + notify.encode()
         orcpt = orcpt_of(meta, rcpt)
-        if isinstance(orcpt, str):
-            params += b" ORCPT=" + _orcpt_wire(orcpt)
+        wire = _orcpt_wire(orcpt) if isinstance(orcpt, str) else b""
+        if 0 < len(wire) <= _MAX_ORCPT:  # escaped longer than RFC 3461 allows: a strict hop would refuse it (501)
+            params += b" ORCPT=" + wire
         rcpts.append(params)
     if not mail and not any(rcpts):
         return None
@@ -189,5 +191,13 @@ def _orcpt_wire(value: str) -> bytes:
     kind, _, address = value.partition(";")
     if kind != "utf-8":
         return f"{kind};{xtext_encode(address)}".encode()
-    text = "".join(c if " " < c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address)
-    return f"utf-8;{text}".encode()
+    return orcpt_text(value).encode()
+
+
+def orcpt_text(value: str) -> str:
+    """ "type;address" as a notice's Original-Recipient field prints it (RFC 3464 2.3.1): as it is, but for
+    "utf-8" in RFC 6533's ASCII form (a message/delivery-status part is ASCII; the address is not)."""
+    kind, _, address = value.partition(";")
+    if kind != "utf-8":
+        return value
+    return "utf-8;" + "".join(c if " " < c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address)
