@@ -356,6 +356,29 @@ def test_a_session_lost_after_the_end_of_data_says_the_message_may_have_gone(ehl
     assert done[1].error is lost  # its content never went: nothing may have been delivered
 
 
+def test_content_counts_as_sent_only_once_handed_out_and_a_421_is_never_garbage() -> None:
+    # Found by review: content put in the output buffer was "sent" at once, so garbage read before the
+    # write said "may have been delivered" of a message the server never saw; and a 421 (an idle timeout)
+    # read before a queued MAIL went out was called a protocol error, not the server closing.
+    p = ready(EHLO_CHUNKING)
+    p.start_transaction(txn("a@x.test"))
+    p.start_transaction(txn("b@x.test"))
+    p.data_to_send()
+    with pytest.raises(ProtocolError):
+        p.receive_data(b"250 ok\r\n250 ok\r\n250 queued\r\n\x00junk\r\n")  # b's envelope and content: not written
+    lost = Reply.local(451, "4.5.0", "protocol error")
+    first, second = (d.result for d in results(p.abort(lost)))
+    assert first.content_sent and first.final_reply is not None and first.delivered  # taken before the garbage
+    assert not second.content_sent and second.error is lost
+    q = ready()
+    q.start_transaction(txn("a@x.test"))  # queued, not yet written
+    events = q.receive_data(b"421 4.4.2 mx.test idle timeout, closing\r\n")
+    failed = [e for e in events if isinstance(e, SessionFailed)]
+    assert failed and failed[0].reply.code == 421
+    [done] = results(events)
+    assert done.result.error is not None and done.result.error.code == 421
+
+
 def test_eight_bit_body_declared() -> None:
     p = ready()
     p.start_transaction(txn("a@x.test", body=Body(b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n")))

@@ -249,6 +249,7 @@ cdef class ProtocolCore:
     cdef bint _rset_needed
     cdef bint _rset_waiting  # without PIPELINING: an RSET written, its reply not in yet
     cdef Py_ssize_t _unsent  # of _expect, how many (the last) await commands still in _out, not yet written
+    cdef list _content_out  # results of the transactions whose content is in _out
     cdef Py_ssize_t _bdat_active
     cdef object _extensions
     # The extension flags the hot path reads, copied out of the Extensions record.
@@ -267,6 +268,7 @@ cdef class ProtocolCore:
         self._out = bytearray()
         self._events = []
         self._expect = deque([(P_GREETING, None, 0)])
+        self._content_out = []
         self._queue = deque()
         self._active = deque()
         self._state = ST_GREETING
@@ -352,6 +354,9 @@ cdef class ProtocolCore:
         self.replies_received += len(replies)
         for reply in replies:
             if len(self._expect) <= self._unsent:  # the reference's _take says why
+                if reply[0] == 421:
+                    self._fail_session(reply, self._expect[0][0] if self._expect else P_QUIT)
+                    break
                 raise ProtocolError(f"unsolicited reply: {reply}" if not self._expect
                                     else f"reply before its command was sent: {reply}")
             expected = self._expect.popleft()
@@ -391,6 +396,10 @@ cdef class ProtocolCore:
         out = bytes(self._out)
         self._out = bytearray()
         self._unsent = 0
+        if self._content_out:  # the reference's data_to_send says why
+            for result in self._content_out:
+                result.content_sent = True
+            self._content_out = []
         return out
 
     # --- for the session half (ClientProtocol) --------------------------------
@@ -423,6 +432,7 @@ cdef class ProtocolCore:
         self._state = ST_CLOSED
         self._expect.clear()
         self._unsent = 0
+        self._content_out = []
         self._open = None
         pending = list(self._active) + list(self._queue)
         self._active.clear()
@@ -528,7 +538,7 @@ cdef class ProtocolCore:
             payload = txn.body.bdat_wire
             self._expect_txn(b"BDAT %d LAST\r\n" % len(payload), P_BDAT, txn, 0)
             self._out += payload
-            txn.result.content_sent = True
+            self._content_out.append(txn.result)
         else:
             self._expect_txn(b"DATA\r\n", P_DATA, txn, 0)
             self._open = txn
@@ -564,7 +574,7 @@ cdef class ProtocolCore:
                 # Content, dot and (via _pump) the next envelope: one write.
                 if txn.any_rcpt_accepted():
                     self._out += txn.body.data_wire
-                    result.content_sent = True
+                    self._content_out.append(result)
                 else:
                     self._out += b".\r\n"  # a broken server said 354 with no recipients: end it empty
                 self._expect.append((P_END_OF_DATA, txn, 0))

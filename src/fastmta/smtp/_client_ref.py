@@ -67,6 +67,7 @@ class ProtocolCore:
         # FIFO of (phase, transaction or None, recipient index): one per reply we await.
         self._expect: deque[tuple[Phase, _Txn | None, int]] = deque([(Phase.GREETING, None, 0)])
         self._unsent = 0  # of them, how many (the last) await commands still in _out, not yet written
+        self._content_out: list[TransactionResult] = []  # transactions whose content is in _out
         self._queue: deque[_Txn] = deque()  # accepted by start_transaction, envelope not yet sent
         self._active: deque[_Txn] = deque()  # envelope sent, final reply pending
         # The transaction whose envelope is out but whose content is not; while it
@@ -137,6 +138,9 @@ class ProtocolCore:
         self.replies_received += len(replies)
         for reply in replies:
             if len(self._expect) <= self._unsent:
+                if reply.code == 421:  # the server closing (an idle timeout) whatever it was sent: no garbage
+                    self._fail_session(reply, self._expect[0][0] if self._expect else Phase.QUIT)
+                    break
                 # Nothing written awaits a reply. A reply credited to a command still unwritten (the next
                 # transaction's, begun by the reply before it in the same read) shifted every later reply
                 # by one: a refused message recorded delivered, an accepted one bounced (on BDAT, where no
@@ -175,6 +179,9 @@ class ProtocolCore:
         out = bytes(self._out)
         self._out.clear()
         self._unsent = 0
+        for result in self._content_out:  # handed out now (set earlier, a failure before the write said "may
+            result.content_sent = True  # have been delivered" of a message the server never saw)
+        self._content_out.clear()
         return out
 
     # --- for the session half (ClientProtocol) --------------------------------
@@ -200,6 +207,7 @@ class ProtocolCore:
         self._state = SessionState.CLOSED
         self._expect.clear()
         self._unsent = 0
+        self._content_out.clear()
         self._open = None
         pending = list(self._active) + list(self._queue)
         self._active.clear()
@@ -294,7 +302,7 @@ class ProtocolCore:
             payload = txn.body.bdat_wire
             self._expect_txn(b"BDAT %d LAST\r\n" % len(payload), Phase.BDAT, txn)
             self._out += payload
-            txn.result.content_sent = True
+            self._content_out.append(txn.result)
         else:
             self._expect_txn(b"DATA\r\n", Phase.DATA, txn)
             self._open = txn
@@ -327,7 +335,7 @@ class ProtocolCore:
                 # Content, dot and (via _pump) the next envelope: one write.
                 if txn.any_rcpt_accepted:
                     self._out += txn.body.data_wire
-                    result.content_sent = True
+                    self._content_out.append(result)
                 else:
                     self._out += b".\r\n"  # a broken server said 354 with no recipients: end it empty
                 self._expect.append((Phase.END_OF_DATA, txn, 0))
