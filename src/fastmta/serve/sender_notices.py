@@ -47,7 +47,7 @@ from fastmta.feedback.suppression import SqliteSuppressionStore
 from fastmta.queue.records import Outcome, Status, new_message_id
 from fastmta.serve.auth import RelayPolicy
 from fastmta.serve.notice_store import KINDS, NoticeStore, OwedNotice, Row, encode
-from fastmta.smtp.dsn_params import dsn_of, notify_of, orcpt_of, orcpt_text
+from fastmta.smtp.dsn_params import address_field, dsn_of, notify_of, orcpt_of, orcpt_text, xtext_encode
 
 log = logging.getLogger("fastmta.serve.dsn")
 
@@ -293,7 +293,8 @@ class SenderNotices:
         lines += ["", f"--{boundary}", "Content-Type: message/delivery-status", ""]
         dsn = dsn_of(first.meta)
         if dsn and isinstance(dsn.get("envid"), str):
-            lines.append(f"Original-Envelope-Id: {_clean(dsn['envid'])}")
+            envid = dsn["envid"]  # taken as UTF-8 (Postfix relays that): the part stays ASCII
+            lines.append(f"Original-Envelope-Id: {_clean(envid if envid.isascii() else xtext_encode(envid))}")
         lines += [f"Reporting-MTA: dns; {self.hostname}", f"X-Fastmta-Queue-ID: {first.message_id}",
                   f"Arrival-Date: {arrival}", ""]
         for o in outcomes:
@@ -306,7 +307,7 @@ class SenderNotices:
             orcpt = orcpt_of(o.meta, o.recipient)
             if orcpt is not None:
                 lines.append(f"Original-Recipient: {_clean(orcpt_text(orcpt))}")
-            lines += [f"Final-Recipient: rfc822; {_clean(o.recipient)}", f"Action: {kind}", f"Status: {status}"]
+            lines += [f"Final-Recipient: {_clean(address_field(o.recipient))}", f"Action: {kind}", f"Status: {status}"]
             if o.mx_host:
                 lines.append(f"Remote-MTA: dns; {_clean(o.mx_host)}")
             if o.reply.code:

@@ -26,6 +26,7 @@ __all__ = [
     "DSN_META",
     "DsnSyntaxError",
     "EnvelopeDsn",
+    "address_field",
     "dsn_fields",
     "dsn_of",
     "envelope_dsn",
@@ -43,9 +44,12 @@ __all__ = [
 #: The meta key the DSN parameters of a message are kept under.
 DSN_META = "dsn"
 
-#: RFC 3461 4.4 and 4.2: the longest ENVID and ORCPT values, as sent (xtext).
+#: RFC 3461 4.4 and 4.2: the longest ENVID and ORCPT values, as sent (xtext). Longer ones are taken
+#: (Postfix takes them, and relays them: refused, its client bounced the message) up to _MAX_TAKEN,
+#: but not passed on to a next hop, which may hold to the RFC.
 _MAX_ENVID = 100
 _MAX_ORCPT = 500
+_MAX_TAKEN = 1000
 _NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 # xtext (RFC 3461 4): "!" to "~" but "+" and "=", or "+" and two upper-case hex digits.
 # Lower-case hex digits are taken too: be liberal in what is accepted, it changes nothing decoded.
@@ -61,27 +65,33 @@ class DsnSyntaxError(ValueError):
 
 
 def xtext_decode(value: bytes, name: str) -> str:
-    """*value* (xtext) decoded; printable US-ASCII (space too) or :class:`DsnSyntaxError`."""
+    """*value* (xtext) decoded; no control characters, or :class:`DsnSyntaxError`.
+
+    RFC 3461 asks for printable US-ASCII, but Postfix writes the UTF-8 of an
+    internationalized address as xtext (``ORCPT=rfc822;g+C3+B6n@...``) and
+    relays it: refused, the recipient bounced. So UTF-8 is taken; what is
+    refused is what could do harm where the value is printed again (a CR or LF
+    ends the header field a notice prints it in).
+    """
     if not _XTEXT.fullmatch(value):
         raise DsnSyntaxError(f"Bad {name} parameter syntax")
     out = _HEX.sub(lambda m: bytes((int(m.group(1), 16),)), value)
-    if any(b < 0x20 or b > 0x7E for b in out):
-        # RFC 3461 4.2 and 4.4: printable characters only. A CR or LF decoded
-        # here would end the header field a notice prints it in.
-        raise DsnSyntaxError(f"Bad {name} parameter syntax: not printable US-ASCII")
-    return out.decode("ascii")
+    if any(b < 0x20 or b == 0x7F for b in out):
+        raise DsnSyntaxError(f"Bad {name} parameter syntax: a control character")
+    return out.decode("utf-8", "replace")
 
 
 def xtext_encode(text: str) -> str:
-    """*text* as xtext (for a next hop that takes DSN parameters)."""
-    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}" for c in text)
+    """*text* as xtext (for a next hop that takes DSN parameters): its UTF-8, byte by byte."""
+    return "".join(chr(b) if 0x21 <= b <= 0x7E and b not in b"+=" else f"+{b:02X}" for b in text.encode())
 
 
 def parse_notify(value: bytes | None) -> str:
     """``NOTIFY=`` -> "NEVER" or the words asked for, comma-separated, in the RFC's order."""
     words = value.upper().split(b",") if value else []
     names = {w.decode("ascii", "replace") for w in words}
-    if not words or len(names) != len(words) or (names != {"NEVER"} and not names <= _NOTIFY_WORDS):
+    # A word twice ("FAILURE,FAILURE") is taken, as Postfix takes it: the grammar does not forbid it.
+    if not words or (names != {"NEVER"} and not names <= _NOTIFY_WORDS):
         raise DsnSyntaxError("Bad NOTIFY parameter syntax")
     return "NEVER" if names == {"NEVER"} else ",".join(w for w in ("SUCCESS", "FAILURE", "DELAY") if w in names)
 
@@ -89,7 +99,7 @@ def parse_notify(value: bytes | None) -> str:
 def parse_orcpt(value: bytes | None) -> str:
     """``ORCPT=addr-type;xtext`` -> "addr-type;address" (decoded)."""
     addr_type, semi, address = (value or b"").partition(b";")
-    if not semi or not address or len(value or b"") > _MAX_ORCPT or not _ADDR_TYPE.fullmatch(addr_type):
+    if not semi or not address or len(value or b"") > _MAX_TAKEN or not _ADDR_TYPE.fullmatch(addr_type):
         raise DsnSyntaxError("Bad ORCPT parameter syntax")
     kind = addr_type.decode("ascii").lower()
     if kind != "utf-8":
@@ -112,7 +122,7 @@ def parse_ret(value: bytes | None) -> str:
 
 
 def parse_envid(value: bytes | None) -> str:
-    if not value or len(value) > _MAX_ENVID:
+    if not value or len(value) > _MAX_TAKEN:
         raise DsnSyntaxError("Bad ENVID parameter syntax")
     return xtext_decode(value, "ENVID")
 
@@ -167,8 +177,9 @@ def envelope_dsn(meta: dict[str, Any] | None, recipients: Sequence[str]) -> Enve
     mail = b""
     if dsn.get("ret") in ("FULL", "HDRS"):
         mail += b" RET=" + dsn["ret"].encode()
-    if isinstance(dsn.get("envid"), str):
-        mail += b" ENVID=" + xtext_encode(dsn["envid"]).encode()
+    envid = xtext_encode(dsn["envid"]) if isinstance(dsn.get("envid"), str) else ""
+    if 0 < len(envid) <= _MAX_ENVID:
+        mail += b" ENVID=" + envid.encode()
     rcpts = []
     for rcpt in recipients:
         params = b""
@@ -195,9 +206,15 @@ def _orcpt_wire(value: str) -> bytes:
 
 
 def orcpt_text(value: str) -> str:
-    """ "type;address" as a notice's Original-Recipient field prints it (RFC 3464 2.3.1): as it is, but for
-    "utf-8" in RFC 6533's ASCII form (a message/delivery-status part is ASCII; the address is not)."""
+    """ "type;address" as a notice's Original-Recipient field prints it (RFC 3464 2.3.1): as it is, but an
+    address that is not ASCII in RFC 6533's ASCII form (a message/delivery-status part is ASCII)."""
     kind, _, address = value.partition(";")
-    if kind != "utf-8":
+    if kind != "utf-8" and address.isascii():
         return value
     return "utf-8;" + "".join(c if " " < c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address)
+
+
+def address_field(address: str) -> str:
+    """An address as a notice's Final-Recipient (or Original-Recipient) prints it: ``rfc822; a@b``, or for a
+    UTF-8 one ``utf-8; j\\x{F6}@b`` (RFC 6533 3), so the part stays ASCII."""
+    return f"rfc822; {address}" if address.isascii() else orcpt_text(f"utf-8;{address}").replace(";", "; ", 1)
