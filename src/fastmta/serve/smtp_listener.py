@@ -110,7 +110,8 @@ def _relay_denied(addr: bytes) -> bytes:
 class InjectProtocol(SinkProtocol):
     """One injection connection. Not for direct use: see :class:`InjectServer`."""
 
-    __slots__ = ("_admitted", "_auth_failures", "_auth_name", "_auth_step", "_dsn", "_helo", "_relay", "_user")
+    __slots__ = ("_admitted", "_auth_failures", "_auth_name", "_auth_step", "_dsn", "_helo", "_named", "_relay",
+                 "_user")
 
     def __init__(self, server: InjectServer, listener: ListenerRuntime) -> None:
         super().__init__(server, listener)
@@ -123,6 +124,7 @@ class InjectProtocol(SinkProtocol):
         self._admitted: str | None = None  # the address the gate counted this connection under
         #: The DSN parameters of the transaction under way, as kept in its meta (DSN_META).
         self._dsn: dict[str, Any] = {}
+        self._named: set[str] = set()  # its recipients, as the engine names them
 
     @property
     def _host(self) -> InjectServer:
@@ -182,6 +184,7 @@ class InjectProtocol(SinkProtocol):
         SinkProtocol._mail(self, line)
         if not open_before and self._sender is not None:  # taken: a new transaction, with only its own
             self._dsn = {k.decode("ascii").lower(): v for k, v in given.items()}
+            self._named = set()
 
     def _dsn_params(self, line: bytes) -> tuple[bytes, dict[bytes, str]] | None:
         """(*line* without its DSN parameters, for the sink's checks; those parameters read), or None when
@@ -238,9 +241,15 @@ class InjectProtocol(SinkProtocol):
                     return
                 taken = len(self._rcpts)
                 SinkProtocol._rcpt(self, line)
-                if given and len(self._rcpts) > taken:
+                if len(self._rcpts) > taken:
                     # By the address as the engine will name it (the notice's recipient): unusable ones were refused.
                     address = split_address(addr.decode("utf-8"))[0]
+                    if address in self._named:
+                        # Given twice: accepted, and kept once, as Postfix's cleanup does (the message went to it
+                        # twice, each with its own record; its first DSN parameters stand).
+                        self._rcpts.pop()
+                        return
+                    self._named.add(address)
                     for key, value in given.items():
                         self._dsn.setdefault(key.decode("ascii").lower(), {})[address] = value
                 return
