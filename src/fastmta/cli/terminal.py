@@ -15,11 +15,11 @@ import re
 
 from rich.text import Text
 
-# C0 and C1 controls, DEL, and the Unicode format characters that change how
-# the rest of the line is displayed (bidi embeddings, overrides and isolates,
-# line/paragraph separators).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_UNSAFE_KEEP_NEWLINES = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+from fastmta.terminal_chars import BEYOND_C0
+
+# C0 controls, and what else a terminal acts on (fastmta.terminal_chars).
+_UNSAFE = re.compile(f"[\x00-\x1f{BEYOND_C0}]")
+_UNSAFE_KEEP_NEWLINES = re.compile(f"[\x00-\x09\x0b-\x1f{BEYOND_C0}]")
 
 
 def _visible(match: re.Match[str]) -> str:

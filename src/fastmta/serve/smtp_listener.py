@@ -183,12 +183,13 @@ class InjectProtocol(SinkProtocol):
         open_before = self._sender is not None
         SinkProtocol._mail(self, line)
         if not open_before and self._sender is not None:  # taken: a new transaction, with only its own
-            self._dsn = {k.decode("ascii").lower(): v for k, v in given.items()}
+            self._dsn = given
             self._named = set()
 
-    def _dsn_params(self, line: bytes) -> tuple[bytes, dict[bytes, str]] | None:
-        """(*line* without its DSN parameters, for the sink's checks; those parameters read), or None when
-        one is refused (answered here). A line that does not parse is left for the sink to answer."""
+    def _dsn_params(self, line: bytes) -> tuple[bytes, dict[str, Any]] | None:
+        """(*line* without its DSN parameters, for the sink's checks; those parameters read, by their meta
+        names), or None when one is refused (answered here). A line that does not parse is left for the
+        sink to answer."""
         verb = line[:4].upper()
         start = 10 if verb == b"MAIL" else 8
         try:
@@ -196,7 +197,7 @@ class InjectProtocol(SinkProtocol):
         except PathError:
             return line, {}
         readers = _DSN_PARAMS[verb]
-        given: dict[bytes, str] = {}
+        given: dict[str, Any] = {}
         rest = []
         for param in params:
             key, value = split_param(param)
@@ -206,11 +207,12 @@ class InjectProtocol(SinkProtocol):
                 continue
             if not self._esmtp:
                 return line, {}  # the sink refuses any parameter after HELO
-            if key in given:
+            name = key.decode("ascii").lower()
+            if name in given:
                 self._error(format_reply(501, "5.5.4", f"Error: Duplicate {key.decode()} parameter"), 501)
                 return None
             try:
-                given[key] = reader(value)
+                given[name] = reader(value)
             except DsnSyntaxError as exc:
                 self._error(format_reply(501, "5.5.4", f"Error: {exc}"), 501)
                 return None
@@ -250,8 +252,8 @@ class InjectProtocol(SinkProtocol):
                         self._rcpts.pop()
                         return
                     self._named.add(address)
-                    for key, value in given.items():
-                        self._dsn.setdefault(key.decode("ascii").lower(), {})[address] = value
+                    for name, value in given.items():
+                        self._dsn.setdefault(name, {})[address] = value
                 return
         SinkProtocol._rcpt(self, line)
 

@@ -209,12 +209,15 @@ def orcpt_text(value: str) -> str:
     """ "type;address" as a notice's Original-Recipient field prints it (RFC 3464 2.3.1): as it is, but an
     address that is not ASCII in RFC 6533's ASCII form (a message/delivery-status part is ASCII)."""
     kind, _, address = value.partition(";")
-    if kind != "utf-8" and address.isascii():
-        return value
-    return "utf-8;" + "".join(c if " " < c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address)
+    return value if kind != "utf-8" and address.isascii() else "utf-8;" + _utf8_addr_xtext(address)
 
 
 def address_field(address: str) -> str:
-    """An address as a notice's Final-Recipient (or Original-Recipient) prints it: ``rfc822; a@b``, or for a
-    UTF-8 one ``utf-8; j\\x{F6}@b`` (RFC 6533 3), so the part stays ASCII."""
-    return f"rfc822; {address}" if address.isascii() else orcpt_text(f"utf-8;{address}").replace(";", "; ", 1)
+    """An address as a notice's Final-Recipient prints it: ``rfc822; a@b``, or for a UTF-8 one
+    ``utf-8; j\\x{F6}@b`` (RFC 6533 3), so the part stays ASCII."""
+    return f"rfc822; {address}" if address.isascii() else "utf-8; " + _utf8_addr_xtext(address)
+
+
+def _utf8_addr_xtext(address: str) -> str:
+    """RFC 6533's utf-8-addr-xtext: ASCII only, ``\\x{HEX}`` for the rest."""
+    return "".join(c if " " < c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address)
