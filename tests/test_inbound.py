@@ -67,6 +67,25 @@ def test_a_forwarded_recipient_is_matched_by_its_original_recipient() -> None:
     assert (event.kind, event.recipient, event.verified, event.bounce_type) == ("oob_bounce", R, True, "hard")
 
 
+@pytest.mark.parametrize("sent, written", [
+    ("bob+news@example.net", "bob+2Bnews@example.net"),
+    ("g\u00f6n@example.net", "g+C3+B6n@example.net"),
+    ("bob+2bnews@example.net", "bob+2bnews@example.net"),  # "+2b" in a real address is left as it is
+])
+def test_an_original_recipient_left_in_xtext_is_matched_decoded(sent: str, written: str) -> None:
+    # Exim prints the ORCPT it was given as it came, xtext-encoded (RFC 3461 4.2 asks for it decoded):
+    # an aliased recipient with a "+" or a non-ASCII letter was matched to nobody we sent to.
+    part = ("Reporting-MTA: dns; mx.example.net\r\n\r\nFinal-Recipient: rfc822; real.bob@int.example\r\n"
+            f"Original-Recipient: rfc822;{written}\r\nAction: failed\r\nStatus: 5.1.1\r\n")
+    [event] = read_inbound(dsn(part, "message/global-delivery-status"), "", [RP.address("spring", sent)],
+                           return_path=RP)
+    assert (event.kind, event.recipient, event.verified, event.campaign) == ("oob_bounce", sent, True, "spring")
+    # Decoded, it is only a guess the signed return path confirms: sent to someone else, nothing matches.
+    [event] = read_inbound(dsn(part, "message/global-delivery-status"), "",
+                           [RP.address("spring", "carol@example.net")], return_path=RP)
+    assert not event.verified
+
+
 @pytest.mark.parametrize("ctype, cte, body", [
     ("message/global-delivery-status", "", FIELDS),  # RFC 6533: the SMTPUTF8 bounce
     ("message/delivery-status", "Content-Transfer-Encoding: base64\r\n", base64.encodebytes(FIELDS.encode()).decode()),

@@ -38,6 +38,7 @@ from fastmta.feedback.classify import Classifier, default_classifier
 from fastmta.feedback.dsn import classify_dsn, parse_dsn
 from fastmta.feedback.dsn_record import DSNRecipient
 from fastmta.message.returnpath import RCPT_HEADER, TRACE_HEADER, ReturnPath
+from fastmta.smtp.dsn_params import DsnSyntaxError, xtext_decode
 
 __all__ = ["InboundEvent", "read_inbound"]
 
@@ -46,6 +47,7 @@ _AUTO_SUBJECT = re.compile(
     r"r[ée]ponse automatique|vacation|on leave|away from)", re.IGNORECASE,
 )
 _TRACE = re.compile(rb"^" + TRACE_HEADER.encode() + rb":[ \t]*([A-Za-z0-9._-]{1,80})", re.IGNORECASE | re.MULTILINE)
+_XTEXT_HEX = re.compile(r"\+[0-9A-Fa-f]{2}")
 _SEALED = re.compile(rb"^" + RCPT_HEADER.encode() + rb":[ \t]*([A-Za-z0-9_-]{22,600})", re.IGNORECASE | re.MULTILINE)
 
 
@@ -71,6 +73,21 @@ class InboundEvent:
     def as_record(self) -> dict[str, object]:
         always = ("recipient", "verified")
         return {k: getattr(self, k) for k in self.__slots__ if k in always or getattr(self, k) not in (None, "")}
+
+
+def _second_guesses(final: str, original: str | None) -> list[str]:
+    """Addresses a report's recipient may stand for when its Final-Recipient is not ours: its
+    Original-Recipient, then either as xtext decoded (a bounce that left the ORCPT's encoding on)."""
+    names = [original] if original else []
+    names += [_xtext_decoded(n) for n in (original, final) if n and _XTEXT_HEX.search(n)]
+    return [n for i, n in enumerate(names) if n != final and n not in names[:i]]
+
+
+def _xtext_decoded(name: str) -> str:
+    try:
+        return xtext_decode(name.encode("utf-8"), "address").lower()
+    except (DsnSyntaxError, UnicodeEncodeError):
+        return name
 
 
 def _parse(raw: bytes) -> Message:
@@ -233,12 +250,17 @@ def read_inbound(
         out = []
         for rec in records:
             ref = verify(rec.recipient, hints)
-            if ref is None and rec.original_recipient and rec.original_recipient != rec.recipient:
+            if ref is None:
                 # Forwarded or alias-expanded at the receiver: Final-Recipient is the address the
-                # mail went on to, Original-Recipient (RFC 3464 2.3.1) the one we sent to.
-                ref = verify(rec.original_recipient, hints)
-                if ref is not None:
-                    rec = dataclasses.replace(rec, recipient=rec.original_recipient)
+                # mail went on to, Original-Recipient (RFC 3464 2.3.1) the one we sent to. Exim
+                # writes the latter as the ORCPT's xtext, undecoded ("a+2Bnews@..." for
+                # "a+news@..."): decoded only as a second guess, which the signed return path
+                # confirms or not, since "+2B" may as well be part of a real address.
+                for named in _second_guesses(rec.recipient, rec.original_recipient):
+                    ref = verify(named, hints)
+                    if ref is not None:
+                        rec = dataclasses.replace(rec, recipient=named)
+                        break
             if rec.success:
                 out.append(InboundEvent("oob_delivered", rec.recipient, ref, ref is not None, dsn_status=rec.status,
                                         **env))
