@@ -16,6 +16,11 @@ Fault injection, per name (optionally per type):
 
 Every query is counted per (name, type) and per transport, so a test can
 assert "one lookup per domain per TTL" at the server, where it happens.
+
+DNSSEC: a zone added with ``signed=True`` stands for one a validating
+resolver has checked: answers from it (and from signed zones only, along a
+CNAME chain) carry the AD bit when the query asked for it (AD or DO, RFC 6840
+5.7), as a validating resolver on loopback answers. This server signs nothing.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class DNSServer:
         self.soa_minimum = soa_minimum
         self._lock = threading.RLock()
         self._zones: dict[dns.name.Name, dns.zone.Zone] = {}
+        self._signed: set[dns.name.Name] = set()
         self._servfail: set[tuple[str, int | None]] = set()
         self._drop: set[tuple[str, int | None]] = set()
         self._truncate: set[tuple[str, int | None]] = set()
@@ -111,8 +117,8 @@ class DNSServer:
 
     # ------------------------------------------------------------- zones
 
-    def add_zone(self, origin: str, text: str = "", *, soa_minimum: int | None = None) -> None:
-        """Serve (or replace) the zone *origin* from master-file *text*.
+    def add_zone(self, origin: str, text: str = "", *, soa_minimum: int | None = None, signed: bool = False) -> None:
+        """Serve (or replace) the zone *origin* from master-file *text* (*signed*: see the module's DNSSEC).
 
         Records without a TTL get ``default_ttl``; a zone without an SOA gets
         one whose MINIMUM (the negative-caching TTL, RFC 2308) is
@@ -134,6 +140,7 @@ class DNSServer:
             zone.replace_rdataset(origin_name, soa)
         with self._lock:
             self._zones[origin_name] = zone
+            (self._signed.add if signed else self._signed.discard)(origin_name)
 
     def remove_zone(self, origin: str) -> None:
         with self._lock:
@@ -259,20 +266,26 @@ class DNSServer:
             if not tcp and self._has(self._truncate, key, qtype):
                 resp.flags |= dns.flags.TC
                 return resp
-            self._resolve_into(resp, qname, qtype)
+            used = self._resolve_into(resp, qname, qtype)
+            asked = bool(query.flags & dns.flags.AD) or bool(query.ednsflags & dns.flags.DO)
+            if asked and used and all(origin in self._signed for origin in used):
+                resp.flags |= dns.flags.AD
         return resp
 
     def _resolve_into(
         self, resp: dns.message.Message, qname: dns.name.Name, qtype: dns.rdatatype.RdataType
-    ) -> None:
+    ) -> list[dns.name.Name]:
+        """Answer into *resp*; the origins of the zones the answer came from."""
         name = qname
+        used: list[dns.name.Name] = []
         for hop in range(_MAX_CHAIN + 1):
             zone = self._zone_for(name)
             if zone is None:
                 if hop == 0:
                     resp.set_rcode(dns.rcode.REFUSED)  # not authoritative for it
                     resp.flags &= ~dns.flags.AA
-                return  # a CNAME out of our zones: the client follows it
+                return used  # a CNAME out of our zones: the client follows it
+            used.append(zone.origin)
             node = zone.get_node(name)
             if node is None:
                 # An empty non-terminal (a name with descendants but no
@@ -281,13 +294,13 @@ class DNSServer:
                 if not exists:
                     resp.set_rcode(dns.rcode.NXDOMAIN)
                 self._add_soa(resp, zone)
-                return
+                return used
             rds = node.get_rdataset(_IN, qtype)
             if rds is not None:
                 rrset = dns.rrset.RRset(name, _IN, qtype)
                 rrset.update(rds)
                 resp.answer.append(rrset)
-                return
+                return used
             cname = node.get_rdataset(_IN, dns.rdatatype.CNAME)
             if cname is not None and qtype != dns.rdatatype.CNAME:
                 rrset = dns.rrset.RRset(name, _IN, dns.rdatatype.CNAME)
@@ -297,7 +310,8 @@ class DNSServer:
                 name = target
                 continue
             self._add_soa(resp, zone)  # NODATA
-            return
+            return used
+        return used
 
     def _answer_safely(self, query: dns.message.Message, *, tcp: bool) -> dns.message.Message | None:
         # A bug here must not kill the server thread silently: keep it for

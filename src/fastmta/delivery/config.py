@@ -401,6 +401,11 @@ class SmtpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froze
     #: MTA-STS policy and its fetch); "" trusts the system's only.
     tls_ca_file: str = ""
     mta_sts: MtaStsConfig = msgspec.field(default_factory=MtaStsConfig)
+    #: DANE (RFC 7672; Postfix's "dane" level, KumoMTA's enable_dane): an MX host whose MX, address
+    #: and TLSA records the resolver validated gets STARTTLS required and its certificate checked
+    #: against the TLSA records; a mismatch defers its mail. It trusts the resolver's AD bit: set
+    #: [dns] nameservers to a validating resolver on this host (unbound, as Postfix asks).
+    dane: bool = False
     #: Outbound connections open at once over every site (PowerMTA's max-smtp-out). Default, and
     #: upper bound: as many as the open-files limit leaves room for (fastmta.delivery.budget).
     max_connections: PositiveInt | None = None

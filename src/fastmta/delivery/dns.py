@@ -34,12 +34,14 @@ from typing import Protocol
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
+from dns.rdtypes.ANY.TLSA import TLSA
 
 from fastmta.delivery.config import DnsConfig
 from fastmta.delivery.dns_cache import CacheStats, Clock, TTLCache
@@ -53,6 +55,8 @@ __all__ = [
     "MxRecord",
     "Resolver",
     "Status",
+    "TlsaAnswer",
+    "TlsaRecord",
     "TxtAnswer",
 ]
 
@@ -78,6 +82,9 @@ class MxAnswer:
     status: Status
     records: tuple[MxRecord, ...]
     expires: float  # on the resolver's clock
+    #: The resolver said it validated the answer (DNSSEC, the AD bit): only a validating resolver
+    #: on this host or a trusted path may be configured when DANE relies on it (RFC 7672 2.1).
+    secure: bool = False
 
     @property
     def is_null(self) -> bool:
@@ -95,6 +102,29 @@ class AddressAnswer:
     status: Status
     addresses: tuple[str, ...]
     expires: float
+    secure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaRecord:
+    """One TLSA record (RFC 6698 2.1): certificate usage, selector, matching type, the data."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaAnswer:
+    """The TLSA records of ``name`` (``_25._tcp.HOST``; RFC 7672 2.2.3)."""
+
+    query: str
+    name: str
+    status: Status
+    records: tuple[TlsaRecord, ...]
+    expires: float
+    secure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +174,7 @@ def _negative_ttl(response: dns.message.Message | None) -> int | None:
 
 
 _Key = tuple[str, int]
-_Answer = MxAnswer | AddressAnswer | TxtAnswer
+_Answer = MxAnswer | AddressAnswer | TxtAnswer | TlsaAnswer
 
 
 class DnsResolver:
@@ -168,6 +198,9 @@ class DnsResolver:
         res.timeout = min(2.0, config.timeout / max(1, len(res.nameservers)))
         res.retry_servfail = False  # SERVFAIL is an answer: transient, reported at once
         res.cache = None  # ours is bounded, single-flight and clamps TTLs
+        # AD in the query asks the resolver to say whether it validated the answer (RFC 6840 5.7),
+        # without DO's signatures: DANE needs to know that MX, address and TLSA answers are secure.
+        res.flags = dns.flags.RD | dns.flags.AD
         self._res = res
         self._cache: TTLCache[_Key, _Answer] = TTLCache(config.cache_size, clock)
         self._sem = asyncio.Semaphore(config.max_concurrent)
@@ -208,6 +241,13 @@ class DnsResolver:
         assert isinstance(answer, TxtAnswer)
         return answer
 
+    async def tlsa(self, name: str) -> TlsaAnswer:
+        """TLSA records of *name* (``_25._tcp.HOST``), with whether the resolver validated them."""
+        answer, _ = await self._cache.get_or_load(
+            (name, dns.rdatatype.TLSA), lambda: self._load(name, dns.rdatatype.TLSA))
+        assert isinstance(answer, TlsaAnswer)
+        return answer
+
     # ------------------------------------------------------------ loading
 
     def _clamp(self, ttl: int, negative: bool) -> int:
@@ -235,7 +275,8 @@ class DnsResolver:
             response = next(iter(responses.values()), None)
             ttl = _negative_ttl(response)
             neg_ttl = self._clamp(self._config.negative_min_ttl if ttl is None else ttl, True)
-            return self._make(name, name, rdtype, Status.NXDOMAIN, [], neg_ttl), neg_ttl
+            secure = response is not None and bool(response.flags & dns.flags.AD)
+            return self._make(name, name, rdtype, Status.NXDOMAIN, [], neg_ttl, secure), neg_ttl
         except dns.resolver.LifetimeTimeout:
             raise DnsTemporaryError(name, type_text, f"timed out after {self._config.timeout:g}s") from None
         except dns.resolver.NoNameservers as exc:
@@ -249,11 +290,12 @@ class DnsResolver:
             raise DnsTemporaryError(name, type_text, str(exc) or type(exc).__name__) from None
         canonical = _text(answer.canonical_name)
         ttl = answer.chaining_result.minimum_ttl
+        secure = bool(answer.response.flags & dns.flags.AD)
         if answer.rrset is None:
             neg_ttl = self._clamp(ttl, True)
-            return self._make(name, canonical, rdtype, Status.NODATA, [], neg_ttl), neg_ttl
+            return self._make(name, canonical, rdtype, Status.NODATA, [], neg_ttl, secure), neg_ttl
         pos_ttl = self._clamp(ttl, False)
-        return self._make(name, canonical, rdtype, Status.FOUND, list(answer.rrset), pos_ttl), pos_ttl
+        return self._make(name, canonical, rdtype, Status.FOUND, list(answer.rrset), pos_ttl, secure), pos_ttl
 
     def _make(
         self,
@@ -263,6 +305,7 @@ class DnsResolver:
         status: Status,
         rdatas: list[object],
         ttl: int,
+        secure: bool = False,
     ) -> _Answer:
         # The cache stamps the same expiry (same clock, same ttl), so an
         # answer carries its own staleness for callers that compose routes.
@@ -279,13 +322,16 @@ class DnsResolver:
                     key=lambda r: (r.preference, r.host),
                 )
             )
-            return MxAnswer(query, name, status, records, expires)
+            return MxAnswer(query, name, status, records, expires, secure)
+        if rdtype == dns.rdatatype.TLSA:
+            tlsa = tuple(TlsaRecord(rd.usage, rd.selector, rd.mtype, rd.cert) for rd in rdatas if isinstance(rd, TLSA))
+            return TlsaAnswer(query, name, status, tlsa, expires, secure)
         if rdtype == dns.rdatatype.TXT:
             texts = tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in rdatas)  # type: ignore[attr-defined]
             return TxtAnswer(query, name, status, texts, expires)
         family = 4 if rdtype == dns.rdatatype.A else 6
         addrs = tuple(sorted({str(rd.address) for rd in rdatas}))  # type: ignore[attr-defined]
-        return AddressAnswer(query, name, family, status, addrs, expires)
+        return AddressAnswer(query, name, family, status, addrs, expires, secure)
 
 
 def _nameserver_reason(exc: dns.resolver.NoNameservers) -> str:

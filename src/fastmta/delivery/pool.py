@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 from fastmta.delivery.batch import CLASSIFY_PHASE, Batch, Delivery, HostHealth, SiteLimits, Source, one_at_a_time
 from fastmta.delivery.budget import SHORTAGE_PAUSE, ConnectionBudget, warn_shortage
+from fastmta.delivery.dane import tls_context as dane_context
 from fastmta.delivery.eai import EnvelopePlan, envelope_for
 from fastmta.delivery.routing import Route, RouteHost
 from fastmta.delivery.throttle import SiteThrottle
@@ -278,16 +279,13 @@ class SiteQueue:
 
     async def close(self, timeout: float) -> None:
         """Stop opening connections; let open ones finish their transactions, then QUIT."""
-        self._closing = True
+        self.halt()
         if self._open_timer is not None:
             self._open_timer.cancel()
             self._open_timer = None
         if self._release_timer is not None:
             self._release_timer.cancel()
             self._release_timer = None
-        for waiter in self._idle:
-            if not waiter.done():
-                waiter.set_result(None)
         if not self.ready and not self.parked and not self._held:  # nothing to carry: no wait for a greeting
             for task in filter(None, list(self._connecting)):  # (a tarpit's held the exit for 30 s)
                 task.cancel()
@@ -363,13 +361,15 @@ class SiteQueue:
         for h, a in candidates:
             login = self.login(h.name, h.port)
             broken = self.tls is TLSPolicy.OPPORTUNISTIC and login is None and self.health.tls_broken(src, a, h.port)
-            tries.append((h, a, TLSPolicy.NEVER if broken else self.tls, login))
+            # DANE: TLS required whatever the site's policy, never in clear after a failed handshake.
+            tries.append((h, a, TLSPolicy.REQUIRED if h.dane else TLSPolicy.NEVER if broken else self.tls, login))
         while tries:
             host, address, tls, login = tries.popleft()
             try:
                 conn = await SMTPConnection.open(
                     address, host.port, helo_name=self.source.ehlo_name, source_address=src, timeouts=self.timeouts,
-                    tls=tls, tls_context=self.tls_context, server_hostname=host.name, credentials=login)
+                    tls=tls, tls_context=dane_context() if host.dane else self.tls_context, server_hostname=host.name,
+                    credentials=login, tls_check=host.dane.check if host.dane else None)
             except SessionRefused as exc:
                 last, last_host = exc.reply, (host.name, address)
                 if tls is TLSPolicy.OPPORTUNISTIC and exc.reply.enhanced == "4.7.5" and login is None:

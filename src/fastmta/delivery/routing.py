@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastmta.delivery.config import Config, HostPort, normalize_domain
+from fastmta.delivery.dane import DaneHost, usable_records
 from fastmta.delivery.dns import AddressAnswer, DnsResolver, DnsTemporaryError, MxAnswer, Resolver, Status
 from fastmta.delivery.dns_cache import TTLCache
 from fastmta.delivery.mta_sts import VERIFIED_SITE, Policy, PolicyCache, mx_allowed
@@ -81,6 +82,9 @@ class RouteHost:
     addresses: tuple[str, ...]
     port: int
     preference: int
+    #: DANE (RFC 7672): STARTTLS required and the certificate checked against these TLSA records;
+    #: None when DANE does not apply to the host (not enabled, or its DNS is not DNSSEC-signed).
+    dane: DaneHost | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,9 @@ class _HostLookup:
     addresses: tuple[str, ...]
     transient: str | None  # why a family could not be looked up now
     expires: float
+    #: Every address answer DNSSEC-validated (none failed): DANE may apply (RFC 7672 2.2.2).
+    secure: bool = False
+    canonical: str = ""  # the name the addresses belong to, after any CNAME
 
 
 def _shuffle_ties(hosts: Sequence[RouteHost], rng: random.Random) -> tuple[RouteHost, ...]:
@@ -203,6 +210,8 @@ class Router:
         self.mta_sts: PolicyCache | None = None
         if config.smtp.mta_sts.enabled and isinstance(self._resolver, DnsResolver):
             self.mta_sts = PolicyCache(config.smtp.mta_sts, self._resolver, ca_file=config.smtp.tls_ca_file)
+        #: DANE (RFC 7672) for routes from DNSSEC-signed MX records: needs the resolver's TLSA lookups.
+        self._dane = config.smtp.dane and isinstance(self._resolver, DnsResolver)
 
     @property
     def resolver(self) -> Resolver:
@@ -338,6 +347,11 @@ class Router:
             if look.addresses
         ]
         expires = min([mx.expires, *(look.expires for look in lookups)])
+        if self._dane and mx.secure and hosts:
+            secured = await self._with_dane(hosts, {h: look for (_, h), look in zip(targets, lookups)})
+            if isinstance(secured, str):
+                return self._fail(domain, 451, "4.7.5", secured, self._clock())
+            hosts, expires = secured[0], min(expires, secured[1])
         if hosts:
             if any(look.transient for look in lookups):
                 expires = self._clock()  # partial: route now, ask again next time
@@ -350,6 +364,47 @@ class Router:
         else:
             text = f"no MX host of {domain} has an address ({', '.join(h for _, h in targets)})"
         return self._fail(domain, 550, "5.4.4", text, expires)
+
+    async def _with_dane(
+        self, hosts: list[RouteHost], lookups: dict[str, _HostLookup]
+    ) -> tuple[list[RouteHost], float] | str:
+        """*hosts* (of a DNSSEC-signed MX answer) with what DANE asks of each (RFC 7672 2.2).
+
+        A host whose addresses are signed has its TLSA records looked up (at its CNAME target first,
+        then at its own name): signed ones apply. A host whose TLSA lookup fails is left out, as
+        the RFC asks (2.2.3: a failed lookup may hide records an attacker removed); when that leaves
+        none, why (the mail is deferred).
+        """
+        assert isinstance(self._resolver, DnsResolver)
+        resolver = self._resolver
+        expires = self._clock() + _STATIC_TTL
+
+        async def one(host: RouteHost) -> RouteHost | str:
+            nonlocal expires
+            look = lookups[host.name]
+            if not look.secure:
+                return host
+            bases = [look.canonical, host.name] if look.canonical != host.name else [host.name]
+            for base in bases:
+                try:
+                    answer = await resolver.tlsa(f"_{host.port}._tcp.{base}")
+                except DnsTemporaryError as exc:
+                    return f"TLSA lookup for {host.name} failed: {exc.reason}"
+                expires = min(expires, answer.expires)
+                if answer.status is Status.FOUND and answer.secure:
+                    dane = DaneHost(usable_records(answer.records), tuple(dict.fromkeys(bases)))
+                    return RouteHost(host.name, host.addresses, host.port, host.preference, dane)
+                if answer.status is Status.FOUND or not answer.secure:
+                    break  # unsigned records, or an unsigned denial: no DANE for this host
+            return host
+
+        results = await asyncio.gather(*(one(h) for h in hosts))
+        kept = [r for r in results if isinstance(r, RouteHost)]
+        if not kept:
+            return "; ".join(r for r in results if isinstance(r, str))
+        for why in (r for r in results if isinstance(r, str)):
+            log.warning("DANE: %s; that MX host is left out", why)
+        return kept, expires
 
     async def _static(self, domain: str, static: list[HostPort]) -> Route | RouteFailure:
         site = site_name(((hp.host, hp.port) for hp in static), self._mx_port)
@@ -398,12 +453,16 @@ class Router:
         addresses: list[str] = []
         transient: str | None = None
         expires = self._clock() + _STATIC_TTL
+        secure, canonical = True, host
         for res in results:
             if isinstance(res, AddressAnswer):
                 addresses.extend(res.addresses)
                 expires = min(expires, res.expires)
+                secure = secure and res.secure
+                if res.addresses:
+                    canonical = res.name
             elif isinstance(res, DnsTemporaryError):
                 transient = str(res)
             elif isinstance(res, BaseException):
                 raise res
-        return _HostLookup(tuple(addresses), transient, expires)
+        return _HostLookup(tuple(addresses), transient, expires, secure and transient is None, canonical)

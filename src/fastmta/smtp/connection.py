@@ -140,6 +140,8 @@ class SMTPConnection(asyncio.Protocol):
         self.transactions = 0  # finished on this connection, for reuse limits
         self.peer: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
+        #: Run on the TLS session once STARTTLS completes: why the peer is refused, or None (DANE).
+        self.tls_check: Callable[[ssl.SSLObject], str | None] | None = None
 
     # --- opening ------------------------------------------------------------
 
@@ -158,6 +160,7 @@ class SMTPConnection(asyncio.Protocol):
         tls_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         credentials: Credentials | None = None,
+        tls_check: Callable[[ssl.SSLObject], str | None] | None = None,
     ) -> SMTPConnection:
         """Connect, read the greeting, say EHLO (and STARTTLS); return when ready.
 
@@ -173,6 +176,7 @@ class SMTPConnection(asyncio.Protocol):
             tls_context = ssl.create_default_context()
         proto = ClientProtocol(helo_name, pipelining=pipelining, use_bdat=use_bdat, tls=tls, credentials=credentials)
         conn = cls(proto, timeouts, loop, tls_context, server_hostname or host)
+        conn.tls_check = tls_check
         local_addr = (source_address, 0) if source_address else None
         try:
             await asyncio.wait_for(
@@ -438,6 +442,15 @@ class SMTPConnection(asyncio.Protocol):
             self._fail(Reply.local(451, "4.7.5", "TLS handshake failed: transport closed"))
             return
         self._transport = new_transport
+        ssl_object = new_transport.get_extra_info("ssl_object")
+        why = None if self.tls_check is None else (
+            self.tls_check(ssl_object) if ssl_object is not None else "no TLS session to check")
+        if why is not None:
+            # Refused before anything is said over it (DANE: the certificate is not the one the DNS names).
+            new_transport.write(b"QUIT\r\n")
+            self._abort(Reply.local(451, "4.7.5", f"TLS peer refused: {why}"))
+            self._close_transport()
+            return
         self._handle(self.protocol.tls_established())
         self._flush()
 
