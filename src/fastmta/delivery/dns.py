@@ -248,6 +248,18 @@ class DnsResolver:
         assert isinstance(answer, TlsaAnswer)
         return answer
 
+    async def alias_secure(self, name: str) -> bool:
+        """Is *name* a CNAME whose own record the resolver validated? (Asked for the CNAME type, the
+        answer is the alias's RRset, not chased into its target's zone.) Not cached: asked only for
+        an MX host whose addresses came insecure through an alias, and the route is memoized."""
+        try:
+            answer = await self._query(name, dns.rdatatype.CNAME)
+        except (dns.resolver.NXDOMAIN, dns.name.NameTooLong):
+            return False
+        except dns.exception.DNSException as exc:
+            raise self._temporary(name, "CNAME", exc) from None
+        return answer.rrset is not None and bool(answer.response.flags & dns.flags.AD)
+
     # ------------------------------------------------------------ loading
 
     def _clamp(self, ttl: int, negative: bool) -> int:
@@ -277,17 +289,13 @@ class DnsResolver:
             neg_ttl = self._clamp(self._config.negative_min_ttl if ttl is None else ttl, True)
             secure = response is not None and bool(response.flags & dns.flags.AD)
             return self._make(name, name, rdtype, Status.NXDOMAIN, [], neg_ttl, secure), neg_ttl
-        except dns.resolver.LifetimeTimeout:
-            raise DnsTemporaryError(name, type_text, f"timed out after {self._config.timeout:g}s") from None
-        except dns.resolver.NoNameservers as exc:
-            raise DnsTemporaryError(name, type_text, _nameserver_reason(exc)) from None
         except dns.name.NameTooLong:
             # Permanent, but a fact about the input, not the DNS: callers
             # validate names before they get here. Report it as NXDOMAIN.
             neg = self._config.negative_max_ttl
             return self._make(name, name, rdtype, Status.NXDOMAIN, [], neg), neg
         except dns.exception.DNSException as exc:
-            raise DnsTemporaryError(name, type_text, str(exc) or type(exc).__name__) from None
+            raise self._temporary(name, type_text, exc) from None
         canonical = _text(answer.canonical_name)
         ttl = answer.chaining_result.minimum_ttl
         secure = bool(answer.response.flags & dns.flags.AD)
@@ -296,6 +304,13 @@ class DnsResolver:
             return self._make(name, canonical, rdtype, Status.NODATA, [], neg_ttl, secure), neg_ttl
         pos_ttl = self._clamp(ttl, False)
         return self._make(name, canonical, rdtype, Status.FOUND, list(answer.rrset), pos_ttl, secure), pos_ttl
+
+    def _temporary(self, name: str, type_text: str, exc: dns.exception.DNSException) -> DnsTemporaryError:
+        if isinstance(exc, dns.resolver.LifetimeTimeout):
+            return DnsTemporaryError(name, type_text, f"timed out after {self._config.timeout:g}s")
+        if isinstance(exc, dns.resolver.NoNameservers):
+            return DnsTemporaryError(name, type_text, _nameserver_reason(exc))
+        return DnsTemporaryError(name, type_text, str(exc) or type(exc).__name__)
 
     def _make(
         self,

@@ -382,9 +382,19 @@ class Router:
         async def one(host: RouteHost) -> RouteHost | str:
             nonlocal expires
             look = lookups[host.name]
-            if not look.secure:
+            if look.secure:
+                bases = [look.canonical, host.name] if look.canonical != host.name else [host.name]
+            elif look.canonical == host.name:
                 return host
-            bases = [look.canonical, host.name] if look.canonical != host.name else [host.name]
+            else:
+                # A signed alias into an unsigned zone (a hosting provider's): the TLSA records at
+                # the alias's own name still apply (RFC 7672 2.2.2; KumoMTA's resolve_secure_cname).
+                try:
+                    if not await resolver.alias_secure(host.name):
+                        return host
+                except DnsTemporaryError as exc:
+                    return f"CNAME lookup for {host.name} failed: {exc.reason}"
+                bases = [host.name]
             for base in bases:
                 try:
                     answer = await resolver.tlsa(f"_{host.port}._tcp.{base}")
@@ -453,16 +463,18 @@ class Router:
         addresses: list[str] = []
         transient: str | None = None
         expires = self._clock() + _STATIC_TTL
-        secure, canonical = True, host
+        answered, canonical = [], host
         for res in results:
             if isinstance(res, AddressAnswer):
                 addresses.extend(res.addresses)
                 expires = min(expires, res.expires)
-                secure = secure and res.secure
+                answered.append(res.secure)
                 if res.addresses:
                     canonical = res.name
             elif isinstance(res, DnsTemporaryError):
                 transient = str(res)
             elif isinstance(res, BaseException):
                 raise res
-        return _HostLookup(tuple(addresses), transient, expires, secure and transient is None, canonical)
+        # Secure when every family that answered is: a family whose lookup failed gives no address to
+        # use, and counting it as "insecure" let whoever can make one lookup fail strip DANE.
+        return _HostLookup(tuple(addresses), transient, expires, bool(answered) and all(answered), canonical)
