@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -85,6 +85,13 @@ def check(host: DaneHost, ssl_object: ssl.SSLObject) -> str | None:
     """Why the TLS peer behind *ssl_object* fails *host*'s TLSA records, or None when it passes."""
     if not host.records:
         return None  # all unusable: encrypted is all that is asked
+    try:
+        return _check(host, ssl_object)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # a key type or encoding nobody here reads
+        return f"its certificate could not be checked ({type(exc).__name__}: {exc})"
+
+
+def _check(host: DaneHost, ssl_object: ssl.SSLObject) -> str | None:
     chain = _presented_chain(ssl_object)
     if not chain:
         return "the server presented no certificate"
