@@ -19,12 +19,28 @@ def test_safe_text_makes_controls_visible() -> None:
     assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown
     assert shown.startswith("evil\\x1b]0;pwned\\x07\\x1b[2J\\u202e[link=")
     assert safe_text("line1\nline2") == "line1\\x0aline2"
-    assert safe_text("tb\nok", keep_newlines=True) == "tb\nok"
 
 
 def test_log_lines_are_escaped() -> None:
     record = logging.LogRecord("fastmta.pool", logging.WARNING, __file__, 1, "reply %s", ("550 \x1b[2Jgone",), None)
     assert "\x1b" not in SafeFormatter("%(message)s").format(record)
+
+
+def test_a_log_line_cannot_be_forged_and_a_traceback_keeps_its_lines() -> None:
+    # A client's AUTH name (or a reply's text) with a newline, or a literal backslash-n: the text
+    # formatter of serve turned the escaped "\n" back into a newline, so the name wrote a whole
+    # log line of the attacker's ("... WARNING fastmta.serve: reload: admin token rotated").
+    fmt = SafeFormatter("%(levelname)s %(name)s: %(message)s")
+    for name in ("bob\n2026-12-07 WARNING fastmta.serve: forged", "bob\\n2026-12-07 WARNING fastmta.serve: forged"):
+        record = logging.LogRecord("fastmta.serve", logging.WARNING, __file__, 1, "AUTH failed for %r", (name,), None)
+        assert len(fmt.format(record).splitlines()) == 1, fmt.format(record)
+    try:
+        raise ValueError("bad\ninput")
+    except ValueError:
+        record = logging.LogRecord("fastmta.serve", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    lines = fmt.format(record).splitlines()
+    assert lines[0] == "ERROR fastmta.serve: failed" and lines[1].startswith("Traceback")
+    assert lines[-1] == "ValueError: bad\\x0ainput"
 
 
 def test_send_shows_hostile_names_literally(tmp_path: Path) -> None:

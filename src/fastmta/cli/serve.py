@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmta.cli import UsageError
-from fastmta.cli.terminal import safe_text
+from fastmta.cli.terminal import SafeFormatter
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,16 +87,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=True)
 
 
-class SafeTextFormatter(logging.Formatter):
-    """The text format, with control characters from clients and replies made visible, never interpreted."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return safe_text(super().format(record)).replace("\\n", "\n")
-
-
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else SafeTextFormatter(
+    handler.setFormatter(JsonFormatter() if fmt == "json" else SafeFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
+from typing import Any
 
 from rich.text import Text
 
@@ -19,7 +21,10 @@ from fastmta.terminal_chars import BEYOND_C0
 
 # C0 controls, and what else a terminal acts on (fastmta.terminal_chars).
 _UNSAFE = re.compile(f"[\x00-\x1f{BEYOND_C0}]")
-_UNSAFE_KEEP_NEWLINES = re.compile(f"[\x00-\x09\x0b-\x1f{BEYOND_C0}]")
+
+
+#: How a traceback's own chunks start (frames, chaining): everything else is an exception's message.
+_TRACEBACK_FRAMING = ("Traceback ", "  File ", "  [Previous line", "\nThe above exception", "\nDuring handling")
 
 
 def _visible(match: re.Match[str]) -> str:
@@ -27,10 +32,9 @@ def _visible(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def safe_text(text: object, *, keep_newlines: bool = False) -> str:
+def safe_text(text: object) -> str:
     """*text* with every control or display-changing character made a visible escape."""
-    pattern = _UNSAFE_KEEP_NEWLINES if keep_newlines else _UNSAFE
-    return pattern.sub(_visible, str(text))
+    return _UNSAFE.sub(_visible, str(text))
 
 
 def plain(text: object, style: str = "") -> Text:
@@ -39,10 +43,27 @@ def plain(text: object, style: str = "") -> Text:
 
 
 class SafeFormatter(logging.Formatter):
-    """Log lines carry reply texts and names from outside: escape them (tracebacks keep their lines)."""
+    """Log lines carry reply texts and names from outside: escape them (tracebacks keep their lines).
 
-    def format(self, record: logging.LogRecord) -> str:
-        return safe_text(super().format(record), keep_newlines=True)
+    The message is escaped whole: a newline in it is never a line of its own, or a client's AUTH
+    name, a reply's text, could forge whole log lines. A traceback keeps its lines, each escaped.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return safe_text(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        out = []
+        for chunk in traceback.TracebackException(*ei[:3]).format():
+            body, end = (chunk[:-1], "\n") if chunk.endswith("\n") else (chunk, "")
+            if chunk.startswith(_TRACEBACK_FRAMING):  # ours: its lines stay lines
+                out.append("\n".join(safe_text(line) for line in body.split("\n")) + end)
+            else:  # "ValueError: <a message that may quote a client>": one line, always
+                out.append(safe_text(body) + end)
+        return "".join(out).rstrip("\n")
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(safe_text(line) for line in super().formatStack(stack_info).split("\n"))
 
 
 def install_safe_logging() -> None:
