@@ -405,3 +405,44 @@ def test_a_message_refused_leaves_nothing_for_the_receive_domains(tmp_path: Path
         records = svc.wait_accounting(lambda rs: any("inbound_id" in r for r in rs))
     assert [r.get("diagnostic") for r in records if "inbound_id" in r] == ["later"]  # only the one accepted
     assert len(list((data / "inbound").rglob("*.eml"))) == 1
+
+
+def test_a_message_whose_receive_domain_part_cannot_be_written_is_not_queued(tmp_path: Path) -> None:
+    # Found by an attack on serve: the relayed part was queued, then the write for the receive domains
+    # failed and the client got 451 for a message already queued; every retry delivered another copy
+    # (3 retries, 3 copies). The part for the receive domains is staged first now, put in place after.
+    data, capture = tmp_path / "data", tmp_path / "capture"
+    envelope = (b"EHLO c.example\r\nMAIL FROM:<a@sender.example>\r\nRCPT TO:<fbl@fbl.sender.example>\r\n"
+                b"RCPT TO:<ok@dest.example>\r\nDATA\r\n")
+    with capture_sink(capture) as sink, served(_config(tmp_path, data, sink), data) as svc:
+        host, port = svc.smtp
+        inbound = data / "inbound"
+        inbound.rename(data / "inbound.away")
+        inbound.write_bytes(b"")  # a file where the directory was: every write in it fails (root or not)
+        for _ in range(3):  # the client retries, as any MTA would
+            reply = asyncio.run(raw_smtp_message(host, port, envelope, b"Subject: both\r\n\r\nx\r\n"))
+            assert reply.startswith(b"451 "), reply
+        inbound.unlink()
+        (data / "inbound.away").rename(inbound)
+        reply = asyncio.run(raw_smtp_message(host, port, envelope, b"Subject: both\r\n\r\nx\r\n"))
+        assert reply.startswith(b"250 "), reply
+        records = svc.wait_accounting(lambda rs: any(r["status"] == "delivered" for r in rs)
+                                      and any("inbound_id" in r for r in rs))
+    assert [r["recipient"] for r in records if r["status"] == "delivered"] == ["ok@dest.example"]
+    assert len(captured(capture)) == 1
+    assert [p.name.endswith(".eml") for p in inbound.rglob("*") if p.is_file()] == [True]  # nothing staged left
+
+
+def test_mail_staged_before_a_stop_is_read_at_the_start(tmp_path: Path) -> None:
+    # Killed between the two steps (its relayed part queued or not, the client answered or not): the
+    # staged part is read at the next start, never lost (a client that retries makes it count twice).
+    data = tmp_path / "data"
+    (data / "inbound").mkdir(parents=True)
+    staged = data / "inbound" / "m1.eml.staged"
+    staged.write_bytes(b"X-Fastmta-Envelope-From: <>\r\nX-Fastmta-Envelope-To: <fbl@fbl.sender.example>\r\n"
+                       b"From: someone@else.example\r\nSubject: staged\r\n\r\nnot a report\r\n")
+    (data / "inbound" / ".m2.eml.tmp").write_bytes(b"half a mess")  # a write cut short: never acknowledged
+    with served(_config(tmp_path, data, None), data) as svc:
+        records = svc.wait_accounting(lambda rs: any("inbound_id" in r for r in rs))
+    assert [r.get("diagnostic") for r in records if "inbound_id" in r] == ["staged"]
+    assert sorted(p.name for p in (data / "inbound").rglob("*") if p.is_file()) == ["m1.eml"]

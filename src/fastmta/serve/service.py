@@ -57,7 +57,7 @@ from fastmta.intake.items import SpoolItem
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.journal_records import InputTake
-from fastmta.queue.records import Outcome, new_message_id, split_address
+from fastmta.queue.records import Outcome, new_message_id
 from fastmta.queue.spool import Spool
 from fastmta.queue.spool_errors import ProgressDamaged, SpoolError
 from fastmta.serve.admin import build_admin_app
@@ -70,6 +70,7 @@ from fastmta.serve.feedback_loop import FeedbackLoop
 from fastmta.serve.gate import ConnectionGate
 from fastmta.serve.http_api import build_api_app
 from fastmta.serve.http_guard import HttpGuard
+from fastmta.serve.inbound_store import publish_inbound, settle_inbound, stage_inbound
 from fastmta.serve.meta_headers import MetaHeaders
 from fastmta.serve.metrics import IntakeStats, ServiceMetrics
 from fastmta.serve.notice_store import NoticeStore
@@ -186,6 +187,7 @@ class Service:
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.data_dir / "inbound").mkdir(exist_ok=True, mode=0o700)
+        await asyncio.to_thread(settle_inbound, self.data_dir / "inbound")
         try:
             self._spool = await asyncio.to_thread(functools.partial(
                 Spool, self.data_dir / "queue", accept_lost_progress=self.accept_lost_progress,
@@ -517,42 +519,42 @@ class Service:
             raise Unavailable(why)
         inbound = [r for r in recipients if self.policy.receive_domains and self.policy.receives(_domain(r))]
         outbound = [r for r in recipients if r not in inbound] if inbound else recipients
-        meta = dict(meta or {})
-        meta.setdefault("via", via)
+        meta = {**(meta or {}), "via": via}  # how it came in is the service's to say, never the caller's
+        message_id = new_message_id()
+        staged: Path | None = None
         try:
-            message_id = new_message_id()
-            # The relayed part first: it is what may be refused (bad input, a full queue), and a message
-            # refused must leave nothing behind (its mail for the receive domains was kept and read
-            # once, then again when the client retried).
+            # Both parts or neither: the mail for the receive domains is written first but not yet where
+            # it is read, then the relayed part is queued (it is what may be refused: bad input, a full
+            # queue), then the first is put in place. Queued first and written second, a failed write
+            # answered 451 to a message already queued: every retry of the client delivered it again;
+            # written in place first, a refused message left it behind, read again at the retry.
+            if inbound:
+                staged = await asyncio.to_thread(stage_inbound, self.data_dir / "inbound", message_id, content,
+                                                 sender, inbound)
             if outbound:
                 # [serve] meta_headers: X-Job and the like (HTTP callers say it in the request); InputError: a
                 # header that is not a tag. The mail kept for the receive domains stays as it came.
                 relayed, tags = self.meta_headers.take(content) if via in ("smtp", "pickup") else (content, {})
                 await self.engine.submit(relayed, sender, outbound, meta={**tags, **meta}, message_id=message_id,
                                          take=take, room_timeout=room_timeout)
-            if inbound:
-                await self._receive(message_id, content, sender, inbound)
-        except InputError:
-            self.intake.rejected(via)
+        except BaseException as exc:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+            if isinstance(exc, InputError):
+                self.intake.rejected(via)
+            elif isinstance(exc, EngineClosed):  # a full queue (QueueFull) or shutting down
+                self.intake.rejected(via, "unavailable")
+                raise Unavailable(str(exc)) from None
             raise
-        except EngineClosed as exc:  # a full queue (QueueFull) or shutting down
-            self.intake.rejected(via, "unavailable")
-            raise Unavailable(str(exc)) from None
+        if staged is not None:
+            await self._publish_inbound(staged)
         self.intake.accepted(via, len(recipients))
         return message_id
 
-    async def _receive(self, message_id: str, content: bytes, sender: str, recipients: list[str]) -> None:
-        """Mail for the receive domains (bounces, complaints, unsubscribes): kept durably for the feedback processor."""
-        if sender:
-            split_address(sender, "sender")
-        for r in recipients:
-            split_address(r)
-        envelope = f"X-Fastmta-Envelope-From: <{sender}>\r\n" + "".join(
-            f"X-Fastmta-Envelope-To: <{r}>\r\n" for r in recipients
-        )
-        path = self.data_dir / "inbound" / f"{message_id}.eml"
-        await asyncio.to_thread(_write_durably, path, envelope.encode("utf-8") + content)
-        if self.feedback is not None:  # durable now; what it says is read in the background
+    async def _publish_inbound(self, staged: Path) -> None:
+        """*staged* put where the feedback processor reads it, and read (in the background)."""
+        path = await asyncio.to_thread(publish_inbound, staged)
+        if path is not None and self.feedback is not None:
             task = asyncio.ensure_future(self.feedback.process(path))
             self._inbound_tasks.add(task)
             task.add_done_callback(self._inbound_tasks.discard)
@@ -624,20 +626,3 @@ def _bound(runner: web.AppRunner) -> tuple[str, int] | None:
             return str(name[0]), int(name[1])
     return None
 
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
