@@ -187,7 +187,7 @@ class PickupConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext
 _META_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # How and by whom it came in, where and how it went: never the client's to say.
-_SERVICE_META = frozenset({"via", "auth", DSN_META}) | RESERVED_META
+SERVICE_META = frozenset({"via", "auth", DSN_META}) | RESERVED_META
 
 
 class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -228,9 +228,9 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
         for header, key in self.meta_headers.items():
             if not _HEADER_NAME.fullmatch(header):
                 raise ValueError(f"serve.meta_headers: not a header name: {header!r}")
-            if not _META_KEY.fullmatch(key) or key in _SERVICE_META:
+            if not _META_KEY.fullmatch(key) or key in SERVICE_META:
                 raise ValueError(f"serve.meta_headers.{header}: meta key {key!r}: 1-64 characters of A-Z a-z 0-9 _ . -, "
-                                 f"not one the service sets ({', '.join(sorted(_SERVICE_META))})")
+                                 f"not one the service sets ({', '.join(sorted(SERVICE_META))})")
         for net in self.relay_networks:
             try:
                 ipaddress.ip_network(net, strict=False)

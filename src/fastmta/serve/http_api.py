@@ -43,7 +43,7 @@ from fastmta.intake.campaign import merge_field_error
 from fastmta.message.mime import CampaignTemplate, CompiledCampaign, compile_campaign
 from fastmta.queue.records import split_address
 from fastmta.serve.api import ServiceAPI, Unavailable
-from fastmta.smtp.dsn_params import DSN_META
+from fastmta.serve.config import SERVICE_META
 
 log = logging.getLogger("fastmta.serve.http")
 
@@ -287,7 +287,7 @@ def _meta(value: Any, field: str) -> dict[str, str]:
     for key, item in value.items():
         if not _META_KEY.fullmatch(key):
             raise ApiError(400, f"{field} key {key!r}: 1-64 characters of A-Z a-z 0-9 _ . -", field=f"{field}.{key}")
-        if key == DSN_META:  # the SMTP client's DSN parameters (a dict the notices read), not a tag
+        if key in SERVICE_META:  # how it came in (via, auth), DSN parameters, where it went: the service's to say
             raise ApiError(400, f"{field}.{key} is reserved", field=f"{field}.{key}")
         if not isinstance(item, str):
             raise ApiError(400, f"{field}.{key} must be a string", field=f"{field}.{key}")
