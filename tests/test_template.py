@@ -340,12 +340,21 @@ def test_campaign_toml_example_loads(tmp_path: Path) -> None:
         ({"headers": {"From": "{{ f }}", "To": "x"}, "text": "x"}, "message_id_domain"),
         ({"headers": {"From": "a@example.com", "To": "x"}, "text": "x", "colour": 1}, "colour"),
         ({"headers": {"From": "a@example.com", "To": "x", "Bad Name": "v"}, "text": "x"}, "invalid header name"),
+        # Into a header as it is: an HTTP campaign's "x>\r\nBcc: ..." was a header of every message.
+        *(({"headers": {"From": "a@example.com", "To": "x"}, "text": "x", "message_id_domain": bad},
+           "message_id_domain: not a domain name") for bad in ("x>\r\nBcc: evil@x", "a b", "\u202e.example", "")),
     ],
 )
 def test_config_errors_name_the_source(spec: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(match)) as err:
         compile_campaign(spec, source="campaign.toml")
     assert "campaign.toml" in str(err.value)
+
+
+def test_a_unicode_message_id_domain_goes_as_its_a_label() -> None:
+    spec = {"headers": {"From": "a@b\u00fccher.example", "To": "{{ email }}"}, "text": "x"}
+    mid = parse(compile_campaign(spec).render({"email": "b@example.net"}))["Message-ID"]
+    assert mid.endswith("@xn--bcher-kva.example>"), mid
 
 
 def test_spec_struct_is_accepted() -> None:

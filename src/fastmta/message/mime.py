@@ -181,7 +181,7 @@ class CompiledCampaign:
             if "{{" in from_tpl or "@" not in addr:
                 raise ConfigError(f"{source}: template.message_id_domain is needed (From is not a fixed address)")
             domain = addr.rsplit("@", 1)[1]
-        self.message_id_domain = domain
+        self.message_id_domain = _message_id_domain(domain, source)
         self._mid_prefix = secrets.token_hex(6)
         self._counter = itertools.count()
         self._date = _Date()
@@ -289,3 +289,22 @@ def compile_campaign(
         except msgspec.ValidationError as exc:
             raise ConfigError(f"{source}: template: {exc}") from None
     return CompiledCampaign(spec, base_dir=base_dir, source=source)
+
+
+_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _message_id_domain(domain: str, source: str) -> str:
+    """*domain* as a Message-ID's right side (a host name; a Unicode one as its A-label), or ConfigError.
+
+    It goes into a header as it is: unchecked, "x>\\r\\nBcc: ..." from an HTTP campaign request was a
+    header of every message (the API checks CR and LF in its header templates, not here)."""
+    name = domain.strip().rstrip(".")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            name = ""
+    if len(name) > 253 or not _DOMAIN.fullmatch(name):
+        raise ConfigError(f"{source}: template.message_id_domain: not a domain name: {domain!r}")
+    return name
