@@ -654,6 +654,12 @@ def test_submit_refuses_wrong_types_and_smuggled_headers_at_once(run: Run) -> No
                     await engine.submit(BODY, "a@s.test", "b@d.test")
                 with pytest.raises(InputError, match="bare CR"):
                     await engine.submit(b"Subject: a\rBcc: victim@x.test\r\n\r\nbody\r\n", "a@s.test", ["b@d.test"])
+                # A first line folded under no header continued the one put before it (serve's Received:
+                # a client wrote "(authenticated sender: ceo@...)" into our trace).
+                for fold in (b" ", b"\t"):
+                    with pytest.raises(InputError, match="folded continuation"):
+                        await engine.submit(fold + b"(authenticated sender: ceo@x.test)\r\nSubject: a\r\n\r\nb\r\n",
+                                            "a@s.test", ["b@d.test"])
                 # Nothing was accepted, and the engine goes on.
                 [o] = await engine.result(await engine.submit(BODY, "a@s.test", ["b@d.test"]))
                 assert o.status is Status.DELIVERED

@@ -144,8 +144,13 @@ def header_section_error(message: bytes) -> str | None:
     break when the wire normalises line ends, and the rest of the line a header
     of its own: rejected at intake, never "cleaned". (Bare LFs are ordinary
     Unix line ends, normalised to CRLF; NUL is refused where bytes come in.)
+    A first line that starts with a space or a tab continues no header of the
+    message: it would continue the one put before it (serve's Received, a
+    DKIM-Signature), and a client would write into our trace: rejected too.
     Runs on every submit: the common case is two finds and two counts, in C.
     """
+    if message[:1] in (b" ", b"\t"):
+        return "the first line is a folded continuation of no header: it would continue the header put before it"
     crlf = message.find(b"\r\n\r\n")
     limit = crlf if crlf >= 0 else len(message)
     lf = message.find(b"\n\n", 0, limit)  # only before the CRLF blank line: never the whole body
