@@ -97,6 +97,13 @@ def test_a_folded_receiver_list_loses_no_address(nl: bytes, tail: bytes) -> None
     assert msg.content == b"Subject: s" + nl + tail.replace(b"\r\n", nl)
 
 
+@pytest.mark.parametrize("tail", [b"\r\nbody\r\n", b""])
+def test_a_receiver_given_twice_is_sent_once(tail: bytes) -> None:
+    # Two X-Receiver lines for one mailbox (in another case too): two RCPTs, two records before.
+    data = b"X-Sender: a@b.example\r\nX-Receiver: c@d.example\r\nX-Receiver: e@f.example, C@D.example\r\nS: x\r\n" + tail
+    assert parse_pickup(data, PATH).recipients == ["c@d.example", "e@f.example"]
+
+
 def test_a_bad_address_on_a_continuation_line_is_reported_with_its_field_line() -> None:
     data = b"Subject: s\r\nX-Receiver: c@d.example,\r\n john doe@x.example\r\n\r\nbody\r\n"
     with pytest.raises(InputError, match="john doe@x.example") as err:

@@ -52,7 +52,7 @@ from fastmta.feedback.classify import Classifier
 from fastmta.feedback.suppression import SqliteSuppressionStore
 from fastmta.message.headers import header_section_error
 from fastmta.queue.journal_records import InputTake
-from fastmta.queue.records import Message, Outcome, Recipient, Status, new_message_id, split_address
+from fastmta.queue.records import Message, Outcome, Recipient, Status, new_message_id, once_each, split_address
 from fastmta.queue.recovery import LostMessage
 from fastmta.queue.scheduler import DueQueue, RetryPolicy
 from fastmta.queue.spool import Spool
@@ -344,7 +344,7 @@ class Engine:
         self._dispatch.check_meta(meta)  # a pool no source is in, a max_lifetime that is no number: refused
         if sender:
             sender = split_address(sender, "sender")[0]
-        rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(recipients)]
+        rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(once_each(recipients))]
         recipients = [r.address for r in rcpts]  # as split_address gives them (a trailing dot dropped)
         body = message if isinstance(message, Body) else Body(bytes(message))
         unsafe = header_section_error(body.raw)

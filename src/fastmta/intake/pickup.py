@@ -16,7 +16,7 @@ from pathlib import Path
 from fastmta.errors import InputError
 from fastmta.message.core import find_header_fields
 from fastmta.message.headers import header_section_error
-from fastmta.queue.records import split_address
+from fastmta.queue.records import once_each, split_address
 
 #: Refuse absurd files before reading them whole.
 MAX_PICKUP_BYTES = 64 * 1024 * 1024
@@ -77,7 +77,8 @@ class _Envelope:
             raise InputError("the message has no headers besides the envelope", source=str(self.path))
         if len(content) > MAX_LINE and max(map(len, content.split(b"\n"))) > MAX_LINE:  # ~1 µs a 2 KB file
             _refuse_long_lines(content, data, self.path)
-        return PickupMessage(self.path, self.sender, self.recipients, content)
+        # Each recipient once (X-Receiver given twice): one copy, one record, as the engine keeps them.
+        return PickupMessage(self.path, self.sender, list(once_each(self.recipients)), content)
 
 
 _ENVELOPE_FIELDS = (b"x-sender", b"x-receiver")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -83,6 +84,22 @@ def split_address(address: str, what: str = "recipient") -> tuple[str, str]:
         _VALID.clear()
     _VALID[address] = split
     return split
+
+
+def once_each(addresses: Sequence[str]) -> Sequence[str]:
+    """*addresses* with each recipient once, the first spelling kept: the same address twice (its case
+    or a trailing dot aside) is one mailbox, sent one copy with one record, as Postfix's cleanup
+    keeps one of duplicate recipients. Raises InputError (split_address's) for one that is no address."""
+    if len(addresses) < 2:
+        return addresses
+    seen: set[str] = set()
+    out = []
+    for a in addresses:
+        key = split_address(a)[0].lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(a)
+    return out
 
 
 # Addresses found valid lately, with the address to use and its domain. The same

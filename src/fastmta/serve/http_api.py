@@ -41,7 +41,7 @@ from aiohttp.typedefs import Handler, Middleware
 from fastmta.errors import ConfigError, InputError
 from fastmta.intake.campaign import merge_field_error
 from fastmta.message.mime import CampaignTemplate, CompiledCampaign, compile_campaign
-from fastmta.queue.records import split_address
+from fastmta.queue.records import once_each, split_address
 from fastmta.serve.api import ServiceAPI, Unavailable
 from fastmta.serve.config import SERVICE_META
 
@@ -66,6 +66,8 @@ DEFAULT_MAX_REQUEST_SIZE = 50 * 1024 * 1024
 RETRY_AFTER = 15
 #: Meta reaches accounting (one JSON line per recipient outcome): kept small and plain.
 MAX_META_KEYS = 32
+#: Rows of one /v1/campaigns request (its answer has one entry a row).
+MAX_CAMPAIGN_ROWS = 100_000
 MAX_META_SIZE = 4096
 _META_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
@@ -272,7 +274,8 @@ def _recipients(value: Any, field: str = "recipients") -> list[str]:
         raise ApiError(400, f"missing field {field}", field=field)
     if not isinstance(value, list) or not value:
         raise ApiError(400, f"{field} must be a non-empty list of addresses", field=field)
-    return [_address(r, f"{field}[{i}]", "recipient") for i, r in enumerate(value)]
+    # Each once (the engine keeps one of a duplicate too): the count answered is the count queued.
+    return list(once_each([_address(r, f"{field}[{i}]", "recipient") for i, r in enumerate(value)]))
 
 
 def _meta(value: Any, field: str) -> dict[str, str]:
@@ -445,10 +448,13 @@ async def _post_campaign(request: web.Request) -> web.Response:
     rows = data.get("recipients")
     if not isinstance(rows, list) or not rows:
         raise ApiError(400, "recipients must be a non-empty list of {email, data, meta} objects", field="recipients")
+    if len(rows) > MAX_CAMPAIGN_ROWS:  # each row is answered: a bound on the answer and on the work of one request
+        raise ApiError(413, f"recipients has {len(rows)} rows; at most {MAX_CAMPAIGN_ROWS} a request", field="recipients")
 
     accepted: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     stopped: str | None = None  # why injecting stopped (the service became unavailable)
+    seen: dict[str, int] = {}  # each recipient once a request (its first row), as a `send` campaign does
     # Rendered and injected a window at a time: the rendered messages held at
     # once stay bounded, and the loop serves others between windows.
     for start in range(0, len(rows), _INJECT_WINDOW):
@@ -460,9 +466,17 @@ async def _post_campaign(request: web.Request) -> web.Response:
                 rejected.append({"email": email, "index": index, "error": stopped, "retry": True})
                 continue
             try:
-                window.append((index, *_render(compiled, field_of, row, campaign)))
+                part = (index, *_render(compiled, field_of, row, campaign))
             except _RowError as exc:
                 rejected.append({"email": email, "index": index, "error": str(exc)})
+                continue
+            first = seen.setdefault(part[1].lower(), index)
+            if first != index:
+                rejected.append({"email": email, "index": index,
+                                 "error": f"duplicate recipient {part[1]!r} (row {first}): sent once"})
+                continue
+            window.append(part)
+        await asyncio.sleep(0)  # a window of rows that all failed to render awaited nothing: others wait no longer
         results = await asyncio.gather(
             *(service.inject(*_campaign_parts(service, campaign, email, sender, message), via="http", meta=meta)
               for _, email, message, meta in window),

@@ -246,12 +246,12 @@ class InjectProtocol(SinkProtocol):
                 if len(self._rcpts) > taken:
                     # By the address as the engine will name it (the notice's recipient): unusable ones were refused.
                     address = split_address(addr.decode("utf-8"))[0]
-                    if address in self._named:
-                        # Given twice: accepted, and kept once, as Postfix's cleanup does (the message went to it
-                        # twice, each with its own record; its first DSN parameters stand).
+                    if address.lower() in self._named:
+                        # Given twice (in any case): accepted, and kept once, as Postfix's cleanup does (the
+                        # message went to it twice, each with its own record; its first DSN parameters stand).
                         self._rcpts.pop()
                         return
-                    self._named.add(address)
+                    self._named.add(address.lower())
                     for name, value in given.items():
                         self._dsn.setdefault(name, {})[address] = value
                 return
