@@ -17,9 +17,9 @@ from fastmta.feedback.suppression import Scope, SqliteSuppressionStore, Suppress
 from fastmta.feedback.suppression_policy import SuppressionPolicy
 
 
-def fastmta(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def fastmta(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fastmta", *args], capture_output=True, text=True, timeout=60,
-                          input=stdin)
+                          input=stdin, cwd=cwd)
 
 
 def _c(category: Category, bounce: BounceType, outcome: Outcome = Outcome.PERMANENT) -> Classification:
@@ -103,6 +103,25 @@ def test_the_command_line_adds_lists_exports_and_imports(tmp_path: Path) -> None
     assert fastmta("suppress", "--db", str(tmp_path / "t.db"), "remove", "c@d.example").returncode == 0
     assert fastmta("suppress", "--db", str(tmp_path / "t.db"), "remove", "c@d.example").returncode == 1
     assert "import" in fastmta("suppress", "--help").stdout
+
+
+def test_the_command_line_never_writes_to_or_reads_a_list_nobody_uses(tmp_path: Path) -> None:
+    # An operator's first hour: `cd DATA_DIR && fastmta suppress add ...` wrote ./suppressions.db while
+    # serve reads suppression.db (the address kept being mailed), and a mistyped --db listed nothing, exit 0.
+    data = tmp_path / "data"
+    data.mkdir()
+    added = fastmta("suppress", "add", "zz@dst.example", cwd=data)
+    assert added.returncode == 0 and f"a new suppression database at {data / 'suppression.db'}" in added.stderr
+    assert SqliteSuppressionStore(data / "suppression.db").check("zz@dst.example") is not None
+    for action in (["list"], ["export"], ["remove", "zz@dst.example"]):
+        out = fastmta("suppress", "--db", str(tmp_path / "typo" / "x.db"), *action)
+        assert out.returncode == 2 and "no suppression database at" in out.stderr, out
+    assert not (tmp_path / "typo").exists()
+    db = str(data / "suppression.db")
+    for bad in ("evil\x1b[31m@dst.example", "a@b@c.example", "@dst.example"):
+        assert fastmta("suppress", "--db", db, "add", bad).returncode == 2, bad
+    for days in ("-5", "0", "nan", "inf"):
+        assert fastmta("suppress", "--db", db, "add", "e@dst.example", "--expires", days).returncode == 2, days
 
 
 def test_a_trailing_dot_on_the_domain_is_the_same_address(tmp_path: Path) -> None:

@@ -6,8 +6,11 @@
   fastmta suppress import FILE.csv      (columns: address[,scope,value,reason,source,created,expires])
   fastmta suppress export [FILE.csv]    (stdout without FILE)
 
-The list lives in an SQLite database (--db, default ./suppressions.db, or
-$FASTMTA_SUPPRESSIONS): query it with sqlite3 if you like. Scopes: global
+The list lives in an SQLite database (--db, default ./suppression.db, the name
+fastmta serve gives it in its DATA_DIR, or $FASTMTA_SUPPRESSIONS): query it
+with sqlite3 if you like. Only add and import create one (and say so):
+list, export and remove of a database that does not exist are refused, as
+a name mistyped would show an empty list, or add to a list nobody reads. Scopes: global
 (every message to the address: hard bounces), domain (mail from one sender
 domain: complaints), list (one list or campaign tag: unsubscribes).
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sqlite3
@@ -37,14 +41,15 @@ from pathlib import Path
 
 from fastmta.cli import UsageError
 from fastmta.cli.terminal import safe_text
-from fastmta.errors import ConfigError
+from fastmta.errors import ConfigError, InputError
 from fastmta.feedback.suppression import Scope, SqliteSuppressionStore, Suppression
 from fastmta.feedback.suppression_redis import RedisSuppressionStore
+from fastmta.queue.records import split_address
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", type=Path,
-                   help="the suppression database (default: the service's with --config, else ./suppressions.db "
+                   help="the suppression database (default: the service's with --config, else ./suppression.db "
                         "or $FASTMTA_SUPPRESSIONS)")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="the service's configuration: its list, the cluster's (Redis) with [cluster] suppression")
@@ -54,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--scope", choices=[s.value for s in Scope], default="global")
     a.add_argument("--value", default="", help="the sender domain (scope domain) or list tag (scope list)")
     a.add_argument("--reason", default="added by an operator")
-    a.add_argument("--expires", type=float, metavar="DAYS", help="lift it after DAYS (default: never)")
+    a.add_argument("--expires", type=_days, metavar="DAYS", help="lift it after DAYS, > 0 (default: never)")
     r = sub.add_parser("remove", help="lift suppressions of an address")
     r.add_argument("address")
     r.add_argument("--scope", choices=[s.value for s in Scope])
@@ -66,6 +71,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     im.add_argument("file", type=Path)
     ex = sub.add_parser("export", help="write every suppression as CSV")
     ex.add_argument("file", type=Path, nargs="?")
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not days > 0 or days == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 days (leave it out for never): {text!r}")
+    return days
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +95,11 @@ def run(args: argparse.Namespace) -> int:
         db = db or Path(config.serve.data_dir) / "suppression.db"
         if config.engine.cluster.active and config.engine.cluster.suppression:
             cluster = config.engine.cluster
-    db = db or Path(os.environ.get("FASTMTA_SUPPRESSIONS", "suppressions.db"))
+    db = db or Path(os.environ.get("FASTMTA_SUPPRESSIONS", "suppression.db"))
+    if cluster is None and not db.exists():
+        if args.action not in ("add", "import"):
+            raise UsageError(f"no suppression database at {safe_text(db.absolute())} (--db or --config names one)")
+        print(f"fastmta suppress: a new suppression database at {safe_text(db.absolute())}", file=sys.stderr)
     try:
         store = SqliteSuppressionStore(db) if cluster is None else RedisSuppressionStore(
             db, cluster.redis, prefix=cluster.prefix, timeout=max(cluster.timeout, 2.0), retry=cluster.retry)
@@ -105,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
 def _act(store: SqliteSuppressionStore, args: argparse.Namespace) -> int:
     if args.action == "add":
         address = args.address.strip()
-        if "@" not in address or any(c in address for c in "\r\n\x00<> "):
-            raise UsageError(f"not an address: {safe_text(address)}")
+        try:
+            split_address(address, "address")
+        except InputError as exc:
+            raise UsageError(safe_text(exc.reason)) from None
         scope = Scope(args.scope)
         if scope is not Scope.GLOBAL and not args.value:
             raise UsageError(f"--scope {scope.value} needs --value")
@@ -140,7 +161,12 @@ def _act(store: SqliteSuppressionStore, args: argparse.Namespace) -> int:
         return 1 if errors else 0
     # export
     if args.file is None:
-        store.export_csv(sys.stdout)
+        if not sys.stdout.isatty():
+            store.export_csv(sys.stdout)
+            return 0
+        shown = io.StringIO()  # on a terminal, what it would act on is shown escaped (a file gets it as stored)
+        store.export_csv(shown)
+        sys.stdout.write("".join(safe_text(line) + "\n" for line in shown.getvalue().splitlines()))
         return 0
     with open(args.file, "w", newline="", encoding="utf-8") as f:
         n = store.export_csv(f)
