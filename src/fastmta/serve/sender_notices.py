@@ -108,7 +108,10 @@ class SenderNotices:
 
     def on_outcome(self, outcome: Outcome) -> None:
         meta = outcome.meta or {}
-        if meta.get("via") not in _RELAYED or "job" in meta or not outcome.sender:
+        # A campaign tag (X-Job, meta job) says nothing of who reads the sender's mail: a client that tagged
+        # its mail and asked NOTIFY=FAILURE got no notice at all. A campaign with a signed return path
+        # gets none anyway (its sender is one of our own domains: its bounces come back to the loop).
+        if meta.get("via") not in _RELAYED or not outcome.sender:
             return
         notify = notify_of(meta, outcome.recipient)  # None: not said; the default is failures and delays
         if outcome.status in (Status.BOUNCED, Status.EXPIRED):
