@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,8 @@ def test_bad_bytes_spoil_only_their_own_row(tmp_path: Path) -> None:
         second = fastmta(*cmd)
         s2 = json.loads((tmp_path / "s.json").read_text())
         assert second.returncode == 0 and s2["inputs_already_done"] == 1 and s2["delivered"] == 0
+        # Said in the table too (only the JSON said it: "messages accepted 0" and nothing else).
+        assert re.search(r"inputs already sent, skipped\W+1\b", second.stdout), second.stdout
 
 
 def test_edits_send_exactly_the_new_rows(tmp_path: Path) -> None:

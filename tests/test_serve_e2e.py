@@ -346,7 +346,9 @@ def test_pickup_directory_exactly_once_and_rejects(tmp_path: Path) -> None:
             rejects = [json.loads(x) for x in (data / "rejects.jsonl").read_text().splitlines()]
             assert len(rejects) == 1 and rejects[0]["file"] == str(pickup / "bad.eml"), rejects
             assert "no header on the first line" in rejects[0]["reason"]
-            # The same content again (another name, later): known by content, not sent again, and removed.
+            # The same content again (another name, later): known by content, not sent again, but never
+            # deleted unsent (it was, without a word: an alert repeated word for word was lost). Kept in
+            # .duplicates/ with why, and logged.
             again = drop(pickup, "again.eml", pickup_file("p3@dest.example", 3))
             fresh = drop(pickup, "fresh.eml", pickup_file("fresh@dest.example", 99))
             records = svc.wait_accounting(lambda rs: len(delivered(rs)) >= n + 1)
@@ -354,6 +356,9 @@ def test_pickup_directory_exactly_once_and_rejects(tmp_path: Path) -> None:
             time.sleep(1.0)  # several scans: nothing more comes of it
             records = svc.accounting()
             assert (pickup / ".rejected" / "bad.eml").exists() and len(list((pickup / ".rejected").iterdir())) == 2
+            assert sorted(p.name for p in (pickup / ".duplicates").iterdir()) == ["again.eml", "again.eml.reason"]
+            assert "already queued" in (pickup / ".duplicates" / "again.eml.reason").read_text()
+            assert "pickup " + str(again) + ": not sent: the same content" in serve_log(svc)
         assert sorted(r["recipient"] for r in delivered(records)) == sorted(
             [f"p{i}@dest.example" for i in range(n)] + ["fresh@dest.example"])
         assert all(r["via"] == "pickup" for r in records)

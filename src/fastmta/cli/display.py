@@ -189,6 +189,8 @@ class Progress:
             ("recipients", f"{s['recipients']:,}"),
             # Taken up again from the queue a run left (a crash): beside "recipients 0" they explain the rest.
             *([("resumed from the last run", f"{s['resumed_recipients']:,}")] if s.get("resumed_recipients") else []),
+            # Inputs known by content (sent by an earlier run, or a file of the same bytes as another): not sent.
+            *([("inputs already sent, skipped", f"{s['inputs_already_done']:,}")] if s.get("inputs_already_done") else []),
             ("delivered", f"{s['delivered']:,}"),
             ("bounced", f"{s['bounced']:,}"),
             ("  of them suspected filter", f"{sum(f['suspected'] for f in s.get('suspected_filters', [])):,}"),

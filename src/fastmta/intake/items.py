@@ -108,10 +108,11 @@ class InputEnd:
 
 @dataclass(frozen=True, slots=True)
 class InputSkipped:
-    """An input already finished by an earlier run."""
+    """An input already finished by an earlier run, or a pickup file whose content was met already."""
 
     key: str
     source: str = ""  # the file, where the input is one (a pickup file)
+    why: str = ""  # for a pickup file: why it is not sent (its content was sent, or met in this reading)
 
 
 Event = SpoolItem | Reject | InputStart | InputEnd | InputSkipped

@@ -221,8 +221,11 @@ class SpoolReader:
         # the queue's own (live). The pickup input is never "done" (new files come).
         point = self.resume(PICKUP_INPUT, "") or ResumePoint()
         legacy = self.resume(f"pickup:{digest}", "")  # a queue from when each file was an input
-        if take_key in met or take_key in point.taken or legacy is None or take_key in legacy.taken:
-            yield InputSkipped(f"pickup:{digest}", shown)
+        if take_key in met:
+            yield InputSkipped(f"pickup:{digest}", shown, "the same content as another file of this reading: sent once")
+            return
+        if take_key in point.taken or legacy is None or take_key in legacy.taken:
+            yield InputSkipped(f"pickup:{digest}", shown, "the same content as a message already queued: sent once")
             return
         try:
             msg = parse_pickup(data, shown)

@@ -10,6 +10,9 @@ a long-running watcher must do about files:
   rename it, as Postfix's maildrop does, and then nothing waits);
 * a pickup file durably queued is deleted (``delete = true``, Postfix's
   pickup does the same), or kept and skipped by content on later scans;
+* with ``delete = true``, a file whose content was already queued (the same
+  bytes dropped again, or a file queued just before a crash) is not sent
+  again but moved to ``.duplicates/`` beside a ``.reason`` file and logged;
 * a file that cannot be used at all (malformed, unreadable) is moved to
   ``.rejected/`` beside a ``.reason`` file, and reported once, instead of
   being reported again on every scan. Nothing is dropped silently.
@@ -128,6 +131,7 @@ class PickupWatcher:
         # The events name a file whose name is not UTF-8 as it goes on record; moved or deleted by its real name.
         real = spool_reader.real_paths
         done_files: list[str] = []
+        known: list[tuple[str, str]] = []  # files whose content was sent (or met) already, and why
         inflight: set[asyncio.Task[None]] = set()
         submitted = 0
 
@@ -151,7 +155,7 @@ class PickupWatcher:
             for event in events:
                 if isinstance(event, InputSkipped):
                     if event.source:
-                        done_files.append(event.source)
+                        known.append((event.source, event.why))
                 elif isinstance(event, InputStart):
                     self.tracker.start(event.key, event.fingerprint)
                 elif isinstance(event, InputEnd):
@@ -182,6 +186,12 @@ class PickupWatcher:
             await asyncio.wait(set(inflight))
         if self.delete and done_files:
             await asyncio.to_thread(self._remove, [real.get(name, name) for name in done_files])
+        if self.delete and known:
+            # Known by content, not sent again (exactly once across a crash), but never deleted unsent: an
+            # identical file dropped later (an alert repeated word for word) was deleted without a word.
+            for name, why in known:
+                log.warning("pickup %s: not sent: %s (moved to .duplicates/)", name, why)
+                await asyncio.to_thread(self._quarantine, Path(real.get(name, name)), why, ".duplicates")
         return submitted
 
     async def _one(self, item: SpoolItem, done_files: list[str]) -> None:
@@ -213,11 +223,11 @@ class PickupWatcher:
             except OSError as exc:
                 log.error("cannot record a rejected input in %s: %s", self.rejects_file, exc)
 
-    def _quarantine(self, path: Path, reason: str) -> None:
-        """Move an unusable file aside, with why, so it is reported once and kept for the operator."""
+    def _quarantine(self, path: Path, reason: str, folder: str = ".rejected") -> None:
+        """Move a file not sent aside (into *folder*), with why, so it is reported once and kept for the operator."""
         if path.parent != self.directory or not path.name or path.name.startswith("."):
             return  # a campaign's recipients file or the like: leave it where it is
-        target_dir = self.directory / ".rejected"
+        target_dir = self.directory / folder
         try:
             target_dir.mkdir(mode=0o700, exist_ok=True)
             target = target_dir / path.name
@@ -226,7 +236,7 @@ class PickupWatcher:
             os.replace(path, target)
             target.with_name(target.name + ".reason").write_text(reason + "\n", encoding="utf-8")
         except OSError as exc:
-            log.error("cannot move rejected %s aside: %s", path, exc)
+            log.error("cannot move %s aside into %s: %s", path, folder, exc)
 
     def _remove(self, files: list[str]) -> None:
         for name in dict.fromkeys(files):
