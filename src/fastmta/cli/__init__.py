@@ -66,19 +66,38 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
-    """'host:port', '[v6]:port', 'host' -> (host, port): an argparse type of several commands."""
+    """'host:port', '[v6]:port', 'host' -> (host, port) of a server to connect to: an argparse type of
+    several commands (a port of 1-65535; "host:" with no port is refused, not taken for 25)."""
+    colon = False
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
-        port = rest.lstrip(":")
+        colon, port = rest.startswith(":"), rest[1:]
     elif value.count(":") == 1:
         host, _, port = value.partition(":")
+        colon = True
     else:
         host, port = value, ""
     if not host:
         raise argparse.ArgumentTypeError(f"missing host in {value!r}")
-    if port and not port.isdigit():
-        raise argparse.ArgumentTypeError(f"bad port in {value!r}")
+    if colon and not port:
+        raise argparse.ArgumentTypeError(f"missing port after ':' in {value!r}")
+    if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(f"bad port in {value!r} (1-65535)")
     return host, int(port) if port else default_port
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h``, ``1d`` or plain seconds, above 0 and under ten years: an argparse type."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    number, unit = (t[:-1], units[t[-1]]) if t[-1:] in units else (t, 1)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 2h, 1d)") from None
+    if not 0 < seconds < 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (above 0, under ten years)")
+    return seconds
 
 
 def _octal(text: str) -> int:

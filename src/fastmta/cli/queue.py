@@ -52,7 +52,7 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
-from fastmta.cli import UsageError
+from fastmta.cli import UsageError, parse_duration
 from fastmta.cli.terminal import plain, safe_text
 from fastmta.serve.admin import DEFAULT_ADMIN_SOCKET
 
@@ -85,24 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if name == "bounce":
             s.add_argument("--reason", help="why (in the bounce reply and the accounting record)")
         if name == "suspend":
-            s.add_argument("--for", dest="duration", type=_duration, metavar="DURATION",
+            s.add_argument("--for", dest="duration", type=parse_duration, metavar="DURATION",
                            help="end the suspension by itself after this long: 90s, 30m, 2h, 1d (default: "
                                 "until resumed)")
             s.add_argument("--reason", help="why (kept with the suspension, shown by summary)")
         _connection_options(s, suppress=True)
-
-
-def _duration(text: str) -> float:
-    """``90s``, ``30m``, ``2h``, ``1d`` or plain seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
-    try:
-        seconds = float(number) * unit
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (90s, 30m, 2h, 1d)") from None
-    if not 0 < seconds < 10 * 365 * 86400:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (above 0, under ten years)")
-    return seconds
 
 
 def _connection_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
