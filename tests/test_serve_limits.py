@@ -222,3 +222,36 @@ def test_every_refused_message_is_counted_by_way_in_and_reason(tmp_path: Path) -
         rejected = {dict(labels)["via"] + "/" + dict(labels)["reason"]: value
                     for (name, labels), value in metrics(svc).items() if name == "fastmta_rejected_messages_total"}
     assert rejected == {"smtp/too_big": 1, "smtp/invalid": 1, "http/invalid": 1, "http/too_big": 1}
+
+
+def test_clients_nobody_vouches_for_cannot_take_the_memory_of_those_who_relay(tmp_path: Path) -> None:
+    # Found by an attack on serve: one memory budget for every client's content in flight. From an address
+    # outside relay_networks, DATA to a receive domain (open to anyone) with content that never ends held
+    # the whole budget, and every client, the trusted ones too, got 452 for as long as it trickled.
+    cfg, data = _config(tmp_path, 'relay_networks = ["127.0.0.1/32"]\nreceive_domains = ["fbl.sender.example"]\n'
+                                  f"receiving_memory = {8 * 1024 * 1024}")
+    line = b"X-Fill: " + b"a" * 990 + b"\r\n"
+
+    async def main(host: str, port: int) -> bytes:
+        holders = []
+        try:
+            for _ in range(2):  # 2 x 4.1 MB from 127.0.0.2, no final dot: the budget (8 MiB) all but full
+                reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
+                writer.write(b"EHLO x.example\r\nMAIL FROM:<>\r\nRCPT TO:<u@fbl.sender.example>\r\nDATA\r\n")
+                seen = b""
+                while b"354 " not in seen:
+                    seen += await asyncio.wait_for(reader.read(4096), 10)
+                writer.write(line * (4_100_000 // len(line)))
+                await writer.drain()
+                holders.append(writer)
+            await asyncio.sleep(1.0)  # all of it read by the service
+            envelope = b"EHLO c.example\r\nMAIL FROM:<a@sender.example>\r\nRCPT TO:<r@dest.example>\r\nDATA\r\n"
+            return await raw_smtp_message(host, port, envelope, b"Subject: s\r\n\r\n" + line * 300)  # 300 KB, trusted
+        finally:
+            for writer in holders:
+                writer.close()
+
+    with served(cfg, data) as svc:
+        host, port = svc.smtp
+        reply = asyncio.run(main(host, port))
+        assert reply.startswith(b"250 "), (reply, serve_log(svc)[-2000:])

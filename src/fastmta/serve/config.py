@@ -201,6 +201,9 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     users: list[UserConfig] = []
     #: Failed AUTH attempts per connection before it is closed.
     max_auth_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
+    #: Bytes of message content held in memory while it arrives over SMTP, over every connection; clients
+    #: outside relay_networks without a login (mail to the receive domains) have a quarter of it.
+    receiving_memory: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 256 * 1024 * 1024
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     pickup: PickupConfig = msgspec.field(default_factory=PickupConfig)

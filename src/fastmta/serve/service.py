@@ -290,7 +290,7 @@ class Service:
             )
             server = InjectServer(
                 sink_config, service=self, policy=self.policy, accounts=self.accounts, hostname=serve.hostname,
-                max_auth_failures=serve.max_auth_failures,
+                max_auth_failures=serve.max_auth_failures, memory_budget=serve.receiving_memory,
                 gate=ConnectionGate(lc.max_connections, lc.max_connections_per_ip, on_refused=self._refused_smtp),
             )
             self.smtp_addresses.extend(await server.start())

@@ -126,6 +126,10 @@ class InjectProtocol(SinkProtocol):
         self._dsn: dict[str, Any] = {}
         self._named: set[str] = set()  # its recipients, as the engine names them
 
+    def _budget(self) -> CaptureWriter | None:
+        host = self._host
+        return host.capture if self._relay or self._user is not None else host.capture_untrusted
+
     @property
     def _host(self) -> InjectServer:
         server = self._server
@@ -474,8 +478,12 @@ class InjectServer(SinkServer):
         self.accounts = accounts
         self.hostname = hostname
         self.max_auth_failures = max_auth_failures
-        # Message content is held in memory while it arrives; one budget for all connections.
-        self.capture = CaptureWriter(None, memory_budget)
+        # Message content is held in memory while it arrives, against a budget for all connections; those
+        # nobody vouches for (outside relay_networks, no login: mail to the receive domains only) have a
+        # quarter of it to themselves, or six of them holding 50 MB each without the final dot made every
+        # client, trusted ones too, get 452 for as long as they trickled.
+        self.capture = CaptureWriter(None, memory_budget - memory_budget // 4)
+        self.capture_untrusted = CaptureWriter(None, memory_budget // 4)
         #: Acceptances (journal commits) and AUTH checks under way.
         self.pending: set[asyncio.Task[Any]] = set()
 

@@ -474,8 +474,12 @@ class SinkConnection(asyncio.Protocol):
     # is not kept and is refused with a 4xx at its end: the client retries,
     # nothing is lost.
 
+    def _budget(self) -> CaptureWriter | None:
+        """The memory budget this connection's content counts against (one for the server here)."""
+        return self._server.capture
+
     def _keep(self, piece: bytes) -> None:
-        capture = self._server.capture
+        capture = self._budget()
         if capture is not None and capture.reserve(len(piece)) and self._chunks is not None:
             self._chunks.append(piece)
             self._capture_held += len(piece)
@@ -486,7 +490,7 @@ class SinkConnection(asyncio.Protocol):
     def _release_capture(self) -> None:
         self._chunks = None
         if self._capture_held:
-            capture = self._server.capture
+            capture = self._budget()
             if capture is not None:
                 capture.release(self._capture_held)
             self._capture_held = 0
