@@ -9,6 +9,7 @@ stand for other clients.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import socket
 import time
@@ -255,3 +256,55 @@ def test_clients_nobody_vouches_for_cannot_take_the_memory_of_those_who_relay(tm
         host, port = svc.smtp
         reply = asyncio.run(main(host, port))
         assert reply.startswith(b"250 "), (reply, serve_log(svc)[-2000:])
+
+
+def test_failed_logins_from_one_address_lock_its_auth_for_a_while(tmp_path: Path) -> None:
+    # Found by an attack on serve: every failed AUTH cost a scrypt (32 MiB, ~60 ms) on the shared worker
+    # threads, unlimited: 40 clients failing 3 times each took 8 s of CPU and held up other work. Now a
+    # failure is answered a second later, and past 10 from one address in 5 minutes its AUTH is refused
+    # unchecked; the others' logins go on.
+    import aiosmtplib
+
+    from fastmta.serve.auth import hash_password
+
+    data = tmp_path / "data"
+    data.mkdir()
+    text = serve_config(data, ("127.0.0.1", 9), serve_extra='relay_networks = []', users=[("app1", hash_password("right"))])
+    cfg = tmp_path / "fastmta.toml"
+    cfg.write_text(text)
+
+    def plain(password: str) -> bytes:
+        return base64.b64encode(b"\0app1\0" + password.encode())
+
+    async def attempt(host: str, port: int, source: str, passwords: list[str]) -> list[tuple[int, float]]:
+        out = []
+        smtp = aiosmtplib.SMTP(hostname=host, port=port, start_tls=True, validate_certs=False, timeout=20,
+                               source_address=(source, 0))
+        await smtp.connect()
+        await smtp.ehlo()  # again, under TLS
+        try:
+            for password in passwords:
+                started = time.monotonic()
+                reply = await smtp.execute_command(b"AUTH", b"PLAIN", plain(password))
+                out.append((reply.code, time.monotonic() - started))
+                if reply.code == 421:
+                    break
+        finally:
+            smtp.close()
+        return out
+
+    async def main(host: str, port: int) -> tuple[list[list[tuple[int, float]]], list[tuple[int, float]], list[tuple[int, float]]]:
+        failing = await asyncio.gather(*(attempt(host, port, "127.0.0.2", ["wrong"] * 3) for _ in range(4)))
+        locked = await attempt(host, port, "127.0.0.2", ["right"])
+        other = await attempt(host, port, "127.0.0.3", ["right"])
+        return failing, locked, other
+
+    with served(cfg, data) as svc:
+        host, port = svc.smtp
+        failing, locked, other = asyncio.run(main(host, port))
+    answers = [a for session in failing for a in session]
+    assert len(answers) == 12 and {code for code, _ in answers} <= {535, 421}, failing
+    # Ten checked, each answered a second later; past those (the sessions run side by side) refused at once.
+    assert sum(t >= 0.9 for _, t in answers) >= 10 and all(code == 421 for code, t in answers if t < 0.9), failing
+    assert locked[0][0] == 421 and locked[0][1] < 0.5, locked  # refused at once, even with the right password
+    assert other == [(235, other[0][1])], other  # another address logs in

@@ -73,6 +73,7 @@ R_AUTH_AGAIN = format_reply(503, "5.5.1", "Error: already authenticated")
 R_AUTH_IN_MAIL = format_reply(503, "5.5.1", "Error: MAIL transaction in progress")
 R_AUTH_OFF = format_reply(503, "5.5.1", "Error: authentication not enabled")
 R_AUTH_TOO_MANY = format_reply(421, "4.7.0", "Error: too many failed authentication attempts, closing connection")
+R_AUTH_LOCKED = format_reply(421, "4.7.0", "Error: too many failed logins from your address, try again later")
 R_NOT_READY = format_reply(451, "4.3.0", "Error: queue unavailable, try again later")
 R_NO_MEMORY = format_reply(452, "4.3.1", "Error: insufficient system storage, try again later")
 #: base64 of "Username:" and "Password:" (RFC 4954's LOGIN is not in an RFC, but this is what everyone sends)
@@ -335,11 +336,17 @@ class InjectProtocol(SinkProtocol):
 
     def _check(self, name: str, password: str) -> None:
         """Verify off the loop; the connection reads nothing more until it is answered."""
+        accounts = self._host.accounts
+        if accounts.guard.refused(self._ip):
+            log.info("AUTH refused unchecked for %r from %s: too many failed logins", name, self._ip)
+            self._send(R_AUTH_LOCKED, 421)
+            self._closing = True
+            return
         self._hold()
-        task = self._host.track(self._host.accounts.verify(name, password))
-        task.add_done_callback(lambda t: self._checked(name, t))
+        task = self._host.track(accounts.verify(name, password))
+        task.add_done_callback(lambda t: self._checked(name, accounts, t))
 
-    def _checked(self, name: str, task: asyncio.Future[bool]) -> None:
+    def _checked(self, name: str, accounts: Accounts, task: asyncio.Future[bool]) -> None:
         ok = not task.cancelled() and task.exception() is None and task.result()
         if ok:
             self._user = name
@@ -347,11 +354,13 @@ class InjectProtocol(SinkProtocol):
             self._release(R_AUTH_OK, 235, False)
             return
         self._auth_failures += 1
+        accounts.guard.failed(self._ip)
         log.info("AUTH failed for %r from %s", name, self._ip)
+        # Answered a second later (Postfix's smtpd_error_sleep_time): a guess a second per connection.
         if self._auth_failures >= self._host.max_auth_failures:
-            self._release(R_AUTH_TOO_MANY, 421, True)
+            asyncio.get_running_loop().call_later(1.0, self._release, R_AUTH_TOO_MANY, 421, True)
         else:
-            self._release(R_AUTH_BAD, 535, False)
+            asyncio.get_running_loop().call_later(1.0, self._release, R_AUTH_BAD, 535, False)
 
     def _fail(self) -> None:
         self._auth_failures += 1
