@@ -55,6 +55,7 @@ from fastmta.intake.items import (
 )
 from fastmta.intake.pickup import parse_pickup, read_pickup_bytes
 from fastmta.keyset import KeySet
+from fastmta.message.headers import with_missing_fields
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
 
@@ -233,9 +234,11 @@ class SpoolReader:
             yield from self._failed(Path(text), shown, exc.line, exc.reason)
             return
         met.add(take_key)
+        # A file without Date or Message-ID gets them, as Postfix's pickup does (Gmail refuses mail
+        # without a Message-ID); it is still known by its own bytes (take_key).
+        content = with_missing_fields(msg.content, msg.sender.rpartition("@")[2] or "localhost")
         yield SpoolItem(
-            msg.content, msg.sender, msg.recipients, shown, meta={"file": name}, key=PICKUP_INPUT,
-            take_key=take_key,
+            content, msg.sender, msg.recipients, shown, meta={"file": name}, key=PICKUP_INPUT, take_key=take_key,
         )
 
     def _campaign(self, path: Path, ids: dict[str, Path]) -> Iterator[Event]:

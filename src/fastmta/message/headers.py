@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import base64
 import re
+import secrets
+import time
+from datetime import UTC, datetime
+from email.utils import format_datetime
 
 SOFT_LIMIT = 78
 # An ASCII word longer than this is cut into encoded-words so no line can
@@ -134,6 +138,7 @@ def format_header(name: str, value: str, *, keep_encoded_words: bool = False) ->
 
 
 _BARE_CR = re.compile(rb"\r(?!\n)")
+_FIELD_START = re.compile(rb"[!-9;-~]{1,998}[ \t]*:")  # a field name (RFC 5322 ftext), then a colon
 _END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
 
 
@@ -151,6 +156,8 @@ def header_section_error(message: bytes) -> str | None:
     """
     if message[:1] in (b" ", b"\t"):
         return "the first line is a folded continuation of no header: it would continue the header put before it"
+    if message[:1] not in (b"\r", b"\n") and _FIELD_START.match(message) is None:
+        return "the first line is no header field (a message starts with its header section)"
     crlf = message.find(b"\r\n\r\n")
     limit = crlf if crlf >= 0 else len(message)
     lf = message.find(b"\n\n", 0, limit)  # only before the CRLF blank line: never the whole body
@@ -165,3 +172,34 @@ def header_section_error(message: bytes) -> str | None:
         return None
     line = head.count(b"\n", 0, bad.start()) + 1
     return f"bare CR (without LF) in header line {line}: it would start a new header on the wire"
+
+
+_DATE_FIELD = re.compile(rb"(?im)^date[ \t]*:")
+_MESSAGE_ID_FIELD = re.compile(rb"(?im)^message-id[ \t]*:")
+_DKIM_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:")
+_ID_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def with_missing_fields(message: bytes, domain: str) -> bytes:
+    """*message* with a ``Date`` and a ``Message-ID`` (at *domain*) put on top when its header section has
+    none, as Postfix's cleanup adds them to mail submitted locally and PowerMTA to what it is given:
+    Gmail refuses mail without a Message-ID (550 5.7.1), and ``fastmta check`` calls a missing Date an
+    error. A message signed by its sender (DKIM-Signature) is left as it is: the signature may cover
+    the fields' absence. A *domain* that is no host name (an address literal) gives ``localhost``.
+    """
+    crlf = message.find(b"\r\n\r\n")
+    lf = message.find(b"\n\n")
+    ends = [i for i in (crlf, lf) if i >= 0]
+    head = message[: min(ends)] if ends else message
+    date = _DATE_FIELD.search(head) is None
+    message_id = _MESSAGE_ID_FIELD.search(head) is None
+    if not (date or message_id) or _DKIM_FIELD.search(head) is not None:
+        return message
+    nl = b"\r\n" if message.find(b"\r\n") == message.find(b"\n") - 1 else b"\n"
+    added = b""
+    if date:
+        added += b"Date: " + format_datetime(datetime.now(UTC)).encode("ascii") + nl
+    if message_id:
+        host = domain if _ID_DOMAIN.fullmatch(domain) else "localhost"
+        added += f"Message-ID: <{time.time_ns():x}.{secrets.token_hex(6)}@{host}>".encode("ascii") + nl
+    return added + message

@@ -54,6 +54,7 @@ from fastmta.delivery.reconfigure import reconfigure
 from fastmta.errors import ConfigError, InputError
 from fastmta.feedback.suppression_redis import RedisSuppressionStore
 from fastmta.intake.items import SpoolItem
+from fastmta.message.headers import with_missing_fields
 from fastmta.message.returnpath import ReturnPath
 from fastmta.message.unsubscribe import Unsubscribe
 from fastmta.queue.journal_records import InputTake
@@ -535,6 +536,8 @@ class Service:
                 # [serve] meta_headers: X-Job and the like (HTTP callers say it in the request); InputError: a
                 # header that is not a tag. The mail kept for the receive domains stays as it came.
                 relayed, tags = self.meta_headers.take(content) if via in ("smtp", "pickup") else (content, {})
+                if via in ("smtp", "http"):  # (a pickup file got them when it was read)
+                    relayed = with_missing_fields(relayed, sender.rpartition("@")[2] or self.config.serve.hostname)
                 await self.engine.submit(relayed, sender, outbound, meta={**tags, **meta}, message_id=message_id,
                                          take=take, room_timeout=room_timeout)
         except BaseException as exc:
