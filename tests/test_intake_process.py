@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
