@@ -318,6 +318,9 @@ def test_bad_requests_are_400s_naming_the_field_and_nothing_is_queued(run_uvloop
                                          '{"sender": "a@sender.test",\n "recipients": [}', f"{s.url}/v1/messages")
             assert status == 400 and "malformed JSON" in json.loads(body)["error"]
             assert "line 2" in json.loads(body)["error"]
+            status, _, body = await curl(*auth, "-H", "Content-Type: application/json", "--data-binary", "@-",
+                                         f"{s.url}/v1/messages", stdin=b'{"meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+            assert status == 400 and "nested too deeply" in json.loads(body)["error"]  # a 500 before
             status, _, body = await curl(*auth, "--data-binary", json.dumps(good), f"{s.url}/v1/messages")
             assert status == 415  # curl's default form encoding: said, not guessed
             status, _, body = await curl(*auth, "-H", "Content-Type: message/rfc822", "--data-binary", MESSAGE,
@@ -336,9 +339,9 @@ def test_bad_requests_are_400s_naming_the_field_and_nothing_is_queued(run_uvloop
             assert captures(s.capture) == []
             # What the API refused before inject is counted for the metrics (inject counts its own, and
             # three cases, the bare CR and the NUL in the content and the unknown pool, are the engine's to
-            # refuse): every other case and the five requests after them.
+            # refuse): every other case and the six requests after them.
             assert set(s.service.refusals) == {("http", "invalid")}
-            assert len(s.service.refusals) == len(cases) - 3 + 5
+            assert len(s.service.refusals) == len(cases) - 3 + 6
 
     run_uvloop(main())
 

@@ -234,6 +234,8 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, "request body is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:  # [[[[...]]]] thousands deep: a 500 before
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return data
