@@ -143,7 +143,9 @@ def test_a_quote_left_open_names_every_line_it_took(tmp_path: Path) -> None:
         (2, "g1@ok.example"), (5, "g2@ok.example")]
     rejected = {i.line: i.reason for i in items if isinstance(i, Reject)}
     assert set(rejected) == {3, 6}
-    assert "runs over lines 3-4" in rejected[3] and "runs over lines 6-8" in rejected[6]
+    assert "lines 3-4" in rejected[3] and "lines 6-8" in rejected[6]
+    # The field is named: a line break in a merge value (a CRM's multi-line note), or a quote left open.
+    assert "field 'first_name' holds a line break" in rejected[3] and "quote was left open" in rejected[6]
     assert "none of these 3 lines" in rejected[6]
 
 

@@ -393,12 +393,15 @@ def _csv_rows(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any] | None
         for row in reader:
             end = reader.line_num
             # Line breaks inside cells (a quote open to the end of the file also holds the last line's own).
-            cells = [v.rstrip("\r\n") for v in row.values() if isinstance(v, str)]
-            breaks = sum(v.count("\n") + v.count("\r") - v.count("\r\n") for v in cells)
+            cells = {k: v.rstrip("\r\n") for k, v in row.items() if isinstance(v, str)}
+            broken = {k: v.count("\n") + v.count("\r") - v.count("\r\n") for k, v in cells.items()}
+            breaks = sum(broken.values())
             if breaks:
                 start = end - breaks
-                yield start, None, (f"a quoted cell runs over lines {start}-{end} (a quote left open?): "
-                                    f"none of these {end - start + 1} lines was read as a row")
+                names = ", ".join(repr(k) for k, n in broken.items() if n)
+                yield start, None, (f"field {names} holds a line break, lines {start}-{end} (a merge value is one "
+                                    f"line; or a quote was left open): none of these {end - start + 1} lines was "
+                                    "read as a row")
                 continue
             if None in row:
                 yield end, None, "more fields than the header row"
