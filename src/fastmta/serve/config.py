@@ -199,6 +199,10 @@ class ServeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     #: Domains this service receives mail for (bounce, FBL, unsubscribe): anyone may send to them.
     receive_domains: list[str] = []
     users: list[UserConfig] = []
+    #: Mail to the receive domains that nobody could read (inbound/unrecognized) is kept this many days,
+    #: and at most this many bytes (the oldest go first): anyone may send it.
+    keep_unrecognized_days: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    keep_unrecognized_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1 << 30
     #: Failed AUTH attempts per connection before it is closed.
     max_auth_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
     #: Bytes of message content held in memory while it arrives over SMTP, over every connection; clients

@@ -43,6 +43,7 @@ from fastmta.feedback.suppression_policy import SuppressionPolicy
 from fastmta.message.returnpath import ReturnPath
 from fastmta.queue.records import Outcome as DeliveryOutcome
 from fastmta.queue.records import Status
+from fastmta.serve.inbound_store import prune_kept
 
 log = logging.getLogger("fastmta.serve.feedback")
 
@@ -72,6 +73,7 @@ class FeedbackLoop:
         self, data_dir: Path, *, policy: SuppressionPolicy | None = None, return_path: ReturnPath | None = None,
         classifier: Classifier | None = None, unsubscribe: Callable[[str, str], tuple[str, str] | None] | None = None,
         emit: Callable[[dict[str, Any]], None] = lambda _r: None, store: SqliteSuppressionStore | None = None,
+        keep_unrecognized: tuple[float, int] = (30 * 86400.0, 1 << 30),
     ) -> None:
         self.data_dir = data_dir
         self.inbound_dir = data_dir / "inbound"
@@ -93,6 +95,9 @@ class FeedbackLoop:
         self._closed = False
         self.counts: dict[str, int] = {}
         self.commits = 0  # transactions written (each a batch of changes)
+        #: What nobody could read is kept this long (seconds), within this many bytes (see prune_kept).
+        self.keep_unrecognized = keep_unrecognized
+        self._pruned_at = 0.0
         self._delivered: dict[str, tuple[float, int]] = {}  # address -> (last delivery, deliveries), not yet written
         self._history_task: asyncio.Task[None] | None = None
 
@@ -250,9 +255,12 @@ class FeedbackLoop:
             self._record(record)
         keep = any(e.kind == "unrecognized" for e in events)
         try:
-            if keep:  # nobody could read it: kept for the operator to look at
+            if keep:  # nobody could read it: kept for the operator to look at, for a while
                 (self.inbound_dir / "unrecognized").mkdir(exist_ok=True, mode=0o700)
                 os.replace(path, self.inbound_dir / "unrecognized" / path.name)
+                if time.monotonic() - self._pruned_at > 60 or not self._pruned_at:  # a listing a minute at most
+                    self._pruned_at = time.monotonic()
+                    await asyncio.to_thread(prune_kept, self.inbound_dir / "unrecognized", *self.keep_unrecognized)
             else:
                 path.unlink()
         except OSError as exc:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from fastmta.queue.records import split_address
 
-__all__ = ["STAGED", "publish_inbound", "settle_inbound", "stage_inbound", "write_durably"]
+__all__ = ["STAGED", "prune_kept", "publish_inbound", "settle_inbound", "stage_inbound", "write_durably"]
 
 log = logging.getLogger("fastmta.serve")
 
@@ -82,3 +83,30 @@ def _rename_durably(tmp: Path, path: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def prune_kept(directory: Path, max_age: float, max_bytes: int) -> int:
+    """Remove what the feedback processor kept for the operator (``inbound/unrecognized``) past *max_age*
+    seconds, then the oldest until the rest is under *max_bytes*; how many went. Anyone may mail the
+    receive domains: kept without end, 50 MB messages nobody reads filled the disk until the service
+    was not ready for anyone."""
+    try:
+        entries = [(e.stat().st_mtime, e.stat().st_size, Path(e.path)) for e in os.scandir(directory) if e.is_file()]
+    except FileNotFoundError:
+        return 0
+    entries.sort()
+    now, total, gone = time.time(), sum(size for _, size, _ in entries), 0
+    for mtime, size, path in entries:
+        if now - mtime <= max_age and total <= max_bytes:
+            break
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.error("cannot remove %s: %s", path, exc)
+            continue
+        total -= size
+        gone += 1
+    if gone:
+        log.warning("%s: removed %d message(s) kept past %g day(s) or over %d bytes", directory, gone,
+                    max_age / 86400, max_bytes)
+    return gone

@@ -266,6 +266,7 @@ class Service:
         self.feedback = FeedbackLoop(
             self.data_dir, return_path=self._return_path(), classifier=engine.classifier, emit=self._emit_record,
             unsubscribe=self.unsubscribe.from_mail if self.unsubscribe is not None else None, store=shared,
+            keep_unrecognized=(serve.keep_unrecognized_days * 86400, serve.keep_unrecognized_bytes),
         )
         await self.feedback.start()
         # Campaign pauses, sources out of rotation: on record and to the webhooks like any outcome.
