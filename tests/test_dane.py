@@ -66,18 +66,31 @@ class OwnCA:
 
     def issue(self, hostname: str, *, expired: bool = False) -> tuple[bytes, bytes]:
         """(leaf + CA chain PEM, key PEM) for *hostname*."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        end = NOW - datetime.timedelta(days=1) if expired else NOW + datetime.timedelta(days=30)
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
-            .issuer_name(self.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - datetime.timedelta(days=2)).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
+        leaf, key = _leaf(hostname, self.cert.subject, self.key, expired=expired)
         return _pem(leaf) + _pem(self.cert), _key_pem(key)
+
+    def issue_through_a_customer(self, hostname: str) -> tuple[bytes, bytes]:
+        """A certificate for *hostname* signed by an end entity the CA issued to someone else (no CA itself)."""
+        customer, customer_key = _leaf("customer.example", self.cert.subject, self.key)
+        leaf, key = _leaf(hostname, customer.subject, customer_key)
+        return _pem(leaf) + _pem(customer) + _pem(self.cert), _key_pem(key)
+
+
+def _leaf(hostname: str, issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateKey, *,
+          expired: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    end = NOW - datetime.timedelta(days=1) if expired else NOW + datetime.timedelta(days=30)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+        .issuer_name(issuer).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=2)).not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    return cert, key
 
 
 def _sni_context(certs: dict[str, tuple[bytes, bytes]]) -> ssl.SSLContext:
@@ -116,7 +129,8 @@ def _zones(ns: DNSServer, tlsa: dict[str, str], unsigned: set[str], plain: list[
 
 
 async def _deliver(ns: DNSServer, tls: ssl.SSLContext | None, zones: Callable[[int], None], domains: list[str],
-                   tmp_path: Path, *, dane: bool = True) -> tuple[dict[str, Any], list[tuple[str, bool]]]:
+                   tmp_path: Path, *, dane: bool = True, sites: dict[str, Any] | None = None,
+                   ) -> tuple[dict[str, Any], list[tuple[str, bool]]]:
     collect = Collect()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: SMTP(collect, tls_context=tls), "127.0.0.1", 0)
@@ -126,7 +140,7 @@ async def _deliver(ns: DNSServer, tls: ssl.SSLContext | None, zones: Callable[[i
         "routing": {"smtp_port": server.sockets[0].getsockname()[1]},
         "smtp": {"tls": "opportunistic", "dane": dane, "mta_sts": {"enabled": False}},
         "queue": {"max_lifetime": 3, "retry_initial": 1},
-        "sites": {"*": {"adaptive": {"enabled": False}}},
+        "sites": {**(sites or {}), "*": {"adaptive": {"enabled": False}}},
     })
     try:
         spool = Spool(tmp_path / "queue")
@@ -149,6 +163,9 @@ def test_dane_hosts_get_tls_and_the_certificate_their_tlsa_records_name(run: Run
     certs["mx.ta.test"] = ca.issue("mx.ta.test")
     certs["mx.taname.test"] = ca.issue("another.name.test")  # the CA's, but not for this host
     certs["mx.taold.test"] = ca.issue("mx.taold.test", expired=True)
+    certs["mx.taee.test"] = ca.issue_through_a_customer("mx.taee.test")  # signed by a CA's customer: no authority
+    pair = make_self_signed("mx.unusablev.test")
+    certs["mx.unusablev.test"] = (pair.cert_pem, pair.key_pem)
     stranger = make_self_signed("mx.ee.test").cert_pem  # same name, another key
     ca_spki = _spki_sha256(_pem(ca.cert))
     tlsa = {
@@ -159,12 +176,15 @@ def test_dane_hosts_get_tls_and_the_certificate_their_tlsa_records_name(run: Run
         "taold.test": f"2 1 1 {ca_spki}",
         "unsigned.test": f"3 1 1 {_spki_sha256(stranger)}",  # wrong, but nothing says so securely
         "unusable.test": f"1 1 1 {_spki_sha256(stranger)}",  # PKIX-EE: unusable for SMTP, TLS still required
+        "unusablev.test": f"1 1 1 {_spki_sha256(stranger)}",  # the same, at a site whose certificates are verified
+        "taee.test": f"2 1 1 {ca_spki}",
         "servfail.test": f"3 1 1 {_spki_sha256(certs['mx.servfail.test'][0])}",
     }
     domains = [*tlsa, "none.test"]
     with DNSServer() as ns:
         zones = _zones(ns, tlsa, {"unsigned.test"}, ["none.test"], failing=("servfail.test",))
-        outcomes, got = run(_deliver(ns, _sni_context(certs), zones, domains, tmp_path))
+        outcomes, got = run(_deliver(ns, _sni_context(certs), zones, domains, tmp_path,
+                                     sites={"mx.unusablev.test": {"tls_verify": True, "adaptive": {"enabled": False}}}))
         assert ns.errors == []
     status = {d: o.status for d, o in outcomes.items()}
     delivered = {r.split("@")[1]: over_tls for r, over_tls in got}
@@ -174,13 +194,16 @@ def test_dane_hosts_get_tls_and_the_certificate_their_tlsa_records_name(run: Run
     assert outcomes["eebad.test"].reply.enhanced == "4.7.5" and "TLSA" in outcomes["eebad.test"].reply.text
     # Signed by the CA the DNS names (DANE-TA), for this host: delivered; for another name, or expired: not.
     assert status["ta.test"] is Status.DELIVERED and delivered["ta.test"] is True
-    for d, why in (("taname.test", "names none of mx.taname.test"), ("taold.test", "validity period")):
+    for d, why in (("taname.test", "names none of mx.taname.test"), ("taold.test", "validity period"),
+                   ("taee.test", "without being a CA")):
         assert status[d] is not Status.DELIVERED and d not in delivered, d
         assert why in outcomes[d].reply.text, outcomes[d].reply
     # Records in an unsigned zone prove nothing: opportunistic TLS as without them (delivered).
     assert status["unsigned.test"] is Status.DELIVERED
     # Only unusable records (PKIX-EE): encrypted, unauthenticated; no TLSA at a signed host: as usual.
     assert status["unusable.test"] is Status.DELIVERED and delivered["unusable.test"] is True
+    # ... and they turn off no verification the site asks for (its certificate is self-signed: refused).
+    assert status["unusablev.test"] is not Status.DELIVERED and "unusablev.test" not in delivered
     assert status["none.test"] is Status.DELIVERED
     # A TLSA lookup that fails may hide records: the host is not used (RFC 7672 2.2.3), the mail waits.
     assert status["servfail.test"] is not Status.DELIVERED and "servfail.test" not in delivered
@@ -212,3 +235,25 @@ def test_only_records_an_smtp_client_may_use_count() -> None:
     assert usable_records(records) == tuple(records[:4])
     assert DaneHost((), ("mx.example",)).check(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_bio(
         ssl.MemoryBIO(), ssl.MemoryBIO())) is None  # none usable: encrypted is all that is asked
+
+
+def test_a_dane_domain_never_shares_connections_with_one_routed_to_the_same_hosts_without_it(
+        run: Run, tmp_path: Path) -> None:
+    # Found by a review: one site per set of MX host names, and DANE is a fact of a domain's signed MX
+    # answer. An unsigned domain routed first to the same host opened the site's connection without the
+    # check, and the signed domain's mail rode on it, past a TLSA record that matched nothing.
+    pair = make_self_signed("mx.host.test")
+    stranger = make_self_signed("mx.host.test").cert_pem
+
+    def zones(port: int) -> None:
+        ns.add_zone("host.test", f"mx A 127.0.0.1\n_{port}._tcp.mx TLSA 3 1 1 {_spki_sha256(stranger)}", signed=True)
+        ns.add_zone("plain.test", "@ MX 10 mx.host.test.", signed=False)
+        ns.add_zone("dane.test", "@ MX 10 mx.host.test.", signed=True)
+
+    with DNSServer() as ns:
+        outcomes, got = run(_deliver(ns, _sni_context({"mx.host.test": (pair.cert_pem, pair.key_pem)}), zones,
+                                     ["plain.test", "dane.test"], tmp_path))
+        assert ns.errors == []
+    assert outcomes["plain.test"].status is Status.DELIVERED
+    assert outcomes["dane.test"].status is not Status.DELIVERED and "TLSA" in outcomes["dane.test"].reply.text
+    assert got == [("r@plain.test", True)]

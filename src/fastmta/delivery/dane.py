@@ -24,7 +24,7 @@ import datetime
 import functools
 import hashlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -34,7 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from fastmta.delivery.dns import TlsaRecord
 
-__all__ = ["DaneHost", "check", "tls_context", "usable_records"]
+__all__ = ["DaneHost", "check", "connection_options", "tls_context", "usable_records"]
 
 DANE_TA = 2
 DANE_EE = 3
@@ -56,6 +56,18 @@ class DaneHost:
     def check(self, ssl_object: ssl.SSLObject) -> str | None:
         """Why the TLS peer behind *ssl_object* fails these records, or None when it passes."""
         return check(self, ssl_object)
+
+
+def connection_options(
+    host: DaneHost | None, context: ssl.SSLContext | None, name: str
+) -> tuple[ssl.SSLContext | None, str, Callable[[ssl.SSLObject], str | None] | None]:
+    """(TLS context, server name, check) of a connection to the host *name* that *host* says what DANE asks
+    of: with usable records, no PKIX verification (the check decides) and the TLSA base domain as the
+    server name (RFC 7672 8.1); with only unusable ones, the site's context as it is (a verification an
+    MTA-STS policy asks for stays), no check; without DANE, the same."""
+    if host is None or not host.records:
+        return context, name, None
+    return tls_context(), host.names[0], host.check
 
 
 @functools.cache
@@ -155,12 +167,16 @@ def _check_ta(records: list[TlsaRecord], chain: list[x509.Certificate], names: t
                 pass
     now = datetime.datetime.now(datetime.UTC)
     current = leaf
-    for _ in range(_MAX_DEPTH):
+    for below in range(_MAX_DEPTH):  # *below*: the CA certificates between this issuer and the leaf
         if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
             return f"a certificate of its chain is out of its validity period ({current.subject.rfc4514_string()})"
         issuer = next((c for c in anchors if c.subject == current.issuer and _signed_by(current, c)), None)
         if issuer is None:
             return "its certificate chain leads to no certificate its TLSA records name"
+        if not _may_issue(issuer, below):
+            # A signature alone is not authority: an end entity under the anchor (any customer of a CA the
+            # record names, "2 1 1" of Let's Encrypt's) would sign a certificate for anyone's MX.
+            return f"a certificate of its chain signs others without being a CA allowed to ({issuer.subject.rfc4514_string()})"
         if any(_matches(r, issuer) for r in records):
             if not issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc:
                 return f"its trust anchor is out of its validity period ({issuer.subject.rfc4514_string()})"
@@ -169,6 +185,22 @@ def _check_ta(records: list[TlsaRecord], chain: list[x509.Certificate], names: t
             return None
         current = issuer
     return "its certificate chain is too long"
+
+
+def _may_issue(cert: x509.Certificate, below: int) -> bool:
+    """Is *cert* a CA (basicConstraints) that may sign certificates (keyUsage, when it says) with *below*
+    CA certificates under it (pathLenConstraint), as RFC 5280 4.2.1.3 and 4.2.1.9 ask of every issuer?"""
+    try:
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    if not basic.ca or (basic.path_length is not None and below > basic.path_length):
+        return False
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return usage.key_cert_sign
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 from fastmta.delivery.batch import CLASSIFY_PHASE, Batch, Delivery, HostHealth, SiteLimits, Source, one_at_a_time
 from fastmta.delivery.budget import SHORTAGE_PAUSE, ConnectionBudget, warn_shortage
-from fastmta.delivery.dane import tls_context as dane_context
+from fastmta.delivery.dane import connection_options as dane_options
 from fastmta.delivery.eai import EnvelopePlan, envelope_for
 from fastmta.delivery.routing import Route, RouteHost
 from fastmta.delivery.throttle import SiteThrottle
@@ -365,11 +365,11 @@ class SiteQueue:
             tries.append((h, a, TLSPolicy.REQUIRED if h.dane else TLSPolicy.NEVER if broken else self.tls, login))
         while tries:
             host, address, tls, login = tries.popleft()
+            context, name, check = dane_options(host.dane, self.tls_context, host.name)
             try:
                 conn = await SMTPConnection.open(
                     address, host.port, helo_name=self.source.ehlo_name, source_address=src, timeouts=self.timeouts,
-                    tls=tls, tls_context=dane_context() if host.dane else self.tls_context, server_hostname=host.name,
-                    credentials=login, tls_check=host.dane.check if host.dane else None)
+                    tls=tls, tls_context=context, server_hostname=name, credentials=login, tls_check=check)
             except SessionRefused as exc:
                 last, last_host = exc.reply, (host.name, address)
                 if tls is TLSPolicy.OPPORTUNISTIC and exc.reply.enhanced == "4.7.5" and login is None:

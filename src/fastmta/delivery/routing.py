@@ -56,6 +56,7 @@ from fastmta.errors import DeliveryError, Scope
 from fastmta.smtp.reply import Reply
 
 __all__ = [
+    "DANE_SITE",
     "Route",
     "RouteError",
     "RouteFailure",
@@ -68,6 +69,9 @@ __all__ = [
 RouteSource = Literal["mx", "implicit", "static"]
 
 log = logging.getLogger("fastmta.delivery.routing")
+
+#: The site marker of a route with DANE hosts (see Router._from_mx).
+DANE_SITE = "(dane)"
 
 #: How long a static route whose hosts are all IP literals stays memoized;
 #: it cannot change, the bound only keeps the memo an LRU like the rest.
@@ -317,7 +321,8 @@ class Router:
             return self._fail(route.domain, 451, "4.7.5",
                               f"MTA-STS policy of {route.domain} (enforce, id {policy.id}) lists none of its MX "
                               f"hosts ({names})", self._clock())
-        site = site_name(((h.name, h.port) for h in hosts), self._mx_port) + "," + VERIFIED_SITE
+        dane = f",{DANE_SITE}" if any(h.dane is not None for h in hosts) else ""
+        site = site_name(((h.name, h.port) for h in hosts), self._mx_port) + dane + "," + VERIFIED_SITE
         return Route(route.domain, site, hosts, route.source, route.expires)
 
     async def _from_mx(self, domain: str, mx: MxAnswer) -> Route | RouteFailure:
@@ -352,6 +357,10 @@ class Router:
             if isinstance(secured, str):
                 return self._fail(domain, 451, "4.7.5", secured, self._clock())
             hosts, expires = secured[0], min(expires, secured[1])
+            if any(h.dane is not None for h in hosts):
+                # DANE is a fact about this domain's (signed) MX answer, not about the hosts: its connections
+                # are never those of a domain routed to the same hosts without it (a site of its own).
+                site = f"{site},{DANE_SITE}"
         if hosts:
             if any(look.transient for look in lookups):
                 expires = self._clock()  # partial: route now, ask again next time
@@ -377,7 +386,7 @@ class Router:
         """
         assert isinstance(self._resolver, DnsResolver)
         resolver = self._resolver
-        expires = self._clock() + _STATIC_TTL
+        expires = min(look.expires for look in lookups.values())
 
         async def one(host: RouteHost) -> RouteHost | str:
             nonlocal expires
@@ -414,6 +423,7 @@ class Router:
             return "; ".join(r for r in results if isinstance(r, str))
         for why in (r for r in results if isinstance(r, str)):
             log.warning("DANE: %s; that MX host is left out", why)
+            expires = self._clock()  # partial: asked again next time, not left out for the route's TTL
         return kept, expires
 
     async def _static(self, domain: str, static: list[HostPort]) -> Route | RouteFailure:
