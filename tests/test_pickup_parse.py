@@ -100,7 +100,7 @@ def test_a_folded_receiver_list_loses_no_address(nl: bytes, tail: bytes) -> None
 @pytest.mark.parametrize("tail", [b"\r\nbody\r\n", b""])
 def test_a_receiver_given_twice_is_sent_once(tail: bytes) -> None:
     # Two X-Receiver lines for one mailbox (in another case too): two RCPTs, two records before.
-    data = b"X-Sender: a@b.example\r\nX-Receiver: c@d.example\r\nX-Receiver: e@f.example, C@D.example\r\nS: x\r\n" + tail
+    data = b"X-Sender: a@b.example\r\nX-Receiver: c@d.example\r\nX-Receiver: e@f.example, c@D.example\r\nS: x\r\n" + tail
     assert parse_pickup(data, PATH).recipients == ["c@d.example", "e@f.example"]
 
 

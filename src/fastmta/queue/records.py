@@ -86,16 +86,24 @@ def split_address(address: str, what: str = "recipient") -> tuple[str, str]:
     return split
 
 
+def mailbox_key(address: str) -> str:
+    """What names one mailbox: *address* as split_address gives it (no root's dot), its domain lower-cased;
+    the local part as it is (RFC 5321 2.4: ``John@x`` and ``john@x`` may be two mailboxes).
+    Raises InputError for one that is no address."""
+    normal, domain = split_address(address)
+    return f"{normal.rpartition('@')[0]}@{domain}"
+
+
 def once_each(addresses: Sequence[str]) -> Sequence[str]:
-    """*addresses* with each recipient once, the first spelling kept: the same address twice (its case
-    or a trailing dot aside) is one mailbox, sent one copy with one record, as Postfix's cleanup
-    keeps one of duplicate recipients. Raises InputError (split_address's) for one that is no address."""
+    """*addresses* with each mailbox once (see :func:`mailbox_key`), the first spelling kept: sent one copy
+    with one record, as Postfix's cleanup keeps one of duplicate recipients. Raises InputError
+    (split_address's) for one that is no address."""
     if len(addresses) < 2:
         return addresses
     seen: set[str] = set()
     out = []
     for a in addresses:
-        key = split_address(a)[0].lower()
+        key = mailbox_key(a)
         if key not in seen:
             seen.add(key)
             out.append(a)

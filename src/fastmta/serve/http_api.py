@@ -41,7 +41,7 @@ from aiohttp.typedefs import Handler, Middleware
 from fastmta.errors import ConfigError, InputError
 from fastmta.intake.campaign import merge_field_error
 from fastmta.message.mime import CampaignTemplate, CompiledCampaign, compile_campaign
-from fastmta.queue.records import once_each, split_address
+from fastmta.queue.records import mailbox_key, once_each, split_address
 from fastmta.serve.api import ServiceAPI, Unavailable
 from fastmta.serve.config import SERVICE_META
 
@@ -472,7 +472,7 @@ async def _post_campaign(request: web.Request) -> web.Response:
             except _RowError as exc:
                 rejected.append({"email": email, "index": index, "error": str(exc)})
                 continue
-            first = seen.setdefault(part[1].lower(), index)
+            first = seen.setdefault(mailbox_key(part[1]), index)
             if first != index:
                 rejected.append({"email": email, "index": index,
                                  "error": f"duplicate recipient {part[1]!r} (row {first}): sent once"})

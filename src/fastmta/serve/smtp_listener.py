@@ -38,7 +38,7 @@ from typing import Any, TypeVar, cast
 
 from fastmta.errors import InputError
 from fastmta.message.headers import header_section_error
-from fastmta.queue.records import split_address
+from fastmta.queue.records import mailbox_key, split_address
 from fastmta.serve.api import ServiceAPI, Unavailable
 from fastmta.serve.auth import Accounts, RelayPolicy
 from fastmta.serve.gate import ConnectionGate
@@ -251,12 +251,12 @@ class InjectProtocol(SinkProtocol):
                 if len(self._rcpts) > taken:
                     # By the address as the engine will name it (the notice's recipient): unusable ones were refused.
                     address = split_address(addr.decode("utf-8"))[0]
-                    if address.lower() in self._named:
-                        # Given twice (in any case): accepted, and kept once, as Postfix's cleanup does (the
-                        # message went to it twice, each with its own record; its first DSN parameters stand).
+                    if mailbox_key(address) in self._named:
+                        # Given twice (its domain in any case): accepted, and kept once, as Postfix's cleanup does
+                        # (it went twice, each with its own record; its first DSN parameters stand).
                         self._rcpts.pop()
                         return
-                    self._named.add(address.lower())
+                    self._named.add(mailbox_key(address))
                     for name, value in given.items():
                         self._dsn.setdefault(name, {})[address] = value
                 return
