@@ -41,6 +41,11 @@ def test_a_log_line_cannot_be_forged_and_a_traceback_keeps_its_lines() -> None:
     lines = fmt.format(record).splitlines()
     assert lines[0] == "ERROR fastmta.serve: failed" and lines[1].startswith("Traceback")
     assert lines[-1] == "ValueError: bad\\x0ainput"
+    # Another handler formatting the record first leaves its unescaped traceback on it (exc_text): not reused.
+    record.exc_text = None
+    logging.Formatter("%(message)s").format(record)
+    assert record.exc_text and "bad\ninput" in record.exc_text
+    assert fmt.format(record).splitlines()[-1] == "ValueError: bad\\x0ainput"
 
 
 def test_send_shows_hostile_names_literally(tmp_path: Path) -> None:

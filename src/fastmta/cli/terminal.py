@@ -49,6 +49,19 @@ class SafeFormatter(logging.Formatter):
     name, a reply's text, could forge whole log lines. A traceback keeps its lines, each escaped.
     """
 
+    def format(self, record: logging.LogRecord) -> str:
+        # Formatter.format reuses record.exc_text, which a handler before this one may have made from the
+        # traceback unescaped: made again here, never taken from the record.
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            text += "\n" + self.formatStack(record.stack_info)
+        return text
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         return safe_text(super().formatMessage(record))
 
