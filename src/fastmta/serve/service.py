@@ -543,7 +543,12 @@ class Service:
                                          take=take, room_timeout=room_timeout)
         except BaseException as exc:
             if staged is not None:
-                staged.unlink(missing_ok=True)
+                if isinstance(exc, (InputError, EngineClosed)):  # refused: nothing of it may stay
+                    staged.unlink(missing_ok=True)
+                else:
+                    # Cancelled (the client left, the service stops) or a fault, maybe after the queue took the
+                    # relayed part: the other goes in place too, at worst read twice, never lost.
+                    self._publish_now(staged)
             if isinstance(exc, InputError):
                 self.intake.rejected(via)
             elif isinstance(exc, EngineClosed):  # a full queue (QueueFull) or shutting down
@@ -557,7 +562,13 @@ class Service:
 
     async def _publish_inbound(self, staged: Path) -> None:
         """*staged* put where the feedback processor reads it, and read (in the background)."""
-        path = await asyncio.to_thread(publish_inbound, staged)
+        self._read_inbound(await asyncio.to_thread(publish_inbound, staged))
+
+    def _publish_now(self, staged: Path) -> None:
+        """The same, from where nothing may be awaited (a cancellation): a rename and an fsync."""
+        self._read_inbound(publish_inbound(staged))
+
+    def _read_inbound(self, path: Path | None) -> None:
         if path is not None and self.feedback is not None:
             task = asyncio.ensure_future(self.feedback.process(path))
             self._inbound_tasks.add(task)
