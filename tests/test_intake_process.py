@@ -70,7 +70,7 @@ def key(e: Event) -> tuple[Any, ...]:
     """What must be equal between the inline and the forked reading (campaign bodies carry a Date and a
     Message-ID of their own, and so does a pickup file without them: those are left out)."""
     if isinstance(e, SpoolItem):
-        body = re.sub(rb"^Date: [^\r\n]*\r\nMessage-ID: <[^>]*>\r\n", b"", e.content) if e.key == "pickup:files" else None
+        body = re.sub(rb"\r\nDate: [^\r\n]*\r\nMessage-ID: <[^>]*>\r\n", b"\r\n", e.content) if e.key == "pickup:files" else None
         return ("item", e.sender, tuple(e.recipients), e.source, e.line, e.key, e.row, e.take_key, e.meta, body)
     return (type(e).__name__, *(getattr(e, f.name) for f in dataclasses.fields(e)))
 

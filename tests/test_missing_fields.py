@@ -10,13 +10,17 @@ import re
 
 import pytest
 
-from fastmta.message.headers import header_section_error, with_missing_fields
+from fastmta.errors import InputError
+from fastmta.message.headers import checked_content, header_section_error, with_missing_fields
 
 
-def test_missing_fields_are_added_on_top_and_present_ones_kept() -> None:
-    bare = b"From: a@s.example\r\nSubject: alert\r\n\r\ndisk full\r\n"
+def test_missing_fields_are_added_at_the_end_of_the_header_section_and_present_ones_kept() -> None:
+    bare = b"Received: from app by mta\r\nFrom: a@s.example\r\nSubject: alert\r\n\r\ndisk full\r\n"
     got = with_missing_fields(bare, "s.example")
-    assert got.endswith(bare)
+    # Where Postfix's cleanup puts them: the trace (Received) stays on top (RFC 5321 4.4).
+    head, body = got.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"Received: from app by mta\r\nFrom: a@s.example\r\nSubject: alert\r\nDate: ")
+    assert body == b"disk full\r\n"
     msg = email.message_from_bytes(got)
     assert email.utils.parsedate_to_datetime(msg["Date"]) is not None
     assert re.fullmatch(r"<[0-9a-f]+\.[0-9a-f]{12}@s\.example>", msg["Message-ID"])
@@ -24,10 +28,14 @@ def test_missing_fields_are_added_on_top_and_present_ones_kept() -> None:
     # Only what is missing, in any case of the name; the line ends of the message.
     has_date = b"DATE: Mon, 7 Dec 2026 10:00:00 +0000\nSubject: x\n\nbody\n"
     got = with_missing_fields(has_date, "s.example")
-    assert got.endswith(has_date) and got.count(b"Date") == 0 and got.startswith(b"Message-ID: <")
-    assert got.split(b"\n", 1)[0].endswith(b">")  # a bare LF, as the rest
+    assert got.startswith(b"DATE: Mon, 7 Dec 2026 10:00:00 +0000\nSubject: x\nMessage-ID: <") and got.endswith(b">\n\nbody\n")
     whole = b"Date: x\r\nmessage-id: <a@b>\r\n\r\nbody\r\n"
     assert with_missing_fields(whole, "s.example") is whole
+    # A header section without a body, a body without a header section.
+    assert re.fullmatch(rb"Subject: s\r\nDate: [^\r]+\r\nMessage-ID: <[^>]+>\r\n",
+                        with_missing_fields(b"Subject: s", "s.example"))
+    assert re.fullmatch(rb"Date: [^\r]+\r\nMessage-ID: <[^>]+>\r\n\r\nonly a body\r\n",
+                        with_missing_fields(b"\r\nonly a body\r\n", "s.example"))
     # A field in the body does not count; a signed message is left as its signer made it.
     body_only = b"Subject: s\r\n\r\nDate: in the body\r\nMessage-ID: <in@body>\r\n"
     assert with_missing_fields(body_only, "s.example").count(b"Message-ID:") == 2
@@ -36,6 +44,18 @@ def test_missing_fields_are_added_on_top_and_present_ones_kept() -> None:
     # The id's domain is a host name or nothing: an address literal or worse gives localhost.
     assert b"@localhost>" in with_missing_fields(bare, "[192.0.2.1]")
     assert b"@localhost>" in with_missing_fields(bare, "x>\r\nBcc: e@vil")
+
+
+def test_what_mail_programs_leave_before_the_header_section_goes() -> None:
+    # An mbox "From " line, a byte order mark: refused as no header field (a 554 for mail its sender
+    # meant well), found by a review. Postfix's cleanup drops the first too.
+    for start in (b"From sender@x.example Mon Dec  7 10:00:00 2026\r\n", b"\xef\xbb\xbf",
+                  b"\xef\xbb\xbfFrom sender@x.example Mon Dec  7 10:00:00 2026\n"):
+        assert checked_content(start + b"Subject: s\r\n\r\nx\r\n") == b"Subject: s\r\n\r\nx\r\n"
+    kept = b"From : obsolete spacing <a@b.example>\r\nSubject: s\r\n\r\nx\r\n"  # a From field, not mbox
+    assert checked_content(kept) is kept
+    with pytest.raises(InputError, match="a NUL byte at offset 12"):
+        checked_content(b"Subject: s\r\n\x00")
 
 
 @pytest.mark.parametrize("message", [b"no headers at all", b"From sender@x Mon Dec 7\r\nSubject: s\r\n\r\nb\r\n",

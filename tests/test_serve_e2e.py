@@ -182,7 +182,7 @@ def test_http_api_with_curl(tmp_path: Path) -> None:
     got = sorted(receivers(capture))
     assert got == ["c1@dest.example", "c3@dest.example", "j1@dest.example", "j2@dest.example", "r1@dest.example"]
     bare = next(m for m in captured(capture) if b"X-Receiver: r1@dest.example" in m)
-    assert re.search(rb"\r\nDate: [^\r]+\r\nMessage-ID: <[0-9a-f.]+@sender\.example>\r\nFrom: app@", bare), bare[:600]
+    assert re.search(rb"\r\nSubject: no ids\r\nDate: [^\r]+\r\nMessage-ID: <[0-9a-f.]+@sender\.example>\r\n\r\nx", bare), bare[:600]
     campaign_msg = next(m for m in captured(capture) if b"X-Receiver: c3@dest.example" in m)
     assert b"Subject: Hi Three" in campaign_msg and b"Hello Three." in campaign_msg
 

@@ -50,7 +50,7 @@ from fastmta.feedback.classification import Classification
 from fastmta.feedback.classification import Outcome as ReplyOutcome
 from fastmta.feedback.classify import Classifier
 from fastmta.feedback.suppression import SqliteSuppressionStore
-from fastmta.message.headers import header_section_error
+from fastmta.message.headers import checked_content
 from fastmta.queue.journal_records import InputTake
 from fastmta.queue.records import Message, Outcome, Recipient, Status, new_message_id, once_each, split_address
 from fastmta.queue.recovery import LostMessage
@@ -347,12 +347,8 @@ class Engine:
         rcpts = [Recipient(*split_address(r), index=i) for i, r in enumerate(once_each(recipients))]
         recipients = [r.address for r in rcpts]  # as split_address gives them (a trailing dot dropped)
         body = message if isinstance(message, Body) else Body(bytes(message))
-        unsafe = header_section_error(body.raw)
-        if unsafe is not None:
-            raise InputError(f"message: {unsafe}")
-        nul = body.raw.find(b"\x00")
-        if nul >= 0:  # where every intake meets: SMTP's DATA cannot carry a NUL (RFC 5321 4.1.4)
-            raise InputError(f"message: a NUL byte at offset {nul}")
+        if (raw := checked_content(body.raw)) is not body.raw:  # where every intake meets
+            body = Body(raw)
         if self.screen is not None:  # the suppression list: before anything is queued
             message_id = message_id or new_message_id()
             recipients = self.screen.admit(message_id, sender, recipients, body.raw, meta)

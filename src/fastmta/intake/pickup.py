@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fastmta.errors import InputError
 from fastmta.message.core import find_header_fields
-from fastmta.message.headers import header_section_error
+from fastmta.message.headers import header_section_error, without_mbox_start
 from fastmta.queue.records import once_each, split_address
 
 #: Refuse absurd files before reading them whole.
@@ -111,6 +111,7 @@ def parse_pickup(data: bytes, path: Path | str) -> PickupMessage:
     """Split *data* into envelope and content; see the module docs."""
     if b"\x00" in data:
         raise InputError("contains NUL bytes", source=str(path))
+    data = without_mbox_start(data)
     unsafe = header_section_error(data)
     if unsafe is not None:
         raise InputError(unsafe, source=str(path))

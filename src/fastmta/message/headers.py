@@ -19,6 +19,8 @@ import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from fastmta.errors import InputError
+
 SOFT_LIMIT = 78
 # An ASCII word longer than this is cut into encoded-words so no line can
 # pass 998 octets, whatever the header name.
@@ -195,11 +197,53 @@ def with_missing_fields(message: bytes, domain: str) -> bytes:
     message_id = _MESSAGE_ID_FIELD.search(head) is None
     if not (date or message_id) or _DKIM_FIELD.search(head) is not None:
         return message
-    nl = b"\r\n" if message.find(b"\r\n") == message.find(b"\n") - 1 else b"\n"
+    first = message.find(b"\n")  # the message's own line ends (CRLF when it has none)
+    nl = b"\r\n" if first < 0 or message[first - 1 : first] == b"\r" else b"\n"
     added = b""
     if date:
         added += b"Date: " + format_datetime(datetime.now(UTC)).encode("ascii") + nl
     if message_id:
         host = domain if _ID_DOMAIN.fullmatch(domain) else "localhost"
         added += f"Message-ID: <{time.time_ns():x}.{secrets.token_hex(6)}@{host}>".encode("ascii") + nl
-    return added + message
+    # At the end of the header section, as Postfix's cleanup puts them: the trace fields (Received) stay
+    # on top (RFC 5321 4.4).
+    if message[:1] in (b"\r", b"\n"):
+        at = 0
+    elif ends:
+        at = min(ends) + (2 if min(ends) == crlf else 1)
+    else:  # a header section and no body
+        at = len(message)
+        if not message.endswith(b"\n"):
+            added = nl + added
+    return message[:at] + added + message[at:]
+
+
+_MBOX_FROM = re.compile(rb"From (?![ \t]*:)[^\r\n]*\r?\n")  # not "From :" (a From field, obsolete spacing)
+
+
+def without_mbox_start(message: bytes) -> bytes:
+    """*message* without what mail programs leave before its header section: a UTF-8 byte order mark,
+    an mbox ``From sender date`` line (Postfix's cleanup drops it too); refused as no header field, they
+    bounced mail its sender meant well."""
+    if message[:3] == b"\xef\xbb\xbf":
+        message = message[3:]
+    if message[:5] == b"From ":
+        found = _MBOX_FROM.match(message)
+        if found is not None:
+            message = message[found.end():]
+    return message
+
+
+def checked_content(message: bytes) -> bytes:
+    """*message* as intake takes it (:func:`without_mbox_start`), or InputError naming what makes it unsafe
+    to send: a header section that could smuggle a header (:func:`header_section_error`), a NUL (SMTP's
+    DATA cannot carry one, RFC 5321 4.1.4)."""
+    if message[:1] in (b"F", b"\xef"):
+        message = without_mbox_start(message)
+    unsafe = header_section_error(message)
+    if unsafe is not None:
+        raise InputError(f"message: {unsafe}")
+    nul = message.find(b"\x00")
+    if nul >= 0:
+        raise InputError(f"message: a NUL byte at offset {nul}")
+    return message

@@ -37,7 +37,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from fastmta.errors import InputError
-from fastmta.message.headers import header_section_error
+from fastmta.message.headers import header_section_error, without_mbox_start
 from fastmta.queue.records import mailbox_key, split_address
 from fastmta.serve.api import ServiceAPI, Unavailable
 from fastmta.serve.auth import Accounts, RelayPolicy
@@ -398,6 +398,7 @@ class InjectProtocol(SinkProtocol):
             service.refused("smtp", "no_memory")
             self._send(R_NO_MEMORY, 452)
             return
+        content = without_mbox_start(content)
         unsafe = header_section_error(content)
         if unsafe is not None:
             # Checked before our Received: header goes on top, so the line number is the client's.
