@@ -63,7 +63,8 @@ def test_what_mail_programs_leave_before_the_header_section_goes() -> None:
 def test_a_message_without_a_header_section_is_refused(message: bytes) -> None:
     # Taken over HTTP (pickup refused it): Date and Message-ID put on top would have made its first
     # line of text a header, and no receiver reads it as its sender meant.
-    assert header_section_error(message) == "the first line is no header field (a message starts with its header section)"
+    assert header_section_error(message) == (
+        "not an RFC 5322 message: the first line is no header field (a message starts with its header section)")
 
 
 def test_a_message_that_starts_with_its_blank_line_has_no_header_but_is_well_formed() -> None:

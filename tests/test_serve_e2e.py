@@ -345,10 +345,10 @@ def test_pickup_directory_exactly_once_and_rejects(tmp_path: Path) -> None:
             rejected = pickup / ".rejected" / "bad.eml"
             assert rejected.exists()
             reason = (pickup / ".rejected" / "bad.eml.reason").read_text()
-            assert "no header on the first line" in reason
+            assert "the first line is no header field" in reason
             rejects = [json.loads(x) for x in (data / "rejects.jsonl").read_text().splitlines()]
             assert len(rejects) == 1 and rejects[0]["file"] == str(pickup / "bad.eml"), rejects
-            assert "no header on the first line" in rejects[0]["reason"]
+            assert "the first line is no header field" in rejects[0]["reason"]
             # The same content again (another name, later): known by content, not sent again, but never
             # deleted unsent (it was, without a word: an alert repeated word for word was lost). Kept in
             # .duplicates/ with why, and logged.

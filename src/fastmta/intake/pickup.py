@@ -114,7 +114,8 @@ def parse_pickup(data: bytes, path: Path | str) -> PickupMessage:
     data = without_mbox_start(data)
     unsafe = header_section_error(data)
     if unsafe is not None:
-        raise InputError(unsafe, source=str(path))
+        first = unsafe.startswith(("not an RFC 5322 message", "the first line"))  # about line 1
+        raise InputError(unsafe, source=str(path), line=1 if first else None)
     # Nearly every pickup file has a header section of plain lines: the
     # compiled core finds its envelope fields in one pass (~0.3 µs instead of
     # ~12 for a Python loop over the lines). Anything else takes the line

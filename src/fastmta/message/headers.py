@@ -159,7 +159,7 @@ def header_section_error(message: bytes) -> str | None:
     if message[:1] in (b" ", b"\t"):
         return "the first line is a folded continuation of no header: it would continue the header put before it"
     if message[:1] not in (b"\r", b"\n") and _FIELD_START.match(message) is None:
-        return "the first line is no header field (a message starts with its header section)"
+        return "not an RFC 5322 message: the first line is no header field (a message starts with its header section)"
     crlf = message.find(b"\r\n\r\n")
     limit = crlf if crlf >= 0 else len(message)
     lf = message.find(b"\n\n", 0, limit)  # only before the CRLF blank line: never the whole body
