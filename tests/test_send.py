@@ -558,7 +558,8 @@ def test_bad_options_are_usage_errors_before_anything_is_sent(tmp_path: Path) ->
     spool.mkdir()
     (spool / "m.eml").write_bytes(b"X-Sender: a@s.example\r\nX-Receiver: b@d.example\r\nSubject: s\r\n\r\nx\r\n")
     for bad, words in ((["--relay", "127.0.0.1:0"], "bad port"), (["--relay", "127.0.0.1:99999"], "bad port"),
-                       (["--relay", "127.0.0.1:"], "missing port"), (["--max-lifetime", "0"], "--max-lifetime"),
+                       (["--relay", "127.0.0.1:"], "missing port"), (["--relay", "[::1]5"], "bad port"),
+                       (["--max-lifetime", "0"], "--max-lifetime"),
                        (["--max-lifetime", "-5"], "--max-lifetime"),
                        (["--sink", "--rejects", str(tmp_path / "nodir" / "r.jsonl")], "--rejects"),
                        (["--sink", "--summary-json", str(tmp_path / "nodir" / "s.json")], "--summary-json")):

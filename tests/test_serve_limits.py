@@ -308,3 +308,17 @@ def test_failed_logins_from_one_address_lock_its_auth_for_a_while(tmp_path: Path
     assert sum(t >= 0.9 for _, t in answers) >= 10 and all(code == 421 for code, t in answers if t < 0.9), failing
     assert locked[0][0] == 421 and locked[0][1] < 0.5, locked  # refused at once, even with the right password
     assert other == [(235, other[0][1])], other  # another address logs in
+
+
+def test_the_login_guard_counts_an_ipv6_client_by_its_64() -> None:
+    # From a review: keyed by the whole address, an attacker rotating through its /64 was never locked.
+    from fastmta.serve.auth import LoginGuard
+
+    now = [0.0]
+    guard = LoginGuard(limit=3, window=60, clock=lambda: now[0])
+    for i in range(3):
+        guard.failed(f"2001:db8:1:2::{i + 1}")
+    assert guard.refused("2001:db8:1:2::ffff") and not guard.refused("2001:db8:1:3::1")
+    assert not guard.refused("192.0.2.1")
+    now[0] = 61.0
+    assert not guard.refused("2001:db8:1:2::1")  # the window passed

@@ -122,6 +122,12 @@ def test_the_command_line_never_writes_to_or_reads_a_list_nobody_uses(tmp_path: 
         assert fastmta("suppress", "--db", db, "add", bad).returncode == 2, bad
     for days in ("-5", "0", "nan", "inf"):
         assert fastmta("suppress", "--db", db, "add", "e@dst.example", "--expires", days).returncode == 2, days
+    # A list under the old default name (./suppressions.db) is named, not passed over for a new empty one.
+    elsewhere = tmp_path / "old"
+    elsewhere.mkdir()
+    SqliteSuppressionStore(elsewhere / "suppressions.db").close()
+    out = fastmta("suppress", "add", "o@dst.example", cwd=elsewhere)
+    assert out.returncode == 2 and "under the old default name" in out.stderr and not (elsewhere / "suppression.db").exists()
 
 
 def test_a_trailing_dot_on_the_domain_is_the_same_address(tmp_path: Path) -> None:

@@ -71,6 +71,8 @@ def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
     colon = False
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise argparse.ArgumentTypeError(f"bad port in {value!r} ([v6]:port)")
         colon, port = rest.startswith(":"), rest[1:]
     elif value.count(":") == 1:
         host, _, port = value.partition(":")

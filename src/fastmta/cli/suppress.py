@@ -97,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
             cluster = config.engine.cluster
     db = db or Path(os.environ.get("FASTMTA_SUPPRESSIONS", "suppression.db"))
     if cluster is None and not db.exists():
+        old = db.with_name("suppressions.db")
+        if args.db is None and args.config is None and not os.environ.get("FASTMTA_SUPPRESSIONS") and old.exists():
+            # the default name before 2026-12-07
+            raise UsageError(f"{safe_text(old.absolute())} is there, under the old default name: rename it "
+                             f"{db.name} (the name fastmta serve gives it), or name it with --db")
         if args.action not in ("add", "import"):
             raise UsageError(f"no suppression database at {safe_text(db.absolute())} (--db or --config names one)")
         print(f"fastmta suppress: a new suppression database at {safe_text(db.absolute())}", file=sys.stderr)

@@ -69,15 +69,25 @@ class LoginGuard:
 
     def refused(self, ip: str) -> bool:
         now = self._clock()
-        times = [t for t in self._failures.get(ip, ()) if now - t < self.window]
+        times = [t for t in self._failures.get(_client(ip), ()) if now - t < self.window]
         return len(times) >= self.limit
 
     def failed(self, ip: str) -> None:
-        now = self._clock()
-        times = [t for t in self._failures.pop(ip, ()) if now - t < self.window][-self.limit:]
-        self._failures[ip] = [*times, now]
+        now, key = self._clock(), _client(ip)
+        times = [t for t in self._failures.pop(key, ()) if now - t < self.window][-self.limit:]
+        self._failures[key] = [*times, now]
         while len(self._failures) > 10_000:  # bounded: the oldest addresses go first
             self._failures.popitem(last=False)
+
+
+def _client(ip: str) -> str:
+    """The client an address stands for: an IPv6 one's /64 (one host has them all, and an attacker rotating
+    through it was never counted twice)."""
+    try:
+        addr = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return ip
+    return str(ipaddress.ip_network(f"{addr}/64", strict=False)) if addr.version == 6 else str(addr)
 
 
 class Accounts:

@@ -337,7 +337,8 @@ class InjectProtocol(SinkProtocol):
     def _check(self, name: str, password: str) -> None:
         """Verify off the loop; the connection reads nothing more until it is answered."""
         accounts = self._host.accounts
-        if accounts.guard.refused(self._ip):
+        # relay_networks are the operator's own: never locked out (behind one address, many hosts may fail).
+        if not self._host.policy.trusted(self._ip) and accounts.guard.refused(self._ip):
             log.info("AUTH refused unchecked for %r from %s: too many failed logins", name, self._ip)
             self._send(R_AUTH_LOCKED, 421)
             self._closing = True
