@@ -179,7 +179,8 @@ def header_section_error(message: bytes) -> str | None:
 _DATE_FIELD = re.compile(rb"(?im)^date[ \t]*:")
 _MESSAGE_ID_FIELD = re.compile(rb"(?im)^message-id[ \t]*:")
 _DKIM_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:")
-_ID_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+#: A host name as the right side of a Message-ID: letters, digits and hyphens in dot-separated labels.
+HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
 def with_missing_fields(message: bytes, domain: str) -> bytes:
@@ -203,7 +204,7 @@ def with_missing_fields(message: bytes, domain: str) -> bytes:
     if date:
         added += b"Date: " + format_datetime(datetime.now(UTC)).encode("ascii") + nl
     if message_id:
-        host = domain if _ID_DOMAIN.fullmatch(domain) else "localhost"
+        host = domain if HOST_NAME.fullmatch(domain) else "localhost"
         added += f"Message-ID: <{time.time_ns():x}.{secrets.token_hex(6)}@{host}>".encode("ascii") + nl
     # At the end of the header section, as Postfix's cleanup puts them: the trace fields (Received) stay
     # on top (RFC 5321 4.4).

@@ -53,7 +53,7 @@ import msgspec
 
 from fastmta.errors import ConfigError
 from fastmta.message import core
-from fastmta.message.headers import SOFT_LIMIT, format_header
+from fastmta.message.headers import HOST_NAME, SOFT_LIMIT, format_header
 from fastmta.message.template import ADDRESS_HEADERS, CompiledText, Context
 
 GENERATED_HEADERS = frozenset({"date", "message-id", "mime-version", "content-type", "content-transfer-encoding"})
@@ -291,7 +291,6 @@ def compile_campaign(
     return CompiledCampaign(spec, base_dir=base_dir, source=source)
 
 
-_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
 def _message_id_domain(domain: str, source: str) -> str:
@@ -305,6 +304,6 @@ def _message_id_domain(domain: str, source: str) -> str:
             name = name.encode("idna").decode("ascii")
         except UnicodeError:
             name = ""
-    if len(name) > 253 or not _DOMAIN.fullmatch(name):
+    if not HOST_NAME.fullmatch(name):
         raise ConfigError(f"{source}: template.message_id_domain: not a domain name: {domain!r}")
     return name
