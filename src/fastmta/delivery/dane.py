@@ -8,13 +8,13 @@ connection, which runs it after the handshake and before any mail goes.
 Which records count (RFC 7672 3.1): DANE-EE(3) and DANE-TA(2), with selector Cert(0) or SPKI(1)
 and matching type Full(0), SHA2-256(1) or SHA2-512(2). PKIX-TA(0) and PKIX-EE(1) are unusable for
 SMTP: no CA is trusted by default between MTAs. A host whose TLSA records are all unusable still
-gets mandatory TLS, unauthenticated (2.2: "encrypt").
+gets mandatory TLS (2.2: "encrypt"), verified only as its site asks (``tls_verify``, MTA-STS).
 
 * DANE-EE: the leaf certificate (or its public key) matches; its names and dates do not matter
   (3.1.1): the DNS says which key is the server's.
 * DANE-TA: a certificate of the chain the server sent (or the one the record carries whole)
-  matches, the leaf is signed through the chain up to it, no certificate on that path has
-  expired, and the leaf names the MX host (3.2.2: the TLSA base domain; its subjectAltName DNS
+  matches, the leaf is signed through the chain up to it by CAs allowed to sign (basicConstraints,
+  keyUsage, path length), no certificate on that path has expired, and the leaf names the MX host (3.2.2: the TLSA base domain; its subjectAltName DNS
   names, a wildcard standing for one leftmost label; the subject's CN only without them).
 """
 
