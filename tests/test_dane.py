@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,7 +28,9 @@ from fastmta.delivery.dane import DaneHost, usable_records
 from fastmta.delivery.dns import TlsaRecord
 from fastmta.delivery.engine import Engine, Status
 from fastmta.queue.spool import Spool
-from fastmta.smtp.tlscert import make_self_signed, server_context
+from fastmta.smtp.tlscert import make_self_signed
+from test_mta_sts import Collect
+from test_mta_sts import _sni_context as sni_context
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 BODY = b"From: s@sender.test\r\nTo: r@x.test\r\nSubject: dane\r\n\r\nhello\r\n"
@@ -94,25 +96,10 @@ def _leaf(hostname: str, issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateK
 
 
 def _sni_context(certs: dict[str, tuple[bytes, bytes]]) -> ssl.SSLContext:
-    """A server context presenting the certificate (chain) of the MX host name the client asked for."""
-    contexts = {name: server_context(cert, key) for name, (cert, key) in certs.items()}
+    """A server context presenting the certificate (chain) of the MX host name the client asked for
+    (a self-signed one for any other name)."""
     unknown = make_self_signed("unknown.test")
-    base = server_context(unknown.cert_pem, unknown.key_pem)
-
-    def pick(sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
-        sock.context = contexts.get(name or "", base)
-
-    base.sni_callback = pick  # type: ignore[assignment]
-    return base
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.got: list[tuple[str, bool]] = []  # (recipient, over TLS)
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.got += [(r, session.ssl is not None) for r in envelope.rcpt_tos]
-        return "250 2.0.0 OK"
+    return sni_context({**certs, "unknown.test": (unknown.cert_pem, unknown.key_pem)}, "unknown.test")
 
 
 def _zones(ns: DNSServer, tlsa: dict[str, str], unsigned: set[str], plain: list[str],

@@ -473,24 +473,24 @@ def test_the_resolver_reports_what_unbound_validated(dnssec: Dns, run: Run) -> N
     run(scenario())
 
 
+async def _routes(dnssec: Dns, *domains: str) -> dict[str, Route | RouteFailure]:
+    """How a router with DANE on, behind the validating resolver, routes *domains*."""
+    router = Router(config_from_dict({
+        "dns": {"nameservers": [dnssec.nameserver], "timeout": 5},
+        "smtp": {"dane": True, "mta_sts": {"enabled": False}},
+        "routing": {"smtp_port": SMTP_PORT},
+    }))
+    try:
+        return {d: await router.route(d) for d in domains}
+    finally:
+        await router.aclose()
+
+
 def test_the_router_gives_dane_to_validated_hosts_only(dnssec: Dns, run: Run) -> None:
     records = (TlsaRecord(3, 1, 1, DIGEST),)
 
-    async def scenario() -> dict[str, Route | RouteFailure]:
-        cfg = config_from_dict({
-            "dns": {"nameservers": [dnssec.nameserver], "timeout": 5},
-            "smtp": {"dane": True, "mta_sts": {"enabled": False}},
-            "routing": {"smtp_port": SMTP_PORT},
-        })
-        router = Router(cfg)
-        try:
-            return {d: await router.route(d) for d in (
-                "signed.test", "unsigned.test", "alias.test", "leak.test", "provider.test", "implicit.test",
-                "badtlsa.test", "bogus.test", "expired.test")}
-        finally:
-            await router.aclose()
-
-    routes = run(scenario())
+    routes = run(_routes(dnssec, "signed.test", "unsigned.test", "alias.test", "leak.test", "provider.test",
+                         "implicit.test", "badtlsa.test", "bogus.test", "expired.test"))
     ok = {d: r for d, r in routes.items() if isinstance(r, Route)}
     assert sorted(ok) == ["alias.test", "implicit.test", "leak.test", "provider.test", "signed.test",
                           "unsigned.test"], routes
@@ -520,19 +520,7 @@ def test_the_router_gives_dane_to_validated_hosts_only(dnssec: Dns, run: Run) ->
 
 
 def test_a_failed_address_lookup_does_not_turn_dane_off(dnssec: Dns, run_uvloop: Run) -> None:
-    async def scenario() -> Route | RouteFailure:
-        cfg = config_from_dict({
-            "dns": {"nameservers": [dnssec.nameserver], "timeout": 5},
-            "smtp": {"dane": True, "mta_sts": {"enabled": False}},
-            "routing": {"smtp_port": SMTP_PORT},
-        })
-        router = Router(cfg)
-        try:
-            return await router.route("halfbogus.test")  # MX and A signed, AAAA bogus, TLSA signed
-        finally:
-            await router.aclose()
-
-    route = run_uvloop(scenario())
+    route = run_uvloop(_routes(dnssec, "halfbogus.test"))["halfbogus.test"]  # MX, A, TLSA signed; AAAA bogus
     if isinstance(route, RouteFailure):
         assert route.transient, route
     else:
